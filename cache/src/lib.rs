@@ -1,0 +1,36 @@
+//! kiln's content-addressed store: every blob (layer, config, manifest) kept
+//! by its sha256, step records that map a cache key to a layer, the context
+//! stat index, and the locks that make concurrent builds on one store safe.
+//!
+//! Layout under the cache dir (`v1/` is the schema version):
+//!
+//! ```text
+//! v1/blobs/sha256/HEX     blobs, read-only, visible only once complete and checked
+//! v1/steps/HEX.json       step key -> layer (diff_id, digest, size, media type)
+//! v1/images/HEX.json      a built image (manifest digest) -> the blobs it needs
+//! v1/bases/HEX.json       an imported base (source digest) -> its manifest and blobs
+//! v1/listings/HEX.json    a layer's file list (by diff_id), for diffs and parent lookups
+//! v1/index/HEX.json       stat index of one context folder (path, size, mtime, inode -> sha256)
+//! v1/verified/HEX         when a blob was last hashed (inode, size, mtime, ctime)
+//! v1/tmp/                 writes in progress, renamed into place when complete
+//! v1/store.lock           shared by builds, exclusive for prune and gc
+//! ```
+//!
+//! Modules: [`digest`] (the `sha256:` digest type and hashing writers),
+//! [`store`] (opening, records, atomic writes), [`blob`] (writing and checking
+//! blobs), [`index`] (the stat index), [`lock`] (file locks), [`prune`] (size
+//! accounting, LRU eviction and garbage collection).
+
+pub mod blob;
+pub mod digest;
+pub mod index;
+pub mod lock;
+pub mod prune;
+pub mod store;
+
+pub use blob::BlobWriter;
+pub use digest::{Digest, HashingWriter};
+pub use index::StatIndex;
+pub use lock::StoreLock;
+pub use prune::{PruneReport, StoreUsage};
+pub use store::{ImageRecord, StepRecord, Store, StoreError};

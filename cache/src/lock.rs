@@ -1,0 +1,44 @@
+//! Advisory file locks (flock): builds share the store, prune and gc own it.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+
+use rustix::fs::{flock, FlockOperation};
+
+/// Held until dropped (the kernel releases a flock when its file closes, so a
+/// killed build never leaves a stale lock behind).
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
+}
+
+impl StoreLock {
+    fn open(path: &Path) -> io::Result<File> {
+        OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)
+    }
+
+    /// Blocks until a shared lock is held.
+    pub fn shared(path: &Path) -> io::Result<StoreLock> {
+        let file = Self::open(path)?;
+        flock(&file, FlockOperation::LockShared)?;
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Takes an exclusive lock, or `None` if someone else holds the file.
+    pub fn try_exclusive(path: &Path) -> io::Result<Option<StoreLock>> {
+        let file = Self::open(path)?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(StoreLock { _file: file })),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Blocks until an exclusive lock is held.
+    pub fn exclusive(path: &Path) -> io::Result<StoreLock> {
+        let file = Self::open(path)?;
+        flock(&file, FlockOperation::LockExclusive)?;
+        Ok(StoreLock { _file: file })
+    }
+}

@@ -1,0 +1,241 @@
+//! Size accounting, least-recently-used eviction to a budget, and garbage
+//! collection. Both prune and gc hold the store's exclusive lock, which every
+//! running build holds shared: nothing a running build uses can be removed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+use crate::store::{ImageRecord, StepRecord, Store, StoreError};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreUsage {
+    pub root: PathBuf,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    pub steps: u64,
+    pub images: u64,
+    pub bases: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    pub removed_blobs: u64,
+    pub removed_bytes: u64,
+    pub removed_records: u64,
+    pub remaining_bytes: u64,
+}
+
+/// A record that keeps blobs alive.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub kind: &'static str,
+    pub name: String,
+    #[serde(skip)]
+    pub used: SystemTime,
+    pub used_unix: u64,
+    pub blobs: Vec<Digest>,
+    pub label: String,
+}
+
+impl Store {
+    fn blob_sizes(&self) -> Result<HashMap<Digest, u64>, StoreError> {
+        let dir = self.root().join("blobs/sha256");
+        let mut out = HashMap::new();
+        for e in fs::read_dir(&dir).map_err(StoreError::io(&dir))? {
+            let e = e.map_err(StoreError::io(&dir))?;
+            if let Some(d) = e.file_name().to_str().and_then(Digest::from_hex) {
+                out.insert(d, e.metadata().map(|m| m.len()).unwrap_or(0));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every record that keeps blobs alive, oldest use first.
+    pub fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        for kind in ["steps", "images", "bases"] {
+            let dir = self.root().join(kind);
+            for e in fs::read_dir(&dir).map_err(StoreError::io(&dir))? {
+                let e = e.map_err(StoreError::io(&dir))?;
+                let file = e.file_name().to_string_lossy().into_owned();
+                let Some(name) = file.strip_suffix(".json") else { continue };
+                let used = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+                let (blobs, label) = if kind == "steps" {
+                    match self.read_record::<StepRecord>(kind, name) {
+                        Some(r) => (vec![r.digest], format!("layer {} ({} bytes)", r.digest, r.size)),
+                        None => (vec![], "unreadable".into()),
+                    }
+                } else {
+                    match self.read_record::<ImageRecord>(kind, name) {
+                        Some(r) => (r.blobs, format!("{} {}", r.name, r.manifest)),
+                        None => (vec![], "unreadable".into()),
+                    }
+                };
+                let used_unix = used.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                out.push(Entry { kind, name: name.to_string(), used, used_unix, blobs, label });
+            }
+        }
+        out.sort_by(|a, b| a.used.cmp(&b.used).then_with(|| a.name.cmp(&b.name)));
+        Ok(out)
+    }
+
+    pub fn usage(&self) -> Result<StoreUsage, StoreError> {
+        let sizes = self.blob_sizes()?;
+        let entries = self.entries()?;
+        let count = |k: &str| entries.iter().filter(|e| e.kind == k).count() as u64;
+        Ok(StoreUsage {
+            root: self.root().to_path_buf(),
+            blobs: sizes.len() as u64,
+            blob_bytes: sizes.values().sum(),
+            steps: count("steps"),
+            images: count("images"),
+            bases: count("bases"),
+        })
+    }
+
+    /// Evicts least-recently-used records until the blobs take at most
+    /// `max_bytes`, removing blobs no remaining record needs. Waits for
+    /// running builds to finish first.
+    pub fn prune(&self, max_bytes: u64) -> Result<PruneReport, StoreError> {
+        let _lock = self.lock_exclusive()?;
+        let mut report = self.collect_garbage()?;
+        let sizes = self.blob_sizes()?;
+        let entries = self.entries()?;
+        let mut refcount: HashMap<Digest, usize> = HashMap::new();
+        for e in &entries {
+            for b in &e.blobs {
+                *refcount.entry(*b).or_default() += 1;
+            }
+        }
+        let mut total: u64 = sizes.values().sum();
+        for e in &entries {
+            if total <= max_bytes {
+                break;
+            }
+            let _ = fs::remove_file(self.record_path(e.kind, &e.name));
+            report.removed_records += 1;
+            for b in &e.blobs {
+                let n = refcount.get_mut(b).expect("counted above");
+                *n -= 1;
+                if *n == 0 {
+                    if let Some(size) = sizes.get(b) {
+                        self.remove_blob_and_records(b);
+                        total -= size;
+                        report.removed_blobs += 1;
+                        report.removed_bytes += size;
+                    }
+                }
+            }
+        }
+        report.remaining_bytes = total;
+        Ok(report)
+    }
+
+    /// Removes blobs no record needs, records whose blobs are gone, and
+    /// leftovers of interrupted writes. Waits for running builds to finish.
+    pub fn gc(&self) -> Result<PruneReport, StoreError> {
+        let _lock = self.lock_exclusive()?;
+        let mut r = self.collect_garbage()?;
+        r.remaining_bytes = self.blob_sizes()?.values().sum();
+        Ok(r)
+    }
+
+    fn collect_garbage(&self) -> Result<PruneReport, StoreError> {
+        let mut report = PruneReport::default();
+        let tmp = self.tmp_dir();
+        for e in fs::read_dir(&tmp).map_err(StoreError::io(&tmp))?.flatten() {
+            let _ = fs::remove_file(e.path()).or_else(|_| fs::remove_dir_all(e.path()));
+        }
+        let sizes = self.blob_sizes()?;
+        let mut live: HashSet<Digest> = HashSet::new();
+        for e in self.entries()? {
+            if e.blobs.iter().all(|b| sizes.contains_key(b)) && !e.blobs.is_empty() {
+                live.extend(e.blobs);
+            } else {
+                let _ = fs::remove_file(self.record_path(e.kind, &e.name));
+                report.removed_records += 1;
+            }
+        }
+        let mut dead: BTreeMap<Digest, u64> = BTreeMap::new();
+        for (d, size) in sizes {
+            if !live.contains(&d) {
+                dead.insert(d, size);
+            }
+        }
+        for (d, size) in dead {
+            self.remove_blob_and_records(&d);
+            report.removed_blobs += 1;
+            report.removed_bytes += size;
+        }
+        Ok(report)
+    }
+
+    fn remove_blob_and_records(&self, d: &Digest) {
+        let _ = fs::remove_file(self.blob_path(d));
+        let _ = fs::remove_file(self.record_path("verified", &d.hex()));
+    }
+}
+
+/// Parses sizes such as `500M`, `2G`, `1.5GiB`, `1024`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    (n >= 0.0).then(|| (n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("2K"), Some(2048));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("10MiB"), Some(10 << 20));
+        assert_eq!(parse_size("ten"), None);
+        assert_eq!(parse_size("5X"), None);
+    }
+
+    #[test]
+    fn prune_evicts_oldest_and_keeps_shared_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.put_blob(&[1u8; 1000]).unwrap();
+        let shared = store.put_blob(&[2u8; 1000]).unwrap();
+        let new = store.put_blob(&[3u8; 1000]).unwrap();
+        let rec =
+            |name: &str, blobs: Vec<Digest>| ImageRecord { name: name.into(), manifest: blobs[0], blobs };
+        store.write_record("images", "old", &rec("old", vec![old, shared])).unwrap();
+        let past = SystemTime::now() - std::time::Duration::from_secs(3600);
+        fs::File::options()
+            .write(true)
+            .open(store.record_path("images", "old"))
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        store.write_record("images", "new", &rec("new", vec![new, shared])).unwrap();
+        let orphan = store.put_blob(&[4u8; 1000]).unwrap();
+
+        let r = store.prune(2000).unwrap();
+        assert!(!store.has_blob(&orphan), "unreferenced blobs go first");
+        assert!(!store.has_blob(&old), "the least recently used image goes");
+        assert!(store.has_blob(&shared) && store.has_blob(&new));
+        assert_eq!(r.remaining_bytes, 2000);
+    }
+}

@@ -1,0 +1,201 @@
+//! Opening the store, its records, and atomic writes.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::lock::StoreLock;
+
+/// The schema version of the on-disk layout; a new layout gets a new folder.
+pub const SCHEMA: &str = "v1";
+
+/// The kinds of records kept beside the blobs, each in its own folder.
+pub const RECORD_KINDS: &[&str] = &["steps", "images", "bases", "listings", "index", "verified"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("Cannot use the cache at `{}`", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Blob {digest} in the cache is corrupt (its content hashes to {actual})")]
+    Corrupt { digest: Digest, actual: Digest },
+    #[error("Expected blob {expected}, but the bytes written hash to {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("Blob {0} is not in the cache")]
+    Missing(Digest),
+}
+
+impl StoreError {
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { path, source }
+    }
+}
+
+/// A step key's result: the layer it produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub diff_id: Digest,
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// A built or imported image and every blob it needs (what prune keeps alive).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    pub manifest: Digest,
+    pub blobs: Vec<Digest>,
+}
+
+/// The store under one cache dir.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// `KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+    pub fn default_dir() -> PathBuf {
+        if let Some(d) = std::env::var_os("KILN_CACHE_DIR").filter(|d| !d.is_empty()) {
+            return PathBuf::from(d);
+        }
+        if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+            return PathBuf::from(d).join("kiln");
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
+        home.join(".cache").join("kiln")
+    }
+
+    /// Opens (creating if needed) the store under `cache_dir`.
+    pub fn open(cache_dir: &Path) -> Result<Store, StoreError> {
+        let root = cache_dir.join(SCHEMA);
+        for sub in ["blobs/sha256", "tmp"].iter().chain(RECORD_KINDS) {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(StoreError::io(&p))?;
+        }
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The lock every build holds while it runs; prune and gc wait for it.
+    pub fn lock_shared(&self) -> Result<StoreLock, StoreError> {
+        let p = self.root.join("store.lock");
+        StoreLock::shared(&p).map_err(StoreError::io(&p))
+    }
+
+    pub fn lock_exclusive(&self) -> Result<StoreLock, StoreError> {
+        let p = self.root.join("store.lock");
+        StoreLock::exclusive(&p).map_err(StoreError::io(&p))
+    }
+
+    pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>, StoreError> {
+        let p = self.root.join("store.lock");
+        StoreLock::try_exclusive(&p).map_err(StoreError::io(&p))
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(d.hex())
+    }
+
+    pub fn has_blob(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    /// Reads a small blob (a config or manifest) and checks its digest.
+    pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>, StoreError> {
+        let p = self.blob_path(d);
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing(*d)),
+            Err(e) => return Err(StoreError::Io { path: p, source: e }),
+        };
+        let actual = Digest::of(&bytes);
+        if actual != *d {
+            self.discard_blob(d);
+            return Err(StoreError::Corrupt { digest: *d, actual });
+        }
+        Ok(bytes)
+    }
+
+    /// Stores `bytes` as a blob (no-op when present) and returns its digest.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
+        let d = Digest::of(bytes);
+        if self.has_blob(&d) && self.verify_blob(&d)? {
+            return Ok(d);
+        }
+        let mut w = crate::BlobWriter::new(self)?;
+        w.write_all(bytes).map_err(StoreError::io(self.tmp_dir()))?;
+        w.commit_expecting(&d)?;
+        Ok(d)
+    }
+
+    /// Removes a blob found corrupt, and what was recorded about it.
+    pub fn discard_blob(&self, d: &Digest) {
+        let _ = fs::remove_file(self.blob_path(d));
+        let _ = fs::remove_file(self.record_path("verified", &d.hex()));
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// `KIND/NAME` for record kinds stored as files (JSON unless `verified`).
+    pub fn record_path(&self, kind: &str, name: &str) -> PathBuf {
+        debug_assert!(RECORD_KINDS.contains(&kind));
+        let file = if kind == "verified" { name.to_string() } else { format!("{name}.json") };
+        self.root.join(kind).join(file)
+    }
+
+    /// Writes a file through a temp file and a rename, so readers see all of it or none.
+    pub fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        write_atomic_in(&self.tmp_dir(), path, bytes)
+    }
+
+    pub fn read_record<T: DeserializeOwned>(&self, kind: &str, name: &str) -> Option<T> {
+        let bytes = fs::read(self.record_path(kind, name)).ok()?;
+        // A record that does not parse (e.g. from a future schema) is a miss, not an error.
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn write_record<T: Serialize>(&self, kind: &str, name: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).expect("records serialize");
+        self.write_atomic(&self.record_path(kind, name), &bytes)
+    }
+
+    /// Marks a record as just used, for least-recently-used eviction.
+    pub fn touch_record(&self, kind: &str, name: &str) {
+        let p = self.record_path(kind, name);
+        if let Ok(f) = fs::File::options().write(true).open(&p) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    pub fn step(&self, key: &Digest) -> Option<StepRecord> {
+        self.read_record("steps", &key.hex())
+    }
+
+    pub fn put_step(&self, key: &Digest, rec: &StepRecord) -> Result<(), StoreError> {
+        self.write_record("steps", &key.hex(), rec)
+    }
+}
+
+/// Atomically replaces `path` with `bytes`, staging the temp file in `tmp_dir`
+/// (which must be on the same filesystem).
+pub fn write_atomic_in(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut tmp = tempfile::NamedTempFile::new_in(tmp_dir).map_err(StoreError::io(tmp_dir))?;
+    tmp.write_all(bytes).map_err(StoreError::io(tmp.path()))?;
+    tmp.persist(path).map_err(|e| StoreError::Io { path: path.to_path_buf(), source: e.error })?;
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! The kiln recipe language: the TOML schema, parsing with source spans, and
+//! validation into a typed [`Recipe`] that the builder compiles.
+//!
+//! - [`raw`]: the serde shape of the file, exactly as written (unknown keys are errors).
+//! - [`recipe`]: the validated, normalized recipe the rest of kiln uses.
+//! - [`parse`]: turns text into a [`Recipe`], checking every value.
+//! - [`diagnostic`]: [`RecipeError`], an error that points at the recipe text.
+//! - [`reference`]: parsing of base and output references (`oci:DIR:TAG`, ...).
+
+pub mod diagnostic;
+pub mod parse;
+pub mod raw;
+pub mod recipe;
+pub mod reference;
+
+pub use diagnostic::RecipeError;
+pub use parse::{parse_file, parse_str};
+pub use recipe::{Base, Config, CopyStep, FileMode, Image, Owner, Recipe, Span, Step, StepKind, WriteStep};
+pub use reference::{ImageRef, RefError};

@@ -1,0 +1,548 @@
+//! Recipe text → [`Recipe`]: TOML with spans, then a check of every value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use toml::Spanned;
+
+use crate::diagnostic::RecipeError;
+use crate::raw::{RawConfig, RawImage, RawRecipe, RawStep};
+use crate::recipe::{
+    Base, Config, CopyStep, FileMode, Image, Owner, Platform, Recipe, Span, Step, StepKind, WriteStep,
+};
+use crate::reference::ImageRef;
+
+/// Reads and validates the recipe at `path`.
+pub fn parse_file(path: &Path) -> Result<Recipe, RecipeError> {
+    let display = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        RecipeError::new(&display, &Arc::new(String::new()), None, format!("cannot read the recipe: {e}"))
+            .with_hint("check the path; a recipe is a TOML file such as `recipes/examples/hello/kiln.toml`")
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    parse_str(&display, text, &dir)
+}
+
+/// Validates recipe `text`, read from `file`, whose relative paths start at `dir`.
+pub fn parse_str(file: &str, text: String, dir: &Path) -> Result<Recipe, RecipeError> {
+    let p = Parser { file: file.to_string(), source: Arc::new(text) };
+    p.parse(dir)
+}
+
+struct Parser {
+    file: String,
+    source: Arc<String>,
+}
+
+impl Parser {
+    fn err(&self, span: Span, message: impl Into<String>) -> RecipeError {
+        RecipeError::new(&self.file, &self.source, Some(span), message)
+    }
+
+    fn parse(&self, dir: &Path) -> Result<Recipe, RecipeError> {
+        let raw: RawRecipe = toml::from_str(&self.source).map_err(|e| self.toml_error(e))?;
+
+        let image = raw.image.ok_or_else(|| {
+            RecipeError::new(&self.file, &self.source, Some(0..0), "the recipe has no `[image]` table")
+                .with_hint("start the recipe with `[image]` and `name = \"...\"`")
+        })?;
+        let image_span = image.span();
+        let image = self.image(image.into_inner(), image_span, dir)?;
+
+        if let Some(pk) = &raw.packages {
+            return Err(self.err(pk.span(), "`[packages]` is not supported yet").with_hint(
+                "install files with `copy` steps for now; Debian packages arrive with `kiln lock`",
+            ));
+        }
+        if let Some(stage) = raw.stages.first() {
+            return Err(self
+                .err(stage.span(), "`[[stage]]` is not supported yet")
+                .with_hint("build the stage as its own recipe and use its output as `base = \"oci:DIR\"`"));
+        }
+
+        let mut steps = Vec::with_capacity(raw.steps.len());
+        for (index, s) in raw.steps.into_iter().enumerate() {
+            let span = s.span();
+            let kind = self.step(s.into_inner(), span.clone())?;
+            steps.push(Step { index, span, kind });
+        }
+
+        let config = match raw.config {
+            Some(c) => self.config(c.into_inner())?,
+            None => Config::default(),
+        };
+
+        Ok(Recipe {
+            file: PathBuf::from(&self.file),
+            source: self.source.clone(),
+            dir: dir.to_path_buf(),
+            image,
+            steps,
+            config,
+        })
+    }
+
+    fn toml_error(&self, e: toml::de::Error) -> RecipeError {
+        let message = e.message().trim().to_string();
+        let span = e.span().unwrap_or(0..0);
+        let mut err = RecipeError::new(&self.file, &self.source, Some(span), message.clone());
+        if let Some(hint) = unknown_field_hint(&message) {
+            err = err.with_hint(hint);
+        } else if message.starts_with("invalid type") {
+            err = err.with_hint("see the recipe reference in the README for each key's type");
+        }
+        err
+    }
+
+    fn image(&self, raw: RawImage, span: Span, dir: &Path) -> Result<Image, RecipeError> {
+        let name = raw.name.get_ref();
+        if !is_valid_name(name) {
+            return Err(self.err(raw.name.span(), format!("`{name}` is not a valid image name")).with_hint(
+                "names are lowercase letters, digits, `.`, `_` and `-`, starting with a letter or digit",
+            ));
+        }
+        let (base, base_span) = match &raw.base {
+            None => (Base::Scratch, None),
+            Some(b) => (self.base(b, dir)?, Some(b.span())),
+        };
+        let epoch = match &raw.epoch {
+            None => None,
+            Some(e) if *e.get_ref() < 0 => {
+                return Err(self
+                    .err(e.span(), "`epoch` must not be negative")
+                    .with_hint("use seconds since 1970-01-01 UTC, e.g. `epoch = 0`"))
+            }
+            Some(e) => Some(*e.get_ref() as u64),
+        };
+        let platform = match &raw.platform {
+            None => None,
+            Some(p) => Some(
+                Platform::parse(p.get_ref())
+                    .map_err(|m| self.err(p.span(), m).with_hint("e.g. `platform = \"linux/amd64\"`"))?,
+            ),
+        };
+        let _ = span;
+        Ok(Image { name: name.clone(), base, base_span, epoch, platform })
+    }
+
+    fn base(&self, b: &Spanned<String>, dir: &Path) -> Result<Base, RecipeError> {
+        let s = b.get_ref();
+        if s == "scratch" {
+            return Ok(Base::Scratch);
+        }
+        let hint = "bases are `scratch`, `oci:PATH[:TAG]`, `oci-archive:FILE` or `docker-archive:FILE`";
+        let r = ImageRef::parse(s).map_err(|e| self.err(b.span(), e.to_string()).with_hint(hint))?;
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
+        match r {
+            ImageRef::Oci { dir: d, tag } => Ok(Base::Oci { dir: resolve(d), tag }),
+            ImageRef::OciArchive(p) => Ok(Base::OciArchive(resolve(p))),
+            ImageRef::DockerArchive(p) => Ok(Base::DockerArchive(resolve(p))),
+            ImageRef::Docker(_) | ImageRef::Registry(_) => {
+                Err(self.err(b.span(), format!("the base `{s}` is not supported yet")).with_hint(
+                    "export the image with `docker save` (or `skopeo copy`) and use `docker-archive:FILE`",
+                ))
+            }
+            ImageRef::Vm(_) => Err(self.err(b.span(), "a VM disk cannot be a base").with_hint(hint)),
+        }
+    }
+
+    fn step(&self, s: RawStep, span: Span) -> Result<StepKind, RecipeError> {
+        let kinds = [s.copy.is_some(), s.write.is_some(), s.run.is_some()];
+        match kinds.iter().filter(|k| **k).count() {
+            0 => {
+                return Err(self
+                    .err(span, "this step does nothing")
+                    .with_hint("a step has exactly one of `copy`, `write` or `run`"))
+            }
+            1 => {}
+            _ => {
+                return Err(self
+                    .err(span, "this step has more than one of `copy`, `write` and `run`")
+                    .with_hint("split it into one `[[step]]` per action"))
+            }
+        }
+        if let Some(run) = &s.run {
+            return Err(self.err(run.span(), "`run` steps are not supported yet").with_hint(
+                "use `copy` and `write` steps for now; `run` arrives with the local and docker backends",
+            ));
+        }
+        // Keys that belong to `run` only.
+        for (key, sp) in [
+            ("env", s.env.as_ref().map(|v| v.span())),
+            ("network", s.network.as_ref().map(|v| v.span())),
+            ("secrets", s.secrets.as_ref().map(|v| v.span())),
+        ] {
+            if let Some(sp) = sp {
+                return Err(self
+                    .err(sp, format!("`{key}` only applies to `run` steps"))
+                    .with_hint(format!("remove `{key}` from this step")));
+            }
+        }
+        let owner = match &s.owner {
+            Some(o) => self.owner(o)?,
+            None => Owner::default(),
+        };
+        let mode = s.mode.as_ref().map(|m| self.mode(m)).transpose()?;
+
+        if let Some(copy) = s.copy {
+            if let Some(from) = &s.from {
+                return Err(self
+                    .err(from.span(), "`from` (copy out of a stage) is not supported yet")
+                    .with_hint("copy from the context for now"));
+            }
+            if let Some(c) = &s.content {
+                return Err(self
+                    .err(c.span(), "`content` belongs to `write` steps")
+                    .with_hint("a `copy` step takes its content from the context"));
+            }
+            let to = s.to.ok_or_else(|| {
+                self.err(copy.span(), "a `copy` step needs `to`").with_hint("add `to = \"/path/in/image\"`")
+            })?;
+            let src = normalize_context_path(copy.get_ref()).map_err(|m| {
+                self.err(copy.span(), m).with_hint(
+                    "`copy` takes a path relative to the context (the recipe's folder unless `--context`)",
+                )
+            })?;
+            let (dest, to_is_dir) = normalize_image_path(to.get_ref()).map_err(|m| {
+                self.err(to.span(), m).with_hint("`to` is an absolute path in the image, e.g. `/app`")
+            })?;
+            return Ok(StepKind::Copy(CopyStep {
+                src,
+                src_span: copy.span(),
+                to: dest,
+                to_is_dir,
+                owner,
+                mode,
+            }));
+        }
+
+        let write = s.write.expect("one kind is set");
+        if let Some(to) = &s.to {
+            return Err(self
+                .err(to.span(), "`to` belongs to `copy` steps")
+                .with_hint("a `write` step names its file in `write = \"/path\"`"));
+        }
+        if let Some(from) = &s.from {
+            return Err(self.err(from.span(), "`from` belongs to `copy` steps"));
+        }
+        let content = s.content.ok_or_else(|| {
+            self.err(write.span(), "a `write` step needs `content`")
+                .with_hint("add `content = \"...\"` (use `content = \"\"` for an empty file)")
+        })?;
+        let (path, trailing) = normalize_image_path(write.get_ref()).map_err(|m| {
+            self.err(write.span(), m).with_hint("`write` takes an absolute file path in the image")
+        })?;
+        if trailing || path == "/" {
+            return Err(self
+                .err(write.span(), "`write` names a folder, not a file")
+                .with_hint("name the file, e.g. `write = \"/etc/motd\"`"));
+        }
+        Ok(StepKind::Write(WriteStep {
+            path,
+            content: content.into_inner(),
+            owner,
+            mode: mode.unwrap_or(FileMode(0o644)),
+        }))
+    }
+
+    fn owner(&self, o: &Spanned<String>) -> Result<Owner, RecipeError> {
+        let bad = || {
+            self.err(o.span(), format!("`{}` is not an owner", o.get_ref()))
+                .with_hint("write numeric ids as `\"UID:GID\"`, e.g. `owner = \"1000:1000\"`; names need a passwd file kiln does not read")
+        };
+        let (u, g) = o.get_ref().split_once(':').ok_or_else(bad)?;
+        let uid = u.parse::<u32>().map_err(|_| bad())?;
+        let gid = g.parse::<u32>().map_err(|_| bad())?;
+        Ok(Owner { uid, gid })
+    }
+
+    fn mode(&self, m: &Spanned<toml::Value>) -> Result<FileMode, RecipeError> {
+        let hint = "write modes as octal strings, e.g. `mode = \"0644\"` or `mode = \"0755\"`";
+        let toml::Value::String(s) = m.get_ref() else {
+            return Err(self.err(m.span(), "`mode` must be a string").with_hint(hint));
+        };
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        match u32::from_str_radix(digits, 8) {
+            Ok(v) if v <= 0o7777 && !digits.is_empty() => Ok(FileMode(v)),
+            _ => Err(self.err(m.span(), format!("`{s}` is not a file mode")).with_hint(hint)),
+        }
+    }
+
+    fn config(&self, c: RawConfig) -> Result<Config, RecipeError> {
+        let argv = |v: &Option<Spanned<toml::Value>>,
+                    key: &str|
+         -> Result<Option<Vec<String>>, RecipeError> {
+            let Some(v) = v else { return Ok(None) };
+            let hint =
+                format!("write `{key}` as an array of strings, e.g. `{key} = [\"/bin/app\", \"--flag\"]`");
+            match v.get_ref() {
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|i| match i {
+                        toml::Value::String(s) => Ok(s.clone()),
+                        _ => Err(self
+                            .err(v.span(), format!("`{key}` must hold only strings"))
+                            .with_hint(hint.clone())),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some),
+                toml::Value::String(_) => Err(self
+                    .err(v.span(), format!("`{key}` must be an array"))
+                    .with_hint(format!("{hint}; for a shell command use `[\"/bin/sh\", \"-c\", \"...\"]`"))),
+                _ => Err(self.err(v.span(), format!("`{key}` must be an array of strings")).with_hint(hint)),
+            }
+        };
+        let entrypoint = argv(&c.entrypoint, "entrypoint")?;
+        let cmd = argv(&c.cmd, "cmd")?;
+
+        let mut env = BTreeMap::new();
+        for (k, v) in c.env {
+            if k.is_empty() || k.contains('=') {
+                return Err(self
+                    .err(v.span(), format!("`{k}` is not a valid environment variable name"))
+                    .with_hint("names must be non-empty and contain no `=`"));
+            }
+            env.insert(k, v.into_inner());
+        }
+        let workdir = match c.workdir {
+            None => None,
+            Some(w) => Some(
+                normalize_image_path(w.get_ref())
+                    .map_err(|m| {
+                        self.err(w.span(), m).with_hint("`workdir` is an absolute path, e.g. `/app`")
+                    })?
+                    .0,
+            ),
+        };
+        let user = match c.user {
+            Some(u) if u.get_ref().is_empty() => {
+                return Err(self
+                    .err(u.span(), "`user` is empty")
+                    .with_hint("e.g. `user = \"1000:1000\"` or `user = \"app\"`"))
+            }
+            u => u.map(|u| u.into_inner()),
+        };
+        let mut ports = Vec::new();
+        for p in c.ports {
+            let s = p.get_ref();
+            let (num, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+            let ok = num.parse::<u16>().is_ok_and(|n| n > 0) && matches!(proto, "tcp" | "udp" | "sctp");
+            if !ok {
+                return Err(self
+                    .err(p.span(), format!("`{s}` is not a port"))
+                    .with_hint("write ports as `\"8080/tcp\"`, `\"53/udp\"` or `\"8080\"`"));
+            }
+            ports.push(format!("{num}/{proto}"));
+        }
+        let mut volumes = Vec::new();
+        for v in c.volumes {
+            let (p, _) = normalize_image_path(v.get_ref())
+                .map_err(|m| self.err(v.span(), m).with_hint("volumes are absolute paths, e.g. `/data`"))?;
+            volumes.push(p);
+        }
+        ports.sort();
+        ports.dedup();
+        volumes.sort();
+        volumes.dedup();
+        Ok(Config {
+            entrypoint,
+            cmd,
+            env,
+            workdir,
+            user,
+            labels: c.labels.into_iter().map(|(k, v)| (k, v.into_inner())).collect(),
+            ports,
+            volumes,
+            stop_signal: c.stop_signal.map(|s| s.into_inner()),
+        })
+    }
+}
+
+fn is_valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// A path in the context: relative, no `..`; `""` and `.` mean the whole context.
+pub fn normalize_context_path(p: &str) -> Result<String, String> {
+    if p.starts_with('/') {
+        return Err(format!("`{p}` is an absolute path; `copy` reads only from the context"));
+    }
+    let mut parts = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err(format!("`{p}` leaves the context through `..`")),
+            c => parts.push(c),
+        }
+    }
+    Ok(if parts.is_empty() { ".".into() } else { parts.join("/") })
+}
+
+/// An absolute path in the image, normalized; also whether it ended in `/`.
+pub fn normalize_image_path(p: &str) -> Result<(String, bool), String> {
+    if !p.starts_with('/') {
+        return Err(format!("`{p}` is not an absolute path"));
+    }
+    if p.contains('\0') {
+        return Err("the path contains a NUL byte".into());
+    }
+    let mut parts = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err(format!("`{p}` contains `..`; write the path it means")),
+            c => parts.push(c),
+        }
+    }
+    let trailing = p.len() > 1 && (p.ends_with('/') || p.ends_with("/."));
+    Ok((format!("/{}", parts.join("/")), trailing))
+}
+
+/// For `unknown field `x`, expected one of `a`, `b``: the closest expected name.
+fn unknown_field_hint(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (field, rest) = rest.split_once('`')?;
+    let expected: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    let best = expected
+        .iter()
+        .map(|e| (edit_distance(field, e), *e))
+        .min()
+        .filter(|(d, e)| *d <= 2.max(e.len() / 3))?;
+    Some(format!("did you mean `{}`?", best.1))
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Recipe, RecipeError> {
+        parse_str("kiln.toml", text.to_string(), Path::new("/ctx"))
+    }
+
+    #[test]
+    fn parses_a_full_recipe() {
+        let r = parse(
+            r#"
+[image]
+name = "hello"
+epoch = 5
+platform = "linux/arm64"
+
+[[step]]
+copy = "./src/"
+to = "/app/src/"
+owner = "1000:1000"
+
+[[step]]
+write = "/etc/motd"
+content = "hi\n"
+mode = "0600"
+
+[config]
+entrypoint = ["/app/hello"]
+env = { B = "2", A = "1" }
+ports = ["8080", "53/udp"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(r.image.name, "hello");
+        assert_eq!(r.image.epoch, Some(5));
+        assert_eq!(r.image.platform.as_ref().unwrap().to_string(), "linux/arm64");
+        let StepKind::Copy(c) = &r.steps[0].kind else { panic!() };
+        assert_eq!((c.src.as_str(), c.to.as_str(), c.to_is_dir), ("src", "/app/src", true));
+        assert_eq!(c.owner, Owner { uid: 1000, gid: 1000 });
+        let StepKind::Write(w) = &r.steps[1].kind else { panic!() };
+        assert_eq!(w.mode, FileMode(0o600));
+        assert_eq!(r.config.ports, vec!["53/udp", "8080/tcp"]);
+        assert_eq!(r.config.env.keys().collect::<Vec<_>>(), vec!["A", "B"]);
+    }
+
+    #[test]
+    fn unknown_key_names_line_column_and_suggests() {
+        let e = parse("[image]\nname = \"x\"\n\n[[step]]\ncopy = \"a\"\ntoo = \"/b\"\n").unwrap_err();
+        assert!(e.location().starts_with("kiln.toml:6:"), "{}", e.location());
+        assert!(e.message().contains("unknown field `too`"), "{}", e.message());
+        assert_eq!(e.hint(), Some("did you mean `to`?"));
+    }
+
+    #[test]
+    fn wrong_type_is_located() {
+        let e = parse("[image]\nname = 5\n").unwrap_err();
+        assert!(e.location().starts_with("kiln.toml:2:"), "{}", e.location());
+    }
+
+    #[test]
+    fn invalid_toml_is_located() {
+        let e = parse("[image\nname = \"x\"\n").unwrap_err();
+        assert!(e.location().starts_with("kiln.toml:1:"), "{}", e.location());
+    }
+
+    #[test]
+    fn copy_sources_stay_in_the_context() {
+        for bad in ["../x", "a/../../x", "/etc/passwd"] {
+            let e = parse(&format!("[image]\nname = \"x\"\n[[step]]\ncopy = \"{bad}\"\nto = \"/x\"\n"))
+                .unwrap_err();
+            assert!(e.location().starts_with("kiln.toml:4:8"), "{bad}: {}", e.location());
+        }
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let cases = [
+            ("[image]\nname = \"Hello\"\n", "not a valid image name"),
+            ("[image]\nname = \"x\"\nepoch = -1\n", "negative"),
+            ("[image]\nname = \"x\"\nplatform = \"windows/amd64\"\n", "not supported"),
+            (
+                "[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"\"\nmode = 644\n",
+                "must be a string",
+            ),
+            (
+                "[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"\"\nmode = \"0999\"\n",
+                "not a file mode",
+            ),
+            (
+                "[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"\"\nowner = \"root\"\n",
+                "not an owner",
+            ),
+            ("[image]\nname = \"x\"\n[[step]]\ncopy = \"a\"\n", "needs `to`"),
+            ("[image]\nname = \"x\"\n[[step]]\ncopy = \"a\"\nto = \"rel\"\n", "not an absolute path"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"true\"\n", "not supported yet"),
+            ("[image]\nname = \"x\"\n[config]\nentrypoint = \"/bin/sh\"\n", "must be an array"),
+            ("[image]\nname = \"x\"\n[config]\nports = [\"http\"]\n", "not a port"),
+            ("[image]\nname = \"x\"\nbase = \"nope:x\"\n", "unknown transport"),
+            ("[[step]]\ncopy = \"a\"\nto = \"/a\"\n", "no `[image]`"),
+        ];
+        for (text, want) in cases {
+            let e = parse(text).unwrap_err();
+            assert!(e.message().contains(want), "{text:?}: got {:?}", e.message());
+        }
+    }
+
+    #[test]
+    fn relative_bases_resolve_from_the_recipe_folder() {
+        let r = parse("[image]\nname = \"x\"\nbase = \"oci:base:v2\"\n").unwrap();
+        assert_eq!(r.image.base, Base::Oci { dir: "/ctx/base".into(), tag: Some("v2".into()) });
+    }
+}

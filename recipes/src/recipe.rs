@@ -1,0 +1,202 @@
+//! The validated recipe: every path normalized, every value checked.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::diagnostic::RecipeError;
+
+/// A byte range in the recipe source.
+pub type Span = std::ops::Range<usize>;
+
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// The recipe file as the user named it (used in messages).
+    pub file: PathBuf,
+    /// The recipe text, for diagnostics.
+    pub source: Arc<String>,
+    /// The folder that relative paths in the recipe (bases) are resolved from.
+    pub dir: PathBuf,
+    pub image: Image,
+    pub steps: Vec<Step>,
+    pub config: Config,
+}
+
+impl Recipe {
+    /// An error located at `span` of this recipe.
+    pub fn error_at(&self, span: Span, message: impl Into<String>) -> RecipeError {
+        RecipeError::new(&self.file.display().to_string(), &self.source, Some(span), message)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub name: String,
+    pub base: Base,
+    pub base_span: Option<Span>,
+    /// `epoch` as written; `None` means the default (0, or SOURCE_DATE_EPOCH).
+    pub epoch: Option<u64>,
+    pub platform: Option<Platform>,
+}
+
+/// An OS/architecture pair such as `linux/amd64` or `linux/arm/v7`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform of the machine kiln runs on.
+    pub fn host() -> Platform {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            "riscv64" => "riscv64",
+            "s390x" => "s390x",
+            "arm" => "arm",
+            other => other,
+        };
+        Platform { os: "linux".into(), architecture: architecture.into(), variant: None }
+    }
+
+    /// Parses `os/arch[/variant]`.
+    pub fn parse(s: &str) -> Result<Platform, String> {
+        const ARCHES: &[&str] =
+            &["amd64", "arm64", "arm", "386", "ppc64le", "riscv64", "s390x", "mips64le", "loong64"];
+        let parts: Vec<&str> = s.split('/').collect();
+        if parts.len() < 2 || parts.len() > 3 || parts.iter().any(|p| p.is_empty()) {
+            return Err(format!("`{s}` is not a platform of the form `os/arch[/variant]`"));
+        }
+        if parts[0] != "linux" {
+            return Err(format!("OS `{}` is not supported; kiln builds `linux` images", parts[0]));
+        }
+        if !ARCHES.contains(&parts[1]) {
+            return Err(format!(
+                "unknown architecture `{}`; expected one of {}",
+                parts[1],
+                ARCHES.join(", ")
+            ));
+        }
+        Ok(Platform {
+            os: parts[0].into(),
+            architecture: parts[1].into(),
+            variant: parts.get(2).map(|v| v.to_string()),
+        })
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the image starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Base {
+    Scratch,
+    /// An OCI image layout folder, optionally a tag in it (`org.opencontainers.image.ref.name`).
+    Oci {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
+    /// A tar of an OCI image layout.
+    OciArchive(PathBuf),
+    /// What `docker save` writes.
+    DockerArchive(PathBuf),
+}
+
+impl std::fmt::Display for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Base::Scratch => write!(f, "scratch"),
+            Base::Oci { dir, tag: Some(t) } => write!(f, "oci:{}:{t}", dir.display()),
+            Base::Oci { dir, tag: None } => write!(f, "oci:{}", dir.display()),
+            Base::OciArchive(p) => write!(f, "oci-archive:{}", p.display()),
+            Base::DockerArchive(p) => write!(f, "docker-archive:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// 0-based position among the image's steps.
+    pub index: usize,
+    /// The step's table in the recipe.
+    pub span: Span,
+    pub kind: StepKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum StepKind {
+    Copy(CopyStep),
+    Write(WriteStep),
+}
+
+/// Copies a file or folder of the context into the image.
+#[derive(Debug, Clone)]
+pub struct CopyStep {
+    /// The source, relative to the context, normalized (`.` for the whole context).
+    pub src: String,
+    pub src_span: Span,
+    /// The absolute destination, normalized (no trailing slash except for `/`).
+    pub to: String,
+    /// `to` was written with a trailing slash: a file source goes *into* that folder.
+    pub to_is_dir: bool,
+    pub owner: Owner,
+    /// `None`: git semantics (0644, or 0755 when the owner may execute; folders 0755).
+    pub mode: Option<FileMode>,
+}
+
+/// Writes a file with inline content.
+#[derive(Debug, Clone)]
+pub struct WriteStep {
+    pub path: String,
+    pub content: String,
+    pub owner: Owner,
+    pub mode: FileMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
+}
+
+/// Permission bits (at most 07777).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMode(pub u32);
+
+impl std::fmt::Display for FileMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+/// The `[config]` table: what goes into the OCI image config.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<String>,
+    pub volumes: Vec<String>,
+    pub stop_signal: Option<String>,
+}
