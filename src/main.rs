@@ -1,1 +1,43 @@
-fn main() {}
+//! The `kiln` binary: parses the command line, calls the engine, renders
+//! results (stdout) and progress and errors (stderr). Exit codes: 0 success,
+//! 1 the build failed, 2 bad usage or bad input, 3 an environment problem.
+
+mod args;
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use kiln_builder::BuildError;
+
+fn main() -> ExitCode {
+    miette::set_hook(Box::new(|_| Box::new(miette::MietteHandlerOpts::new().terminal_links(false).build())))
+        .expect("the miette hook is set once");
+    let cli = args::Cli::parse();
+    match commands::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            report(&e);
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn report(e: &BuildError) {
+    if let BuildError::Recipe(r) = e {
+        let report = miette::Report::new(r.as_ref().clone_for_report());
+        eprintln!("{report:?}");
+        return;
+    }
+    eprintln!("error: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
+    }
+    if let Some(h) = e.hint() {
+        eprintln!("  hint: {h}");
+    }
+}

@@ -1,1 +1,34 @@
-//! placeholder
+//! kiln's engine: compiles a validated recipe into an image in the
+//! content-addressed store, and exports it.
+//!
+//! - [`build`]: the plan (one cache key per step) and the build itself.
+//! - [`base`] / [`import`]: where an image starts; reading OCI layouts and
+//!   archives into the store, refusing hostile input.
+//! - [`context`]: copy sources inside the context, hashed through the stat index.
+//! - [`layer`], [`tarball`], [`gzip`]: reproducible layer writing.
+//! - [`listing`], [`fstree`]: what files a layer / a stack of layers holds.
+//! - [`image`]: OCI config and manifest, canonical JSON.
+//! - [`export`]: OCI layout, oci-archive and docker-archive outputs.
+//! - [`inspect`], [`diff`]: reading images back.
+//! - [`reporter`]: the trait the CLI implements to show progress.
+//! - [`error`]: [`BuildError`] with exit codes and hints.
+
+pub mod base;
+pub mod build;
+pub mod context;
+pub mod diff;
+pub mod error;
+pub mod export;
+pub mod fstree;
+pub mod gzip;
+pub mod image;
+pub mod import;
+pub mod inspect;
+pub mod layer;
+pub mod listing;
+pub mod reporter;
+pub mod tarball;
+
+pub use build::{build, plan, BuildOptions, BuildOutcome, PlannedStep};
+pub use error::BuildError;
+pub use reporter::{NullReporter, Reporter, StepInfo};

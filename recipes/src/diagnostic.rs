@@ -10,7 +10,7 @@ use miette::{Diagnostic, NamedSource, SourceSpan};
 /// Rendered by miette as `file:line:column` with the offending snippet; the
 /// [`fmt::Display`] form alone already carries `file:line:column: message`, so
 /// the error stays useful where no fancy renderer is installed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{location}: {message}")]
 pub struct RecipeError {
     message: String,
@@ -58,6 +58,11 @@ impl RecipeError {
     pub fn with_label(mut self, label: impl Into<String>) -> Self {
         self.label = label.into();
         self
+    }
+
+    /// An owned copy, for renderers that take the error by value.
+    pub fn clone_for_report(&self) -> RecipeError {
+        self.clone()
     }
 
     /// The message without its location.

@@ -114,6 +114,19 @@ pub enum Base {
     DockerArchive(PathBuf),
 }
 
+impl Base {
+    /// Where a non-scratch base is read from.
+    pub fn image_ref(&self) -> Option<crate::ImageRef> {
+        use crate::ImageRef;
+        match self {
+            Base::Scratch => None,
+            Base::Oci { dir, tag } => Some(ImageRef::Oci { dir: dir.clone(), tag: tag.clone() }),
+            Base::OciArchive(p) => Some(ImageRef::OciArchive(p.clone())),
+            Base::DockerArchive(p) => Some(ImageRef::DockerArchive(p.clone())),
+        }
+    }
+}
+
 impl std::fmt::Display for Base {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

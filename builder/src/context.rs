@@ -1,0 +1,211 @@
+//! The build context: resolving a `copy` source inside it, listing what it
+//! holds with normalized modes, hashing content through the stat index, and
+//! the Merkle digest of the inputs that goes into the step key.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use kiln_cache::{Digest, StatIndex};
+use kiln_recipes::{CopyStep, Recipe};
+
+use crate::error::BuildError;
+
+/// A context folder, canonicalized.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub root: PathBuf,
+}
+
+impl Context {
+    pub fn open(dir: &Path) -> Result<Context, BuildError> {
+        let root = fs::canonicalize(dir).map_err(|e| {
+            BuildError::usage(
+                format!("The context folder `{}` cannot be opened: {e}", dir.display()),
+                Some("pass an existing folder with `--context DIR`"),
+            )
+        })?;
+        if !root.is_dir() {
+            return Err(BuildError::usage(format!("The context `{}` is not a folder", dir.display()), None));
+        }
+        Ok(Context { root })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    Dir,
+    File { size: u64, sha256: Digest },
+    Symlink(String),
+}
+
+/// One file or folder of a copy source; `rel` is relative to the source
+/// (empty for the source itself).
+#[derive(Debug, Clone)]
+pub struct SourceEntry {
+    pub rel: String,
+    pub abs: PathBuf,
+    pub kind: SourceKind,
+    /// Normalized: git semantics, or the step's `mode` for files.
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct CopySource {
+    /// The source itself first, then its contents in path order.
+    pub entries: Vec<SourceEntry>,
+    /// The Merkle digest of every entry's path, kind, mode and content.
+    pub inputs: Digest,
+    /// The last path component of the source (`None` for the context root).
+    pub name: Option<String>,
+}
+
+/// Lists and hashes the source of a copy step.
+pub fn scan_copy(
+    ctx: &Context,
+    recipe: &Recipe,
+    step: &CopyStep,
+    index: &mut StatIndex,
+) -> Result<CopySource, BuildError> {
+    let joined = if step.src == "." { ctx.root.clone() } else { ctx.root.join(&step.src) };
+    if let Err(e) = fs::symlink_metadata(&joined) {
+        let msg = if e.kind() == std::io::ErrorKind::NotFound {
+            format!("`{}` does not exist in the context `{}`", step.src, ctx.root.display())
+        } else {
+            format!("`{}` cannot be read: {e}", step.src)
+        };
+        return Err(recipe
+            .error_at(step.src_span.clone(), msg)
+            .with_hint("paths in `copy` are relative to the context (the recipe's folder unless `--context`)")
+            .into());
+    }
+    let canon = fs::canonicalize(&joined).map_err(BuildError::io_read(&joined))?;
+    if !canon.starts_with(&ctx.root) {
+        return Err(recipe
+            .error_at(
+                step.src_span.clone(),
+                format!("`{}` leaves the context through a symlink (to `{}`)", step.src, canon.display()),
+            )
+            .with_label("resolves outside the context")
+            .with_hint("copy only files inside the context; move the file in, or pass a wider `--context`")
+            .into());
+    }
+    let file_mode = step.mode.map(|m| m.0);
+    let mut entries = Vec::new();
+    let mut to_hash: Vec<usize> = Vec::new();
+    let walker =
+        walkdir::WalkDir::new(&canon).follow_links(false).sort_by(|a, b| a.file_name().cmp(b.file_name()));
+    for item in walker {
+        let item = item.map_err(|e| {
+            let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| canon.clone());
+            BuildError::Read { path, source: e.into() }
+        })?;
+        let abs = item.path().to_path_buf();
+        let rel_path = abs.strip_prefix(&canon).expect("walk stays under its root");
+        let rel = rel_path
+            .to_str()
+            .ok_or_else(|| {
+                BuildError::usage(
+                    format!("The file name `{}` is not UTF-8", abs.display()),
+                    Some("rename the file; image paths must be UTF-8"),
+                )
+            })?
+            .to_string();
+        let meta = fs::symlink_metadata(&abs).map_err(BuildError::io_read(&abs))?;
+        let ft = meta.file_type();
+        let (kind, mode) = if ft.is_dir() {
+            (SourceKind::Dir, 0o755)
+        } else if ft.is_symlink() {
+            let t = fs::read_link(&abs).map_err(BuildError::io_read(&abs))?;
+            let t = t.to_str().ok_or_else(|| {
+                BuildError::usage(format!("The symlink `{}` has a non-UTF-8 target", abs.display()), None)
+            })?;
+            (SourceKind::Symlink(t.to_string()), 0o777)
+        } else if ft.is_file() {
+            let git_mode = if meta.permissions().mode() & 0o100 != 0 { 0o755 } else { 0o644 };
+            let key = index_key(&ctx.root, &abs);
+            let kind = match index.lookup(&key, &meta) {
+                Some(sha256) => SourceKind::File { size: meta.len(), sha256 },
+                None => {
+                    to_hash.push(entries.len());
+                    SourceKind::File { size: meta.len(), sha256: Digest::of(b"") }
+                }
+            };
+            (kind, file_mode.unwrap_or(git_mode))
+        } else {
+            return Err(BuildError::usage(
+                format!("`{}` is a socket, FIFO or device, which `copy` does not take", abs.display()),
+                Some("remove it from the copied folder or copy its siblings one by one"),
+            ));
+        };
+        entries.push(SourceEntry { rel, abs, kind, mode });
+    }
+    hash_files(&mut entries, &to_hash, &ctx.root, index)?;
+
+    let mut merkle = Vec::new();
+    for e in &entries {
+        let (tag, value) = match &e.kind {
+            SourceKind::Dir => ("dir", String::new()),
+            SourceKind::File { sha256, .. } => ("file", sha256.to_string()),
+            SourceKind::Symlink(t) => ("symlink", t.clone()),
+        };
+        // NUL-separated fields, so no path or target can forge another entry.
+        for field in [tag, &format!("{:o}", e.mode), &value, &e.rel] {
+            merkle.extend_from_slice(field.as_bytes());
+            merkle.push(0);
+        }
+    }
+    let name =
+        if canon == ctx.root { None } else { canon.file_name().and_then(|n| n.to_str()).map(str::to_string) };
+    Ok(CopySource { entries, inputs: Digest::of(&merkle), name })
+}
+
+fn index_key(root: &Path, abs: &Path) -> String {
+    abs.strip_prefix(root).unwrap_or(abs).to_string_lossy().into_owned()
+}
+
+/// Hashes the files the stat index did not know, on all cores.
+fn hash_files(
+    entries: &mut [SourceEntry],
+    which: &[usize],
+    root: &Path,
+    index: &mut StatIndex,
+) -> Result<(), BuildError> {
+    if which.is_empty() {
+        return Ok(());
+    }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(which.len());
+    let per = which.len().div_ceil(threads);
+    let results: Vec<Result<Vec<(usize, fs::Metadata, Digest)>, BuildError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = which
+            .chunks(per)
+            .map(|part| {
+                let entries = &*entries;
+                s.spawn(move || {
+                    part.iter()
+                        .map(|&i| {
+                            let p = &entries[i].abs;
+                            let f = fs::File::open(p).map_err(BuildError::io_read(p))?;
+                            let meta = f.metadata().map_err(BuildError::io_read(p))?;
+                            let (d, _) = kiln_cache::digest::hash_reader(std::io::BufReader::with_capacity(
+                                1 << 18,
+                                f,
+                            ))
+                            .map_err(BuildError::io_read(p))?;
+                            Ok((i, meta, d))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("hash thread panicked")).collect()
+    });
+    for r in results {
+        for (i, meta, d) in r? {
+            let e = &mut entries[i];
+            index.record(&index_key(root, &e.abs), &meta, d);
+            e.kind = SourceKind::File { size: meta.len(), sha256: d };
+        }
+    }
+    Ok(())
+}

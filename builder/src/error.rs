@@ -1,0 +1,99 @@
+//! The builder's errors, each with the exit code of design §2 and a hint.
+
+use std::io;
+use std::path::PathBuf;
+
+use kiln_cache::{Digest, StoreError};
+use kiln_recipes::RecipeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A problem in the recipe, located in its text.
+    #[error(transparent)]
+    Recipe(Box<RecipeError>),
+
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    #[error("Cannot read `{}`", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("`{}` changed while kiln was reading it", path.display())]
+    Changed { path: PathBuf },
+
+    #[error("Cannot write `{}`", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// An image kiln reads (a base, or a target of `inspect`/`diff`) is malformed or hostile.
+    #[error("The image `{image}` is not usable: {reason}")]
+    BadImage { image: String, reason: String },
+
+    /// A layer tar breaks the rules kiln enforces on input.
+    #[error("Layer {layer} is refused: {reason}")]
+    BadLayer { layer: Digest, reason: String },
+
+    #[error("{message}")]
+    Usage { message: String, hint: Option<String> },
+
+    #[error("The builds differ: {0}")]
+    NotReproducible(String),
+}
+
+impl From<RecipeError> for BuildError {
+    fn from(e: RecipeError) -> Self {
+        BuildError::Recipe(Box::new(e))
+    }
+}
+
+impl BuildError {
+    pub fn io_read(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> BuildError {
+        let path = path.into();
+        move |source| BuildError::Read { path, source }
+    }
+
+    pub fn io_write(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> BuildError {
+        let path = path.into();
+        move |source| BuildError::Write { path, source }
+    }
+
+    pub fn usage(message: impl Into<String>, hint: Option<&str>) -> BuildError {
+        BuildError::Usage { message: message.into(), hint: hint.map(str::to_string) }
+    }
+
+    /// 1: the build failed; 2: bad usage or bad input; 3: the environment.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            BuildError::Recipe(_)
+            | BuildError::BadImage { .. }
+            | BuildError::BadLayer { .. }
+            | BuildError::Usage { .. } => 2,
+            BuildError::Changed { .. } | BuildError::NotReproducible(_) => 1,
+            BuildError::Store(StoreError::DigestMismatch { .. }) => 2,
+            BuildError::Store(_) | BuildError::Read { .. } | BuildError::Write { .. } => 3,
+        }
+    }
+
+    /// What the user can do about it.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            BuildError::Recipe(e) => e.hint().map(str::to_string),
+            BuildError::Store(StoreError::Io { .. }) => Some(
+                "check the cache folder's permissions and free space, or pick another with `--cache-dir` or KILN_CACHE_DIR"
+                    .into(),
+            ),
+            BuildError::Read { .. } => Some("check that the file exists and is readable".into()),
+            BuildError::Write { .. } => Some("check the folder's permissions and free space".into()),
+            BuildError::Changed { .. } => Some("something modified the context during the build; run the build again".into()),
+            BuildError::Usage { hint, .. } => hint.clone(),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Writing a stored image to its outputs: an OCI image layout folder, a tar
+//! of one (`oci-archive`), or a `docker save` style archive that is also an
+//! OCI layout (`docker-archive`). Every blob is checked before it is shipped;
+//! archives are written to a temp file and renamed, so a failed export never
+//! leaves a half-written output.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{DescriptorBuilder, ImageIndex, ImageIndexBuilder, MediaType};
+use serde_json::json;
+
+use kiln_cache::{Digest, Store};
+use kiln_recipes::ImageRef;
+
+use crate::error::BuildError;
+use crate::image::{canonical_json, oci_digest, StoredImage};
+use crate::tarball::{self, TarHeader, TarKind};
+
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// Writes `image` (named `name`) to `out`.
+pub fn export(store: &Store, image: &StoredImage, name: &str, out: &ImageRef) -> Result<(), BuildError> {
+    for d in image.blobs() {
+        if !store.verify_blob(&d)? {
+            return Err(BuildError::Store(kiln_cache::StoreError::Missing(d)));
+        }
+    }
+    match out {
+        ImageRef::Oci { dir, tag } => write_layout(store, image, dir, tag.as_deref().unwrap_or("latest")),
+        ImageRef::OciArchive(file) => write_archive(store, image, file, None),
+        ImageRef::DockerArchive(file) => write_archive(store, image, file, Some(&format!("{name}:latest"))),
+        other => Err(BuildError::usage(
+            format!("The output `{other}` is not supported yet"),
+            Some("use `oci:DIR[:TAG]`, `oci-archive:FILE` or `docker-archive:FILE`"),
+        )),
+    }
+}
+
+fn index_json(image: &StoredImage, tag: &str, mut others: Vec<oci_spec::image::Descriptor>) -> Vec<u8> {
+    let desc = DescriptorBuilder::default()
+        .media_type(MediaType::ImageManifest)
+        .digest(oci_digest(&image.manifest))
+        .size(image.manifest_size)
+        .annotations(
+            [(REF_NAME.to_string(), tag.to_string())]
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+        )
+        .build()
+        .expect("descriptor");
+    others
+        .retain(|d| d.annotations().as_ref().and_then(|a| a.get(REF_NAME)).map(String::as_str) != Some(tag));
+    others.push(desc);
+    others.sort_by_key(|d| {
+        (
+            d.annotations().as_ref().and_then(|a| a.get(REF_NAME)).cloned().unwrap_or_default(),
+            d.digest().to_string(),
+        )
+    });
+    let index: ImageIndex = ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageIndex)
+        .manifests(others)
+        .build()
+        .expect("index");
+    canonical_json(&index)
+}
+
+fn write_layout(store: &Store, image: &StoredImage, dir: &Path, tag: &str) -> Result<(), BuildError> {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).map_err(BuildError::io_write(&blobs))?;
+    // Keep the other tags of an existing layout, as `skopeo copy` does.
+    let index_path = dir.join("index.json");
+    let others = match fs::read(&index_path) {
+        Ok(bytes) => match serde_json::from_slice::<ImageIndex>(&bytes) {
+            Ok(i) => i.manifests().clone(),
+            Err(e) => {
+                return Err(BuildError::usage(
+                    format!("`{}` exists but is not an OCI index ({e})", index_path.display()),
+                    Some("write to an empty folder or to an existing OCI layout"),
+                ))
+            }
+        },
+        Err(_) => Vec::new(),
+    };
+    for d in image.blobs() {
+        link_or_copy(&store.blob_path(&d), &blobs.join(d.hex()))?;
+    }
+    write_file_atomic(&dir.join("oci-layout"), OCI_LAYOUT)?;
+    write_file_atomic(&index_path, &index_json(image, tag, others))
+}
+
+/// Hard-links a store blob into an output (blobs are read-only and checked by
+/// inode and ctime, so a shared inode is safe), copying across filesystems.
+fn link_or_copy(src: &Path, dst: &Path) -> Result<(), BuildError> {
+    if let (Ok(a), Ok(b)) = (fs::metadata(src), fs::metadata(dst)) {
+        if a.ino() == b.ino() && a.dev() == b.dev() {
+            return Ok(());
+        }
+    }
+    let _ = fs::remove_file(dst);
+    if fs::hard_link(src, dst).is_ok() {
+        return Ok(());
+    }
+    let tmp = dst.with_extension("kiln-tmp");
+    fs::copy(src, &tmp).map_err(BuildError::io_write(dst))?;
+    fs::rename(&tmp, dst).map_err(BuildError::io_write(dst))
+}
+
+fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(BuildError::io_write(dir))?;
+    tmp.write_all(bytes).map_err(BuildError::io_write(path))?;
+    fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(BuildError::io_write(path))?;
+    tmp.persist(path).map_err(|e| BuildError::Write { path: path.to_path_buf(), source: e.error })?;
+    Ok(())
+}
+
+/// A tar of the OCI layout; with `repo_tag`, also docker's `manifest.json`.
+fn write_archive(
+    store: &Store,
+    image: &StoredImage,
+    file: &Path,
+    repo_tag: Option<&str>,
+) -> Result<(), BuildError> {
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(BuildError::io_write(dir))?;
+    let mut w = BufWriter::with_capacity(1 << 20, tmp);
+    let werr = |e: io::Error| BuildError::Write { path: file.to_path_buf(), source: e };
+
+    let mut files: BTreeMap<String, ArchiveFile> = BTreeMap::new();
+    for d in image.blobs() {
+        files.insert(format!("blobs/sha256/{}", d.hex()), ArchiveFile::Blob(d));
+    }
+    files.insert("oci-layout".into(), ArchiveFile::Bytes(OCI_LAYOUT.to_vec()));
+    files.insert("index.json".into(), ArchiveFile::Bytes(index_json(image, "latest", Vec::new())));
+    if let Some(tag) = repo_tag {
+        let manifest = json!([{
+            "Config": format!("blobs/sha256/{}", image.config.hex()),
+            "RepoTags": [tag],
+            "Layers": image.layers.iter().map(|l| format!("blobs/sha256/{}", l.digest.hex())).collect::<Vec<_>>(),
+        }]);
+        files
+            .insert("manifest.json".into(), ArchiveFile::Bytes(serde_json::to_vec(&manifest).expect("json")));
+    }
+    for d in ["blobs", "blobs/sha256"] {
+        let h =
+            TarHeader { path: d, kind: &TarKind::Dir, mode: 0o755, uid: 0, gid: 0, mtime: 0, xattrs: &[] };
+        tarball::write_header(&mut w, &h).map_err(werr)?;
+    }
+    for (path, f) in &files {
+        let size = match f {
+            ArchiveFile::Bytes(b) => b.len() as u64,
+            ArchiveFile::Blob(d) => {
+                fs::metadata(store.blob_path(d)).map_err(BuildError::io_read(store.blob_path(d)))?.len()
+            }
+        };
+        let kind = TarKind::File { size };
+        let h = TarHeader { path, kind: &kind, mode: 0o644, uid: 0, gid: 0, mtime: 0, xattrs: &[] };
+        tarball::write_header(&mut w, &h).map_err(werr)?;
+        match f {
+            ArchiveFile::Bytes(b) => w.write_all(b).map_err(werr)?,
+            ArchiveFile::Blob(d) => {
+                let mut src = store.open_blob(d)?;
+                let n = io::copy(&mut src, &mut w).map_err(werr)?;
+                if n != size {
+                    return Err(BuildError::Changed { path: store.blob_path(d) });
+                }
+            }
+        }
+        tarball::pad(&mut w, size).map_err(werr)?;
+    }
+    tarball::write_trailer(&mut w).map_err(werr)?;
+    let tmp = w.into_inner().map_err(|e| werr(io::Error::new(e.error().kind(), e.error().to_string())))?;
+    fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(BuildError::io_write(file))?;
+    tmp.persist(file).map_err(|e| BuildError::Write { path: file.to_path_buf(), source: e.error })?;
+    Ok(())
+}
+
+enum ArchiveFile {
+    Bytes(Vec<u8>),
+    Blob(Digest),
+}
+
+/// The default output for an image: `oci:out/NAME`.
+pub fn default_output(name: &str) -> ImageRef {
+    ImageRef::Oci { dir: PathBuf::from("out").join(name), tag: None }
+}

@@ -1,0 +1,214 @@
+//! Reproducible, parallel gzip. The input is cut into fixed 1 MiB chunks,
+//! each compressed on its own into raw deflate ending in a sync flush, and the
+//! pieces are concatenated in order (pigz's `--independent` scheme). Because
+//! the chunking is fixed, the output bytes do not depend on the thread count.
+//! Header: no name, mtime 0, XFL 0, OS 255 (design §3).
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use flate2::{Compress, Compression, FlushCompress};
+
+/// The fixed compression level; changing it changes every layer digest.
+pub const LEVEL: u32 = 6;
+/// The fixed chunk size; changing it changes every layer digest.
+pub const CHUNK: usize = 1 << 20;
+
+const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+
+/// Compresses what `produce` writes into gzip on `out`, using `threads`
+/// compressor threads. Returns `out` and what `produce` returned.
+pub fn compress<W, R, F>(mut out: W, threads: usize, produce: F) -> io::Result<(W, R)>
+where
+    W: Write + Send,
+    F: FnOnce(&mut dyn Write) -> io::Result<R>,
+{
+    out.write_all(&HEADER)?;
+    let threads = threads.max(1);
+    let (job_tx, job_rx) = sync_channel::<(u64, Vec<u8>)>(threads * 2);
+    let (done_tx, done_rx) = sync_channel::<(u64, io::Result<Vec<u8>>)>(threads * 2);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+
+    thread::scope(|s| {
+        for _ in 0..threads {
+            let rx = Arc::clone(&job_rx);
+            let tx = done_tx.clone();
+            s.spawn(move || worker(rx, tx));
+        }
+        drop(done_tx);
+        let sink = s.spawn(move || -> io::Result<W> {
+            let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+            let mut next = 0u64;
+            let mut failed: Option<io::Error> = None;
+            for (seq, piece) in done_rx {
+                match piece {
+                    Ok(p) => {
+                        pending.insert(seq, p);
+                    }
+                    Err(e) => failed = failed.or(Some(e)),
+                }
+                while let Some(p) = pending.remove(&next) {
+                    if failed.is_none() {
+                        if let Err(e) = out.write_all(&p) {
+                            failed = Some(e);
+                        }
+                    }
+                    next += 1;
+                }
+            }
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(out),
+            }
+        });
+
+        let mut chunker = Chunker {
+            tx: Some(job_tx),
+            buf: Vec::with_capacity(CHUNK),
+            seq: 0,
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+        };
+        let produced = produce(&mut chunker);
+        let flushed = chunker.flush_chunk();
+        let (crc, len) = (chunker.crc.clone().finalize(), chunker.len);
+        chunker.tx = None; // closes the job queue: workers finish, then the sink
+        let out = sink.join().expect("gzip sink thread panicked");
+        // A failed write is the root cause when the producer only saw the queue close.
+        let mut out = out?;
+        let r = produced?;
+        flushed?;
+        out.write_all(&final_block())?;
+        out.write_all(&crc.to_le_bytes())?;
+        out.write_all(&(len as u32).to_le_bytes())?;
+        Ok((out, r))
+    })
+}
+
+struct Chunker {
+    tx: Option<SyncSender<(u64, Vec<u8>)>>,
+    buf: Vec<u8>,
+    seq: u64,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl Chunker {
+    fn flush_chunk(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.crc.update(&chunk);
+        self.len += chunk.len() as u64;
+        let tx = self.tx.as_ref().expect("open while producing");
+        tx.send((self.seq, chunk)).map_err(|_| io::Error::other("gzip compressor stopped"))?;
+        self.seq += 1;
+        Ok(())
+    }
+}
+
+impl Write for Chunker {
+    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
+        let total = data.len();
+        while !data.is_empty() {
+            let room = CHUNK - self.buf.len();
+            let n = room.min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == CHUNK {
+                self.flush_chunk()?;
+            }
+        }
+        Ok(total)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn worker(rx: Arc<Mutex<Receiver<(u64, Vec<u8>)>>>, tx: SyncSender<(u64, io::Result<Vec<u8>>)>) {
+    loop {
+        let job = rx.lock().expect("job queue lock").recv();
+        let Ok((seq, chunk)) = job else { return };
+        if tx.send((seq, deflate_chunk(&chunk))).is_err() {
+            return;
+        }
+    }
+}
+
+/// Raw deflate of one chunk, ending in a sync flush (byte-aligned, not final).
+fn deflate_chunk(input: &[u8]) -> io::Result<Vec<u8>> {
+    let mut c = Compress::new(Compression::new(LEVEL), false);
+    let mut out = Vec::with_capacity(input.len() + input.len() / 100 + 64);
+    loop {
+        let consumed = c.total_in() as usize;
+        c.compress_vec(&input[consumed..], &mut out, FlushCompress::Sync)
+            .map_err(|e| io::Error::other(format!("deflate: {e}")))?;
+        if c.total_in() as usize == input.len() && out.len() < out.capacity() {
+            return Ok(out);
+        }
+        out.reserve(64 * 1024);
+    }
+}
+
+/// An empty final deflate block.
+fn final_block() -> Vec<u8> {
+    let mut c = Compress::new(Compression::new(LEVEL), false);
+    let mut out = Vec::with_capacity(64);
+    c.compress_vec(&[], &mut out, FlushCompress::Finish).expect("finishing an empty stream");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn sample(n: usize) -> Vec<u8> {
+        let mut x: u32 = 7;
+        (0..n)
+            .map(|i| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                if i % 3 == 0 {
+                    (x >> 16) as u8
+                } else {
+                    b'a' + (i % 7) as u8
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trips_and_ignores_thread_count() {
+        for n in [0, 1, CHUNK - 1, CHUNK, CHUNK * 2 + 17] {
+            let data = sample(n);
+            let (one, _) = compress(Vec::new(), 1, |w| w.write_all(&data)).unwrap();
+            let (three, _) = compress(Vec::new(), 3, |w| {
+                for piece in data.chunks(1000) {
+                    w.write_all(piece)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(one, three, "same bytes whatever the threads and write sizes (n={n})");
+            let mut back = Vec::new();
+            flate2::read::GzDecoder::new(&one[..]).read_to_end(&mut back).unwrap();
+            assert_eq!(back, data);
+            assert_eq!(&one[..10], &HEADER);
+        }
+    }
+
+    #[test]
+    fn producer_errors_propagate() {
+        let r: io::Result<(Vec<u8>, ())> = compress(Vec::new(), 2, |w| {
+            w.write_all(&[0u8; 3 * CHUNK])?;
+            Err(io::Error::other("boom"))
+        });
+        assert_eq!(r.unwrap_err().to_string(), "boom");
+    }
+}

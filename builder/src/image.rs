@@ -1,0 +1,241 @@
+//! An image as kiln handles it: its config and its layers; building the OCI
+//! config and manifest with canonical JSON (sorted keys, no whitespace), so
+//! the same image always has the same bytes and digests.
+
+use std::collections::BTreeMap;
+
+use oci_spec::image::{
+    Config, ConfigBuilder, DescriptorBuilder, History, HistoryBuilder, ImageConfiguration,
+    ImageConfigurationBuilder, ImageManifest, ImageManifestBuilder, MediaType, RootFsBuilder,
+};
+use serde::Serialize;
+
+use kiln_cache::{Digest, ImageRecord, Store};
+use kiln_recipes::recipe::Platform;
+
+use crate::error::BuildError;
+
+pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+
+/// One layer of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageLayer {
+    pub diff_id: Digest,
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// An image whose blobs are all in the store.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub manifest: Digest,
+    pub manifest_size: u64,
+    pub config: Digest,
+    pub config_json: ImageConfiguration,
+    pub layers: Vec<ImageLayer>,
+}
+
+impl StoredImage {
+    pub fn blobs(&self) -> Vec<Digest> {
+        let mut v = vec![self.manifest, self.config];
+        v.extend(self.layers.iter().map(|l| l.digest));
+        v
+    }
+
+    /// Records the image in the store so prune keeps its blobs together.
+    pub fn record(&self, store: &Store, name: &str, kind: &str) -> Result<(), BuildError> {
+        let rec = ImageRecord { name: name.to_string(), manifest: self.manifest, blobs: self.blobs() };
+        store.write_record(kind, &self.manifest.hex(), &rec)?;
+        Ok(())
+    }
+}
+
+/// Canonical JSON: objects with sorted keys (serde_json's map is ordered),
+/// no whitespace. oci-spec keeps labels in hash maps, so going through
+/// `Value` is what makes the bytes stable.
+pub fn canonical_json<T: Serialize>(v: &T) -> Vec<u8> {
+    let value = serde_json::to_value(v).expect("OCI types serialize");
+    serde_json::to_vec(&value).expect("JSON values serialize")
+}
+
+/// `1970-01-01T00:00:00Z` style time for an epoch in seconds.
+pub fn rfc3339(epoch: u64) -> String {
+    let days = (epoch / 86_400) as i64;
+    let secs = epoch % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+/// The config of an empty image for `platform`.
+pub fn scratch_config(platform: &Platform) -> ImageConfiguration {
+    let mut c = ImageConfigurationBuilder::default()
+        .architecture(platform.architecture.as_str())
+        .os(platform.os.as_str())
+        .rootfs(
+            RootFsBuilder::default().typ("layers").diff_ids(Vec::<String>::new()).build().expect("rootfs"),
+        )
+        .build()
+        .expect("config");
+    if let Some(v) = &platform.variant {
+        c.set_variant(Some(v.clone()));
+    }
+    c
+}
+
+/// A history entry for a step.
+pub fn history(epoch: u64, created_by: &str, empty_layer: bool) -> History {
+    let mut b = HistoryBuilder::default().created(rfc3339(epoch)).created_by(created_by).comment("kiln");
+    if empty_layer {
+        b = b.empty_layer(true);
+    }
+    b.build().expect("history")
+}
+
+/// Applies the recipe's `[config]` on top of the base's runtime config,
+/// as Dockerfile instructions would.
+pub fn merge_config(base: Option<&Config>, r: &kiln_recipes::Config) -> Config {
+    let mut c = base.cloned().unwrap_or_else(|| ConfigBuilder::default().build().expect("config"));
+    if let Some(ep) = &r.entrypoint {
+        c.set_entrypoint(Some(ep.clone()));
+        if r.cmd.is_none() {
+            c.set_cmd(None); // a new entrypoint drops the base's cmd, as in Dockerfiles
+        }
+    }
+    if let Some(cmd) = &r.cmd {
+        c.set_cmd(Some(cmd.clone()));
+    }
+    let mut env: Vec<String> = c.env().clone().unwrap_or_default();
+    for (k, v) in &r.env {
+        let item = format!("{k}={v}");
+        match env.iter_mut().find(|e| e.split_once('=').map(|(n, _)| n) == Some(k.as_str())) {
+            Some(slot) => *slot = item,
+            None => env.push(item),
+        }
+    }
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        // As BuildKit does for images that set no PATH.
+        env.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    c.set_env(Some(env));
+    if let Some(w) = &r.workdir {
+        c.set_working_dir(Some(w.clone()));
+    }
+    if let Some(u) = &r.user {
+        c.set_user(Some(u.clone()));
+    }
+    if !r.labels.is_empty() {
+        let mut labels = c.labels().clone().unwrap_or_default();
+        labels.extend(r.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        c.set_labels(Some(labels));
+    }
+    if !r.ports.is_empty() {
+        let mut ports = c.exposed_ports().clone().unwrap_or_default();
+        ports.extend(r.ports.iter().cloned());
+        ports.sort();
+        ports.dedup();
+        c.set_exposed_ports(Some(ports));
+    }
+    if !r.volumes.is_empty() {
+        let mut vols = c.volumes().clone().unwrap_or_default();
+        vols.extend(r.volumes.iter().cloned());
+        vols.sort();
+        vols.dedup();
+        c.set_volumes(Some(vols));
+    }
+    if let Some(s) = &r.stop_signal {
+        c.set_stop_signal(Some(s.clone()));
+    }
+    c
+}
+
+/// Writes the config and manifest blobs for `layers` on top of `config`.
+pub fn store_image(
+    store: &Store,
+    mut config: ImageConfiguration,
+    layers: Vec<ImageLayer>,
+    epoch: u64,
+    annotations: BTreeMap<String, String>,
+) -> Result<StoredImage, BuildError> {
+    config.set_created(Some(rfc3339(epoch)));
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.to_string()).collect();
+    config.set_rootfs(RootFsBuilder::default().typ("layers").diff_ids(diff_ids).build().expect("rootfs"));
+    let config_bytes = canonical_json(&config);
+    let config_digest = store.put_blob(&config_bytes)?;
+
+    let layer_descs = layers
+        .iter()
+        .map(|l| {
+            DescriptorBuilder::default()
+                .media_type(MediaType::Other(l.media_type.clone()))
+                .digest(oci_digest(&l.digest))
+                .size(l.size)
+                .build()
+                .expect("descriptor")
+        })
+        .collect::<Vec<_>>();
+    let mut manifest: ImageManifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(
+            DescriptorBuilder::default()
+                .media_type(MediaType::ImageConfig)
+                .digest(oci_digest(&config_digest))
+                .size(config_bytes.len() as u64)
+                .build()
+                .expect("descriptor"),
+        )
+        .layers(layer_descs)
+        .build()
+        .expect("manifest");
+    if !annotations.is_empty() {
+        manifest.set_annotations(Some(annotations.into_iter().collect()));
+    }
+    let manifest_bytes = canonical_json(&manifest);
+    let manifest_digest = store.put_blob(&manifest_bytes)?;
+    Ok(StoredImage {
+        manifest: manifest_digest,
+        manifest_size: manifest_bytes.len() as u64,
+        config: config_digest,
+        config_json: config,
+        layers,
+    })
+}
+
+pub fn oci_digest(d: &Digest) -> oci_spec::image::Digest {
+    d.to_string().parse().expect("sha256 digests are valid OCI digests")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn canonical_json_sorts_label_keys() {
+        let mut r = kiln_recipes::Config::default();
+        for k in ["z", "a", "m", "b", "y"] {
+            r.labels.insert(k.into(), "v".into());
+        }
+        let c = merge_config(None, &r);
+        let s = String::from_utf8(canonical_json(&c)).unwrap();
+        assert!(s.contains(r#""Labels":{"a":"v","b":"v","m":"v","y":"v","z":"v"}"#), "{s}");
+    }
+}

@@ -1,0 +1,336 @@
+//! Reading images kiln did not write — OCI layouts, OCI archives, docker
+//! archives — into the store. This is hostile-input code: archive members are
+//! never written to a path they name (only into the store by digest), every
+//! blob is checked against its digest, every layer is read through and
+//! refused if an entry would land outside the root (`..`, absolute paths,
+//! writing through a symlink), is a device node, or has an oversized header.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufReader, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
+
+use kiln_cache::{BlobWriter, Digest, ImageRecord, Store};
+use kiln_recipes::ImageRef;
+
+use crate::error::BuildError;
+use crate::fstree::FsTree;
+use crate::image::{ImageLayer, StoredImage, CONFIG_MEDIA_TYPE};
+use crate::listing::{scan_layer, Kind, Listing};
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// Imports the image at `r` into the store (checked) and describes it.
+pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
+    let name = r.to_string();
+    let bad = |reason: String| BuildError::BadImage { image: name.clone(), reason };
+    match r {
+        ImageRef::Oci { dir, tag } => {
+            let index = read_small(&dir.join("index.json"))?;
+            let fetch = |d: &Digest| -> Result<(), BuildError> {
+                let p = dir.join("blobs/sha256").join(d.hex());
+                let f = fs::File::open(&p).map_err(|e| bad(format!("blob {d} cannot be read ({e})")))?;
+                store
+                    .put_blob_from(BufReader::with_capacity(1 << 20, f), d)
+                    .map_err(|e| bad(format!("{e}")))?;
+                Ok(())
+            };
+            let manifest = resolve_index(&index, tag.as_deref(), &fetch, store).map_err(bad)?;
+            finish(store, &name, manifest, &fetch)
+        }
+        ImageRef::OciArchive(file) | ImageRef::DockerArchive(file) => {
+            // A record keyed by the file's identity skips re-reading an unchanged archive.
+            let meta = fs::metadata(file).map_err(BuildError::io_read(file))?;
+            let source_key = Digest::of(
+                format!(
+                    "{}\0{}\0{}.{}\0{}.{}\0{}",
+                    fs::canonicalize(file).map_err(BuildError::io_read(file))?.display(),
+                    meta.size(),
+                    meta.mtime(),
+                    meta.mtime_nsec(),
+                    meta.ctime(),
+                    meta.ctime_nsec(),
+                    meta.ino()
+                )
+                .as_bytes(),
+            );
+            if let Some(rec) = store.read_record::<ImageRecord>("bases", &source_key.hex()) {
+                if rec.blobs.iter().all(|b| store.verify_blob(b).unwrap_or(false)) {
+                    if let Ok(img) = stored_image(store, &rec.manifest) {
+                        store.touch_record("bases", &source_key.hex());
+                        return Ok(img);
+                    }
+                }
+            }
+            let members = read_archive(store, file).map_err(&bad)?;
+            let have = |d: &Digest| -> Result<(), BuildError> {
+                if store.has_blob(d) {
+                    Ok(())
+                } else {
+                    Err(bad(format!("the archive lacks blob {d}")))
+                }
+            };
+            let img = if let (ImageRef::DockerArchive(_), Some(m)) = (r, members.get("manifest.json")) {
+                docker_manifest(store, &members, m)
+                    .map_err(&bad)
+                    .and_then(|m| finish(store, &name, m, &have))?
+            } else {
+                let index =
+                    members.get("index.json").ok_or_else(|| bad("the archive has no `index.json`".into()))?;
+                let index = store.read_blob(index)?;
+                let m = resolve_index(&index, None, &have, store).map_err(&bad)?;
+                finish(store, &name, m, &have)?
+            };
+            img.record(store, &name, "bases")?;
+            // Re-keyed by the archive's identity (record() keys by manifest).
+            let rec = ImageRecord { name: name.clone(), manifest: img.manifest, blobs: img.blobs() };
+            store.write_record("bases", &source_key.hex(), &rec)?;
+            Ok(img)
+        }
+        other => Err(BuildError::usage(
+            format!("Reading `{other}` is not supported yet"),
+            Some("use `oci:DIR[:TAG]`, `oci-archive:FILE` or `docker-archive:FILE`"),
+        )),
+    }
+}
+
+fn read_small(p: &Path) -> Result<Vec<u8>, BuildError> {
+    let f = fs::File::open(p).map_err(BuildError::io_read(p))?;
+    let mut v = Vec::new();
+    f.take(16 << 20).read_to_end(&mut v).map_err(BuildError::io_read(p))?;
+    Ok(v)
+}
+
+/// Streams an archive's regular files into the store by content. Returns
+/// member name → digest (names are only looked up, never used as paths).
+fn read_archive(store: &Store, file: &Path) -> Result<HashMap<String, Digest>, String> {
+    let f = fs::File::open(file).map_err(|e| format!("cannot be opened ({e})"))?;
+    let mut a = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
+    let mut out = HashMap::new();
+    for e in a.entries().map_err(|e| format!("is not a tar archive ({e})"))? {
+        let mut e = e.map_err(|e| format!("has an unreadable member ({e})"))?;
+        if !e.header().entry_type().is_file() {
+            continue;
+        }
+        let name = String::from_utf8_lossy(&e.path_bytes()).trim_start_matches("./").to_string();
+        let mut w = BlobWriter::new(store).map_err(|e| e.to_string())?;
+        std::io::copy(&mut e, &mut w).map_err(|e| format!("member `{name}` is truncated ({e})"))?;
+        let (d, _) = w.commit().map_err(|e| e.to_string())?;
+        if let Some(hex) = name.strip_prefix("blobs/sha256/") {
+            if hex != d.hex() {
+                return Err(format!("member `{name}` does not match its digest (it hashes to {d})"));
+            }
+        }
+        out.insert(name, d);
+    }
+    Ok(out)
+}
+
+/// Picks the manifest from an index: by tag, or the only one. Nested indexes
+/// (multi-platform images) are followed to the host's platform.
+fn resolve_index(
+    index: &[u8],
+    tag: Option<&str>,
+    fetch: &dyn Fn(&Digest) -> Result<(), BuildError>,
+    store: &Store,
+) -> Result<Digest, String> {
+    let index: ImageIndex =
+        serde_json::from_slice(index).map_err(|e| format!("its `index.json` is not an OCI index ({e})"))?;
+    let ms = index.manifests();
+    let tag_of = |d: &oci_spec::image::Descriptor| {
+        d.annotations().as_ref().and_then(|a| a.get(crate::export::REF_NAME)).cloned()
+    };
+    let desc = match tag {
+        Some(t) => ms.iter().find(|d| tag_of(d).as_deref() == Some(t)).ok_or_else(|| {
+            let tags: Vec<String> = ms.iter().filter_map(tag_of).collect();
+            format!(
+                "it has no image tagged `{t}` (tags: {})",
+                if tags.is_empty() { "none".into() } else { tags.join(", ") }
+            )
+        })?,
+        None if ms.len() == 1 => &ms[0],
+        None => {
+            let tags: Vec<String> = ms.iter().filter_map(tag_of).collect();
+            return Err(format!(
+                "it holds {} images; name one as `oci:DIR:TAG` (tags: {})",
+                ms.len(),
+                tags.join(", ")
+            ));
+        }
+    };
+    let digest: Digest = desc.digest().to_string().parse().map_err(|e| format!("{e}"))?;
+    let mt = desc.media_type().to_string();
+    if mt == OCI_INDEX || mt == DOCKER_LIST {
+        fetch(&digest).map_err(|e| e.to_string())?;
+        let nested = store.read_blob(&digest).map_err(|e| e.to_string())?;
+        let nested_index: ImageIndex =
+            serde_json::from_slice(&nested).map_err(|e| format!("nested index: {e}"))?;
+        let host = kiln_recipes::recipe::Platform::host();
+        let pick = nested_index
+            .manifests()
+            .iter()
+            .find(|d| {
+                d.platform().as_ref().is_some_and(|p| p.architecture().to_string() == host.architecture)
+            })
+            .ok_or_else(|| format!("it has no image for {host}"))?;
+        return pick.digest().to_string().parse().map_err(|e| format!("{e}"));
+    }
+    Ok(digest)
+}
+
+/// Builds a manifest for a docker-archive's `manifest.json` entry.
+fn docker_manifest(
+    store: &Store,
+    members: &HashMap<String, Digest>,
+    manifest_json: &Digest,
+) -> Result<Digest, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Entry {
+        config: String,
+        layers: Vec<String>,
+    }
+    let bytes = store.read_blob(manifest_json).map_err(|e| e.to_string())?;
+    let entries: Vec<Entry> =
+        serde_json::from_slice(&bytes).map_err(|e| format!("its `manifest.json` is malformed ({e})"))?;
+    let [entry] = entries.as_slice() else {
+        return Err(format!("it holds {} images; kiln reads archives of one", entries.len()));
+    };
+    let member = |name: &str| {
+        members.get(name.trim_start_matches("./")).copied().ok_or_else(|| format!("it lacks `{name}`"))
+    };
+    let config = member(&entry.config)?;
+    let config_size = fs::metadata(store.blob_path(&config)).map(|m| m.len()).unwrap_or(0);
+    let mut layers = Vec::new();
+    for l in &entry.layers {
+        let d = member(l)?;
+        let size = fs::metadata(store.blob_path(&d)).map(|m| m.len()).unwrap_or(0);
+        let mt = if is_gzip(store, &d) { crate::layer::MEDIA_TYPE } else { LAYER_TAR };
+        layers.push(serde_json::json!({"mediaType": mt, "digest": d.to_string(), "size": size}));
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::image::MANIFEST_MEDIA_TYPE,
+        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config.to_string(), "size": config_size},
+        "layers": layers,
+    });
+    store.put_blob(&serde_json::to_vec(&manifest).expect("json")).map_err(|e| e.to_string())
+}
+
+fn is_gzip(store: &Store, d: &Digest) -> bool {
+    let mut magic = [0u8; 2];
+    fs::File::open(store.blob_path(d)).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        && magic == [0x1f, 0x8b]
+}
+
+/// Fetches the manifest's blobs, checks every layer, and describes the image.
+fn finish(
+    store: &Store,
+    name: &str,
+    manifest: Digest,
+    fetch: &dyn Fn(&Digest) -> Result<(), BuildError>,
+) -> Result<StoredImage, BuildError> {
+    let bad = |reason: String| BuildError::BadImage { image: name.to_string(), reason };
+    fetch(&manifest)?;
+    let m: ImageManifest = serde_json::from_slice(&store.read_blob(&manifest)?)
+        .map_err(|e| bad(format!("manifest {manifest} is malformed ({e})")))?;
+    let config: Digest = m.config().digest().to_string().parse().map_err(|e| bad(format!("{e}")))?;
+    fetch(&config)?;
+    for l in m.layers() {
+        let d: Digest = l.digest().to_string().parse().map_err(|e| bad(format!("{e}")))?;
+        fetch(&d)?;
+    }
+    let img = stored_image(store, &manifest)?;
+    let mut tree = FsTree::default();
+    for l in &img.layers {
+        let listing = checked_listing(store, l)?;
+        tree.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: l.digest, reason })?;
+    }
+    Ok(img)
+}
+
+/// A layer's listing, scanning (and so checking) the layer the first time.
+fn checked_listing(store: &Store, l: &ImageLayer) -> Result<Listing, BuildError> {
+    if let Some(listing) = store.read_record::<Listing>("listings", &l.diff_id.hex()) {
+        return Ok(listing);
+    }
+    let f = BufReader::with_capacity(1 << 20, store.open_blob(&l.digest)?);
+    let (listing, diff_id) = if l.media_type.ends_with("gzip") {
+        scan_layer(flate2::read::MultiGzDecoder::new(f), &l.digest)?
+    } else if l.media_type.ends_with(".tar") || l.media_type.ends_with("tar") {
+        scan_layer(f, &l.digest)?
+    } else {
+        return Err(BuildError::BadLayer {
+            layer: l.digest,
+            reason: format!("its media type `{}` is not supported (gzip or plain tar)", l.media_type),
+        });
+    };
+    if diff_id != l.diff_id {
+        return Err(BuildError::BadLayer {
+            layer: l.digest,
+            reason: format!("its content hashes to {diff_id}, but the config says {}", l.diff_id),
+        });
+    }
+    for e in &listing.entries {
+        if let Kind::Char { major, minor } | Kind::Block { major, minor } = e.kind {
+            if !(matches!(e.kind, Kind::Char { .. }) && major == 0 && minor == 0) {
+                return Err(BuildError::BadLayer {
+                    layer: l.digest,
+                    reason: format!(
+                        "entry `{}` is a device node ({major}:{minor}); bases may not carry devices",
+                        e.path
+                    ),
+                });
+            }
+        }
+    }
+    listing.save(store, &l.diff_id)?;
+    Ok(listing)
+}
+
+/// Describes an image whose manifest and config are in the store.
+pub fn stored_image(store: &Store, manifest: &Digest) -> Result<StoredImage, BuildError> {
+    let name = manifest.to_string();
+    let bad = |reason: String| BuildError::BadImage { image: name.clone(), reason };
+    let mbytes = store.read_blob(manifest)?;
+    let m: ImageManifest =
+        serde_json::from_slice(&mbytes).map_err(|e| bad(format!("malformed manifest ({e})")))?;
+    let mt = m.media_type().as_ref().map(|t| t.to_string()).unwrap_or_default();
+    if !(mt.is_empty() || mt == crate::image::MANIFEST_MEDIA_TYPE || mt == DOCKER_MANIFEST) {
+        return Err(bad(format!("unsupported manifest type `{mt}`")));
+    }
+    let config: Digest = m.config().digest().to_string().parse().map_err(|e| bad(format!("{e}")))?;
+    let cbytes = store.read_blob(&config)?;
+    let cj: ImageConfiguration =
+        serde_json::from_slice(&cbytes).map_err(|e| bad(format!("malformed config ({e})")))?;
+    let diff_ids = cj.rootfs().diff_ids();
+    if diff_ids.len() != m.layers().len() {
+        return Err(bad(format!(
+            "the manifest has {} layers but the config {} diff_ids",
+            m.layers().len(),
+            diff_ids.len()
+        )));
+    }
+    let mut layers = Vec::new();
+    for (l, diff) in m.layers().iter().zip(diff_ids) {
+        layers.push(ImageLayer {
+            diff_id: diff.parse().map_err(|e| bad(format!("{e}")))?,
+            digest: l.digest().to_string().parse().map_err(|e| bad(format!("{e}")))?,
+            size: l.size(),
+            media_type: l.media_type().to_string(),
+        });
+    }
+    Ok(StoredImage {
+        manifest: *manifest,
+        manifest_size: mbytes.len() as u64,
+        config,
+        config_json: cj,
+        layers,
+    })
+}

@@ -1,0 +1,155 @@
+//! Writing a layer: entries sorted by path bytes (parents first), each header
+//! normalized (design §3), file content streamed and checked against the
+//! digest its cache key was computed from, then tar → sha256 (diff_id) →
+//! parallel gzip → sha256 (digest) → temp file → rename. Memory stays flat
+//! whatever the layer's size.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::PathBuf;
+
+use kiln_cache::{BlobWriter, Digest, HashingWriter, Store};
+
+use crate::error::BuildError;
+use crate::gzip;
+use crate::listing::{Kind, ListEntry, Listing};
+use crate::tarball::{self, TarHeader, TarKind};
+
+/// The OCI media type of kiln's layers.
+pub const MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// Where a regular file's content comes from.
+#[derive(Debug, Clone)]
+pub enum Content {
+    None,
+    /// A file on disk, expected to hash to `sha256` (what its cache key used).
+    Path {
+        path: PathBuf,
+        sha256: Digest,
+    },
+    Bytes(Vec<u8>),
+}
+
+/// One entry to write; `path` is relative (no leading or trailing `/`).
+#[derive(Debug, Clone)]
+pub struct LayerEntry {
+    pub path: String,
+    pub kind: TarKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub content: Content,
+}
+
+/// A finished layer blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerBlob {
+    pub diff_id: Digest,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// Writes `entries` as a layer into the store, with every timestamp `epoch`.
+/// Also stores the layer's listing.
+pub fn write_layer(store: &Store, mut entries: Vec<LayerEntry>, epoch: u64) -> Result<LayerBlob, BuildError> {
+    entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+    if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
+        return Err(BuildError::usage(format!("the layer would hold `/{}` twice", w[0].path), None));
+    }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let blob = BlobWriter::new(store)?;
+    let tmp_dir = store.tmp_dir();
+    let mut failure: Option<BuildError> = None;
+    let result = gzip::compress(blob, threads, |w| {
+        let mut tar = HashingWriter::new(BufWriter::with_capacity(256 * 1024, w));
+        match write_entries(&mut tar, &entries, epoch) {
+            Ok(listing) => {
+                let (buf, diff_id, _) = tar.finish();
+                buf.into_inner().map_err(|e| io::Error::new(e.error().kind(), e.error().to_string()))?;
+                Ok((listing, diff_id))
+            }
+            Err(e) => {
+                failure = Some(e);
+                Err(io::Error::other("layer entry failed"))
+            }
+        }
+    });
+    let (blob, (listing, diff_id)) = match (result, failure) {
+        (_, Some(e)) => return Err(e),
+        (Err(e), None) => return Err(BuildError::Write { path: tmp_dir, source: e }),
+        (Ok(v), None) => v,
+    };
+    let (digest, size) = blob.commit()?;
+    listing.save(store, &diff_id)?;
+    Ok(LayerBlob { diff_id, digest, size })
+}
+
+fn write_entries(w: &mut impl Write, entries: &[LayerEntry], epoch: u64) -> Result<Listing, BuildError> {
+    let mut listing = Listing { entries: Vec::with_capacity(entries.len()) };
+    let mut buf = vec![0u8; 256 * 1024];
+    let werr = |e: io::Error| BuildError::Write { path: PathBuf::from("<layer>"), source: e };
+    for e in entries {
+        let header = TarHeader {
+            path: &e.path,
+            kind: &e.kind,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime: epoch,
+            xattrs: &[],
+        };
+        tarball::write_header(w, &header).map_err(werr)?;
+        let mut sha = None;
+        if let TarKind::File { size } = e.kind {
+            let got = match &e.content {
+                Content::Bytes(b) => {
+                    w.write_all(b).map_err(werr)?;
+                    Digest::of(b)
+                }
+                Content::Path { path, sha256 } => {
+                    let got = copy_exact(path, size, w, &mut buf)?;
+                    if got != *sha256 {
+                        return Err(BuildError::Changed { path: path.clone() });
+                    }
+                    got
+                }
+                Content::None => unreachable!("regular files carry content"),
+            };
+            tarball::pad(w, size).map_err(werr)?;
+            sha = Some(got);
+        }
+        listing.entries.push(ListEntry {
+            path: e.path.clone(),
+            kind: Kind::from_tar(&e.kind, sha),
+            mode: e.mode & 0o7777,
+            uid: e.uid,
+            gid: e.gid,
+        });
+    }
+    tarball::write_trailer(w).map_err(werr)?;
+    Ok(listing)
+}
+
+/// Copies exactly `size` bytes of `path` to `w`, hashing them; a file that
+/// grew or shrank since it was looked at is an error.
+fn copy_exact(path: &PathBuf, size: u64, w: &mut impl Write, buf: &mut [u8]) -> Result<Digest, BuildError> {
+    use sha2::Digest as _;
+    let mut f = File::open(path).map_err(BuildError::io_read(path))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut left = size;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = f.read(&mut buf[..want]).map_err(BuildError::io_read(path))?;
+        if n == 0 {
+            return Err(BuildError::Changed { path: path.clone() });
+        }
+        hasher.update(&buf[..n]);
+        w.write_all(&buf[..n])
+            .map_err(|e| BuildError::Write { path: PathBuf::from("<layer>"), source: e })?;
+        left -= n as u64;
+    }
+    if f.read(&mut buf[..1]).map_err(BuildError::io_read(path))? != 0 {
+        return Err(BuildError::Changed { path: path.clone() });
+    }
+    Ok(Digest::from_hasher(hasher))
+}

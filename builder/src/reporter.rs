@@ -1,0 +1,37 @@
+//! How the engine tells the world what it is doing. The library never prints;
+//! the CLI implements this trait with progress bars, plain lines or JSON.
+
+use std::time::Duration;
+
+use kiln_cache::Digest;
+
+use crate::layer::LayerBlob;
+
+/// A step as reporters see it.
+#[derive(Debug, Clone)]
+pub struct StepInfo {
+    /// 0-based.
+    pub index: usize,
+    pub total: usize,
+    /// e.g. `COPY src -> /app/src`.
+    pub description: String,
+    /// 1-based line of the step in the recipe.
+    pub line: usize,
+}
+
+pub trait Reporter: Send + Sync {
+    fn on_build_start(&self, _image: &str, _steps: usize) {}
+    fn on_step_start(&self, _step: &StepInfo) {}
+    fn on_cache_hit(&self, _step: &StepInfo, _key: &Digest) {}
+    fn on_layer_written(&self, _step: &StepInfo, _layer: &LayerBlob) {}
+    fn on_step_finish(&self, _step: &StepInfo, _cached: bool, _elapsed: Duration) {}
+    fn on_output_written(&self, _output: &str) {}
+    fn on_build_finish(&self, _manifest: &Digest, _elapsed: Duration) {}
+    /// Something worth a line that is not a step event (e.g. a corrupt blob rebuilt).
+    fn on_notice(&self, _message: &str) {}
+}
+
+/// Reports nothing.
+pub struct NullReporter;
+
+impl Reporter for NullReporter {}

@@ -1,0 +1,123 @@
+//! The command line (design §2).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about = "Compiles declarative recipes into reproducible OCI images")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Progress {
+    Auto,
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Backend {
+    Auto,
+    Local,
+    Docker,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// The context folder `copy` reads from (default: the recipe's folder).
+    #[arg(long, value_name = "DIR")]
+    pub context: Option<PathBuf>,
+    /// The cache folder (default: KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else ~/.cache/kiln).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// The target platform, e.g. linux/amd64 (default: the recipe's, else the host's).
+    #[arg(long, value_name = "P")]
+    pub platform: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build a recipe into an image; prints the manifest digest last on stdout.
+    Build {
+        recipe: PathBuf,
+        /// Where to write the image (repeatable): oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE.
+        #[arg(short = 'o', long = "output", value_name = "OUTPUT")]
+        outputs: Vec<String>,
+        #[command(flatten)]
+        common: Common,
+        /// Where `run` steps execute (recipes without `run` steps use no backend).
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: Backend,
+        /// Rebuild every step, ignoring cached layers.
+        #[arg(long)]
+        no_cache: bool,
+        /// Progress on stderr: bars on a terminal, plain lines, or JSON lines.
+        #[arg(long, value_enum, default_value = "auto")]
+        progress: Progress,
+    },
+    /// Show each step, its cache key and HIT or MISS; builds nothing.
+    Plan {
+        recipe: PathBuf,
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the manifest, config and layers of an image.
+    Inspect {
+        /// oci:DIR[:TAG], oci-archive:FILE or docker-archive:FILE.
+        target: String,
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// File-level differences between two images.
+    Diff {
+        a: String,
+        b: String,
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build twice in fresh caches and folders (different umask, TZ and clock) and compare digests.
+    Verify {
+        recipe: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        context: Option<PathBuf>,
+        #[arg(long, value_name = "P")]
+        platform: Option<String>,
+    },
+    /// Look after the cache.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        #[arg(long, value_name = "DIR", global = true)]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// How much the cache holds.
+    Du {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The cached steps and images, least recently used first.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evict least-recently-used entries until the cache fits SIZE (e.g. 500M, 2G).
+    Prune {
+        #[arg(long, value_name = "SIZE")]
+        max_size: String,
+    },
+    /// Remove blobs nothing refers to and leftovers of interrupted builds.
+    Gc,
+}

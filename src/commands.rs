@@ -1,0 +1,313 @@
+//! One function per command; each parses its arguments into engine calls.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
+
+use kiln_builder::error::BuildError;
+use kiln_builder::BuildOptions;
+use kiln_cache::prune::parse_size;
+use kiln_cache::Store;
+use kiln_recipes::recipe::Platform;
+use kiln_recipes::{ImageRef, Recipe};
+
+use crate::args::{CacheAction, Cli, Command, Common};
+
+pub fn run(cli: Cli) -> Result<u8, BuildError> {
+    match cli.command {
+        Command::Build { recipe, outputs, common, backend: _, no_cache, progress } => {
+            let recipe = load(&recipe)?;
+            let mut opts = options(&recipe, &common)?;
+            opts.no_cache = no_cache;
+            opts.outputs = outputs.iter().map(|o| parse_ref(o, "-o")).collect::<Result<_, _>>()?;
+            let reporter = crate::progress::reporter(progress);
+            let outcome = kiln_builder::build(&recipe, &opts, reporter.as_ref())?;
+            println!("{}", outcome.image.manifest);
+            Ok(0)
+        }
+        Command::Plan { recipe, common, json } => {
+            let recipe = load(&recipe)?;
+            let opts = options(&recipe, &common)?;
+            let steps = kiln_builder::plan(&recipe, &opts)?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let v: Vec<_> = steps
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({"step": s.info.index + 1, "line": s.info.line,
+                        "description": s.info.description, "key": s.key.to_string(), "cached": s.hit})
+                    })
+                    .collect();
+                let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v).expect("json"));
+            } else {
+                for s in &steps {
+                    let hit = if s.hit { "HIT " } else { "MISS" };
+                    let _ =
+                        writeln!(out, "{:>3}  {hit}  {}  {}", s.info.index + 1, s.key, s.info.description);
+                }
+            }
+            Ok(0)
+        }
+        Command::Inspect { target, cache_dir, json } => {
+            let store = open_store(cache_dir)?;
+            let target = parse_ref(&target, "TARGET")?;
+            let i = kiln_builder::inspect::inspect(&store, &target)?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let _ = writeln!(out, "{}", serde_json::to_string_pretty(&i).expect("json"));
+            } else {
+                let _ = writeln!(out, "manifest  {}", i.manifest);
+                let _ = writeln!(out, "config    {}", i.config);
+                let _ = writeln!(out, "platform  {}/{}", i.os, i.architecture);
+                let _ = writeln!(out, "created   {}", i.created.as_deref().unwrap_or("-"));
+                let _ = writeln!(out, "layers    {}", i.layers.len());
+                for l in &i.layers {
+                    let _ = writeln!(
+                        out,
+                        "  {}  {:>12}  {}",
+                        l.digest,
+                        l.size,
+                        l.created_by.as_deref().unwrap_or("")
+                    );
+                }
+                let _ = writeln!(out, "runtime   {}", i.config_json);
+            }
+            Ok(0)
+        }
+        Command::Diff { a, b, cache_dir, json } => {
+            let store = open_store(cache_dir)?;
+            let changes = kiln_builder::diff::diff(&store, &parse_ref(&a, "A")?, &parse_ref(&b, "B")?)?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let _ = writeln!(out, "{}", serde_json::to_string_pretty(&changes).expect("json"));
+            } else {
+                print_changes(&mut out, &changes);
+            }
+            Ok(if changes.is_empty() { 0 } else { 1 })
+        }
+        Command::Verify { recipe, context, platform } => verify(&recipe, context, platform),
+        Command::Cache { action, cache_dir } => {
+            let store = open_store(cache_dir)?;
+            let mut out = std::io::stdout().lock();
+            match action {
+                CacheAction::Du { json } => {
+                    let u = store.usage()?;
+                    if json {
+                        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&u).expect("json"));
+                    } else {
+                        let _ = writeln!(
+                            out,
+                            "{}\t{} blobs\t{} steps\t{} images\t{} bases\t{}",
+                            human(u.blob_bytes),
+                            u.blobs,
+                            u.steps,
+                            u.images,
+                            u.bases,
+                            u.root.display()
+                        );
+                    }
+                }
+                CacheAction::Ls { json } => {
+                    let entries = store.entries()?;
+                    if json {
+                        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&entries).expect("json"));
+                    } else {
+                        for e in entries {
+                            let _ = writeln!(out, "{}\t{}\t{}\t{}", e.used_unix, e.kind, e.name, e.label);
+                        }
+                    }
+                }
+                CacheAction::Prune { max_size } => {
+                    let max = parse_size(&max_size).ok_or_else(|| {
+                        BuildError::usage(
+                            format!("`{max_size}` is not a size"),
+                            Some("write sizes like `500M`, `2G` or `1048576`"),
+                        )
+                    })?;
+                    let r = store.prune(max)?;
+                    let _ = writeln!(
+                        out,
+                        "removed {} blobs ({}), {} records; {} left",
+                        r.removed_blobs,
+                        human(r.removed_bytes),
+                        r.removed_records,
+                        human(r.remaining_bytes)
+                    );
+                }
+                CacheAction::Gc => {
+                    let r = store.gc()?;
+                    let _ = writeln!(
+                        out,
+                        "removed {} blobs ({}), {} records; {} left",
+                        r.removed_blobs,
+                        human(r.removed_bytes),
+                        r.removed_records,
+                        human(r.remaining_bytes)
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Recipe, BuildError> {
+    Ok(kiln_recipes::parse_file(path)?)
+}
+
+fn parse_ref(s: &str, what: &str) -> Result<ImageRef, BuildError> {
+    ImageRef::parse(s).map_err(|e| BuildError::usage(format!("Bad {what} `{s}`: {e}"), None))
+}
+
+fn open_store(dir: Option<PathBuf>) -> Result<Store, BuildError> {
+    Ok(Store::open(&dir.unwrap_or_else(Store::default_dir))?)
+}
+
+fn options(recipe: &Recipe, common: &Common) -> Result<BuildOptions, BuildError> {
+    let platform = match &common.platform {
+        Some(p) => Some(Platform::parse(p).map_err(|m| {
+            BuildError::usage(format!("Bad --platform: {m}"), Some("e.g. `--platform linux/amd64`"))
+        })?),
+        None => None,
+    };
+    let epoch_override = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.is_empty() => Some(v.trim().parse::<u64>().map_err(|_| {
+            BuildError::usage(
+                format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds"),
+                Some("unset it or set it to e.g. `0`"),
+            )
+        })?),
+        _ => None,
+    };
+    let _ = recipe;
+    Ok(BuildOptions {
+        context: common.context.clone(),
+        cache_dir: common.cache_dir.clone().unwrap_or_else(Store::default_dir),
+        no_cache: false,
+        platform,
+        epoch_override,
+        outputs: Vec::new(),
+    })
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn print_changes(out: &mut impl Write, changes: &[kiln_builder::diff::Change]) {
+    use kiln_builder::diff::Change;
+    for c in changes {
+        let _ = match c {
+            Change::Added { path } => writeln!(out, "+ {path}"),
+            Change::Removed { path } => writeln!(out, "- {path}"),
+            Change::Modified { path, what } => writeln!(out, "M {path}  ({})", what.join(", ")),
+        };
+    }
+}
+
+/// Builds the recipe twice, each time from a fresh copy of the context made
+/// under a different umask, with a fresh cache, another TZ, at another
+/// moment, in a separate process; then compares the manifest digests and,
+/// if they differ, the files.
+fn verify(recipe_path: &Path, context: Option<PathBuf>, platform: Option<String>) -> Result<u8, BuildError> {
+    let recipe = load(recipe_path)?;
+    let ctx_dir = context.unwrap_or_else(|| recipe.dir.clone());
+    let work = tempfile::Builder::new()
+        .prefix("kiln-verify-")
+        .tempdir()
+        .map_err(BuildError::io_write(std::env::temp_dir()))?;
+    let exe = std::env::current_exe().map_err(BuildError::io_read("/proc/self/exe"))?;
+    let mut digests = Vec::new();
+    for (i, (umask, tz)) in [(0o022u32, "UTC"), (0o077, "Pacific/Kiritimati")].into_iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1100)); // another second on the clock
+        }
+        let run = work.path().join(format!("build-{}", i + 1));
+        let ctx = run.join("context");
+        copy_tree(&ctx_dir, &ctx, umask)?;
+        let out = run.join("image");
+        let mut cmd = Process::new("sh");
+        cmd.arg("-c")
+            .arg(format!("umask {umask:03o}; exec \"$0\" \"$@\""))
+            .arg(&exe)
+            .arg("build")
+            .arg(recipe_path)
+            .arg("--context")
+            .arg(&ctx)
+            .arg("--cache-dir")
+            .arg(run.join("cache"))
+            .arg("-o")
+            .arg(format!("oci:{}", out.display()))
+            .arg("--progress")
+            .arg("plain")
+            .env("TZ", tz);
+        if let Some(p) = &platform {
+            cmd.arg("--platform").arg(p);
+        }
+        eprintln!("verify: build {} (umask {umask:03o}, TZ={tz}, fresh cache in {})", i + 1, run.display());
+        let output = cmd.output().map_err(BuildError::io_read(&exe))?;
+        if !output.status.success() {
+            std::io::stderr().write_all(&output.stderr).ok();
+            return Ok(output.status.code().unwrap_or(1) as u8);
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let digest = stdout.lines().last().unwrap_or("").trim().to_string();
+        eprintln!("verify: build {} -> {digest}", i + 1);
+        digests.push((digest, out));
+    }
+    if digests[0].0 == digests[1].0 {
+        eprintln!("verify: reproducible");
+        println!("{}", digests[0].0);
+        return Ok(0);
+    }
+    eprintln!("verify: NOT reproducible: {} != {}", digests[0].0, digests[1].0);
+    let store = Store::open(&work.path().join("diff-cache"))?;
+    let a = ImageRef::Oci { dir: digests[0].1.clone(), tag: None };
+    let b = ImageRef::Oci { dir: digests[1].1.clone(), tag: None };
+    let changes = kiln_builder::diff::diff(&store, &a, &b)?;
+    let mut out = std::io::stdout().lock();
+    if changes.is_empty() {
+        let _ =
+            writeln!(out, "the files are identical; the difference is in the image config or layer encoding");
+    }
+    print_changes(&mut out, &changes);
+    Ok(1)
+}
+
+/// Copies a folder as a fresh checkout would: new files, modes masked by `umask`.
+fn copy_tree(src: &Path, dst: &Path, umask: u32) -> Result<(), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in walkdir::WalkDir::new(src).follow_links(false) {
+        let e = e.map_err(|e| BuildError::Read { path: src.to_path_buf(), source: e.into() })?;
+        let rel = e.path().strip_prefix(src).expect("under src");
+        let to = dst.join(rel);
+        let meta = fs::symlink_metadata(e.path()).map_err(BuildError::io_read(e.path()))?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            fs::create_dir_all(&to).map_err(BuildError::io_write(&to))?;
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o777 & !umask))
+                .map_err(BuildError::io_write(&to))?;
+        } else if ft.is_symlink() {
+            let t = fs::read_link(e.path()).map_err(BuildError::io_read(e.path()))?;
+            std::os::unix::fs::symlink(t, &to).map_err(BuildError::io_write(&to))?;
+        } else if ft.is_file() {
+            fs::copy(e.path(), &to).map_err(BuildError::io_write(&to))?;
+            let exec = meta.permissions().mode() & 0o100 != 0;
+            let mode = if exec { 0o777 } else { 0o666 } & !umask;
+            fs::set_permissions(&to, fs::Permissions::from_mode(mode)).map_err(BuildError::io_write(&to))?;
+        }
+    }
+    Ok(())
+}
