@@ -164,6 +164,9 @@ fn index_key(root: &Path, abs: &Path) -> String {
     abs.strip_prefix(root).unwrap_or(abs).to_string_lossy().into_owned()
 }
 
+/// A file's position among the entries, its stat when opened, its digest.
+type Hashed = (usize, fs::Metadata, Digest);
+
 /// Hashes the files the stat index did not know, on all cores.
 fn hash_files(
     entries: &mut [SourceEntry],
@@ -176,7 +179,7 @@ fn hash_files(
     }
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(which.len());
     let per = which.len().div_ceil(threads);
-    let results: Vec<Result<Vec<(usize, fs::Metadata, Digest)>, BuildError>> = std::thread::scope(|s| {
+    let results: Vec<Result<Vec<Hashed>, BuildError>> = std::thread::scope(|s| {
         let handles: Vec<_> = which
             .chunks(per)
             .map(|part| {

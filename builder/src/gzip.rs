@@ -17,6 +17,11 @@ pub const LEVEL: u32 = 6;
 /// The fixed chunk size; changing it changes every layer digest.
 pub const CHUNK: usize = 1 << 20;
 
+/// A chunk and its position in the stream.
+type Job = (u64, Vec<u8>);
+/// A compressed chunk and its position.
+type Done = (u64, io::Result<Vec<u8>>);
+
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 
 /// Compresses what `produce` writes into gzip on `out`, using `threads`
@@ -28,8 +33,8 @@ where
 {
     out.write_all(&HEADER)?;
     let threads = threads.max(1);
-    let (job_tx, job_rx) = sync_channel::<(u64, Vec<u8>)>(threads * 2);
-    let (done_tx, done_rx) = sync_channel::<(u64, io::Result<Vec<u8>>)>(threads * 2);
+    let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
+    let (done_tx, done_rx) = sync_channel::<Done>(threads * 2);
     let job_rx = Arc::new(Mutex::new(job_rx));
 
     thread::scope(|s| {
@@ -89,7 +94,7 @@ where
 }
 
 struct Chunker {
-    tx: Option<SyncSender<(u64, Vec<u8>)>>,
+    tx: Option<SyncSender<Job>>,
     buf: Vec<u8>,
     seq: u64,
     crc: crc32fast::Hasher,
@@ -131,7 +136,7 @@ impl Write for Chunker {
     }
 }
 
-fn worker(rx: Arc<Mutex<Receiver<(u64, Vec<u8>)>>>, tx: SyncSender<(u64, io::Result<Vec<u8>>)>) {
+fn worker(rx: Arc<Mutex<Receiver<Job>>>, tx: SyncSender<Done>) {
     loop {
         let job = rx.lock().expect("job queue lock").recv();
         let Ok((seq, chunk)) = job else { return };

@@ -235,8 +235,8 @@ mod tests {
     fn pax_record_length_counts_itself() {
         assert_eq!(pax_record("path", b"abc"), b"12 path=abc\n");
         let r = pax_record("path", &[b'x'; 95]);
-        assert_eq!(r.len(), 104);
-        assert!(r.starts_with(b"104 path="));
+        assert_eq!(r.len(), 105);
+        assert!(r.starts_with(b"105 path="));
     }
 
     #[test]

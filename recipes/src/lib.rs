@@ -7,6 +7,10 @@
 //! - [`diagnostic`]: [`RecipeError`], an error that points at the recipe text.
 //! - [`reference`]: parsing of base and output references (`oci:DIR:TAG`, ...).
 
+// A recipe error carries its source snippet; it is built once, on the cold path, so its
+// size does not matter.
+#![allow(clippy::result_large_err)]
+
 pub mod diagnostic;
 pub mod parse;
 pub mod raw;

@@ -1,0 +1,133 @@
+use crate::support::*;
+
+const RECIPE: &str = r#"
+[image]
+name = "app"
+
+[[step]]
+copy = "src"
+to = "/app/src"
+owner = "1000:1000"
+
+[[step]]
+write = "/etc/motd"
+content = "hi\n"
+
+[config]
+entrypoint = ["/app/src/run"]
+env = { MODE = "prod" }
+"#;
+
+fn project() -> Project {
+    let p = Project::new();
+    p.recipe(RECIPE)
+        .file("src/a.txt", "a\n")
+        .exec_file("src/run", "#!/bin/sh\n")
+        .symlink("src/link", "a.txt");
+    p
+}
+
+#[test]
+fn build_prints_only_the_digest_on_stdout() {
+    let p = project();
+    let r = p.build(&[]);
+    let d = r.digest();
+    assert_eq!(r.stdout.trim(), d, "stdout carries results only");
+    assert_eq!(r.count("step_finished"), 2);
+    assert_eq!(r.count("build_finished"), 1);
+    assert_layout_blobs_valid(&p.path("out"));
+}
+
+#[test]
+fn default_output_is_out_name() {
+    let p = project();
+    let r = p.kiln(&["build", "kiln.toml"]);
+    r.digest();
+    assert!(p.path("out/app/index.json").is_file(), "default output oci:out/NAME");
+    let index = std::fs::read_to_string(p.path("out/app/index.json")).unwrap();
+    assert!(index.contains(r#""org.opencontainers.image.ref.name":"latest""#), "{index}");
+}
+
+#[test]
+fn inspect_shows_layers_and_config() {
+    let p = project();
+    let d = p.build(&["-o", "oci:out:v1"]).digest();
+    let r = p.kiln(&["inspect", "oci:out:v1", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["manifest"], d);
+    assert_eq!(v["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(v["created"], "1970-01-01T00:00:00Z");
+    assert!(v["config_json"]["Env"].as_array().unwrap().iter().any(|e| e == "MODE=prod"));
+    assert!(v["layers"][0]["created_by"].as_str().unwrap().contains("COPY src -> /app/src"));
+}
+
+#[test]
+fn plan_shows_keys_and_hits_without_building() {
+    let p = project();
+    let r = p.kiln(&["plan", "kiln.toml", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(v.as_array().unwrap().iter().all(|s| s["cached"] == false));
+    assert!(!p.path("out").exists(), "plan builds nothing");
+    p.build(&[]).digest();
+    let r = p.kiln(&["plan", "kiln.toml"]);
+    assert_eq!(r.stdout.lines().filter(|l| l.contains("HIT")).count(), 2, "{}", r.stdout);
+}
+
+#[test]
+fn archives_hold_the_same_image() {
+    let p = project();
+    let d = p
+        .build(&["-o", "oci:out", "-o", "oci-archive:img.oci.tar", "-o", "docker-archive:img.docker.tar"])
+        .digest();
+    for t in ["oci-archive:img.oci.tar", "docker-archive:img.docker.tar"] {
+        let r = p.kiln(&["inspect", t, "--json"]);
+        assert_eq!(r.code, 0, "{t}: {}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(v["manifest"], d, "{t}");
+    }
+}
+
+#[test]
+fn an_image_builds_on_an_oci_base_and_diff_shows_the_change() {
+    let p = project();
+    p.build(&["-o", "oci:base"]).digest();
+    p.file(
+        "child.toml",
+        "[image]\nname = \"child\"\nbase = \"oci:base\"\n[[step]]\nwrite = \"/app/src/new.txt\"\ncontent = \"new\"\n",
+    );
+    let r = p.kiln(&["build", "child.toml", "-o", "oci:child", "-o", "docker-archive:child.tar"]);
+    r.digest();
+    let r = p.kiln(&["diff", "oci:base", "oci:child"]);
+    assert_eq!(r.code, 1, "differences exit 1: {}", r.stderr);
+    assert!(r.stdout.contains("+ /app/src/new.txt"), "{}", r.stdout);
+    assert!(!r.stdout.contains("/etc/motd"), "unchanged files are not listed: {}", r.stdout);
+    // The parent folder keeps the owner the base gave it.
+    let r = p.kiln(&["diff", "oci:base", "oci:child", "--json"]);
+    assert!(!r.stdout.contains("\"/app/src\""), "{}", r.stdout);
+    // A docker-archive works as a base too.
+    p.file("grand.toml", "[image]\nname = \"grand\"\nbase = \"docker-archive:child.tar\"\n");
+    p.kiln(&["build", "grand.toml", "-o", "oci:grand"]).digest();
+    assert_eq!(p.kiln(&["diff", "oci:child", "oci:grand"]).code, 0);
+}
+
+#[test]
+fn cache_commands_report_and_prune() {
+    let p = project();
+    p.build(&[]).digest();
+    let r = p.kiln(&["cache", "du", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(v["blob_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(v["steps"], 2);
+    let r = p.kiln(&["cache", "ls"]);
+    assert_eq!(r.stdout.lines().count(), 3, "two steps and one image: {}", r.stdout);
+    let r = p.kiln(&["cache", "prune", "--max-size", "0"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&p.kiln(&["cache", "du", "--json"]).stdout).unwrap();
+    assert_eq!(v["blob_bytes"], 0);
+    assert_eq!(p.kiln(&["cache", "prune", "--max-size", "lots"]).code, 2);
+    // After a prune everything rebuilds to the same digest.
+    let before = p.build(&["--no-cache"]).digest();
+    assert_eq!(p.build(&[]).digest(), before);
+}

@@ -1,0 +1,159 @@
+use std::io::Write;
+
+use crate::support::*;
+
+/// A bad input exits 2, names the place, and writes no output.
+fn assert_refused(p: &Project, want_location: &str, want_message: &str) {
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "exit 2 expected; stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains(want_location), "no `{want_location}` in:\n{}", r.stderr);
+    assert!(r.stderr.contains(want_message), "no `{want_message}` in:\n{}", r.stderr);
+    assert!(r.stdout.is_empty(), "stdout must stay empty: {}", r.stdout);
+    assert!(!p.path("out").exists(), "nothing written to the output");
+}
+
+#[test]
+fn invalid_toml() {
+    let p = Project::new();
+    p.recipe("[image\nname = \"x\"\n");
+    assert_refused(&p, "kiln.toml:1:", "");
+}
+
+#[test]
+fn unknown_key_with_a_suggestion() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n\n[[step]]\ncopy = \"a\"\ntoo = \"/a\"\n").file("a", "a");
+    assert_refused(&p, "kiln.toml:6:1", "unknown field `too`");
+    assert!(p.build(&[]).stderr.contains("did you mean `to`?"));
+}
+
+#[test]
+fn wrong_type() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\nepoch = \"yesterday\"\n");
+    assert_refused(&p, "kiln.toml:3:9", "invalid type");
+}
+
+#[test]
+fn missing_copy_source() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n[[step]]\ncopy = \"nope\"\nto = \"/x\"\n");
+    assert_refused(&p, "kiln.toml:4:8", "`nope` does not exist in the context");
+}
+
+#[test]
+fn source_escaping_with_dotdot() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n[[step]]\ncopy = \"../etc\"\nto = \"/x\"\n");
+    assert_refused(&p, "kiln.toml:4:8", "leaves the context");
+}
+
+#[test]
+fn source_escaping_through_a_symlink() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n[[step]]\ncopy = \"sneaky/passwd\"\nto = \"/x\"\n")
+        .symlink("sneaky", "/etc");
+    assert_refused(&p, "kiln.toml:4:8", "leaves the context through a symlink");
+}
+
+#[test]
+fn missing_base() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\nbase = \"oci-archive:nope.tar\"\n");
+    assert_refused(&p, "kiln.toml:3:8", "cannot read the base");
+}
+
+#[test]
+fn bad_output_and_platform_are_usage_errors() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n");
+    let r = p.kiln(&["build", "kiln.toml", "-o", "ftp:somewhere"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("unknown transport"), "{}", r.stderr);
+    let r = p.kiln(&["build", "kiln.toml", "--platform", "plan9/amd64"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = p.kiln(&["build"]);
+    assert_eq!(r.code, 2, "clap usage errors exit 2");
+}
+
+/// A raw tar entry: name bytes, type flag, link target bytes.
+type RawEntry<'a> = (&'a [u8], u8, &'a [u8]);
+
+/// An OCI archive whose only layer holds `entries`.
+fn hostile_archive(p: &Project, file: &str, entries: &[RawEntry]) {
+    use sha2::Digest;
+    let mut tar_bytes = Vec::new();
+    for (name, kind, link) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_entry_type(tar::EntryType::new(*kind));
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(if *kind == b'0' { 4 } else { 0 });
+        h.set_cksum();
+        tar_bytes.extend_from_slice(h.as_bytes());
+        if *kind == b'0' {
+            let mut block = [0u8; 512];
+            block[..4].copy_from_slice(b"evil");
+            tar_bytes.extend_from_slice(&block);
+        }
+    }
+    tar_bytes.extend_from_slice(&[0u8; 1024]);
+    let diff_id = hex::encode(sha2::Sha256::digest(&tar_bytes));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar_bytes).unwrap();
+    let layer = gz.finish().unwrap();
+    let layer_d = hex::encode(sha2::Sha256::digest(&layer));
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["sha256:{diff_id}"]}},"config":{{}}}}"#
+    );
+    let config_d = hex::encode(sha2::Sha256::digest(config.as_bytes()));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_d}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{layer_d}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let manifest_d = hex::encode(sha2::Sha256::digest(manifest.as_bytes()));
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_d}","size":{}}}]}}"#,
+        manifest.len()
+    );
+    let mut b = tar::Builder::new(std::fs::File::create(p.path(file)).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", index.as_bytes());
+    add(&format!("blobs/sha256/{manifest_d}"), manifest.as_bytes());
+    add(&format!("blobs/sha256/{config_d}"), config.as_bytes());
+    add(&format!("blobs/sha256/{layer_d}"), &layer);
+    b.finish().unwrap();
+}
+
+#[test]
+fn base_archives_with_hostile_entries_are_refused() {
+    let cases: [(&str, Vec<RawEntry>, &str); 5] = [
+        ("dotdot", vec![(b"../evil", b'0', b"")], "leaves the root through `..`"),
+        ("absolute", vec![(b"/etc/evil", b'0', b"")], "is an absolute path"),
+        ("symlink", vec![(b"link", b'2', b"/etc"), (b"link/evil", b'0', b"")], "through the symlink"),
+        ("hardlink", vec![(b"h", b'1', b"../../etc/shadow")], "leaves the root"),
+        ("device", vec![(b"dev/sda", b'4', b"")], "device node"),
+    ];
+    for (name, entries, want) in cases {
+        let p = Project::new();
+        hostile_archive(&p, "base.tar", &entries);
+        p.recipe("[image]\nname = \"x\"\nbase = \"oci-archive:base.tar\"\n[[step]]\nwrite = \"/ok\"\ncontent = \"\"\n");
+        let r = p.build(&[]);
+        assert_eq!(r.code, 2, "{name}: {}", r.stderr);
+        assert!(r.stderr.contains(want), "{name}: no `{want}` in {}", r.stderr);
+        assert!(!p.path("out").exists(), "{name}: no output");
+        assert!(!std::path::Path::new("/etc/evil").exists());
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests: drive the real `kiln` binary on real recipes in temp folders.
+
+mod support;
+
+mod build;
+mod cache;
+mod crash;
+mod errors;
+mod interop;
+mod reproducible;

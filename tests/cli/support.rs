@@ -1,0 +1,195 @@
+//! A cargo-style project helper: files in a temp folder, a private cache, and
+//! a `kiln` runner that captures stdout, stderr and the exit code.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+    pub cache: PathBuf,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The manifest digest: the last stdout line.
+    pub fn digest(&self) -> String {
+        assert_eq!(self.code, 0, "build failed:\n{}", self.stderr);
+        let d = self.stdout.lines().last().unwrap_or("").to_string();
+        assert!(d.starts_with("sha256:") && d.len() == 71, "not a digest: {d:?}");
+        d
+    }
+
+    /// JSON events of `--progress json`.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    pub fn count(&self, event: &str) -> usize {
+        self.events().iter().filter(|e| e["event"] == event).count()
+    }
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+pub fn kiln_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kiln")
+}
+
+impl Project {
+    pub fn new() -> Project {
+        let dir = tempfile::Builder::new().prefix("kiln-test-").tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        Project { dir, cache }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn file(&self, rel: &str, content: impl AsRef<[u8]>) -> &Project {
+        let p = self.path(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, content).unwrap();
+        self
+    }
+
+    pub fn exec_file(&self, rel: &str, content: impl AsRef<[u8]>) -> &Project {
+        self.file(rel, content);
+        fs::set_permissions(self.path(rel), fs::Permissions::from_mode(0o755)).unwrap();
+        self
+    }
+
+    pub fn symlink(&self, rel: &str, target: &str) -> &Project {
+        let p = self.path(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, p).unwrap();
+        self
+    }
+
+    pub fn recipe(&self, text: &str) -> &Project {
+        self.file("kiln.toml", text)
+    }
+
+    /// `kiln ARGS` with this project's cache.
+    pub fn kiln(&self, args: &[&str]) -> Run {
+        self.kiln_with(args, |_| {})
+    }
+
+    pub fn kiln_with(&self, args: &[&str], f: impl FnOnce(&mut Command)) -> Run {
+        let mut c = self.command(args);
+        f(&mut c);
+        c.output().unwrap().into()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(kiln_bin());
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env("KILN_CACHE_DIR", &self.cache)
+            .env_remove("SOURCE_DATE_EPOCH");
+        c
+    }
+
+    /// `kiln build kiln.toml -o oci:out --progress json ARGS`.
+    pub fn build(&self, extra: &[&str]) -> Run {
+        let mut args = vec!["build", "kiln.toml", "--progress", "json"];
+        if !extra.contains(&"-o") {
+            args.extend(["-o", "oci:out"]);
+        }
+        args.extend(extra);
+        self.kiln(&args)
+    }
+}
+
+/// A tool a test needs. Missing on a developer's machine: the test is
+/// skipped with a note. Missing in CI (`CI` set): the test fails.
+pub fn require(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("`{tool}` is required in CI (.ci/run installs it)");
+        }
+        eprintln!("SKIPPED: `{tool}` is not installed (run `make deps`)");
+    }
+    ok
+}
+
+/// Whether a Docker engine answers; in CI it must.
+pub fn require_docker() -> bool {
+    if !require("docker") {
+        return false;
+    }
+    let ok = Command::new("docker").arg("info").output().map(|o| o.status.success()).unwrap_or(false);
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("no Docker engine answers at DOCKER_HOST; .ci/run starts dockerd");
+        }
+        eprintln!("SKIPPED: no Docker engine is running (run `make deps`)");
+    }
+    ok
+}
+
+/// Static busybox (Debian's busybox-static), for images that run something.
+pub fn busybox() -> Option<PathBuf> {
+    let p = Path::new("/bin/busybox");
+    if p.exists() {
+        return Some(p.to_path_buf());
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("/bin/busybox is required in CI (busybox-static)");
+    }
+    eprintln!("SKIPPED: /bin/busybox is missing (apt-get install busybox-static)");
+    None
+}
+
+/// Every blob of an OCI layout hashes to its name.
+pub fn assert_layout_blobs_valid(dir: &Path) {
+    use sha2::Digest;
+    let blobs = dir.join("blobs/sha256");
+    let mut n = 0;
+    for e in fs::read_dir(&blobs).unwrap() {
+        let e = e.unwrap();
+        let bytes = fs::read(e.path()).unwrap();
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            e.file_name().to_string_lossy(),
+            "blob {:?} is corrupt",
+            e.path()
+        );
+        n += 1;
+    }
+    assert!(n >= 2, "a layout holds at least a manifest and a config");
+}
+
+/// Random-ish bytes from a fixed seed.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
