@@ -1,0 +1,44 @@
+# The targets the README names. `make demo` and `make test` work on a fresh
+# Debian machine: they install what they need (see .ci/deps).
+
+CARGO ?= cargo
+KILN  := target/release/kiln
+
+.PHONY: all build demo test lint bench deps clean
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+## System tools the tests and the demo use (Debian packages, dockerd); idempotent.
+deps:
+	.ci/deps
+
+## Build the example recipe, show the image, and run it if a Docker engine answers.
+demo: build
+	@command -v busybox >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static; }
+	cp "$$(command -v busybox)" recipes/examples/hello/busybox
+	$(KILN) build recipes/examples/hello/kiln.toml -o oci:out/hello -o docker-archive:out/hello.tar
+	$(KILN) inspect oci:out/hello
+	@if docker info >/dev/null 2>&1; then \
+		docker load -i out/hello.tar && docker run --rm hello:latest; \
+	else echo "(no Docker engine answers: run 'make deps' to start one, then 'docker load -i out/hello.tar')"; fi
+
+## Unit and integration tests (the integration tests drive the real binary).
+test:
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --locked --no-fail-fast; \
+	else $(CARGO) test --workspace --locked --no-fail-fast; fi
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+## Benchmarks; results go to bench/RESULTS.md.
+bench: build
+	python3 bench/bench.py
+
+clean:
+	$(CARGO) clean
+	rm -rf out bench/work
