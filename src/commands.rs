@@ -18,7 +18,7 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
     match cli.command {
         Command::Build { recipe, outputs, common, backend: _, no_cache, progress } => {
             let recipe = load(&recipe)?;
-            let mut opts = options(&recipe, &common)?;
+            let mut opts = options(&common)?;
             opts.no_cache = no_cache;
             opts.outputs = outputs.iter().map(|o| parse_ref(o, "-o")).collect::<Result<_, _>>()?;
             let reporter = crate::progress::reporter(progress);
@@ -28,7 +28,7 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
         }
         Command::Plan { recipe, common, json } => {
             let recipe = load(&recipe)?;
-            let opts = options(&recipe, &common)?;
+            let opts = options(&common)?;
             let steps = kiln_builder::plan(&recipe, &opts)?;
             let mut out = std::io::stdout().lock();
             if json {
@@ -125,26 +125,10 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
                             Some("write sizes like `500M`, `2G` or `1048576`"),
                         )
                     })?;
-                    let r = store.prune(max)?;
-                    let _ = writeln!(
-                        out,
-                        "removed {} blobs ({}), {} records; {} left",
-                        r.removed_blobs,
-                        human(r.removed_bytes),
-                        r.removed_records,
-                        human(r.remaining_bytes)
-                    );
+                    print_prune(&mut out, &store.prune(max)?);
                 }
                 CacheAction::Gc => {
-                    let r = store.gc()?;
-                    let _ = writeln!(
-                        out,
-                        "removed {} blobs ({}), {} records; {} left",
-                        r.removed_blobs,
-                        human(r.removed_bytes),
-                        r.removed_records,
-                        human(r.remaining_bytes)
-                    );
+                    print_prune(&mut out, &store.gc()?);
                 }
             }
             Ok(0)
@@ -164,7 +148,7 @@ fn open_store(dir: Option<PathBuf>) -> Result<Store, BuildError> {
     Ok(Store::open(&dir.unwrap_or_else(Store::default_dir))?)
 }
 
-fn options(recipe: &Recipe, common: &Common) -> Result<BuildOptions, BuildError> {
+fn options(common: &Common) -> Result<BuildOptions, BuildError> {
     let platform = match &common.platform {
         Some(p) => Some(Platform::parse(p).map_err(|m| {
             BuildError::usage(format!("Bad --platform: {m}"), Some("e.g. `--platform linux/amd64`"))
@@ -180,7 +164,6 @@ fn options(recipe: &Recipe, common: &Common) -> Result<BuildOptions, BuildError>
         })?),
         _ => None,
     };
-    let _ = recipe;
     Ok(BuildOptions {
         context: common.context.clone(),
         cache_dir: common.cache_dir.clone().unwrap_or_else(Store::default_dir),
@@ -189,6 +172,17 @@ fn options(recipe: &Recipe, common: &Common) -> Result<BuildOptions, BuildError>
         epoch_override,
         outputs: Vec::new(),
     })
+}
+
+fn print_prune(out: &mut impl Write, r: &kiln_cache::PruneReport) {
+    let _ = writeln!(
+        out,
+        "removed {} blobs ({}), {} records; {} left",
+        r.removed_blobs,
+        human(r.removed_bytes),
+        r.removed_records,
+        human(r.remaining_bytes)
+    );
 }
 
 fn human(n: u64) -> String {

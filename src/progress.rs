@@ -88,7 +88,7 @@ impl Reporter for JsonReporter {
     }
 }
 
-/// A spinner for the running step and a line per finished one.
+/// A spinner for the running step; otherwise the plain lines.
 #[derive(Default)]
 pub struct TtyReporter {
     bar: Mutex<Option<ProgressBar>>,
@@ -113,12 +113,16 @@ impl Reporter for TtyReporter {
         eprintln!("[{}/{}] {what} {} ({})", s.index + 1, s.total, s.description, secs(elapsed));
     }
     fn on_output_written(&self, output: &str) {
-        eprintln!("wrote {output}");
+        PlainReporter.on_output_written(output)
     }
     fn on_build_finish(&self, manifest: &Digest, elapsed: Duration) {
-        eprintln!("built {manifest} in {}", secs(elapsed));
+        PlainReporter.on_build_finish(manifest, elapsed)
     }
     fn on_notice(&self, message: &str) {
-        eprintln!("note: {message}");
+        if let Some(bar) = self.bar.lock().expect("bar").as_ref() {
+            bar.suspend(|| PlainReporter.on_notice(message));
+        } else {
+            PlainReporter.on_notice(message);
+        }
     }
 }

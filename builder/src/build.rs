@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use kiln_cache::{Digest, StatIndex, StepRecord, Store};
+use kiln_cache::{Digest, StatIndex, Store};
 use kiln_recipes::diagnostic::line_col;
 use kiln_recipes::recipe::Platform;
 use kiln_recipes::{CopyStep, ImageRef, Recipe, Step, StepKind, WriteStep};
@@ -121,15 +121,18 @@ impl<'a> Session<'a> {
         Ok((Digest::of(&serde_json::to_vec(&doc).expect("json")), prepared))
     }
 
-    /// The cached layer for `key`, if the store has it intact.
-    fn cached(&self, key: &Digest) -> Result<Option<StepRecord>, BuildError> {
-        let Some(rec) = self.store.step(key) else { return Ok(None) };
-        if self.store.verify_blob(&rec.digest)? {
-            Ok(Some(rec))
-        } else {
-            Ok(None)
-        }
+    /// Whether the store holds `key`'s layer intact.
+    fn lookup(&self, key: &Digest) -> Result<Cached, BuildError> {
+        let Some(rec) = self.store.step(key) else { return Ok(Cached::Miss) };
+        Ok(if self.store.verify_blob(&rec.digest)? { Cached::Hit(rec.into()) } else { Cached::Corrupt })
     }
+}
+
+enum Cached {
+    Hit(ImageLayer),
+    Miss,
+    /// A record whose blob is gone or failed its digest check.
+    Corrupt,
 }
 
 /// Computes every step's key and whether it is cached; builds nothing.
@@ -139,7 +142,7 @@ pub fn plan(recipe: &Recipe, opts: &BuildOptions) -> Result<Vec<PlannedStep>, Bu
     let mut out = Vec::new();
     for step in &recipe.steps {
         let (key, _) = s.key(&parent, step)?;
-        let hit = !opts.no_cache && s.cached(&key)?.is_some();
+        let hit = !opts.no_cache && matches!(s.lookup(&key)?, Cached::Hit(_));
         out.push(PlannedStep { info: s.info(step), key, hit });
         parent = key.to_string();
     }
@@ -168,16 +171,16 @@ pub fn build(
         let info = s.info(step);
         reporter.on_step_start(&info);
         let (key, prepared) = s.key(&parent, step)?;
-        let cached = if opts.no_cache { None } else { s.cached(&key)? };
-        let hit = cached.is_some();
-        let rec = match cached {
-            Some(rec) => {
+        let cached = if opts.no_cache { Cached::Miss } else { s.lookup(&key)? };
+        let hit = matches!(cached, Cached::Hit(_));
+        let (layer, written) = match cached {
+            Cached::Hit(layer) => {
                 s.store.touch_record("steps", &key.hex());
                 reporter.on_cache_hit(&info, &key);
-                rec
+                (layer, None)
             }
-            None => {
-                if s.store.step(&key).is_some() && !opts.no_cache {
+            Cached::Miss | Cached::Corrupt => {
+                if matches!(cached, Cached::Corrupt) {
                     reporter.on_notice(&format!(
                         "step {}: the cached layer was missing or corrupt; rebuilding it",
                         step.index + 1
@@ -192,28 +195,26 @@ pub fn build(
                     (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
                     _ => unreachable!("prepared matches the step kind"),
                 };
-                let blob = layer::write_layer(&s.store, entries, s.epoch)?;
+                let (blob, listing) = layer::write_layer(&s.store, entries, s.epoch)?;
                 reporter.on_layer_written(&info, &blob);
-                let rec = StepRecord {
+                let layer = ImageLayer {
                     diff_id: blob.diff_id,
                     digest: blob.digest,
                     size: blob.size,
                     media_type: layer::MEDIA_TYPE.to_string(),
                 };
-                s.store.put_step(&key, &rec)?;
-                rec
+                s.store.put_step(&key, &layer.step_record())?;
+                (layer, Some(listing))
             }
         };
         if let Some(tree) = lower.as_mut() {
-            let listing = Listing::load(&s.store, &rec.diff_id, &rec.digest)?;
-            tree.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: rec.digest, reason })?;
+            let listing = match written {
+                Some(l) => l,
+                None => Listing::load(&s.store, &layer)?,
+            };
+            tree.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: layer.digest, reason })?;
         }
-        layers.push(ImageLayer {
-            diff_id: rec.diff_id,
-            digest: rec.digest,
-            size: rec.size,
-            media_type: rec.media_type,
-        });
+        layers.push(layer);
         history_entries.push(history(s.epoch, &format!("kiln: {}", info.description), false));
         reporter.on_step_finish(&info, hit, t.elapsed());
         planned.push(PlannedStep { info, key, hit });
@@ -228,7 +229,7 @@ pub fn build(
     config.set_variant(s.platform.variant.clone());
     config.set_history(Some(history_entries));
     let image = image::store_image(&s.store, config, layers, s.epoch, BTreeMap::new())?;
-    image.record(&s.store, &recipe.image.name, "images")?;
+    image.record(&s.store, "images", &image.manifest.hex(), &recipe.image.name)?;
 
     let outputs = if opts.outputs.is_empty() {
         vec![crate::export::default_output(&recipe.image.name)]
@@ -256,7 +257,7 @@ fn describe(step: &Step) -> String {
 fn lower_tree(store: &Store, layers: &[ImageLayer]) -> Result<FsTree, BuildError> {
     let mut t = FsTree::default();
     for l in layers {
-        let listing = Listing::load(store, &l.diff_id, &l.digest)?;
+        let listing = Listing::load(store, l)?;
         t.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: l.digest, reason })?;
     }
     Ok(t)

@@ -24,7 +24,7 @@ pub fn image_tree(store: &Store, r: &ImageRef) -> Result<FsTree, BuildError> {
     let img = import(store, r)?;
     let mut t = FsTree::default();
     for l in &img.layers {
-        let listing = Listing::load(store, &l.diff_id, &l.digest)?;
+        let listing = Listing::load(store, l)?;
         t.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: l.digest, reason })?;
     }
     Ok(t)

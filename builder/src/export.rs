@@ -114,12 +114,7 @@ fn link_or_copy(src: &Path, dst: &Path) -> Result<(), BuildError> {
 
 fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(BuildError::io_write(dir))?;
-    tmp.write_all(bytes).map_err(BuildError::io_write(path))?;
-    fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .map_err(BuildError::io_write(path))?;
-    tmp.persist(path).map_err(|e| BuildError::Write { path: path.to_path_buf(), source: e.error })?;
-    Ok(())
+    kiln_cache::store::write_atomic_in(dir, path, bytes).map_err(BuildError::io_write(path))
 }
 
 /// A tar of the OCI layout; with `repo_tag`, also docker's `manifest.json`.

@@ -10,7 +10,7 @@ use oci_spec::image::{
 };
 use serde::Serialize;
 
-use kiln_cache::{Digest, ImageRecord, Store};
+use kiln_cache::{Digest, ImageRecord, StepRecord, Store};
 use kiln_recipes::recipe::Platform;
 
 use crate::error::BuildError;
@@ -25,6 +25,23 @@ pub struct ImageLayer {
     pub digest: Digest,
     pub size: u64,
     pub media_type: String,
+}
+
+impl From<StepRecord> for ImageLayer {
+    fn from(r: StepRecord) -> ImageLayer {
+        ImageLayer { diff_id: r.diff_id, digest: r.digest, size: r.size, media_type: r.media_type }
+    }
+}
+
+impl ImageLayer {
+    pub fn step_record(&self) -> StepRecord {
+        StepRecord {
+            diff_id: self.diff_id,
+            digest: self.digest,
+            size: self.size,
+            media_type: self.media_type.clone(),
+        }
+    }
 }
 
 /// An image whose blobs are all in the store.
@@ -44,10 +61,11 @@ impl StoredImage {
         v
     }
 
-    /// Records the image in the store so prune keeps its blobs together.
-    pub fn record(&self, store: &Store, name: &str, kind: &str) -> Result<(), BuildError> {
+    /// Records the image as `kind/key` (`images` or `bases`), so prune keeps
+    /// its blobs together and later builds find it.
+    pub fn record(&self, store: &Store, kind: &str, key: &str, name: &str) -> Result<(), BuildError> {
         let rec = ImageRecord { name: name.to_string(), manifest: self.manifest, blobs: self.blobs() };
-        store.write_record(kind, &self.manifest.hex(), &rec)?;
+        store.write_record(kind, key, &rec)?;
         Ok(())
     }
 }
@@ -141,23 +159,23 @@ pub fn merge_config(base: Option<&Config>, r: &kiln_recipes::Config) -> Config {
         c.set_labels(Some(labels));
     }
     if !r.ports.is_empty() {
-        let mut ports = c.exposed_ports().clone().unwrap_or_default();
-        ports.extend(r.ports.iter().cloned());
-        ports.sort();
-        ports.dedup();
-        c.set_exposed_ports(Some(ports));
+        c.set_exposed_ports(Some(union(c.exposed_ports().as_deref(), &r.ports)));
     }
     if !r.volumes.is_empty() {
-        let mut vols = c.volumes().clone().unwrap_or_default();
-        vols.extend(r.volumes.iter().cloned());
-        vols.sort();
-        vols.dedup();
-        c.set_volumes(Some(vols));
+        c.set_volumes(Some(union(c.volumes().as_deref(), &r.volumes)));
     }
     if let Some(s) = &r.stop_signal {
         c.set_stop_signal(Some(s.clone()));
     }
     c
+}
+
+/// The base's values and the recipe's, sorted, each once.
+fn union(base: Option<&[String]>, more: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = base.unwrap_or_default().iter().chain(more).cloned().collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// Writes the config and manifest blobs for `layers` on top of `config`.

@@ -19,7 +19,7 @@ use kiln_recipes::ImageRef;
 use crate::error::BuildError;
 use crate::fstree::FsTree;
 use crate::image::{ImageLayer, StoredImage, CONFIG_MEDIA_TYPE};
-use crate::listing::{scan_layer, Kind, Listing};
+use crate::listing::Listing;
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -60,13 +60,8 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
                 )
                 .as_bytes(),
             );
-            if let Some(rec) = store.read_record::<ImageRecord>("bases", &source_key.hex()) {
-                if rec.blobs.iter().all(|b| store.verify_blob(b).unwrap_or(false)) {
-                    if let Ok(img) = stored_image(store, &rec.manifest) {
-                        store.touch_record("bases", &source_key.hex());
-                        return Ok(img);
-                    }
-                }
+            if let Some(img) = checked_before(store, &source_key.hex()) {
+                return Ok(img);
             }
             let members = read_archive(store, file).map_err(&bad)?;
             let have = |d: &Digest| -> Result<(), BuildError> {
@@ -87,10 +82,7 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
                 let m = resolve_index(&index, None, &have, store).map_err(&bad)?;
                 finish(store, &name, m, &have)?
             };
-            img.record(store, &name, "bases")?;
-            // Re-keyed by the archive's identity (record() keys by manifest).
-            let rec = ImageRecord { name: name.clone(), manifest: img.manifest, blobs: img.blobs() };
-            store.write_record("bases", &source_key.hex(), &rec)?;
+            img.record(store, "bases", &source_key.hex(), &name)?;
             Ok(img)
         }
         other => Err(BuildError::usage(
@@ -229,13 +221,29 @@ fn is_gzip(store: &Store, d: &Digest) -> bool {
         && magic == [0x1f, 0x8b]
 }
 
+/// An image recorded as `bases/KEY` once it passed every check, if all its
+/// blobs are still intact.
+fn checked_before(store: &Store, key: &str) -> Option<StoredImage> {
+    let rec = store.read_record::<ImageRecord>("bases", key)?;
+    if !rec.blobs.iter().all(|b| store.verify_blob(b).unwrap_or(false)) {
+        return None;
+    }
+    let img = stored_image(store, &rec.manifest).ok()?;
+    store.touch_record("bases", key);
+    Some(img)
+}
+
 /// Fetches the manifest's blobs, checks every layer, and describes the image.
+/// An image that passed before is not checked again.
 fn finish(
     store: &Store,
     name: &str,
     manifest: Digest,
     fetch: &dyn Fn(&Digest) -> Result<(), BuildError>,
 ) -> Result<StoredImage, BuildError> {
+    if let Some(img) = checked_before(store, &manifest.hex()) {
+        return Ok(img);
+    }
     let bad = |reason: String| BuildError::BadImage { image: name.to_string(), reason };
     fetch(&manifest)?;
     let m: ImageManifest = serde_json::from_slice(&store.read_blob(&manifest)?)
@@ -249,49 +257,11 @@ fn finish(
     let img = stored_image(store, &manifest)?;
     let mut tree = FsTree::default();
     for l in &img.layers {
-        let listing = checked_listing(store, l)?;
+        let listing = Listing::load(store, l)?;
         tree.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: l.digest, reason })?;
     }
+    img.record(store, "bases", &manifest.hex(), name)?;
     Ok(img)
-}
-
-/// A layer's listing, scanning (and so checking) the layer the first time.
-fn checked_listing(store: &Store, l: &ImageLayer) -> Result<Listing, BuildError> {
-    if let Some(listing) = store.read_record::<Listing>("listings", &l.diff_id.hex()) {
-        return Ok(listing);
-    }
-    let f = BufReader::with_capacity(1 << 20, store.open_blob(&l.digest)?);
-    let (listing, diff_id) = if l.media_type.ends_with("gzip") {
-        scan_layer(flate2::read::MultiGzDecoder::new(f), &l.digest)?
-    } else if l.media_type.ends_with(".tar") || l.media_type.ends_with("tar") {
-        scan_layer(f, &l.digest)?
-    } else {
-        return Err(BuildError::BadLayer {
-            layer: l.digest,
-            reason: format!("its media type `{}` is not supported (gzip or plain tar)", l.media_type),
-        });
-    };
-    if diff_id != l.diff_id {
-        return Err(BuildError::BadLayer {
-            layer: l.digest,
-            reason: format!("its content hashes to {diff_id}, but the config says {}", l.diff_id),
-        });
-    }
-    for e in &listing.entries {
-        if let Kind::Char { major, minor } | Kind::Block { major, minor } = e.kind {
-            if !(matches!(e.kind, Kind::Char { .. }) && major == 0 && minor == 0) {
-                return Err(BuildError::BadLayer {
-                    layer: l.digest,
-                    reason: format!(
-                        "entry `{}` is a device node ({major}:{minor}); bases may not carry devices",
-                        e.path
-                    ),
-                });
-            }
-        }
-    }
-    listing.save(store, &l.diff_id)?;
-    Ok(listing)
 }
 
 /// Describes an image whose manifest and config are in the store.

@@ -50,8 +50,12 @@ pub struct LayerBlob {
 }
 
 /// Writes `entries` as a layer into the store, with every timestamp `epoch`.
-/// Also stores the layer's listing.
-pub fn write_layer(store: &Store, mut entries: Vec<LayerEntry>, epoch: u64) -> Result<LayerBlob, BuildError> {
+/// Also stores the layer's listing, and returns it.
+pub fn write_layer(
+    store: &Store,
+    mut entries: Vec<LayerEntry>,
+    epoch: u64,
+) -> Result<(LayerBlob, Listing), BuildError> {
     entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
         return Err(BuildError::usage(format!("the layer would hold `/{}` twice", w[0].path), None));
@@ -81,7 +85,7 @@ pub fn write_layer(store: &Store, mut entries: Vec<LayerEntry>, epoch: u64) -> R
     };
     let (digest, size) = blob.commit()?;
     listing.save(store, &diff_id)?;
-    Ok(LayerBlob { diff_id, digest, size })
+    Ok((LayerBlob { diff_id, digest, size }, listing))
 }
 
 fn write_entries(w: &mut impl Write, entries: &[LayerEntry], epoch: u64) -> Result<Listing, BuildError> {

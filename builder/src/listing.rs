@@ -4,13 +4,14 @@
 //! without unpacking them.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{BufReader, Read};
 
 use serde::{Deserialize, Serialize};
 
 use kiln_cache::{Digest, Store};
 
 use crate::error::BuildError;
+use crate::image::ImageLayer;
 use crate::tarball::TarKind;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,104 +63,225 @@ impl Listing {
         Ok(store.write_record("listings", &diff_id.hex(), self)?)
     }
 
-    /// The layer's listing, from the store or (if missing) by reading the layer blob.
-    pub fn load(store: &Store, diff_id: &Digest, blob: &Digest) -> Result<Listing, BuildError> {
-        if let Some(l) = store.read_record("listings", &diff_id.hex()) {
+    /// The layer's listing: from the store, or else by reading (and so
+    /// checking) the layer blob once, decompressed as its media type says.
+    pub fn load(store: &Store, layer: &ImageLayer) -> Result<Listing, BuildError> {
+        if let Some(l) = store.read_record("listings", &layer.diff_id.hex()) {
             return Ok(l);
         }
-        let file = store.open_blob(blob)?;
-        let (listing, actual) =
-            scan_layer(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file)), blob)?;
-        if actual != *diff_id {
+        let file = BufReader::with_capacity(1 << 20, store.open_blob(&layer.digest)?);
+        let mt = layer.media_type.as_str();
+        let (listing, actual) = if mt.ends_with("gzip") {
+            scan_layer(flate2::read::MultiGzDecoder::new(file), &layer.digest)?
+        } else if mt.ends_with("tar") {
+            scan_layer(file, &layer.digest)?
+        } else {
             return Err(BuildError::BadLayer {
-                layer: *blob,
-                reason: format!("its uncompressed content hashes to {actual}, not its diff_id {diff_id}"),
+                layer: layer.digest,
+                reason: format!("its media type `{mt}` is not supported (gzip or plain tar)"),
+            });
+        };
+        if actual != layer.diff_id {
+            return Err(BuildError::BadLayer {
+                layer: layer.digest,
+                reason: format!("its content hashes to {actual}, but the config says {}", layer.diff_id),
             });
         }
-        listing.save(store, diff_id)?;
+        listing.save(store, &layer.diff_id)?;
         Ok(listing)
     }
 }
 
-/// Limits on what a layer from outside may hold.
-const MAX_PAX_BYTES: u64 = 1 << 20;
+/// The largest extension header (PAX record set, GNU long name or link)
+/// accepted from a layer; read only after its size is checked.
+const MAX_EXTENSION_BYTES: u64 = 1 << 20;
 const MAX_PATH_BYTES: usize = 4096;
 
+/// What extension headers say about the entry that follows them.
+#[derive(Default)]
+struct Pending {
+    path: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
+    size: Option<u64>,
+    uid: Option<u64>,
+    gid: Option<u64>,
+}
+
 /// Reads an uncompressed layer tar, checking every entry, and returns its
-/// listing and the sha256 of the tar (its diff_id). Refused: paths that are
-/// absolute or contain `..`, hard links that point outside the layer's root,
-/// oversized extended headers, and unknown entry types.
+/// listing and the sha256 of the tar (its diff_id).
+///
+/// The walk is kiln's own (tar-rs only decodes header fields): tar-rs reads
+/// extension bodies into memory whatever their size, and cannot honour a PAX
+/// `size` in raw mode. Refused: extension headers over 1 MiB, paths that are
+/// absolute or contain `..`, hard links that point outside the root, device
+/// nodes (except the 0:0 character device overlay uses for whiteouts), sparse
+/// and unknown entry types, bad checksums and truncated data.
 pub fn scan_layer(r: impl Read, layer: &Digest) -> Result<(Listing, Digest), BuildError> {
-    let mut hashing = HashingReader { inner: r, hasher: sha2::Sha256::default() };
+    let mut r = HashingReader { inner: r, hasher: sha2::Sha256::default() };
     let bad = |reason: String| BuildError::BadLayer { layer: *layer, reason };
+    let io_bad = |e: std::io::Error| bad(format!("unreadable ({e})"));
     let mut entries: BTreeMap<String, ListEntry> = BTreeMap::new();
-    {
-        let mut archive = tar::Archive::new(&mut hashing);
-        for e in archive.entries().map_err(|e| bad(format!("not a tar archive ({e})")))? {
-            let mut e = e.map_err(|e| bad(format!("unreadable tar entry ({e})")))?;
-            let h = e.header();
-            let et = h.entry_type();
-            if (et.is_pax_global_extensions()
-                || et.is_pax_local_extensions()
-                || et.is_gnu_longname()
-                || et.is_gnu_longlink())
-                && h.size().unwrap_or(0) > MAX_PAX_BYTES
-            {
-                return Err(bad("an extended header is larger than 1 MiB".into()));
+    let mut pending = Pending::default();
+    let mut block = [0u8; 512];
+    loop {
+        if !read_block(&mut r, &mut block).map_err(io_bad)? || block.iter().all(|b| *b == 0) {
+            break; // end of archive
+        }
+        let h = tar::Header::from_byte_slice(&block);
+        let want = h.cksum().map_err(|e| bad(format!("a header has a bad checksum field ({e})")))?;
+        let sum: u32 = block[..148].iter().chain(&[b' '; 8]).chain(&block[156..]).map(|b| *b as u32).sum();
+        if sum != want {
+            return Err(bad("a header's checksum does not match".into()));
+        }
+        let et = h.entry_type();
+        let header_size = h.entry_size().map_err(|e| bad(format!("a header has a bad size ({e})")))?;
+        if matches!(et.as_byte(), b'x' | b'g' | b'L' | b'K') {
+            if header_size > MAX_EXTENSION_BYTES {
+                return Err(bad(format!("an extended header of {header_size} bytes is larger than 1 MiB")));
             }
-            let raw = e.path_bytes().into_owned();
-            let path = clean_path(&raw)
-                .map_err(|why| bad(format!("entry `{}` {why}", String::from_utf8_lossy(&raw))))?;
-            let Some(path) = path else { continue }; // the root itself
-            let mode = h.mode().map_err(|e| bad(format!("entry `{path}` has a bad mode ({e})")))? & 0o7777;
-            let uid = h.uid().map_err(|e| bad(format!("entry `{path}` has a bad uid ({e})")))? as u32;
-            let gid = h.gid().map_err(|e| bad(format!("entry `{path}` has a bad gid ({e})")))? as u32;
-            let link = || -> Result<String, BuildError> {
-                let l = e.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
-                String::from_utf8(l)
-                    .map_err(|_| bad(format!("entry `{path}` has a link target that is not UTF-8")))
-            };
-            let kind = if et.is_file() || et.as_byte() == b'7' {
-                let size = h.size().map_err(|_| bad(format!("entry `{path}` has a bad size")))?;
-                let (sha256, n) = kiln_cache::digest::hash_reader(&mut e)
-                    .map_err(|err| bad(format!("entry `{path}` is truncated ({err})")))?;
+            let mut body = vec![0u8; header_size as usize];
+            r.read_exact(&mut body).map_err(|e| bad(format!("an extended header is truncated ({e})")))?;
+            skip(&mut r, padding(header_size)).map_err(io_bad)?;
+            match et.as_byte() {
+                b'x' => parse_pax(&body, &mut pending).map_err(|why| bad(format!("a PAX header {why}")))?,
+                b'L' => pending.path = Some(trim_nul(body)),
+                b'K' => pending.link = Some(trim_nul(body)),
+                _ => {} // global PAX records carry nothing kiln keeps
+            }
+            continue;
+        }
+        let p = std::mem::take(&mut pending);
+        let raw = p.path.unwrap_or_else(|| h.path_bytes().into_owned());
+        let path = clean_path(&raw)
+            .map_err(|why| bad(format!("entry `{}` {why}", String::from_utf8_lossy(&raw))))?;
+        let size = p.size.unwrap_or(header_size);
+        let Some(path) = path else {
+            skip(&mut r, size + padding(size)).map_err(io_bad)?; // the root itself
+            continue;
+        };
+        let mode = h.mode().map_err(|e| bad(format!("entry `{path}` has a bad mode ({e})")))? & 0o7777;
+        let uid = match p.uid {
+            Some(u) => u,
+            None => h.uid().map_err(|e| bad(format!("entry `{path}` has a bad uid ({e})")))?,
+        };
+        let gid = match p.gid {
+            Some(g) => g,
+            None => h.gid().map_err(|e| bad(format!("entry `{path}` has a bad gid ({e})")))?,
+        };
+        let (uid, gid) = match (u32::try_from(uid), u32::try_from(gid)) {
+            (Ok(u), Ok(g)) => (u, g),
+            _ => return Err(bad(format!("entry `{path}` has an owner beyond 32 bits"))),
+        };
+        let link = || -> Result<String, BuildError> {
+            let l =
+                p.link.clone().or_else(|| h.link_name_bytes().map(|l| l.into_owned())).unwrap_or_default();
+            String::from_utf8(l)
+                .map_err(|_| bad(format!("entry `{path}` has a link target that is not UTF-8")))
+        };
+        let kind = match et.as_byte() {
+            b'0' | b'\0' | b'7' => {
+                let (sha256, n) = kiln_cache::digest::hash_reader((&mut r).take(size)).map_err(io_bad)?;
                 if n != size {
                     return Err(bad(format!("entry `{path}` is truncated")));
                 }
+                skip(&mut r, padding(size)).map_err(io_bad)?;
                 Kind::File { size, sha256 }
-            } else if et.is_dir() {
-                Kind::Dir
-            } else if et.is_symlink() {
-                Kind::Symlink { target: link()? }
-            } else if et.is_hard_link() {
+            }
+            b'5' => Kind::Dir,
+            b'2' => Kind::Symlink { target: link()? },
+            b'1' => {
                 let t = link()?;
                 let clean = clean_path(t.as_bytes())
                     .map_err(|why| bad(format!("hard link `{path}` points to `{t}`, which {why}")))?
                     .ok_or_else(|| bad(format!("hard link `{path}` points to the root")))?;
                 Kind::Hardlink { target: clean }
-            } else if et.is_character_special() || et.is_block_special() {
+            }
+            b'3' | b'4' => {
                 let major = h.device_major().ok().flatten().unwrap_or(0);
                 let minor = h.device_minor().ok().flatten().unwrap_or(0);
-                if et.is_character_special() {
-                    Kind::Char { major, minor }
-                } else {
-                    Kind::Block { major, minor }
+                if et.as_byte() == b'4' || major != 0 || minor != 0 {
+                    return Err(bad(format!(
+                        "entry `{path}` is a device node ({major}:{minor}); layers kiln reads may not carry devices"
+                    )));
                 }
-            } else if et.is_fifo() {
-                Kind::Fifo
-            } else {
-                return Err(bad(format!(
-                    "entry `{path}` has the unsupported type `{}`",
-                    et.as_byte() as char
-                )));
-            };
-            entries.insert(path.clone(), ListEntry { path, kind, mode, uid, gid });
+                Kind::Char { major, minor }
+            }
+            b'6' => Kind::Fifo,
+            other => {
+                return Err(bad(format!("entry `{path}` has the unsupported type `{}`", other as char)));
+            }
+        };
+        if !matches!(kind, Kind::File { .. }) {
+            skip(&mut r, size + padding(size)).map_err(io_bad)?;
+        }
+        entries.insert(path.clone(), ListEntry { path, kind, mode, uid, gid });
+    }
+    // Whatever follows the end marker still counts toward the digest.
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(io_bad)?;
+    let diff_id = Digest::from_hasher(r.hasher);
+    Ok((Listing { entries: entries.into_values().collect() }, diff_id))
+}
+
+/// Reads one 512-byte block; `false` at a clean end of input.
+fn read_block(r: &mut impl Read, block: &mut [u8; 512]) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < block.len() {
+        match r.read(&mut block[got..])? {
+            0 if got == 0 => return Ok(false),
+            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "a header is truncated")),
+            n => got += n,
         }
     }
-    // Whatever follows the archive's end marker still counts toward the digest.
-    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| bad(format!("unreadable ({e})")))?;
-    let diff_id = Digest::from_hasher(hashing.hasher);
-    Ok((Listing { entries: entries.into_values().collect() }, diff_id))
+    Ok(true)
+}
+
+fn padding(size: u64) -> u64 {
+    (512 - size % 512) % 512
+}
+
+fn skip(r: &mut impl Read, n: u64) -> std::io::Result<()> {
+    let copied = std::io::copy(&mut r.take(n), &mut std::io::sink())?;
+    if copied != n {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the data is truncated"));
+    }
+    Ok(())
+}
+
+fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
+}
+
+/// Parses `LEN key=value\n` records, keeping what applies to the next entry.
+fn parse_pax(mut body: &[u8], p: &mut Pending) -> Result<(), &'static str> {
+    while !body.is_empty() {
+        let space = body.iter().position(|b| *b == b' ').ok_or("has a record without a length")?;
+        let len: usize = std::str::from_utf8(&body[..space])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or("has a record with a bad length")?;
+        if len <= space + 1 || len > body.len() || body[len - 1] != b'\n' {
+            return Err("has a record whose length does not fit");
+        }
+        let record = &body[space + 1..len - 1];
+        let eq = record.iter().position(|b| *b == b'=').ok_or("has a record without `=`")?;
+        let (key, value) = (&record[..eq], &record[eq + 1..]);
+        let number = || -> Result<u64, &'static str> {
+            std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).ok_or("has a non-numeric value")
+        };
+        match key {
+            b"path" => p.path = Some(value.to_vec()),
+            b"linkpath" => p.link = Some(value.to_vec()),
+            b"size" => p.size = Some(number()?),
+            b"uid" => p.uid = Some(number()?),
+            b"gid" => p.gid = Some(number()?),
+            _ => {} // times, names and xattrs do not enter listings
+        }
+        body = &body[len..];
+    }
+    Ok(())
 }
 
 /// A tar path made relative and clean; `None` for the root. Refuses `..`,
@@ -200,6 +322,69 @@ impl<R: Read> Read for HashingReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scan(bytes: &[u8]) -> Result<Listing, String> {
+        scan_layer(bytes, &Digest::of(b"")).map(|(l, _)| l).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn reads_back_what_kiln_writes_including_pax_names_and_large_ids() {
+        use crate::tarball::{pad, write_header, write_trailer, TarHeader, TarKind};
+        let long = format!("{}/{}", "d".repeat(200), "f".repeat(150));
+        let mut out = Vec::new();
+        let file = TarKind::File { size: 3 };
+        write_header(
+            &mut out,
+            &TarHeader {
+                path: &long,
+                kind: &file,
+                mode: 0o640,
+                uid: 9_000_000,
+                gid: 7,
+                mtime: 0,
+                xattrs: &[],
+            },
+        )
+        .unwrap();
+        out.extend_from_slice(b"abc");
+        pad(&mut out, 3).unwrap();
+        write_trailer(&mut out).unwrap();
+        let l = scan(&out).unwrap();
+        assert_eq!(l.entries.len(), 1);
+        let e = &l.entries[0];
+        assert_eq!((e.path.as_str(), e.mode, e.uid, e.gid), (long.as_str(), 0o640, 9_000_000, 7));
+        assert_eq!(e.kind, Kind::File { size: 3, sha256: Digest::of(b"abc") });
+    }
+
+    #[test]
+    fn oversized_extension_headers_are_refused_before_reading() {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(64 << 20);
+        h.set_cksum();
+        let err = scan(h.as_bytes()).unwrap_err(); // the body is not even there
+        assert!(err.contains("larger than 1 MiB"), "{err}");
+    }
+
+    #[test]
+    fn pax_paths_are_checked_too() {
+        let body = b"20 path=../etc/evil\n";
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(body.len() as u64);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(body);
+        out.resize(1024, 0);
+        let mut f = tar::Header::new_ustar();
+        f.set_path("harmless").unwrap();
+        f.set_size(0);
+        f.set_cksum();
+        out.extend_from_slice(f.as_bytes());
+        out.extend_from_slice(&[0u8; 1024]);
+        let err = scan(&out).unwrap_err();
+        assert!(err.contains("`../etc/evil` leaves the root"), "{err}");
+    }
 
     #[test]
     fn clean_paths() {

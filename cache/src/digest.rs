@@ -93,10 +93,6 @@ impl<W: Write> HashingWriter<W> {
         (self.inner, Digest::from_hasher(self.hasher), self.len)
     }
 
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
-    }
-
     /// The digest of what was written so far.
     pub fn hasher_clone(&self) -> Sha256 {
         self.hasher.clone()

@@ -8,7 +8,8 @@
 //! v1/blobs/sha256/HEX     blobs, read-only, visible only once complete and checked
 //! v1/steps/HEX.json       step key -> layer (diff_id, digest, size, media type)
 //! v1/images/HEX.json      a built image (manifest digest) -> the blobs it needs
-//! v1/bases/HEX.json       an imported base (source digest) -> its manifest and blobs
+//! v1/bases/HEX.json       a base that passed the import checks (by manifest digest, or by an
+//!                         archive's path and stat) -> its manifest and blobs
 //! v1/listings/HEX.json    a layer's file list (by diff_id), for diffs and parent lookups
 //! v1/index/HEX.json       stat index of one context folder (path, size, mtime, inode -> sha256)
 //! v1/verified/HEX         when a blob was last hashed (inode, size, mtime, ctime)

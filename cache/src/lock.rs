@@ -25,16 +25,6 @@ impl StoreLock {
         Ok(StoreLock { _file: file })
     }
 
-    /// Takes an exclusive lock, or `None` if someone else holds the file.
-    pub fn try_exclusive(path: &Path) -> io::Result<Option<StoreLock>> {
-        let file = Self::open(path)?;
-        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Some(StoreLock { _file: file })),
-            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Blocks until an exclusive lock is held.
     pub fn exclusive(path: &Path) -> io::Result<StoreLock> {
         let file = Self::open(path)?;

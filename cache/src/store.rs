@@ -100,11 +100,6 @@ impl Store {
         StoreLock::exclusive(&p).map_err(StoreError::io(&p))
     }
 
-    pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>, StoreError> {
-        let p = self.root.join("store.lock");
-        StoreLock::try_exclusive(&p).map_err(StoreError::io(&p))
-    }
-
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         self.root.join("blobs/sha256").join(d.hex())
     }
@@ -132,7 +127,7 @@ impl Store {
     /// Stores `bytes` as a blob (no-op when present) and returns its digest.
     pub fn put_blob(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
         let d = Digest::of(bytes);
-        if self.has_blob(&d) && self.verify_blob(&d)? {
+        if self.verify_blob(&d)? {
             return Ok(d);
         }
         let mut w = crate::BlobWriter::new(self)?;
@@ -160,7 +155,7 @@ impl Store {
 
     /// Writes a file through a temp file and a rename, so readers see all of it or none.
     pub fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-        write_atomic_in(&self.tmp_dir(), path, bytes)
+        write_atomic_in(&self.tmp_dir(), path, bytes).map_err(StoreError::io(path))
     }
 
     pub fn read_record<T: DeserializeOwned>(&self, kind: &str, name: &str) -> Option<T> {
@@ -191,11 +186,14 @@ impl Store {
     }
 }
 
-/// Atomically replaces `path` with `bytes`, staging the temp file in `tmp_dir`
-/// (which must be on the same filesystem).
-pub fn write_atomic_in(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut tmp = tempfile::NamedTempFile::new_in(tmp_dir).map_err(StoreError::io(tmp_dir))?;
-    tmp.write_all(bytes).map_err(StoreError::io(tmp.path()))?;
-    tmp.persist(path).map_err(|e| StoreError::Io { path: path.to_path_buf(), source: e.error })?;
+/// Atomically replaces `path` with `bytes` (mode 0644), staging the temp file
+/// in `tmp_dir`, which must be on the same filesystem. Readers see all of the
+/// old file or all of the new one.
+pub fn write_atomic_in(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut tmp = tempfile::NamedTempFile::new_in(tmp_dir)?;
+    tmp.write_all(bytes)?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
+    tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }

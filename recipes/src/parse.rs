@@ -50,8 +50,7 @@ impl Parser {
             RecipeError::new(&self.file, &self.source, Some(0..0), "the recipe has no `[image]` table")
                 .with_hint("start the recipe with `[image]` and `name = \"...\"`")
         })?;
-        let image_span = image.span();
-        let image = self.image(image.into_inner(), image_span, dir)?;
+        let image = self.image(image.into_inner(), dir)?;
 
         if let Some(pk) = &raw.packages {
             return Err(self.err(pk.span(), "`[packages]` is not supported yet").with_hint(
@@ -98,7 +97,7 @@ impl Parser {
         err
     }
 
-    fn image(&self, raw: RawImage, span: Span, dir: &Path) -> Result<Image, RecipeError> {
+    fn image(&self, raw: RawImage, dir: &Path) -> Result<Image, RecipeError> {
         let name = raw.name.get_ref();
         if !is_valid_name(name) {
             return Err(self.err(raw.name.span(), format!("`{name}` is not a valid image name")).with_hint(
@@ -125,7 +124,6 @@ impl Parser {
                     .map_err(|m| self.err(p.span(), m).with_hint("e.g. `platform = \"linux/amd64\"`"))?,
             ),
         };
-        let _ = span;
         Ok(Image { name: name.clone(), base, base_span, epoch, platform })
     }
 

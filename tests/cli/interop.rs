@@ -104,3 +104,29 @@ fn docker_loads_and_runs_the_archive() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "printed by the entrypoint\n/app/link.txt\n");
 }
+
+#[test]
+fn what_docker_save_writes_works_as_a_base() {
+    if !require_docker() {
+        return;
+    }
+    let Some(p) = project() else { return };
+    p.build(&["-o", "docker-archive:img.tar", "-o", "oci:orig"]).digest();
+    let o = Command::new("docker").arg("load").arg("-i").arg(p.path("img.tar")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Docker's own archive format (plain-tar layers in Docker 20.10), not kiln's.
+    let o = Command::new("docker")
+        .args(["save", "-o"])
+        .arg(p.path("saved.tar"))
+        .arg("interop:latest")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    p.file(
+        "child.toml",
+        "[image]\nname = \"child\"\nbase = \"docker-archive:saved.tar\"\n[[step]]\nwrite = \"/app/added\"\ncontent = \"x\"\n",
+    );
+    p.kiln(&["build", "child.toml", "-o", "oci:child"]).digest();
+    let r = p.kiln(&["diff", "oci:orig", "oci:child"]);
+    assert_eq!(r.stdout, "+ /app/added\n", "{}", r.stderr);
+}
