@@ -17,8 +17,9 @@ deps:
 
 ## Build the example recipe, show the image, and run it if a Docker engine answers.
 demo: build
-	@command -v busybox >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static; }
-	cp "$$(command -v busybox)" recipes/examples/hello/busybox
+	@# The image is FROM scratch: it needs the static busybox, not Debian's dynamic one.
+	@dpkg -s busybox-static >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static; }
+	cp /bin/busybox recipes/examples/hello/busybox
 	$(KILN) build recipes/examples/hello/kiln.toml -o oci:out/hello -o docker-archive:out/hello.tar
 	$(KILN) inspect oci:out/hello
 	@if docker info >/dev/null 2>&1; then \

@@ -72,9 +72,8 @@ fn index_json(image: &StoredImage, tag: &str, mut others: Vec<oci_spec::image::D
 }
 
 fn write_layout(store: &Store, image: &StoredImage, dir: &Path, tag: &str) -> Result<(), BuildError> {
-    let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs).map_err(BuildError::io_write(&blobs))?;
-    // Keep the other tags of an existing layout, as `skopeo copy` does.
+    // Keep the other tags of an existing layout, as `skopeo copy` does; and
+    // refuse a folder that is not a layout before writing anything into it.
     let index_path = dir.join("index.json");
     let others = match fs::read(&index_path) {
         Ok(bytes) => match serde_json::from_slice::<ImageIndex>(&bytes) {
@@ -86,8 +85,11 @@ fn write_layout(store: &Store, image: &StoredImage, dir: &Path, tag: &str) -> Re
                 ))
             }
         },
-        Err(_) => Vec::new(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(BuildError::Read { path: index_path, source: e }),
     };
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).map_err(BuildError::io_write(&blobs))?;
     for d in image.blobs() {
         link_or_copy(&store.blob_path(&d), &blobs.join(d.hex()))?;
     }

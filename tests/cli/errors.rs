@@ -157,3 +157,15 @@ fn base_archives_with_hostile_entries_are_refused() {
         assert!(!std::path::Path::new("/etc/evil").exists());
     }
 }
+
+#[test]
+fn an_output_folder_that_is_not_a_layout_is_left_alone() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"a\"\n")
+        .file("out/index.json", "junk");
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("out/index.json` exists but is not an OCI index"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(p.path("out/index.json")).unwrap(), "junk");
+    assert!(!p.path("out/blobs").exists(), "nothing written into it");
+}
