@@ -25,6 +25,24 @@ pub enum Backend {
     Docker,
 }
 
+impl Backend {
+    pub fn choice(self) -> kiln_builder::BackendChoice {
+        match self {
+            Backend::Auto => kiln_builder::BackendChoice::Auto,
+            Backend::Local => kiln_builder::BackendChoice::Local,
+            Backend::Docker => kiln_builder::BackendChoice::Docker,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Local => "local",
+            Backend::Docker => "docker",
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Common {
     /// The context folder `copy` reads from (default: the recipe's folder).
@@ -48,9 +66,14 @@ pub enum Command {
         outputs: Vec<String>,
         #[command(flatten)]
         common: Common,
-        /// Where `run` steps execute (recipes without `run` steps use no backend).
+        /// Where `run` steps execute: `local` (namespaces + overlayfs, needs root), `docker`
+        /// (the engine at DOCKER_HOST), or `auto` (local where it works, else docker).
         #[arg(long, value_enum, default_value = "auto")]
         backend: Backend,
+        /// A secret for `run` steps (repeatable): `id=ID,src=FILE` or `id=ID,env=VAR`
+        /// (`id=ID` alone reads the variable ID). Mounted at /run/secrets/ID; never stored.
+        #[arg(long = "secret", value_name = "SPEC")]
+        secrets: Vec<String>,
         /// Rebuild every step, ignoring cached layers.
         #[arg(long)]
         no_cache: bool,
@@ -91,6 +114,12 @@ pub enum Command {
         context: Option<PathBuf>,
         #[arg(long, value_name = "P")]
         platform: Option<String>,
+        /// As for `build`; both builds use it.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: Backend,
+        /// As for `build`; both builds get it.
+        #[arg(long = "secret", value_name = "SPEC")]
+        secrets: Vec<String>,
     },
     /// Look after the cache.
     Cache {

@@ -16,13 +16,15 @@ use crate::args::{CacheAction, Cli, Command, Common};
 
 pub fn run(cli: Cli) -> Result<u8, BuildError> {
     match cli.command {
-        Command::Build { recipe, outputs, common, backend: _, no_cache, progress } => {
+        Command::Build { recipe, outputs, common, backend, secrets, no_cache, progress } => {
             let recipe = load(&recipe)?;
             let mut opts = options(&common)?;
             opts.no_cache = no_cache;
+            opts.backend = backend.choice();
+            opts.secrets = secrets.iter().map(|s| parse_secret(s)).collect::<Result<_, _>>()?;
             opts.outputs = outputs.iter().map(|o| parse_ref(o, "-o")).collect::<Result<_, _>>()?;
             let reporter = crate::progress::reporter(progress);
-            let outcome = kiln_builder::build(&recipe, &opts, reporter.as_ref())?;
+            let outcome = kiln_builder::build(&recipe, &opts, reporter)?;
             println!("{}", outcome.image.manifest);
             Ok(0)
         }
@@ -35,7 +37,7 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
                 let v: Vec<_> = steps
                     .iter()
                     .map(|s| {
-                        serde_json::json!({"step": s.info.index + 1, "line": s.info.line,
+                        serde_json::json!({"stage": s.info.stage, "step": s.info.index + 1, "line": s.info.line,
                         "description": s.info.description, "key": s.key.to_string(), "cached": s.hit})
                     })
                     .collect();
@@ -43,8 +45,11 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
             } else {
                 for s in &steps {
                     let hit = if s.hit { "HIT " } else { "MISS" };
-                    let _ =
-                        writeln!(out, "{:>3}  {hit}  {}  {}", s.info.index + 1, s.key, s.info.description);
+                    let place = match &s.info.stage {
+                        Some(st) => format!("{st} {}", s.info.index + 1),
+                        None => format!("{}", s.info.index + 1),
+                    };
+                    let _ = writeln!(out, "{place:>3}  {hit}  {}  {}", s.key, s.info.description);
                 }
             }
             Ok(0)
@@ -86,7 +91,12 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
             }
             Ok(if changes.is_empty() { 0 } else { 1 })
         }
-        Command::Verify { recipe, context, platform } => verify(&recipe, context, platform),
+        Command::Verify { recipe, context, platform, backend, secrets } => {
+            for s in &secrets {
+                parse_secret(s)?; // fail early, before two builds
+            }
+            verify(&recipe, context, platform, backend, &secrets)
+        }
         Command::Cache { action, cache_dir } => {
             let store = open_store(cache_dir)?;
             let mut out = std::io::stdout().lock();
@@ -171,7 +181,59 @@ fn options(common: &Common) -> Result<BuildOptions, BuildError> {
         platform,
         epoch_override,
         outputs: Vec::new(),
+        backend: kiln_builder::BackendChoice::Auto,
+        secrets: Vec::new(),
     })
+}
+
+/// `--secret id=ID,src=FILE`, `id=ID,env=VAR`, or `id=ID` (the variable ID).
+fn parse_secret(spec: &str) -> Result<(String, Vec<u8>), BuildError> {
+    let hint = Some("write `--secret id=ID,src=FILE` or `--secret id=ID,env=VARIABLE`");
+    let mut id = None;
+    let mut src = None;
+    let mut env = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_string()),
+            Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
+            Some(("env", v)) => env = Some(v.to_string()),
+            _ => {
+                return Err(BuildError::usage(
+                    format!("Bad --secret `{spec}`: `{part}` is not understood"),
+                    hint,
+                ))
+            }
+        }
+    }
+    let id = id
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| BuildError::usage(format!("Bad --secret `{spec}`: it names no `id`"), hint))?;
+    let value = match (src, env) {
+        (Some(_), Some(_)) => {
+            return Err(BuildError::usage(
+                format!("Bad --secret `{spec}`: give `src` or `env`, not both"),
+                hint,
+            ))
+        }
+        (Some(path), None) => fs::read(&path).map_err(|e| {
+            BuildError::usage(
+                format!("Cannot read the secret `{id}` from `{}`: {e}", path.display()),
+                Some("check the path given as `src`"),
+            )
+        })?,
+        (None, var) => {
+            let var = var.unwrap_or_else(|| id.clone());
+            std::env::var_os(&var)
+                .ok_or_else(|| {
+                    BuildError::usage(
+                        format!("The secret `{id}` reads the environment variable `{var}`, which is not set"),
+                        Some("set the variable, or give a file with `src=FILE`"),
+                    )
+                })?
+                .into_encoded_bytes()
+        }
+    };
+    Ok((id, value))
 }
 
 fn print_prune(out: &mut impl Write, r: &kiln_cache::PruneReport) {
@@ -215,7 +277,13 @@ fn print_changes(out: &mut impl Write, changes: &[kiln_builder::diff::Change]) {
 /// under a different umask, with a fresh cache, another TZ, at another
 /// moment, in a separate process; then compares the manifest digests and,
 /// if they differ, the files.
-fn verify(recipe_path: &Path, context: Option<PathBuf>, platform: Option<String>) -> Result<u8, BuildError> {
+fn verify(
+    recipe_path: &Path,
+    context: Option<PathBuf>,
+    platform: Option<String>,
+    backend: crate::args::Backend,
+    secrets: &[String],
+) -> Result<u8, BuildError> {
     let recipe = load(recipe_path)?;
     let ctx_dir = context.unwrap_or_else(|| recipe.dir.clone());
     let work = tempfile::Builder::new()
@@ -246,7 +314,12 @@ fn verify(recipe_path: &Path, context: Option<PathBuf>, platform: Option<String>
             .arg(format!("oci:{}", out.display()))
             .arg("--progress")
             .arg("plain")
+            .arg("--backend")
+            .arg(backend.as_str())
             .env("TZ", tz);
+        for s in secrets {
+            cmd.arg("--secret").arg(s);
+        }
         if let Some(p) = &platform {
             cmd.arg("--platform").arg(p);
         }

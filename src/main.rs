@@ -13,6 +13,13 @@ use clap::Parser;
 use kiln_builder::BuildError;
 
 fn main() -> ExitCode {
+    // The local backend's sandbox helper: kiln re-executes itself, so the
+    // namespaces are entered from a process that has no other threads.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == "__sandbox") {
+        let spec = args.next().map(std::path::PathBuf::from).unwrap_or_default();
+        kiln_builder::exec::sandbox::main(&spec);
+    }
     miette::set_hook(Box::new(|_| Box::new(miette::MietteHandlerOpts::new().terminal_links(false).build())))
         .expect("the miette hook is set once");
     let cli = args::Cli::parse();

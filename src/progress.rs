@@ -1,10 +1,11 @@
 //! Reporters: the CLI's side of the engine's `Reporter` trait.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use kiln_builder::layer::LayerBlob;
@@ -13,12 +14,20 @@ use kiln_cache::Digest;
 
 use crate::args::Progress;
 
-pub fn reporter(mode: Progress) -> Box<dyn Reporter> {
+pub fn reporter(mode: Progress) -> Arc<dyn Reporter> {
     match mode {
-        Progress::Json => Box::new(JsonReporter),
-        Progress::Plain => Box::new(PlainReporter),
-        Progress::Auto if std::io::stderr().is_terminal() => Box::new(TtyReporter::default()),
-        Progress::Auto => Box::new(PlainReporter),
+        Progress::Json => Arc::new(JsonReporter),
+        Progress::Plain => Arc::new(PlainReporter),
+        Progress::Auto if std::io::stderr().is_terminal() => Arc::new(TtyReporter::default()),
+        Progress::Auto => Arc::new(PlainReporter),
+    }
+}
+
+/// `[2/5]`, or `[build 2/5]` for a step of the stage `build`.
+fn place(s: &StepInfo) -> String {
+    match &s.stage {
+        Some(st) => format!("[{st} {}/{}]", s.index + 1, s.total),
+        None => format!("[{}/{}]", s.index + 1, s.total),
     }
 }
 
@@ -31,11 +40,14 @@ pub struct PlainReporter;
 
 impl Reporter for PlainReporter {
     fn on_step_start(&self, s: &StepInfo) {
-        eprintln!("[{}/{}] {}", s.index + 1, s.total, s.description);
+        eprintln!("{} {}", place(s), s.description);
+    }
+    fn on_step_output(&self, s: &StepInfo, line: &str) {
+        eprintln!("{} | {line}", place(s));
     }
     fn on_step_finish(&self, s: &StepInfo, cached: bool, elapsed: Duration) {
         let what = if cached { "CACHED" } else { "DONE" };
-        eprintln!("[{}/{}] {what} {}", s.index + 1, s.total, secs(elapsed));
+        eprintln!("{} {what} {}", place(s), secs(elapsed));
     }
     fn on_output_written(&self, output: &str) {
         eprintln!("wrote {output}");
@@ -65,17 +77,22 @@ impl Reporter for JsonReporter {
         self.emit(json!({"event": "build_started", "image": image, "steps": steps}));
     }
     fn on_step_start(&self, s: &StepInfo) {
-        self.emit(json!({"event": "step_started", "step": s.index + 1, "description": s.description, "line": s.line}));
+        self.emit(json!({"event": "step_started", "stage": s.stage, "step": s.index + 1, "description": s.description, "line": s.line}));
     }
     fn on_cache_hit(&self, s: &StepInfo, key: &Digest) {
-        self.emit(json!({"event": "cache_hit", "step": s.index + 1, "key": key.to_string()}));
+        self.emit(
+            json!({"event": "cache_hit", "stage": s.stage, "step": s.index + 1, "key": key.to_string()}),
+        );
     }
     fn on_layer_written(&self, s: &StepInfo, l: &LayerBlob) {
-        self.emit(json!({"event": "layer_written", "step": s.index + 1, "digest": l.digest.to_string(),
+        self.emit(json!({"event": "layer_written", "stage": s.stage, "step": s.index + 1, "digest": l.digest.to_string(),
             "diff_id": l.diff_id.to_string(), "size": l.size}));
     }
+    fn on_step_output(&self, s: &StepInfo, line: &str) {
+        self.emit(json!({"event": "output", "stage": s.stage, "step": s.index + 1, "line": line}));
+    }
     fn on_step_finish(&self, s: &StepInfo, cached: bool, elapsed: Duration) {
-        self.emit(json!({"event": "step_finished", "step": s.index + 1, "cached": cached, "duration_ms": elapsed.as_secs_f64() * 1000.0}));
+        self.emit(json!({"event": "step_finished", "stage": s.stage, "step": s.index + 1, "cached": cached, "duration_ms": elapsed.as_secs_f64() * 1000.0}));
     }
     fn on_output_written(&self, output: &str) {
         self.emit(json!({"event": "output_written", "output": output}));
@@ -88,41 +105,49 @@ impl Reporter for JsonReporter {
     }
 }
 
-/// A spinner for the running step; otherwise the plain lines.
+/// A spinner per running step (several when stages build in parallel);
+/// finished steps and everything else as the plain lines.
 #[derive(Default)]
 pub struct TtyReporter {
-    bar: Mutex<Option<ProgressBar>>,
+    bars: MultiProgress,
+    running: Mutex<HashMap<(Option<String>, usize), ProgressBar>>,
+}
+
+impl TtyReporter {
+    fn println(&self, line: &str) {
+        if self.bars.println(line).is_err() {
+            eprintln!("{line}");
+        }
+    }
 }
 
 impl Reporter for TtyReporter {
     fn on_step_start(&self, s: &StepInfo) {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} [{prefix}] {msg} {elapsed}").expect("template"),
-        );
-        bar.set_prefix(format!("{}/{}", s.index + 1, s.total));
+        let bar = self.bars.add(ProgressBar::new_spinner());
+        bar.set_style(ProgressStyle::with_template("{spinner} {prefix} {msg} {elapsed}").expect("template"));
+        bar.set_prefix(place(s));
         bar.set_message(s.description.clone());
         bar.enable_steady_tick(Duration::from_millis(100));
-        *self.bar.lock().expect("bar") = Some(bar);
+        self.running.lock().expect("bars").insert((s.stage.clone(), s.index), bar);
+    }
+    fn on_step_output(&self, s: &StepInfo, line: &str) {
+        self.println(&format!("{} | {line}", place(s)));
     }
     fn on_step_finish(&self, s: &StepInfo, cached: bool, elapsed: Duration) {
-        if let Some(bar) = self.bar.lock().expect("bar").take() {
+        if let Some(bar) = self.running.lock().expect("bars").remove(&(s.stage.clone(), s.index)) {
             bar.finish_and_clear();
+            self.bars.remove(&bar);
         }
         let what = if cached { "CACHED" } else { "DONE  " };
-        eprintln!("[{}/{}] {what} {} ({})", s.index + 1, s.total, s.description, secs(elapsed));
+        self.println(&format!("{} {what} {} ({})", place(s), s.description, secs(elapsed)));
     }
     fn on_output_written(&self, output: &str) {
-        PlainReporter.on_output_written(output)
+        self.println(&format!("wrote {output}"));
     }
     fn on_build_finish(&self, manifest: &Digest, elapsed: Duration) {
-        PlainReporter.on_build_finish(manifest, elapsed)
+        self.println(&format!("built {manifest} in {}", secs(elapsed)));
     }
     fn on_notice(&self, message: &str) {
-        if let Some(bar) = self.bar.lock().expect("bar").as_ref() {
-            bar.suspend(|| PlainReporter.on_notice(message));
-        } else {
-            PlainReporter.on_notice(message);
-        }
+        self.println(&format!("note: {message}"));
     }
 }

@@ -20,18 +20,24 @@ pub struct BaseImage {
     pub layers: Vec<ImageLayer>,
 }
 
-pub fn load_base(store: &Store, recipe: &Recipe, platform: &Platform) -> Result<BaseImage, BuildError> {
-    match &recipe.image.base {
+pub fn load_base(
+    store: &Store,
+    recipe: &Recipe,
+    base: &Base,
+    base_span: Option<kiln_recipes::Span>,
+    platform: &Platform,
+) -> Result<BaseImage, BuildError> {
+    match base {
         Base::Scratch => {
             Ok(BaseImage { id: "scratch".into(), config: scratch_config(platform), layers: Vec::new() })
         }
         other => {
-            let r = other.image_ref().expect("not scratch");
+            let r = other.image_ref().expect("an image base (stages are resolved by the build)");
             let img = crate::import::import(store, &r).map_err(|e| match e {
                 // A base that cannot be opened is a problem of the recipe: point at it.
                 BuildError::Read { path, source } => recipe
                     .error_at(
-                        recipe.image.base_span.clone().unwrap_or(0..0),
+                        base_span.clone().unwrap_or(0..0),
                         format!("cannot read the base `{}`: {source}", path.display()),
                     )
                     .with_hint("the path is relative to the recipe's folder")
@@ -40,7 +46,7 @@ pub fn load_base(store: &Store, recipe: &Recipe, platform: &Platform) -> Result<
             })?;
             let arch = img.config_json.architecture().to_string();
             if arch != platform.architecture {
-                let span = recipe.image.base_span.clone().unwrap_or(0..0);
+                let span = base_span.clone().unwrap_or(0..0);
                 return Err(recipe
                     .error_at(
                         span,

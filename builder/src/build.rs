@@ -1,20 +1,30 @@
 //! The build: plan each step's cache key, reuse the layers the store has,
-//! write the ones it does not, assemble the config and manifest, export.
+//! make the ones it does not, assemble the config and manifest, export.
+//!
+//! A recipe is a set of targets: its `[[stage]]`s and the final image. The
+//! stages the final image needs are built as tokio tasks that wait only for
+//! the stages they use, so independent stages build at the same time; each
+//! target's steps run in order on a blocking thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use oci_spec::image::{History, ImageConfiguration};
 use serde_json::json;
 
 use kiln_cache::{Digest, StatIndex, Store};
 use kiln_recipes::diagnostic::line_col;
-use kiln_recipes::recipe::Platform;
-use kiln_recipes::{CopyStep, ImageRef, Recipe, Step, StepKind, WriteStep};
+use kiln_recipes::recipe::{Platform, Stage};
+use kiln_recipes::{Base, CopyStep, ImageRef, Recipe, RunStep, Step, StepKind, WriteStep};
 
 use crate::base::{load_base, BaseImage};
+use crate::changes;
 use crate::context::{scan_copy, Context, CopySource, SourceKind};
 use crate::error::BuildError;
+use crate::exec::docker::DockerEngine;
+use crate::exec::{self, BackendChoice, RunRequest, RunResult};
 use crate::fstree::FsTree;
 use crate::image::{self, history, ImageLayer, StoredImage};
 use crate::layer::{self, Content, LayerEntry};
@@ -37,6 +47,10 @@ pub struct BuildOptions {
     /// SOURCE_DATE_EPOCH: overrides the recipe's `epoch`.
     pub epoch_override: Option<u64>,
     pub outputs: Vec<ImageRef>,
+    /// Which backend runs `run` steps.
+    pub backend: BackendChoice,
+    /// Secret values by id (from `--secret`); never in a key, a layer or a log.
+    pub secrets: Vec<(String, Vec<u8>)>,
 }
 
 /// A step with its cache key, and whether the store has its layer.
@@ -56,62 +70,242 @@ pub struct BuildOutcome {
 /// What a step needs to write its layer on a miss.
 enum Prepared {
     Copy(CopySource),
+    CopyFrom(Arc<Built>),
     Write,
+    Run(RunPlan),
 }
 
-struct Session<'a> {
-    recipe: &'a Recipe,
+/// A `run` step resolved against its image's config; all of it is in the key.
+struct RunPlan {
+    argv: Vec<String>,
+    env: Vec<String>,
+    user: String,
+    workdir: String,
+}
+
+/// A target built (or, for `plan`, keyed): what the next targets build on.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// The key of its last step, or its base's id when it has no steps.
+    pub id: String,
+    pub layers: Vec<ImageLayer>,
+    /// The base's config with the steps' history: what `stage:NAME` starts from.
+    pub config: ImageConfiguration,
+    pub steps: Vec<PlannedStep>,
+}
+
+/// One image of the recipe: a stage, or the final image (`stage: None`).
+#[derive(Clone, Copy)]
+struct Target<'r> {
+    stage: Option<&'r Stage>,
+    recipe: &'r Recipe,
+}
+
+impl<'r> Target<'r> {
+    fn base(&self) -> (&'r Base, Option<kiln_recipes::Span>) {
+        match self.stage {
+            Some(s) => (&s.base, s.base_span.clone()),
+            None => (&self.recipe.image.base, self.recipe.image.base_span.clone()),
+        }
+    }
+    fn steps(&self) -> &'r [Step] {
+        match self.stage {
+            Some(s) => &s.steps,
+            None => &self.recipe.steps,
+        }
+    }
+    fn name(&self) -> Option<&'r str> {
+        self.stage.map(|s| s.name.as_str())
+    }
+    /// The stages this target uses directly.
+    fn deps(&self) -> BTreeSet<&'r str> {
+        let mut d = BTreeSet::new();
+        if let (Base::Stage(n), _) = self.base() {
+            d.insert(n.as_str());
+        }
+        for s in self.steps() {
+            if let StepKind::Copy(CopyStep { from: Some(n), .. }) = &s.kind {
+                d.insert(n.as_str());
+            }
+        }
+        d
+    }
+}
+
+/// The stages the final image needs, in recipe order.
+fn needed_stages(recipe: &Recipe) -> Vec<&Stage> {
+    let by_name: HashMap<&str, &Stage> = recipe.stages.iter().map(|s| (s.name.as_str(), s)).collect();
+    let mut need: BTreeSet<&str> = BTreeSet::new();
+    let mut todo: Vec<&str> = Target { stage: None, recipe }.deps().into_iter().collect();
+    while let Some(n) = todo.pop() {
+        if need.insert(n) {
+            todo.extend(Target { stage: Some(by_name[n]), recipe }.deps());
+        }
+    }
+    recipe.stages.iter().filter(|s| need.contains(s.name.as_str())).collect()
+}
+
+/// State shared by every target of one build.
+struct Session {
+    recipe: Recipe,
+    opts: BuildOptions,
     store: Store,
     ctx: Context,
     platform: Platform,
     epoch: u64,
-    index: StatIndex,
-    base: BaseImage,
+    index: Mutex<StatIndex>,
+    reporter: Arc<dyn Reporter>,
+    rt: tokio::runtime::Handle,
+    /// Connected on first use.
+    docker: OnceLock<Result<Arc<DockerEngine>, (String, String)>>,
+    /// The first error of any target.
+    failure: Mutex<Option<BuildError>>,
+    /// Every target's steps, as they finish.
+    steps: Mutex<Vec<PlannedStep>>,
 }
 
-impl<'a> Session<'a> {
+impl Session {
     fn open(
-        recipe: &'a Recipe,
-        opts: &'a BuildOptions,
-    ) -> Result<(Session<'a>, kiln_cache::StoreLock), BuildError> {
+        recipe: &Recipe,
+        opts: &BuildOptions,
+        reporter: Arc<dyn Reporter>,
+        rt: tokio::runtime::Handle,
+    ) -> Result<(Session, kiln_cache::StoreLock), BuildError> {
         let store = Store::open(&opts.cache_dir)?;
         let lock = store.lock_shared()?;
         let ctx = Context::open(opts.context.as_deref().unwrap_or(&recipe.dir))?;
         let platform =
             opts.platform.clone().or_else(|| recipe.image.platform.clone()).unwrap_or_else(Platform::host);
         let epoch = opts.epoch_override.or(recipe.image.epoch).unwrap_or(0);
-        let index = StatIndex::load(&store, &ctx.root);
-        let base = load_base(&store, recipe, &platform)?;
-        Ok((Session { recipe, store, ctx, platform, epoch, index, base }, lock))
+        let index = Mutex::new(StatIndex::load(&store, &ctx.root));
+        let s = Session {
+            recipe: recipe.clone(),
+            opts: opts.clone(),
+            store,
+            ctx,
+            platform,
+            epoch,
+            index,
+            reporter,
+            rt,
+            docker: OnceLock::new(),
+            failure: Mutex::new(None),
+            steps: Mutex::new(Vec::new()),
+        };
+        Ok((s, lock))
     }
 
-    fn info(&self, step: &Step) -> StepInfo {
+    fn info(&self, t: Target<'_>, step: &Step) -> StepInfo {
         StepInfo {
             index: step.index,
-            total: self.recipe.steps.len(),
+            total: t.steps().len(),
             description: describe(step),
             line: line_col(&self.recipe.source, step.span.start).0,
+            stage: t.name().map(str::to_string),
         }
     }
 
-    /// The step's key, and what writing its layer needs.
-    fn key(&mut self, parent: &str, step: &Step) -> Result<(Digest, Prepared), BuildError> {
-        let (params, prepared) = match &step.kind {
-            StepKind::Copy(c) => {
-                let src = scan_copy(&self.ctx, self.recipe, c, &mut self.index)?;
-                let p = json!({
-                    "copy": c.src, "to": c.to, "to_is_dir": c.to_is_dir,
-                    "owner": c.owner.to_string(), "mode": c.mode.map(|m| m.to_string()),
-                    "inputs": src.inputs.to_string(),
-                });
-                (p, Prepared::Copy(src))
+    fn docker(&self) -> Result<Arc<DockerEngine>, BuildError> {
+        self.docker
+            .get_or_init(|| {
+                DockerEngine::connect(self.rt.clone()).map(Arc::new).map_err(|e| match e {
+                    BuildError::Environment { message, hint } => (message, hint),
+                    e => (e.to_string(), String::new()),
+                })
+            })
+            .clone()
+            .map_err(|(message, hint)| BuildError::Environment { message, hint })
+    }
+
+    /// The backend for `run` steps: as asked, or for `auto` local where it works, else Docker.
+    fn backend(&self) -> Result<BackendChoice, BuildError> {
+        match self.opts.backend {
+            BackendChoice::Auto => match exec::local::available() {
+                Ok(()) => Ok(BackendChoice::Local),
+                Err(why) => {
+                    self.docker().map(|_| BackendChoice::Docker).map_err(|e| BuildError::Environment {
+                        message: format!("No backend can run `run` steps here: {why}; and {e}"),
+                        hint: "run kiln as root for the local backend, or start a Docker engine".into(),
+                    })
+                }
+            },
+            other => Ok(other),
+        }
+    }
+
+    /// The base a target starts from.
+    fn base(&self, t: Target<'_>, done: &HashMap<String, Arc<Built>>) -> Result<BaseImage, BuildError> {
+        match t.base() {
+            (Base::Stage(n), _) => {
+                let b = &done[n];
+                Ok(BaseImage { id: b.id.clone(), config: b.config.clone(), layers: b.layers.clone() })
             }
+            (base, span) => load_base(&self.store, &self.recipe, base, span, &self.platform),
+        }
+    }
+
+    /// The runtime config `run` steps see: the base's, plus the final
+    /// image's `[config] env`. The `[config]` user and workdir say how the
+    /// finished image runs (like USER and WORKDIR after the last RUN of a
+    /// Dockerfile), so steps run as the base's user in the base's workdir
+    /// unless the step sets `user` or `workdir`.
+    fn run_config(&self, t: Target<'_>, base: &BaseImage) -> oci_spec::image::Config {
+        let base_config = base.config.config().as_ref();
+        match t.stage {
+            None => {
+                let env_only =
+                    kiln_recipes::Config { env: self.recipe.config.env.clone(), ..Default::default() };
+                image::merge_config(base_config, &env_only)
+            }
+            Some(_) => image::merge_config(base_config, &Default::default()),
+        }
+    }
+
+    /// The step's key, and what making its layer needs.
+    fn key(
+        &self,
+        parent: &str,
+        step: &Step,
+        run_config: &oci_spec::image::Config,
+        done: &HashMap<String, Arc<Built>>,
+    ) -> Result<(Digest, Prepared), BuildError> {
+        let (params, prepared) = match &step.kind {
+            StepKind::Copy(c) => match &c.from {
+                None => {
+                    let src = {
+                        let mut index = self.index.lock().expect("index");
+                        scan_copy(&self.ctx, &self.recipe, c, &mut index)?
+                    };
+                    let p = json!({
+                        "copy": c.src, "to": c.to, "to_is_dir": c.to_is_dir,
+                        "owner": c.owner.to_string(), "mode": c.mode.map(|m| m.to_string()),
+                        "inputs": src.inputs.to_string(),
+                    });
+                    (p, Prepared::Copy(src))
+                }
+                Some(stage) => {
+                    let built = done[stage].clone();
+                    let p = json!({
+                        "copy": c.src, "from": stage, "stage": built.id, "to": c.to, "to_is_dir": c.to_is_dir,
+                        "owner": c.owner.to_string(), "mode": c.mode.map(|m| m.to_string()),
+                    });
+                    (p, Prepared::CopyFrom(built))
+                }
+            },
             StepKind::Write(w) => {
                 let p = json!({
                     "write": w.path, "content": Digest::of(w.content.as_bytes()).to_string(),
                     "owner": w.owner.to_string(), "mode": w.mode.to_string(),
                 });
                 (p, Prepared::Write)
+            }
+            StepKind::Run(r) => {
+                let plan = run_plan(r, run_config);
+                let p = json!({
+                    "run": plan.argv, "env": plan.env, "user": plan.user, "workdir": plan.workdir,
+                    "network": r.network, "secrets": r.secrets,
+                });
+                (p, Prepared::Run(plan))
             }
         };
         let doc = json!({
@@ -126,6 +320,253 @@ impl<'a> Session<'a> {
         let Some(rec) = self.store.step(key) else { return Ok(Cached::Miss) };
         Ok(if self.store.verify_blob(&rec.digest)? { Cached::Hit(rec.into()) } else { Cached::Corrupt })
     }
+
+    fn fail(&self, e: BuildError) {
+        let mut slot = self.failure.lock().expect("failure");
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    /// Keys only: what `plan` shows.
+    fn plan_target(&self, t: Target<'_>, done: &HashMap<String, Arc<Built>>) -> Result<Built, BuildError> {
+        let base = self.base(t, done)?;
+        let run_config = self.run_config(t, &base);
+        let mut parent = base.id.clone();
+        let mut steps = Vec::new();
+        for step in t.steps() {
+            let (key, _) = self.key(&parent, step, &run_config, done)?;
+            let hit = !self.opts.no_cache && matches!(self.lookup(&key)?, Cached::Hit(_));
+            steps.push(PlannedStep { info: self.info(t, step), key, hit });
+            parent = key.to_string();
+        }
+        Ok(Built { id: parent, layers: Vec::new(), config: base.config, steps })
+    }
+
+    /// Builds one target's steps into the store.
+    fn build_target(&self, t: Target<'_>, done: &HashMap<String, Arc<Built>>) -> Result<Built, BuildError> {
+        let base = self.base(t, done)?;
+        let run_config = self.run_config(t, &base);
+        let mut layers: Vec<ImageLayer> = base.layers.clone();
+        let mut history_entries: Vec<History> = base.config.history().clone().unwrap_or_default();
+        let mut lower: Option<FsTree> = None; // built on the first miss
+        let mut parent = base.id.clone();
+        let mut planned = Vec::new();
+        let r = &self.reporter;
+
+        for step in t.steps() {
+            let started = Instant::now();
+            let info = self.info(t, step);
+            r.on_step_start(&info);
+            let (key, prepared) = self.key(&parent, step, &run_config, done)?;
+            let cached = if self.opts.no_cache { Cached::Miss } else { self.lookup(&key)? };
+            let hit = matches!(cached, Cached::Hit(_));
+            let (layer, written) = match cached {
+                Cached::Hit(layer) => {
+                    self.store.touch_record("steps", &key.hex());
+                    r.on_cache_hit(&info, &key);
+                    (layer, None)
+                }
+                Cached::Miss | Cached::Corrupt => {
+                    if matches!(cached, Cached::Corrupt) {
+                        r.on_notice(&format!(
+                            "{}: the cached layer was missing or corrupt; rebuilding it",
+                            step_label(&info)
+                        ));
+                    }
+                    if lower.is_none() {
+                        lower = Some(lower_tree(&self.store, &layers)?);
+                    }
+                    let tree = lower.as_ref().expect("just built");
+                    let recipe = &self.recipe;
+                    let mut keep: Option<Box<dyn std::any::Any + Send>> = None;
+                    let entries = match (&step.kind, prepared) {
+                        (StepKind::Copy(c), Prepared::Copy(src)) => {
+                            copy_entries(recipe, step, c, &src, tree)?
+                        }
+                        (StepKind::Copy(c), Prepared::CopyFrom(built)) => {
+                            let (entries, tmp) = self.copy_from_entries(step, c, &built, tree)?;
+                            keep = Some(Box::new(tmp));
+                            entries
+                        }
+                        (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
+                        (StepKind::Run(run), Prepared::Run(plan)) => {
+                            let req_layers = layers.clone();
+                            let (changes, k) =
+                                self.run(step, &info, run, plan, &req_layers, tree, &base.config)?;
+                            keep = Some(k);
+                            changes::to_layer_entries(changes)
+                        }
+                        _ => unreachable!("prepared matches the step kind"),
+                    };
+                    let (blob, listing) = layer::write_layer(&self.store, entries, self.epoch)?;
+                    drop(keep);
+                    r.on_layer_written(&info, &blob);
+                    let layer = ImageLayer {
+                        diff_id: blob.diff_id,
+                        digest: blob.digest,
+                        size: blob.size,
+                        media_type: layer::MEDIA_TYPE.to_string(),
+                    };
+                    self.store.put_step(&key, &layer.step_record())?;
+                    (layer, Some(listing))
+                }
+            };
+            if let Some(tree) = lower.as_mut() {
+                let listing = match written {
+                    Some(l) => l,
+                    None => Listing::load(&self.store, &layer)?,
+                };
+                tree.apply(&listing)
+                    .map_err(|reason| BuildError::BadLayer { layer: layer.digest, reason })?;
+            }
+            layers.push(layer);
+            history_entries.push(history(self.epoch, &format!("kiln: {}", info.description), false));
+            r.on_step_finish(&info, hit, started.elapsed());
+            planned.push(PlannedStep { info, key, hit });
+            parent = key.to_string();
+        }
+        let mut config = base.config.clone();
+        config.set_history(Some(history_entries));
+        self.steps.lock().expect("steps").extend(planned.iter().cloned());
+        Ok(Built { id: parent, layers, config, steps: planned })
+    }
+
+    /// Runs a `run` step's command on the chosen backend.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        step: &Step,
+        info: &StepInfo,
+        run: &RunStep,
+        plan: RunPlan,
+        layers: &[ImageLayer],
+        tree: &FsTree,
+        config: &ImageConfiguration,
+    ) -> Result<(Vec<changes::Change>, Box<dyn std::any::Any + Send>), BuildError> {
+        let mut secrets = Vec::new();
+        for id in &run.secrets {
+            let Some((_, v)) = self.opts.secrets.iter().find(|(i, _)| i == id) else {
+                return Err(self
+                    .recipe
+                    .error_at(
+                        step.span.clone(),
+                        format!("this step needs the secret `{id}`, which was not given"),
+                    )
+                    .with_hint(format!(
+                        "pass it with `--secret id={id},src=FILE` or `--secret id={id},env=VARIABLE`"
+                    ))
+                    .into());
+            };
+            secrets.push((id.clone(), v.clone()));
+        }
+        let req = RunRequest {
+            argv: plan.argv.clone(),
+            env: plan.env,
+            user: plan.user,
+            workdir: plan.workdir,
+            network: run.network,
+            secrets: &secrets,
+            layers,
+            tree,
+            config,
+        };
+        let values: Vec<&[u8]> =
+            secrets.iter().map(|(_, v)| v.as_slice()).filter(|v| !v.is_empty()).collect();
+        let mut on_line = |line: &str| self.reporter.on_step_output(info, &redact(line, &values));
+        let result = match self.backend()? {
+            BackendChoice::Docker => self.docker()?.run(&self.store, &req, &mut on_line)?,
+            _ => exec::local::run(&self.store, &req, &mut on_line)?,
+        };
+        match result {
+            RunResult::Changed { changes, keep } => Ok((changes, keep)),
+            RunResult::Failed { code, tail } => Err(BuildError::CommandFailed {
+                location: format!("{}:{}", self.recipe.file.display(), info.line),
+                step: step_label(info),
+                command: match &run.command {
+                    kiln_recipes::Command::Shell(s) => s.clone(),
+                    kiln_recipes::Command::Exec(v) => format!("{v:?}"),
+                },
+                code,
+                tail: tail.iter().map(|l| redact(l, &values)).collect(),
+            }),
+        }
+    }
+
+    fn copy_from_entries(
+        &self,
+        step: &Step,
+        c: &CopyStep,
+        built: &Built,
+        tree: &FsTree,
+    ) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
+        let stage = c.from.as_deref().expect("copy from a stage");
+        let (entries, tmp) =
+            crate::extract::stage_source(&self.store, &built.layers, &c.src).map_err(|m| {
+                BuildError::from(
+                    self.recipe
+                        .error_at(
+                            c.src_span.clone(),
+                            format!("cannot copy `{}` out of stage `{stage}`: {m}", c.src),
+                        )
+                        .with_hint("the path is absolute in that stage's image; check what its steps make"),
+                )
+            })?;
+        let root_is_dir = matches!(entries.first().map(|e| &e.kind), Some(TarKind::Dir)) || c.src == "/";
+        let sources: Vec<Source> = entries
+            .into_iter()
+            .map(|e| {
+                let mode = match (&e.kind, c.mode) {
+                    (TarKind::File { .. }, Some(m)) => m.0,
+                    _ => e.mode,
+                };
+                Source { rel: e.rel, kind: e.kind, mode, content: e.content }
+            })
+            .collect();
+        let name = crate::extract::base_name(&c.src);
+        let out = place_entries(&self.recipe, step, c, root_is_dir, name, sources, tree)?;
+        Ok((out, tmp))
+    }
+}
+
+/// A `run` step against its image's runtime config: the engine's view of
+/// env, user and working folder, which both backends are given as is.
+fn run_plan(r: &RunStep, config: &oci_spec::image::Config) -> RunPlan {
+    let image_env = config.env().clone().unwrap_or_default();
+    let user = r
+        .user
+        .clone()
+        .or_else(|| config.user().clone())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "0".into());
+    let workdir = r
+        .workdir
+        .clone()
+        .or_else(|| config.working_dir().clone())
+        .filter(|w| !w.is_empty())
+        .unwrap_or_else(|| "/".into());
+    RunPlan { argv: r.command.argv(), env: exec::command_env(&image_env, &r.env), user, workdir }
+}
+
+/// Replaces secret values in a line of output.
+fn redact(line: &str, secrets: &[&[u8]]) -> String {
+    let mut out = line.to_string();
+    for s in secrets {
+        if let Ok(s) = std::str::from_utf8(s) {
+            let s = s.trim_end_matches('\n');
+            if !s.is_empty() {
+                out = out.replace(s, "[secret]");
+            }
+        }
+    }
+    out
+}
+
+fn step_label(info: &StepInfo) -> String {
+    match &info.stage {
+        Some(s) => format!("{s} {}/{}", info.index + 1, info.total),
+        None => format!("{}/{}", info.index + 1, info.total),
+    }
 }
 
 enum Cached {
@@ -135,100 +576,130 @@ enum Cached {
     Corrupt,
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, BuildError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kiln")
+        .enable_all()
+        .build()
+        .map_err(|e| BuildError::Environment {
+            message: format!("Cannot start kiln's worker threads: {e}"),
+            hint: "check the process and memory limits".into(),
+        })
+}
+
 /// Computes every step's key and whether it is cached; builds nothing.
 pub fn plan(recipe: &Recipe, opts: &BuildOptions) -> Result<Vec<PlannedStep>, BuildError> {
-    let (mut s, _lock) = Session::open(recipe, opts)?;
-    let mut parent = s.base.id.clone();
+    let rt = runtime()?;
+    let (s, _lock) = Session::open(recipe, opts, Arc::new(crate::NullReporter), rt.handle().clone())?;
+    let mut done: HashMap<String, Arc<Built>> = HashMap::new();
     let mut out = Vec::new();
-    for step in &recipe.steps {
-        let (key, _) = s.key(&parent, step)?;
-        let hit = !opts.no_cache && matches!(s.lookup(&key)?, Cached::Hit(_));
-        out.push(PlannedStep { info: s.info(step), key, hit });
-        parent = key.to_string();
+    for stage in needed_stages(recipe) {
+        let b = s.plan_target(Target { stage: Some(stage), recipe }, &done)?;
+        out.extend(b.steps.iter().cloned());
+        done.insert(stage.name.clone(), Arc::new(b));
     }
-    s.index.save(&s.store)?;
+    let b = s.plan_target(Target { stage: None, recipe }, &done)?;
+    out.extend(b.steps);
+    s.index.lock().expect("index").save(&s.store)?;
     Ok(out)
 }
+
+type Slot = tokio::sync::watch::Receiver<Option<Option<Arc<Built>>>>;
 
 /// Builds the recipe into the store and writes every output.
 pub fn build(
     recipe: &Recipe,
     opts: &BuildOptions,
-    reporter: &dyn Reporter,
+    reporter: Arc<dyn Reporter>,
 ) -> Result<BuildOutcome, BuildError> {
     let started = Instant::now();
-    let (mut s, _lock) = Session::open(recipe, opts)?;
-    reporter.on_build_start(&recipe.image.name, recipe.steps.len());
+    let rt = runtime()?;
+    let (s, _lock) = Session::open(recipe, opts, reporter.clone(), rt.handle().clone())?;
+    let s = Arc::new(s);
+    let stages = needed_stages(recipe);
+    let total: usize = recipe.steps.len() + stages.iter().map(|st| st.steps.len()).sum::<usize>();
+    reporter.on_build_start(&recipe.image.name, total);
 
-    let mut layers: Vec<ImageLayer> = s.base.layers.clone();
-    let mut history_entries = s.base.config.history().clone().unwrap_or_default();
-    let mut lower: Option<FsTree> = None; // built on the first miss
-    let mut parent = s.base.id.clone();
-    let mut planned = Vec::new();
-
-    for step in &recipe.steps {
-        let t = Instant::now();
-        let info = s.info(step);
-        reporter.on_step_start(&info);
-        let (key, prepared) = s.key(&parent, step)?;
-        let cached = if opts.no_cache { Cached::Miss } else { s.lookup(&key)? };
-        let hit = matches!(cached, Cached::Hit(_));
-        let (layer, written) = match cached {
-            Cached::Hit(layer) => {
-                s.store.touch_record("steps", &key.hex());
-                reporter.on_cache_hit(&info, &key);
-                (layer, None)
-            }
-            Cached::Miss | Cached::Corrupt => {
-                if matches!(cached, Cached::Corrupt) {
-                    reporter.on_notice(&format!(
-                        "step {}: the cached layer was missing or corrupt; rebuilding it",
-                        step.index + 1
-                    ));
+    let final_built = rt.block_on(async {
+        let mut slots: HashMap<String, Slot> = HashMap::new();
+        let mut tasks = Vec::new();
+        let spawn = |stage: Option<String>, deps: Vec<(String, Slot)>| {
+            let s = s.clone();
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            let task = tokio::spawn(async move {
+                let mut done = HashMap::new();
+                for (name, mut slot) in deps {
+                    let got = slot.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone().flatten());
+                    match got {
+                        Some(b) => {
+                            done.insert(name, b);
+                        }
+                        None => {
+                            let _ = tx.send(Some(None)); // a stage it needs failed
+                            return;
+                        }
+                    }
                 }
-                if lower.is_none() {
-                    lower = Some(lower_tree(&s.store, &layers)?);
-                }
-                let tree = lower.as_ref().expect("just built");
-                let entries = match (&step.kind, &prepared) {
-                    (StepKind::Copy(c), Prepared::Copy(src)) => copy_entries(recipe, step, c, src, tree)?,
-                    (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
-                    _ => unreachable!("prepared matches the step kind"),
+                let s2 = s.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    let recipe = &s2.recipe;
+                    let t = Target {
+                        stage: stage
+                            .as_deref()
+                            .map(|n| recipe.stages.iter().find(|x| x.name == n).expect("stage")),
+                        recipe,
+                    };
+                    s2.build_target(t, &done)
+                })
+                .await;
+                let built = match res {
+                    Ok(Ok(b)) => Some(Arc::new(b)),
+                    Ok(Err(e)) => {
+                        s.fail(e);
+                        None
+                    }
+                    Err(panic) => std::panic::resume_unwind(panic.into_panic()),
                 };
-                let (blob, listing) = layer::write_layer(&s.store, entries, s.epoch)?;
-                reporter.on_layer_written(&info, &blob);
-                let layer = ImageLayer {
-                    diff_id: blob.diff_id,
-                    digest: blob.digest,
-                    size: blob.size,
-                    media_type: layer::MEDIA_TYPE.to_string(),
-                };
-                s.store.put_step(&key, &layer.step_record())?;
-                (layer, Some(listing))
-            }
+                let _ = tx.send(Some(built));
+            });
+            (rx, task)
         };
-        if let Some(tree) = lower.as_mut() {
-            let listing = match written {
-                Some(l) => l,
-                None => Listing::load(&s.store, &layer)?,
-            };
-            tree.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: layer.digest, reason })?;
+        for st in &stages {
+            let deps = Target { stage: Some(st), recipe }
+                .deps()
+                .into_iter()
+                .map(|n| (n.to_string(), slots[n].clone()))
+                .collect();
+            let (rx, task) = spawn(Some(st.name.clone()), deps);
+            slots.insert(st.name.clone(), rx);
+            tasks.push(task);
         }
-        layers.push(layer);
-        history_entries.push(history(s.epoch, &format!("kiln: {}", info.description), false));
-        reporter.on_step_finish(&info, hit, t.elapsed());
-        planned.push(PlannedStep { info, key, hit });
-        parent = key.to_string();
-    }
-    s.index.save(&s.store)?;
+        let deps = Target { stage: None, recipe }
+            .deps()
+            .into_iter()
+            .map(|n| (n.to_string(), slots[n].clone()))
+            .collect();
+        let (mut rx, task) = spawn(None, deps);
+        tasks.push(task);
+        let result = rx.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone().flatten());
+        for t in tasks {
+            let _ = t.await; // stages nothing waits for still finish (their layers are cached)
+        }
+        result
+    });
+    let Some(built) = final_built else {
+        let e = s.failure.lock().expect("failure").take();
+        return Err(e.unwrap_or_else(|| BuildError::usage("the build failed", None)));
+    };
+    s.index.lock().expect("index").save(&s.store)?;
 
-    let mut config = s.base.config.clone();
-    config.set_config(Some(image::merge_config(s.base.config.config().as_ref(), &recipe.config)));
+    let mut config = built.config.clone();
+    config.set_config(Some(image::merge_config(built.config.config().as_ref(), &recipe.config)));
     config.set_architecture(s.platform.architecture.as_str().into());
     config.set_os(s.platform.os.as_str().into());
     config.set_variant(s.platform.variant.clone());
-    config.set_history(Some(history_entries));
-    let image = image::store_image(&s.store, config, layers, s.epoch, BTreeMap::new())?;
+    let image = image::store_image(&s.store, config, built.layers.clone(), s.epoch, BTreeMap::new())?;
     image.record(&s.store, "images", &image.manifest.hex(), &recipe.image.name)?;
 
     let outputs = if opts.outputs.is_empty() {
@@ -237,19 +708,42 @@ pub fn build(
         opts.outputs.clone()
     };
     for out in &outputs {
-        crate::export::export(&s.store, &image, &recipe.image.name, out)?;
+        match out {
+            ImageRef::Docker(r) => {
+                let (repo, tag) = exec::docker::split_ref(r);
+                s.docker()?.load(&s.store, &image, Some(&format!("{repo}:{tag}")))?;
+            }
+            _ => crate::export::export(&s.store, &image, &recipe.image.name, out)?,
+        }
         reporter.on_output_written(&out.to_string());
     }
     reporter.on_build_finish(&image.manifest, started.elapsed());
-    Ok(BuildOutcome { image, steps: planned })
+    let steps = std::mem::take(&mut *s.steps.lock().expect("steps"));
+    Ok(BuildOutcome { image, steps })
 }
 
 fn describe(step: &Step) -> String {
     match &step.kind {
         StepKind::Copy(c) => {
-            format!("COPY {} -> {}{}", c.src, c.to, if c.to_is_dir && c.to != "/" { "/" } else { "" })
+            let slash = if c.to_is_dir && c.to != "/" { "/" } else { "" };
+            match &c.from {
+                None => format!("COPY {} -> {}{slash}", c.src, c.to),
+                Some(f) => format!("COPY --from={f} {} -> {}{slash}", c.src, c.to),
+            }
         }
         StepKind::Write(w) => format!("WRITE {}", w.path),
+        StepKind::Run(r) => {
+            let cmd = match &r.command {
+                kiln_recipes::Command::Shell(s) => s.clone(),
+                kiln_recipes::Command::Exec(v) => format!("{v:?}"),
+            };
+            let one_line: String = cmd.split_whitespace().collect::<Vec<_>>().join(" ");
+            let mut short: String = one_line.chars().take(100).collect();
+            if short.len() < one_line.len() {
+                short.push_str("...");
+            }
+            format!("RUN {short}")
+        }
     }
 }
 
@@ -313,6 +807,14 @@ fn resolve(recipe: &Recipe, step: &Step, tree: &FsTree, abs: &str) -> Result<Str
     })
 }
 
+/// One entry of a copy source, relative to it (empty for the source itself).
+struct Source {
+    rel: String,
+    kind: TarKind,
+    mode: u32,
+    content: Content,
+}
+
 fn copy_entries(
     recipe: &Recipe,
     step: &Step,
@@ -321,11 +823,39 @@ fn copy_entries(
     tree: &FsTree,
 ) -> Result<Vec<LayerEntry>, BuildError> {
     let root_is_dir = matches!(src.entries[0].kind, SourceKind::Dir);
+    let sources = src
+        .entries
+        .iter()
+        .map(|e| {
+            let (kind, content) = match &e.kind {
+                SourceKind::Dir => (TarKind::Dir, Content::None),
+                SourceKind::Symlink(t) => (TarKind::Symlink(t.clone()), Content::None),
+                SourceKind::File { size, sha256 } => {
+                    (TarKind::File { size: *size }, Content::Path { path: e.abs.clone(), sha256: *sha256 })
+                }
+            };
+            Source { rel: e.rel.clone(), kind, mode: e.mode, content }
+        })
+        .collect();
+    place_entries(recipe, step, c, root_is_dir, src.name.as_deref(), sources, tree)
+}
+
+/// Puts a copy's sources at their destination: a folder's contents at `to`;
+/// a file at `to`, or into it when `to` ends in `/` or is a folder.
+fn place_entries(
+    recipe: &Recipe,
+    step: &Step,
+    c: &CopyStep,
+    root_is_dir: bool,
+    name: Option<&str>,
+    sources: Vec<Source>,
+    tree: &FsTree,
+) -> Result<Vec<LayerEntry>, BuildError> {
     let to_rel = resolve(recipe, step, tree, &c.to)?;
     let into_dir = !root_is_dir
         && (c.to_is_dir || c.to == "/" || matches!(tree.get(&to_rel).map(|e| &e.kind), Some(Kind::Dir)));
     let dest = if into_dir {
-        let name = src.name.as_deref().expect("a file source has a name");
+        let name = name.expect("a file source has a name");
         if to_rel.is_empty() {
             name.to_string()
         } else {
@@ -335,21 +865,21 @@ fn copy_entries(
         to_rel
     };
     let mut entries = if dest.is_empty() { Vec::new() } else { parent_entries(recipe, step, tree, &dest)? };
-    for e in &src.entries {
+    for e in sources {
         let path = match (dest.is_empty(), e.rel.is_empty()) {
-            (true, true) => continue, // the context root copied to `/`: `/` itself is not an entry
+            (true, true) => continue, // a root copied to `/`: `/` itself is not an entry
             (true, false) => e.rel.clone(),
             (false, true) => dest.clone(),
             (false, false) => format!("{dest}/{}", e.rel),
         };
-        let (kind, content) = match &e.kind {
-            SourceKind::Dir => (TarKind::Dir, Content::None),
-            SourceKind::Symlink(t) => (TarKind::Symlink(t.clone()), Content::None),
-            SourceKind::File { size, sha256 } => {
-                (TarKind::File { size: *size }, Content::Path { path: e.abs.clone(), sha256: *sha256 })
-            }
-        };
-        entries.push(LayerEntry { path, kind, mode: e.mode, uid: c.owner.uid, gid: c.owner.gid, content });
+        entries.push(LayerEntry {
+            path,
+            kind: e.kind,
+            mode: e.mode,
+            uid: c.owner.uid,
+            gid: c.owner.gid,
+            content: e.content,
+        });
     }
     Ok(entries)
 }

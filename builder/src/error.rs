@@ -45,6 +45,26 @@ pub enum BuildError {
 
     #[error("The builds differ: {0}")]
     NotReproducible(String),
+
+    /// Something outside kiln is missing or refuses (no engine, no permission).
+    #[error("{message}")]
+    Environment { message: String, hint: String },
+
+    /// A `run` step's command exited non-zero.
+    #[error("{location}: step {step} failed: `{command}` exited with code {code}{}", tail_text(tail))]
+    CommandFailed { location: String, step: String, command: String, code: i32, tail: Vec<String> },
+}
+
+fn tail_text(tail: &[String]) -> String {
+    if tail.is_empty() {
+        return " and printed nothing".into();
+    }
+    let mut s = format!("; the last {} line(s) of its output:", tail.len());
+    for l in tail {
+        s.push_str("\n  | ");
+        s.push_str(l);
+    }
+    s
 }
 
 impl From<RecipeError> for BuildError {
@@ -75,7 +95,10 @@ impl BuildError {
             | BuildError::BadImage { .. }
             | BuildError::BadLayer { .. }
             | BuildError::Usage { .. } => 2,
-            BuildError::Changed { .. } | BuildError::NotReproducible(_) => 1,
+            BuildError::Changed { .. }
+            | BuildError::NotReproducible(_)
+            | BuildError::CommandFailed { .. } => 1,
+            BuildError::Environment { .. } => 3,
             BuildError::Store(StoreError::DigestMismatch { .. }) => 2,
             BuildError::Store(_) | BuildError::Read { .. } | BuildError::Write { .. } => 3,
         }
@@ -93,6 +116,10 @@ impl BuildError {
             BuildError::Write { .. } => Some("check the folder's permissions and free space".into()),
             BuildError::Changed { .. } => Some("something modified the context during the build; run the build again".into()),
             BuildError::Usage { hint, .. } => hint.clone(),
+            BuildError::Environment { hint, .. } => Some(hint.clone()),
+            BuildError::CommandFailed { .. } => Some(
+                "fix the command; the steps before it stay cached, so the next build starts here".into(),
+            ),
             _ => None,
         }
     }

@@ -130,8 +130,26 @@ fn write_archive(
     fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(BuildError::io_write(dir))?;
     let mut w = BufWriter::with_capacity(1 << 20, tmp);
+    write_archive_to(store, image, repo_tag.map(Some), &mut w, file)?;
     let werr = |e: io::Error| BuildError::Write { path: file.to_path_buf(), source: e };
+    let tmp = w.into_inner().map_err(|e| werr(io::Error::new(e.error().kind(), e.error().to_string())))?;
+    fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(BuildError::io_write(file))?;
+    tmp.persist(file).map_err(|e| BuildError::Write { path: file.to_path_buf(), source: e.error })?;
+    Ok(())
+}
 
+/// Writes the archive of [`write_archive`] to `w` (`name` for messages).
+/// `repo_tag`: `None` for a plain OCI archive; `Some(None)` for docker's
+/// `manifest.json` without a tag.
+pub fn write_archive_to(
+    store: &Store,
+    image: &StoredImage,
+    repo_tag: Option<Option<&str>>,
+    w: &mut impl Write,
+    name: &Path,
+) -> Result<(), BuildError> {
+    let werr = |e: io::Error| BuildError::Write { path: name.to_path_buf(), source: e };
     let mut files: BTreeMap<String, ArchiveFile> = BTreeMap::new();
     for d in image.blobs() {
         files.insert(format!("blobs/sha256/{}", d.hex()), ArchiveFile::Blob(d));
@@ -141,7 +159,7 @@ fn write_archive(
     if let Some(tag) = repo_tag {
         let manifest = json!([{
             "Config": format!("blobs/sha256/{}", image.config.hex()),
-            "RepoTags": [tag],
+            "RepoTags": tag.into_iter().collect::<Vec<_>>(),
             "Layers": image.layers.iter().map(|l| format!("blobs/sha256/{}", l.digest.hex())).collect::<Vec<_>>(),
         }]);
         files
@@ -150,7 +168,7 @@ fn write_archive(
     for d in ["blobs", "blobs/sha256"] {
         let h =
             TarHeader { path: d, kind: &TarKind::Dir, mode: 0o755, uid: 0, gid: 0, mtime: 0, xattrs: &[] };
-        tarball::write_header(&mut w, &h).map_err(werr)?;
+        tarball::write_header(w, &h).map_err(werr)?;
     }
     for (path, f) in &files {
         let size = match f {
@@ -161,24 +179,20 @@ fn write_archive(
         };
         let kind = TarKind::File { size };
         let h = TarHeader { path, kind: &kind, mode: 0o644, uid: 0, gid: 0, mtime: 0, xattrs: &[] };
-        tarball::write_header(&mut w, &h).map_err(werr)?;
+        tarball::write_header(w, &h).map_err(werr)?;
         match f {
             ArchiveFile::Bytes(b) => w.write_all(b).map_err(werr)?,
             ArchiveFile::Blob(d) => {
                 let mut src = store.open_blob(d)?;
-                let n = io::copy(&mut src, &mut w).map_err(werr)?;
+                let n = io::copy(&mut src, w).map_err(werr)?;
                 if n != size {
                     return Err(BuildError::Changed { path: store.blob_path(d) });
                 }
             }
         }
-        tarball::pad(&mut w, size).map_err(werr)?;
+        tarball::pad(w, size).map_err(werr)?;
     }
-    tarball::write_trailer(&mut w).map_err(werr)?;
-    let tmp = w.into_inner().map_err(|e| werr(io::Error::new(e.error().kind(), e.error().to_string())))?;
-    fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .map_err(BuildError::io_write(file))?;
-    tmp.persist(file).map_err(|e| BuildError::Write { path: file.to_path_buf(), source: e.error })?;
+    tarball::write_trailer(w).map_err(werr)?;
     Ok(())
 }
 

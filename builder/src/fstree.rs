@@ -19,6 +19,16 @@ impl FsTree {
     /// Applies one layer on top. Returns an error naming an entry that would
     /// be written through a symlink (a classic way for a layer to escape).
     pub fn apply(&mut self, layer: &Listing) -> Result<(), String> {
+        // Opaque markers hide what the layers below hold, whatever sorts
+        // before the marker in this layer (`d/-x` < `d/.wh..wh..opq`).
+        for e in &layer.entries {
+            if let (parent, OPAQUE) = split(&e.path) {
+                match parent {
+                    Some(p) => self.remove_children(p),
+                    None => self.entries.clear(),
+                }
+            }
+        }
         for e in &layer.entries {
             let (parent, name) = split(&e.path);
             if let Some(p) = parent {
@@ -29,11 +39,6 @@ impl FsTree {
                     .map_err(|s| format!("entry `{}` would be written through the symlink `/{s}`", e.path))?;
             }
             if name == OPAQUE {
-                if let Some(p) = parent {
-                    self.remove_children(p);
-                } else {
-                    self.entries.clear();
-                }
                 continue;
             }
             if let Some(victim) = name.strip_prefix(WHITEOUT) {
@@ -152,6 +157,9 @@ mod tests {
         t.apply(&Listing { entries: vec![e("a/.wh.x", Kind::Fifo), e("b/.wh..wh..opq", Kind::Fifo)] })
             .unwrap();
         assert_eq!(t.entries.keys().collect::<Vec<_>>(), vec!["a", "b"]);
+        // What a layer adds beside its own opaque marker stays, even when it sorts first.
+        t.apply(&Listing { entries: vec![e("b/-new", Kind::Dir), e("b/.wh..wh..opq", Kind::Fifo)] }).unwrap();
+        assert_eq!(t.entries.keys().collect::<Vec<_>>(), vec!["a", "b", "b/-new"]);
     }
 
     #[test]

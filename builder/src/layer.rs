@@ -28,6 +28,13 @@ pub enum Content {
         sha256: Digest,
     },
     Bytes(Vec<u8>),
+    /// The entry's `size` bytes at `offset` of a file kiln made itself (a
+    /// sandbox's upper folder, an engine's layer tar): nothing to check
+    /// them against; their digest goes into the listing.
+    Slice {
+        path: PathBuf,
+        offset: u64,
+    },
 }
 
 /// One entry to write; `path` is relative (no leading or trailing `/`).
@@ -117,6 +124,7 @@ fn write_entries(w: &mut impl Write, entries: &[LayerEntry], epoch: u64) -> Resu
                     }
                     got
                 }
+                Content::Slice { path, offset } => copy_slice(path, *offset, size, w, &mut buf)?,
                 Content::None => unreachable!("regular files carry content"),
             };
             tarball::pad(w, size).map_err(werr)?;
@@ -134,11 +142,36 @@ fn write_entries(w: &mut impl Write, entries: &[LayerEntry], epoch: u64) -> Resu
     Ok(listing)
 }
 
+fn copy_slice(
+    path: &PathBuf,
+    offset: u64,
+    size: u64,
+    w: &mut impl Write,
+    buf: &mut [u8],
+) -> Result<Digest, BuildError> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(path).map_err(BuildError::io_read(path))?;
+    f.seek(SeekFrom::Start(offset)).map_err(BuildError::io_read(path))?;
+    copy_n(f, path, size, w, buf, offset == 0)
+}
+
 /// Copies exactly `size` bytes of `path` to `w`, hashing them; a file that
 /// grew or shrank since it was looked at is an error.
 fn copy_exact(path: &PathBuf, size: u64, w: &mut impl Write, buf: &mut [u8]) -> Result<Digest, BuildError> {
+    let f = File::open(path).map_err(BuildError::io_read(path))?;
+    copy_n(f, path, size, w, buf, true)
+}
+
+/// Copies `size` bytes of `f`; with `whole`, `f` must end right there.
+fn copy_n(
+    mut f: File,
+    path: &PathBuf,
+    size: u64,
+    w: &mut impl Write,
+    buf: &mut [u8],
+    whole: bool,
+) -> Result<Digest, BuildError> {
     use sha2::Digest as _;
-    let mut f = File::open(path).map_err(BuildError::io_read(path))?;
     let mut hasher = sha2::Sha256::new();
     let mut left = size;
     while left > 0 {
@@ -152,7 +185,7 @@ fn copy_exact(path: &PathBuf, size: u64, w: &mut impl Write, buf: &mut [u8]) -> 
             .map_err(|e| BuildError::Write { path: PathBuf::from("<layer>"), source: e })?;
         left -= n as u64;
     }
-    if f.read(&mut buf[..1]).map_err(BuildError::io_read(path))? != 0 {
+    if whole && f.read(&mut buf[..1]).map_err(BuildError::io_read(path))? != 0 {
         return Err(BuildError::Changed { path: path.clone() });
     }
     Ok(Digest::from_hasher(hasher))

@@ -10,15 +10,21 @@
 //! - [`image`]: OCI config and manifest, canonical JSON.
 //! - [`export`]: OCI layout, oci-archive and docker-archive outputs.
 //! - [`inspect`], [`diff`]: reading images back.
+//! - [`exec`]: the backends for `run` steps (local sandbox, Docker engine);
+//!   [`changes`]: what a command changed, normalized into a layer.
+//! - [`extract`]: files out of another stage's image (`copy ... from`).
 //! - [`reporter`]: the trait the CLI implements to show progress.
 //! - [`error`]: [`BuildError`] with exit codes and hints.
 
 pub mod base;
 pub mod build;
+pub mod changes;
 pub mod context;
 pub mod diff;
 pub mod error;
+pub mod exec;
 pub mod export;
+pub mod extract;
 pub mod fstree;
 pub mod gzip;
 pub mod image;
@@ -31,4 +37,5 @@ pub mod tarball;
 
 pub use build::{build, plan, BuildOptions, BuildOutcome, PlannedStep};
 pub use error::BuildError;
+pub use exec::BackendChoice;
 pub use reporter::{NullReporter, Reporter, StepInfo};

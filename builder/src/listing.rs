@@ -117,7 +117,25 @@ struct Pending {
 /// nodes (except the 0:0 character device overlay uses for whiteouts), sparse
 /// and unknown entry types, bad checksums and truncated data.
 pub fn scan_layer(r: impl Read, layer: &Digest) -> Result<(Listing, Digest), BuildError> {
-    let mut r = HashingReader { inner: r, hasher: sha2::Sha256::default() };
+    scan(r, layer, None)
+}
+
+/// [`scan_layer`], also giving where each regular file's data starts in the tar.
+pub fn scan_layer_with_offsets(
+    r: impl Read,
+    layer: &Digest,
+) -> Result<(Listing, Digest, BTreeMap<String, u64>), BuildError> {
+    let mut offsets = BTreeMap::new();
+    let (listing, diff_id) = scan(r, layer, Some(&mut offsets))?;
+    Ok((listing, diff_id, offsets))
+}
+
+fn scan(
+    r: impl Read,
+    layer: &Digest,
+    mut offsets: Option<&mut BTreeMap<String, u64>>,
+) -> Result<(Listing, Digest), BuildError> {
+    let mut r = HashingReader { inner: r, hasher: sha2::Sha256::default(), pos: 0 };
     let bad = |reason: String| BuildError::BadLayer { layer: *layer, reason };
     let io_bad = |e: std::io::Error| bad(format!("unreadable ({e})"));
     let mut entries: BTreeMap<String, ListEntry> = BTreeMap::new();
@@ -180,6 +198,9 @@ pub fn scan_layer(r: impl Read, layer: &Digest) -> Result<(Listing, Digest), Bui
         };
         let kind = match et.as_byte() {
             b'0' | b'\0' | b'7' => {
+                if let Some(o) = offsets.as_deref_mut() {
+                    o.insert(path.clone(), r.pos);
+                }
                 let (sha256, n) = kiln_cache::digest::hash_reader((&mut r).take(size)).map_err(io_bad)?;
                 if n != size {
                     return Err(bad(format!("entry `{path}` is truncated")));
@@ -308,6 +329,8 @@ pub fn clean_path(raw: &[u8]) -> Result<Option<String>, &'static str> {
 struct HashingReader<R> {
     inner: R,
     hasher: sha2::Sha256,
+    /// Bytes read so far.
+    pos: u64,
 }
 
 impl<R: Read> Read for HashingReader<R> {
@@ -315,6 +338,7 @@ impl<R: Read> Read for HashingReader<R> {
         use sha2::Digest as _;
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
+        self.pos += n as u64;
         Ok(n)
     }
 }

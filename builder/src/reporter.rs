@@ -17,6 +17,8 @@ pub struct StepInfo {
     pub description: String,
     /// 1-based line of the step in the recipe.
     pub line: usize,
+    /// The `[[stage]]` it belongs to; `None` for the final image.
+    pub stage: Option<String>,
 }
 
 pub trait Reporter: Send + Sync {
@@ -24,6 +26,8 @@ pub trait Reporter: Send + Sync {
     fn on_step_start(&self, _step: &StepInfo) {}
     fn on_cache_hit(&self, _step: &StepInfo, _key: &Digest) {}
     fn on_layer_written(&self, _step: &StepInfo, _layer: &LayerBlob) {}
+    /// A line a `run` step's command printed (secrets already redacted).
+    fn on_step_output(&self, _step: &StepInfo, _line: &str) {}
     fn on_step_finish(&self, _step: &StepInfo, _cached: bool, _elapsed: Duration) {}
     fn on_output_written(&self, _output: &str) {}
     fn on_build_finish(&self, _manifest: &Digest, _elapsed: Duration) {}

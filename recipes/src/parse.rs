@@ -7,9 +7,10 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use crate::diagnostic::RecipeError;
-use crate::raw::{RawConfig, RawImage, RawRecipe, RawStep};
+use crate::raw::{RawConfig, RawImage, RawRecipe, RawStage, RawStep};
 use crate::recipe::{
-    Base, Config, CopyStep, FileMode, Image, Owner, Platform, Recipe, Span, Step, StepKind, WriteStep,
+    Base, Command, Config, CopyStep, FileMode, Image, Owner, Platform, Recipe, RunStep, Span, Stage, Step,
+    StepKind, WriteStep,
 };
 use crate::reference::ImageRef;
 
@@ -50,25 +51,22 @@ impl Parser {
             RecipeError::new(&self.file, &self.source, Some(0..0), "the recipe has no `[image]` table")
                 .with_hint("start the recipe with `[image]` and `name = \"...\"`")
         })?;
-        let image = self.image(image.into_inner(), dir)?;
 
         if let Some(pk) = &raw.packages {
             return Err(self.err(pk.span(), "`[packages]` is not supported yet").with_hint(
                 "install files with `copy` steps for now; Debian packages arrive with `kiln lock`",
             ));
         }
-        if let Some(stage) = raw.stages.first() {
-            return Err(self
-                .err(stage.span(), "`[[stage]]` is not supported yet")
-                .with_hint("build the stage as its own recipe and use its output as `base = \"oci:DIR\"`"));
-        }
 
-        let mut steps = Vec::with_capacity(raw.steps.len());
-        for (index, s) in raw.steps.into_iter().enumerate() {
-            let span = s.span();
-            let kind = self.step(s.into_inner(), span.clone())?;
-            steps.push(Step { index, span, kind });
+        // Stages may use only the stages before them, so there are no cycles.
+        let mut stages: Vec<Stage> = Vec::with_capacity(raw.stages.len());
+        for st in raw.stages {
+            let span = st.span();
+            let stage = self.stage(st.into_inner(), span, &stages, dir)?;
+            stages.push(stage);
         }
+        let image = self.image(image.into_inner(), dir, &stages)?;
+        let steps = self.steps(raw.steps, &stages)?;
 
         let config = match raw.config {
             Some(c) => self.config(c.into_inner())?,
@@ -79,6 +77,7 @@ impl Parser {
             file: PathBuf::from(&self.file),
             source: self.source.clone(),
             dir: dir.to_path_buf(),
+            stages,
             image,
             steps,
             config,
@@ -97,7 +96,54 @@ impl Parser {
         err
     }
 
-    fn image(&self, raw: RawImage, dir: &Path) -> Result<Image, RecipeError> {
+    fn stage(&self, raw: RawStage, span: Span, before: &[Stage], dir: &Path) -> Result<Stage, RecipeError> {
+        let name = raw.name.get_ref();
+        if !is_valid_name(name) {
+            return Err(self.err(raw.name.span(), format!("`{name}` is not a valid stage name")).with_hint(
+                "names are lowercase letters, digits, `.`, `_` and `-`, starting with a letter or digit",
+            ));
+        }
+        if before.iter().any(|s| &s.name == name) {
+            return Err(self
+                .err(raw.name.span(), format!("there is already a stage named `{name}`"))
+                .with_hint("give each `[[stage]]` its own name"));
+        }
+        let (base, base_span) = match &raw.base {
+            None => (Base::Scratch, None),
+            Some(b) => (self.base(b, dir, before)?, Some(b.span())),
+        };
+        let steps = self.steps(raw.steps, before)?;
+        Ok(Stage { name: name.clone(), span, base, base_span, steps })
+    }
+
+    fn steps(&self, raw: Vec<Spanned<RawStep>>, stages: &[Stage]) -> Result<Vec<Step>, RecipeError> {
+        let mut steps = Vec::with_capacity(raw.len());
+        for (index, s) in raw.into_iter().enumerate() {
+            let span = s.span();
+            let kind = self.step(s.into_inner(), span.clone(), stages)?;
+            steps.push(Step { index, span, kind });
+        }
+        Ok(steps)
+    }
+
+    /// `name` must be one of `stages` (those defined above the reference).
+    fn stage_ref(&self, name: &str, span: Span, stages: &[Stage]) -> Result<String, RecipeError> {
+        if stages.iter().any(|s| s.name == name) {
+            return Ok(name.to_string());
+        }
+        let known: Vec<String> = stages.iter().map(|s| format!("`{}`", s.name)).collect();
+        let hint = if known.is_empty() {
+            "define it above with `[[stage]]` and `name = \"...\"`".to_string()
+        } else {
+            format!(
+                "stages defined above this point: {}; a stage can only use stages defined before it",
+                known.join(", ")
+            )
+        };
+        Err(self.err(span, format!("there is no stage named `{name}` above this point")).with_hint(hint))
+    }
+
+    fn image(&self, raw: RawImage, dir: &Path, stages: &[Stage]) -> Result<Image, RecipeError> {
         let name = raw.name.get_ref();
         if !is_valid_name(name) {
             return Err(self.err(raw.name.span(), format!("`{name}` is not a valid image name")).with_hint(
@@ -106,7 +152,7 @@ impl Parser {
         }
         let (base, base_span) = match &raw.base {
             None => (Base::Scratch, None),
-            Some(b) => (self.base(b, dir)?, Some(b.span())),
+            Some(b) => (self.base(b, dir, stages)?, Some(b.span())),
         };
         let epoch = match &raw.epoch {
             None => None,
@@ -127,12 +173,15 @@ impl Parser {
         Ok(Image { name: name.clone(), base, base_span, epoch, platform })
     }
 
-    fn base(&self, b: &Spanned<String>, dir: &Path) -> Result<Base, RecipeError> {
+    fn base(&self, b: &Spanned<String>, dir: &Path, stages: &[Stage]) -> Result<Base, RecipeError> {
         let s = b.get_ref();
         if s == "scratch" {
             return Ok(Base::Scratch);
         }
-        let hint = "bases are `scratch`, `oci:PATH[:TAG]`, `oci-archive:FILE` or `docker-archive:FILE`";
+        if let Some(name) = s.strip_prefix("stage:") {
+            return Ok(Base::Stage(self.stage_ref(name, b.span(), stages)?));
+        }
+        let hint = "bases are `scratch`, `stage:NAME`, `oci:PATH[:TAG]`, `oci-archive:FILE` or `docker-archive:FILE`";
         let r = ImageRef::parse(s).map_err(|e| self.err(b.span(), e.to_string()).with_hint(hint))?;
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
         match r {
@@ -148,7 +197,7 @@ impl Parser {
         }
     }
 
-    fn step(&self, s: RawStep, span: Span) -> Result<StepKind, RecipeError> {
+    fn step(&self, s: RawStep, span: Span, stages: &[Stage]) -> Result<StepKind, RecipeError> {
         let kinds = [s.copy.is_some(), s.write.is_some(), s.run.is_some()];
         match kinds.iter().filter(|k| **k).count() {
             0 => {
@@ -163,16 +212,16 @@ impl Parser {
                     .with_hint("split it into one `[[step]]` per action"))
             }
         }
-        if let Some(run) = &s.run {
-            return Err(self.err(run.span(), "`run` steps are not supported yet").with_hint(
-                "use `copy` and `write` steps for now; `run` arrives with the local and docker backends",
-            ));
+        if s.run.is_some() {
+            return self.run_step(s);
         }
         // Keys that belong to `run` only.
         for (key, sp) in [
             ("env", s.env.as_ref().map(|v| v.span())),
             ("network", s.network.as_ref().map(|v| v.span())),
             ("secrets", s.secrets.as_ref().map(|v| v.span())),
+            ("user", s.user.as_ref().map(|v| v.span())),
+            ("workdir", s.workdir.as_ref().map(|v| v.span())),
         ] {
             if let Some(sp) = sp {
                 return Err(self
@@ -187,11 +236,10 @@ impl Parser {
         let mode = s.mode.as_ref().map(|m| self.mode(m)).transpose()?;
 
         if let Some(copy) = s.copy {
-            if let Some(from) = &s.from {
-                return Err(self
-                    .err(from.span(), "`from` (copy out of a stage) is not supported yet")
-                    .with_hint("copy from the context for now"));
-            }
+            let from = match &s.from {
+                Some(f) => Some(self.stage_ref(f.get_ref(), f.span(), stages)?),
+                None => None,
+            };
             if let Some(c) = &s.content {
                 return Err(self
                     .err(c.span(), "`content` belongs to `write` steps")
@@ -200,16 +248,25 @@ impl Parser {
             let to = s.to.ok_or_else(|| {
                 self.err(copy.span(), "a `copy` step needs `to`").with_hint("add `to = \"/path/in/image\"`")
             })?;
-            let src = normalize_context_path(copy.get_ref()).map_err(|m| {
-                self.err(copy.span(), m).with_hint(
-                    "`copy` takes a path relative to the context (the recipe's folder unless `--context`)",
-                )
-            })?;
+            let src = if from.is_some() {
+                let (p, _) = normalize_image_path(copy.get_ref()).map_err(|m| {
+                    self.err(copy.span(), m)
+                        .with_hint("with `from`, `copy` takes an absolute path in that stage's image")
+                })?;
+                p
+            } else {
+                normalize_context_path(copy.get_ref()).map_err(|m| {
+                    self.err(copy.span(), m).with_hint(
+                        "`copy` takes a path relative to the context (the recipe's folder unless `--context`)",
+                    )
+                })?
+            };
             let (dest, to_is_dir) = normalize_image_path(to.get_ref()).map_err(|m| {
                 self.err(to.span(), m).with_hint("`to` is an absolute path in the image, e.g. `/app`")
             })?;
             return Ok(StepKind::Copy(CopyStep {
                 src,
+                from,
                 src_span: copy.span(),
                 to: dest,
                 to_is_dir,
@@ -244,6 +301,97 @@ impl Parser {
             content: content.into_inner(),
             owner,
             mode: mode.unwrap_or(FileMode(0o644)),
+        }))
+    }
+
+    fn run_step(&self, s: RawStep) -> Result<StepKind, RecipeError> {
+        let run = s.run.expect("a run step");
+        for (key, sp) in [
+            ("from", s.from.as_ref().map(|v| v.span())),
+            ("to", s.to.as_ref().map(|v| v.span())),
+            ("content", s.content.as_ref().map(|v| v.span())),
+            ("owner", s.owner.as_ref().map(|v| v.span())),
+            ("mode", s.mode.as_ref().map(|v| v.span())),
+        ] {
+            if let Some(sp) = sp {
+                return Err(self.err(sp, format!("`{key}` does not apply to `run` steps")).with_hint(
+                    format!("remove `{key}`; a `run` step's changes are whatever its command does"),
+                ));
+            }
+        }
+        let hint = "write `run` as a shell command string, e.g. `run = \"make install\"`, or as an array for exec form, e.g. `run = [\"/bin/app\", \"--init\"]`";
+        let command = match run.get_ref() {
+            toml::Value::String(c) if !c.trim().is_empty() => Command::Shell(c.clone()),
+            toml::Value::Array(items) if !items.is_empty() => Command::Exec(
+                items
+                    .iter()
+                    .map(|i| match i {
+                        toml::Value::String(v) => Ok(v.clone()),
+                        _ => Err(self.err(run.span(), "`run` must hold only strings").with_hint(hint)),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            toml::Value::String(_) | toml::Value::Array(_) => {
+                return Err(self.err(run.span(), "`run` is empty").with_hint(hint))
+            }
+            _ => {
+                return Err(self
+                    .err(run.span(), "`run` must be a string or an array of strings")
+                    .with_hint(hint))
+            }
+        };
+        let env = match s.env {
+            None => BTreeMap::new(),
+            Some(e) => {
+                if let Some(k) = e.get_ref().keys().find(|k| k.is_empty() || k.contains('=')) {
+                    return Err(self
+                        .err(e.span(), format!("`{k}` is not a valid environment variable name"))
+                        .with_hint("names must be non-empty and contain no `=`"));
+                }
+                e.into_inner()
+            }
+        };
+        let mut secrets = Vec::new();
+        if let Some(list) = &s.secrets {
+            for id in list.get_ref() {
+                if !is_secret_id(id) {
+                    return Err(self.err(list.span(), format!("`{id}` is not a valid secret id")).with_hint(
+                        "secret ids are letters, digits, `.`, `_` and `-`; the secret is mounted at `/run/secrets/ID`",
+                    ));
+                }
+                if secrets.contains(id) {
+                    return Err(self
+                        .err(list.span(), format!("the secret `{id}` is listed twice"))
+                        .with_hint("list each secret once"));
+                }
+                secrets.push(id.clone());
+            }
+        }
+        let user = match s.user {
+            Some(u) if u.get_ref().is_empty() => {
+                return Err(self
+                    .err(u.span(), "`user` is empty")
+                    .with_hint("e.g. `user = \"0:0\"` or `user = \"app\"`"))
+            }
+            u => u.map(|u| u.into_inner()),
+        };
+        let workdir = match s.workdir {
+            None => None,
+            Some(w) => Some(
+                normalize_image_path(w.get_ref())
+                    .map_err(|m| {
+                        self.err(w.span(), m).with_hint("`workdir` is an absolute path, e.g. `/src`")
+                    })?
+                    .0,
+            ),
+        };
+        Ok(StepKind::Run(RunStep {
+            command,
+            env,
+            network: s.network.map(|n| n.into_inner()).unwrap_or(false),
+            secrets,
+            user,
+            workdir,
         }))
     }
 
@@ -358,6 +506,14 @@ impl Parser {
             stop_signal: c.stop_signal.map(|s| s.into_inner()),
         })
     }
+}
+
+/// Secret ids become a file name under `/run/secrets`.
+fn is_secret_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
 fn is_valid_name(name: &str) -> bool {
@@ -526,7 +682,17 @@ ports = ["8080", "53/udp"]
             ),
             ("[image]\nname = \"x\"\n[[step]]\ncopy = \"a\"\n", "needs `to`"),
             ("[image]\nname = \"x\"\n[[step]]\ncopy = \"a\"\nto = \"rel\"\n", "not an absolute path"),
-            ("[image]\nname = \"x\"\n[[step]]\nrun = \"true\"\n", "not supported yet"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"\"\n", "`run` is empty"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = 5\n", "must be a string or an array"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [\"../a\"]\n", "not a valid secret id"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nto = \"/a\"\n", "does not apply to `run`"),
+            ("[image]\nname = \"x\"\nbase = \"stage:b\"\n", "no stage named `b`"),
+            ("[[stage]]\nname = \"a\"\nbase = \"stage:a\"\n[image]\nname = \"x\"\n", "no stage named `a`"),
+            (
+                "[[stage]]\nname = \"a\"\n[[stage]]\nname = \"a\"\n[image]\nname = \"x\"\n",
+                "already a stage named",
+            ),
+            ("[image]\nname = \"x\"\n[[step]]\ncopy = \"/a\"\nfrom = \"b\"\nto = \"/a\"\n", "no stage named"),
             ("[image]\nname = \"x\"\n[config]\nentrypoint = \"/bin/sh\"\n", "must be an array"),
             ("[image]\nname = \"x\"\n[config]\nports = [\"http\"]\n", "not a port"),
             ("[image]\nname = \"x\"\nbase = \"nope:x\"\n", "unknown transport"),
@@ -536,6 +702,53 @@ ports = ["8080", "53/udp"]
             let e = parse(text).unwrap_err();
             assert!(e.message().contains(want), "{text:?}: got {:?}", e.message());
         }
+    }
+
+    #[test]
+    fn parses_run_steps_and_stages() {
+        let r = parse(
+            r#"
+[[stage]]
+name = "build"
+base = "oci:base"
+[[stage.step]]
+run = "make"
+env = { CC = "gcc" }
+secrets = ["npmrc"]
+
+[[stage]]
+name = "other"
+base = "stage:build"
+
+[image]
+name = "app"
+base = "stage:other"
+
+[[step]]
+copy = "/out/app/"
+from = "build"
+to = "/app"
+
+[[step]]
+run = ["/bin/true", "x"]
+network = true
+user = "0:0"
+workdir = "/tmp/"
+"#,
+        )
+        .unwrap();
+        assert_eq!(r.stages.len(), 2);
+        assert_eq!(r.stages[1].base, Base::Stage("build".into()));
+        assert_eq!(r.image.base, Base::Stage("other".into()));
+        let StepKind::Run(run) = &r.stages[0].steps[0].kind else { panic!() };
+        assert_eq!(run.command, Command::Shell("make".into()));
+        assert_eq!(run.secrets, vec!["npmrc"]);
+        assert!(!run.network);
+        let StepKind::Copy(c) = &r.steps[0].kind else { panic!() };
+        assert_eq!((c.src.as_str(), c.from.as_deref()), ("/out/app", Some("build")));
+        let StepKind::Run(run) = &r.steps[1].kind else { panic!() };
+        assert_eq!(run.command.argv(), vec!["/bin/true", "x"]);
+        assert_eq!((run.network, run.workdir.as_deref()), (true, Some("/tmp")));
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct RawStep {
     pub secrets: Option<Spanned<Vec<String>>>,
     pub owner: Option<Spanned<String>>,
     pub mode: Option<Spanned<toml::Value>>,
+    pub user: Option<Spanned<String>>,
+    pub workdir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

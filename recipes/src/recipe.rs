@@ -17,9 +17,22 @@ pub struct Recipe {
     pub source: Arc<String>,
     /// The folder that relative paths in the recipe (bases) are resolved from.
     pub dir: PathBuf,
+    /// `[[stage]]` tables in recipe order; each may use only stages before it.
+    pub stages: Vec<Stage>,
     pub image: Image,
     pub steps: Vec<Step>,
     pub config: Config,
+}
+
+/// An intermediate image (`[[stage]]`): built only when the final image
+/// (or a stage it uses) refers to it.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    pub span: Span,
+    pub base: Base,
+    pub base_span: Option<Span>,
+    pub steps: Vec<Step>,
 }
 
 impl Recipe {
@@ -112,6 +125,8 @@ pub enum Base {
     OciArchive(PathBuf),
     /// What `docker save` writes.
     DockerArchive(PathBuf),
+    /// The result of the recipe's `[[stage]]` of that name.
+    Stage(String),
 }
 
 impl Base {
@@ -123,6 +138,7 @@ impl Base {
             Base::Oci { dir, tag } => Some(ImageRef::Oci { dir: dir.clone(), tag: tag.clone() }),
             Base::OciArchive(p) => Some(ImageRef::OciArchive(p.clone())),
             Base::DockerArchive(p) => Some(ImageRef::DockerArchive(p.clone())),
+            Base::Stage(_) => None,
         }
     }
 }
@@ -135,6 +151,7 @@ impl std::fmt::Display for Base {
             Base::Oci { dir, tag: None } => write!(f, "oci:{}", dir.display()),
             Base::OciArchive(p) => write!(f, "oci-archive:{}", p.display()),
             Base::DockerArchive(p) => write!(f, "docker-archive:{}", p.display()),
+            Base::Stage(n) => write!(f, "stage:{n}"),
         }
     }
 }
@@ -152,13 +169,50 @@ pub struct Step {
 pub enum StepKind {
     Copy(CopyStep),
     Write(WriteStep),
+    Run(RunStep),
+}
+
+/// Runs a command in the image being built; its changes become the layer.
+#[derive(Debug, Clone)]
+pub struct RunStep {
+    pub command: Command,
+    /// Added to the image's environment for this command only.
+    pub env: BTreeMap<String, String>,
+    /// `false` (the default): the command sees only a loopback interface.
+    pub network: bool,
+    /// Secret ids, mounted at `/run/secrets/ID`; their values come from the command line.
+    pub secrets: Vec<String>,
+    /// Overrides the image's `user` for this command (kiln extension).
+    pub user: Option<String>,
+    /// Overrides the image's `workdir` for this command (kiln extension).
+    pub workdir: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run by `/bin/sh -c`.
+    Shell(String),
+    /// Exec form: the program and its arguments, no shell.
+    Exec(Vec<String>),
+}
+
+impl Command {
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            Command::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
+            Command::Exec(v) => v.clone(),
+        }
+    }
 }
 
 /// Copies a file or folder of the context into the image.
 #[derive(Debug, Clone)]
 pub struct CopyStep {
-    /// The source, relative to the context, normalized (`.` for the whole context).
+    /// The source: relative to the context, normalized (`.` for the whole
+    /// context); or, with `from`, an absolute path in that stage's image.
     pub src: String,
+    /// The stage to copy out of (`from = "NAME"`); `None`: the context.
+    pub from: Option<String>,
     pub src_span: Span,
     /// The absolute destination, normalized (no trailing slash except for `/`).
     pub to: String,

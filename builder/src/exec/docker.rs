@@ -1,0 +1,394 @@
+//! The Docker backend: the engine at DOCKER_HOST, through bollard (API
+//! version negotiated; Docker 20.10 / API 1.41 and newer).
+//!
+//! A `run` step: the parent image loaded into the engine once (found again
+//! by its image ID, which is the digest of the config kiln made for it), a
+//! container with the same environment, user, working folder, hostname and
+//! network rule as the local sandbox, then `commit` and `GET /images/ID/get`
+//! to read the layer the engine recorded. Its entries go through the same
+//! normalization as the local backend's upper folder.
+//!
+//! Also `docker:REF` outputs: the built image loaded and tagged.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, ImportImageOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use oci_spec::image::{ConfigBuilder, ImageConfiguration, ImageConfigurationBuilder};
+
+use kiln_cache::{Digest, Store};
+
+use super::{RunRequest, RunResult};
+use crate::changes::{self, Change, ChangeKind};
+use crate::error::BuildError;
+use crate::image::{self, StoredImage};
+use crate::listing::{scan_layer_with_offsets, Kind};
+
+pub struct DockerEngine {
+    client: bollard::Docker,
+    rt: tokio::runtime::Handle,
+}
+
+fn engine_error(e: impl std::fmt::Display) -> BuildError {
+    BuildError::Environment {
+        message: format!("The Docker engine failed: {e}"),
+        hint: "check that dockerd is running and healthy (`docker info`), or use `--backend local`".into(),
+    }
+}
+
+impl DockerEngine {
+    /// Connects to DOCKER_HOST (default: the local socket) and negotiates the API version.
+    pub fn connect(rt: tokio::runtime::Handle) -> Result<DockerEngine, BuildError> {
+        let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        let unreachable = |e: &dyn std::fmt::Display| {
+            BuildError::Environment {
+            message: format!("Cannot reach a Docker engine at `{host}`: {e}"),
+            hint: "start dockerd (e.g. `dockerd &`) or set DOCKER_HOST; the local backend (`--backend local`, as root) needs no engine".into(),
+        }
+        };
+        let client = bollard::Docker::connect_with_defaults().map_err(|e| unreachable(&e))?;
+        let client = rt
+            .block_on(async {
+                let c = client.negotiate_version().await?;
+                c.ping().await?;
+                Ok::<_, bollard::errors::Error>(c)
+            })
+            .map_err(|e| unreachable(&e))?;
+        Ok(DockerEngine { client, rt })
+    }
+
+    /// Loads a stored image into the engine unless it already has it (by
+    /// image ID = config digest); tags it `tag` when given.
+    pub fn load(&self, store: &Store, image: &StoredImage, tag: Option<&str>) -> Result<(), BuildError> {
+        let id = image.config.to_string();
+        let present = self.rt.block_on(self.client.inspect_image(&id)).is_ok();
+        if present && tag.is_none() {
+            return Ok(());
+        }
+        if present {
+            let (repo, t) = split_ref(tag.expect("tag"));
+            let opts = bollard::query_parameters::TagImageOptionsBuilder::default().repo(repo).tag(t).build();
+            return self.rt.block_on(self.client.tag_image(&id, Some(opts))).map_err(|e| {
+                BuildError::usage(format!("The engine refused the tag `{}`: {e}", tag.unwrap_or("")), None)
+            });
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+        let store2 = store.clone();
+        let image2 = image.clone();
+        let repo_tag = tag.map(str::to_string);
+        let writer = std::thread::spawn(move || -> Result<(), BuildError> {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, ChannelWriter(tx.clone()));
+            let r = crate::export::write_archive_to(
+                &store2,
+                &image2,
+                Some(repo_tag.as_deref()),
+                &mut w,
+                Path::new("<docker load>"),
+            )
+            .and_then(|()| {
+                w.flush().map_err(|e| BuildError::Write { path: "<docker load>".into(), source: e })
+            });
+            if let Err(e) = &r {
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+            r
+        });
+        let stream =
+            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        let result = self.rt.block_on(async {
+            let mut s =
+                self.client.import_image_stream(ImportImageOptionsBuilder::default().build(), stream, None);
+            while let Some(item) = s.next().await {
+                item?;
+            }
+            Ok::<_, bollard::errors::Error>(())
+        });
+        let written =
+            writer.join().unwrap_or_else(|_| Err(BuildError::usage("the archive writer panicked", None)));
+        written?;
+        result.map_err(|e| match tag {
+            Some(t) => BuildError::usage(
+                format!("The engine did not load the image as `{t}`: {e}"),
+                Some("check the reference: `docker:NAME[:TAG]`"),
+            ),
+            None => engine_error(e),
+        })
+    }
+
+    /// Runs `req` in a container; on success, the changes it made (their
+    /// data lives in the returned spool file until it is dropped).
+    pub fn run(
+        &self,
+        store: &Store,
+        req: &RunRequest<'_>,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<RunResult, BuildError> {
+        let parent = self.parent_image(store, req)?;
+        self.load(store, &parent, None)?;
+        let tmp = store.tmp_dir();
+        let work = tempfile::Builder::new()
+            .prefix("docker-")
+            .tempdir_in(&tmp)
+            .map_err(BuildError::io_write(&tmp))?;
+        let mut binds = Vec::new();
+        for (id, value) in req.secrets {
+            let p = work.path().join(format!("secret-{id}"));
+            std::fs::write(&p, value).map_err(BuildError::io_write(&p))?;
+            binds.push(format!("{}:/run/secrets/{id}:ro", p.display()));
+        }
+        let body = ContainerCreateBody {
+            image: Some(parent.config.to_string()),
+            entrypoint: Some(req.argv.clone()),
+            env: Some(req.env.clone()),
+            user: Some(req.user.clone()),
+            working_dir: Some(req.workdir.clone()),
+            hostname: Some(super::HOSTNAME.into()),
+            network_disabled: None,
+            host_config: Some(HostConfig {
+                network_mode: Some(if req.network { "bridge".into() } else { "none".into() }),
+                binds: (!binds.is_empty()).then_some(binds),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = &self.client;
+        let created = self
+            .rt
+            .block_on(c.create_container(Some(CreateContainerOptionsBuilder::default().build()), body))
+            .map_err(engine_error)?;
+        let id = created.id;
+        let outcome = self.run_container(&id, on_line);
+        let result = match outcome {
+            Ok((0, _)) => {
+                self.collect(&id, req, work).map(|(changes, keep)| RunResult::Changed { changes, keep })
+            }
+            Ok((code, tail)) => Ok(RunResult::Failed { code, tail }),
+            Err(e) => Err(e),
+        };
+        let _ = self.rt.block_on(c.remove_container(
+            &id,
+            Some(RemoveContainerOptionsBuilder::default().force(true).v(true).build()),
+        ));
+        result
+    }
+
+    fn run_container(
+        &self,
+        id: &str,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(i32, Vec<String>), BuildError> {
+        let c = &self.client;
+        match self.rt.block_on(c.start_container(id, None)) {
+            Ok(()) => {}
+            // The engine refuses to start a program that is not there: that is the command failing.
+            Err(bollard::errors::Error::DockerResponseServerError { message, .. }) => {
+                on_line(&message);
+                return Ok((127, vec![message]));
+            }
+            Err(e) => return Err(engine_error(e)),
+        }
+        let mut lines = super::Lines::default();
+        self.rt.block_on(async {
+            let opts = LogsOptionsBuilder::default().follow(true).stdout(true).stderr(true).build();
+            let mut logs = c.logs(id, Some(opts));
+            while let Some(chunk) = logs.next().await {
+                match chunk {
+                    Ok(out) => lines.feed(&out.into_bytes(), on_line),
+                    Err(e) => return Err(engine_error(e)),
+                }
+            }
+            Ok(())
+        })?;
+        let tail = lines.finish(on_line);
+        let code = self.rt.block_on(async {
+            let mut w = c.wait_container(id, None);
+            match w.next().await {
+                Some(Ok(r)) => Ok(r.status_code as i32),
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code as i32),
+                Some(Err(e)) => Err(engine_error(e)),
+                None => Err(engine_error("the wait ended without a status")),
+            }
+        })?;
+        Ok((code, tail))
+    }
+
+    /// Commits the container, reads the new layer from `GET /images/ID/get`.
+    fn collect(
+        &self,
+        id: &str,
+        req: &RunRequest<'_>,
+        work: tempfile::TempDir,
+    ) -> Result<(Vec<Change>, Box<dyn std::any::Any + Send>), BuildError> {
+        let c = &self.client;
+        let committed = self
+            .rt
+            .block_on(c.commit_container(
+                CommitContainerOptionsBuilder::default().container(id).pause(false).build(),
+                bollard::models::ContainerConfig::default(),
+            ))
+            .map_err(engine_error)?;
+        let image_id = committed.id;
+        let spool = work.path().join("save.tar");
+        let saved = self.rt.block_on(async {
+            let mut f = tokio::fs::File::create(&spool).await.map_err(BuildError::io_write(&spool))?;
+            let mut s = c.export_image(&image_id);
+            while let Some(chunk) = s.next().await {
+                let chunk = chunk.map_err(engine_error)?;
+                tokio::io::AsyncWriteExt::write_all(&mut f, &chunk)
+                    .await
+                    .map_err(BuildError::io_write(&spool))?;
+            }
+            tokio::io::AsyncWriteExt::flush(&mut f).await.map_err(BuildError::io_write(&spool))?;
+            Ok::<_, BuildError>(())
+        });
+        let _ = self.rt.block_on(c.remove_image(
+            &image_id,
+            Some(RemoveImageOptionsBuilder::default().force(true).build()),
+            None,
+        ));
+        saved?;
+        let (tar_path, base, size) = last_layer(&spool, work.path())?;
+        let mut f = File::open(&tar_path).map_err(BuildError::io_read(&tar_path))?;
+        f.seek(SeekFrom::Start(base)).map_err(BuildError::io_read(&tar_path))?;
+        let pseudo = Digest::of(image_id.as_bytes());
+        let (listing, _, offsets) =
+            scan_layer_with_offsets(BufReader::with_capacity(1 << 20, f.take(size)), &pseudo)?;
+        let mut changes = changes::from_layer_listing(&listing, &offsets, &tar_path, base)?;
+        drop_secret_mounts(&mut changes, req);
+        Ok((changes, Box::new(work)))
+    }
+
+    /// The image the container starts from: the parent's layers under a
+    /// config that holds only the platform, so the engine adds nothing of
+    /// its own (no volumes, no entrypoint); what the command sees comes from
+    /// the request.
+    fn parent_image(&self, store: &Store, req: &RunRequest<'_>) -> Result<StoredImage, BuildError> {
+        let config: ImageConfiguration = ImageConfigurationBuilder::default()
+            .architecture(req.config.architecture().clone())
+            .os(req.config.os().clone())
+            .config(ConfigBuilder::default().build().expect("config"))
+            .build()
+            .expect("config");
+        image::store_image(store, config, req.layers.to_vec(), 0, BTreeMap::new())
+    }
+
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.rt
+    }
+}
+
+/// Where the last layer of a `docker save` archive is: (file, offset, size).
+/// A compressed layer (newer engines may keep them so) is unpacked into
+/// `work` first.
+fn last_layer(spool: &Path, work: &Path) -> Result<(std::path::PathBuf, u64, u64), BuildError> {
+    let bad = |why: String| BuildError::Environment {
+        message: format!("The engine's saved image is not usable: {why}"),
+        hint: "check the engine's version (Docker 20.10 or newer)".into(),
+    };
+    let f = File::open(spool).map_err(BuildError::io_read(spool))?;
+    let mut ar = tar::Archive::new(BufReader::new(f));
+    let mut members: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut manifest = None;
+    for e in ar.entries().map_err(|e| bad(e.to_string()))? {
+        let mut e = e.map_err(|e| bad(e.to_string()))?;
+        let name = String::from_utf8_lossy(&e.path_bytes()).trim_start_matches("./").to_string();
+        if name == "manifest.json" {
+            let mut s = String::new();
+            e.read_to_string(&mut s).map_err(|e| bad(e.to_string()))?;
+            manifest = Some(s);
+        } else {
+            members.insert(name, (e.raw_file_position(), e.size()));
+        }
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&manifest.ok_or_else(|| bad("it has no manifest.json".into()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    let last = manifest[0]["Layers"]
+        .as_array()
+        .and_then(|l| l.last())
+        .and_then(|l| l.as_str())
+        .ok_or_else(|| bad("its manifest.json lists no layers".into()))?;
+    let &(offset, size) = members.get(last).ok_or_else(|| bad(format!("it lacks the member `{last}`")))?;
+    let mut f = File::open(spool).map_err(BuildError::io_read(spool))?;
+    f.seek(SeekFrom::Start(offset)).map_err(BuildError::io_read(spool))?;
+    let mut magic = [0u8; 2];
+    let _ = f.read(&mut magic);
+    if magic == [0x1f, 0x8b] {
+        f.seek(SeekFrom::Start(offset)).map_err(BuildError::io_read(spool))?;
+        let out = work.join("layer.tar");
+        let mut w = File::create(&out).map_err(BuildError::io_write(&out))?;
+        let n = std::io::copy(&mut flate2::read::MultiGzDecoder::new(f.take(size)), &mut w)
+            .map_err(|e| bad(format!("its layer does not decompress ({e})")))?;
+        return Ok((out, 0, n));
+    }
+    Ok((spool.to_path_buf(), offset, size))
+}
+
+/// The engine creates bind-mount points (a secret's file, and its folders
+/// when the image lacks them) in the container's own layer; the local
+/// sandbox keeps them below. Drop them, unless the command changed more
+/// under those folders.
+fn drop_secret_mounts(changes: &mut Vec<Change>, req: &RunRequest<'_>) {
+    if req.secrets.is_empty() {
+        return;
+    }
+    let files: Vec<String> = req.secrets.iter().map(|(id, _)| format!("run/secrets/{id}")).collect();
+    changes.retain(|c| !(files.contains(&c.path) && matches!(c.kind, ChangeKind::File { size: 0, .. })));
+    for dir in ["run/secrets", "run"] {
+        let prefix = format!("{dir}/");
+        let has_children = changes.iter().any(|c| c.path.starts_with(&prefix));
+        let unchanged = |c: &Change| match req.tree.get(dir) {
+            None => true,
+            Some(e) => matches!(e.kind, Kind::Dir) && (e.mode, e.uid, e.gid) == (c.mode, c.uid, c.gid),
+        };
+        if !has_children {
+            changes.retain(|c| {
+                !(c.path == dir && matches!(c.kind, ChangeKind::Dir { opaque: false }) && unchanged(c))
+            });
+        }
+    }
+}
+
+/// `name[:tag]` → (repository, tag), `latest` by default.
+pub fn split_ref(r: &str) -> (&str, &str) {
+    match r.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+        _ => (r, "latest"),
+    }
+}
+
+/// Sends what is written as chunks down a channel (the body of a request).
+struct ChannelWriter(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>);
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::other("the engine stopped reading"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_split_into_repository_and_tag() {
+        assert_eq!(split_ref("app"), ("app", "latest"));
+        assert_eq!(split_ref("app:v1"), ("app", "v1"));
+        assert_eq!(split_ref("localhost:5000/app"), ("localhost:5000/app", "latest"));
+        assert_eq!(split_ref("localhost:5000/app:v2"), ("localhost:5000/app", "v2"));
+    }
+}

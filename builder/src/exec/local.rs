@@ -1,0 +1,251 @@
+//! The local backend: no daemon. The parent's layers are unpacked once into
+//! the store (`v1/unpacked/DIFF_ID`, whiteouts as overlay expects them) and
+//! stacked as overlay lower folders under a per-run init folder; the
+//! command runs in the sandbox helper ([`super::sandbox`]); the overlay's
+//! upper folder is what it changed.
+
+use std::fs;
+use std::io::BufReader;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use kiln_cache::Store;
+
+use super::sandbox::{SandboxSpec, SETUP_FAILED};
+use super::{RunRequest, RunResult};
+use crate::changes;
+use crate::error::BuildError;
+use crate::image::ImageLayer;
+use crate::listing::Kind;
+
+/// Whether this process can run the local backend: it needs root (or
+/// CAP_SYS_ADMIN) for namespaces, overlay mounts and the owners in layers.
+pub fn available() -> Result<(), String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("the local backend needs root: kiln does not map the ids a rootless user namespace would need for files owned by other users".into());
+    }
+    Ok(())
+}
+
+/// Runs `req` in the sandbox; on success, the changes (whose file contents
+/// live in the returned work folder until it is dropped).
+pub fn run(
+    store: &Store,
+    req: &RunRequest<'_>,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<RunResult, BuildError> {
+    available().map_err(|why| BuildError::Environment {
+        message: format!("The local backend cannot run here: {why}"),
+        hint: "run kiln as root, or use `--backend docker` with a Docker engine".into(),
+    })?;
+    let lowers = unpack_layers(store, req.layers)?;
+    let tmp = store.tmp_dir();
+    let work =
+        tempfile::Builder::new().prefix("run-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
+    let w = work.path();
+    for d in ["upper", "work", "merged", "init"] {
+        fs::create_dir(w.join(d)).map_err(BuildError::io_write(w.join(d)))?;
+    }
+    make_init(&w.join("init"), req)?;
+
+    let mut secrets = Vec::new();
+    for (id, value) in req.secrets {
+        let path = w.join(format!("secret-{id}"));
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, value))
+            .map_err(BuildError::io_write(&path))?;
+        secrets.push((id.clone(), path));
+    }
+    let mut all_lowers = vec![w.join("init")];
+    all_lowers.extend(lowers.into_iter().rev());
+    let spec = SandboxSpec {
+        lowers: all_lowers,
+        layers_dir: unpacked_dir(store),
+        upper: w.join("upper"),
+        work: w.join("work"),
+        merged: w.join("merged"),
+        argv: req.argv.clone(),
+        env: req.env.clone(),
+        user: req.user.clone(),
+        workdir: req.workdir.clone(),
+        network: req.network,
+        hostname: super::HOSTNAME.into(),
+        secrets,
+    };
+    let spec_path = w.join("spec.json");
+    fs::write(&spec_path, serde_json::to_vec(&spec).expect("json"))
+        .map_err(BuildError::io_write(&spec_path))?;
+
+    let exe = std::env::current_exe().map_err(|e| BuildError::Environment {
+        message: format!("Cannot find kiln's own executable to start the sandbox: {e}"),
+        hint: "run kiln from a path that exists".into(),
+    })?;
+    let (reader, writer) = std::io::pipe().map_err(BuildError::io_write(&tmp))?;
+    let mut child = Command::new(exe)
+        .arg("__sandbox")
+        .arg(&spec_path)
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().map_err(BuildError::io_write(&tmp))?)
+        .stderr(writer)
+        .env_clear()
+        .spawn()
+        .map_err(|e| BuildError::Environment {
+            message: format!("Cannot start the sandbox helper: {e}"),
+            hint: "check that kiln's executable can be run".into(),
+        })?;
+    let tail = super::pump_lines(reader, on_line);
+    let status = child.wait().map_err(BuildError::io_read(&spec_path))?;
+    let code = status.code().unwrap_or(128);
+    if code == SETUP_FAILED {
+        return Err(BuildError::Environment {
+            message: format!(
+                "The local sandbox could not be set up: {}",
+                tail.iter().rev().find(|l| l.starts_with("kiln sandbox:")).cloned().unwrap_or_else(|| tail.join("\n"))
+            ),
+            hint: "the local backend needs root and overlayfs; `--backend docker` runs steps in a Docker engine instead".into(),
+        });
+    }
+    if !status.success() {
+        return Ok(RunResult::Failed { code, tail });
+    }
+    let changes = changes::from_upper(&w.join("upper"))?;
+    Ok(RunResult::Changed { changes, keep: Box::new(work) })
+}
+
+pub fn unpacked_dir(store: &Store) -> PathBuf {
+    store.root().join("unpacked")
+}
+
+/// Each layer unpacked once into `unpacked/DIFF_ID` (returned as relative
+/// names, bottom first, a layer repeated kept at its topmost place only:
+/// applying a layer again on top makes the lower copy invisible).
+pub fn unpack_layers(store: &Store, layers: &[ImageLayer]) -> Result<Vec<PathBuf>, BuildError> {
+    let dir = unpacked_dir(store);
+    fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
+    let mut out: Vec<PathBuf> = Vec::new();
+    for l in layers {
+        let name = PathBuf::from(l.diff_id.hex());
+        if !dir.join(&name).is_dir() {
+            unpack(store, l, &dir.join(&name))?;
+        }
+        out.retain(|n| n != &name);
+        out.push(name);
+    }
+    Ok(out)
+}
+
+/// Unpacks one layer blob (already checked by kiln's tar walker when its
+/// listing was made) into `dest`, atomically: a temp folder, then rename.
+fn unpack(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(), BuildError> {
+    let tmp = store.tmp_dir();
+    let stage =
+        tempfile::Builder::new().prefix("unpack-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
+    let root = stage.path().join("root");
+    fs::DirBuilder::new().mode(0o755).create(&root).map_err(BuildError::io_write(&root))?;
+    if !store.verify_blob(&layer.digest)? {
+        return Err(BuildError::BadLayer {
+            layer: layer.digest,
+            reason: "its blob is missing or corrupt".into(),
+        });
+    }
+    let file = BufReader::with_capacity(1 << 20, store.open_blob(&layer.digest)?);
+    let reader: Box<dyn std::io::Read> = if layer.media_type.ends_with("gzip") {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let bad = |e: std::io::Error| BuildError::BadLayer {
+        layer: layer.digest,
+        reason: format!("cannot unpack it: {e}"),
+    };
+    let mut ar = tar::Archive::new(reader);
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_ownerships(true);
+    ar.set_preserve_mtime(true);
+    ar.set_unpack_xattrs(true);
+    ar.set_overwrite(true);
+    for entry in ar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let path = entry.path().map_err(bad)?.into_owned();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let parent = root.join(path.parent().unwrap_or(Path::new("")));
+        if name == ".wh..wh..opq" {
+            rustix::fs::setxattr(&parent, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty())
+                .map_err(|e| bad(e.into()))?;
+            continue;
+        }
+        if let Some(victim) = name.strip_prefix(".wh.") {
+            let target = parent.join(victim);
+            nix::sys::stat::mknod(&target, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0)
+                .map_err(|e| bad(e.into()))?;
+            continue;
+        }
+        // Root writes into read-only folders too, so modes apply as they come.
+        entry.unpack_in(&root).map_err(bad)?;
+    }
+    match fs::rename(&root, dest) {
+        Ok(()) => Ok(()),
+        Err(_) if dest.is_dir() => Ok(()), // another build unpacked it first
+        Err(e) => Err(BuildError::Write { path: dest.to_path_buf(), source: e }),
+    }
+}
+
+/// The per-run folder above the image, as Docker's "init layer": the
+/// mount points and files the engine provides (so neither backend records
+/// them in the layer), and the secrets' mount points.
+fn make_init(init: &Path, req: &RunRequest<'_>) -> Result<(), BuildError> {
+    let err = |p: &Path| BuildError::io_write(p.to_path_buf());
+    let mkdir = |rel: &str, mode: u32, uid: u32, gid: u32| -> Result<(), BuildError> {
+        let p = init.join(rel);
+        if p.is_dir() {
+            return Ok(());
+        }
+        fs::DirBuilder::new().mode(mode).create(&p).map_err(err(&p))?;
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(err(&p))?;
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(err(&p))?;
+        Ok(())
+    };
+    // What Docker's init layer always holds (moby daemon/initlayer): folders
+    // 0755 root, empty files 0755.
+    for d in ["dev", "dev/pts", "dev/shm", "proc", "sys", "etc"] {
+        mkdir(d, 0o755, 0, 0)?;
+    }
+    for f in ["etc/resolv.conf", "etc/hosts", "etc/hostname", "dev/console"] {
+        let p = init.join(f);
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o755)
+            .open(&p)
+            .map_err(err(&p))?;
+    }
+    std::os::unix::fs::symlink("/proc/mounts", init.join("etc/mtab")).map_err(err(&init.join("etc/mtab")))?;
+    // Secret mount points; their folders copy what the image has, so a
+    // copy-up records the image's metadata, as with the engine.
+    if !req.secrets.is_empty() {
+        for dir in ["run", "run/secrets"] {
+            let (mode, uid, gid) = match req.tree.get(dir) {
+                Some(e) if matches!(e.kind, Kind::Dir) => (e.mode, e.uid, e.gid),
+                _ => (0o755, 0, 0),
+            };
+            mkdir(dir, mode, uid, gid)?;
+        }
+        for (id, _) in req.secrets {
+            let p = init.join("run/secrets").join(id);
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o400)
+                .open(&p)
+                .map_err(err(&p))?;
+        }
+    }
+    Ok(())
+}

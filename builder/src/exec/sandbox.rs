@@ -1,0 +1,351 @@
+//! The sandbox helper: what `kiln __sandbox SPEC` does, in a process of its
+//! own. kiln's main process is multi-threaded (tokio), and `unshare` of
+//! namespaces (a user namespace above all) needs a single-threaded caller,
+//! so the builder re-executes its own binary for this and never unshares
+//! itself.
+//!
+//! The helper: new mount, PID, IPC, UTS and (unless `network`) network
+//! namespaces; loopback up; a fork, so the command is PID 1 of its
+//! namespace; the overlay (init dir and unpacked layers below, the step's
+//! upper folder on top), /proc, a minimal /dev, read-only /sys and the
+//! secrets mounted; pivot_root; the user switched; exec. When the command
+//! exits its namespaces die with it and every mount goes away, even after a
+//! `kill -9` of kiln (the helper and the command die with their parent).
+
+use std::ffi::CString;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{chdir, execve, fork, pivot_root, setgroups, sethostname, ForkResult, Gid, Uid};
+use serde::{Deserialize, Serialize};
+
+/// Exit status of the helper when the sandbox could not be set up (as
+/// `docker run` uses 125 for its own failures). The reason is on stderr.
+pub const SETUP_FAILED: i32 = 125;
+
+/// What the helper needs, written by the builder as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// Lower folders, topmost first. Relative ones are relative to `layers_dir`.
+    pub lowers: Vec<PathBuf>,
+    pub layers_dir: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub merged: PathBuf,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    /// `uid[:gid]` or names from the image's /etc/passwd and /etc/group.
+    pub user: String,
+    pub workdir: String,
+    pub network: bool,
+    pub hostname: String,
+    /// (id, file on the host), mounted read-only at /run/secrets/ID.
+    pub secrets: Vec<(String, PathBuf)>,
+}
+
+/// Runs the helper; never returns.
+pub fn main(spec_path: &Path) -> ! {
+    let spec: SandboxSpec = match std::fs::read(spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => fail(&format!("cannot read the sandbox spec `{}`: {e}", spec_path.display())),
+    };
+    // Die with kiln.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
+    if !spec.network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    if let Err(e) = unshare(flags) {
+        fail(&format!(
+            "cannot create namespaces ({e}); the local backend needs root (or CAP_SYS_ADMIN); use `--backend docker`"
+        ));
+    }
+    check(
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>),
+        "make / private",
+    );
+    check(sethostname(&spec.hostname), "set the hostname");
+    if !spec.network {
+        if let Err(e) = loopback_up() {
+            fail(&format!("cannot bring up the loopback interface: {e}"));
+        }
+    }
+    // SAFETY: the helper is single-threaded (it runs before kiln starts any thread).
+    match unsafe { fork() } {
+        Err(e) => fail(&format!("cannot fork: {e}")),
+        Ok(ForkResult::Child) => child(&spec),
+        Ok(ForkResult::Parent { child }) => loop {
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+                Ok(WaitStatus::Signaled(_, sig, _)) => std::process::exit(128 + sig as i32),
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => fail(&format!("cannot wait for the command: {e}")),
+            }
+        },
+    }
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("kiln sandbox: {message}");
+    std::process::exit(SETUP_FAILED)
+}
+
+fn check<T>(r: nix::Result<T>, what: &str) -> T {
+    r.unwrap_or_else(|e| fail(&format!("cannot {what}: {e}")))
+}
+
+/// PID 1 of the new namespace: mounts, pivot_root, user, exec.
+fn child(spec: &SandboxSpec) -> ! {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // The engine's umask, whatever kiln's caller had: a command's files do not depend on it.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    check(chdir(&spec.layers_dir), "enter the unpacked layers folder");
+    let lowers: Vec<String> = spec.lowers.iter().map(|p| p.display().to_string()).collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off",
+        lowers.join(":"),
+        spec.upper.display(),
+        spec.work.display()
+    );
+    if opts.len() > 4000 {
+        fail(&format!(
+            "the image has {} layers, more than one overlay mount can stack; use `--backend docker`",
+            lowers.len()
+        ));
+    }
+    check(
+        mount(Some("overlay"), &spec.merged, Some("overlay"), MsFlags::empty(), Some(opts.as_str())),
+        "mount the overlay",
+    );
+    let root = &spec.merged;
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    check(mount(Some("proc"), &root.join("proc"), Some("proc"), nosuid, None::<&str>), "mount /proc");
+    let dev = root.join("dev");
+    check(
+        mount(
+            Some("tmpfs"),
+            &dev,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=755,size=65536k"),
+        ),
+        "mount /dev",
+    );
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(node);
+        if let Err(e) = std::fs::write(&target, b"") {
+            fail(&format!("cannot create /dev/{node}: {e}"));
+        }
+        check(
+            mount(Some(&Path::new("/dev").join(node)), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+            &format!("bind /dev/{node}"),
+        );
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, dev.join(name));
+    }
+    for d in ["pts", "shm", "mqueue"] {
+        let _ = std::fs::DirBuilder::new().mode(0o755).create(dev.join(d));
+    }
+    let _ = std::fs::set_permissions(dev.join("shm"), std::fs::Permissions::from_mode(0o1777));
+    let _ = mount(
+        Some("devpts"),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    );
+    let _ = mount(Some("shm"), &dev.join("shm"), Some("tmpfs"), nosuid, Some("mode=1777,size=65536k"));
+    // /sys read-only, as Docker mounts it; not every kernel allows it in every setup.
+    let _ = mount(Some("sysfs"), &root.join("sys"), Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None::<&str>);
+    for (id, src) in &spec.secrets {
+        let target = root.join("run/secrets").join(id);
+        check(
+            mount(Some(src), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+            &format!("mount the secret `{id}`"),
+        );
+        check(
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nosuid,
+                None::<&str>,
+            ),
+            &format!("make the secret `{id}` read-only"),
+        );
+    }
+    // The working folder, made as Docker makes it: 0755, owned by root.
+    let wd = root.join(spec.workdir.trim_start_matches('/'));
+    if std::fs::symlink_metadata(&wd).is_err() {
+        if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&wd) {
+            fail(&format!("cannot create the working folder `{}`: {e}", spec.workdir));
+        }
+    }
+    check(chdir(root), "enter the new root");
+    check(pivot_root(".", "."), "pivot_root");
+    check(umount2(".", MntFlags::MNT_DETACH), "detach the old root");
+    check(chdir("/"), "enter /");
+
+    let user = resolve_user(&spec.user).unwrap_or_else(|e| fail(&e));
+    let mut env = spec.env.clone();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", user.home));
+    }
+    let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    check(setgroups(&groups), "set the supplementary groups");
+    check(
+        nix::unistd::setresgid(Gid::from_raw(user.gid), Gid::from_raw(user.gid), Gid::from_raw(user.gid)),
+        "set the group",
+    );
+    check(
+        nix::unistd::setresuid(Uid::from_raw(user.uid), Uid::from_raw(user.uid), Uid::from_raw(user.uid)),
+        "set the user",
+    );
+    if let Err(e) = chdir(spec.workdir.as_str()) {
+        fail(&format!("cannot enter the working folder `{}`: {e}", spec.workdir));
+    }
+    let program = find_program(&spec.argv[0], &env).unwrap_or_else(|| {
+        eprintln!("kiln sandbox: `{}` not found in the image", spec.argv[0]);
+        std::process::exit(127)
+    });
+    let cstr = |s: &str| CString::new(s).unwrap_or_else(|_| fail("an argument holds a NUL byte"));
+    let argv: Vec<CString> = spec.argv.iter().map(|a| cstr(a)).collect();
+    let envp: Vec<CString> = env.iter().map(|a| cstr(a)).collect();
+    let err = execve(&cstr(&program), &argv, &envp).unwrap_err();
+    eprintln!("kiln sandbox: cannot run `{}`: {err}", spec.argv[0]);
+    std::process::exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 })
+}
+
+/// `argv[0]` found through the image's PATH, as the engine does.
+fn find_program(name: &str, env: &[String]) -> Option<String> {
+    if name.contains('/') {
+        return Some(name.to_string());
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("{d}/{name}"))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+struct User {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    home: String,
+}
+
+/// `user[:group]`, numeric or by name, looked up in the image's own
+/// /etc/passwd and /etc/group (read after pivot_root), as runc does.
+fn resolve_user(spec: &str) -> Result<User, String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u)));
+    let uid = match (u.parse::<u32>(), &entry) {
+        (Ok(n), _) => n,
+        (Err(_), Some(f)) => {
+            f[2].parse().map_err(|_| format!("the image's /etc/passwd has a bad uid for `{u}`"))?
+        }
+        (Err(_), None) => return Err(format!("the user `{u}` is not in the image's /etc/passwd")),
+    };
+    let gid = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => group
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() >= 3 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| format!("the group `{g}` is not in the image's /etc/group"))?,
+        },
+        None => entry.as_ref().and_then(|f| f[3].parse().ok()).unwrap_or(0),
+    };
+    let name = entry.as_ref().map(|f| f[0]);
+    let mut groups = vec![gid];
+    if let (Some(name), None) = (name, g) {
+        for f in group.lines().map(|l| l.split(':').collect::<Vec<_>>()) {
+            if f.len() >= 4 && f[3].split(',').any(|m| m == name) {
+                if let Ok(n) = f[2].parse::<u32>() {
+                    if !groups.contains(&n) {
+                        groups.push(n);
+                    }
+                }
+            }
+        }
+    }
+    let home =
+        entry.as_ref().map(|f| f[5].to_string()).filter(|h| !h.is_empty()).unwrap_or_else(|| "/".into());
+    Ok(User { uid, gid, groups, home })
+}
+
+/// `ip link set lo up`, with the ioctl the kernel has always had.
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: plain socket/ioctl calls on a zeroed `ifreq` naming `lo`.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let r = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if r == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            let r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                libc::close(fd);
+                return Err(e);
+            }
+        } else {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        libc::close(fd);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_found_through_the_image_path() {
+        assert_eq!(find_program("/bin/sh", &[]), Some("/bin/sh".into()));
+        let env = vec!["PATH=/nonexistent:/bin".to_string()];
+        assert_eq!(find_program("sh", &env), Some("/bin/sh".into()));
+        assert_eq!(find_program("no-such-program-kiln", &env), None);
+    }
+}
