@@ -8,3 +8,4 @@ mod crash;
 mod errors;
 mod interop;
 mod reproducible;
+mod run;

@@ -149,6 +149,18 @@ pub fn require_docker() -> bool {
     ok
 }
 
+/// Whether the tests run as root (the local backend needs it); in CI they must.
+pub fn require_root() -> bool {
+    let ok = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("the run-step tests need root in CI (the local backend uses namespaces and overlayfs)");
+        }
+        eprintln!("SKIPPED: not root, so the local backend cannot run");
+    }
+    ok
+}
+
 /// Static busybox (Debian's busybox-static), for images that run something.
 pub fn busybox() -> Option<PathBuf> {
     let p = Path::new("/bin/busybox");

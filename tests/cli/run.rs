@@ -1,0 +1,451 @@
+//! `run` steps on both backends, secrets, network, multi-stage recipes.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+
+use crate::support::*;
+
+/// A busybox base from scratch: the binary copied in, its applets installed by a `run` step.
+const BASE: &str = r#"
+[[stage]]
+name = "base"
+
+[[stage.step]]
+copy = "busybox"
+to = "/bin/busybox"
+mode = "0755"
+
+[[stage.step]]
+write = "/etc/passwd"
+content = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
+
+[[stage.step]]
+write = "/etc/group"
+content = "root:x:0:\napp:x:1000:\n"
+
+[[stage.step]]
+run = ["/bin/busybox", "--install", "-s", "/bin"]
+"#;
+
+/// A project whose recipe is [`BASE`] followed by `rest`; `None` when the
+/// local backend cannot run here (not root) outside CI.
+fn project(rest: &str) -> Option<Project> {
+    let busybox = busybox()?;
+    if !require_root() {
+        return None;
+    }
+    let p = Project::new();
+    fs::copy(busybox, p.path("busybox")).unwrap();
+    p.recipe(&format!("{BASE}\n{rest}"));
+    Some(p)
+}
+
+/// `umoci unpack` of an OCI layout; returns the rootfs path.
+fn unpack(p: &Project, layout: &str) -> std::path::PathBuf {
+    let dest = p.path(&format!("{layout}-unpacked"));
+    let out = Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:latest", p.path(layout).display())])
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "umoci: {}", String::from_utf8_lossy(&out.stderr));
+    dest.join("rootfs")
+}
+
+fn layer_digests(p: &Project, layout: &str) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&p.kiln(&["inspect", &format!("oci:{layout}"), "--json"]).stdout).unwrap();
+    v["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect()
+}
+
+fn docker_run(image: &str, script: &str) -> String {
+    let out = Command::new("docker")
+        .args(["run", "--rm", "--network", "none", image, "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker run: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const CHANGES: &str = r#"
+[[stage]]
+name = "prepared"
+base = "stage:base"
+
+[[stage.step]]
+run = """
+echo doomed > /etc/doomed
+mkdir -p /var/cache/pkgs/sub /keep
+echo a > /var/cache/pkgs/a
+echo b > /var/cache/pkgs/sub/b
+echo kept > /keep/file
+"""
+
+[image]
+name = "changes"
+base = "stage:prepared"
+
+[[step]]
+run = """
+rm /etc/doomed
+rm -rf /var/cache/pkgs/*
+rm -rf /keep && mkdir /keep && echo new > /keep/new
+echo data > /f && ln /f /hard && ln -s f /sym
+cp /bin/busybox /su && chmod 4755 /su
+mkdir -p /home/app && echo mine > /home/app/file && chown -R 1000:1000 /home/app
+"""
+
+[config]
+entrypoint = ["/bin/sh"]
+"#;
+
+#[test]
+fn local_and_docker_backends_give_identical_layers_and_verify_passes() {
+    let Some(p) = project(CHANGES) else { return };
+    if !require_docker() {
+        return;
+    }
+    let local = p.build(&["--backend", "local", "-o", "oci:local"]);
+    let d_local = local.digest();
+    let docker = p.kiln(&[
+        "build",
+        "kiln.toml",
+        "--backend",
+        "docker",
+        "-o",
+        "oci:docker",
+        "--cache-dir",
+        p.path("cache-docker").to_str().unwrap(),
+    ]);
+    assert_eq!(docker.digest(), d_local, "the backends disagree:\n{}", docker.stderr);
+    assert_eq!(layer_digests(&p, "local"), layer_digests(&p, "docker"));
+    for backend in ["local", "docker"] {
+        let v = p.kiln(&["verify", "kiln.toml", "--backend", backend]);
+        assert_eq!(v.code, 0, "verify --backend {backend}: {}{}", v.stdout, v.stderr);
+        assert!(v.stdout.contains(&d_local), "{}", v.stdout);
+    }
+}
+
+#[test]
+fn deleted_files_and_emptied_folders_stay_deleted_in_umoci_and_docker() {
+    let Some(p) = project(CHANGES) else { return };
+    let docker = require_docker();
+    let tag = format!("kiln-test-changes:{}", std::process::id());
+    let docker_out = format!("docker:{tag}");
+    let mut args = vec!["-o", "oci:out"];
+    if docker {
+        args.extend(["-o", &docker_out]);
+    }
+    p.build(&args).digest();
+    let root = unpack(&p, "out");
+    assert!(!root.join("etc/doomed").exists());
+    assert!(root.join("var/cache/pkgs").is_dir());
+    assert_eq!(fs::read_dir(root.join("var/cache/pkgs")).unwrap().count(), 0, "the folder is empty");
+    // A folder deleted and made again hides what the layers below held (opaque).
+    let keep: Vec<_> = fs::read_dir(root.join("keep")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(keep, vec!["new"]);
+    if docker {
+        let out = docker_run(
+            &tag,
+            "test ! -e /etc/doomed && test -z \"$(ls -A /var/cache/pkgs)\" && ls /keep && echo OK",
+        );
+        assert_eq!(out, "new\nOK\n");
+        let _ = Command::new("docker").args(["rmi", &tag]).output();
+    }
+}
+
+#[test]
+fn hard_links_symlinks_setuid_and_owners_come_through() {
+    let Some(p) = project(CHANGES) else { return };
+    p.build(&[]).digest();
+    let root = unpack(&p, "out");
+    let f = fs::metadata(root.join("f")).unwrap();
+    let hard = fs::metadata(root.join("hard")).unwrap();
+    assert_eq!(f.ino(), hard.ino(), "a hard link stays a hard link");
+    assert_eq!(f.nlink(), 2);
+    assert_eq!(fs::read_link(root.join("sym")).unwrap().to_str(), Some("f"));
+    assert_eq!(fs::metadata(root.join("su")).unwrap().mode() & 0o7777, 0o4755, "setuid is kept");
+    let owned = fs::metadata(root.join("home/app/file")).unwrap();
+    assert_eq!((owned.uid(), owned.gid()), (1000, 1000));
+    let dir = fs::metadata(root.join("home/app")).unwrap();
+    assert_eq!((dir.uid(), dir.gid()), (1000, 1000));
+}
+
+#[test]
+fn network_is_loopback_only_unless_asked() {
+    let Some(p) = project(
+        r#"
+[image]
+name = "net"
+base = "stage:base"
+
+[[step]]
+run = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort > /closed.txt"
+
+[[step]]
+run = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort > /open.txt"
+network = true
+"#,
+    ) else {
+        return;
+    };
+    let mut backends = vec!["local"];
+    if require_docker() {
+        backends.push("docker");
+    }
+    for backend in backends {
+        let out = format!("oci:{backend}");
+        let cache = p.path(&format!("cache-{backend}"));
+        p.build(&["--backend", backend, "-o", &out, "--cache-dir", cache.to_str().unwrap()]).digest();
+        let root = unpack(&p, backend);
+        assert_eq!(fs::read_to_string(root.join("closed.txt")).unwrap(), "lo\n", "{backend}");
+        let open = fs::read_to_string(root.join("open.txt")).unwrap();
+        assert!(
+            open.lines().any(|l| l != "lo"),
+            "{backend}: with network = true the command sees more: {open}"
+        );
+    }
+}
+
+/// Every blob of the store and of the output, decompressed when gzip.
+fn all_bytes(dirs: &[std::path::PathBuf]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for d in dirs {
+        for e in walkdir::WalkDir::new(d).into_iter().filter_map(Result::ok) {
+            if !e.file_type().is_file() {
+                continue;
+            }
+            let bytes = fs::read(e.path()).unwrap();
+            if bytes.starts_with(&[0x1f, 0x8b]) {
+                let mut plain = Vec::new();
+                if flate2::read::MultiGzDecoder::new(&bytes[..]).read_to_end(&mut plain).is_ok() {
+                    out.push(plain);
+                }
+            }
+            out.push(bytes);
+        }
+    }
+    out
+}
+
+#[test]
+fn secrets_reach_the_command_but_no_blob_key_digest_or_log() {
+    let Some(p) = project(
+        r#"
+[image]
+name = "secret"
+base = "stage:base"
+
+[[step]]
+run = "test \"$(cat /run/secrets/token)\" = \"$EXPECTED\" && wc -c < /run/secrets/token > /token-length && cat /run/secrets/token"
+secrets = ["token"]
+env = { EXPECTED = "s3cret-VALUE-4711" }
+"#,
+    ) else {
+        return;
+    };
+    // The expected value sits in the recipe for the check; the secret itself comes from a file.
+    p.file("token.txt", "s3cret-VALUE-4711");
+    let r = p.build(&["--secret", "id=token,src=token.txt"]);
+    let d = r.digest();
+    assert!(!r.stderr.contains("s3cret-VALUE-4711\"") && r.stderr.contains("[secret]"), "{}", r.stderr);
+    // Search every blob for the value as the file holds it: on its own line, without the quotes around it.
+    let needle = b"s3cret-VALUE-4711\n";
+    for bytes in all_bytes(&[p.cache.clone(), p.path("out")]) {
+        assert!(!bytes.windows(needle.len()).any(|w| w == needle), "the secret leaked into a blob");
+    }
+    let root = unpack(&p, "out");
+    assert_eq!(fs::read_to_string(root.join("token-length")).unwrap().trim(), "17");
+    assert!(!root.join("run/secrets/token").exists());
+
+    // Another value: the same keys and digest (the step is a HIT and does not run again).
+    p.file("token.txt", "another-value-1234");
+    let again = p.build(&["--secret", "id=token,src=token.txt"]);
+    assert_eq!(again.digest(), d);
+    assert_eq!(again.count("output"), 0);
+    // In a fresh cache the command runs with the new value and the image is the same.
+    let fresh = p.path("cache-fresh");
+    let other = p.kiln_with(
+        &["build", "kiln.toml", "--progress", "json", "-o", "oci:out2", "--secret", "id=token,env=TOKEN_VAR"],
+        |c| {
+            c.env("KILN_CACHE_DIR", &fresh).env("TOKEN_VAR", "s3cret-VALUE-4711");
+        },
+    );
+    assert_eq!(other.digest(), d);
+
+    // A step that needs a secret nobody gave: a usage error at its line.
+    let missing = p.build(&[]);
+    assert_eq!(missing.code, 0, "all steps are cached, so no secret is needed: {}", missing.stderr);
+    let missing = p.kiln(&["build", "kiln.toml", "--no-cache"]);
+    assert_eq!(missing.code, 2, "{}", missing.stderr);
+    assert!(missing.stderr.contains("needs the secret `token`"), "{}", missing.stderr);
+}
+
+#[test]
+fn a_second_build_hits_every_run_step_and_runs_no_command() {
+    let Some(p) = project(
+        r#"
+[image]
+name = "hits"
+base = "stage:base"
+
+[[step]]
+run = "echo EXECUTED-MARKER && date +%s%N > /stamp"
+"#,
+    ) else {
+        return;
+    };
+    let first = p.build(&[]);
+    let d = first.digest();
+    let ran = |r: &Run| r.events().iter().any(|e| e["event"] == "output" && e["line"] == "EXECUTED-MARKER");
+    assert!(ran(&first), "{}", first.stderr);
+    let second = p.build(&[]);
+    assert_eq!(second.digest(), d);
+    assert!(!ran(&second), "the command ran again: {}", second.stderr);
+    assert_eq!(second.count("output"), 0);
+    assert_eq!(second.count("cache_hit"), second.count("step_finished"));
+    assert_eq!(second.count("layer_written"), 0);
+}
+
+#[test]
+fn independent_stages_build_at_the_same_time() {
+    let Some(p) = project(
+        r#"
+[[stage]]
+name = "left"
+base = "stage:base"
+
+[[stage.step]]
+run = "sleep 1; echo left > /left"
+
+[[stage]]
+name = "right"
+base = "stage:base"
+
+[[stage.step]]
+run = "sleep 1; echo right > /right"
+
+[image]
+name = "both"
+base = "stage:base"
+
+[[step]]
+copy = "/left"
+from = "left"
+to = "/out/"
+
+[[step]]
+copy = "/right"
+from = "right"
+to = "/out/"
+"#,
+    ) else {
+        return;
+    };
+    let r = p.build(&[]);
+    r.digest();
+    let interval = |stage: &str| {
+        let ev = r.events();
+        let t = |name: &str| {
+            ev.iter()
+                .find(|e| e["event"] == name && e["stage"] == stage)
+                .unwrap_or_else(|| panic!("no {name} for {stage}: {}", r.stderr))["time"]
+                .as_f64()
+                .unwrap()
+        };
+        (t("step_started"), t("step_finished"))
+    };
+    let (l0, l1) = interval("left");
+    let (r0, r1) = interval("right");
+    assert!(l0 < r1 && r0 < l1, "the stages did not overlap: left {l0}..{l1}, right {r0}..{r1}");
+    let root = unpack(&p, "out");
+    assert_eq!(fs::read_to_string(root.join("out/left")).unwrap(), "left\n");
+    assert_eq!(fs::read_to_string(root.join("out/right")).unwrap(), "right\n");
+}
+
+#[test]
+fn a_failing_command_exits_1_with_its_line_and_output_and_earlier_steps_stay_cached() {
+    let recipe = |cmd: &str| {
+        format!(
+            r#"
+[image]
+name = "fails"
+base = "stage:base"
+
+[[step]]
+run = "echo first > /first"
+
+[[step]]
+run = "{cmd}"
+"#
+        )
+    };
+    let Some(p) = project(&recipe("echo about to fail; echo details >&2; exit 7")) else { return };
+    let r = p.kiln(&["build", "kiln.toml", "--progress", "plain"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let line = format!("{BASE}\n{}", recipe("x")).lines().position(|l| l.starts_with("run = \"x\"")).unwrap();
+    assert!(r.stderr.contains(&format!("kiln.toml:{}", line)), "names the step's line: {}", r.stderr);
+    for want in ["exit 7", "code 7", "about to fail", "details"] {
+        assert!(r.stderr.contains(want), "missing {want:?}: {}", r.stderr);
+    }
+    assert!(r.stdout.is_empty());
+    // Fixed: the earlier steps are HITs, the fixed one runs.
+    p.recipe(&format!("{BASE}\n{}", recipe("echo fixed > /second")));
+    let fixed = p.build(&[]);
+    fixed.digest();
+    let hits: Vec<bool> = fixed
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "step_finished" && e["stage"].is_null())
+        .map(|e| e["cached"].as_bool().unwrap())
+        .collect();
+    assert_eq!(hits, vec![true, false]);
+}
+
+#[test]
+fn without_root_the_local_backend_says_to_use_docker() {
+    let Some(p) = project("[image]\nname = \"x\"\nbase = \"stage:base\"\n") else { return };
+    if !require("setpriv") {
+        return;
+    }
+    let cache = p.path("nobody-cache");
+    fs::create_dir_all(&cache).unwrap();
+    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(p.dir.path()).status();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", kiln_bin(), "build", "kiln.toml"])
+        .args(["--backend", "local", "--cache-dir"])
+        .arg(&cache)
+        .current_dir(p.dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("--backend docker"), "{stderr}");
+}
+
+#[test]
+fn the_busybox_example_runs_in_docker() {
+    let Some(busybox) = busybox() else { return };
+    if !require_root() || !require_docker() {
+        return;
+    }
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/examples/busybox");
+    let p = Project::new();
+    assert!(Command::new("cp").arg("-a").arg(&examples).arg(p.path("ex")).status().unwrap().success());
+    fs::copy(busybox, p.path("ex/busybox")).unwrap();
+    let tag = format!("kiln-test-example:{}", std::process::id());
+    let r = p.kiln(&["build", "ex/kiln.toml", "-o", &format!("docker:{tag}")]);
+    r.digest();
+    let out = Command::new("docker").args(["run", "--rm", &tag]).output().unwrap();
+    let _ = Command::new("docker").args(["rmi", &tag]).output();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("hello from a run step") && stdout.contains("uid 1000 in /home/app"), "{stdout}");
+}
