@@ -20,6 +20,11 @@ fn main() -> ExitCode {
         let spec = args.next().map(std::path::PathBuf::from).unwrap_or_default();
         kiln_builder::exec::sandbox::main(&spec);
     }
+    // Debug logs on stderr with KILN_LOG=debug (tracing's env-filter syntax).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("KILN_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
     miette::set_hook(Box::new(|_| Box::new(miette::MietteHandlerOpts::new().terminal_links(false).build())))
         .expect("the miette hook is set once");
     let cli = args::Cli::parse();

@@ -34,7 +34,7 @@ use crate::tarball::TarKind;
 
 /// Bump when anything that decides a layer's bytes changes, so old cache
 /// entries are never taken for new ones.
-pub const KEY_SCHEMA: u32 = 1;
+pub const KEY_SCHEMA: u32 = 2;
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -399,7 +399,26 @@ impl Session {
                         }
                         _ => unreachable!("prepared matches the step kind"),
                     };
-                    let (blob, listing) = layer::write_layer(&self.store, entries, self.epoch)?;
+                    let timer = Instant::now();
+                    let staging = match self.unpack_next(t_steps(t, step), &key, &run_config, done) {
+                        true => Some(
+                            tempfile::Builder::new()
+                                .prefix("unpack-")
+                                .tempdir_in(self.store.tmp_dir())
+                                .map_err(BuildError::io_write(self.store.tmp_dir()))?,
+                        ),
+                        false => None,
+                    };
+                    let folder = staging.as_ref().map(|d| d.path().join("root"));
+                    let (blob, listing) =
+                        layer::write_layer_unpacking(&self.store, entries, self.epoch, folder.as_deref())?;
+                    if let Some(f) = &folder {
+                        let dest = exec::local::unpacked_dir(&self.store).join(blob.diff_id.hex());
+                        std::fs::create_dir_all(exec::local::unpacked_dir(&self.store))
+                            .map_err(BuildError::io_write(exec::local::unpacked_dir(&self.store)))?;
+                        exec::local::adopt(f, &dest)?;
+                    }
+                    tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, unpacked = folder.is_some(), "layer written");
                     drop(keep);
                     r.on_layer_written(&info, &blob);
                     let layer = ImageLayer {
@@ -430,6 +449,25 @@ impl Session {
         config.set_history(Some(history_entries));
         self.steps.lock().expect("steps").extend(planned.iter().cloned());
         Ok(Built { id: parent, layers, config, steps: planned })
+    }
+
+    /// Whether the layer being written should also be unpacked now: the
+    /// next step is a `run` that will miss, on the local backend.
+    fn unpack_next(
+        &self,
+        rest: &[Step],
+        key: &Digest,
+        run_config: &oci_spec::image::Config,
+        done: &HashMap<String, Arc<Built>>,
+    ) -> bool {
+        let Some(next @ Step { kind: StepKind::Run(_), .. }) = rest.first() else { return false };
+        if !matches!(self.backend(), Ok(BackendChoice::Local)) || exec::local::available().is_err() {
+            return false;
+        }
+        match self.key(&key.to_string(), next, run_config, done) {
+            Ok((k, _)) => self.opts.no_cache || !matches!(self.lookup(&k), Ok(Cached::Hit(_))),
+            Err(_) => false,
+        }
     }
 
     /// Runs a `run` step's command on the chosen backend.
@@ -527,6 +565,11 @@ impl Session {
         let out = place_entries(&self.recipe, step, c, root_is_dir, name, sources, tree)?;
         Ok((out, tmp))
     }
+}
+
+/// The steps of `t` after `step`.
+fn t_steps<'a>(t: Target<'a>, step: &Step) -> &'a [Step] {
+    &t.steps()[step.index + 1..]
 }
 
 /// A `run` step against its image's runtime config: the engine's view of

@@ -60,8 +60,20 @@ pub struct LayerBlob {
 /// Also stores the layer's listing, and returns it.
 pub fn write_layer(
     store: &Store,
+    entries: Vec<LayerEntry>,
+    epoch: u64,
+) -> Result<(LayerBlob, Listing), BuildError> {
+    write_layer_unpacking(store, entries, epoch, None)
+}
+
+/// [`write_layer`], also making the layer as a folder at `unpack` (which
+/// must not exist) while its content streams by, for a `run` step that
+/// needs it next: the layer is never read back.
+pub fn write_layer_unpacking(
+    store: &Store,
     mut entries: Vec<LayerEntry>,
     epoch: u64,
+    unpack: Option<&std::path::Path>,
 ) -> Result<(LayerBlob, Listing), BuildError> {
     entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
@@ -73,7 +85,7 @@ pub fn write_layer(
     let mut failure: Option<BuildError> = None;
     let result = gzip::compress(blob, threads, |w| {
         let mut tar = HashingWriter::new(BufWriter::with_capacity(256 * 1024, w));
-        match write_entries(&mut tar, &entries, epoch) {
+        match write_entries(&mut tar, &entries, epoch, unpack) {
             Ok(listing) => {
                 let (buf, diff_id, _) = tar.finish();
                 buf.into_inner().map_err(|e| io::Error::new(e.error().kind(), e.error().to_string()))?;
@@ -95,11 +107,26 @@ pub fn write_layer(
     Ok((LayerBlob { diff_id, digest, size }, listing))
 }
 
-fn write_entries(w: &mut impl Write, entries: &[LayerEntry], epoch: u64) -> Result<Listing, BuildError> {
+fn write_entries(
+    w: &mut impl Write,
+    entries: &[LayerEntry],
+    epoch: u64,
+    unpack: Option<&std::path::Path>,
+) -> Result<Listing, BuildError> {
     let mut listing = Listing { entries: Vec::with_capacity(entries.len()) };
     let mut buf = vec![0u8; 256 * 1024];
     let werr = |e: io::Error| BuildError::Write { path: PathBuf::from("<layer>"), source: e };
+    let uerr =
+        |e: io::Error| BuildError::Write { path: unpack.map(PathBuf::from).unwrap_or_default(), source: e };
+    let mut folder = match unpack {
+        Some(p) => Some(crate::unpack::Materializer::new(p.to_path_buf()).map_err(uerr)?),
+        None => None,
+    };
     for e in entries {
+        let mut tee = match folder.as_mut() {
+            Some(m) => m.entry(&e.path, &e.kind, e.mode, e.uid, e.gid, epoch).map_err(uerr)?,
+            None => None,
+        };
         let header = TarHeader {
             path: &e.path,
             kind: &e.kind,
@@ -115,16 +142,21 @@ fn write_entries(w: &mut impl Write, entries: &[LayerEntry], epoch: u64) -> Resu
             let got = match &e.content {
                 Content::Bytes(b) => {
                     w.write_all(b).map_err(werr)?;
+                    if let Some(f) = tee.as_mut() {
+                        f.write_all(b).map_err(uerr)?;
+                    }
                     Digest::of(b)
                 }
                 Content::Path { path, sha256 } => {
-                    let got = copy_exact(path, size, w, &mut buf)?;
+                    let got = copy_exact(path, size, w, &mut buf, tee.as_mut())?;
                     if got != *sha256 {
                         return Err(BuildError::Changed { path: path.clone() });
                     }
                     got
                 }
-                Content::Slice { path, offset } => copy_slice(path, *offset, size, w, &mut buf)?,
+                Content::Slice { path, offset } => {
+                    copy_slice(path, *offset, size, w, &mut buf, tee.as_mut())?
+                }
                 Content::None => unreachable!("regular files carry content"),
             };
             tarball::pad(w, size).map_err(werr)?;
@@ -139,6 +171,9 @@ fn write_entries(w: &mut impl Write, entries: &[LayerEntry], epoch: u64) -> Resu
         });
     }
     tarball::write_trailer(w).map_err(werr)?;
+    if let Some(m) = folder {
+        m.finish().map_err(uerr)?;
+    }
     Ok(listing)
 }
 
@@ -148,18 +183,25 @@ fn copy_slice(
     size: u64,
     w: &mut impl Write,
     buf: &mut [u8],
+    tee: Option<&mut File>,
 ) -> Result<Digest, BuildError> {
     use std::io::{Seek, SeekFrom};
     let mut f = File::open(path).map_err(BuildError::io_read(path))?;
     f.seek(SeekFrom::Start(offset)).map_err(BuildError::io_read(path))?;
-    copy_n(f, path, size, w, buf, offset == 0)
+    copy_n(f, path, size, w, buf, offset == 0, tee)
 }
 
 /// Copies exactly `size` bytes of `path` to `w`, hashing them; a file that
 /// grew or shrank since it was looked at is an error.
-fn copy_exact(path: &PathBuf, size: u64, w: &mut impl Write, buf: &mut [u8]) -> Result<Digest, BuildError> {
+fn copy_exact(
+    path: &PathBuf,
+    size: u64,
+    w: &mut impl Write,
+    buf: &mut [u8],
+    tee: Option<&mut File>,
+) -> Result<Digest, BuildError> {
     let f = File::open(path).map_err(BuildError::io_read(path))?;
-    copy_n(f, path, size, w, buf, true)
+    copy_n(f, path, size, w, buf, true, tee)
 }
 
 /// Copies `size` bytes of `f`; with `whole`, `f` must end right there.
@@ -170,6 +212,7 @@ fn copy_n(
     w: &mut impl Write,
     buf: &mut [u8],
     whole: bool,
+    mut tee: Option<&mut File>,
 ) -> Result<Digest, BuildError> {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
@@ -183,6 +226,10 @@ fn copy_n(
         hasher.update(&buf[..n]);
         w.write_all(&buf[..n])
             .map_err(|e| BuildError::Write { path: PathBuf::from("<layer>"), source: e })?;
+        if let Some(t) = tee.as_mut() {
+            t.write_all(&buf[..n])
+                .map_err(|e| BuildError::Write { path: PathBuf::from("<unpack>"), source: e })?;
+        }
         left -= n as u64;
     }
     if whole && f.read(&mut buf[..1]).map_err(BuildError::io_read(path))? != 0 {

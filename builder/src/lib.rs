@@ -34,6 +34,7 @@ pub mod layer;
 pub mod listing;
 pub mod reporter;
 pub mod tarball;
+pub mod unpack;
 
 pub use build::{build, plan, BuildOptions, BuildOutcome, PlannedStep};
 pub use error::BuildError;

@@ -117,7 +117,27 @@ struct Pending {
 /// nodes (except the 0:0 character device overlay uses for whiteouts), sparse
 /// and unknown entry types, bad checksums and truncated data.
 pub fn scan_layer(r: impl Read, layer: &Digest) -> Result<(Listing, Digest), BuildError> {
-    scan(r, layer, None)
+    scan(r, layer, None, &mut |_, _| Ok(()))
+}
+
+/// What [`walk_layer`] shows of each entry before its data.
+pub struct WalkEntry<'a> {
+    pub path: &'a str,
+    pub kind: &'a TarKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: u64,
+}
+
+/// The checks of [`scan_layer`], calling `visit` with every entry and a
+/// reader of its data (regular files; empty for the rest).
+pub fn walk_layer(
+    r: impl Read,
+    layer: &Digest,
+    visit: &mut dyn FnMut(&WalkEntry<'_>, &mut dyn Read) -> std::io::Result<()>,
+) -> Result<(Listing, Digest), BuildError> {
+    scan(r, layer, None, visit)
 }
 
 /// [`scan_layer`], also giving where each regular file's data starts in the tar.
@@ -126,14 +146,17 @@ pub fn scan_layer_with_offsets(
     layer: &Digest,
 ) -> Result<(Listing, Digest, BTreeMap<String, u64>), BuildError> {
     let mut offsets = BTreeMap::new();
-    let (listing, diff_id) = scan(r, layer, Some(&mut offsets))?;
+    let (listing, diff_id) = scan(r, layer, Some(&mut offsets), &mut |_, _| Ok(()))?;
     Ok((listing, diff_id, offsets))
 }
+
+type Visit<'v> = dyn FnMut(&WalkEntry<'_>, &mut dyn Read) -> std::io::Result<()> + 'v;
 
 fn scan(
     r: impl Read,
     layer: &Digest,
     mut offsets: Option<&mut BTreeMap<String, u64>>,
+    visit: &mut Visit<'_>,
 ) -> Result<(Listing, Digest), BuildError> {
     let mut r = HashingReader { inner: r, hasher: sha2::Sha256::default(), pos: 0 };
     let bad = |reason: String| BuildError::BadLayer { layer: *layer, reason };
@@ -196,26 +219,16 @@ fn scan(
             String::from_utf8(l)
                 .map_err(|_| bad(format!("entry `{path}` has a link target that is not UTF-8")))
         };
-        let kind = match et.as_byte() {
-            b'0' | b'\0' | b'7' => {
-                if let Some(o) = offsets.as_deref_mut() {
-                    o.insert(path.clone(), r.pos);
-                }
-                let (sha256, n) = kiln_cache::digest::hash_reader((&mut r).take(size)).map_err(io_bad)?;
-                if n != size {
-                    return Err(bad(format!("entry `{path}` is truncated")));
-                }
-                skip(&mut r, padding(size)).map_err(io_bad)?;
-                Kind::File { size, sha256 }
-            }
-            b'5' => Kind::Dir,
-            b'2' => Kind::Symlink { target: link()? },
+        let tar_kind = match et.as_byte() {
+            b'0' | b'\0' | b'7' => TarKind::File { size },
+            b'5' => TarKind::Dir,
+            b'2' => TarKind::Symlink(link()?),
             b'1' => {
                 let t = link()?;
                 let clean = clean_path(t.as_bytes())
                     .map_err(|why| bad(format!("hard link `{path}` points to `{t}`, which {why}")))?
                     .ok_or_else(|| bad(format!("hard link `{path}` points to the root")))?;
-                Kind::Hardlink { target: clean }
+                TarKind::Hardlink(clean)
             }
             b'3' | b'4' => {
                 let major = h.device_major().ok().flatten().unwrap_or(0);
@@ -225,16 +238,35 @@ fn scan(
                         "entry `{path}` is a device node ({major}:{minor}); layers kiln reads may not carry devices"
                     )));
                 }
-                Kind::Char { major, minor }
+                TarKind::CharDev(major, minor)
             }
-            b'6' => Kind::Fifo,
+            b'6' => TarKind::Fifo,
             other => {
                 return Err(bad(format!("entry `{path}` has the unsupported type `{}`", other as char)));
             }
         };
-        if !matches!(kind, Kind::File { .. }) {
+        let mtime = h.mtime().unwrap_or(0);
+        let entry = WalkEntry { path: &path, kind: &tar_kind, mode, uid, gid, mtime };
+        let sha = if let TarKind::File { size } = tar_kind {
+            if let Some(o) = offsets.as_deref_mut() {
+                o.insert(path.clone(), r.pos);
+            }
+            let mut data =
+                HashingReader { inner: (&mut r).take(size), hasher: sha2::Sha256::default(), pos: 0 };
+            visit(&entry, &mut data).map_err(io_bad)?;
+            std::io::copy(&mut data, &mut std::io::sink()).map_err(io_bad)?;
+            if data.pos != size {
+                return Err(bad(format!("entry `{path}` is truncated")));
+            }
+            let sha = Digest::from_hasher(data.hasher);
+            skip(&mut r, padding(size)).map_err(io_bad)?;
+            Some(sha)
+        } else {
+            visit(&entry, &mut std::io::empty()).map_err(io_bad)?;
             skip(&mut r, size + padding(size)).map_err(io_bad)?;
-        }
+            None
+        };
+        let kind = Kind::from_tar(&tar_kind, sha);
         entries.insert(path.clone(), ListEntry { path, kind, mode, uid, gid });
     }
     // Whatever follows the end marker still counts toward the digest.

@@ -5,7 +5,6 @@
 //! upper folder is what it changed.
 
 use std::fs;
-use std::io::BufReader;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -39,7 +38,9 @@ pub fn run(
         message: format!("The local backend cannot run here: {why}"),
         hint: "run kiln as root, or use `--backend docker` with a Docker engine".into(),
     })?;
+    let t = std::time::Instant::now();
     let lowers = unpack_layers(store, req.layers)?;
+    tracing::debug!(elapsed = ?t.elapsed(), layers = lowers.len(), "local: layers unpacked");
     let tmp = store.tmp_dir();
     let work =
         tempfile::Builder::new().prefix("run-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
@@ -100,6 +101,7 @@ pub fn run(
         })?;
     let tail = super::pump_lines(reader, on_line);
     let status = child.wait().map_err(BuildError::io_read(&spec_path))?;
+    tracing::debug!(elapsed = ?t.elapsed(), ?status, "local: command finished");
     let code = status.code().unwrap_or(128);
     if code == SETUP_FAILED {
         return Err(BuildError::Environment {
@@ -114,6 +116,7 @@ pub fn run(
         return Ok(RunResult::Failed { code, tail });
     }
     let changes = changes::from_upper(&w.join("upper"))?;
+    tracing::debug!(elapsed = ?t.elapsed(), changes = changes.len(), "local: upper folder read");
     Ok(RunResult::Changed { changes, keep: Box::new(work) })
 }
 
@@ -139,58 +142,27 @@ pub fn unpack_layers(store: &Store, layers: &[ImageLayer]) -> Result<Vec<PathBuf
     Ok(out)
 }
 
-/// Unpacks one layer blob (already checked by kiln's tar walker when its
-/// listing was made) into `dest`, atomically: a temp folder, then rename.
+/// Unpacks one layer blob into `dest`, atomically: a temp folder, then rename.
 fn unpack(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(), BuildError> {
-    let tmp = store.tmp_dir();
-    let stage =
-        tempfile::Builder::new().prefix("unpack-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
-    let root = stage.path().join("root");
-    fs::DirBuilder::new().mode(0o755).create(&root).map_err(BuildError::io_write(&root))?;
     if !store.verify_blob(&layer.digest)? {
         return Err(BuildError::BadLayer {
             layer: layer.digest,
             reason: "its blob is missing or corrupt".into(),
         });
     }
-    let file = BufReader::with_capacity(1 << 20, store.open_blob(&layer.digest)?);
-    let reader: Box<dyn std::io::Read> = if layer.media_type.ends_with("gzip") {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
-    let bad = |e: std::io::Error| BuildError::BadLayer {
-        layer: layer.digest,
-        reason: format!("cannot unpack it: {e}"),
-    };
-    let mut ar = tar::Archive::new(reader);
-    ar.set_preserve_permissions(true);
-    ar.set_preserve_ownerships(true);
-    ar.set_preserve_mtime(true);
-    ar.set_unpack_xattrs(true);
-    ar.set_overwrite(true);
-    for entry in ar.entries().map_err(bad)? {
-        let mut entry = entry.map_err(bad)?;
-        let path = entry.path().map_err(bad)?.into_owned();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let parent = root.join(path.parent().unwrap_or(Path::new("")));
-        if name == ".wh..wh..opq" {
-            rustix::fs::setxattr(&parent, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty())
-                .map_err(|e| bad(e.into()))?;
-            continue;
-        }
-        if let Some(victim) = name.strip_prefix(".wh.") {
-            let target = parent.join(victim);
-            nix::sys::stat::mknod(&target, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0)
-                .map_err(|e| bad(e.into()))?;
-            continue;
-        }
-        // Root writes into read-only folders too, so modes apply as they come.
-        entry.unpack_in(&root).map_err(bad)?;
-    }
-    match fs::rename(&root, dest) {
+    let tmp = store.tmp_dir();
+    let stage =
+        tempfile::Builder::new().prefix("unpack-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
+    let root = stage.path().join("root");
+    crate::unpack::unpack_blob(store, layer, &root)?;
+    adopt(&root, dest)
+}
+
+/// Moves an unpacked folder into place; another build may have been first.
+pub fn adopt(root: &Path, dest: &Path) -> Result<(), BuildError> {
+    match fs::rename(root, dest) {
         Ok(()) => Ok(()),
-        Err(_) if dest.is_dir() => Ok(()), // another build unpacked it first
+        Err(_) if dest.is_dir() => Ok(()),
         Err(e) => Err(BuildError::Write { path: dest.to_path_buf(), source: e }),
     }
 }

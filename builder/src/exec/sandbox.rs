@@ -113,7 +113,7 @@ fn child(spec: &SandboxSpec) -> ! {
     check(chdir(&spec.layers_dir), "enter the unpacked layers folder");
     let lowers: Vec<String> = spec.lowers.iter().map(|p| p.display().to_string()).collect();
     let opts = format!(
-        "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off",
+        "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off,volatile",
         lowers.join(":"),
         spec.upper.display(),
         spec.work.display()
