@@ -1,6 +1,10 @@
 //! Size accounting, least-recently-used eviction to a budget, and garbage
 //! collection. Both prune and gc hold the store's exclusive lock, which every
 //! running build holds shared: nothing a running build uses can be removed.
+//!
+//! `unpacked/DIFF_ID` folders (layers the local backend stacks) are derived
+//! data: gc removes those of layers no record uses, and prune removes them
+//! all, oldest first, before it evicts any record.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -17,6 +21,9 @@ pub struct StoreUsage {
     pub root: PathBuf,
     pub blobs: u64,
     pub blob_bytes: u64,
+    /// Layers unpacked for the local backend, and their bytes.
+    pub unpacked: u64,
+    pub unpacked_bytes: u64,
     pub steps: u64,
     pub images: u64,
     pub bases: u64,
@@ -28,6 +35,12 @@ pub struct PruneReport {
     pub removed_bytes: u64,
     pub removed_records: u64,
     pub remaining_bytes: u64,
+}
+
+struct Unpacked {
+    path: PathBuf,
+    bytes: u64,
+    modified: SystemTime,
 }
 
 /// A record that keeps blobs alive.
@@ -88,10 +101,13 @@ impl Store {
         let sizes = self.blob_sizes()?;
         let entries = self.entries()?;
         let count = |k: &str| entries.iter().filter(|e| e.kind == k).count() as u64;
+        let unpacked = self.unpacked()?;
         Ok(StoreUsage {
             root: self.root().to_path_buf(),
             blobs: sizes.len() as u64,
             blob_bytes: sizes.values().sum(),
+            unpacked: unpacked.len() as u64,
+            unpacked_bytes: unpacked.iter().map(|u| u.bytes).sum(),
             steps: count("steps"),
             images: count("images"),
             bases: count("bases"),
@@ -105,6 +121,19 @@ impl Store {
         let _lock = self.lock_exclusive()?;
         let mut report = self.collect_garbage()?;
         let sizes = self.blob_sizes()?;
+        let blob_total: u64 = sizes.values().sum();
+        let mut unpacked = self.unpacked()?;
+        unpacked.sort_by_key(|u| u.modified);
+        let mut unpacked_total: u64 = unpacked.iter().map(|u| u.bytes).sum();
+        for u in unpacked {
+            if blob_total + unpacked_total <= max_bytes {
+                break;
+            }
+            let _ = fs::remove_dir_all(&u.path);
+            unpacked_total -= u.bytes;
+            report.removed_bytes += u.bytes;
+        }
+        let max_bytes = max_bytes.saturating_sub(unpacked_total);
         let entries = self.entries()?;
         let mut refcount: HashMap<Digest, usize> = HashMap::new();
         for e in &entries {
@@ -172,7 +201,74 @@ impl Store {
             report.removed_blobs += 1;
             report.removed_bytes += size;
         }
+        let layers = self.live_diff_ids();
+        for u in self.unpacked()? {
+            let keep = u.path.file_name().and_then(|n| n.to_str()).and_then(Digest::from_hex);
+            if !keep.is_some_and(|d| layers.contains(&d)) {
+                let _ = fs::remove_dir_all(&u.path);
+                report.removed_bytes += u.bytes;
+            }
+        }
         Ok(report)
+    }
+
+    /// The diff_ids of every layer a record still names: step records
+    /// directly, images and bases through their manifest and config.
+    fn live_diff_ids(&self) -> HashSet<Digest> {
+        let mut out = HashSet::new();
+        let Ok(entries) = self.entries() else { return out };
+        for e in entries {
+            if e.kind == "steps" {
+                if let Some(r) = self.read_record::<StepRecord>("steps", &e.name) {
+                    out.insert(r.diff_id);
+                }
+                continue;
+            }
+            let Some(r) = self.read_record::<ImageRecord>(e.kind, &e.name) else { continue };
+            let config = self
+                .read_blob(&r.manifest)
+                .ok()
+                .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok())
+                .and_then(|m| {
+                    m["config"]["digest"]
+                        .as_str()
+                        .and_then(|d| d.strip_prefix("sha256:"))
+                        .and_then(Digest::from_hex)
+                })
+                .and_then(|c| self.read_blob(&c).ok())
+                .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok());
+            if let Some(ids) = config.as_ref().and_then(|c| c["rootfs"]["diff_ids"].as_array()) {
+                out.extend(
+                    ids.iter().filter_map(|d| d.as_str()?.strip_prefix("sha256:").and_then(Digest::from_hex)),
+                );
+            }
+        }
+        out
+    }
+
+    /// The unpacked layer folders, with their size and age.
+    fn unpacked(&self) -> Result<Vec<Unpacked>, StoreError> {
+        let dir = self.root().join("unpacked");
+        let mut out = Vec::new();
+        let Ok(rd) = fs::read_dir(&dir) else { return Ok(out) };
+        for e in rd.flatten() {
+            let path = e.path();
+            let modified = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            let mut bytes = 0;
+            let mut stack = vec![path.clone()];
+            while let Some(d) = stack.pop() {
+                let Ok(rd) = fs::read_dir(&d) else { continue };
+                for c in rd.flatten() {
+                    match c.file_type() {
+                        Ok(t) if t.is_dir() => stack.push(c.path()),
+                        Ok(t) if t.is_file() => bytes += c.metadata().map(|m| m.len()).unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+            out.push(Unpacked { path, bytes, modified });
+        }
+        Ok(out)
     }
 
     fn remove_blob_and_records(&self, d: &Digest) {

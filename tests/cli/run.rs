@@ -449,3 +449,26 @@ fn the_busybox_example_runs_in_docker() {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("hello from a run step") && stdout.contains("uid 1000 in /home/app"), "{stdout}");
 }
+
+#[test]
+fn unpacked_layers_are_counted_kept_by_gc_and_pruned_first() {
+    let Some(p) =
+        project("[image]\nname = \"gc\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"echo x > /x\"\n")
+    else {
+        return;
+    };
+    let d = p.build(&[]).digest();
+    let du = |p: &Project| -> serde_json::Value {
+        serde_json::from_str(&p.kiln(&["cache", "du", "--json"]).stdout).unwrap()
+    };
+    assert!(du(&p)["unpacked"].as_u64().unwrap() >= 2, "{}", du(&p));
+    assert_eq!(p.kiln(&["cache", "gc"]).code, 0);
+    assert!(du(&p)["unpacked"].as_u64().unwrap() >= 2, "gc keeps the unpacked layers records still use");
+    let blobs = du(&p)["blob_bytes"].as_u64().unwrap();
+    assert_eq!(p.kiln(&["cache", "prune", "--max-size", &blobs.to_string()]).code, 0);
+    let after = du(&p);
+    assert_eq!(after["unpacked_bytes"], 0, "unpacked layers go first: {after}");
+    assert_eq!(after["blob_bytes"].as_u64().unwrap(), blobs, "no record was evicted");
+    // Everything still builds (and unpacks again when a run step misses).
+    assert_eq!(p.build(&["--no-cache"]).digest(), d);
+}
