@@ -15,16 +15,18 @@ build:
 deps:
 	.ci/deps
 
-## Build the example recipe, show the image, and run it if a Docker engine answers.
+## Build the example recipe (stages and run steps, in kiln's own sandbox), show the
+## image, and run it if a Docker engine answers.
 demo: build
-	@# The image is FROM scratch: it needs the static busybox, not Debian's dynamic one.
+	@# The images start FROM scratch: they need the static busybox, not Debian's dynamic one.
 	@dpkg -s busybox-static >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static; }
 	cp /bin/busybox recipes/examples/hello/busybox
-	$(KILN) build recipes/examples/hello/kiln.toml -o oci:out/hello -o docker-archive:out/hello.tar
-	$(KILN) inspect oci:out/hello
+	cp /bin/busybox recipes/examples/busybox/busybox
+	$(KILN) build recipes/examples/busybox/kiln.toml -o oci:out/busybox-run -o docker-archive:out/busybox-run.tar
+	$(KILN) inspect oci:out/busybox-run
 	@if docker info >/dev/null 2>&1; then \
-		docker load -i out/hello.tar && docker run --rm hello:latest; \
-	else echo "(no Docker engine answers: run 'make deps' to start one, then 'docker load -i out/hello.tar')"; fi
+		docker load -i out/busybox-run.tar && docker run --rm busybox-run:latest; \
+	else echo "(no Docker engine answers: run 'make deps' to start one, then 'docker load -i out/busybox-run.tar')"; fi
 
 ## Unit and integration tests (the integration tests drive the real binary).
 test:

@@ -440,7 +440,7 @@ impl Session {
                     .map_err(|reason| BuildError::BadLayer { layer: layer.digest, reason })?;
             }
             layers.push(layer);
-            history_entries.push(history(self.epoch, &format!("kiln: {}", info.description), false));
+            history_entries.push(history(self.epoch, &format!("kiln: {}", history_text(step, &info)), false));
             r.on_step_finish(&info, hit, started.elapsed());
             planned.push(PlannedStep { info, key, hit });
             parent = key.to_string();
@@ -564,6 +564,18 @@ impl Session {
         let name = crate::extract::base_name(&c.src);
         let out = place_entries(&self.recipe, step, c, root_is_dir, name, sources, tree)?;
         Ok((out, tmp))
+    }
+}
+
+/// What the image's history says of a step: the command in full for `run`
+/// (progress lines show it shortened to one line).
+fn history_text(step: &Step, info: &StepInfo) -> String {
+    match &step.kind {
+        StepKind::Run(r) => match &r.command {
+            kiln_recipes::Command::Shell(s) => format!("RUN /bin/sh -c {s}"),
+            kiln_recipes::Command::Exec(v) => format!("RUN {v:?}"),
+        },
+        _ => info.description.clone(),
     }
 }
 
@@ -780,7 +792,8 @@ fn describe(step: &Step) -> String {
                 kiln_recipes::Command::Shell(s) => s.clone(),
                 kiln_recipes::Command::Exec(v) => format!("{v:?}"),
             };
-            let one_line: String = cmd.split_whitespace().collect::<Vec<_>>().join(" ");
+            let one_line: String =
+                cmd.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
             let mut short: String = one_line.chars().take(100).collect();
             if short.len() < one_line.len() {
                 short.push_str("...");
