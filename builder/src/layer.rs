@@ -85,7 +85,7 @@ pub fn write_layer_unpacking(
     let mut failure: Option<BuildError> = None;
     let result = gzip::compress(blob, threads, |w| {
         let mut tar = HashingWriter::new(BufWriter::with_capacity(256 * 1024, w));
-        match write_entries(&mut tar, &entries, epoch, unpack) {
+        match write_entries(store, &mut tar, &entries, epoch, unpack) {
             Ok(listing) => {
                 let (buf, diff_id, _) = tar.finish();
                 buf.into_inner().map_err(|e| io::Error::new(e.error().kind(), e.error().to_string()))?;
@@ -108,6 +108,7 @@ pub fn write_layer_unpacking(
 }
 
 fn write_entries(
+    store: &Store,
     w: &mut impl Write,
     entries: &[LayerEntry],
     epoch: u64,
@@ -119,12 +120,22 @@ fn write_entries(
     let uerr =
         |e: io::Error| BuildError::Write { path: unpack.map(PathBuf::from).unwrap_or_default(), source: e };
     let mut folder = match unpack {
-        Some(p) => Some(crate::unpack::Materializer::new(p.to_path_buf()).map_err(uerr)?),
+        Some(p) => Some(
+            crate::unpack::Materializer::new(p.to_path_buf(), Some(crate::unpack::pool_dir(store)))
+                .map_err(uerr)?,
+        ),
         None => None,
     };
     for e in entries {
         let mut tee = match folder.as_mut() {
-            Some(m) => m.entry(&e.path, &e.kind, e.mode, e.uid, e.gid, epoch).map_err(uerr)?,
+            Some(m) => {
+                let sha = match &e.content {
+                    Content::Path { sha256, .. } => Some(*sha256),
+                    Content::Bytes(b) => Some(Digest::of(b)),
+                    _ => None,
+                };
+                m.entry(&e.path, &e.kind, e.mode, e.uid, e.gid, epoch, sha).map_err(uerr)?
+            }
             None => None,
         };
         let header = TarHeader {
@@ -160,6 +171,10 @@ fn write_entries(
                 Content::None => unreachable!("regular files carry content"),
             };
             tarball::pad(w, size).map_err(werr)?;
+            if tee.is_some() {
+                drop(tee.take());
+                folder.as_mut().expect("a tee comes from the folder").file_done(&got).map_err(uerr)?;
+            }
             sha = Some(got);
         }
         listing.entries.push(ListEntry {

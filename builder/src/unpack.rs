@@ -6,13 +6,21 @@
 //! walker (so its checks apply), and the layer writer fills a
 //! [`Materializer`] as it writes a layer a `run` step is about to need, so
 //! that layer is never read back.
+//!
+//! Regular files go through a pool in the store (`files/SHA-MODE-UID-GID-MTIME`,
+//! one inode per content and metadata) and are hard-linked into the layer
+//! folder: a layer that differs from an earlier one by one file costs one
+//! file's bytes, not the whole layer's. A file enters the pool only after
+//! its bytes hashed to the name; nothing ever writes to a pool file or a
+//! layer folder afterwards (overlayfs copies a file up before changing it),
+//! and `kiln cache gc` removes pool files no folder links to.
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use kiln_cache::Store;
+use kiln_cache::{Digest, Store};
 
 use crate::error::BuildError;
 use crate::image::ImageLayer;
@@ -21,14 +29,37 @@ use crate::tarball::TarKind;
 /// Makes entries under `root`, in layer order.
 pub struct Materializer {
     root: PathBuf,
+    pool: Option<PathBuf>,
     /// Every path made and its time, for the final pass that sets times.
     made: Vec<(PathBuf, u64)>,
+    /// A file being written into the pool.
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    tmp: PathBuf,
+    name: PathBuf,
+    target: PathBuf,
+    expect: Digest,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: u64,
+}
+
+/// The store's pool of unpacked files.
+pub fn pool_dir(store: &Store) -> PathBuf {
+    store.root().join("files")
 }
 
 impl Materializer {
-    pub fn new(root: PathBuf) -> io::Result<Materializer> {
+    /// With `pool`, regular files whose digest is given go through it.
+    pub fn new(root: PathBuf, pool: Option<PathBuf>) -> io::Result<Materializer> {
         fs::DirBuilder::new().mode(0o755).create(&root)?;
-        Ok(Materializer { root, made: Vec::new() })
+        if let Some(p) = &pool {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(p)?;
+        }
+        Ok(Materializer { root, pool, made: Vec::new(), pending: None })
     }
 
     /// Makes one entry; for a regular file, returns the open file to write
@@ -41,7 +72,9 @@ impl Materializer {
         uid: u32,
         gid: u32,
         mtime: u64,
+        sha256: Option<Digest>,
     ) -> io::Result<Option<fs::File>> {
+        debug_assert!(self.pending.is_none(), "file_done after each pooled file");
         let (parent, name) = match path.rsplit_once('/') {
             Some((p, n)) => (self.root.join(p), n),
             None => (self.root.clone(), path),
@@ -75,6 +108,17 @@ impl Materializer {
                 }
             }
             TarKind::File { .. } => {
+                if let (Some(pool), Some(sha)) = (&self.pool, sha256) {
+                    let name = pool.join(format!("{}-{:o}-{uid}-{gid}-{mtime}", sha.hex(), mode & 0o7777));
+                    if name.exists() && link_or_copy(&name, &full).is_ok() {
+                        return Ok(None);
+                    }
+                    let tmp = pool.join(format!(".tmp-{}-{}", std::process::id(), unique()));
+                    let f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+                    self.pending =
+                        Some(Pending { tmp, name, target: full, expect: sha, mode, uid, gid, mtime });
+                    return Ok(Some(f));
+                }
                 file = Some(fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&full)?);
             }
             TarKind::Symlink(t) => std::os::unix::fs::symlink(t, &full)?,
@@ -105,16 +149,61 @@ impl Materializer {
         Ok(file)
     }
 
+    /// After a pooled file's content is written: `got` is what it hashed to.
+    /// A file that does not match never enters the pool.
+    pub fn file_done(&mut self, got: &Digest) -> io::Result<()> {
+        let Some(p) = self.pending.take() else { return Ok(()) };
+        if *got != p.expect {
+            let _ = fs::remove_file(&p.tmp);
+            return Err(io::Error::other(format!(
+                "`{}` changed while it was unpacked (expected {}, got {got})",
+                p.target.display(),
+                p.expect
+            )));
+        }
+        std::os::unix::fs::lchown(&p.tmp, Some(p.uid), Some(p.gid))?;
+        fs::set_permissions(&p.tmp, fs::Permissions::from_mode(p.mode & 0o7777))?;
+        set_time(&p.tmp, p.mtime)?;
+        fs::rename(&p.tmp, &p.name)?;
+        link_or_copy(&p.name, &p.target)
+    }
+
     /// Sets every entry's time; call once, after the last entry (making
     /// an entry changes its folder's time).
     pub fn finish(self) -> io::Result<PathBuf> {
         for (p, mtime) in self.made.iter().rev() {
-            let at = rustix::fs::Timespec { tv_sec: *mtime as i64, tv_nsec: 0 };
-            let t = rustix::fs::Timestamps { last_access: at, last_modification: at };
-            rustix::fs::utimensat(rustix::fs::CWD, p, &t, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+            set_time(p, *mtime)?;
         }
         Ok(self.root)
     }
+}
+
+fn set_time(p: &Path, mtime: u64) -> io::Result<()> {
+    let at = rustix::fs::Timespec { tv_sec: mtime as i64, tv_nsec: 0 };
+    let t = rustix::fs::Timestamps { last_access: at, last_modification: at };
+    rustix::fs::utimensat(rustix::fs::CWD, p, &t, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+/// A hard link to a pool file; a copy if the file has too many links.
+fn link_or_copy(pool_file: &Path, target: &Path) -> io::Result<()> {
+    match fs::hard_link(pool_file, target) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
+            fs::copy(pool_file, target)?;
+            let md = fs::metadata(pool_file)?;
+            std::os::unix::fs::lchown(target, Some(md.uid()), Some(md.gid()))?;
+            fs::set_permissions(target, md.permissions())?;
+            set_time(target, md.mtime() as u64)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
 }
 
 fn remove_any(p: &Path) -> io::Result<()> {
@@ -137,17 +226,30 @@ pub fn unpack_blob(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(),
     } else {
         Box::new(file)
     };
-    let mut m = Materializer::new(dest.to_path_buf()).map_err(bad)?;
+    let listing = crate::listing::Listing::load(store, layer)?;
+    let sha_of = |path: &str| match listing.entries.binary_search_by(|e| e.path.as_str().cmp(path)) {
+        Ok(i) => match &listing.entries[i].kind {
+            crate::listing::Kind::File { sha256, .. } => Some(*sha256),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    let mut m = Materializer::new(dest.to_path_buf(), Some(pool_dir(store))).map_err(bad)?;
     let mut buf = vec![0u8; 256 * 1024];
     crate::listing::walk_layer(reader, &layer.digest, &mut |e, data| {
-        if let Some(mut f) = m.entry(e.path, e.kind, e.mode, e.uid, e.gid, e.mtime)? {
+        let sha = if matches!(e.kind, TarKind::File { .. }) { sha_of(e.path) } else { None };
+        if let Some(mut f) = m.entry(e.path, e.kind, e.mode, e.uid, e.gid, e.mtime, sha)? {
+            use sha2::Digest as _;
+            let mut hasher = sha2::Sha256::new();
             loop {
                 let n = data.read(&mut buf)?;
                 if n == 0 {
                     break;
                 }
+                hasher.update(&buf[..n]);
                 f.write_all(&buf[..n])?;
             }
+            m.file_done(&Digest::from_hasher(hasher))?;
         }
         Ok(())
     })?;

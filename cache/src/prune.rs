@@ -133,6 +133,7 @@ impl Store {
             unpacked_total -= u.bytes;
             report.removed_bytes += u.bytes;
         }
+        self.sweep_file_pool(&mut report);
         let max_bytes = max_bytes.saturating_sub(unpacked_total);
         let entries = self.entries()?;
         let mut refcount: HashMap<Digest, usize> = HashMap::new();
@@ -209,7 +210,22 @@ impl Store {
                 report.removed_bytes += u.bytes;
             }
         }
+        self.sweep_file_pool(&mut report);
         Ok(report)
+    }
+
+    /// Removes files of the unpacked-file pool that no unpacked layer links
+    /// to any more (link count 1), and leftovers of interrupted writes.
+    fn sweep_file_pool(&self, report: &mut PruneReport) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(rd) = fs::read_dir(self.root().join("files")) else { return };
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            let leftover = e.file_name().to_string_lossy().starts_with(".tmp-");
+            if md.is_file() && (md.nlink() == 1 || leftover) && fs::remove_file(e.path()).is_ok() {
+                report.removed_bytes += md.len();
+            }
+        }
     }
 
     /// The diff_ids of every layer a record still names: step records
