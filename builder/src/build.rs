@@ -886,9 +886,10 @@ fn copy_entries(
             let (kind, content) = match &e.kind {
                 SourceKind::Dir => (TarKind::Dir, Content::None),
                 SourceKind::Symlink(t) => (TarKind::Symlink(t.clone()), Content::None),
-                SourceKind::File { size, sha256 } => {
-                    (TarKind::File { size: *size }, Content::Path { path: e.abs.clone(), sha256: *sha256 })
-                }
+                SourceKind::File { size, sha256 } => (
+                    TarKind::File { size: *size },
+                    Content::Path { path: e.abs.clone(), sha256: *sha256, stamp: e.stamp },
+                ),
             };
             Source { rel: e.rel.clone(), kind, mode: e.mode, content }
         })

@@ -48,6 +48,8 @@ pub struct SourceEntry {
     pub kind: SourceKind,
     /// Normalized: git semantics, or the step's `mode` for files.
     pub mode: u32,
+    /// A file's stat when its digest was taken (see [`crate::layer::Content::Path`]).
+    pub stamp: Option<crate::layer::Stamp>,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +115,7 @@ pub fn scan_copy(
             .to_string();
         let meta = fs::symlink_metadata(&abs).map_err(BuildError::io_read(&abs))?;
         let ft = meta.file_type();
+        let stamp = ft.is_file().then(|| crate::layer::Stamp::of(&meta));
         let (kind, mode) = if ft.is_dir() {
             (SourceKind::Dir, 0o755)
         } else if ft.is_symlink() {
@@ -138,7 +141,7 @@ pub fn scan_copy(
                 Some("remove it from the copied folder or copy its siblings one by one"),
             ));
         };
-        entries.push(SourceEntry { rel, abs, kind, mode });
+        entries.push(SourceEntry { rel, abs, kind, mode, stamp });
     }
     hash_files(&mut entries, &to_hash, &ctx.root, index)?;
 
@@ -208,6 +211,7 @@ fn hash_files(
             let e = &mut entries[i];
             index.record(&index_key(root, &e.abs), &meta, d);
             e.kind = SourceKind::File { size: meta.len(), sha256: d };
+            e.stamp = Some(crate::layer::Stamp::of(&meta));
         }
     }
     Ok(())

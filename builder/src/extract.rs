@@ -129,7 +129,10 @@ pub fn stage_source(
                 let path = files
                     .get(&(*layer, data_path.clone()))
                     .ok_or_else(|| format!("the layer that should hold `/{data_path}` does not"))?;
-                (TarKind::File { size: *size }, Content::Path { path: path.clone(), sha256: *sha256 })
+                (
+                    TarKind::File { size: *size },
+                    Content::Path { path: path.clone(), sha256: *sha256, stamp: None },
+                )
             }
             Kind::Char { major, minor } => (TarKind::CharDev(*major, *minor), Content::None),
             Kind::Block { major, minor } => (TarKind::BlockDev(*major, *minor), Content::None),

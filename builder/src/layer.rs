@@ -23,9 +23,13 @@ pub const MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub enum Content {
     None,
     /// A file on disk, expected to hash to `sha256` (what its cache key used).
+    /// With `stamp`, the file's stat when that digest was taken: if the file
+    /// still has it before and after it is read, the bytes are not hashed
+    /// again (the same trust the stat index gives; any write changes ctime).
     Path {
         path: PathBuf,
         sha256: Digest,
+        stamp: Option<Stamp>,
     },
     Bytes(Vec<u8>),
     /// The entry's `size` bytes at `offset` of a file kiln made itself (a
@@ -35,6 +39,27 @@ pub enum Content {
         path: PathBuf,
         offset: u64,
     },
+}
+
+/// What identifies a file's content as long as it is not written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    pub fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
 }
 
 /// One entry to write; `path` is relative (no leading or trailing `/`).
@@ -134,7 +159,15 @@ fn write_entries(
                     Content::Bytes(b) => Some(Digest::of(b)),
                     _ => None,
                 };
-                m.entry(&e.path, &e.kind, e.mode, e.uid, e.gid, epoch, sha).map_err(uerr)?
+                let we = crate::listing::WalkEntry {
+                    path: &e.path,
+                    kind: &e.kind,
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    mtime: epoch,
+                };
+                m.entry(&we, sha).map_err(uerr)?
             }
             None => None,
         };
@@ -158,8 +191,8 @@ fn write_entries(
                     }
                     Digest::of(b)
                 }
-                Content::Path { path, sha256 } => {
-                    let got = copy_exact(path, size, w, &mut buf, tee.as_mut())?;
+                Content::Path { path, sha256, stamp } => {
+                    let got = copy_exact(path, size, w, &mut buf, tee.as_mut(), (*stamp).zip(Some(*sha256)))?;
                     if got != *sha256 {
                         return Err(BuildError::Changed { path: path.clone() });
                     }
@@ -214,9 +247,47 @@ fn copy_exact(
     w: &mut impl Write,
     buf: &mut [u8],
     tee: Option<&mut File>,
+    known: Option<(Stamp, Digest)>,
 ) -> Result<Digest, BuildError> {
     let f = File::open(path).map_err(BuildError::io_read(path))?;
+    let stamp = || f.metadata().map(|m| Stamp::of(&m)).map_err(BuildError::io_read(path));
+    if let Some((before, sha)) = known {
+        if stamp()? == before {
+            copy_unhashed(&f, path, size, w, buf, tee)?;
+            if stamp()? != before {
+                return Err(BuildError::Changed { path: path.clone() });
+            }
+            return Ok(sha);
+        }
+    }
     copy_n(f, path, size, w, buf, true, tee)
+}
+
+/// Copies exactly `size` bytes of a file whose stat vouches for its digest.
+fn copy_unhashed(
+    mut f: &File,
+    path: &PathBuf,
+    size: u64,
+    w: &mut impl Write,
+    buf: &mut [u8],
+    mut tee: Option<&mut File>,
+) -> Result<(), BuildError> {
+    let mut left = size;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = f.read(&mut buf[..want]).map_err(BuildError::io_read(path))?;
+        if n == 0 {
+            return Err(BuildError::Changed { path: path.clone() });
+        }
+        w.write_all(&buf[..n])
+            .map_err(|e| BuildError::Write { path: PathBuf::from("<layer>"), source: e })?;
+        if let Some(t) = tee.as_mut() {
+            t.write_all(&buf[..n])
+                .map_err(|e| BuildError::Write { path: PathBuf::from("<unpack>"), source: e })?;
+        }
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 /// Copies `size` bytes of `f`; with `whole`, `f` must end right there.

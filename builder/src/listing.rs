@@ -121,6 +121,7 @@ pub fn scan_layer(r: impl Read, layer: &Digest) -> Result<(Listing, Digest), Bui
 }
 
 /// What [`walk_layer`] shows of each entry before its data.
+#[derive(Clone, Copy)]
 pub struct WalkEntry<'a> {
     pub path: &'a str,
     pub kind: &'a TarKind,

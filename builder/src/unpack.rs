@@ -24,6 +24,7 @@ use kiln_cache::{Digest, Store};
 
 use crate::error::BuildError;
 use crate::image::ImageLayer;
+use crate::listing::WalkEntry;
 use crate::tarball::TarKind;
 
 /// Makes entries under `root`, in layer order.
@@ -64,17 +65,10 @@ impl Materializer {
 
     /// Makes one entry; for a regular file, returns the open file to write
     /// its content into (then call [`Materializer::file_done`]).
-    pub fn entry(
-        &mut self,
-        path: &str,
-        kind: &TarKind,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-        mtime: u64,
-        sha256: Option<Digest>,
-    ) -> io::Result<Option<fs::File>> {
+    /// With `sha256` (a regular file's digest), the file goes through the pool.
+    pub fn entry(&mut self, e: &WalkEntry<'_>, sha256: Option<Digest>) -> io::Result<Option<fs::File>> {
         debug_assert!(self.pending.is_none(), "file_done after each pooled file");
+        let WalkEntry { path, kind, mode, uid, gid, mtime } = *e;
         let (parent, name) = match path.rsplit_once('/') {
             Some((p, n)) => (self.root.join(p), n),
             None => (self.root.clone(), path),
@@ -238,7 +232,7 @@ pub fn unpack_blob(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(),
     let mut buf = vec![0u8; 256 * 1024];
     crate::listing::walk_layer(reader, &layer.digest, &mut |e, data| {
         let sha = if matches!(e.kind, TarKind::File { .. }) { sha_of(e.path) } else { None };
-        if let Some(mut f) = m.entry(e.path, e.kind, e.mode, e.uid, e.gid, e.mtime, sha)? {
+        if let Some(mut f) = m.entry(e, sha)? {
             use sha2::Digest as _;
             let mut hasher = sha2::Sha256::new();
             loop {
