@@ -192,6 +192,9 @@ run = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort > /closed.txt"
 [[step]]
 run = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort > /open.txt"
 network = true
+
+[[step]]
+run = "hostname > /hostname.txt && cat /etc/hostname >> /hostname.txt && echo '10.0.0.1 junk' >> /etc/hosts"
 "#,
     ) else {
         return;

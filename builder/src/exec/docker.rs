@@ -138,10 +138,10 @@ impl DockerEngine {
             .prefix("docker-")
             .tempdir_in(&tmp)
             .map_err(BuildError::io_write(&tmp))?;
+        let secret_dir = super::secret_dir()?;
         let mut binds = Vec::new();
         for (id, value) in req.secrets {
-            let p = work.path().join(format!("secret-{id}"));
-            std::fs::write(&p, value).map_err(BuildError::io_write(&p))?;
+            let p = super::write_secret(secret_dir.path(), id, value)?;
             binds.push(format!("{}:/run/secrets/{id}:ro", p.display()));
         }
         let body = ContainerCreateBody {

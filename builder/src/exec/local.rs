@@ -50,17 +50,23 @@ pub fn run(
     }
     make_init(&w.join("init"), req)?;
 
+    let secret_dir = super::secret_dir()?;
     let mut secrets = Vec::new();
     for (id, value) in req.secrets {
-        let path = w.join(format!("secret-{id}"));
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .open(&path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, value))
-            .map_err(BuildError::io_write(&path))?;
-        secrets.push((id.clone(), path));
+        secrets.push((id.clone(), super::write_secret(secret_dir.path(), id, value)?));
+    }
+    // /etc/hosts, /etc/hostname and /etc/resolv.conf as the engine makes them:
+    // loopback names, the hostname, and the host's resolvers when the network is on.
+    let mut etc_files = Vec::new();
+    let resolv = if req.network { fs::read("/etc/resolv.conf").unwrap_or_default() } else { Vec::new() };
+    for (name, content) in [
+        ("hosts", super::HOSTS.as_bytes().to_vec()),
+        ("hostname", format!("{}\n", super::HOSTNAME).into_bytes()),
+        ("resolv.conf", resolv),
+    ] {
+        let p = w.join(format!("etc-{name}"));
+        fs::write(&p, content).map_err(BuildError::io_write(&p))?;
+        etc_files.push((name.to_string(), p));
     }
     let mut all_lowers = vec![w.join("init")];
     all_lowers.extend(lowers.into_iter().rev());
@@ -77,6 +83,7 @@ pub fn run(
         network: req.network,
         hostname: super::HOSTNAME.into(),
         secrets,
+        etc_files,
     };
     let spec_path = w.join("spec.json");
     fs::write(&spec_path, serde_json::to_vec(&spec).expect("json"))

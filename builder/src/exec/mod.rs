@@ -22,6 +22,39 @@ use crate::image::ImageLayer;
 /// The hostname every `run` command sees, on both backends.
 pub const HOSTNAME: &str = "kiln";
 
+/// The /etc/hosts a command sees on the local backend (the engine writes its own).
+pub const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+
+/// A private folder for secret files, in memory (/dev/shm) where there is
+/// one, so a secret never lands on disk, even if kiln is killed.
+pub fn secret_dir() -> Result<tempfile::TempDir, crate::BuildError> {
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    tempfile::Builder::new()
+        .prefix("kiln-secrets-")
+        .tempdir_in(&base)
+        .map_err(crate::BuildError::io_write(base))
+}
+
+/// Writes one secret, readable by its owner only.
+pub fn write_secret(
+    dir: &std::path::Path,
+    id: &str,
+    value: &[u8],
+) -> Result<std::path::PathBuf, crate::BuildError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(id);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(&path)
+        .and_then(|mut f| f.write_all(value))
+        .map_err(crate::BuildError::io_write(&path))?;
+    Ok(path)
+}
+
 /// The PATH a command gets when the image sets none (Docker's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 

@@ -45,6 +45,8 @@ pub struct SandboxSpec {
     pub hostname: String,
     /// (id, file on the host), mounted read-only at /run/secrets/ID.
     pub secrets: Vec<(String, PathBuf)>,
+    /// (name, file) bound over /etc/NAME: hosts, hostname, resolv.conf.
+    pub etc_files: Vec<(String, PathBuf)>,
 }
 
 /// Runs the helper; never returns.
@@ -124,10 +126,19 @@ fn child(spec: &SandboxSpec) -> ! {
             lowers.len()
         ));
     }
-    check(
-        mount(Some("overlay"), &spec.merged, Some("overlay"), MsFlags::empty(), Some(opts.as_str())),
-        "mount the overlay",
-    );
+    // `volatile` (Linux 5.10+) skips syncing the upper folder, which a
+    // throwaway build sandbox does not need; older kernels mount without it.
+    let mounted =
+        mount(Some("overlay"), &spec.merged, Some("overlay"), MsFlags::empty(), Some(opts.as_str()));
+    if mounted == Err(nix::errno::Errno::EINVAL) {
+        let plain = opts.trim_end_matches(",volatile");
+        check(
+            mount(Some("overlay"), &spec.merged, Some("overlay"), MsFlags::empty(), Some(plain)),
+            "mount the overlay",
+        );
+    } else {
+        check(mounted, "mount the overlay");
+    }
     let root = &spec.merged;
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     check(mount(Some("proc"), &root.join("proc"), Some("proc"), nosuid, None::<&str>), "mount /proc");
@@ -175,6 +186,15 @@ fn child(spec: &SandboxSpec) -> ! {
     let _ = mount(Some("shm"), &dev.join("shm"), Some("tmpfs"), nosuid, Some("mode=1777,size=65536k"));
     // /sys read-only, as Docker mounts it; not every kernel allows it in every setup.
     let _ = mount(Some("sysfs"), &root.join("sys"), Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None::<&str>);
+    // The engine's per-container files: bound over the init folder's empty
+    // ones, so what a command writes there never reaches the layer.
+    for (name, src) in &spec.etc_files {
+        let target = root.join("etc").join(name);
+        check(
+            mount(Some(src), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+            &format!("mount /etc/{name}"),
+        );
+    }
     for (id, src) in &spec.secrets {
         let target = root.join("run/secrets").join(id);
         check(
