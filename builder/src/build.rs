@@ -34,7 +34,7 @@ use crate::tarball::TarKind;
 
 /// Bump when anything that decides a layer's bytes changes, so old cache
 /// entries are never taken for new ones.
-pub const KEY_SCHEMA: u32 = 2;
+pub const KEY_SCHEMA: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -558,7 +558,7 @@ impl Session {
                     (TarKind::File { .. }, Some(m)) => m.0,
                     _ => e.mode,
                 };
-                Source { rel: e.rel, kind: e.kind, mode, content: e.content }
+                Source { rel: e.rel, kind: e.kind, mode, content: e.content, xattrs: e.xattrs }
             })
             .collect();
         let name = crate::extract::base_name(&c.src);
@@ -849,6 +849,7 @@ fn parent_entries(
             uid,
             gid,
             content: Content::None,
+            xattrs: Vec::new(),
         });
     }
     Ok(out)
@@ -869,6 +870,7 @@ struct Source {
     kind: TarKind,
     mode: u32,
     content: Content,
+    xattrs: Vec<(String, Vec<u8>)>,
 }
 
 fn copy_entries(
@@ -891,7 +893,7 @@ fn copy_entries(
                     Content::Path { path: e.abs.clone(), sha256: *sha256, stamp: e.stamp },
                 ),
             };
-            Source { rel: e.rel.clone(), kind, mode: e.mode, content }
+            Source { rel: e.rel.clone(), kind, mode: e.mode, content, xattrs: Vec::new() }
         })
         .collect();
     place_entries(recipe, step, c, root_is_dir, src.name.as_deref(), sources, tree)
@@ -936,6 +938,7 @@ fn place_entries(
             uid: c.owner.uid,
             gid: c.owner.gid,
             content: e.content,
+            xattrs: e.xattrs,
         });
     }
     Ok(entries)
@@ -963,6 +966,7 @@ fn write_entries(
         uid: w.owner.uid,
         gid: w.owner.gid,
         content: Content::Bytes(bytes),
+        xattrs: Vec::new(),
     });
     Ok(entries)
 }

@@ -23,6 +23,8 @@ pub struct Change {
     pub uid: u32,
     pub gid: u32,
     pub kind: ChangeKind,
+    /// Kept extended attributes (file capabilities).
+    pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,7 +86,8 @@ pub fn to_layer_entries(mut changes: Vec<Change>) -> Vec<LayerEntry> {
                 continue;
             }
         };
-        out.push(LayerEntry { path: c.path, kind, mode: c.mode, uid: c.uid, gid: c.gid, content });
+        let xattrs = if matches!(kind, TarKind::Hardlink(_)) { Vec::new() } else { c.xattrs };
+        out.push(LayerEntry { path: c.path, kind, mode: c.mode, uid: c.uid, gid: c.gid, content, xattrs });
     }
     out
 }
@@ -98,6 +101,7 @@ fn marker(path: String) -> LayerEntry {
         uid: 0,
         gid: 0,
         content: Content::Bytes(Vec::new()),
+        xattrs: Vec::new(),
     }
 }
 
@@ -150,19 +154,28 @@ pub fn from_upper(upper: &Path) -> Result<Vec<Change>, BuildError> {
         } else {
             continue; // a socket
         };
+        let xattrs = if matches!(kind, ChangeKind::Whiteout) {
+            Vec::new()
+        } else {
+            crate::listing::KEPT_XATTRS
+                .iter()
+                .filter_map(|k| Some((k.to_string(), read_xattr(path, k)?)))
+                .collect()
+        };
         out.push(Change {
             path: rel.to_string(),
             mode: md.mode() & 0o7777,
             uid: md.uid(),
             gid: md.gid(),
             kind,
+            xattrs,
         });
     }
     Ok(out)
 }
 
 fn read_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let mut buf = [0u8; 16];
+    let mut buf = [0u8; 256];
     let n = rustix::fs::lgetxattr(path, name, &mut buf).ok()?;
     Some(buf[..n].to_vec())
 }
@@ -220,7 +233,7 @@ pub fn from_layer_listing(
             _ => e.path.clone(),
         };
         at.insert(path.clone(), out.len());
-        out.push(Change { path, mode: e.mode, uid: e.uid, gid: e.gid, kind });
+        out.push(Change { path, mode: e.mode, uid: e.uid, gid: e.gid, kind, xattrs: e.xattr_pairs() });
     }
     for (n, (path, target)) in links.into_iter().enumerate() {
         let Some(&i) = at.get(target) else {
@@ -238,8 +251,8 @@ pub fn from_layer_listing(
         };
         let group = *link.get_or_insert(n as u64);
         let kind = ChangeKind::File { size: *size, content: content.clone(), link: Some(group) };
-        let (mode, uid, gid) = (t.mode, t.uid, t.gid);
-        out.push(Change { path: path.to_string(), mode, uid, gid, kind });
+        let (mode, uid, gid, xattrs) = (t.mode, t.uid, t.gid, t.xattrs.clone());
+        out.push(Change { path: path.to_string(), mode, uid, gid, kind, xattrs });
     }
     for dir in opaque {
         match at.get(&dir).map(|i| &mut out[*i]) {
@@ -266,6 +279,7 @@ mod tests {
             uid: 0,
             gid: 0,
             kind: ChangeKind::File { size: 1, content: Content::Bytes(b"x".to_vec()), link },
+            xattrs: Vec::new(),
         }
     }
 
@@ -281,6 +295,46 @@ mod tests {
                 ("z", &TarKind::File { size: 1 })
             ]
         );
+    }
+
+    #[test]
+    fn file_capabilities_survive_upper_to_layer_to_folder() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: setting security.capability needs root");
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+            return;
+        }
+        // cap_net_raw, permitted and effective (VFS_CAP_REVISION_2).
+        let cap: [u8; 20] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir(&upper).unwrap();
+        std::fs::write(upper.join("ping"), b"binary").unwrap();
+        rustix::fs::setxattr(
+            upper.join("ping"),
+            "security.capability",
+            &cap,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let changes = from_upper(&upper).unwrap();
+        assert_eq!(changes[0].xattrs, vec![("security.capability".to_string(), cap.to_vec())]);
+        let store = kiln_cache::Store::open(&dir.path().join("cache")).unwrap();
+        let (blob, listing) = crate::layer::write_layer(&store, to_layer_entries(changes), 0).unwrap();
+        assert_eq!(listing.entries[0].xattr_pairs(), vec![("security.capability".to_string(), cap.to_vec())]);
+        let layer = crate::image::ImageLayer {
+            diff_id: blob.diff_id,
+            digest: blob.digest,
+            size: blob.size,
+            media_type: crate::layer::MEDIA_TYPE.into(),
+        };
+        // Read back from the blob (not the saved listing) and unpacked into a folder.
+        let _ = std::fs::remove_file(store.record_path("listings", &blob.diff_id.hex()));
+        let folder = dir.path().join("folder");
+        crate::unpack::unpack_blob(&store, &layer, &folder).unwrap();
+        let mut got = [0u8; 64];
+        let n = rustix::fs::lgetxattr(folder.join("ping"), "security.capability", &mut got).unwrap();
+        assert_eq!(&got[..n], &cap);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub struct StageEntry {
     pub kind: TarKind,
     pub mode: u32,
     pub content: Content,
+    pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
 /// What `src` (absolute, normalized) holds in the image made of `layers`.
@@ -138,7 +139,7 @@ pub fn stage_source(
             Kind::Block { major, minor } => (TarKind::BlockDev(*major, *minor), Content::None),
             Kind::Fifo => (TarKind::Fifo, Content::None),
         };
-        out.push(StageEntry { rel: rel.to_string(), kind, mode: e.mode, content });
+        out.push(StageEntry { rel: rel.to_string(), kind, mode: e.mode, content, xattrs: e.xattr_pairs() });
     }
     Ok((out, tmp))
 }

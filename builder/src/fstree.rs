@@ -134,7 +134,7 @@ mod tests {
     use super::*;
 
     fn e(path: &str, kind: Kind) -> ListEntry {
-        ListEntry { path: path.into(), kind, mode: 0o755, uid: 0, gid: 0 }
+        ListEntry { path: path.into(), kind, mode: 0o755, uid: 0, gid: 0, xattrs: Default::default() }
     }
 
     fn sym(path: &str, t: &str) -> ListEntry {

@@ -71,6 +71,8 @@ pub struct LayerEntry {
     pub uid: u32,
     pub gid: u32,
     pub content: Content,
+    /// Kept extended attributes (see [`crate::listing::KEPT_XATTRS`]).
+    pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
 /// A finished layer blob.
@@ -159,6 +161,8 @@ fn write_entries(
                     Content::Bytes(b) => Some(Digest::of(b)),
                     _ => None,
                 };
+                let xattrs: std::collections::BTreeMap<String, String> =
+                    e.xattrs.iter().map(|(k, v)| (k.clone(), hex::encode(v))).collect();
                 let we = crate::listing::WalkEntry {
                     path: &e.path,
                     kind: &e.kind,
@@ -166,6 +170,7 @@ fn write_entries(
                     uid: e.uid,
                     gid: e.gid,
                     mtime: epoch,
+                    xattrs: &xattrs,
                 };
                 m.entry(&we, sha).map_err(uerr)?
             }
@@ -178,7 +183,7 @@ fn write_entries(
             uid: e.uid,
             gid: e.gid,
             mtime: epoch,
-            xattrs: &[],
+            xattrs: &e.xattrs,
         };
         tarball::write_header(w, &header).map_err(werr)?;
         let mut sha = None;
@@ -216,6 +221,7 @@ fn write_entries(
             mode: e.mode & 0o7777,
             uid: e.uid,
             gid: e.gid,
+            xattrs: e.xattrs.iter().map(|(k, v)| (k.clone(), hex::encode(v))).collect(),
         });
     }
     tarball::write_trailer(w).map_err(werr)?;
@@ -265,12 +271,44 @@ fn copy_exact(
 
 /// Copies exactly `size` bytes of a file whose stat vouches for its digest.
 fn copy_unhashed(
+    f: &File,
+    path: &PathBuf,
+    size: u64,
+    w: &mut impl Write,
+    buf: &mut [u8],
+    tee: Option<&mut File>,
+) -> Result<(), BuildError> {
+    pump(f, path, size, w, buf, tee, |_| {})
+}
+
+/// Copies `size` bytes of `f`; with `whole`, `f` must end right there.
+fn copy_n(
+    f: File,
+    path: &PathBuf,
+    size: u64,
+    w: &mut impl Write,
+    buf: &mut [u8],
+    whole: bool,
+    tee: Option<&mut File>,
+) -> Result<Digest, BuildError> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    pump(&f, path, size, w, buf, tee, |bytes| hasher.update(bytes))?;
+    if whole && (&f).read(&mut buf[..1]).map_err(BuildError::io_read(path))? != 0 {
+        return Err(BuildError::Changed { path: path.clone() });
+    }
+    Ok(Digest::from_hasher(hasher))
+}
+
+/// Moves `size` bytes from `f` to `w` (and `tee`), showing each piece to `seen`.
+fn pump(
     mut f: &File,
     path: &PathBuf,
     size: u64,
     w: &mut impl Write,
     buf: &mut [u8],
     mut tee: Option<&mut File>,
+    mut seen: impl FnMut(&[u8]),
 ) -> Result<(), BuildError> {
     let mut left = size;
     while left > 0 {
@@ -279,6 +317,7 @@ fn copy_unhashed(
         if n == 0 {
             return Err(BuildError::Changed { path: path.clone() });
         }
+        seen(&buf[..n]);
         w.write_all(&buf[..n])
             .map_err(|e| BuildError::Write { path: PathBuf::from("<layer>"), source: e })?;
         if let Some(t) = tee.as_mut() {
@@ -288,38 +327,4 @@ fn copy_unhashed(
         left -= n as u64;
     }
     Ok(())
-}
-
-/// Copies `size` bytes of `f`; with `whole`, `f` must end right there.
-fn copy_n(
-    mut f: File,
-    path: &PathBuf,
-    size: u64,
-    w: &mut impl Write,
-    buf: &mut [u8],
-    whole: bool,
-    mut tee: Option<&mut File>,
-) -> Result<Digest, BuildError> {
-    use sha2::Digest as _;
-    let mut hasher = sha2::Sha256::new();
-    let mut left = size;
-    while left > 0 {
-        let want = buf.len().min(left as usize);
-        let n = f.read(&mut buf[..want]).map_err(BuildError::io_read(path))?;
-        if n == 0 {
-            return Err(BuildError::Changed { path: path.clone() });
-        }
-        hasher.update(&buf[..n]);
-        w.write_all(&buf[..n])
-            .map_err(|e| BuildError::Write { path: PathBuf::from("<layer>"), source: e })?;
-        if let Some(t) = tee.as_mut() {
-            t.write_all(&buf[..n])
-                .map_err(|e| BuildError::Write { path: PathBuf::from("<unpack>"), source: e })?;
-        }
-        left -= n as u64;
-    }
-    if whole && f.read(&mut buf[..1]).map_err(BuildError::io_read(path))? != 0 {
-        return Err(BuildError::Changed { path: path.clone() });
-    }
-    Ok(Digest::from_hasher(hasher))
 }

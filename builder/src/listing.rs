@@ -51,6 +51,20 @@ pub struct ListEntry {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Extended attributes kiln keeps ([`KEPT_XATTRS`]), values in hex.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+}
+
+/// The extended attributes layers carry, as the engine's archiver keeps
+/// them: file capabilities (`setcap`). Others are dropped.
+pub const KEPT_XATTRS: &[&str] = &["security.capability"];
+
+impl ListEntry {
+    /// The kept xattrs as (name, bytes), for a tar header.
+    pub fn xattr_pairs(&self) -> Vec<(String, Vec<u8>)> {
+        self.xattrs.iter().filter_map(|(k, v)| Some((k.clone(), hex::decode(v).ok()?))).collect()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +119,7 @@ struct Pending {
     size: Option<u64>,
     uid: Option<u64>,
     gid: Option<u64>,
+    xattrs: BTreeMap<String, String>,
 }
 
 /// Reads an uncompressed layer tar, checking every entry, and returns its
@@ -129,6 +144,7 @@ pub struct WalkEntry<'a> {
     pub uid: u32,
     pub gid: u32,
     pub mtime: u64,
+    pub xattrs: &'a BTreeMap<String, String>,
 }
 
 /// The checks of [`scan_layer`], calling `visit` with every entry and a
@@ -247,7 +263,7 @@ fn scan(
             }
         };
         let mtime = h.mtime().unwrap_or(0);
-        let entry = WalkEntry { path: &path, kind: &tar_kind, mode, uid, gid, mtime };
+        let entry = WalkEntry { path: &path, kind: &tar_kind, mode, uid, gid, mtime, xattrs: &p.xattrs };
         let sha = if let TarKind::File { size } = tar_kind {
             if let Some(o) = offsets.as_deref_mut() {
                 o.insert(path.clone(), r.pos);
@@ -268,7 +284,7 @@ fn scan(
             None
         };
         let kind = Kind::from_tar(&tar_kind, sha);
-        entries.insert(path.clone(), ListEntry { path, kind, mode, uid, gid });
+        entries.insert(path.clone(), ListEntry { path, kind, mode, uid, gid, xattrs: p.xattrs });
     }
     // Whatever follows the end marker still counts toward the digest.
     std::io::copy(&mut r, &mut std::io::sink()).map_err(io_bad)?;
@@ -331,7 +347,15 @@ fn parse_pax(mut body: &[u8], p: &mut Pending) -> Result<(), &'static str> {
             b"size" => p.size = Some(number()?),
             b"uid" => p.uid = Some(number()?),
             b"gid" => p.gid = Some(number()?),
-            _ => {} // times, names and xattrs do not enter listings
+            _ => {
+                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    let name = String::from_utf8_lossy(name);
+                    if KEPT_XATTRS.contains(&name.as_ref()) {
+                        p.xattrs.insert(name.into_owned(), hex::encode(value));
+                    }
+                }
+                // times, names and other xattrs do not enter listings
+            }
         }
         body = &body[len..];
     }

@@ -27,12 +27,15 @@ use crate::image::ImageLayer;
 use crate::listing::WalkEntry;
 use crate::tarball::TarKind;
 
+/// Extended attributes as (name, bytes).
+type Xattrs = Vec<(String, Vec<u8>)>;
+
 /// Makes entries under `root`, in layer order.
 pub struct Materializer {
     root: PathBuf,
     pool: Option<PathBuf>,
-    /// Every path made and its time, for the final pass that sets times.
-    made: Vec<(PathBuf, u64)>,
+    /// Every path made, its time and xattrs, for the final pass that sets them.
+    made: Vec<(PathBuf, u64, Xattrs)>,
     /// A file being written into the pool.
     pending: Option<Pending>,
 }
@@ -68,7 +71,9 @@ impl Materializer {
     /// With `sha256` (a regular file's digest), the file goes through the pool.
     pub fn entry(&mut self, e: &WalkEntry<'_>, sha256: Option<Digest>) -> io::Result<Option<fs::File>> {
         debug_assert!(self.pending.is_none(), "file_done after each pooled file");
-        let WalkEntry { path, kind, mode, uid, gid, mtime } = *e;
+        let WalkEntry { path, kind, mode, uid, gid, mtime, xattrs } = *e;
+        // A file with xattrs keeps them on its own inode, outside the pool.
+        let sha256 = sha256.filter(|_| xattrs.is_empty());
         let (parent, name) = match path.rsplit_once('/') {
             Some((p, n)) => (self.root.join(p), n),
             None => (self.root.clone(), path),
@@ -139,7 +144,13 @@ impl Materializer {
         if !matches!(kind, TarKind::Symlink(_)) {
             fs::set_permissions(&full, fs::Permissions::from_mode(mode & 0o7777))?;
         }
-        self.made.push((full, mtime));
+        // Set in `finish`: chown and writing the content both drop file capabilities.
+        let mut attrs = Vec::new();
+        for (k, v) in xattrs {
+            let v = hex::decode(v).map_err(|_| io::Error::other(format!("bad xattr value for {k}")))?;
+            attrs.push((k.clone(), v));
+        }
+        self.made.push((full, mtime, attrs));
         Ok(file)
     }
 
@@ -165,7 +176,10 @@ impl Materializer {
     /// Sets every entry's time; call once, after the last entry (making
     /// an entry changes its folder's time).
     pub fn finish(self) -> io::Result<PathBuf> {
-        for (p, mtime) in self.made.iter().rev() {
+        for (p, mtime, attrs) in self.made.iter().rev() {
+            for (k, v) in attrs {
+                rustix::fs::lsetxattr(p, k.as_str(), v, rustix::fs::XattrFlags::empty())?;
+            }
             set_time(p, *mtime)?;
         }
         Ok(self.root)
