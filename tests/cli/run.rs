@@ -475,3 +475,76 @@ fn unpacked_layers_are_counted_kept_by_gc_and_pruned_first() {
     // Everything still builds (and unpacks again when a run step misses).
     assert_eq!(p.build(&["--no-cache"]).digest(), d);
 }
+
+#[test]
+fn containers_left_by_a_killed_kiln_are_removed_by_the_next_docker_build() {
+    let Some(p) =
+        project("[image]\nname = \"orphan\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"sleep 30\"\n")
+    else {
+        return;
+    };
+    if !require_docker() {
+        return;
+    }
+    let labelled = || {
+        let out =
+            Command::new("docker").args(["ps", "-aq", "--filter", "label=io.kiln.pid"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect::<Vec<_>>()
+    };
+    let before = labelled();
+    let mut child = p.command(&["build", "kiln.toml", "--backend", "docker"]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while labelled().len() <= before.len() {
+        assert!(std::time::Instant::now() < deadline, "no container started");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let orphan: Vec<String> = labelled().into_iter().filter(|c| !before.contains(c)).collect();
+    assert_eq!(orphan.len(), 1, "the killed build left its container");
+    // The next build on the engine removes it (its kiln is gone), whatever it builds.
+    p.recipe(&format!(
+        "{BASE}\n[image]\nname = \"next\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"true\"\n"
+    ));
+    p.build(&["--backend", "docker"]).digest();
+    assert!(!labelled().contains(&orphan[0]), "the orphan is gone");
+}
+
+#[test]
+fn killing_kiln_mid_step_leaves_no_mount_and_no_process() {
+    // A sleep no other process runs: its argument carries this test's pid.
+    let marker = format!("30.{}", std::process::id());
+    let Some(p) = project(&format!(
+        "[image]\nname = \"killed\"\nbase = \"stage:base\"\n\n[[step]]\nrun = [\"/bin/sleep\", \"{marker}\"]\n"
+    )) else {
+        return;
+    };
+    let running = || {
+        fs::read_dir("/proc").unwrap().filter_map(Result::ok).any(|e| {
+            fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| c.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        })
+    };
+    let mut child = p.command(&["build", "kiln.toml", "--backend", "local"]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !running() {
+        assert!(std::time::Instant::now() < deadline, "the command never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while running() {
+        assert!(std::time::Instant::now() < deadline, "the command outlived kiln");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(p.cache.to_str().unwrap()), "a mount leaked:\n{mounts}");
+    // The next build works, and gc clears what the killed one left in tmp/.
+    p.recipe(&format!(
+        "{BASE}\n[image]\nname = \"next\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"true\"\n"
+    ));
+    p.build(&[]).digest();
+    assert_eq!(p.kiln(&["cache", "gc"]).code, 0);
+    assert_eq!(fs::read_dir(p.cache.join("v1/tmp")).unwrap().count(), 0);
+}

@@ -62,7 +62,29 @@ impl DockerEngine {
                 Ok::<_, bollard::errors::Error>(c)
             })
             .map_err(|e| unreachable(&e))?;
-        Ok(DockerEngine { client, rt })
+        let engine = DockerEngine { client, rt };
+        engine.remove_orphans();
+        Ok(engine)
+    }
+
+    /// Removes containers an earlier kiln left behind when it was killed
+    /// mid-step (each is labelled with its kiln's pid and boot id).
+    fn remove_orphans(&self) {
+        let filters = std::collections::HashMap::from([("label".to_string(), vec![LABEL_PID.to_string()])]);
+        let opts = bollard::query_parameters::ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let Ok(list) = self.rt.block_on(self.client.list_containers(Some(opts))) else { return };
+        for c in list {
+            let labels = c.labels.unwrap_or_default();
+            let alive = labels.get(LABEL_BOOT).is_none_or(|b| *b != boot_id())
+                || labels.get(LABEL_PID).and_then(|p| p.parse::<i32>().ok()).is_some_and(pid_alive);
+            if let (false, Some(id)) = (alive, c.id) {
+                let opts = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+                let _ = self.rt.block_on(self.client.remove_container(&id, Some(opts)));
+            }
+        }
     }
 
     /// Loads a stored image into the engine unless it already has it (by
@@ -144,7 +166,12 @@ impl DockerEngine {
             let p = super::write_secret(secret_dir.path(), id, value)?;
             binds.push(format!("{}:/run/secrets/{id}:ro", p.display()));
         }
+        let labels = std::collections::HashMap::from([
+            (LABEL_PID.to_string(), std::process::id().to_string()),
+            (LABEL_BOOT.to_string(), boot_id()),
+        ]);
         let body = ContainerCreateBody {
+            labels: Some(labels),
             image: Some(parent.config.to_string()),
             entrypoint: Some(req.argv.clone()),
             env: Some(req.env.clone()),
@@ -355,6 +382,19 @@ fn drop_secret_mounts(changes: &mut Vec<Change>, req: &RunRequest<'_>) {
             });
         }
     }
+}
+
+/// Labels on the containers kiln runs steps in.
+const LABEL_PID: &str = "io.kiln.pid";
+const LABEL_BOOT: &str = "io.kiln.boot";
+
+/// This boot of the machine (pids are only unique within one).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string()
+}
+
+fn pid_alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// `name[:tag]` → (repository, tag), `latest` by default.
