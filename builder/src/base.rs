@@ -20,12 +20,16 @@ pub struct BaseImage {
     pub layers: Vec<ImageLayer>,
 }
 
+/// Connects to the engine, for `docker:REF` bases.
+pub type Engine<'a> = &'a dyn Fn() -> Result<std::sync::Arc<crate::exec::docker::DockerEngine>, BuildError>;
+
 pub fn load_base(
     store: &Store,
     recipe: &Recipe,
     base: &Base,
     base_span: Option<kiln_recipes::Span>,
     platform: &Platform,
+    engine: Engine<'_>,
 ) -> Result<BaseImage, BuildError> {
     match base {
         Base::Scratch => {
@@ -33,7 +37,21 @@ pub fn load_base(
         }
         other => {
             let r = other.image_ref().expect("an image base (stages are resolved by the build)");
-            let img = crate::import::import(store, &r).map_err(|e| match e {
+            let imported = match other {
+                Base::Docker(reference) => engine()?.base_image(store, reference).and_then(|img| {
+                    img.ok_or_else(|| {
+                        recipe
+                            .error_at(
+                                base_span.clone().unwrap_or(0..0),
+                                format!("the Docker engine has no image `{reference}`"),
+                            )
+                            .with_hint(format!("`docker pull {reference}` or `docker load` it first"))
+                            .into()
+                    })
+                }),
+                _ => crate::import::import(store, &r),
+            };
+            let img = imported.map_err(|e| match e {
                 // A base that cannot be opened is a problem of the recipe: point at it.
                 BuildError::Read { path, source } => recipe
                     .error_at(

@@ -240,7 +240,9 @@ impl Session {
                 let b = &done[n];
                 Ok(BaseImage { id: b.id.clone(), config: b.config.clone(), layers: b.layers.clone() })
             }
-            (base, span) => load_base(&self.store, &self.recipe, base, span, &self.platform),
+            (base, span) => {
+                load_base(&self.store, &self.recipe, base, span, &self.platform, &|| self.docker())
+            }
         }
     }
 

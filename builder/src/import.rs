@@ -27,7 +27,23 @@ const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
 /// Imports the image at `r` into the store (checked) and describes it.
+/// `docker:REF` is read from the engine at DOCKER_HOST.
 pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
+    if let ImageRef::Docker(reference) = r {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(
+            |e| BuildError::Environment {
+                message: format!("Cannot start an async runtime: {e}"),
+                hint: String::new(),
+            },
+        )?;
+        let engine = crate::exec::docker::DockerEngine::connect(rt.handle().clone())?;
+        return engine.base_image(store, reference)?.ok_or_else(|| {
+            BuildError::usage(
+                format!("The Docker engine has no image `{reference}`"),
+                Some("check the name with `docker images`"),
+            )
+        });
+    }
     let name = r.to_string();
     let bad = |reason: String| BuildError::BadImage { image: name.clone(), reason };
     match r {
@@ -63,25 +79,7 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
             if let Some(img) = checked_before(store, &source_key.hex()) {
                 return Ok(img);
             }
-            let members = read_archive(store, file).map_err(&bad)?;
-            let have = |d: &Digest| -> Result<(), BuildError> {
-                if store.has_blob(d) {
-                    Ok(())
-                } else {
-                    Err(bad(format!("the archive lacks blob {d}")))
-                }
-            };
-            let img = if let (ImageRef::DockerArchive(_), Some(m)) = (r, members.get("manifest.json")) {
-                docker_manifest(store, &members, m)
-                    .map_err(&bad)
-                    .and_then(|m| finish(store, &name, m, &have))?
-            } else {
-                let index =
-                    members.get("index.json").ok_or_else(|| bad("the archive has no `index.json`".into()))?;
-                let index = store.read_blob(index)?;
-                let m = resolve_index(&index, None, &have, store).map_err(&bad)?;
-                finish(store, &name, m, &have)?
-            };
+            let img = import_archive(store, &name, file, matches!(r, ImageRef::DockerArchive(_)))?;
             img.record(store, "bases", &source_key.hex(), &name)?;
             Ok(img)
         }
@@ -90,6 +88,38 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
             Some("use `oci:DIR[:TAG]`, `oci-archive:FILE` or `docker-archive:FILE`"),
         )),
     }
+}
+
+/// Imports an OCI archive, or (`docker`) what `docker save` writes.
+pub fn import_archive(
+    store: &Store,
+    name: &str,
+    file: &Path,
+    docker: bool,
+) -> Result<StoredImage, BuildError> {
+    let bad = |reason: String| BuildError::BadImage { image: name.to_string(), reason };
+    let members = read_archive(store, file).map_err(bad)?;
+    let have = |d: &Digest| -> Result<(), BuildError> {
+        if store.has_blob(d) {
+            Ok(())
+        } else {
+            Err(bad(format!("the archive lacks blob {d}")))
+        }
+    };
+    if let (true, Some(m)) = (docker, members.get("manifest.json")) {
+        let m = docker_manifest(store, &members, m).map_err(bad)?;
+        return finish(store, name, m, &have);
+    }
+    let index = members.get("index.json").ok_or_else(|| bad("the archive has no `index.json`".into()))?;
+    let index = store.read_blob(index)?;
+    let m = resolve_index(&index, None, &have, store).map_err(bad)?;
+    finish(store, name, m, &have)
+}
+
+/// A base imported before under `key` (e.g. an engine image ID), if its
+/// blobs are all still intact.
+pub fn imported_as(store: &Store, key: &str) -> Option<StoredImage> {
+    checked_before(store, key)
 }
 
 fn read_small(p: &Path) -> Result<Vec<u8>, BuildError> {

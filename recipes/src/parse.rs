@@ -181,18 +181,17 @@ impl Parser {
         if let Some(name) = s.strip_prefix("stage:") {
             return Ok(Base::Stage(self.stage_ref(name, b.span(), stages)?));
         }
-        let hint = "bases are `scratch`, `stage:NAME`, `oci:PATH[:TAG]`, `oci-archive:FILE` or `docker-archive:FILE`";
+        let hint = "bases are `scratch`, `stage:NAME`, `oci:PATH[:TAG]`, `oci-archive:FILE`, `docker-archive:FILE` or `docker:REF`";
         let r = ImageRef::parse(s).map_err(|e| self.err(b.span(), e.to_string()).with_hint(hint))?;
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
         match r {
             ImageRef::Oci { dir: d, tag } => Ok(Base::Oci { dir: resolve(d), tag }),
             ImageRef::OciArchive(p) => Ok(Base::OciArchive(resolve(p))),
             ImageRef::DockerArchive(p) => Ok(Base::DockerArchive(resolve(p))),
-            ImageRef::Docker(_) | ImageRef::Registry(_) => {
-                Err(self.err(b.span(), format!("the base `{s}` is not supported yet")).with_hint(
-                    "export the image with `docker save` (or `skopeo copy`) and use `docker-archive:FILE`",
-                ))
-            }
+            ImageRef::Docker(r) => Ok(Base::Docker(r)),
+            ImageRef::Registry(_) => Err(self
+                .err(b.span(), format!("the base `{s}` is not supported yet"))
+                .with_hint("export the image with `skopeo copy` and use `oci:DIR` or `docker-archive:FILE`")),
             ImageRef::Vm(_) => Err(self.err(b.span(), "a VM disk cannot be a base").with_hint(hint)),
         }
     }

@@ -127,6 +127,8 @@ pub enum Base {
     DockerArchive(PathBuf),
     /// The result of the recipe's `[[stage]]` of that name.
     Stage(String),
+    /// An image in the Docker engine at DOCKER_HOST.
+    Docker(String),
 }
 
 impl Base {
@@ -139,6 +141,7 @@ impl Base {
             Base::OciArchive(p) => Some(ImageRef::OciArchive(p.clone())),
             Base::DockerArchive(p) => Some(ImageRef::DockerArchive(p.clone())),
             Base::Stage(_) => None,
+            Base::Docker(r) => Some(ImageRef::Docker(r.clone())),
         }
     }
 }
@@ -152,6 +155,7 @@ impl std::fmt::Display for Base {
             Base::OciArchive(p) => write!(f, "oci-archive:{}", p.display()),
             Base::DockerArchive(p) => write!(f, "docker-archive:{}", p.display()),
             Base::Stage(n) => write!(f, "stage:{n}"),
+            Base::Docker(r) => write!(f, "docker:{r}"),
         }
     }
 }

@@ -548,3 +548,41 @@ fn killing_kiln_mid_step_leaves_no_mount_and_no_process() {
     assert_eq!(p.kiln(&["cache", "gc"]).code, 0);
     assert_eq!(fs::read_dir(p.cache.join("v1/tmp")).unwrap().count(), 0);
 }
+
+#[test]
+fn an_engine_image_is_a_base_and_is_read_once() {
+    let Some(p) =
+        project("[image]\nname = \"first\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"echo one > /one\"\n")
+    else {
+        return;
+    };
+    if !require_docker() {
+        return;
+    }
+    let tag = format!("kiln-test-base:{}", std::process::id());
+    p.build(&["-o", "oci:first", "-o", &format!("docker:{tag}")]).digest();
+    let on_top = |base: &str| {
+        format!("[image]\nname = \"second\"\nbase = \"{base}\"\n\n[[step]]\nwrite = \"/two\"\ncontent = \"two\\n\"\n")
+    };
+    p.recipe(&on_top(&format!("docker:{tag}")));
+    let from_engine = p.build(&["-o", "oci:from-engine"]);
+    from_engine.digest();
+    p.recipe(&on_top("oci:first"));
+    p.build(&["-o", "oci:from-layout"]).digest();
+    // Same files (the engine hands back plain-tar layers, so the blobs differ).
+    let diff = p.kiln(&["diff", "oci:from-engine", "oci:from-layout"]);
+    assert_eq!(diff.code, 0, "{}{}", diff.stdout, diff.stderr);
+    // Again: the base is found by the engine's image ID, every step is a hit.
+    p.recipe(&on_top(&format!("docker:{tag}")));
+    let again = p.build(&["-o", "oci:from-engine"]);
+    assert_eq!(again.digest(), from_engine.digest());
+    assert_eq!(again.count("cache_hit"), again.count("step_finished"));
+    let inspect = p.kiln(&["inspect", &format!("docker:{tag}")]);
+    assert_eq!(inspect.code, 0, "{}", inspect.stderr);
+    let _ = Command::new("docker").args(["rmi", &tag]).output();
+    // A missing engine image is a recipe error at the base.
+    p.recipe(&on_top("docker:kiln-test-no-such-image:1"));
+    let missing = p.build(&[]);
+    assert_eq!(missing.code, 2, "{}", missing.stderr);
+    assert!(missing.stderr.contains("has no image"), "{}", missing.stderr);
+}

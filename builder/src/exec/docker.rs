@@ -307,6 +307,46 @@ impl DockerEngine {
         image::store_image(store, config, req.layers.to_vec(), 0, BTreeMap::new())
     }
 
+    /// An image of the engine as a base: exported once (`GET /images/REF/get`),
+    /// checked and imported like a `docker save` archive, and recorded by
+    /// the engine's image ID, so later builds read nothing while the
+    /// reference names the same image. `Ok(None)`: the engine has no such image.
+    pub fn base_image(&self, store: &Store, reference: &str) -> Result<Option<StoredImage>, BuildError> {
+        let inspect = match self.rt.block_on(self.client.inspect_image(reference)) {
+            Ok(i) => i,
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(engine_error(e)),
+        };
+        let id = inspect.id.unwrap_or_default();
+        let key = Digest::of(format!("docker-engine\0{id}").as_bytes()).hex();
+        if let Some(img) = crate::import::imported_as(store, &key) {
+            return Ok(Some(img));
+        }
+        let tmp = store.tmp_dir();
+        let spool = tempfile::Builder::new()
+            .prefix("docker-base-")
+            .tempfile_in(&tmp)
+            .map_err(BuildError::io_write(&tmp))?;
+        let path = spool.path().to_path_buf();
+        self.rt.block_on(async {
+            let mut f = tokio::fs::File::create(&path).await.map_err(BuildError::io_write(&path))?;
+            let mut s = self.client.export_image(reference);
+            while let Some(chunk) = s.next().await {
+                let chunk = chunk.map_err(engine_error)?;
+                tokio::io::AsyncWriteExt::write_all(&mut f, &chunk)
+                    .await
+                    .map_err(BuildError::io_write(&path))?;
+            }
+            tokio::io::AsyncWriteExt::flush(&mut f).await.map_err(BuildError::io_write(&path))
+        })?;
+        let name = format!("docker:{reference}");
+        let img = crate::import::import_archive(store, &name, &path, true)?;
+        img.record(store, "bases", &key, &name)?;
+        Ok(Some(img))
+    }
+
     pub fn handle(&self) -> &tokio::runtime::Handle {
         &self.rt
     }
