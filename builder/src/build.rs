@@ -393,9 +393,8 @@ impl Session {
                         }
                         (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
                         (StepKind::Run(run), Prepared::Run(plan)) => {
-                            let req_layers = layers.clone();
                             let (changes, k) =
-                                self.run(step, &info, run, plan, &req_layers, tree, &base.config)?;
+                                self.run(step, &info, run, plan, &layers, tree, &base.config)?;
                             keep = Some(k);
                             changes::to_layer_entries(changes)
                         }
