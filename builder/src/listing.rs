@@ -270,7 +270,7 @@ fn scan(
             }
             let mut data =
                 HashingReader { inner: (&mut r).take(size), hasher: sha2::Sha256::default(), pos: 0 };
-            visit(&entry, &mut data).map_err(io_bad)?;
+            visit(&entry, &mut data).map_err(|e| visit_error(e, &path, io_bad))?;
             std::io::copy(&mut data, &mut std::io::sink()).map_err(io_bad)?;
             if data.pos != size {
                 return Err(bad(format!("entry `{path}` is truncated")));
@@ -279,7 +279,7 @@ fn scan(
             skip(&mut r, padding(size)).map_err(io_bad)?;
             Some(sha)
         } else {
-            visit(&entry, &mut std::io::empty()).map_err(io_bad)?;
+            visit(&entry, &mut std::io::empty()).map_err(|e| visit_error(e, &path, io_bad))?;
             skip(&mut r, size + padding(size)).map_err(io_bad)?;
             None
         };
@@ -290,6 +290,22 @@ fn scan(
     std::io::copy(&mut r, &mut std::io::sink()).map_err(io_bad)?;
     let diff_id = Digest::from_hasher(r.hasher);
     Ok((Listing { entries: entries.into_values().collect() }, diff_id))
+}
+
+/// A visitor's failure: the disk it writes to (full, read-only, no
+/// permission) is the environment's problem; anything else, the layer's.
+fn visit_error(
+    e: std::io::Error,
+    path: &str,
+    layer_bad: impl Fn(std::io::Error) -> BuildError,
+) -> BuildError {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        StorageFull | ReadOnlyFilesystem | PermissionDenied | QuotaExceeded | FileTooLarge => {
+            BuildError::Write { path: std::path::PathBuf::from(path), source: e }
+        }
+        _ => layer_bad(e),
+    }
 }
 
 /// Reads one 512-byte block; `false` at a clean end of input.
