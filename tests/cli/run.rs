@@ -586,3 +586,14 @@ fn an_engine_image_is_a_base_and_is_read_once() {
     assert_eq!(missing.code, 2, "{}", missing.stderr);
     assert!(missing.stderr.contains("has no image"), "{}", missing.stderr);
 }
+
+#[test]
+fn a_command_exiting_125_is_a_failed_step_not_a_broken_sandbox() {
+    let Some(p) = project("[image]\nname = \"x\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"exit 125\"\n")
+    else {
+        return;
+    };
+    let r = p.kiln(&["build", "kiln.toml"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("code 125"), "{}", r.stderr);
+}

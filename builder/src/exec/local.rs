@@ -110,13 +110,13 @@ pub fn run(
     let status = child.wait().map_err(BuildError::io_read(&spec_path))?;
     tracing::debug!(elapsed = ?t.elapsed(), ?status, "local: command finished");
     let code = status.code().unwrap_or(128);
-    if code == SETUP_FAILED {
+    // 125 with the helper's own last word is the sandbox failing, not the command.
+    let setup = tail.last().filter(|l| code == SETUP_FAILED && l.starts_with("kiln sandbox:"));
+    if let Some(why) = setup {
         return Err(BuildError::Environment {
-            message: format!(
-                "The local sandbox could not be set up: {}",
-                tail.iter().rev().find(|l| l.starts_with("kiln sandbox:")).cloned().unwrap_or_else(|| tail.join("\n"))
-            ),
-            hint: "the local backend needs root and overlayfs; `--backend docker` runs steps in a Docker engine instead".into(),
+            message: format!("The local sandbox could not be set up: {}", why.trim_start_matches("kiln sandbox: ")),
+            hint: "the local backend needs root and overlayfs; `--backend docker` runs steps in a Docker engine instead"
+                .into(),
         });
     }
     if !status.success() {
