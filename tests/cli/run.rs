@@ -597,3 +597,34 @@ fn a_command_exiting_125_is_a_failed_step_not_a_broken_sandbox() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("code 125"), "{}", r.stderr);
 }
+
+#[test]
+fn plan_shows_every_stage_step_with_the_keys_build_uses() {
+    let Some(p) = project(
+        "[[stage]]\nname = \"side\"\nbase = \"stage:base\"\n\n[[stage.step]]\nrun = \"echo side > /side\"\n\n\
+         [image]\nname = \"planned\"\nbase = \"stage:base\"\n\n[[step]]\ncopy = \"/side\"\nfrom = \"side\"\nto = \"/side\"\n\n\
+         [[step]]\nrun = \"echo final > /final\"\n",
+    ) else {
+        return;
+    };
+    let plan = |p: &Project| -> Vec<serde_json::Value> {
+        serde_json::from_str(&p.kiln(&["plan", "kiln.toml", "--json"]).stdout).unwrap()
+    };
+    let before = plan(&p);
+    let stages: Vec<&str> = before.iter().map(|s| s["stage"].as_str().unwrap_or("-")).collect();
+    assert_eq!(stages, vec!["base", "base", "base", "base", "side", "-", "-"]);
+    assert!(before.iter().all(|s| s["cached"] == false));
+    let built = p.build(&[]);
+    built.digest();
+    let started: Vec<String> = built
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "layer_written")
+        .map(|e| format!("{}:{}", e["stage"].as_str().unwrap_or("-"), e["step"]))
+        .collect();
+    assert_eq!(started.len(), 7, "{started:?}");
+    let after = plan(&p);
+    assert!(after.iter().all(|s| s["cached"] == true), "{after:?}");
+    let keys = |v: &[serde_json::Value]| v.iter().map(|s| s["key"].clone()).collect::<Vec<_>>();
+    assert_eq!(keys(&before), keys(&after), "the plan's keys are the ones the build stored");
+}
