@@ -221,7 +221,7 @@ impl Session {
     fn backend(&self) -> Result<BackendChoice, BuildError> {
         match self.opts.backend {
             BackendChoice::Auto => match exec::local::available() {
-                Ok(()) => Ok(BackendChoice::Local),
+                Ok(_) => Ok(BackendChoice::Local),
                 Err(why) => {
                     self.docker().map(|_| BackendChoice::Docker).map_err(|e| BuildError::Environment {
                         message: format!("No backend can run `run` steps here: {why}; and {e}"),
@@ -462,7 +462,8 @@ impl Session {
         done: &HashMap<String, Arc<Built>>,
     ) -> bool {
         let Some(next @ Step { kind: StepKind::Run(_), .. }) = rest.first() else { return false };
-        if !matches!(self.backend(), Ok(BackendChoice::Local)) || exec::local::available().is_err() {
+        let root = matches!(exec::local::available(), Ok(exec::local::Mode::Root));
+        if !matches!(self.backend(), Ok(BackendChoice::Local)) || !root {
             return false;
         }
         match self.key(&key.to_string(), next, run_config, done) {

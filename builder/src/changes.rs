@@ -108,7 +108,12 @@ fn marker(path: String) -> LayerEntry {
 /// Reads an overlay upper folder: a 0:0 character device is a whiteout, a
 /// folder with `trusted.overlay.opaque=y` is opaque. Sockets are skipped
 /// (they cannot be archived), as Docker does.
-pub fn from_upper(upper: &Path) -> Result<Vec<Change>, BuildError> {
+/// The xattr that marks an opaque folder in an upper folder mounted as root.
+pub const OPAQUE_TRUSTED: &str = "trusted.overlay.opaque";
+/// ... and in one mounted in a user namespace (`userxattr`).
+pub const OPAQUE_USER: &str = "user.overlay.opaque";
+
+pub fn from_upper(upper: &Path, opaque_xattr: &str) -> Result<Vec<Change>, BuildError> {
     let mut out = Vec::new();
     for entry in walkdir::WalkDir::new(upper).follow_links(false).sort_by_file_name().min_depth(1) {
         let entry = entry.map_err(|e| BuildError::Read {
@@ -130,7 +135,7 @@ pub fn from_upper(upper: &Path) -> Result<Vec<Change>, BuildError> {
         let kind = if ft.is_char_device() && rdev == 0 {
             ChangeKind::Whiteout
         } else if ft.is_dir() {
-            let opaque = read_xattr(path, "trusted.overlay.opaque").as_deref() == Some(b"y".as_slice());
+            let opaque = read_xattr(path, opaque_xattr).as_deref() == Some(b"y".as_slice());
             ChangeKind::Dir { opaque }
         } else if ft.is_symlink() {
             let t = std::fs::read_link(path).map_err(BuildError::io_read(path))?;
@@ -317,7 +322,7 @@ mod tests {
             rustix::fs::XattrFlags::empty(),
         )
         .unwrap();
-        let changes = from_upper(&upper).unwrap();
+        let changes = from_upper(&upper, OPAQUE_TRUSTED).unwrap();
         assert_eq!(changes[0].xattrs, vec![("security.capability".to_string(), cap.to_vec())]);
         let store = kiln_cache::Store::open(&dir.path().join("cache")).unwrap();
         let (blob, listing) = crate::layer::write_layer(&store, to_layer_entries(changes), 0).unwrap();

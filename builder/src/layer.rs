@@ -328,3 +328,41 @@ fn pump(
     }
     Ok(())
 }
+
+/// Writes `entries` as a plain tar at `path` (times 0; kiln normalizes when
+/// it reads it back). For the rootless helper, which hands its changes over.
+pub fn write_plain_tar(entries: &[LayerEntry], path: &std::path::Path) -> Result<(), BuildError> {
+    let file = File::create(path).map_err(BuildError::io_write(path))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let werr = |e: io::Error| BuildError::Write { path: path.to_path_buf(), source: e };
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sorted: Vec<&LayerEntry> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+    for e in sorted {
+        let header = TarHeader {
+            path: &e.path,
+            kind: &e.kind,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime: 0,
+            xattrs: &e.xattrs,
+        };
+        tarball::write_header(&mut w, &header).map_err(werr)?;
+        if let TarKind::File { size } = e.kind {
+            match &e.content {
+                Content::Bytes(b) => w.write_all(b).map_err(werr)?,
+                Content::Slice { path: src, offset } => {
+                    copy_slice(src, *offset, size, &mut w, &mut buf, None)?;
+                }
+                Content::Path { path: src, .. } => {
+                    copy_exact(src, size, &mut w, &mut buf, None, None)?;
+                }
+                Content::None => unreachable!("regular files carry content"),
+            }
+            tarball::pad(&mut w, size).map_err(werr)?;
+        }
+    }
+    tarball::write_trailer(&mut w).map_err(werr)?;
+    w.flush().map_err(werr)
+}

@@ -34,6 +34,8 @@ type Xattrs = Vec<(String, Vec<u8>)>;
 pub struct Materializer {
     root: PathBuf,
     pool: Option<PathBuf>,
+    /// The xattr that marks opaque folders for the overlay that stacks them.
+    opaque_xattr: &'static str,
     /// Every path made, its time and xattrs, for the final pass that sets them.
     made: Vec<(PathBuf, u64, Xattrs)>,
     /// A file being written into the pool.
@@ -63,7 +65,13 @@ impl Materializer {
         if let Some(p) = &pool {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(p)?;
         }
-        Ok(Materializer { root, pool, made: Vec::new(), pending: None })
+        Ok(Materializer {
+            root,
+            pool,
+            opaque_xattr: crate::changes::OPAQUE_TRUSTED,
+            made: Vec::new(),
+            pending: None,
+        })
     }
 
     /// Makes one entry; for a regular file, returns the open file to write
@@ -82,7 +90,7 @@ impl Materializer {
             fs::DirBuilder::new().recursive(true).mode(0o755).create(&parent)?;
         }
         if name == ".wh..wh..opq" {
-            rustix::fs::setxattr(&parent, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty())?;
+            rustix::fs::setxattr(&parent, self.opaque_xattr, b"y", rustix::fs::XattrFlags::empty())?;
             return Ok(None);
         }
         if let Some(victim) = name.strip_prefix(".wh.") {
@@ -226,6 +234,18 @@ fn remove_any(p: &Path) -> io::Result<()> {
 /// Unpacks a stored layer into `dest` (a new folder), streaming its tar
 /// through kiln's walker.
 pub fn unpack_blob(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(), BuildError> {
+    unpack_blob_styled(store, layer, dest, pool_dir(store), crate::changes::OPAQUE_TRUSTED)
+}
+
+/// [`unpack_blob`] with its own file pool and opaque marker (rootless
+/// folders carry other owners and `user.overlay.opaque`).
+pub fn unpack_blob_styled(
+    store: &Store,
+    layer: &ImageLayer,
+    dest: &Path,
+    pool: PathBuf,
+    opaque_xattr: &'static str,
+) -> Result<(), BuildError> {
     let bad =
         |e: io::Error| BuildError::BadLayer { layer: layer.digest, reason: format!("cannot unpack it: {e}") };
     let file = io::BufReader::with_capacity(1 << 20, store.open_blob(&layer.digest)?);
@@ -242,7 +262,8 @@ pub fn unpack_blob(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(),
         },
         Err(_) => None,
     };
-    let mut m = Materializer::new(dest.to_path_buf(), Some(pool_dir(store))).map_err(bad)?;
+    let mut m = Materializer::new(dest.to_path_buf(), Some(pool)).map_err(bad)?;
+    m.opaque_xattr = opaque_xattr;
     let mut buf = vec![0u8; 256 * 1024];
     crate::listing::walk_layer(reader, &layer.digest, &mut |e, data| {
         let sha = if matches!(e.kind, TarKind::File { .. }) { sha_of(e.path) } else { None };

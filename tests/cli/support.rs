@@ -161,6 +161,22 @@ pub fn require_root() -> bool {
     ok
 }
 
+/// The user `.ci/deps` makes for rootless runs (subordinate ids, newuidmap); in CI it must exist.
+pub fn rootless_user() -> Option<&'static str> {
+    let user = "kiln-rootless";
+    let has_user = Command::new("id").arg(user).output().map(|o| o.status.success()).unwrap_or(false);
+    let has_ids = std::fs::read_to_string("/etc/subuid")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("kiln-rootless:")));
+    if has_user && has_ids && require("newuidmap") {
+        return Some(user);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("the user `{user}` with subordinate ids is required in CI (.ci/deps makes it)");
+    }
+    eprintln!("SKIPPED: no user `{user}` with subordinate ids (run `make deps`)");
+    None
+}
+
 /// Static busybox (Debian's busybox-static), for images that run something.
 pub fn busybox() -> Option<PathBuf> {
     let p = Path::new("/bin/busybox");

@@ -283,12 +283,7 @@ impl DockerEngine {
         ));
         saved?;
         let (tar_path, base, size) = last_layer(&spool, work.path())?;
-        let mut f = File::open(&tar_path).map_err(BuildError::io_read(&tar_path))?;
-        f.seek(SeekFrom::Start(base)).map_err(BuildError::io_read(&tar_path))?;
-        let pseudo = Digest::of(image_id.as_bytes());
-        let (listing, _, offsets) =
-            scan_layer_with_offsets(BufReader::with_capacity(1 << 20, f.take(size)), &pseudo)?;
-        let mut changes = changes::from_layer_listing(&listing, &offsets, &tar_path, base)?;
+        let mut changes = changes_from_tar(&tar_path, base, Some(size), req)?;
         drop_secret_mounts(&mut changes, req);
         Ok((changes, Box::new(work)))
     }
@@ -350,6 +345,22 @@ impl DockerEngine {
     pub fn handle(&self) -> &tokio::runtime::Handle {
         &self.rt
     }
+}
+
+/// The changes a layer tar holds (at `base` in `tar`, `size` bytes or to
+/// the end), their contents left in that file.
+pub fn changes_from_tar(
+    tar: &Path,
+    base: u64,
+    size: Option<u64>,
+    _req: &RunRequest<'_>,
+) -> Result<Vec<Change>, BuildError> {
+    let mut f = File::open(tar).map_err(BuildError::io_read(tar))?;
+    f.seek(SeekFrom::Start(base)).map_err(BuildError::io_read(tar))?;
+    let pseudo = Digest::of(tar.as_os_str().as_encoded_bytes());
+    let reader = BufReader::with_capacity(1 << 20, f.take(size.unwrap_or(u64::MAX)));
+    let (listing, _, offsets) = scan_layer_with_offsets(reader, &pseudo)?;
+    changes::from_layer_listing(&listing, &offsets, tar, base)
 }
 
 /// Where the last layer of a `docker save` archive is: (file, offset, size).

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 
 use kiln_cache::Store;
 
+use super::rootless::Mapping;
 use super::sandbox::{SandboxSpec, SETUP_FAILED};
 use super::{RunRequest, RunResult};
 use crate::changes;
@@ -18,13 +19,23 @@ use crate::error::BuildError;
 use crate::image::ImageLayer;
 use crate::listing::Kind;
 
-/// Whether this process can run the local backend: it needs root (or
-/// CAP_SYS_ADMIN) for namespaces, overlay mounts and the owners in layers.
-pub fn available() -> Result<(), String> {
-    if !rustix::process::geteuid().is_root() {
-        return Err("the local backend needs root: kiln does not map the ids a rootless user namespace would need for files owned by other users".into());
+/// How the local backend runs here.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// As root: namespaces, overlay and owners directly.
+    Root,
+    /// As another user, in a user namespace mapping the user's subordinate ids.
+    Rootless(Mapping),
+}
+
+/// Whether this process can run the local backend, and how.
+pub fn available() -> Result<Mode, String> {
+    if rustix::process::geteuid().is_root() {
+        return Ok(Mode::Root);
     }
-    Ok(())
+    Mapping::detect()
+        .map(Mode::Rootless)
+        .map_err(|why| format!("kiln is not root, and a rootless user namespace cannot be set up: {why}"))
 }
 
 /// Runs `req` in the sandbox; on success, the changes (whose file contents
@@ -34,13 +45,13 @@ pub fn run(
     req: &RunRequest<'_>,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<RunResult, BuildError> {
-    available().map_err(|why| BuildError::Environment {
+    let mode = available().map_err(|why| BuildError::Environment {
         message: format!("The local backend cannot run here: {why}"),
-        hint: "run kiln as root, or use `--backend docker` with a Docker engine".into(),
+        hint:
+            "run kiln as root, give the user subordinate ids, or use `--backend docker` with a Docker engine"
+                .into(),
     })?;
     let t = std::time::Instant::now();
-    let lowers = unpack_layers(store, req.layers)?;
-    tracing::debug!(elapsed = ?t.elapsed(), layers = lowers.len(), "local: layers unpacked");
     let tmp = store.tmp_dir();
     let work =
         tempfile::Builder::new().prefix("run-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
@@ -48,7 +59,38 @@ pub fn run(
     for d in ["upper", "work", "merged", "init"] {
         fs::create_dir(w.join(d)).map_err(BuildError::io_write(w.join(d)))?;
     }
-    make_init(&w.join("init"), req)?;
+    let init = init_plan(req);
+    // As root, kiln unpacks and makes the init folder itself; rootless, the
+    // helper does both inside its user namespace, where it may set owners.
+    let (lowers, rootless) = match &mode {
+        Mode::Root => {
+            let lowers = unpack_layers(store, req.layers)?;
+            make_init(&w.join("init"), &init).map_err(BuildError::io_write(w.join("init")))?;
+            (lowers, None)
+        }
+        Mode::Rootless(m) => {
+            let dir = rootless_unpacked_dir(store, m);
+            fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
+            let mut names: Vec<PathBuf> = Vec::new();
+            for l in req.layers {
+                let name = PathBuf::from(l.diff_id.hex());
+                names.retain(|n| n != &name);
+                names.push(name);
+            }
+            let plan = RootlessPlan {
+                cache_dir: store.root().parent().unwrap_or(store.root()).to_path_buf(),
+                layers: req
+                    .layers
+                    .iter()
+                    .map(|l| (l.digest.to_string(), l.diff_id.to_string(), l.media_type.clone(), l.size))
+                    .collect(),
+                init,
+                diff_out: w.join("diff.tar"),
+            };
+            (names, Some(plan))
+        }
+    };
+    tracing::debug!(elapsed = ?t.elapsed(), layers = lowers.len(), "local: layers unpacked");
 
     let secret_dir = super::secret_dir()?;
     let mut secrets = Vec::new();
@@ -70,9 +112,13 @@ pub fn run(
     }
     let mut all_lowers = vec![w.join("init")];
     all_lowers.extend(lowers.into_iter().rev());
+    let layers_dir = match &mode {
+        Mode::Root => unpacked_dir(store),
+        Mode::Rootless(m) => rootless_unpacked_dir(store, m),
+    };
     let spec = SandboxSpec {
         lowers: all_lowers,
-        layers_dir: unpacked_dir(store),
+        layers_dir,
         upper: w.join("upper"),
         work: w.join("work"),
         merged: w.join("merged"),
@@ -84,6 +130,7 @@ pub fn run(
         hostname: super::HOSTNAME.into(),
         secrets,
         etc_files,
+        rootless: rootless.clone(),
     };
     let spec_path = w.join("spec.json");
     fs::write(&spec_path, serde_json::to_vec(&spec).expect("json"))
@@ -97,7 +144,7 @@ pub fn run(
     let mut child = Command::new(exe)
         .arg("__sandbox")
         .arg(&spec_path)
-        .stdin(Stdio::null())
+        .stdin(if rootless.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(writer.try_clone().map_err(BuildError::io_write(&tmp))?)
         .stderr(writer)
         .env_clear()
@@ -106,6 +153,33 @@ pub fn run(
             message: format!("Cannot start the sandbox helper: {e}"),
             hint: "check that kiln's executable can be run".into(),
         })?;
+    let mut reader = std::io::BufReader::new(reader);
+    if let Mode::Rootless(m) = &mode {
+        // The helper says when its user namespace exists; kiln writes its id
+        // maps (newuidmap runs as a separate, setuid process) and lets it go on.
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut reader, &mut line);
+        let mut go = child.stdin.take().expect("piped");
+        if line.trim_end() != super::sandbox::USERNS_READY {
+            drop(go);
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(BuildError::Environment {
+                message: format!("The rootless sandbox did not start: {}", line.trim()),
+                hint: "check that unprivileged user namespaces are enabled, or use `--backend docker`".into(),
+            });
+        }
+        if let Err(why) = m.apply(child.id()) {
+            drop(go);
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(BuildError::Environment {
+                message: format!("Cannot map the sandbox's user namespace: {why}"),
+                hint: "check /etc/subuid and /etc/subgid for this user, or use `--backend docker`".into(),
+            });
+        }
+        let _ = std::io::Write::write_all(&mut go, b"1");
+    }
     let tail = super::pump_lines(reader, on_line);
     let status = child.wait().map_err(BuildError::io_read(&spec_path))?;
     tracing::debug!(elapsed = ?t.elapsed(), ?status, "local: command finished");
@@ -115,16 +189,37 @@ pub fn run(
     if let Some(why) = setup {
         return Err(BuildError::Environment {
             message: format!("The local sandbox could not be set up: {}", why.trim_start_matches("kiln sandbox: ")),
-            hint: "the local backend needs root and overlayfs; `--backend docker` runs steps in a Docker engine instead"
+            hint: "the local backend needs root (or subordinate ids) and overlayfs; `--backend docker` runs steps in a Docker engine instead"
                 .into(),
         });
     }
     if !status.success() {
         return Ok(RunResult::Failed { code, tail });
     }
-    let changes = changes::from_upper(&w.join("upper"))?;
+    let changes = match &rootless {
+        None => changes::from_upper(&w.join("upper"), changes::OPAQUE_TRUSTED)?,
+        // The helper wrote the changes as a layer tar, with the namespace's ids.
+        Some(plan) => super::docker::changes_from_tar(&plan.diff_out, 0, None, req)?,
+    };
     tracing::debug!(elapsed = ?t.elapsed(), changes = changes.len(), "local: upper folder read");
     Ok(RunResult::Changed { changes, keep: Box::new(work) })
+}
+
+/// What the helper does inside its user namespace when rootless.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RootlessPlan {
+    /// The cache folder (the store is reopened in the helper).
+    pub cache_dir: PathBuf,
+    /// (digest, diff_id, media type, size) of each layer, bottom first.
+    pub layers: Vec<(String, String, String, u64)>,
+    pub init: InitPlan,
+    /// Where the helper writes the changes as a tar.
+    pub diff_out: PathBuf,
+}
+
+/// Unpacked layers for a rootless mapping: their owners are that mapping's ids.
+pub fn rootless_unpacked_dir(store: &Store, m: &Mapping) -> PathBuf {
+    store.root().join(format!("unpacked-{}", m.tag()))
 }
 
 pub fn unpacked_dir(store: &Store) -> PathBuf {
@@ -176,35 +271,29 @@ pub fn adopt(root: &Path, dest: &Path) -> Result<(), BuildError> {
 
 /// The per-run folder above the image, as Docker's "init layer": the
 /// mount points and files the engine provides (so neither backend records
-/// them in the layer), and the secrets' mount points.
-fn make_init(init: &Path, req: &RunRequest<'_>) -> Result<(), BuildError> {
-    let err = |p: &Path| BuildError::io_write(p.to_path_buf());
-    let mkdir = |rel: &str, mode: u32, uid: u32, gid: u32| -> Result<(), BuildError> {
-        let p = init.join(rel);
-        if p.is_dir() {
-            return Ok(());
-        }
-        fs::DirBuilder::new().mode(mode).create(&p).map_err(err(&p))?;
-        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(err(&p))?;
-        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(err(&p))?;
-        Ok(())
-    };
+/// them in the layer), and the secrets' mount points. Made by kiln as root,
+/// or by the helper inside its user namespace when rootless.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct InitPlan {
+    /// (path, mode, uid, gid), parents first.
+    dirs: Vec<(String, u32, u32, u32)>,
+    /// (path, mode): empty files.
+    files: Vec<(String, u32)>,
+    /// (path, target).
+    symlinks: Vec<(String, String)>,
+}
+
+fn init_plan(req: &RunRequest<'_>) -> InitPlan {
+    let mut plan = InitPlan::default();
     // What Docker's init layer always holds (moby daemon/initlayer): folders
     // 0755 root, empty files 0755.
     for d in ["dev", "dev/pts", "dev/shm", "proc", "sys", "etc"] {
-        mkdir(d, 0o755, 0, 0)?;
+        plan.dirs.push((d.into(), 0o755, 0, 0));
     }
     for f in ["etc/resolv.conf", "etc/hosts", "etc/hostname", "dev/console"] {
-        let p = init.join(f);
-        fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o755)
-            .open(&p)
-            .map_err(err(&p))?;
+        plan.files.push((f.into(), 0o755));
     }
-    std::os::unix::fs::symlink("/proc/mounts", init.join("etc/mtab")).map_err(err(&init.join("etc/mtab")))?;
+    plan.symlinks.push(("etc/mtab".into(), "/proc/mounts".into()));
     // Secret mount points; their folders copy what the image has, so a
     // copy-up records the image's metadata, as with the engine.
     if !req.secrets.is_empty() {
@@ -213,18 +302,30 @@ fn make_init(init: &Path, req: &RunRequest<'_>) -> Result<(), BuildError> {
                 Some(e) if matches!(e.kind, Kind::Dir) => (e.mode, e.uid, e.gid),
                 _ => (0o755, 0, 0),
             };
-            mkdir(dir, mode, uid, gid)?;
+            plan.dirs.push((dir.into(), mode, uid, gid));
         }
         for (id, _) in req.secrets {
-            let p = init.join("run/secrets").join(id);
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o400)
-                .open(&p)
-                .map_err(err(&p))?;
+            plan.files.push((format!("run/secrets/{id}"), 0o400));
         }
+    }
+    plan
+}
+
+/// Makes the init folder at `init` (which exists).
+pub fn make_init(init: &Path, plan: &InitPlan) -> std::io::Result<()> {
+    for (rel, mode, uid, gid) in &plan.dirs {
+        let p = init.join(rel);
+        if !p.is_dir() {
+            fs::DirBuilder::new().mode(*mode).create(&p)?;
+        }
+        std::os::unix::fs::chown(&p, Some(*uid), Some(*gid))?;
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode))?;
+    }
+    for (rel, mode) in &plan.files {
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(*mode).open(init.join(rel))?;
+    }
+    for (rel, target) in &plan.symlinks {
+        std::os::unix::fs::symlink(target, init.join(rel))?;
     }
     Ok(())
 }

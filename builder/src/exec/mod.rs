@@ -8,6 +8,7 @@
 
 pub mod docker;
 pub mod local;
+pub mod rootless;
 pub mod sandbox;
 
 use std::collections::VecDeque;

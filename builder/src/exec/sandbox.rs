@@ -23,6 +23,10 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{chdir, execve, fork, pivot_root, setgroups, sethostname, ForkResult, Gid, Uid};
 use serde::{Deserialize, Serialize};
 
+/// The line the helper prints once its user namespace exists (rootless),
+/// before it waits for kiln to write the id maps.
+pub const USERNS_READY: &str = "kiln sandbox: user namespace ready";
+
 /// Exit status of the helper when the sandbox could not be set up (as
 /// `docker run` uses 125 for its own failures). The reason is on stderr.
 pub const SETUP_FAILED: i32 = 125;
@@ -47,6 +51,8 @@ pub struct SandboxSpec {
     pub secrets: Vec<(String, PathBuf)>,
     /// (name, file) bound over /etc/NAME: hosts, hostname, resolv.conf.
     pub etc_files: Vec<(String, PathBuf)>,
+    /// Set when kiln is not root: the helper works in a user namespace.
+    pub rootless: Option<super::local::RootlessPlan>,
 }
 
 /// Runs the helper; never returns.
@@ -60,6 +66,10 @@ pub fn main(spec_path: &Path) -> ! {
     };
     // Die with kiln.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if let Some(plan) = &spec.rootless {
+        enter_user_namespace();
+        prepare_rootless(&spec, plan);
+    }
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWIPC
@@ -86,15 +96,106 @@ pub fn main(spec_path: &Path) -> ! {
     match unsafe { fork() } {
         Err(e) => fail(&format!("cannot fork: {e}")),
         Ok(ForkResult::Child) => child(&spec),
-        Ok(ForkResult::Parent { child }) => loop {
-            match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
-                Ok(WaitStatus::Signaled(_, sig, _)) => std::process::exit(128 + sig as i32),
-                Ok(_) => continue,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => fail(&format!("cannot wait for the command: {e}")),
+        Ok(ForkResult::Parent { child }) => {
+            let code = loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => break code,
+                    Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+                    Ok(_) => continue,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => fail(&format!("cannot wait for the command: {e}")),
+                }
+            };
+            if let Some(plan) = &spec.rootless {
+                finish_rootless(&spec, plan, code == 0);
             }
-        },
+            std::process::exit(code)
+        }
+    }
+}
+
+/// Rootless: a new user namespace, whose id maps kiln writes (it runs the
+/// setuid `newuidmap`/`newgidmap` for this pid) once told it exists.
+fn enter_user_namespace() {
+    use std::io::{Read, Write};
+    if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
+        fail(&format!("cannot create a user namespace ({e}); unprivileged user namespaces may be disabled"));
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{USERNS_READY}");
+    let _ = out.flush();
+    let mut go = [0u8; 1];
+    if !matches!(std::io::stdin().read(&mut go), Ok(1)) {
+        std::process::exit(SETUP_FAILED); // kiln said why
+    }
+    if !rustix::process::getuid().is_root() {
+        fail("the user namespace has no id map");
+    }
+}
+
+/// Rootless: what kiln does as root, done here where owners can be set:
+/// unpack the layers the stack lacks, make the init folder.
+fn prepare_rootless(spec: &SandboxSpec, plan: &super::local::RootlessPlan) {
+    let store = kiln_cache::Store::open(&plan.cache_dir)
+        .unwrap_or_else(|e| fail(&format!("cannot open the cache: {e}")));
+    let pool = spec.layers_dir.with_file_name(format!(
+        "files-{}",
+        spec.layers_dir.file_name().and_then(|n| n.to_str()).unwrap_or("x").trim_start_matches("unpacked-")
+    ));
+    for (digest, diff_id, media_type, size) in &plan.layers {
+        let layer = crate::image::ImageLayer {
+            digest: digest.parse().unwrap_or_else(|_| fail("a bad layer digest")),
+            diff_id: diff_id.parse().unwrap_or_else(|_| fail("a bad layer diff_id")),
+            media_type: media_type.clone(),
+            size: *size,
+        };
+        let dest = spec.layers_dir.join(layer.diff_id.hex());
+        if dest.is_dir() {
+            continue;
+        }
+        let stage = tempfile::Builder::new()
+            .prefix("unpack-")
+            .tempdir_in(store.tmp_dir())
+            .unwrap_or_else(|e| fail(&format!("cannot make a temp folder: {e}")));
+        let root = stage.path().join("root");
+        if let Err(e) = crate::unpack::unpack_blob_styled(
+            &store,
+            &layer,
+            &root,
+            pool.clone(),
+            crate::changes::OPAQUE_USER,
+        ) {
+            fail(&format!("cannot unpack layer {}: {e}", layer.digest));
+        }
+        if let Err(e) = super::local::adopt(&root, &dest) {
+            fail(&format!("cannot keep the unpacked layer: {e}"));
+        }
+    }
+    let init = spec.lowers.first().unwrap_or_else(|| fail("no init folder"));
+    if let Err(e) = super::local::make_init(init, &plan.init) {
+        fail(&format!("cannot make the init folder: {e}"));
+    }
+}
+
+/// Rootless: the upper folder's changes as a layer tar for kiln (which
+/// cannot read files owned by the mapped ids), then the folders removed.
+fn finish_rootless(spec: &SandboxSpec, plan: &super::local::RootlessPlan, succeeded: bool) {
+    if succeeded {
+        let written = crate::changes::from_upper(&spec.upper, crate::changes::OPAQUE_USER)
+            .map_err(|e| e.to_string())
+            .and_then(|changes| {
+                let entries = crate::changes::to_layer_entries(changes);
+                crate::layer::write_plain_tar(&entries, &plan.diff_out).map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
+            fail(&format!("cannot write the changes: {e}"));
+        }
+    }
+    for d in [&spec.upper, &spec.work, &spec.merged] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    if let Some(init) = spec.lowers.first() {
+        let _ = std::fs::remove_dir_all(init);
     }
 }
 
@@ -110,15 +211,19 @@ fn check<T>(r: nix::Result<T>, what: &str) -> T {
 /// PID 1 of the new namespace: mounts, pivot_root, user, exec.
 fn child(spec: &SandboxSpec) -> ! {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // A mount namespace of its own, so pivot_root leaves the helper's view alone.
+    check(unshare(CloneFlags::CLONE_NEWNS), "create the command's mount namespace");
     // The engine's umask, whatever kiln's caller had: a command's files do not depend on it.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     check(chdir(&spec.layers_dir), "enter the unpacked layers folder");
     let lowers: Vec<String> = spec.lowers.iter().map(|p| p.display().to_string()).collect();
     let opts = format!(
-        "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off,volatile",
+        "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,{},volatile",
         lowers.join(":"),
         spec.upper.display(),
-        spec.work.display()
+        spec.work.display(),
+        // In a user namespace, `userxattr` keeps redirects off (and refuses the option).
+        if spec.rootless.is_some() { "userxattr" } else { "redirect_dir=off" }
     );
     if opts.len() > 4000 {
         fail(&format!(
