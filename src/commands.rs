@@ -138,9 +138,11 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
                         )
                     })?;
                     print_prune(&mut out, &store.prune(max)?);
+                    remove_rootless_garbage(&store)?;
                 }
                 CacheAction::Gc => {
                     print_prune(&mut out, &store.gc()?);
+                    remove_rootless_garbage(&store)?;
                 }
             }
             Ok(0)
@@ -236,6 +238,29 @@ fn parse_secret(spec: &str) -> Result<(String, Vec<u8>), BuildError> {
         }
     };
     Ok((id, value))
+}
+
+/// What rootless runs left that only a user namespace can remove (their
+/// files belong to subordinate ids). As root, a plain gc removed it already.
+fn remove_rootless_garbage(store: &Store) -> Result<(), BuildError> {
+    let _lock = store.lock_exclusive()?;
+    // Twice: pool files become garbage once the layer folders linking them are gone.
+    for _ in 0..2 {
+        let garbage = store.rootless_garbage();
+        if garbage.is_empty() {
+            break;
+        }
+        if rustix::process::geteuid().is_root() {
+            for p in garbage {
+                let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
+            }
+        } else if kiln_builder::exec::rootless::Mapping::detect().is_ok() {
+            kiln_builder::exec::local::remove_rootless(&garbage)?;
+        } else {
+            break; // nothing this user can do; `gc` as root removes it
+        }
+    }
+    Ok(())
 }
 
 fn print_prune(out: &mut impl Write, r: &kiln_cache::PruneReport) {

@@ -16,9 +16,16 @@ fn main() -> ExitCode {
     // The local backend's sandbox helper: kiln re-executes itself, so the
     // namespaces are entered from a process that has no other threads.
     let mut args = std::env::args_os();
-    if args.nth(1).is_some_and(|a| a == "__sandbox") {
-        let spec = args.next().map(std::path::PathBuf::from).unwrap_or_default();
-        kiln_builder::exec::sandbox::main(&spec);
+    match args.nth(1) {
+        Some(a) if a == "__sandbox" => {
+            let spec = args.next().map(std::path::PathBuf::from).unwrap_or_default();
+            kiln_builder::exec::sandbox::main(&spec);
+        }
+        Some(a) if a == "__userns-rm" => {
+            let paths: Vec<std::path::PathBuf> = args.map(std::path::PathBuf::from).collect();
+            kiln_builder::exec::sandbox::remove_main(&paths);
+        }
+        _ => {}
     }
     // Debug logs on stderr with KILN_LOG=debug (tracing's env-filter syntax).
     tracing_subscriber::fmt()

@@ -228,6 +228,37 @@ impl Store {
         }
     }
 
+    /// What only a user namespace can remove, after a gc: layers unpacked
+    /// for rootless runs that no record uses, their pool files no layer
+    /// links to, and leftovers in tmp/ (their files belong to subordinate ids).
+    pub fn rootless_garbage(&self) -> Vec<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let layers = self.live_diff_ids();
+        let mut out = Vec::new();
+        let Ok(rd) = fs::read_dir(self.root()) else { return out };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(inner) = fs::read_dir(e.path()) else { continue };
+            if name.starts_with("unpacked-userns-") {
+                for d in inner.flatten() {
+                    let hex = d.file_name().to_string_lossy().into_owned();
+                    if !Digest::from_hex(&hex).is_some_and(|d| layers.contains(&d)) {
+                        out.push(d.path());
+                    }
+                }
+            } else if name.starts_with("files-userns-") {
+                for f in inner.flatten() {
+                    if f.metadata().is_ok_and(|m| m.is_file() && m.nlink() == 1) {
+                        out.push(f.path());
+                    }
+                }
+            } else if name == "tmp" {
+                out.extend(inner.flatten().map(|t| t.path()));
+            }
+        }
+        out
+    }
+
     /// The diff_ids of every layer a record still names: step records
     /// directly, images and bases through their manifest and config.
     fn live_diff_ids(&self) -> HashSet<Digest> {

@@ -653,4 +653,31 @@ fn rootless_builds_give_the_layers_root_builds_give() {
     let owned = fs::metadata(root.join("home/app/file")).unwrap();
     assert_eq!((owned.uid(), owned.gid()), (1000, 1000));
     assert_eq!(fs::metadata(root.join("su")).unwrap().mode() & 0o7777, 0o4755);
+    // The user can clean up what belongs to its subordinate ids.
+    let as_user = |args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(["--reuid", user, "--regid", user, "--init-groups", kiln_bin()])
+            .args(args)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .env("HOME", p.dir.path())
+            .current_dir(p.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    as_user(&["cache", "prune", "--max-size", "0"]);
+    let leftover: Vec<_> = walkdir::WalkDir::new(cache.join("v1"))
+        .min_depth(2)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let s = e.path().to_string_lossy();
+            s.contains("unpacked-userns-")
+                || s.contains("files-userns-")
+                || e.path().starts_with(cache.join("v1/tmp"))
+        })
+        .map(|e| e.path().display().to_string())
+        .collect();
+    assert!(leftover.is_empty(), "left behind: {leftover:?}");
 }

@@ -205,6 +205,50 @@ pub fn run(
     Ok(RunResult::Changed { changes, keep: Box::new(work) })
 }
 
+/// Removes `paths` (files of a rootless run: their owners are the user's
+/// subordinate ids) from inside a mapped user namespace.
+pub fn remove_rootless(paths: &[PathBuf]) -> Result<(), BuildError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let env_err = |message: String| BuildError::Environment {
+        message,
+        hint: "remove them as root, or check /etc/subuid and newuidmap".into(),
+    };
+    let m = Mapping::detect().map_err(|why| env_err(format!("Cannot remove rootless layers: {why}")))?;
+    let exe = std::env::current_exe().map_err(|e| env_err(format!("Cannot find kiln's executable: {e}")))?;
+    let mut child = Command::new(exe)
+        .arg("__userns-rm")
+        .args(paths)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .env_clear()
+        .spawn()
+        .map_err(|e| env_err(format!("Cannot start the cleanup helper: {e}")))?;
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    let _ = std::io::BufRead::read_line(&mut out, &mut line);
+    let mut go = child.stdin.take().expect("piped");
+    if line.trim_end() != super::sandbox::USERNS_READY {
+        drop(go);
+        let _ = child.wait();
+        return Err(env_err(format!("The cleanup helper did not start: {}", line.trim())));
+    }
+    if let Err(why) = m.apply(child.id()) {
+        drop(go);
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(env_err(format!("Cannot map the cleanup helper's user namespace: {why}")));
+    }
+    let _ = std::io::Write::write_all(&mut go, b"1");
+    drop(go);
+    let status = child.wait().map_err(|e| env_err(format!("The cleanup helper failed: {e}")))?;
+    if !status.success() {
+        return Err(env_err("Some rootless files could not be removed".into()));
+    }
+    Ok(())
+}
+
 /// What the helper does inside its user namespace when rootless.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RootlessPlan {

@@ -114,6 +114,27 @@ pub fn main(spec_path: &Path) -> ! {
     }
 }
 
+/// `kiln __userns-rm PATH...`: removes what belongs to the user's
+/// subordinate ids, from inside a user namespace kiln maps (see
+/// [`super::local::remove_rootless`]). Never returns.
+pub fn remove_main(paths: &[PathBuf]) -> ! {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    enter_user_namespace();
+    let mut failed = false;
+    for p in paths {
+        let r = match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+            Ok(_) => std::fs::remove_file(p),
+            Err(_) => Ok(()),
+        };
+        if let Err(e) = r {
+            eprintln!("kiln: cannot remove `{}`: {e}", p.display());
+            failed = true;
+        }
+    }
+    std::process::exit(i32::from(failed))
+}
+
 /// Rootless: a new user namespace, whose id maps kiln writes (it runs the
 /// setuid `newuidmap`/`newgidmap` for this pid) once told it exists.
 fn enter_user_namespace() {
