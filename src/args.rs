@@ -66,7 +66,7 @@ pub enum Command {
         outputs: Vec<String>,
         #[command(flatten)]
         common: Common,
-        /// Where `run` steps execute: `local` (namespaces + overlayfs, needs root), `docker`
+        /// Where `run` steps execute: `local` (namespaces + overlayfs; root, or rootless with subuids), `docker`
         /// (the engine at DOCKER_HOST), or `auto` (local where it works, else docker).
         #[arg(long, value_enum, default_value = "auto")]
         backend: Backend,

@@ -79,7 +79,7 @@ pub fn main(spec_path: &Path) -> ! {
     }
     if let Err(e) = unshare(flags) {
         fail(&format!(
-            "cannot create namespaces ({e}); the local backend needs root (or CAP_SYS_ADMIN); use `--backend docker`"
+            "cannot create namespaces ({e}); the local backend needs root or a user namespace; use `--backend docker`"
         ));
     }
     check(
