@@ -158,6 +158,8 @@ struct Session {
     rt: tokio::runtime::Handle,
     /// Connected on first use.
     docker: OnceLock<Result<Arc<DockerEngine>, (String, String)>>,
+    /// How the local backend can run here (root, rootless, or why not), looked at once.
+    local: OnceLock<Result<exec::local::Mode, String>>,
     /// The first error of any target.
     failure: Mutex<Option<BuildError>>,
     /// Every target's steps, as they finish.
@@ -189,6 +191,7 @@ impl Session {
             reporter,
             rt,
             docker: OnceLock::new(),
+            local: OnceLock::new(),
             failure: Mutex::new(None),
             steps: Mutex::new(Vec::new()),
         };
@@ -217,10 +220,14 @@ impl Session {
             .map_err(|(message, hint)| BuildError::Environment { message, hint })
     }
 
+    fn local_mode(&self) -> Result<&exec::local::Mode, &String> {
+        self.local.get_or_init(exec::local::available).as_ref()
+    }
+
     /// The backend for `run` steps: as asked, or for `auto` local where it works, else Docker.
     fn backend(&self) -> Result<BackendChoice, BuildError> {
         match self.opts.backend {
-            BackendChoice::Auto => match exec::local::available() {
+            BackendChoice::Auto => match self.local_mode() {
                 Ok(_) => Ok(BackendChoice::Local),
                 Err(why) => {
                     self.docker().map(|_| BackendChoice::Docker).map_err(|e| BuildError::Environment {
@@ -462,7 +469,7 @@ impl Session {
         done: &HashMap<String, Arc<Built>>,
     ) -> bool {
         let Some(next @ Step { kind: StepKind::Run(_), .. }) = rest.first() else { return false };
-        let root = matches!(exec::local::available(), Ok(exec::local::Mode::Root));
+        let root = matches!(self.local_mode(), Ok(exec::local::Mode::Root));
         if !matches!(self.backend(), Ok(BackendChoice::Local)) || !root {
             return false;
         }
@@ -516,17 +523,20 @@ impl Session {
         let mut on_line = |line: &str| self.reporter.on_step_output(info, &redact(line, &values));
         let result = match self.backend()? {
             BackendChoice::Docker => self.docker()?.run(&self.store, &req, &mut on_line)?,
-            _ => exec::local::run(&self.store, &req, &mut on_line)?,
+            _ => {
+                let mode = self.local_mode().map_err(|why| BuildError::Environment {
+                    message: format!("The local backend cannot run here: {why}"),
+                    hint: "run kiln as root, give the user subordinate ids, or use `--backend docker` with a Docker engine".into(),
+                })?;
+                exec::local::run(&self.store, mode, &req, &mut on_line)?
+            }
         };
         match result {
             RunResult::Changed { changes, keep } => Ok((changes, keep)),
             RunResult::Failed { code, tail } => Err(BuildError::CommandFailed {
                 location: format!("{}:{}", self.recipe.file.display(), info.line),
                 step: step_label(info),
-                command: match &run.command {
-                    kiln_recipes::Command::Shell(s) => s.clone(),
-                    kiln_recipes::Command::Exec(v) => format!("{v:?}"),
-                },
+                command: run.command.text(),
                 code,
                 tail: tail.iter().map(|l| redact(l, &values)).collect(),
             }),
@@ -575,7 +585,7 @@ fn history_text(step: &Step, info: &StepInfo) -> String {
     match &step.kind {
         StepKind::Run(r) => match &r.command {
             kiln_recipes::Command::Shell(s) => format!("RUN /bin/sh -c {s}"),
-            kiln_recipes::Command::Exec(v) => format!("RUN {v:?}"),
+            exec => format!("RUN {}", exec.text()),
         },
         _ => info.description.clone(),
     }
@@ -790,10 +800,7 @@ fn describe(step: &Step) -> String {
         }
         StepKind::Write(w) => format!("WRITE {}", w.path),
         StepKind::Run(r) => {
-            let cmd = match &r.command {
-                kiln_recipes::Command::Shell(s) => s.clone(),
-                kiln_recipes::Command::Exec(v) => format!("{v:?}"),
-            };
+            let cmd = r.command.text();
             let one_line: String =
                 cmd.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
             let mut short: String = one_line.chars().take(100).collect();

@@ -112,7 +112,8 @@ pub fn write_layer_unpacking(
     let mut failure: Option<BuildError> = None;
     let result = gzip::compress(blob, threads, |w| {
         let mut tar = HashingWriter::new(BufWriter::with_capacity(256 * 1024, w));
-        match write_entries(store, &mut tar, &entries, epoch, unpack) {
+        let folder = unpack.map(|p| (p, crate::unpack::pool_dir(store)));
+        match write_entries(&mut tar, &entries, epoch, folder) {
             Ok(listing) => {
                 let (buf, diff_id, _) = tar.finish();
                 buf.into_inner().map_err(|e| io::Error::new(e.error().kind(), e.error().to_string()))?;
@@ -134,35 +135,36 @@ pub fn write_layer_unpacking(
     Ok((LayerBlob { diff_id, digest, size }, listing))
 }
 
+/// Writes sorted `entries` as a tar to `w`; with `unpack` (folder, file
+/// pool), also makes them as that folder.
 fn write_entries(
-    store: &Store,
     w: &mut impl Write,
     entries: &[LayerEntry],
     epoch: u64,
-    unpack: Option<&std::path::Path>,
+    unpack: Option<(&std::path::Path, PathBuf)>,
 ) -> Result<Listing, BuildError> {
     let mut listing = Listing { entries: Vec::with_capacity(entries.len()) };
     let mut buf = vec![0u8; 256 * 1024];
     let werr = |e: io::Error| BuildError::Write { path: PathBuf::from("<layer>"), source: e };
-    let uerr =
-        |e: io::Error| BuildError::Write { path: unpack.map(PathBuf::from).unwrap_or_default(), source: e };
+    let folder_path = unpack.as_ref().map(|(p, _)| p.to_path_buf()).unwrap_or_default();
+    let uerr = |e: io::Error| BuildError::Write { path: folder_path.clone(), source: e };
     let mut folder = match unpack {
-        Some(p) => Some(
-            crate::unpack::Materializer::new(p.to_path_buf(), Some(crate::unpack::pool_dir(store)))
-                .map_err(uerr)?,
-        ),
+        Some((p, pool)) => Some(crate::unpack::Materializer::new(p.to_path_buf(), Some(pool)).map_err(uerr)?),
         None => None,
     };
     for e in entries {
+        let xattrs: std::collections::BTreeMap<String, String> =
+            e.xattrs.iter().map(|(k, v)| (k.clone(), hex::encode(v))).collect();
+        let bytes_sha = match &e.content {
+            Content::Bytes(b) => Some(Digest::of(b)),
+            _ => None,
+        };
         let mut tee = match folder.as_mut() {
             Some(m) => {
                 let sha = match &e.content {
                     Content::Path { sha256, .. } => Some(*sha256),
-                    Content::Bytes(b) => Some(Digest::of(b)),
-                    _ => None,
+                    _ => bytes_sha,
                 };
-                let xattrs: std::collections::BTreeMap<String, String> =
-                    e.xattrs.iter().map(|(k, v)| (k.clone(), hex::encode(v))).collect();
                 let we = crate::listing::WalkEntry {
                     path: &e.path,
                     kind: &e.kind,
@@ -194,7 +196,7 @@ fn write_entries(
                     if let Some(f) = tee.as_mut() {
                         f.write_all(b).map_err(uerr)?;
                     }
-                    Digest::of(b)
+                    bytes_sha.expect("bytes are hashed above")
                 }
                 Content::Path { path, sha256, stamp } => {
                     let got = copy_exact(path, size, w, &mut buf, tee.as_mut(), (*stamp).zip(Some(*sha256)))?;
@@ -221,7 +223,7 @@ fn write_entries(
             mode: e.mode & 0o7777,
             uid: e.uid,
             gid: e.gid,
-            xattrs: e.xattrs.iter().map(|(k, v)| (k.clone(), hex::encode(v))).collect(),
+            xattrs,
         });
     }
     tarball::write_trailer(w).map_err(werr)?;
@@ -334,35 +336,8 @@ fn pump(
 pub fn write_plain_tar(entries: &[LayerEntry], path: &std::path::Path) -> Result<(), BuildError> {
     let file = File::create(path).map_err(BuildError::io_write(path))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let werr = |e: io::Error| BuildError::Write { path: path.to_path_buf(), source: e };
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut sorted: Vec<&LayerEntry> = entries.iter().collect();
+    let mut sorted = entries.to_vec();
     sorted.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
-    for e in sorted {
-        let header = TarHeader {
-            path: &e.path,
-            kind: &e.kind,
-            mode: e.mode,
-            uid: e.uid,
-            gid: e.gid,
-            mtime: 0,
-            xattrs: &e.xattrs,
-        };
-        tarball::write_header(&mut w, &header).map_err(werr)?;
-        if let TarKind::File { size } = e.kind {
-            match &e.content {
-                Content::Bytes(b) => w.write_all(b).map_err(werr)?,
-                Content::Slice { path: src, offset } => {
-                    copy_slice(src, *offset, size, &mut w, &mut buf, None)?;
-                }
-                Content::Path { path: src, .. } => {
-                    copy_exact(src, size, &mut w, &mut buf, None, None)?;
-                }
-                Content::None => unreachable!("regular files carry content"),
-            }
-            tarball::pad(&mut w, size).map_err(werr)?;
-        }
-    }
-    tarball::write_trailer(&mut w).map_err(werr)?;
-    w.flush().map_err(werr)
+    write_entries(&mut w, &sorted, 0, None)?;
+    w.flush().map_err(BuildError::io_write(path))
 }

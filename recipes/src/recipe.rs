@@ -201,6 +201,14 @@ pub enum Command {
 }
 
 impl Command {
+    /// As written: the shell string, or the exec form's array.
+    pub fn text(&self) -> String {
+        match self {
+            Command::Shell(s) => s.clone(),
+            Command::Exec(v) => format!("{v:?}"),
+        }
+    }
+
     pub fn argv(&self) -> Vec<String> {
         match self {
             Command::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],

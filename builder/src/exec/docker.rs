@@ -160,12 +160,9 @@ impl DockerEngine {
             .prefix("docker-")
             .tempdir_in(&tmp)
             .map_err(BuildError::io_write(&tmp))?;
-        let secret_dir = super::secret_dir()?;
-        let mut binds = Vec::new();
-        for (id, value) in req.secrets {
-            let p = super::write_secret(secret_dir.path(), id, value)?;
-            binds.push(format!("{}:/run/secrets/{id}:ro", p.display()));
-        }
+        let (_secret_dir, secrets) = super::write_secrets(req.secrets)?;
+        let binds: Vec<String> =
+            secrets.iter().map(|(id, p)| format!("{}:/run/secrets/{id}:ro", p.display())).collect();
         let labels = std::collections::HashMap::from([
             (LABEL_PID.to_string(), std::process::id().to_string()),
             (LABEL_BOOT.to_string(), boot_id()),
@@ -283,7 +280,7 @@ impl DockerEngine {
         ));
         saved?;
         let (tar_path, base, size) = last_layer(&spool, work.path())?;
-        let mut changes = changes_from_tar(&tar_path, base, Some(size), req)?;
+        let mut changes = changes_from_tar(&tar_path, base, Some(size))?;
         drop_secret_mounts(&mut changes, req);
         Ok((changes, Box::new(work)))
     }
@@ -341,20 +338,11 @@ impl DockerEngine {
         img.record(store, "bases", &key, &name)?;
         Ok(Some(img))
     }
-
-    pub fn handle(&self) -> &tokio::runtime::Handle {
-        &self.rt
-    }
 }
 
 /// The changes a layer tar holds (at `base` in `tar`, `size` bytes or to
 /// the end), their contents left in that file.
-pub fn changes_from_tar(
-    tar: &Path,
-    base: u64,
-    size: Option<u64>,
-    _req: &RunRequest<'_>,
-) -> Result<Vec<Change>, BuildError> {
+pub fn changes_from_tar(tar: &Path, base: u64, size: Option<u64>) -> Result<Vec<Change>, BuildError> {
     let mut f = File::open(tar).map_err(BuildError::io_read(tar))?;
     f.seek(SeekFrom::Start(base)).map_err(BuildError::io_read(tar))?;
     let pseudo = Digest::of(tar.as_os_str().as_encoded_bytes());

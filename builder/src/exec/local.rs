@@ -42,15 +42,10 @@ pub fn available() -> Result<Mode, String> {
 /// live in the returned work folder until it is dropped).
 pub fn run(
     store: &Store,
+    mode: &Mode,
     req: &RunRequest<'_>,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<RunResult, BuildError> {
-    let mode = available().map_err(|why| BuildError::Environment {
-        message: format!("The local backend cannot run here: {why}"),
-        hint:
-            "run kiln as root, give the user subordinate ids, or use `--backend docker` with a Docker engine"
-                .into(),
-    })?;
     let t = std::time::Instant::now();
     let tmp = store.tmp_dir();
     let work =
@@ -62,23 +57,16 @@ pub fn run(
     let init = init_plan(req);
     // As root, kiln unpacks and makes the init folder itself; rootless, the
     // helper does both inside its user namespace, where it may set owners.
-    let (lowers, rootless) = match &mode {
+    let (lowers, rootless) = match mode {
         Mode::Root => {
             let lowers = unpack_layers(store, req.layers)?;
             make_init(&w.join("init"), &init).map_err(BuildError::io_write(w.join("init")))?;
             (lowers, None)
         }
         Mode::Rootless(m) => {
-            let dir = rootless_unpacked_dir(store, m);
-            fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
-            let mut names: Vec<PathBuf> = Vec::new();
-            for l in req.layers {
-                let name = PathBuf::from(l.diff_id.hex());
-                names.retain(|n| n != &name);
-                names.push(name);
-            }
             let plan = RootlessPlan {
                 cache_dir: store.root().parent().unwrap_or(store.root()).to_path_buf(),
+                pool: store.root().join(format!("files-{}", m.tag())),
                 layers: req
                     .layers
                     .iter()
@@ -87,16 +75,12 @@ pub fn run(
                 init,
                 diff_out: w.join("diff.tar"),
             };
-            (names, Some(plan))
+            (stack_names(req.layers), Some(plan))
         }
     };
     tracing::debug!(elapsed = ?t.elapsed(), layers = lowers.len(), "local: layers unpacked");
 
-    let secret_dir = super::secret_dir()?;
-    let mut secrets = Vec::new();
-    for (id, value) in req.secrets {
-        secrets.push((id.clone(), super::write_secret(secret_dir.path(), id, value)?));
-    }
+    let (_secret_dir, secrets) = super::write_secrets(req.secrets)?;
     // /etc/hosts, /etc/hostname and /etc/resolv.conf as the engine makes them:
     // loopback names, the hostname, and the host's resolvers when the network is on.
     let mut etc_files = Vec::new();
@@ -112,7 +96,7 @@ pub fn run(
     }
     let mut all_lowers = vec![w.join("init")];
     all_lowers.extend(lowers.into_iter().rev());
-    let layers_dir = match &mode {
+    let layers_dir = match mode {
         Mode::Root => unpacked_dir(store),
         Mode::Rootless(m) => rootless_unpacked_dir(store, m),
     };
@@ -154,31 +138,8 @@ pub fn run(
             hint: "check that kiln's executable can be run".into(),
         })?;
     let mut reader = std::io::BufReader::new(reader);
-    if let Mode::Rootless(m) = &mode {
-        // The helper says when its user namespace exists; kiln writes its id
-        // maps (newuidmap runs as a separate, setuid process) and lets it go on.
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut reader, &mut line);
-        let mut go = child.stdin.take().expect("piped");
-        if line.trim_end() != super::sandbox::USERNS_READY {
-            drop(go);
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(BuildError::Environment {
-                message: format!("The rootless sandbox did not start: {}", line.trim()),
-                hint: "check that unprivileged user namespaces are enabled, or use `--backend docker`".into(),
-            });
-        }
-        if let Err(why) = m.apply(child.id()) {
-            drop(go);
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(BuildError::Environment {
-                message: format!("Cannot map the sandbox's user namespace: {why}"),
-                hint: "check /etc/subuid and /etc/subgid for this user, or use `--backend docker`".into(),
-            });
-        }
-        let _ = std::io::Write::write_all(&mut go, b"1");
+    if let Mode::Rootless(m) = mode {
+        map_user_namespace(&mut child, &mut reader, m)?;
     }
     let tail = super::pump_lines(reader, on_line);
     let status = child.wait().map_err(BuildError::io_read(&spec_path))?;
@@ -199,7 +160,7 @@ pub fn run(
     let changes = match &rootless {
         None => changes::from_upper(&w.join("upper"), changes::OPAQUE_TRUSTED)?,
         // The helper wrote the changes as a layer tar, with the namespace's ids.
-        Some(plan) => super::docker::changes_from_tar(&plan.diff_out, 0, None, req)?,
+        Some(plan) => super::docker::changes_from_tar(&plan.diff_out, 0, None)?,
     };
     tracing::debug!(elapsed = ?t.elapsed(), changes = changes.len(), "local: upper folder read");
     Ok(RunResult::Changed { changes, keep: Box::new(work) })
@@ -226,26 +187,40 @@ pub fn remove_rootless(paths: &[PathBuf]) -> Result<(), BuildError> {
         .spawn()
         .map_err(|e| env_err(format!("Cannot start the cleanup helper: {e}")))?;
     let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
-    let mut line = String::new();
-    let _ = std::io::BufRead::read_line(&mut out, &mut line);
-    let mut go = child.stdin.take().expect("piped");
-    if line.trim_end() != super::sandbox::USERNS_READY {
-        drop(go);
-        let _ = child.wait();
-        return Err(env_err(format!("The cleanup helper did not start: {}", line.trim())));
-    }
-    if let Err(why) = m.apply(child.id()) {
-        drop(go);
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(env_err(format!("Cannot map the cleanup helper's user namespace: {why}")));
-    }
-    let _ = std::io::Write::write_all(&mut go, b"1");
-    drop(go);
+    map_user_namespace(&mut child, &mut out, &m)?;
     let status = child.wait().map_err(|e| env_err(format!("The cleanup helper failed: {e}")))?;
     if !status.success() {
         return Err(env_err("Some rootless files could not be removed".into()));
     }
+    Ok(())
+}
+
+/// The helper says when its user namespace exists (a line on `out`); kiln
+/// writes its id maps (newuidmap runs as a separate, setuid process) and
+/// lets it go on (a byte on its stdin). On failure the helper is killed.
+fn map_user_namespace(
+    child: &mut std::process::Child,
+    out: &mut impl std::io::BufRead,
+    m: &Mapping,
+) -> Result<(), BuildError> {
+    let mut line = String::new();
+    let _ = out.read_line(&mut line);
+    let mut go = child.stdin.take().expect("stdin is piped for a rootless helper");
+    let failed = if line.trim_end() != super::sandbox::USERNS_READY {
+        Some(format!("The rootless helper did not start: {}", line.trim()))
+    } else {
+        m.apply(child.id()).err().map(|why| format!("Cannot map the helper's user namespace: {why}"))
+    };
+    if let Some(message) = failed {
+        drop(go);
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(BuildError::Environment {
+            message,
+            hint: "check that unprivileged user namespaces are enabled and that /etc/subuid and /etc/subgid give this user ids, or use `--backend docker`".into(),
+        });
+    }
+    let _ = std::io::Write::write_all(&mut go, b"1");
     Ok(())
 }
 
@@ -256,6 +231,8 @@ pub struct RootlessPlan {
     pub cache_dir: PathBuf,
     /// (digest, diff_id, media type, size) of each layer, bottom first.
     pub layers: Vec<(String, String, String, u64)>,
+    /// The file pool of this mapping's unpacked layers.
+    pub pool: PathBuf,
     pub init: InitPlan,
     /// Where the helper writes the changes as a tar.
     pub diff_out: PathBuf,
@@ -275,21 +252,39 @@ pub fn unpacked_dir(store: &Store) -> PathBuf {
 /// applying a layer again on top makes the lower copy invisible).
 pub fn unpack_layers(store: &Store, layers: &[ImageLayer]) -> Result<Vec<PathBuf>, BuildError> {
     let dir = unpacked_dir(store);
-    fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
+    for l in layers {
+        unpack_into(store, l, &dir, crate::unpack::pool_dir(store), crate::changes::OPAQUE_TRUSTED)?;
+    }
+    Ok(stack_names(layers))
+}
+
+/// The layers' folder names, bottom first, a layer repeated kept at its
+/// topmost place only.
+pub fn stack_names(layers: &[ImageLayer]) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
     for l in layers {
         let name = PathBuf::from(l.diff_id.hex());
-        if !dir.join(&name).is_dir() {
-            unpack(store, l, &dir.join(&name))?;
-        }
         out.retain(|n| n != &name);
         out.push(name);
     }
-    Ok(out)
+    out
 }
 
-/// Unpacks one layer blob into `dest`, atomically: a temp folder, then rename.
-fn unpack(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(), BuildError> {
+/// Unpacks one layer blob into `dir/DIFF_ID` unless it is there, atomically:
+/// a temp folder, then rename. Files go through `pool`; opaque folders get
+/// `opaque_xattr` (root and rootless overlays read different ones).
+pub fn unpack_into(
+    store: &Store,
+    layer: &ImageLayer,
+    dir: &Path,
+    pool: PathBuf,
+    opaque_xattr: &'static str,
+) -> Result<(), BuildError> {
+    let dest = dir.join(layer.diff_id.hex());
+    if dest.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
     if !store.verify_blob(&layer.digest)? {
         return Err(BuildError::BadLayer {
             layer: layer.digest,
@@ -300,8 +295,8 @@ fn unpack(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(), BuildErr
     let stage =
         tempfile::Builder::new().prefix("unpack-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
     let root = stage.path().join("root");
-    crate::unpack::unpack_blob(store, layer, &root)?;
-    adopt(&root, dest)
+    crate::unpack::unpack_blob_styled(store, layer, &root, pool, opaque_xattr)?;
+    adopt(&root, &dest)
 }
 
 /// Moves an unpacked folder into place; another build may have been first.

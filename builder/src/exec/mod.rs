@@ -28,7 +28,7 @@ pub const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-
 
 /// A private folder for secret files, in memory (/dev/shm) where there is
 /// one, so a secret never lands on disk, even if kiln is killed.
-pub fn secret_dir() -> Result<tempfile::TempDir, crate::BuildError> {
+fn secret_dir() -> Result<tempfile::TempDir, crate::BuildError> {
     let shm = std::path::Path::new("/dev/shm");
     let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
     tempfile::Builder::new()
@@ -37,8 +37,24 @@ pub fn secret_dir() -> Result<tempfile::TempDir, crate::BuildError> {
         .map_err(crate::BuildError::io_write(base))
 }
 
+/// The secrets as files (id, path), in a private folder that lives as long
+/// as the returned guard; no folder when there are none.
+pub type SecretFiles = (Option<tempfile::TempDir>, Vec<(String, std::path::PathBuf)>);
+
+pub fn write_secrets(secrets: &[(String, Vec<u8>)]) -> Result<SecretFiles, crate::BuildError> {
+    if secrets.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let dir = secret_dir()?;
+    let mut files = Vec::new();
+    for (id, value) in secrets {
+        files.push((id.clone(), write_secret(dir.path(), id, value)?));
+    }
+    Ok((Some(dir), files))
+}
+
 /// Writes one secret, readable by its owner only.
-pub fn write_secret(
+fn write_secret(
     dir: &std::path::Path,
     id: &str,
     value: &[u8],

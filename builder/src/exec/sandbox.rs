@@ -159,10 +159,6 @@ fn enter_user_namespace() {
 fn prepare_rootless(spec: &SandboxSpec, plan: &super::local::RootlessPlan) {
     let store = kiln_cache::Store::open(&plan.cache_dir)
         .unwrap_or_else(|e| fail(&format!("cannot open the cache: {e}")));
-    let pool = spec.layers_dir.with_file_name(format!(
-        "files-{}",
-        spec.layers_dir.file_name().and_then(|n| n.to_str()).unwrap_or("x").trim_start_matches("unpacked-")
-    ));
     for (digest, diff_id, media_type, size) in &plan.layers {
         let layer = crate::image::ImageLayer {
             digest: digest.parse().unwrap_or_else(|_| fail("a bad layer digest")),
@@ -170,26 +166,15 @@ fn prepare_rootless(spec: &SandboxSpec, plan: &super::local::RootlessPlan) {
             media_type: media_type.clone(),
             size: *size,
         };
-        let dest = spec.layers_dir.join(layer.diff_id.hex());
-        if dest.is_dir() {
-            continue;
-        }
-        let stage = tempfile::Builder::new()
-            .prefix("unpack-")
-            .tempdir_in(store.tmp_dir())
-            .unwrap_or_else(|e| fail(&format!("cannot make a temp folder: {e}")));
-        let root = stage.path().join("root");
-        if let Err(e) = crate::unpack::unpack_blob_styled(
+        let unpacked = super::local::unpack_into(
             &store,
             &layer,
-            &root,
-            pool.clone(),
+            &spec.layers_dir,
+            plan.pool.clone(),
             crate::changes::OPAQUE_USER,
-        ) {
+        );
+        if let Err(e) = unpacked {
             fail(&format!("cannot unpack layer {}: {e}", layer.digest));
-        }
-        if let Err(e) = super::local::adopt(&root, &dest) {
-            fail(&format!("cannot keep the unpacked layer: {e}"));
         }
     }
     let init = spec.lowers.first().unwrap_or_else(|| fail("no init folder"));
