@@ -89,6 +89,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Resolve the recipe's `[packages]` against the signed Debian archive into kiln.lock (beside the recipe).
+    Lock {
+        recipe: PathBuf,
+        /// The target platform, which picks the Debian architecture (default: the recipe's, else the host's).
+        #[arg(long, value_name = "P")]
+        platform: Option<String>,
+    },
+    /// Print the SPDX 2.3 SBOM (JSON) of the Debian packages in an image.
+    Sbom {
+        /// oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE or docker:REF.
+        target: String,
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
     /// Show the manifest, config and layers of an image.
     Inspect {
         /// oci:DIR[:TAG], oci-archive:FILE or docker-archive:FILE.

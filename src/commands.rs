@@ -54,6 +54,37 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
             }
             Ok(0)
         }
+        Command::Lock { recipe, platform } => {
+            let recipe = load(&recipe)?;
+            let platform = parse_platform(platform.as_deref())?;
+            let started = std::time::Instant::now();
+            let o = kiln_builder::packages::lock(&recipe, platform)?;
+            let verb = if o.changed { "wrote" } else { "is up to date:" };
+            let bytes: u64 = o.lock.packages.iter().map(|p| p.size).sum();
+            eprintln!(
+                "kiln lock: {verb} {} ({} packages, {:.1} MB, for {} requested, out of {} in the index of {} {}; {:.1}s)",
+                o.path.display(),
+                o.lock.packages.len(),
+                bytes as f64 / 1e6,
+                o.lock.request.include.len(),
+                o.index_packages,
+                o.lock.source.mirror,
+                o.lock.request.suite,
+                started.elapsed().as_secs_f64()
+            );
+            let mut out = std::io::stdout().lock();
+            for p in &o.lock.packages {
+                let _ = writeln!(out, "{}\t{}\t{}", p.name, p.version, p.architecture);
+            }
+            Ok(0)
+        }
+        Command::Sbom { target, cache_dir } => {
+            let store = open_store(cache_dir)?;
+            let target = parse_ref(&target, "TARGET")?;
+            let doc = kiln_builder::packages::sbom::for_image(&store, &target)?;
+            let _ = std::io::stdout().lock().write_all(&doc);
+            Ok(0)
+        }
         Command::Inspect { target, cache_dir, json } => {
             let store = open_store(cache_dir)?;
             let target = parse_ref(&target, "TARGET")?;
@@ -162,13 +193,17 @@ fn open_store(dir: Option<PathBuf>) -> Result<Store, BuildError> {
     Ok(Store::open(&dir.unwrap_or_else(Store::default_dir))?)
 }
 
-fn options(common: &Common) -> Result<BuildOptions, BuildError> {
-    let platform = match &common.platform {
-        Some(p) => Some(Platform::parse(p).map_err(|m| {
+fn parse_platform(p: Option<&str>) -> Result<Option<Platform>, BuildError> {
+    match p {
+        Some(p) => Ok(Some(Platform::parse(p).map_err(|m| {
             BuildError::usage(format!("Bad --platform: {m}"), Some("e.g. `--platform linux/amd64`"))
-        })?),
-        None => None,
-    };
+        })?)),
+        None => Ok(None),
+    }
+}
+
+fn options(common: &Common) -> Result<BuildOptions, BuildError> {
+    let platform = parse_platform(common.platform.as_deref())?;
     let epoch_override = match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(v) if !v.is_empty() => Some(v.trim().parse::<u64>().map_err(|_| {
             BuildError::usage(

@@ -73,6 +73,7 @@ enum Prepared {
     CopyFrom(Arc<Built>),
     Write,
     Run(RunPlan),
+    Packages(Box<crate::packages::lockfile::Lockfile>),
 }
 
 /// A `run` step resolved against its image's config; all of it is in the key.
@@ -308,6 +309,13 @@ impl Session {
                 });
                 (p, Prepared::Write)
             }
+            StepKind::Packages(p) => {
+                let lock = crate::packages::load_lock(&self.recipe, p, &self.platform)?;
+                (
+                    json!({ "packages": crate::packages::key_params(&lock) }),
+                    Prepared::Packages(Box::new(lock)),
+                )
+            }
             StepKind::Run(r) => {
                 let plan = run_plan(r, run_config);
                 let p = json!({
@@ -399,6 +407,11 @@ impl Session {
                             entries
                         }
                         (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
+                        (StepKind::Packages(p), Prepared::Packages(lock)) => {
+                            let (entries, scratch) = self.package_entries(p, &lock)?;
+                            keep = Some(Box::new(scratch));
+                            entries
+                        }
                         (StepKind::Run(run), Prepared::Run(plan)) => {
                             let (changes, k) =
                                 self.run(step, &info, run, plan, &layers, tree, &base.config)?;
@@ -457,6 +470,24 @@ impl Session {
         config.set_history(Some(history_entries));
         self.steps.lock().expect("steps").extend(planned.iter().cloned());
         Ok(Built { id: parent, layers, config, steps: planned })
+    }
+
+    /// The packages' layer: the locked `.deb`s (downloaded if the store
+    /// lacks them), unpacked into a scratch folder that must outlive the
+    /// layer's writing.
+    fn package_entries(
+        &self,
+        p: &kiln_recipes::Packages,
+        lock: &crate::packages::lockfile::Lockfile,
+    ) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
+        let mirror = crate::packages::mirror_url(p, Some(&lock.source.mirror))?;
+        crate::packages::fetch(&self.store, &self.rt, lock, &mirror, &|m| self.reporter.on_notice(m))?;
+        let scratch = tempfile::Builder::new()
+            .prefix("packages-")
+            .tempdir_in(self.store.tmp_dir())
+            .map_err(BuildError::io_write(self.store.tmp_dir()))?;
+        let entries = crate::packages::layer_entries(&self.store, lock, self.epoch, scratch.path())?;
+        Ok((entries, scratch))
     }
 
     /// Whether the layer being written should also be unpacked now: the
@@ -799,6 +830,13 @@ fn describe(step: &Step) -> String {
             }
         }
         StepKind::Write(w) => format!("WRITE {}", w.path),
+        StepKind::Packages(p) => {
+            let mut names = p.include.join(" ");
+            if names.len() > 80 {
+                names = format!("{}...", names.chars().take(80).collect::<String>());
+            }
+            format!("PACKAGES {} {names} (kiln.lock)", p.suite)
+        }
         StepKind::Run(r) => {
             let cmd = r.command.text();
             let one_line: String =

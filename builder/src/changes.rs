@@ -147,7 +147,7 @@ pub fn from_upper(upper: &Path, opaque_xattr: &str) -> Result<Vec<Change>, Build
             let link = (md.nlink() > 1).then_some(md.ino());
             ChangeKind::File {
                 size: md.len(),
-                content: Content::Slice { path: path.to_path_buf(), offset: 0 },
+                content: Content::Slice { path: path.to_path_buf(), offset: 0, whole: true },
                 link,
             }
         } else if ft.is_char_device() {
@@ -216,7 +216,11 @@ pub fn from_layer_listing(
                     let offset = *offsets.get(&e.path).expect("every file has an offset");
                     ChangeKind::File {
                         size: *size,
-                        content: Content::Slice { path: tar.to_path_buf(), offset: base + offset },
+                        content: Content::Slice {
+                            path: tar.to_path_buf(),
+                            offset: base + offset,
+                            whole: false,
+                        },
                         link: None,
                     }
                 }

@@ -46,6 +46,11 @@ pub enum BuildError {
     #[error("The builds differ: {0}")]
     NotReproducible(String),
 
+    /// Input that failed a signature or checksum check (a mirror's index, a
+    /// package): refused, nothing of it kept.
+    #[error("{message}")]
+    Integrity { message: String, hint: String },
+
     /// Something outside kiln is missing or refuses (no engine, no permission).
     #[error("{message}")]
     Environment { message: String, hint: String },
@@ -94,7 +99,8 @@ impl BuildError {
             BuildError::Recipe(_)
             | BuildError::BadImage { .. }
             | BuildError::BadLayer { .. }
-            | BuildError::Usage { .. } => 2,
+            | BuildError::Usage { .. }
+            | BuildError::Integrity { .. } => 2,
             BuildError::Changed { .. }
             | BuildError::NotReproducible(_)
             | BuildError::CommandFailed { .. } => 1,
@@ -117,6 +123,7 @@ impl BuildError {
             BuildError::Changed { .. } => Some("something modified the context during the build; run the build again".into()),
             BuildError::Usage { hint, .. } => hint.clone(),
             BuildError::Environment { hint, .. } => Some(hint.clone()),
+            BuildError::Integrity { hint, .. } if !hint.is_empty() => Some(hint.clone()),
             BuildError::CommandFailed { .. } => Some(
                 "fix the command; the steps before it stay cached, so the next build starts here".into(),
             ),

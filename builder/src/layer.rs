@@ -34,10 +34,12 @@ pub enum Content {
     Bytes(Vec<u8>),
     /// The entry's `size` bytes at `offset` of a file kiln made itself (a
     /// sandbox's upper folder, an engine's layer tar): nothing to check
-    /// them against; their digest goes into the listing.
+    /// them against; their digest goes into the listing. With `whole`, the
+    /// slice is the whole file, which must not have grown.
     Slice {
         path: PathBuf,
         offset: u64,
+        whole: bool,
     },
 }
 
@@ -205,8 +207,8 @@ fn write_entries(
                     }
                     got
                 }
-                Content::Slice { path, offset } => {
-                    copy_slice(path, *offset, size, w, &mut buf, tee.as_mut())?
+                Content::Slice { path, offset, whole } => {
+                    copy_slice(path, *offset, size, *whole, w, &mut buf, tee.as_mut())?
                 }
                 Content::None => unreachable!("regular files carry content"),
             };
@@ -237,6 +239,7 @@ fn copy_slice(
     path: &PathBuf,
     offset: u64,
     size: u64,
+    whole: bool,
     w: &mut impl Write,
     buf: &mut [u8],
     tee: Option<&mut File>,
@@ -244,7 +247,7 @@ fn copy_slice(
     use std::io::{Seek, SeekFrom};
     let mut f = File::open(path).map_err(BuildError::io_read(path))?;
     f.seek(SeekFrom::Start(offset)).map_err(BuildError::io_read(path))?;
-    copy_n(f, path, size, w, buf, offset == 0, tee)
+    copy_n(f, path, size, w, buf, whole, tee)
 }
 
 /// Copies exactly `size` bytes of `path` to `w`, hashing them; a file that

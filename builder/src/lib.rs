@@ -13,6 +13,8 @@
 //! - [`exec`]: the backends for `run` steps (local sandbox, Docker engine);
 //!   [`changes`]: what a command changed, normalized into a layer.
 //! - [`extract`]: files out of another stage's image (`copy ... from`).
+//! - [`packages`]: `[packages]`: Debian packages locked in kiln.lock and
+//!   installed into one layer.
 //! - [`reporter`]: the trait the CLI implements to show progress.
 //! - [`error`]: [`BuildError`] with exit codes and hints.
 
@@ -32,6 +34,7 @@ pub mod import;
 pub mod inspect;
 pub mod layer;
 pub mod listing;
+pub mod packages;
 pub mod reporter;
 pub mod tarball;
 pub mod unpack;

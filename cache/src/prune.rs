@@ -27,6 +27,8 @@ pub struct StoreUsage {
     pub steps: u64,
     pub images: u64,
     pub bases: u64,
+    /// Debian package files kept for `[packages]`.
+    pub debs: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -71,7 +73,7 @@ impl Store {
     /// Every record that keeps blobs alive, oldest use first.
     pub fn entries(&self) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
-        for kind in ["steps", "images", "bases"] {
+        for kind in ["steps", "images", "bases", "debs"] {
             let dir = self.root().join(kind);
             for e in fs::read_dir(&dir).map_err(StoreError::io(&dir))? {
                 let e = e.map_err(StoreError::io(&dir))?;
@@ -111,6 +113,7 @@ impl Store {
             steps: count("steps"),
             images: count("images"),
             bases: count("bases"),
+            debs: count("debs"),
         })
     }
 
@@ -270,6 +273,9 @@ impl Store {
                     out.insert(r.diff_id);
                 }
                 continue;
+            }
+            if e.kind == "debs" {
+                continue; // a package file, not an image
             }
             let Some(r) = self.read_record::<ImageRecord>(e.kind, &e.name) else { continue };
             let config = self

@@ -20,7 +20,7 @@ pub mod reference;
 pub use diagnostic::RecipeError;
 pub use parse::{parse_file, parse_str};
 pub use recipe::{
-    Base, Command, Config, CopyStep, FileMode, Image, Owner, Recipe, RunStep, Span, Stage, Step, StepKind,
-    WriteStep,
+    Base, Command, Config, CopyStep, FileMode, Image, Owner, Packages, Recipe, RunStep, Span, Stage, Step,
+    StepKind, WriteStep,
 };
 pub use reference::{ImageRef, RefError};

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use crate::diagnostic::RecipeError;
-use crate::raw::{RawConfig, RawImage, RawRecipe, RawStage, RawStep};
+use crate::raw::{RawConfig, RawImage, RawPackages, RawRecipe, RawStage, RawStep};
 use crate::recipe::{
-    Base, Command, Config, CopyStep, FileMode, Image, Owner, Platform, Recipe, RunStep, Span, Stage, Step,
-    StepKind, WriteStep,
+    debian_architecture, Base, Command, Config, CopyStep, FileMode, Image, Owner, Packages, Platform, Recipe,
+    RunStep, Span, Stage, Step, StepKind, WriteStep,
 };
 use crate::reference::ImageRef;
 
@@ -52,12 +52,6 @@ impl Parser {
                 .with_hint("start the recipe with `[image]` and `name = \"...\"`")
         })?;
 
-        if let Some(pk) = &raw.packages {
-            return Err(self.err(pk.span(), "`[packages]` is not supported yet").with_hint(
-                "install files with `copy` steps for now; Debian packages arrive with `kiln lock`",
-            ));
-        }
-
         // Stages may use only the stages before them, so there are no cycles.
         let mut stages: Vec<Stage> = Vec::with_capacity(raw.stages.len());
         for st in raw.stages {
@@ -66,7 +60,15 @@ impl Parser {
             stages.push(stage);
         }
         let image = self.image(image.into_inner(), dir, &stages)?;
-        let steps = self.steps(raw.steps, &stages)?;
+        let mut steps = self.steps(raw.steps, &stages)?;
+        if let Some(pk) = raw.packages {
+            let span = pk.span();
+            let packages = self.packages(pk.into_inner(), span.clone(), dir, &image)?;
+            for s in &mut steps {
+                s.index += 1;
+            }
+            steps.insert(0, Step { index: 0, span, kind: StepKind::Packages(packages) });
+        }
 
         let config = match raw.config {
             Some(c) => self.config(c.into_inner())?,
@@ -171,6 +173,118 @@ impl Parser {
             ),
         };
         Ok(Image { name: name.clone(), base, base_span, epoch, platform })
+    }
+
+    fn packages(
+        &self,
+        raw: RawPackages,
+        span: Span,
+        dir: &Path,
+        image: &Image,
+    ) -> Result<Packages, RecipeError> {
+        let suite = raw.suite.ok_or_else(|| {
+            self.err(span.clone(), "`[packages]` has no `suite`")
+                .with_hint("name a Debian suite, e.g. `suite = \"bookworm\"`")
+        })?;
+        if !is_debian_word(suite.get_ref()) {
+            return Err(self
+                .err(suite.span(), format!("`{}` is not a suite name", suite.get_ref()))
+                .with_hint("e.g. `suite = \"bookworm\"` or `\"trixie\"`"));
+        }
+        if raw.include.is_empty() {
+            return Err(self
+                .err(span, "`[packages]` has no `include`")
+                .with_hint("list the packages to install, e.g. `include = [\"busybox-static\"]`"));
+        }
+        let mut include = Vec::new();
+        for i in &raw.include {
+            let v = i.get_ref().trim();
+            let (name, version) = match v.split_once('=') {
+                Some((n, ver)) => (n, Some(ver)),
+                None => (v, None),
+            };
+            if !is_package_name(name)
+                || version.is_some_and(|v| v.is_empty() || v.contains(char::is_whitespace))
+            {
+                return Err(self
+                    .err(i.span(), format!("`{v}` is not a Debian package name"))
+                    .with_hint("write `NAME` or `NAME=VERSION`, e.g. `\"python3-minimal\"`; names are lowercase letters, digits, `+`, `-` and `.`"));
+            }
+            if include.iter().any(|x: &String| x.split('=').next() == Some(name)) {
+                return Err(self
+                    .err(i.span(), format!("`{name}` is listed twice"))
+                    .with_hint("list each package once"));
+            }
+            include.push(v.to_string());
+        }
+        let mut exclude = Vec::new();
+        for e in &raw.exclude {
+            if !is_package_name(e.get_ref()) {
+                return Err(self
+                    .err(e.span(), format!("`{}` is not a Debian package name", e.get_ref()))
+                    .with_hint("`exclude` lists package names without versions"));
+            }
+            exclude.push(e.get_ref().clone());
+        }
+        let mut components = Vec::new();
+        for c in &raw.components {
+            if !is_debian_word(c.get_ref()) {
+                return Err(self
+                    .err(c.span(), format!("`{}` is not a component name", c.get_ref()))
+                    .with_hint("components are e.g. `main`, `contrib`, `non-free-firmware`"));
+            }
+            components.push(c.get_ref().clone());
+        }
+        if components.is_empty() {
+            components.push("main".to_string());
+        }
+        let architecture = match &raw.architecture {
+            Some(a) if !is_debian_word(a.get_ref()) => {
+                return Err(self
+                    .err(a.span(), format!("`{}` is not a Debian architecture", a.get_ref()))
+                    .with_hint("e.g. `amd64`, `arm64`, `armhf`; the default follows `platform`"))
+            }
+            Some(a) => Some(a.get_ref().clone()),
+            None => {
+                if let Some(p) = &image.platform {
+                    if debian_architecture(p).is_none() {
+                        return Err(self
+                            .err(span, format!("Debian has no architecture for the platform `{p}`"))
+                            .with_hint("set `architecture` in `[packages]`"));
+                    }
+                }
+                None
+            }
+        };
+        let mirror = match &raw.mirror {
+            Some(m) => {
+                let u = m.get_ref();
+                if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("file://")) {
+                    return Err(self
+                        .err(m.span(), format!("`{u}` is not an http://, https:// or file:// URL"))
+                        .with_hint("e.g. `mirror = \"http://deb.debian.org/debian\"`"));
+                }
+                Some(u.trim_end_matches('/').to_string())
+            }
+            None => None,
+        };
+        let keyring = raw.keyring.as_ref().map(|k| {
+            let p = PathBuf::from(k.get_ref());
+            if p.is_absolute() {
+                p
+            } else {
+                dir.join(p)
+            }
+        });
+        Ok(Packages {
+            suite: suite.into_inner(),
+            include,
+            exclude,
+            components,
+            architecture,
+            mirror,
+            keyring,
+        })
     }
 
     fn base(&self, b: &Spanned<String>, dir: &Path, stages: &[Stage]) -> Result<Base, RecipeError> {
@@ -513,6 +627,22 @@ fn is_secret_id(id: &str) -> bool {
         && id.len() <= 128
         && !id.starts_with('.')
         && id.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// A Debian package name (policy §5.6.1).
+fn is_package_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() >= 2
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'+' | b'-' | b'.'))
+}
+
+/// A suite, component or architecture: one word that is safe in a URL path.
+fn is_debian_word(w: &str) -> bool {
+    !w.is_empty()
+        && w.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && w != ".."
+        && w != "."
 }
 
 fn is_valid_name(name: &str) -> bool {

@@ -20,6 +20,8 @@ pub struct Recipe {
     /// `[[stage]]` tables in recipe order; each may use only stages before it.
     pub stages: Vec<Stage>,
     pub image: Image,
+    /// The final image's steps. With `[packages]`, the first is
+    /// [`StepKind::Packages`]: the packages' layer sits below the others.
     pub steps: Vec<Step>,
     pub config: Config,
 }
@@ -174,6 +176,41 @@ pub enum StepKind {
     Copy(CopyStep),
     Write(WriteStep),
     Run(RunStep),
+    /// The `[packages]` table: Debian packages installed from `kiln.lock`.
+    Packages(Packages),
+}
+
+/// `[packages]`: Debian packages, resolved by `kiln lock` into `kiln.lock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packages {
+    pub suite: String,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Default: `["main"]`.
+    pub components: Vec<String>,
+    /// Default: from the image's platform (see `debian_architecture`).
+    pub architecture: Option<String>,
+    /// Default: the host's apt sources, else the mirror kiln.lock records.
+    pub mirror: Option<String>,
+    /// An OpenPGP keyring (resolved against the recipe's folder);
+    /// default: the Debian archive keyring.
+    pub keyring: Option<PathBuf>,
+}
+
+/// Debian's name for a platform's architecture, if Debian has one.
+pub fn debian_architecture(p: &Platform) -> Option<&'static str> {
+    Some(match (p.architecture.as_str(), p.variant.as_deref()) {
+        ("amd64", _) => "amd64",
+        ("arm64", _) => "arm64",
+        ("386", _) => "i386",
+        ("arm", Some("v5")) => "armel",
+        ("arm", _) => "armhf",
+        ("ppc64le", _) => "ppc64el",
+        ("s390x", _) => "s390x",
+        ("riscv64", _) => "riscv64",
+        ("mips64le", _) => "mips64el",
+        _ => return None,
+    })
 }
 
 /// Runs a command in the image being built; its changes become the layer.

@@ -1,0 +1,436 @@
+//! Locked `.deb` files → one layer, without dpkg or apt in the image.
+//!
+//! Each package's data archive (xz, zstd, gzip or plain tar) is walked with
+//! the same checks as any layer kiln reads; the file data goes to one
+//! scratch file per package and the layer is written from there. On top of
+//! the packages' own files, kiln writes what dpkg and the maintainer scripts
+//! would have left that images need (see [`fixups`]):
+//! - `/var/lib/dpkg/status` and `info/PKG.{list,md5sums,conffiles}`, so
+//!   `dpkg -l` and image scanners see the packages;
+//! - the merged-/usr layout: `/bin`, `/sbin`, `/lib` (and `/lib32`,
+//!   `/lib64`, `/libx32` when a package ships them) are symlinks into
+//!   `/usr`, and files packages ship there are placed under `/usr`;
+//! - `/etc/ld.so.cache` when the packages hold shared libraries and glibc;
+//! - with ca-certificates: `/etc/ssl/certs/ca-certificates.crt` and
+//!   `/etc/ca-certificates.conf`;
+//! - alternatives for common tools (`awk`, `nawk`, `pager`, `editor`,
+//!   `which`, `rmt`) through `/etc/alternatives`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use kiln_cache::Digest;
+
+use super::deb822::{self, Paragraph};
+use super::ldcache;
+use crate::error::BuildError;
+use crate::layer::{Content, LayerEntry};
+use crate::listing::walk_layer;
+use crate::tarball::TarKind;
+
+/// Bump when the layer a package set makes changes for the same `.deb`s.
+pub const INSTALL_SCHEMA: u32 = 1;
+
+/// One package, read from its `.deb`.
+pub struct Unpacked {
+    pub name: String,
+    pub arch: String,
+    pub multi_arch_same: bool,
+    pub control: Paragraph,
+    pub md5sums: Option<Vec<u8>>,
+    pub conffiles: Option<Vec<u8>>,
+    /// Entries in archive order (paths as the package ships them).
+    pub entries: Vec<DebEntry>,
+    /// The scratch file that holds the file data.
+    pub data: PathBuf,
+}
+
+pub struct DebEntry {
+    pub path: String,
+    pub kind: TarKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Where a regular file's bytes start in [`Unpacked::data`].
+    pub offset: u64,
+}
+
+fn refused(package: &str, why: impl std::fmt::Display) -> BuildError {
+    BuildError::Integrity {
+        message: format!("The package `{package}` is refused: {why}"),
+        hint: "the .deb may be damaged or not a Debian package; `kiln cache gc` removes a bad cached copy, and `kiln lock` re-resolves".into(),
+    }
+}
+
+/// The members of an `ar` archive: (name, offset of data, size).
+fn ar_members(f: &mut File, package: &str) -> Result<Vec<(String, u64, u64)>, BuildError> {
+    let mut magic = [0u8; 8];
+    f.read_exact(&mut magic).map_err(|e| refused(package, format!("unreadable ({e})")))?;
+    if &magic != b"!<arch>\n" {
+        return Err(refused(package, "it is not an ar archive (a .deb starts with `!<arch>`)"));
+    }
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut pos = 8u64;
+    let mut out = Vec::new();
+    while pos + 60 <= len {
+        let mut h = [0u8; 60];
+        f.seek(SeekFrom::Start(pos)).and_then(|_| f.read_exact(&mut h)).map_err(|e| refused(package, e))?;
+        if &h[58..60] != b"`\n" {
+            return Err(refused(package, "an ar member header is malformed"));
+        }
+        let name = String::from_utf8_lossy(&h[..16]).trim_end().trim_end_matches('/').to_string();
+        let size: u64 = std::str::from_utf8(&h[48..58])
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| refused(package, "an ar member has a bad size"))?;
+        let data = pos + 60;
+        if data + size > len {
+            return Err(refused(package, format!("the member `{name}` is truncated")));
+        }
+        out.push((name, data, size));
+        pos = data + size + (size % 2);
+    }
+    Ok(out)
+}
+
+fn decoder<'a>(name: &str, r: impl Read + 'a, package: &str) -> Result<Box<dyn Read + 'a>, BuildError> {
+    Ok(match name.rsplit_once('.').map(|(_, e)| e) {
+        Some("xz") => Box::new(liblzma::read::XzDecoder::new_multi_decoder(r)),
+        Some("zst") => Box::new(zstd::stream::read::Decoder::new(r).map_err(|e| refused(package, e))?),
+        Some("gz") => Box::new(flate2::read::MultiGzDecoder::new(r)),
+        Some("tar") => Box::new(r),
+        _ => {
+            return Err(refused(package, format!("its member `{name}` has a compression kiln does not read")))
+        }
+    })
+}
+
+/// Reads one `.deb` (already checked against its sha256): its control
+/// files, and its data walked into `scratch`.
+pub fn unpack_deb(
+    deb: &Path,
+    package: &str,
+    sha256: &Digest,
+    scratch: &Path,
+) -> Result<Unpacked, BuildError> {
+    let mut f = File::open(deb).map_err(BuildError::io_read(deb))?;
+    let members = ar_members(&mut f, package)?;
+    let find =
+        |prefix: &str| members.iter().find(|(n, _, _)| n == prefix || n.starts_with(&format!("{prefix}.")));
+    let (_, off, size) =
+        find("debian-binary").ok_or_else(|| refused(package, "it has no `debian-binary`"))?;
+    let mut version = String::new();
+    f.seek(SeekFrom::Start(*off)).map_err(|e| refused(package, e))?;
+    (&mut f).take(*size).read_to_string(&mut version).map_err(|e| refused(package, e))?;
+    if !version.starts_with("2.") {
+        return Err(refused(package, format!("it is .deb format `{}`, kiln reads 2.x", version.trim())));
+    }
+
+    // control.tar: control, md5sums, conffiles.
+    let (cname, coff, csize) =
+        find("control.tar").cloned().ok_or_else(|| refused(package, "it has no control.tar"))?;
+    f.seek(SeekFrom::Start(coff)).map_err(|e| refused(package, e))?;
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let bad_tar = |e: BuildError| match e {
+        BuildError::BadLayer { reason, .. } => refused(package, reason),
+        e => e,
+    };
+    walk_layer(decoder(&cname, (&mut f).take(csize), package)?, sha256, &mut |e, r| {
+        if matches!(e.path, "control" | "md5sums" | "conffiles") && matches!(e.kind, TarKind::File { .. }) {
+            let mut v = Vec::new();
+            r.take(1 << 24).read_to_end(&mut v)?;
+            files.insert(e.path.to_string(), v);
+        }
+        Ok(())
+    })
+    .map_err(bad_tar)?;
+    let control_text = files
+        .get("control")
+        .and_then(|c| String::from_utf8(c.clone()).ok())
+        .ok_or_else(|| refused(package, "its control.tar has no UTF-8 `control` file"))?;
+    let control = deb822::parse(&control_text)
+        .ok()
+        .and_then(|mut v| (v.len() == 1).then(|| v.remove(0)))
+        .ok_or_else(|| refused(package, "its `control` file is not one deb822 paragraph"))?;
+    if control.get("Package") != Some(package) {
+        return Err(refused(
+            package,
+            format!("its control file names the package `{}`", control.get("Package").unwrap_or("")),
+        ));
+    }
+
+    // data.tar: every entry, file bytes into the scratch file.
+    let (dname, doff, dsize) =
+        find("data.tar").cloned().ok_or_else(|| refused(package, "it has no data.tar"))?;
+    f.seek(SeekFrom::Start(doff)).map_err(|e| refused(package, e))?;
+    let mut out =
+        BufWriter::with_capacity(1 << 20, File::create(scratch).map_err(BuildError::io_write(scratch))?);
+    let mut written = 0u64;
+    let mut entries = Vec::new();
+    walk_layer(decoder(&dname, (&mut f).take(dsize), package)?, sha256, &mut |e, r| {
+        let offset = written;
+        if let TarKind::File { .. } = e.kind {
+            written += std::io::copy(r, &mut out)?;
+        }
+        if e.path.split('/').any(|c| c.starts_with(".wh.")) {
+            return Err(std::io::Error::other(format!("`{}` is a whiteout name", e.path)));
+        }
+        let xattrs = e.xattrs.iter().map(|(k, v)| (k.clone(), hex::decode(v).unwrap_or_default())).collect();
+        entries.push(DebEntry {
+            path: e.path.to_string(),
+            kind: e.kind.clone(),
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            xattrs,
+            offset,
+        });
+        Ok(())
+    })
+    .map_err(bad_tar)?;
+    out.flush().map_err(BuildError::io_write(scratch))?;
+    Ok(Unpacked {
+        name: package.to_string(),
+        arch: control.get("Architecture").unwrap_or_default().to_string(),
+        multi_arch_same: control.get("Multi-Arch") == Some("same"),
+        control,
+        md5sums: files.remove("md5sums"),
+        conffiles: files.remove("conffiles"),
+        entries,
+        data: scratch.to_path_buf(),
+    })
+}
+
+/// Top-level folders that merged-/usr makes symlinks into `/usr`.
+const MERGED: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+
+/// Where a path a package ships ends up in a merged-/usr tree.
+fn merged_path(path: &str) -> String {
+    let top = path.split('/').next().unwrap_or("");
+    if MERGED.contains(&top) {
+        format!("usr/{path}")
+    } else {
+        path.to_string()
+    }
+}
+
+/// The layer of `packages` (in name order): their files, the dpkg
+/// database, and the fixups, as entries. `sbom` is written into the image.
+pub fn layer_entries(packages: &[Unpacked], sbom: &[u8]) -> Result<Vec<LayerEntry>, BuildError> {
+    let mut tree: BTreeMap<String, LayerEntry> = BTreeMap::new();
+    let mut merged_tops: BTreeSet<&str> = BTreeSet::new();
+    for p in packages {
+        for e in &p.entries {
+            let top = e.path.split('/').next().unwrap_or("");
+            if MERGED.contains(&top) {
+                if e.path == top && matches!(e.kind, TarKind::Symlink(_)) {
+                    continue; // the package ships the merged-/usr link itself; kiln makes it below
+                }
+                merged_tops.insert(MERGED.iter().find(|m| **m == top).expect("listed"));
+            }
+            let path = merged_path(&e.path);
+            let kind = match &e.kind {
+                TarKind::Hardlink(t) => TarKind::Hardlink(merged_path(t)),
+                k => k.clone(),
+            };
+            let content = match kind {
+                TarKind::File { .. } => {
+                    Content::Slice { path: p.data.clone(), offset: e.offset, whole: false }
+                }
+                _ => Content::None,
+            };
+            let entry = LayerEntry {
+                path: path.clone(),
+                kind,
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                content,
+                xattrs: e.xattrs.clone(),
+            };
+            match tree.get(&path) {
+                // Folders shared by packages: the first package's wins, as with dpkg.
+                Some(old) if matches!(old.kind, TarKind::Dir) && matches!(entry.kind, TarKind::Dir) => {}
+                // A file shipped twice (a package that Replaces another's): the later one wins.
+                _ => {
+                    tree.insert(path, entry);
+                }
+            }
+        }
+    }
+
+    // Merged /usr: the links, and the folders they point at.
+    for top in ["bin", "sbin", "lib"].iter().chain(merged_tops.iter()) {
+        ensure_dirs(&mut tree, &format!("usr/{top}"));
+        tree.insert(top.to_string(), symlink(top, &format!("usr/{top}")));
+    }
+
+    ensure_dirs(&mut tree, "var/lib/dpkg/info");
+    for d in
+        ["var/lib/dpkg/updates", "var/lib/dpkg/alternatives", "var/lib/dpkg/triggers", "etc/alternatives"]
+    {
+        ensure_dirs(&mut tree, d);
+    }
+    let mut status = String::new();
+    for p in packages {
+        let mut para = p.control.clone();
+        para.fields.retain(|(k, _)| !k.eq_ignore_ascii_case("Status"));
+        para.fields.insert(1.min(para.fields.len()), ("Status".into(), "install ok installed".into()));
+        status.push_str(&para.render());
+        status.push('\n');
+        let info = if p.multi_arch_same { format!("{}:{}", p.name, p.arch) } else { p.name.clone() };
+        let mut list = String::from("/.\n");
+        for e in &p.entries {
+            list.push('/');
+            list.push_str(&e.path);
+            list.push('\n');
+        }
+        put_file(&mut tree, &format!("var/lib/dpkg/info/{info}.list"), list.into_bytes(), 0o644);
+        if let Some(m) = &p.md5sums {
+            put_file(&mut tree, &format!("var/lib/dpkg/info/{info}.md5sums"), m.clone(), 0o644);
+        }
+        if let Some(c) = &p.conffiles {
+            put_file(&mut tree, &format!("var/lib/dpkg/info/{info}.conffiles"), c.clone(), 0o644);
+        }
+    }
+    put_file(&mut tree, "var/lib/dpkg/status", status.into_bytes(), 0o644);
+    put_file(&mut tree, "var/lib/dpkg/available", Vec::new(), 0o644);
+    ensure_dirs(&mut tree, "var/lib/kiln");
+    put_file(&mut tree, "var/lib/kiln/sbom.spdx.json", sbom.to_vec(), 0o644);
+
+    fixups(&mut tree)?;
+    Ok(tree.into_values().collect())
+}
+
+fn symlink(path: &str, target: &str) -> LayerEntry {
+    LayerEntry {
+        path: path.to_string(),
+        kind: TarKind::Symlink(target.to_string()),
+        mode: 0o777,
+        uid: 0,
+        gid: 0,
+        content: Content::None,
+        xattrs: Vec::new(),
+    }
+}
+
+fn put_file(tree: &mut BTreeMap<String, LayerEntry>, path: &str, bytes: Vec<u8>, mode: u32) {
+    let e = LayerEntry {
+        path: path.to_string(),
+        kind: TarKind::File { size: bytes.len() as u64 },
+        mode,
+        uid: 0,
+        gid: 0,
+        content: Content::Bytes(bytes),
+        xattrs: Vec::new(),
+    };
+    tree.insert(path.to_string(), e);
+}
+
+fn ensure_dirs(tree: &mut BTreeMap<String, LayerEntry>, path: &str) {
+    let mut cur = String::new();
+    for c in path.split('/') {
+        if !cur.is_empty() {
+            cur.push('/');
+        }
+        cur.push_str(c);
+        tree.entry(cur.clone()).or_insert_with(|| LayerEntry {
+            path: cur.clone(),
+            kind: TarKind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            content: Content::None,
+            xattrs: Vec::new(),
+        });
+    }
+}
+
+/// Reads a regular file's bytes from the tree being built.
+fn read_entry(e: &LayerEntry) -> std::io::Result<Vec<u8>> {
+    let TarKind::File { size } = e.kind else { return Ok(Vec::new()) };
+    match &e.content {
+        Content::Bytes(b) => Ok(b.clone()),
+        Content::Slice { path, offset, .. } => {
+            let mut f = File::open(path)?;
+            f.seek(SeekFrom::Start(*offset))?;
+            let mut v = Vec::with_capacity(size as usize);
+            f.take(size).read_to_end(&mut v)?;
+            Ok(v)
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Alternatives kiln sets up: (name, link, candidates by falling priority).
+const ALTERNATIVES: &[(&str, &str, &[&str])] = &[
+    ("awk", "usr/bin/awk", &["usr/bin/gawk", "usr/bin/mawk", "usr/bin/original-awk"]),
+    ("nawk", "usr/bin/nawk", &["usr/bin/gawk", "usr/bin/mawk", "usr/bin/original-awk"]),
+    ("pager", "usr/bin/pager", &["usr/bin/less", "usr/bin/more"]),
+    ("editor", "usr/bin/editor", &["usr/bin/nano", "usr/bin/vim.basic", "usr/bin/vim.tiny"]),
+    ("which", "usr/bin/which", &["usr/bin/which.debianutils"]),
+    ("rmt", "usr/sbin/rmt", &["usr/sbin/rmt-tar"]),
+];
+
+/// What maintainer scripts would have done that images need.
+fn fixups(tree: &mut BTreeMap<String, LayerEntry>) -> Result<(), BuildError> {
+    let io = |e: std::io::Error| BuildError::Write { path: PathBuf::from("<packages layer>"), source: e };
+
+    // ca-certificates: the bundle update-ca-certificates would make.
+    let certs: Vec<String> = tree
+        .keys()
+        .filter(|p| p.starts_with("usr/share/ca-certificates/") && p.ends_with(".crt"))
+        .cloned()
+        .collect();
+    if !certs.is_empty() && tree.contains_key("usr/sbin/update-ca-certificates") {
+        let mut bundle = Vec::new();
+        let mut conf =
+            String::from("# Written by kiln for the certificates ca-certificates ships (all enabled).\n");
+        for c in &certs {
+            let mut b = read_entry(&tree[c]).map_err(io)?;
+            if !b.ends_with(b"\n") {
+                b.push(b'\n');
+            }
+            bundle.extend_from_slice(&b);
+            let rel = c.trim_start_matches("usr/share/ca-certificates/");
+            conf.push_str(rel);
+            conf.push('\n');
+            let name = Path::new(rel).file_stem().and_then(|s| s.to_str()).unwrap_or(rel);
+            ensure_dirs(tree, "etc/ssl/certs");
+            tree.insert(
+                format!("etc/ssl/certs/{name}.pem"),
+                symlink(&format!("etc/ssl/certs/{name}.pem"), &format!("/{c}")),
+            );
+        }
+        ensure_dirs(tree, "etc/ssl/certs");
+        put_file(tree, "etc/ssl/certs/ca-certificates.crt", bundle, 0o644);
+        put_file(tree, "etc/ca-certificates.conf", conf.into_bytes(), 0o644);
+    }
+
+    // Alternatives: link → /etc/alternatives/NAME → the best candidate.
+    for (name, link, candidates) in ALTERNATIVES {
+        if tree.contains_key(*link) {
+            continue;
+        }
+        let Some(best) = candidates.iter().find(|c| tree.contains_key(**c)) else { continue };
+        tree.insert(link.to_string(), symlink(link, &format!("/etc/alternatives/{name}")));
+        let alt = format!("etc/alternatives/{name}");
+        tree.insert(alt.clone(), symlink(&alt, &format!("/{best}")));
+        let mut admin = format!("auto\n/{link}\n\n");
+        for c in candidates.iter().filter(|c| tree.contains_key(**c)) {
+            admin.push_str(&format!("/{c}\n0\n"));
+        }
+        admin.push('\n');
+        put_file(tree, &format!("var/lib/dpkg/alternatives/{name}"), admin.into_bytes(), 0o644);
+    }
+
+    // ld.so.cache, as ldconfig would write it.
+    if let Some(cache) = ldcache::build(tree, read_entry).map_err(io)? {
+        ensure_dirs(tree, "etc");
+        put_file(tree, "etc/ld.so.cache", cache, 0o644);
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! `kiln.lock`: what `kiln lock` resolved, so every build installs exactly
+//! those files. TOML, sorted by package name, written beside the recipe.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use kiln_recipes::Packages;
+
+use crate::error::BuildError;
+
+pub const LOCK_VERSION: u32 = 1;
+pub const FILE_NAME: &str = "kiln.lock";
+
+/// The part of `[packages]` a lockfile answers. The mirror and keyring are
+/// not in it: the same packages come from any mirror of the archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockRequest {
+    pub suite: String,
+    pub components: Vec<String>,
+    pub architecture: String,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+impl LockRequest {
+    pub fn new(p: &Packages, architecture: &str) -> LockRequest {
+        let mut include = p.include.clone();
+        include.sort();
+        let mut exclude = p.exclude.clone();
+        exclude.sort();
+        LockRequest {
+            suite: p.suite.clone(),
+            components: p.components.clone(),
+            architecture: architecture.to_string(),
+            include,
+            exclude,
+        }
+    }
+}
+
+/// Where the packages were resolved from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockSource {
+    pub mirror: String,
+    /// The `Date` of the InRelease that was verified.
+    pub date: String,
+    pub inrelease_sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedPackage {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    pub filename: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lockfile {
+    pub version: u32,
+    pub request: LockRequest,
+    pub source: LockSource,
+    #[serde(rename = "package")]
+    pub packages: Vec<LockedPackage>,
+}
+
+impl Lockfile {
+    pub fn path_for(recipe_dir: &Path) -> PathBuf {
+        recipe_dir.join(FILE_NAME)
+    }
+
+    pub fn render(&self) -> String {
+        let body = toml::to_string(self).expect("a lockfile serializes");
+        format!("# Written by `kiln lock`: the exact Debian packages this recipe installs.\n# Do not edit; run `kiln lock` again to update.\n\n{body}")
+    }
+
+    /// Reads the lockfile at `path`; `None` when there is none.
+    pub fn load(path: &Path) -> Result<Option<Lockfile>, BuildError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BuildError::Read { path: path.to_path_buf(), source: e }),
+        };
+        let lock: Lockfile = toml::from_str(&text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+            BuildError::usage(
+                format!(
+                    "`{}`{} is not a valid lockfile: {}",
+                    path.display(),
+                    line.map(|l| format!(" line {l}")).unwrap_or_default(),
+                    e.message().trim()
+                ),
+                Some("run `kiln lock RECIPE` to write it again"),
+            )
+        })?;
+        if lock.version != LOCK_VERSION {
+            return Err(BuildError::usage(
+                format!(
+                    "`{}` is lockfile version {}; this kiln reads version {LOCK_VERSION}",
+                    path.display(),
+                    lock.version
+                ),
+                Some("run `kiln lock RECIPE` to write it again"),
+            ));
+        }
+        for p in &lock.packages {
+            let ok = p.sha256.len() == 64
+                && p.sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                && !p.filename.starts_with('/')
+                && !p.filename.split('/').any(|c| c == ".." || c.is_empty());
+            if !ok {
+                return Err(BuildError::usage(
+                    format!("`{}`: the entry for `{}` has a bad sha256 or filename", path.display(), p.name),
+                    Some("run `kiln lock RECIPE` to write it again"),
+                ));
+            }
+        }
+        Ok(Some(lock))
+    }
+
+    /// The differences between what the recipe asks and what this lock answers.
+    pub fn mismatch(&self, want: &LockRequest) -> Vec<String> {
+        let r = &self.request;
+        let mut out = Vec::new();
+        if r.suite != want.suite {
+            out.push(format!("suite is `{}` in the recipe, `{}` in the lock", want.suite, r.suite));
+        }
+        if r.components != want.components {
+            out.push(format!(
+                "components are {:?} in the recipe, {:?} in the lock",
+                want.components, r.components
+            ));
+        }
+        if r.architecture != want.architecture {
+            out.push(format!(
+                "architecture is `{}` for this build, `{}` in the lock",
+                want.architecture, r.architecture
+            ));
+        }
+        let added: Vec<&String> = want.include.iter().filter(|i| !r.include.contains(i)).collect();
+        let removed: Vec<&String> = r.include.iter().filter(|i| !want.include.contains(i)).collect();
+        if !added.is_empty() {
+            out.push(format!("include adds {}", quoted(&added)));
+        }
+        if !removed.is_empty() {
+            out.push(format!("include no longer has {}", quoted(&removed)));
+        }
+        if r.exclude != want.exclude {
+            out.push(format!("exclude is {:?} in the recipe, {:?} in the lock", want.exclude, r.exclude));
+        }
+        out
+    }
+}
+
+fn quoted(v: &[&String]) -> String {
+    v.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+}
