@@ -7,5 +7,6 @@ mod cache;
 mod crash;
 mod errors;
 mod interop;
+mod packages;
 mod reproducible;
 mod run;
