@@ -15,8 +15,8 @@ build:
 deps:
 	.ci/deps
 
-## Build the example recipe (stages and run steps, in kiln's own sandbox), show the
-## image, and run it if a Docker engine answers.
+## Build the example recipes (stages and run steps in kiln's own sandbox; Debian
+## packages from a lockfile), show them, and run them if a Docker engine answers.
 demo: build
 	@# The images start FROM scratch: they need the static busybox, not Debian's dynamic one.
 	@dpkg -s busybox-static >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static; }
@@ -27,6 +27,13 @@ demo: build
 	@if docker info >/dev/null 2>&1; then \
 		docker load -i out/busybox-run.tar && docker run --rm busybox-run:latest; \
 	else echo "(no Docker engine answers: run 'make deps' to start one, then 'docker load -i out/busybox-run.tar')"; fi
+	@# Debian packages from the committed kiln.lock (downloaded from deb.debian.org once, then cached).
+	$(KILN) build recipes/examples/python/kiln.toml -o oci:out/python -o docker-archive:out/python.tar
+	$(KILN) sbom oci:out/python > out/python.spdx.json
+	@python3 -c 'import json; d = json.load(open("out/python.spdx.json")); print("SBOM (out/python.spdx.json):", ", ".join(p["name"] + " " + p["versionInfo"] for p in d["packages"]))'
+	@if docker info >/dev/null 2>&1; then \
+		docker load -i out/python.tar && docker run --rm python:latest; \
+	else echo "(no Docker engine answers: 'docker load -i out/python.tar' later)"; fi
 
 ## Unit and integration tests (the integration tests drive the real binary).
 test:

@@ -408,7 +408,7 @@ impl Session {
                         }
                         (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
                         (StepKind::Packages(p), Prepared::Packages(lock)) => {
-                            let (entries, scratch) = self.package_entries(p, &lock)?;
+                            let (entries, scratch) = self.package_entries(p, &lock, &layers, tree)?;
                             keep = Some(Box::new(scratch));
                             entries
                         }
@@ -479,6 +479,8 @@ impl Session {
         &self,
         p: &kiln_recipes::Packages,
         lock: &crate::packages::lockfile::Lockfile,
+        layers: &[ImageLayer],
+        tree: &FsTree,
     ) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
         let mirror = crate::packages::mirror_url(p, Some(&lock.source.mirror))?;
         crate::packages::fetch(&self.store, &self.rt, lock, &mirror, &|m| self.reporter.on_notice(m))?;
@@ -486,7 +488,13 @@ impl Session {
             .prefix("packages-")
             .tempdir_in(self.store.tmp_dir())
             .map_err(BuildError::io_write(self.store.tmp_dir()))?;
-        let entries = crate::packages::layer_entries(&self.store, lock, self.epoch, scratch.path())?;
+        let base_status = crate::extract::read_file(&self.store, layers, tree, "var/lib/dpkg/status")
+            .map_err(|reason| BuildError::BadImage { image: "the base".into(), reason })?;
+        let below = crate::packages::install::Below {
+            status: base_status.map(|b| String::from_utf8_lossy(&b).into_owned()),
+            exists: &|path| tree.get(path).is_some(),
+        };
+        let entries = crate::packages::layer_entries(&self.store, lock, self.epoch, scratch.path(), &below)?;
         Ok((entries, scratch))
     }
 

@@ -148,3 +148,22 @@ pub fn stage_source(
 pub fn base_name(src: &str) -> Option<&str> {
     Path::new(src).file_name().and_then(|n| n.to_str())
 }
+
+/// The bytes of the regular file at `path` (relative, clean) in the image
+/// made of `layers`, whose merged tree is `tree`; `None` when it is not a
+/// regular file there.
+pub fn read_file(
+    store: &Store,
+    layers: &[ImageLayer],
+    tree: &FsTree,
+    path: &str,
+) -> Result<Option<Vec<u8>>, String> {
+    if !matches!(tree.get(path).map(|e| &e.kind), Some(Kind::File { .. })) {
+        return Ok(None);
+    }
+    let (entries, _tmp) = stage_source(store, layers, &format!("/{path}"))?;
+    match entries.into_iter().next().map(|e| e.content) {
+        Some(Content::Path { path: p, .. }) => fs::read(&p).map(Some).map_err(|e| e.to_string()),
+        _ => Ok(None),
+    }
+}

@@ -349,6 +349,24 @@ fn a_signed_local_repository_is_locked_built_and_stable() {
     p.recipe(&offline);
     let r = p.build(&["--no-cache"]);
     assert_eq!(r.digest(), first, "cached .debs build without the mirror");
+
+    // On a base with packages of its own, dpkg's status lists both sets.
+    p.file(
+        "base/kiln.toml",
+        recipe(&repo, r#""never-installed""#, "").replace("repo/key.gpg", "../repo/key.gpg"),
+    );
+    assert_eq!(p.kiln(&["lock", "base/kiln.toml"]).code, 0);
+    p.kiln(&["build", "base/kiln.toml", "-o", "oci:base-img"]).digest();
+    p.recipe(
+        &recipe(&repo, r#""hello-app""#, "")
+            .replace("[packages]", "[packages]\n")
+            .replace("name = \"pkgs\"", "name = \"pkgs\"\nbase = \"oci:base-img\""),
+    );
+    p.build(&["-o", "oci:on-base"]).digest();
+    let files = image_files(&p.path("on-base"));
+    let status = String::from_utf8(files["var/lib/dpkg/status"].1.clone()).unwrap();
+    assert_eq!(status.matches("Package: ").count(), 5, "{status}");
+    assert!(status.contains("Package: never-installed\n"), "{status}");
 }
 
 #[test]
@@ -498,7 +516,20 @@ fn the_examples_lock_and_build_from_the_real_mirror_and_run() {
         assert!(out.status.success(), "{name}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
         match name {
             "python" => assert!(stdout.starts_with("hello from Python 3."), "{stdout}"),
-            _ => assert!(stdout.contains("BusyBox") && stdout.contains("busybox-static.list"), "{stdout}"),
+            _ => {
+                assert!(
+                    stdout.contains("BusyBox")
+                        && stdout.contains("packages: busybox-static ca-certificates "),
+                    "{stdout}"
+                );
+                // The bundle update-ca-certificates would have made.
+                let certs: usize = stdout
+                    .lines()
+                    .find_map(|l| l.strip_suffix(" CA certificates in the bundle"))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                assert!(certs > 100, "{stdout}");
+            }
         }
         let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
     }

@@ -33,6 +33,15 @@ use crate::tarball::TarKind;
 /// Bump when the layer a package set makes changes for the same `.deb`s.
 pub const INSTALL_SCHEMA: u32 = 1;
 
+/// What the layers below the packages hold, where it matters.
+pub struct Below<'a> {
+    /// Their `/var/lib/dpkg/status`: its packages stay listed.
+    pub status: Option<String>,
+    /// Whether a path exists below: kiln makes no alternative link or
+    /// ld.so.cache over what the base already has.
+    pub exists: &'a dyn Fn(&str) -> bool,
+}
+
 /// One package, read from its `.deb`.
 pub struct Unpacked {
     pub name: String,
@@ -219,7 +228,11 @@ fn merged_path(path: &str) -> String {
 
 /// The layer of `packages` (in name order): their files, the dpkg
 /// database, and the fixups, as entries. `sbom` is written into the image.
-pub fn layer_entries(packages: &[Unpacked], sbom: &[u8]) -> Result<Vec<LayerEntry>, BuildError> {
+pub fn layer_entries(
+    packages: &[Unpacked],
+    sbom: &[u8],
+    below: &Below<'_>,
+) -> Result<Vec<LayerEntry>, BuildError> {
     let mut tree: BTreeMap<String, LayerEntry> = BTreeMap::new();
     let mut merged_tops: BTreeSet<&str> = BTreeSet::new();
     for p in packages {
@@ -274,13 +287,33 @@ pub fn layer_entries(packages: &[Unpacked], sbom: &[u8]) -> Result<Vec<LayerEntr
     {
         ensure_dirs(&mut tree, d);
     }
-    let mut status = String::new();
+    // dpkg's status: the base's packages that these do not replace, and these, by name.
+    let mut paragraphs: BTreeMap<String, Paragraph> = BTreeMap::new();
+    if let Some(text) = &below.status {
+        let base = deb822::parse(text).map_err(|e| BuildError::BadImage {
+            image: "the base".into(),
+            reason: format!("its /var/lib/dpkg/status is malformed: {e}"),
+        })?;
+        for para in base {
+            if let Some(name) = para.get("Package") {
+                let key = format!("{name}:{}", para.get("Architecture").unwrap_or(""));
+                paragraphs.insert(key, para);
+            }
+        }
+    }
     for p in packages {
+        paragraphs.retain(|_, para| para.get("Package") != Some(p.name.as_str()));
         let mut para = p.control.clone();
         para.fields.retain(|(k, _)| !k.eq_ignore_ascii_case("Status"));
         para.fields.insert(1.min(para.fields.len()), ("Status".into(), "install ok installed".into()));
+        paragraphs.insert(format!("{}:{}", p.name, p.arch), para);
+    }
+    let mut status = String::new();
+    for para in paragraphs.values() {
         status.push_str(&para.render());
         status.push('\n');
+    }
+    for p in packages {
         let info = if p.multi_arch_same { format!("{}:{}", p.name, p.arch) } else { p.name.clone() };
         let mut list = String::from("/.\n");
         for e in &p.entries {
@@ -301,7 +334,7 @@ pub fn layer_entries(packages: &[Unpacked], sbom: &[u8]) -> Result<Vec<LayerEntr
     ensure_dirs(&mut tree, "var/lib/kiln");
     put_file(&mut tree, "var/lib/kiln/sbom.spdx.json", sbom.to_vec(), 0o644);
 
-    fixups(&mut tree)?;
+    fixups(&mut tree, below)?;
     Ok(tree.into_values().collect())
 }
 
@@ -376,7 +409,7 @@ const ALTERNATIVES: &[(&str, &str, &[&str])] = &[
 ];
 
 /// What maintainer scripts would have done that images need.
-fn fixups(tree: &mut BTreeMap<String, LayerEntry>) -> Result<(), BuildError> {
+fn fixups(tree: &mut BTreeMap<String, LayerEntry>, below: &Below<'_>) -> Result<(), BuildError> {
     let io = |e: std::io::Error| BuildError::Write { path: PathBuf::from("<packages layer>"), source: e };
 
     // ca-certificates: the bundle update-ca-certificates would make.
@@ -412,7 +445,7 @@ fn fixups(tree: &mut BTreeMap<String, LayerEntry>) -> Result<(), BuildError> {
 
     // Alternatives: link → /etc/alternatives/NAME → the best candidate.
     for (name, link, candidates) in ALTERNATIVES {
-        if tree.contains_key(*link) {
+        if tree.contains_key(*link) || (below.exists)(link) {
             continue;
         }
         let Some(best) = candidates.iter().find(|c| tree.contains_key(**c)) else { continue };
@@ -427,7 +460,11 @@ fn fixups(tree: &mut BTreeMap<String, LayerEntry>) -> Result<(), BuildError> {
         put_file(tree, &format!("var/lib/dpkg/alternatives/{name}"), admin.into_bytes(), 0o644);
     }
 
-    // ld.so.cache, as ldconfig would write it.
+    // ld.so.cache, as ldconfig would write it (a base's own is left alone:
+    // glibc still finds the packages' libraries in its default folders).
+    if (below.exists)("etc/ld.so.cache") {
+        return Ok(());
+    }
     if let Some(cache) = ldcache::build(tree, read_entry).map_err(io)? {
         ensure_dirs(tree, "etc");
         put_file(tree, "etc/ld.so.cache", cache, 0o644);

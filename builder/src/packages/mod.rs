@@ -337,34 +337,30 @@ pub fn layer_entries(
     lock: &Lockfile,
     epoch: u64,
     scratch: &Path,
+    below: &install::Below<'_>,
 ) -> Result<Vec<LayerEntry>, BuildError> {
-    let jobs: Vec<(usize, &LockedPackage)> = lock.packages.iter().enumerate().collect();
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(jobs.len().max(1));
+    // Unpack on every core: xz decoding is most of the time.
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut results: Vec<Option<Result<install::Unpacked, BuildError>>> =
-        (0..jobs.len()).map(|_| None).collect();
     let slots: Vec<std::sync::Mutex<Option<Result<install::Unpacked, BuildError>>>> =
-        (0..jobs.len()).map(|_| std::sync::Mutex::new(None)).collect();
+        lock.packages.iter().map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|s| {
-        for _ in 0..threads {
+        for _ in 0..threads.min(lock.packages.len()) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((n, p)) = jobs.get(i) else { break };
+                let Some(p) = lock.packages.get(i) else { break };
                 let d = deb_digest(p);
                 let r = store.open_blob(&d).map_err(BuildError::from).and_then(|_| {
-                    install::unpack_deb(&store.blob_path(&d), &p.name, &d, &scratch.join(format!("{n}.data")))
+                    install::unpack_deb(&store.blob_path(&d), &p.name, &d, &scratch.join(format!("{i}.data")))
                 });
                 *slots[i].lock().expect("slot") = Some(r);
             });
         }
     });
-    for (i, slot) in slots.into_iter().enumerate() {
-        results[i] = slot.into_inner().expect("slot");
-    }
-    let mut unpacked = Vec::with_capacity(jobs.len());
-    for r in results {
-        unpacked.push(r.expect("every job ran")?);
-    }
+    let unpacked: Vec<install::Unpacked> = slots
+        .into_iter()
+        .map(|s| s.into_inner().expect("slot").expect("every package was unpacked"))
+        .collect::<Result<_, _>>()?;
     for (u, p) in unpacked.iter().zip(&lock.packages) {
         if u.control.get("Version") != Some(p.version.as_str()) {
             return Err(BuildError::Integrity {
@@ -380,5 +376,5 @@ pub fn layer_entries(
     }
     let controls: Vec<&deb822::Paragraph> = unpacked.iter().map(|u| &u.control).collect();
     let doc = sbom::document(lock, &controls, epoch);
-    install::layer_entries(&unpacked, &doc)
+    install::layer_entries(&unpacked, &doc, below)
 }

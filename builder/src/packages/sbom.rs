@@ -114,24 +114,15 @@ pub fn for_image(
         let listing = crate::listing::Listing::load(store, l)?;
         tree.apply(&listing).map_err(|reason| crate::BuildError::BadLayer { layer: l.digest, reason })?;
     }
-    let read = |path: &str| -> Result<Vec<u8>, crate::BuildError> {
-        let bad = |reason: String| crate::BuildError::BadImage { image: r.to_string(), reason };
-        let (entries, _tmp) =
-            crate::extract::stage_source(store, &img.layers, &format!("/{path}")).map_err(bad)?;
-        match entries.into_iter().next().map(|e| e.content) {
-            Some(crate::layer::Content::Path { path, .. }) => {
-                std::fs::read(&path).map_err(crate::BuildError::io_read(path))
-            }
-            _ => Err(bad(format!("`/{path}` is not a regular file"))),
-        }
+    let read = |path: &str| {
+        crate::extract::read_file(store, &img.layers, &tree, path)
+            .map_err(|reason| crate::BuildError::BadImage { image: r.to_string(), reason })
     };
-    let is_file = |p: &str| matches!(tree.get(p).map(|e| &e.kind), Some(crate::listing::Kind::File { .. }));
-    if is_file(PATH) {
-        return read(PATH);
+    if let Some(doc) = read(PATH)? {
+        return Ok(doc);
     }
-    if is_file("var/lib/dpkg/status") {
-        let text = String::from_utf8_lossy(&read("var/lib/dpkg/status")?).into_owned();
-        return from_status(&text, &r.to_string());
+    if let Some(status) = read("var/lib/dpkg/status")? {
+        return from_status(&String::from_utf8_lossy(&status), &r.to_string());
     }
     Err(crate::BuildError::usage(
         format!("`{r}` holds no Debian packages: it has neither /{PATH} nor /var/lib/dpkg/status"),
