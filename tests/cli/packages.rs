@@ -535,6 +535,44 @@ fn the_examples_lock_and_build_from_the_real_mirror_and_run() {
     }
 }
 
+#[test]
+fn trixie_packages_run_with_their_usr_only_layout() {
+    if !debian_mirror() || !require_docker() {
+        return;
+    }
+    // trixie's packages ship only /usr paths: /lib64 (the ELF interpreter's
+    // folder) must still be there for python3 to start.
+    let p = Project::new();
+    p.recipe(
+        r#"[image]
+name = "trixie-python"
+
+[packages]
+suite = "trixie"
+include = ["python3-minimal"]
+exclude = ["dpkg"]
+mirror = "http://deb.debian.org/debian"
+
+[config]
+entrypoint = ["/usr/bin/python3", "-c", "import sys; print('python', sys.version_info[0])"]
+"#,
+    );
+    let r = p.kiln(&["lock", "kiln.toml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    p.build(&["-o", "docker:kiln-test-trixie:1"]).digest();
+    let out = Command::new("docker")
+        .args(["run", "--rm", "--network", "none", "kiln-test-trixie:1"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "python 3\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = Command::new("docker").args(["rmi", "-f", "kiln-test-trixie:1"]).output();
+}
+
 fn lock_unchanged(p: &Project, name: &str) -> bool {
     let committed =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/examples").join(name).join("kiln.lock");

@@ -8,8 +8,9 @@
 //! - `/var/lib/dpkg/status` and `info/PKG.{list,md5sums,conffiles}`, so
 //!   `dpkg -l` and image scanners see the packages;
 //! - the merged-/usr layout: `/bin`, `/sbin`, `/lib` (and `/lib32`,
-//!   `/lib64`, `/libx32` when a package ships them) are symlinks into
-//!   `/usr`, and files packages ship there are placed under `/usr`;
+//!   `/lib64`, `/libx32` when a package ships files in them or in their
+//!   `/usr` twins) are symlinks into `/usr`, and files packages ship there
+//!   are placed under `/usr`;
 //! - `/etc/ld.so.cache` when the packages hold shared libraries and glibc;
 //! - with ca-certificates: `/etc/ssl/certs/ca-certificates.crt` and
 //!   `/etc/ca-certificates.conf`;
@@ -31,7 +32,7 @@ use crate::listing::walk_layer;
 use crate::tarball::TarKind;
 
 /// Bump when the layer a package set makes changes for the same `.deb`s.
-pub const INSTALL_SCHEMA: u32 = 1;
+pub const INSTALL_SCHEMA: u32 = 2;
 
 /// What the layers below the packages hold, where it matters.
 pub struct Below<'a> {
@@ -275,10 +276,18 @@ pub fn layer_entries(
         }
     }
 
-    // Merged /usr: the links, and the folders they point at.
-    for top in ["bin", "sbin", "lib"].iter().chain(merged_tops.iter()) {
-        ensure_dirs(&mut tree, &format!("usr/{top}"));
-        tree.insert(top.to_string(), symlink(top, &format!("usr/{top}")));
+    // Merged /usr: the links, and the folders they point at. `/lib64` and
+    // the like only where some package has files there, under either name
+    // (trixie's libc6 ships /usr/lib64/ld-linux-x86-64.so.2 and leaves the
+    // /lib64 link, the ELF interpreter's path, to base-files).
+    for top in MERGED {
+        let wanted = ["bin", "sbin", "lib"].contains(top)
+            || merged_tops.contains(top)
+            || tree.contains_key(&format!("usr/{top}"));
+        if wanted {
+            ensure_dirs(&mut tree, &format!("usr/{top}"));
+            tree.insert(top.to_string(), symlink(top, &format!("usr/{top}")));
+        }
     }
 
     ensure_dirs(&mut tree, "var/lib/dpkg/info");
