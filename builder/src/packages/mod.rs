@@ -98,6 +98,7 @@ pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, 
     let arch = architecture(p, &platform)?;
     let mirror = Mirror::new(&mirror_url(p, None)?)?;
     let keyring = vec![p.keyring.clone().unwrap_or_else(|| PathBuf::from(archive::DEFAULT_KEYRING))];
+    let started = std::time::Instant::now();
     let keys = archive::load_keyring(&keyring)?;
 
     let rt = runtime()?;
@@ -115,6 +116,7 @@ pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, 
             futures_util::future::join_all(fetches).await.into_iter().collect::<Result<_, _>>()?;
         Ok::<_, BuildError>((release, Digest::of(&data).hex(), indexes))
     })?;
+    tracing::debug!(elapsed = ?started.elapsed(), "indexes fetched and parsed");
 
     let pkgs: Vec<IndexEntry> =
         indexes.into_iter().flatten().filter(|e| e.architecture == arch || e.architecture == "all").collect();
@@ -125,6 +127,7 @@ pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, 
         .collect::<Result<_, _>>()
         .map_err(|e| resolve_error(e, recipe))?;
     let chosen = resolve::resolve(&pkgs, &include, &p.exclude).map_err(|e| resolve_error(e, recipe))?;
+    tracing::debug!(elapsed = ?started.elapsed(), chosen = chosen.len(), "resolved");
 
     let lock = Lockfile {
         version: lockfile::LOCK_VERSION,

@@ -77,8 +77,10 @@ type SetKey = (NameId, Vec<SolvableId>, String);
 
 struct Provider<'u> {
     pkgs: &'u [IndexEntry],
-    names: Vec<String>,
-    name_ids: HashMap<String, NameId>,
+    /// Package names: first every real package's, then, as relations
+    /// mention them, names no package has (so the solver can name them).
+    names: RefCell<Vec<String>>,
+    name_ids: RefCell<HashMap<String, NameId>>,
     /// Real packages (solvables) of each name.
     by_name: Vec<Vec<SolvableId>>,
     /// Packages that provide each name, with the version they provide.
@@ -99,8 +101,8 @@ impl<'u> Provider<'u> {
     fn new(pkgs: &'u [IndexEntry], excluded: HashSet<String>) -> Provider<'u> {
         let mut p = Provider {
             pkgs,
-            names: Vec::new(),
-            name_ids: HashMap::new(),
+            names: RefCell::new(Vec::new()),
+            name_ids: RefCell::new(HashMap::new()),
             by_name: Vec::new(),
             provided: HashMap::new(),
             excluded,
@@ -111,7 +113,10 @@ impl<'u> Provider<'u> {
             strings: RefCell::new(Vec::new()),
         };
         for (i, e) in pkgs.iter().enumerate() {
-            let n = p.intern_name(&e.name);
+            let n = p.name_id(&e.name);
+            if n.to_index() == p.by_name.len() {
+                p.by_name.push(Vec::new());
+            }
             p.by_name[n.to_index()].push(sid(i));
             p.solvable_names.push(n);
             if let Ok(rel) = parse_relations(&e.provides) {
@@ -127,20 +132,28 @@ impl<'u> Provider<'u> {
         p
     }
 
-    fn intern_name(&mut self, name: &str) -> NameId {
-        if let Some(id) = self.name_ids.get(name) {
+    /// The id of `name`, given one if it has none yet.
+    fn name_id(&self, name: &str) -> NameId {
+        if let Some(id) = self.name_ids.borrow().get(name) {
             return *id;
         }
-        let id = NameId::from_index(self.names.len());
-        self.names.push(name.to_string());
-        self.by_name.push(Vec::new());
-        self.name_ids.insert(name.to_string(), id);
+        let mut names = self.names.borrow_mut();
+        let id = NameId::from_index(names.len());
+        names.push(name.to_string());
+        self.name_ids.borrow_mut().insert(name.to_string(), id);
         id
     }
 
+    /// The real packages (solvables) named `name`.
+    fn real(&self, name: &str) -> &[SolvableId] {
+        match self.name_ids.borrow().get(name) {
+            Some(n) => self.by_name.get(n.to_index()).map(Vec::as_slice).unwrap_or(&[]),
+            None => &[],
+        }
+    }
+
     fn known(&self, name: &str) -> bool {
-        self.name_ids.get(name).is_some_and(|n| !self.by_name[n.to_index()].is_empty())
-            || self.provided.contains_key(name)
+        !self.real(name).is_empty() || self.provided.contains_key(name)
     }
 
     fn entry(&self, s: SolvableId) -> &IndexEntry {
@@ -148,8 +161,7 @@ impl<'u> Provider<'u> {
     }
 
     fn set(&self, name: &str, mut members: Vec<SolvableId>, label: String) -> VersionSetId {
-        // Every name a relation mentions is interned before solving (see `resolve`).
-        let name = *self.name_ids.get(name).expect("relation names are interned up front");
+        let name = self.name_id(name);
         members.sort();
         members.dedup();
         let key = (name, members.clone(), label.clone());
@@ -166,8 +178,7 @@ impl<'u> Provider<'u> {
     /// The version sets that satisfy one alternative `dep`: the real package
     /// at matching versions, then each package providing it.
     fn alternative_sets(&self, dep: &Dep, out: &mut Vec<VersionSetId>) {
-        let real: Vec<SolvableId> =
-            self.name_ids.get(&dep.name).map(|n| self.by_name[n.to_index()].clone()).unwrap_or_default();
+        let real: Vec<SolvableId> = self.real(&dep.name).to_vec();
         let matching: Vec<SolvableId> = real
             .iter()
             .copied()
@@ -244,7 +255,7 @@ impl Interner for Provider<'_> {
     }
 
     fn display_name(&self, name: NameId) -> impl Display + '_ {
-        self.names[name.to_index()].clone()
+        self.names.borrow()[name.to_index()].clone()
     }
 
     fn display_version_set(&self, version_set: VersionSetId) -> impl Display + '_ {
@@ -285,11 +296,8 @@ impl DependencyProvider for Provider<'_> {
     }
 
     async fn get_candidates(&self, name: NameId) -> Option<Candidates<SolvableId>> {
-        let list = &self.by_name[name.to_index()];
-        if list.is_empty() {
-            return None;
-        }
-        if self.excluded.contains(&self.names[name.to_index()]) {
+        let list = self.by_name.get(name.to_index())?;
+        if self.excluded.contains(&self.names.borrow()[name.to_index()]) {
             let why = self.intern_string("excluded by the recipe's `exclude`".into());
             return Some(Candidates {
                 excluded: list.iter().map(|s| (*s, why)).collect(),
@@ -333,16 +341,14 @@ impl DependencyProvider for Provider<'_> {
                 let matches = |s: &SolvableId| {
                     dep.version.as_ref().is_none_or(|(op, v)| op.matches(&self.entry(*s).version, v))
                 };
-                if let Some(n) = self.name_ids.get(&dep.name) {
-                    let real = &self.by_name[n.to_index()];
-                    if !real.is_empty() {
-                        let allowed = real.iter().copied().filter(|s| !matches(s)).collect();
-                        constrains.push(self.set(
-                            &dep.name,
-                            allowed,
-                            format!("{dep} (conflicts with {})", e.name),
-                        ));
-                    }
+                let real = self.real(&dep.name);
+                if !real.is_empty() {
+                    let allowed = real.iter().copied().filter(|s| !matches(s)).collect();
+                    constrains.push(self.set(
+                        &dep.name,
+                        allowed,
+                        format!("{dep} (conflicts with {})", e.name),
+                    ));
                 }
                 let providers: BTreeSet<&str> = self
                     .provided
@@ -358,7 +364,7 @@ impl DependencyProvider for Provider<'_> {
                     .filter(|n| *n != e.name && *n != dep.name)
                     .collect();
                 for pname in providers {
-                    let all = &self.by_name[self.name_ids[pname].to_index()];
+                    let all = self.real(pname);
                     let allowed = all
                         .iter()
                         .copied()
@@ -392,29 +398,12 @@ pub fn resolve(
     include: &[Request],
     exclude: &[String],
 ) -> Result<Vec<usize>, ResolveError> {
-    let mut provider = Provider::new(pkgs, exclude.iter().cloned().collect());
-
-    // Every name a relation mentions gets an id, so a dependency on a
-    // package the index lacks is a conflict the solver can explain.
-    let mut mentioned = BTreeSet::new();
-    for e in pkgs {
-        for f in [&e.depends, &e.pre_depends, &e.conflicts, &e.breaks] {
-            if let Ok(rel) = parse_relations(f) {
-                mentioned.extend(rel.into_iter().flatten().map(|d| d.name));
-            }
-        }
-    }
-    for r in include {
-        mentioned.insert(r.name.clone());
-    }
-    for n in &mentioned {
-        provider.intern_name(n);
-    }
+    let provider = Provider::new(pkgs, exclude.iter().cloned().collect());
 
     let unknown: Vec<(String, Vec<String>)> = include
         .iter()
         .filter(|r| !provider.known(&r.name))
-        .map(|r| (r.name.clone(), close_names(&r.name, provider.by_name_iter())))
+        .map(|r| (r.name.clone(), close_names(&r.name, provider.known_names().iter().map(String::as_str))))
         .collect();
     if !unknown.is_empty() {
         return Err(ResolveError::Unknown(unknown));
@@ -449,13 +438,10 @@ pub fn resolve(
 }
 
 impl Provider<'_> {
-    fn by_name_iter(&self) -> impl Iterator<Item = &str> {
-        self.names
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !self.by_name[*i].is_empty())
-            .map(|(_, n)| n.as_str())
-            .chain(self.provided.keys().map(String::as_str))
+    /// Every name a package has or provides.
+    fn known_names(&self) -> Vec<String> {
+        let names = self.names.borrow();
+        names[..self.by_name.len()].iter().chain(self.provided.keys()).cloned().collect()
     }
 }
 
