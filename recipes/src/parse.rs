@@ -826,6 +826,14 @@ ports = ["8080", "53/udp"]
             ("[image]\nname = \"x\"\n[config]\nports = [\"http\"]\n", "not a port"),
             ("[image]\nname = \"x\"\nbase = \"nope:x\"\n", "unknown transport"),
             ("[[step]]\ncopy = \"a\"\nto = \"/a\"\n", "no `[image]`"),
+            ("[image]\nname = \"x\"\n[packages]\ninclude = [\"a\"]\n", "has no `suite`"),
+            ("[image]\nname = \"x\"\n[packages]\nsuite = \"bookworm\"\n", "has no `include`"),
+            ("[image]\nname = \"x\"\n[packages]\nsuite = \"../x\"\ninclude = [\"a\"]\n", "not a suite name"),
+            ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"Python\"]\n", "not a Debian package name"),
+            ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"ab\", \"ab=1\"]\n", "listed twice"),
+            ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"ab\"]\nmirror = \"ftp://x\"\n", "not an http://"),
+            ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"ab\"]\nexclude = [\"a b\"]\n", "not a Debian package name"),
+            ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"ab\"]\nsuit = \"s\"\n", "unknown field"),
         ];
         for (text, want) in cases {
             let e = parse(text).unwrap_err();
@@ -878,6 +886,20 @@ workdir = "/tmp/"
         let StepKind::Run(run) = &r.steps[1].kind else { panic!() };
         assert_eq!(run.command.argv(), vec!["/bin/true", "x"]);
         assert_eq!((run.network, run.workdir.as_deref()), (true, Some("/tmp")));
+    }
+
+    #[test]
+    fn packages_become_the_first_step() {
+        let r = parse(
+            "[image]\nname = \"x\"\n[packages]\nsuite = \"bookworm\"\ninclude = [\"busybox-static\", \"python3-minimal=3.11.2-1+b1\"]\nkeyring = \"k.gpg\"\n[[step]]\nwrite = \"/a\"\ncontent = \"\"\n",
+        )
+        .unwrap();
+        assert_eq!(r.steps.len(), 2);
+        let StepKind::Packages(p) = &r.steps[0].kind else { panic!("packages first") };
+        assert_eq!(p.components, ["main"]);
+        assert_eq!(p.include[1], "python3-minimal=3.11.2-1+b1");
+        assert_eq!(p.keyring.as_deref(), Some(Path::new("/ctx/k.gpg")));
+        assert_eq!((r.steps[0].index, r.steps[1].index), (0, 1));
     }
 
     #[test]

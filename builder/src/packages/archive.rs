@@ -518,7 +518,9 @@ mod tests {
         assert_eq!(e[0].depends, "b (>= 2), c | d");
         assert_eq!(e[0].sha256, "ab");
         assert!(e[1].essential && !e[0].essential);
-        assert!(parse_index("Package: a\nVersion: 1\n", "main").unwrap_err().contains("`a` has no `Size` field"));
+        assert!(parse_index("Package: a\nVersion: 1\n", "main")
+            .unwrap_err()
+            .contains("`a` has no `Size` field"));
     }
 
     #[test]
