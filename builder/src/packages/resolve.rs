@@ -186,7 +186,7 @@ impl<'u> Provider<'u> {
             .collect();
         let providers = self.provided.get(&dep.name);
         if !real.is_empty() || providers.is_none() {
-            out.push(self.set(&dep.name, matching, dep.to_string()));
+            out.push(self.set(&dep.name, matching, constraint(dep)));
         }
         if let Some(list) = providers {
             let mut by_provider: Vec<(String, Vec<SolvableId>)> = Vec::new();
@@ -207,7 +207,11 @@ impl<'u> Provider<'u> {
             }
             by_provider.sort_by(|a, b| a.0.cmp(&b.0));
             for (pname, members) in by_provider {
-                out.push(self.set(&pname, members, format!("{dep} (provided by {pname})")));
+                out.push(self.set(
+                    &pname,
+                    members,
+                    format!("(provides {})", Dep { arch: None, ..dep.clone() }),
+                ));
             }
         }
     }
@@ -347,7 +351,7 @@ impl DependencyProvider for Provider<'_> {
                     constrains.push(self.set(
                         &dep.name,
                         allowed,
-                        format!("{dep} (conflicts with {})", e.name),
+                        format!("(not {}: {} {} conflicts with it)", constraint(&dep), e.name, e.version),
                     ));
                 }
                 let providers: BTreeSet<&str> = self
@@ -382,7 +386,10 @@ impl DependencyProvider for Provider<'_> {
                     constrains.push(self.set(
                         pname,
                         allowed,
-                        format!("{pname} (provides {}, which {} conflicts with)", dep.name, e.name),
+                        format!(
+                            "(without providing {}: {} {} conflicts with it)",
+                            dep.name, e.name, e.version
+                        ),
                     ));
                 }
             }
@@ -434,6 +441,15 @@ pub fn resolve(
         Err(UnsolvableOrCancelled::Cancelled(_)) => {
             Err(ResolveError::Unsatisfiable("the resolution was cancelled".into()))
         }
+    }
+}
+
+/// How a version set on a real package reads after its name (resolvo
+/// prints the name first): `(>= 2.0)`, or `*` for any version.
+fn constraint(dep: &Dep) -> String {
+    match &dep.version {
+        Some((op, v)) => format!("({} {v})", op.as_str()),
+        None => "*".to_string(),
     }
 }
 
