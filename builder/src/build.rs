@@ -493,6 +493,7 @@ impl Session {
         let below = crate::packages::install::Below {
             status: base_status.map(|b| String::from_utf8_lossy(&b).into_owned()),
             exists: &|path| tree.get(path).is_some(),
+            is_dir: &|path| matches!(tree.get(path).map(|e| &e.kind), Some(crate::listing::Kind::Dir)),
         };
         let entries = crate::packages::layer_entries(&self.store, lock, self.epoch, scratch.path(), &below)?;
         Ok((entries, scratch))

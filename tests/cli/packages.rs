@@ -367,6 +367,24 @@ fn a_signed_local_repository_is_locked_built_and_stable() {
     let status = String::from_utf8(files["var/lib/dpkg/status"].1.clone()).unwrap();
     assert_eq!(status.matches("Package: ").count(), 5, "{status}");
     assert!(status.contains("Package: never-installed\n"), "{status}");
+
+    // On a base whose /bin is a real folder (not merged /usr), it stays one
+    // and the packages' /bin files go into it.
+    p.file(
+        "plain/kiln.toml",
+        "[image]\nname = \"plain\"\n\n[[step]]\nwrite = \"/bin/old\"\ncontent = \"old\\n\"\n",
+    );
+    p.kiln(&["build", "plain/kiln.toml", "-o", "oci:plain-img"]).digest();
+    p.recipe(
+        &recipe(&repo, r#""hello-app""#, "")
+            .replace("name = \"pkgs\"", "name = \"pkgs\"\nbase = \"oci:plain-img\""),
+    );
+    p.build(&["-o", "oci:on-plain"]).digest();
+    let files = image_files(&p.path("on-plain"));
+    assert_eq!(files["bin/hello"].1, b"#!/bin/sh\necho hello\n");
+    assert_eq!(files["bin/old"].1, b"old\n");
+    assert!(!files.contains_key("usr/bin/hello"));
+    assert_eq!(files["lib"], ('2', b"usr/lib".to_vec()), "/lib was not a folder below, so it is merged");
 }
 
 #[test]

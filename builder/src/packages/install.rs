@@ -41,6 +41,9 @@ pub struct Below<'a> {
     /// Whether a path exists below: kiln makes no alternative link or
     /// ld.so.cache over what the base already has.
     pub exists: &'a dyn Fn(&str) -> bool,
+    /// Whether a path is a real folder below: a base that is not merged-/usr
+    /// keeps its `/bin` (and the like), and packages' files go there.
+    pub is_dir: &'a dyn Fn(&str) -> bool,
 }
 
 /// One package, read from its `.deb`.
@@ -217,10 +220,11 @@ pub fn unpack_deb(
 /// Top-level folders that merged-/usr makes symlinks into `/usr`.
 const MERGED: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
-/// Where a path a package ships ends up in a merged-/usr tree.
-fn merged_path(path: &str) -> String {
+/// Where a path a package ships ends up, given the top folders that are
+/// links into `/usr`.
+fn merged_path(path: &str, merged: &[&str]) -> String {
     let top = path.split('/').next().unwrap_or("");
-    if MERGED.contains(&top) {
+    if merged.contains(&top) {
         format!("usr/{path}")
     } else {
         path.to_string()
@@ -235,19 +239,20 @@ pub fn layer_entries(
     below: &Below<'_>,
 ) -> Result<Vec<LayerEntry>, BuildError> {
     let mut tree: BTreeMap<String, LayerEntry> = BTreeMap::new();
+    let merged: Vec<&str> = MERGED.iter().copied().filter(|m| !(below.is_dir)(m)).collect();
     let mut merged_tops: BTreeSet<&str> = BTreeSet::new();
     for p in packages {
         for e in &p.entries {
             let top = e.path.split('/').next().unwrap_or("");
-            if MERGED.contains(&top) {
+            if merged.contains(&top) {
                 if e.path == top && matches!(e.kind, TarKind::Symlink(_)) {
                     continue; // the package ships the merged-/usr link itself; kiln makes it below
                 }
                 merged_tops.insert(MERGED.iter().find(|m| **m == top).expect("listed"));
             }
-            let path = merged_path(&e.path);
+            let path = merged_path(&e.path, &merged);
             let kind = match &e.kind {
-                TarKind::Hardlink(t) => TarKind::Hardlink(merged_path(t)),
+                TarKind::Hardlink(t) => TarKind::Hardlink(merged_path(t, &merged)),
                 k => k.clone(),
             };
             let content = match kind {
@@ -280,7 +285,7 @@ pub fn layer_entries(
     // the like only where some package has files there, under either name
     // (trixie's libc6 ships /usr/lib64/ld-linux-x86-64.so.2 and leaves the
     // /lib64 link, the ELF interpreter's path, to base-files).
-    for top in MERGED {
+    for top in &merged {
         let wanted = ["bin", "sbin", "lib"].contains(top)
             || merged_tops.contains(top)
             || tree.contains_key(&format!("usr/{top}"));
