@@ -479,6 +479,16 @@ fn bad_input_is_refused_with_what_to_do() {
     let r = p.kiln(&["lock", "kiln.toml"]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(r.stderr.contains("unreachable"), "{}", r.stderr);
+    // ... and for a build whose packages are not cached yet.
+    p.recipe(&recipe(&repo, r#""hello-app""#, ""));
+    assert_eq!(p.kiln(&["lock", "kiln.toml"]).code, 0);
+    p.recipe(&recipe(&repo, r#""hello-app""#, "").replace(&repo.url(), "http://127.0.0.1:9/debian"));
+    let r = p.kiln_with(&["build", "kiln.toml", "-o", "oci:out"], |c| {
+        c.env("KILN_CACHE_DIR", p.path("empty-cache"));
+    });
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("mirror is unreachable") && r.stderr.contains("127.0.0.1:9"), "{}", r.stderr);
+    assert!(!p.path("out").exists());
 }
 
 /// Whether deb.debian.org answers; in CI it must.
