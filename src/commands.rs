@@ -139,13 +139,14 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
                     } else {
                         let _ = writeln!(
                             out,
-                            "{}\t{} blobs\t{} steps\t{} images\t{} bases\t{} debs\t{} unpacked ({})\t{}",
+                            "{}\t{} blobs\t{} steps\t{} images\t{} bases\t{} debs\t{} disks\t{} unpacked ({})\t{}",
                             human(u.blob_bytes),
                             u.blobs,
                             u.steps,
                             u.images,
                             u.bases,
                             u.debs,
+                            u.disks,
                             u.unpacked,
                             human(u.unpacked_bytes),
                             u.root.display()

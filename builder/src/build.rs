@@ -820,6 +820,9 @@ pub fn build(
                 let (repo, tag) = exec::docker::split_ref(r);
                 s.docker()?.load(&s.store, &image, Some(&format!("{repo}:{tag}")))?;
             }
+            ImageRef::Vm(path) => {
+                crate::vm::write_disk(&s.store, &image, recipe, s.epoch, path, reporter.as_ref())?
+            }
             _ => crate::export::export(&s.store, &image, &recipe.image.name, out)?,
         }
         reporter.on_output_written(&out.to_string());

@@ -15,6 +15,7 @@
 //! - [`extract`]: files out of another stage's image (`copy ... from`).
 //! - [`packages`]: `[packages]`: Debian packages locked in kiln.lock and
 //!   installed into one layer.
+//! - [`vm`]: `-o vm:FILE`, the image as a bootable, reproducible VM disk.
 //! - [`reporter`]: the trait the CLI implements to show progress.
 //! - [`error`]: [`BuildError`] with exit codes and hints.
 
@@ -38,6 +39,7 @@ pub mod packages;
 pub mod reporter;
 pub mod tarball;
 pub mod unpack;
+pub mod vm;
 
 pub use build::{build, plan, BuildOptions, BuildOutcome, PlannedStep};
 pub use error::BuildError;

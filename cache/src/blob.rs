@@ -117,6 +117,24 @@ impl Store {
         fs::File::open(&p).map_err(StoreError::io(&p))
     }
 
+    /// Moves a finished file (made in [`Store::tmp_dir`]) into the store as
+    /// a blob, hashing it first. The file is renamed, not copied, so a sparse
+    /// file (a filesystem image) stays sparse.
+    pub fn adopt_file(&self, tmp: &std::path::Path) -> Result<(Digest, u64), StoreError> {
+        let file = fs::File::open(tmp).map_err(StoreError::io(tmp))?;
+        let (digest, size) = crate::digest::hash_reader(io::BufReader::with_capacity(1 << 20, file))
+            .map_err(StoreError::io(tmp))?;
+        let dest = self.blob_path(&digest);
+        if dest.is_file() && self.verify_blob(&digest)? {
+            let _ = fs::remove_file(tmp);
+            return Ok((digest, size));
+        }
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).map_err(StoreError::io(tmp))?;
+        fs::rename(tmp, &dest).map_err(StoreError::io(&dest))?;
+        self.stamp_verified(&digest)?;
+        Ok((digest, size))
+    }
+
     /// Copies `r` into the store, checking it hashes to `expected`. When the
     /// store already holds that blob intact, `r` is not read at all.
     pub fn put_blob_from(&self, mut r: impl Read, expected: &Digest) -> Result<u64, StoreError> {

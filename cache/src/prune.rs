@@ -29,6 +29,8 @@ pub struct StoreUsage {
     pub bases: u64,
     /// Debian package files kept for `[packages]`.
     pub debs: u64,
+    /// Partition images kept for `-o vm:` (root filesystems, boot partitions).
+    pub disks: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -73,7 +75,7 @@ impl Store {
     /// Every record that keeps blobs alive, oldest use first.
     pub fn entries(&self) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
-        for kind in ["steps", "images", "bases", "debs"] {
+        for kind in ["steps", "images", "bases", "debs", "disks"] {
             let dir = self.root().join(kind);
             for e in fs::read_dir(&dir).map_err(StoreError::io(&dir))? {
                 let e = e.map_err(StoreError::io(&dir))?;
@@ -114,6 +116,7 @@ impl Store {
             images: count("images"),
             bases: count("bases"),
             debs: count("debs"),
+            disks: count("disks"),
         })
     }
 
@@ -274,8 +277,8 @@ impl Store {
                 }
                 continue;
             }
-            if e.kind == "debs" {
-                continue; // a package file, not an image
+            if e.kind == "debs" || e.kind == "disks" {
+                continue; // a package file or a partition image, not an image
             }
             let Some(r) = self.read_record::<ImageRecord>(e.kind, &e.name) else { continue };
             let config = self

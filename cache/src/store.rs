@@ -14,7 +14,8 @@ use crate::lock::StoreLock;
 pub const SCHEMA: &str = "v1";
 
 /// The kinds of records kept beside the blobs, each in its own folder.
-pub const RECORD_KINDS: &[&str] = &["steps", "images", "bases", "debs", "listings", "index", "verified"];
+pub const RECORD_KINDS: &[&str] =
+    &["steps", "images", "bases", "debs", "disks", "listings", "index", "verified"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

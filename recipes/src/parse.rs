@@ -7,10 +7,10 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use crate::diagnostic::RecipeError;
-use crate::raw::{RawConfig, RawImage, RawPackages, RawRecipe, RawStage, RawStep};
+use crate::raw::{RawConfig, RawImage, RawPackages, RawRecipe, RawStage, RawStep, RawVm};
 use crate::recipe::{
     debian_architecture, Base, Command, Config, CopyStep, FileMode, Image, Owner, Packages, Platform, Recipe,
-    RunStep, Span, Stage, Step, StepKind, WriteStep,
+    RunStep, Span, Stage, Step, StepKind, Vm, VmBoot, VmFilesystem, WriteStep,
 };
 use crate::reference::ImageRef;
 
@@ -75,6 +75,14 @@ impl Parser {
             None => Config::default(),
         };
 
+        let vm = match raw.vm {
+            Some(v) => {
+                let span = v.span();
+                self.vm(v.into_inner(), span)?
+            }
+            None => Vm::default(),
+        };
+
         Ok(Recipe {
             file: PathBuf::from(&self.file),
             source: self.source.clone(),
@@ -83,6 +91,7 @@ impl Parser {
             image,
             steps,
             config,
+            vm,
         })
     }
 
@@ -173,6 +182,70 @@ impl Parser {
             ),
         };
         Ok(Image { name: name.clone(), base, base_span, epoch, platform })
+    }
+
+    fn vm(&self, raw: RawVm, span: Span) -> Result<Vm, RecipeError> {
+        let mut vm = Vm { span, ..Vm::default() };
+        if let Some(size) = &raw.size {
+            let hint = "write the disk size as e.g. `size = \"2G\"` or `\"512M\"` (a multiple of 1 MiB), or leave it out for the content plus headroom";
+            let bytes = match size.get_ref() {
+                toml::Value::String(s) => parse_disk_size(s),
+                toml::Value::Integer(n) => u64::try_from(*n).ok(),
+                _ => None,
+            };
+            let Some(bytes) = bytes.filter(|b| *b > 0) else {
+                return Err(self.err(size.span(), "`size` is not a disk size").with_hint(hint));
+            };
+            if bytes % (1 << 20) != 0 {
+                return Err(self.err(size.span(), "`size` is not a multiple of 1 MiB").with_hint(hint));
+            }
+            vm.size = Some(bytes);
+            vm.size_span = Some(size.span());
+        }
+        if let Some(fs) = &raw.filesystem {
+            vm.filesystem = match fs.get_ref().as_str() {
+                "ext4" => VmFilesystem::Ext4,
+                other => {
+                    return Err(self
+                        .err(fs.span(), format!("`{other}` is not a filesystem kiln writes"))
+                        .with_hint("use `filesystem = \"ext4\"`"))
+                }
+            };
+        }
+        if let Some(c) = &raw.cmdline {
+            if c.get_ref().contains(['\n', '\r']) || c.get_ref().len() > 1024 {
+                return Err(self
+                    .err(c.span(), "`cmdline` must be one line of at most 1024 bytes")
+                    .with_hint("write the kernel arguments separated by spaces"));
+            }
+            vm.cmdline = c.get_ref().trim().to_string();
+        }
+        if let Some(b) = &raw.boot {
+            vm.boot = match b.get_ref().as_str() {
+                "bios" => VmBoot::Bios,
+                "uefi" => VmBoot::Uefi,
+                "none" => VmBoot::None,
+                other => {
+                    return Err(self.err(b.span(), format!("`{other}` is not a boot method")).with_hint(
+                        "use `boot = \"bios\"` (the default), `\"uefi\"`, or `\"none\"` for a data disk",
+                    ))
+                }
+            };
+            vm.boot_span = Some(b.span());
+        }
+        if let Some(i) = &raw.init {
+            let (path, _) = normalize_image_path(i.get_ref())
+                .ok()
+                .filter(|_| i.get_ref().starts_with('/'))
+                .ok_or_else(|| {
+                self.err(i.span(), format!("`{}` is not an absolute path in the image", i.get_ref()))
+                    .with_hint(
+                        "e.g. `init = \"/lib/systemd/systemd\"`, or leave it out to run the entrypoint",
+                    )
+            })?;
+            vm.init = Some(format!("/{path}"));
+        }
+        Ok(vm)
     }
 
     fn packages(
@@ -622,6 +695,25 @@ impl Parser {
 }
 
 /// Secret ids become a file name under `/run/secrets`.
+/// `512M`, `2G`, `1.5G`, `1048576`: bytes (binary units).
+fn parse_disk_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    let bytes = n * mult as f64;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < 2f64.powi(50) && bytes.fract() == 0.0)
+        .then_some(bytes as u64)
+}
+
 fn is_secret_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128

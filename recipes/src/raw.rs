@@ -18,6 +18,17 @@ pub struct RawRecipe {
     #[serde(default, rename = "stage")]
     pub stages: Vec<Spanned<RawStage>>,
     pub config: Option<Spanned<RawConfig>>,
+    pub vm: Option<Spanned<RawVm>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVm {
+    pub size: Option<Spanned<toml::Value>>,
+    pub filesystem: Option<Spanned<String>>,
+    pub cmdline: Option<Spanned<String>>,
+    pub boot: Option<Spanned<String>>,
+    pub init: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

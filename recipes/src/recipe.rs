@@ -24,6 +24,70 @@ pub struct Recipe {
     /// [`StepKind::Packages`]: the packages' layer sits below the others.
     pub steps: Vec<Step>,
     pub config: Config,
+    /// `[vm]`: how `-o vm:FILE` makes the disk (defaults when absent).
+    pub vm: Vm,
+}
+
+/// `[vm]`: the disk `-o vm:FILE.raw|FILE.qcow2` writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vm {
+    /// The `[vm]` table, for messages (the whole recipe when absent).
+    pub span: Span,
+    /// The whole disk's size in bytes (a multiple of 1 MiB); `None`: the
+    /// content plus headroom.
+    pub size: Option<u64>,
+    pub size_span: Option<Span>,
+    pub filesystem: VmFilesystem,
+    /// Kernel command line arguments, after the ones kiln sets (`root=`, `rw`, `panic=-1`).
+    pub cmdline: String,
+    pub boot: VmBoot,
+    pub boot_span: Option<Span>,
+    /// An absolute path in the image run as PID 1 (e.g. `/lib/systemd/systemd`);
+    /// `None`: kiln's init runs the image's entrypoint and cmd, then powers off.
+    pub init: Option<String>,
+}
+
+impl Default for Vm {
+    fn default() -> Vm {
+        Vm {
+            span: 0..0,
+            size: None,
+            size_span: None,
+            filesystem: VmFilesystem::Ext4,
+            cmdline: DEFAULT_CMDLINE.into(),
+            boot: VmBoot::Bios,
+            boot_span: None,
+            init: None,
+        }
+    }
+}
+
+/// The kernel arguments when `[vm]` sets no `cmdline`: the serial console.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0,115200";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmFilesystem {
+    Ext4,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmBoot {
+    /// A BIOS (syslinux) boot partition with the image's kernel.
+    Bios,
+    /// An EFI system partition with a unified kernel image.
+    Uefi,
+    /// No boot partition: a data disk holding the root filesystem.
+    None,
+}
+
+impl std::fmt::Display for VmBoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmBoot::Bios => "bios",
+            VmBoot::Uefi => "uefi",
+            VmBoot::None => "none",
+        })
+    }
 }
 
 /// An intermediate image (`[[stage]]`): built only when the final image

@@ -380,11 +380,11 @@ fn find_program(name: &str, env: &[String]) -> Option<String> {
         .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
-struct User {
-    uid: u32,
-    gid: u32,
-    groups: Vec<u32>,
-    home: String,
+pub(crate) struct User {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) groups: Vec<u32>,
+    pub(crate) home: String,
 }
 
 /// `user[:group]`, numeric or by name, looked up in the image's own
@@ -392,6 +392,11 @@ struct User {
 fn resolve_user(spec: &str) -> Result<User, String> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    resolve_user_in(spec, &passwd, &group)
+}
+
+/// [`resolve_user`] against the text of an image's /etc/passwd and /etc/group.
+pub(crate) fn resolve_user_in(spec: &str, passwd: &str, group: &str) -> Result<User, String> {
     let (u, g) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),

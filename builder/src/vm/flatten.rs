@@ -1,0 +1,189 @@
+//! An image's layers flattened (whiteouts applied) into one folder on the
+//! host, for `mke2fs -d`. The folder holds the bytes and the shape (files,
+//! folders, symlinks, hard links, fifos); the metadata the host may not let
+//! an ordinary user set (owners, setuid, capabilities, device nodes) comes
+//! from the merged tree and is written into the filesystem afterwards, so
+//! the disk is the same whether kiln runs as root or not.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use kiln_cache::Store;
+
+use crate::error::BuildError;
+use crate::fstree::FsTree;
+use crate::image::ImageLayer;
+use crate::listing::Listing;
+use crate::tarball::TarKind;
+
+const WHITEOUT: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+/// The flattened root: the merged tree (metadata) and each path's mtime.
+pub struct Flattened {
+    pub tree: FsTree,
+    pub mtimes: HashMap<String, u64>,
+}
+
+/// The merged tree of `layers`, checked (nothing is written through a symlink).
+pub fn merged_tree(store: &Store, layers: &[ImageLayer]) -> Result<FsTree, BuildError> {
+    let mut tree = FsTree::default();
+    for l in layers {
+        let listing = Listing::load(store, l)?;
+        tree.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: l.digest, reason })?;
+    }
+    Ok(tree)
+}
+
+/// Unpacks `layers` in order into `root` (an empty folder).
+pub fn flatten(store: &Store, layers: &[ImageLayer], root: &Path) -> Result<Flattened, BuildError> {
+    // The merged tree first: it refuses layers that write through symlinks,
+    // so the unpacking below never leaves `root`.
+    let tree = merged_tree(store, layers)?;
+    let mut mtimes = HashMap::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    for layer in layers {
+        let bad = |e: io::Error| BuildError::BadLayer {
+            layer: layer.digest,
+            reason: format!("cannot unpack it: {e}"),
+        };
+        // Whiteouts and opaque markers hide what the layers below hold, and
+        // only that: apply them before this layer's own entries.
+        let listing = Listing::load(store, layer)?;
+        for e in &listing.entries {
+            let (parent, name) = match e.path.rsplit_once('/') {
+                Some((p, n)) => (p, n),
+                None => ("", e.path.as_str()),
+            };
+            if name == OPAQUE {
+                let dir = root.join(parent);
+                if let Ok(rd) = fs::read_dir(&dir) {
+                    for child in rd.flatten() {
+                        remove(&child.path()).map_err(bad)?;
+                    }
+                }
+            } else if let Some(victim) = name.strip_prefix(WHITEOUT) {
+                remove(&root.join(parent).join(victim)).map_err(bad)?;
+            }
+        }
+        let file = io::BufReader::with_capacity(1 << 20, store.open_blob(&layer.digest)?);
+        let reader: Box<dyn Read> = if layer.media_type.ends_with("gzip") {
+            Box::new(flate2::read::MultiGzDecoder::new(file))
+        } else {
+            Box::new(file)
+        };
+        crate::listing::walk_layer(reader, &layer.digest, &mut |e, data| {
+            let name = e.path.rsplit('/').next().unwrap_or(e.path);
+            if name.starts_with(WHITEOUT) {
+                return Ok(());
+            }
+            let path = root.join(e.path);
+            mtimes.insert(e.path.to_string(), e.mtime);
+            match e.kind {
+                TarKind::Dir => match fs::symlink_metadata(&path) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        remove(&path)?;
+                        mkdir(&path)?;
+                    }
+                    Err(_) => mkdir(&path)?,
+                },
+                TarKind::File { .. } => {
+                    remove(&path)?;
+                    let mut f = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o644)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&path)?;
+                    loop {
+                        let n = data.read(&mut buf)?;
+                        if n == 0 {
+                            break;
+                        }
+                        f.write_all(&buf[..n])?;
+                    }
+                }
+                TarKind::Symlink(target) => {
+                    remove(&path)?;
+                    std::os::unix::fs::symlink(target, &path)?;
+                }
+                TarKind::Hardlink(target) => {
+                    remove(&path)?;
+                    let src = inside(root, target)?;
+                    fs::hard_link(src, &path)?;
+                }
+                TarKind::Fifo => {
+                    remove(&path)?;
+                    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o644))
+                        .map_err(io::Error::from)?;
+                }
+                // Device nodes are made in the filesystem itself (an ordinary
+                // user cannot make them on the host).
+                TarKind::CharDev(..) | TarKind::BlockDev(..) => remove(&path)?,
+            }
+            Ok(())
+        })?;
+    }
+    let mut tree = tree;
+    add_mount_points(&mut tree, root).map_err(BuildError::io_write(root))?;
+    Ok(Flattened { tree, mtimes })
+}
+
+/// The folders the init mounts /proc, /sys and /dev on, made when the image
+/// lacks them (as container engines make them at run time).
+pub const MOUNT_POINTS: &[&str] = &["dev", "proc", "sys"];
+
+fn add_mount_points(tree: &mut FsTree, root: &Path) -> io::Result<()> {
+    for d in MOUNT_POINTS {
+        if tree.get(d).is_none() && fs::symlink_metadata(root.join(d)).is_err() {
+            mkdir(&root.join(d))?;
+            tree.entries.insert(
+                d.to_string(),
+                crate::listing::ListEntry {
+                    path: d.to_string(),
+                    kind: crate::listing::Kind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    xattrs: Default::default(),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `root/rel` for a hard link's target, refusing a path that goes through a
+/// symlink (which could point outside the root) or is not a regular file.
+fn inside(root: &Path, rel: &str) -> io::Result<PathBuf> {
+    let mut p = root.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for (i, c) in parts.iter().enumerate() {
+        p.push(c);
+        let m = fs::symlink_metadata(&p)?;
+        let last = i + 1 == parts.len();
+        if (!last && !m.is_dir()) || (last && !m.is_file()) {
+            return Err(io::Error::other(format!("the hard link target `{rel}` is not a file in the image")));
+        }
+    }
+    Ok(p)
+}
+
+fn mkdir(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(0o755).create(path)?;
+    // Whatever the umask: mke2fs must be able to read it.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+}
+
+fn remove(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
