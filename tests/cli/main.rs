@@ -10,3 +10,4 @@ mod interop;
 mod packages;
 mod reproducible;
 mod run;
+mod vm;
