@@ -373,7 +373,6 @@ fn vm_outputs_refuse_bad_input_with_a_hint() {
         ("filesystem = \"btrfs\"", "not a filesystem kiln writes"),
         ("init = \"sbin/init\"", "not an absolute path"),
         ("sise = \"1G\"", "unknown field"),
-        ("boot = \"uefi\"", "not supported yet"),
     ] {
         p.recipe(&format!("{base}\n[vm]\n{vm}\n"));
         let r = p.build(&["-o", "vm:disk.raw"]);
@@ -388,13 +387,16 @@ fn vm_outputs_refuse_bad_input_with_a_hint() {
     assert!(p.path("disk.qcow2").is_file());
 }
 
+/// Set when KVM failed to run a guest: later boots go straight to TCG.
+static KVM_BROKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Boots `disk` under qemu until it powers off; KVM when it works, else TCG.
 /// Returns the console output, the time to the marker, and the accelerator.
-pub fn boot(disk: &Path, format: &str, marker: &str) -> (String, Duration, &'static str) {
+pub fn boot(disk: &Path, format: &str, uefi: bool, marker: &str) -> (String, Duration, &'static str) {
     let kvm = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     let mut last = String::new();
     for accel in ["kvm", "tcg"] {
-        if accel == "kvm" && !kvm {
+        if accel == "kvm" && (!kvm || KVM_BROKEN.load(std::sync::atomic::Ordering::Relaxed)) {
             continue;
         }
         // KVM gets a short bound: where it cannot run a stock kernel (as on
@@ -402,32 +404,38 @@ pub fn boot(disk: &Path, format: &str, marker: &str) -> (String, Duration, &'sta
         let limit = if accel == "kvm" { Duration::from_secs(60) } else { Duration::from_secs(300) };
         let started = Instant::now();
         let mut child = Command::new("qemu-system-x86_64")
-            .args(["-m", "512", "-nographic", "-no-reboot", "-accel", accel, "-drive"])
+            .args(["-m", "512", "-nographic", "-no-reboot", "-accel", accel])
+            .args(if uefi { &["-bios", OVMF][..] } else { &[][..] })
+            .arg("-drive")
             .arg(format!("file={},format={format},if=virtio,snapshot=on", disk.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("qemu-system-x86_64");
-        let mut out = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match out.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if tx.send((buf[..n].to_vec(), Instant::now())).is_err() {
-                            break;
-                        }
+        let pipes: [Box<dyn Read + Send>; 2] =
+            [Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
+        for (i, mut pipe) in pipes.into_iter().enumerate() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 || tx.send((i, buf[..n].to_vec(), Instant::now())).is_err() {
+                        break;
                     }
                 }
-            }
-        });
-        let mut text = Vec::new();
+            });
+        }
+        drop(tx);
+        let (mut text, mut err) = (Vec::new(), Vec::new());
         let mut at = None;
         let status = loop {
-            while let Ok((chunk, when)) = rx.try_recv() {
+            while let Ok((i, chunk, when)) = rx.try_recv() {
+                if i == 1 {
+                    err.extend_from_slice(&chunk);
+                    continue;
+                }
                 text.extend_from_slice(&chunk);
                 if at.is_none() && String::from_utf8_lossy(&text).contains(marker) {
                     at = Some(when - started);
@@ -436,19 +444,31 @@ pub fn boot(disk: &Path, format: &str, marker: &str) -> (String, Duration, &'sta
             if let Some(s) = child.try_wait().unwrap() {
                 break Some(s);
             }
-            if started.elapsed() > limit {
+            // Where KVM cannot run this guest, qemu says so and stops the
+            // guest without exiting: fall back to TCG at once.
+            let kvm_failed = accel == "kvm" && {
+                let e = String::from_utf8_lossy(&err);
+                e.contains("KVM internal error") || e.contains("emulation failure")
+            };
+            if kvm_failed || started.elapsed() > limit {
                 let _ = child.kill();
                 let _ = child.wait();
+                if kvm_failed {
+                    KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 break None;
             }
             std::thread::sleep(Duration::from_millis(50));
         };
         std::thread::sleep(Duration::from_millis(100));
-        while let Ok((chunk, _)) = rx.try_recv() {
-            text.extend_from_slice(&chunk);
+        while let Ok((i, chunk, _)) = rx.try_recv() {
+            if i == 0 {
+                text.extend_from_slice(&chunk)
+            } else {
+                err.extend_from_slice(&chunk)
+            }
         }
-        let mut err = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        let err = String::from_utf8_lossy(&err).into_owned();
         let console = String::from_utf8_lossy(&text).into_owned();
         if let (Some(s), Some(t)) = (status, at) {
             if s.success() {
@@ -460,6 +480,9 @@ pub fn boot(disk: &Path, format: &str, marker: &str) -> (String, Duration, &'sta
     }
     panic!("the VM did not boot to `{marker}` and power off: {last}");
 }
+
+/// Debian's OVMF: UEFI firmware for qemu.
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 
 fn debian_mirror() -> bool {
     let ok = Command::new("curl")
@@ -513,9 +536,39 @@ fn the_vm_example_is_reproducible_and_boots_to_its_marker() {
     assert_same_files(&part, &dumped, &umoci_rootfs(&a, "out"));
 
     let (console, t, accel) =
-        boot(&a.path("disk.qcow2"), "qcow2", "KILN-VM-HELLO: hello from a kiln-built VM");
+        boot(&a.path("disk.qcow2"), "qcow2", false, "KILN-VM-HELLO: hello from a kiln-built VM");
     assert!(console.contains("Power down"), "{console}");
-    eprintln!("booted to the marker in {:.1} s under {accel}", t.as_secs_f64());
-    let (console, _, _) = boot(&a.path("disk.raw"), "raw", "KILN-VM-HELLO:");
+    eprintln!("BIOS: booted to the marker in {:.1} s under {accel}", t.as_secs_f64());
+    let (console, _, _) = boot(&a.path("disk.raw"), "raw", false, "KILN-VM-HELLO:");
     assert!(console.contains("(kernel 6.1."), "{console}");
+
+    // The same recipe for UEFI: a GPT disk whose EFI system partition holds
+    // systemd-boot; the root partition is the one already made.
+    if !Path::new(OVMF).exists() {
+        assert!(std::env::var_os("CI").is_none(), "{OVMF} is required in CI (ovmf)");
+        eprintln!("SKIPPED: UEFI boot ({OVMF} is missing: apt-get install ovmf)");
+        return;
+    }
+    let recipe = fs::read_to_string(a.path("ex/kiln.toml")).unwrap();
+    fs::write(a.path("ex/kiln.toml"), recipe.replace("[vm]\n", "[vm]\nboot = \"uefi\"\n")).unwrap();
+    let r = a.kiln(&["build", "ex/kiln.toml", "-o", "vm:efi.qcow2", "--progress", "plain"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("vm root ext4") && r.stderr.contains("cached"), "{}", r.stderr);
+    let o = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(a.path("efi.qcow2"))
+        .arg(a.path("efi.raw"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let o = Command::new("sfdisk").arg("-d").arg(a.path("efi.raw")).output().unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("label: gpt") && table.contains("C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
+        "{table}"
+    );
+    let (console, t, accel) =
+        boot(&a.path("efi.qcow2"), "qcow2", true, "KILN-VM-HELLO: hello from a kiln-built VM");
+    assert!(console.contains("Power down"), "{console}");
+    eprintln!("UEFI: booted to the marker in {:.1} s under {accel}", t.as_secs_f64());
 }

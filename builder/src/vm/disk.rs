@@ -1,6 +1,7 @@
-//! The disk: an MBR partition table with fixed ids (written by `sfdisk` into
-//! a sparse file), syslinux's boot code, and the partition files copied in
-//! at their offsets (holes stay holes); `.qcow2` through `qemu-img convert`.
+//! The disk: a partition table with fixed ids (MBR for BIOS and data disks,
+//! GPT for UEFI; written by `sfdisk` into a sparse file), syslinux's boot
+//! code for BIOS, and the partition files copied in at their offsets (holes
+//! stay holes); `.qcow2` through `qemu-img convert`.
 
 use std::fs;
 use std::io;
@@ -18,19 +19,44 @@ pub const FIRST: u64 = MIB;
 pub struct Partition {
     pub file: PathBuf,
     pub size: u64,
-    /// An MBR type byte, e.g. `c` (FAT32 LBA) or `83` (Linux).
+    /// An MBR type byte, e.g. `c` (FAT32 LBA) or `83` (Linux); or a GPT
+    /// type GUID.
     pub kind: &'static str,
+    /// MBR: the active flag. GPT: ignored.
     pub bootable: bool,
+    /// GPT: the partition's GUID.
+    pub uuid: Option<String>,
 }
 
+#[derive(Debug, Clone)]
+pub enum Table {
+    /// MBR with this disk id (partition ids are `ID-NN`).
+    Dos(u32),
+    /// GPT with this disk GUID.
+    Gpt(String),
+}
+
+/// GPT partition types.
+pub const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+pub const GPT_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+
 /// The sfdisk script for `parts`, laid out one after another from 1 MiB.
-pub fn script(label_id: u32, parts: &[Partition]) -> String {
-    let mut s = format!("label: dos\nlabel-id: 0x{label_id:08x}\nunit: sectors\n\n");
+pub fn script(table: &Table, parts: &[Partition]) -> String {
+    let mut s = match table {
+        Table::Dos(id) => format!("label: dos\nlabel-id: 0x{id:08x}\nunit: sectors\n\n"),
+        Table::Gpt(id) => format!("label: gpt\nlabel-id: {id}\nunit: sectors\nfirst-lba: 2048\n\n"),
+    };
     let mut at = FIRST;
     for p in parts {
         s.push_str(&format!("start={}, size={}, type={}", at / 512, p.size / 512, p.kind));
-        if p.bootable {
-            s.push_str(", bootable");
+        match table {
+            Table::Dos(_) if p.bootable => s.push_str(", bootable"),
+            Table::Gpt(_) => {
+                if let Some(u) = &p.uuid {
+                    s.push_str(&format!(", uuid={u}"));
+                }
+            }
+            _ => {}
         }
         s.push('\n');
         at += p.size;
@@ -38,14 +64,21 @@ pub fn script(label_id: u32, parts: &[Partition]) -> String {
     s
 }
 
+/// The disk's size: the partitions, 1 MiB before them, and for GPT 1 MiB
+/// after them (its backup table).
+pub fn total_size(table: &Table, parts: &[Partition]) -> u64 {
+    let tail = if matches!(table, Table::Gpt(_)) { MIB } else { 0 };
+    FIRST + parts.iter().map(|p| p.size).sum::<u64>() + tail
+}
+
 /// Writes the raw disk to `out`.
 pub fn assemble(
     out: &Path,
-    label_id: u32,
+    table: &Table,
     parts: &[Partition],
     mbr_code: Option<&[u8]>,
 ) -> Result<(), BuildError> {
-    let total = FIRST + parts.iter().map(|p| p.size).sum::<u64>();
+    let total = total_size(table, parts);
     let f = fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -71,7 +104,7 @@ pub fn assemble(
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().expect("piped");
-        stdin.write_all(script(label_id, parts).as_bytes()).map_err(BuildError::io_write(out))?;
+        stdin.write_all(script(table, parts).as_bytes()).map_err(BuildError::io_write(out))?;
     }
     let o = child.wait_with_output().map_err(BuildError::io_write(out))?;
     if !o.status.success() {
@@ -142,11 +175,11 @@ mod tests {
     #[test]
     fn the_table_is_laid_out_from_one_mib() {
         let parts = [
-            Partition { file: "b".into(), size: 32 * MIB, kind: "c", bootable: true },
-            Partition { file: "r".into(), size: 100 * MIB, kind: "83", bootable: false },
+            Partition { file: "b".into(), size: 32 * MIB, kind: "c", bootable: true, uuid: None },
+            Partition { file: "r".into(), size: 100 * MIB, kind: "83", bootable: false, uuid: None },
         ];
         assert_eq!(
-            script(0x1234abcd, &parts),
+            script(&Table::Dos(0x1234abcd), &parts),
             "label: dos\nlabel-id: 0x1234abcd\nunit: sectors\n\nstart=2048, size=65536, type=c, bootable\nstart=67584, size=204800, type=83\n"
         );
     }

@@ -70,19 +70,13 @@ pub fn write_disk(
 
     let kernel = match vm.boot {
         VmBoot::None => None,
-        boot => {
+        _ => {
             if arch != "amd64" {
                 return Err(BuildError::usage(
                     format!("kiln makes bootable VM disks for amd64 images; this image is {arch}"),
                     Some(
                         "set `boot = \"none\"` in `[vm]` for a data disk, or build the image for linux/amd64",
                     ),
-                ));
-            }
-            if boot == VmBoot::Uefi {
-                return Err(BuildError::usage(
-                    "`boot = \"uefi\"` is not supported yet: kiln makes BIOS-bootable disks (syslinux)",
-                    Some("use `boot = \"bios\"` (the default); UEFI firmware with a compatibility module boots it too"),
                 ));
             }
             Some(initramfs::find_kernel(&tree).ok_or_else(|| {
@@ -108,16 +102,29 @@ pub fn write_disk(
         .expect("json")
         .as_slice(),
     );
-    let label_id = u32::from_be_bytes(label_seed.bytes()[..4].try_into().expect("4 bytes")) | 1;
-    let cmdline = format!("root=PARTUUID={label_id:08x}-{root_partition:02} rw panic=-1 {}", vm.cmdline);
+    let firmware = match vm.boot {
+        VmBoot::Uefi => bootfs::Firmware::Uefi,
+        _ => bootfs::Firmware::Bios,
+    };
+    // Fixed ids: MBR for BIOS and data disks, GPT (an EFI system partition) for UEFI.
+    let (table, root_partuuid) = if kernel.is_some() && firmware == bootfs::Firmware::Uefi {
+        let id = |what: &str| uuid_from(&Digest::of(format!("{what} {label_seed}").as_bytes()));
+        (disk::Table::Gpt(id("disk")), id("root"))
+    } else {
+        let label_id = u32::from_be_bytes(label_seed.bytes()[..4].try_into().expect("4 bytes")) | 1;
+        (disk::Table::Dos(label_id), format!("{label_id:08x}-{root_partition:02}"))
+    };
+    let tail = disk::total_size(&table, &[]) - disk::FIRST;
+    let cmdline = format!("root=PARTUUID={root_partuuid} rw panic=-1 {}", vm.cmdline);
     let boot = match &kernel {
         Some(k) => Some(boot_inputs(store, image, &tree, k, vm.init.as_deref(), epoch, reporter)?),
         None => None,
     };
-    let boot_size = boot.as_ref().map(|b| bootfs::size_for(b.kernel.len(), b.initrd.len())).unwrap_or(0);
+    let boot_size =
+        boot.as_ref().map(|b| bootfs::size_for(firmware, b.kernel.len(), b.initrd.len())).unwrap_or(0);
     let root_size = match vm.size {
         Some(size) => {
-            let need = disk::FIRST + boot_size + root_min;
+            let need = disk::FIRST + boot_size + root_min + tail;
             if size < need {
                 let boot_text = if boot_size > 0 {
                     format!(", the boot partition {} MiB", boot_size / MIB)
@@ -125,7 +132,7 @@ pub fn write_disk(
                     String::new()
                 };
                 let message = format!(
-                    "`size` is {} MiB, but the disk needs at least {} MiB: the root filesystem about {} MiB{boot_text}, and 1 MiB before the first partition",
+                    "`size` is {} MiB, but the disk needs at least {} MiB: the root filesystem about {} MiB{boot_text}, and the partition table",
                     size / MIB,
                     need / MIB,
                     root_min / MIB
@@ -139,7 +146,7 @@ pub fn write_disk(
                     None => BuildError::usage(message, Some(&hint)),
                 });
             }
-            size - disk::FIRST - boot_size
+            size - disk::FIRST - boot_size - tail
         }
         None => (root_min * 5 / 4 + 64 * MIB).next_multiple_of(MIB),
     };
@@ -186,7 +193,7 @@ pub fn write_disk(
                     );
                     let hint = format!(
                         "set a larger `size` in `[vm]`, e.g. `size = \"{}M\"`",
-                        (disk::FIRST + boot_size + root_size * 3 / 2).div_ceil(MIB)
+                        (disk::FIRST + boot_size + tail + root_size * 3 / 2).div_ceil(MIB)
                     );
                     Err(match vm.size_span.clone() {
                         Some(span) => recipe.error_at(span, message).with_hint(hint).into(),
@@ -199,9 +206,13 @@ pub fn write_disk(
 
     let mut parts = Vec::new();
     if let Some(b) = &boot {
+        let loader = match firmware {
+            bootfs::Firmware::Bios => tools::version(tools::Tool::Syslinux)?,
+            bootfs::Firmware::Uefi => format!("systemd-boot {}", Digest::of(&bootfs::systemd_boot()?)),
+        };
         let boot_key = key(&json!({
             "schema": SCHEMA,
-            "part": "boot-bios",
+            "part": match firmware { bootfs::Firmware::Bios => "boot-bios", bootfs::Firmware::Uefi => "boot-uefi" },
             "kernel": Digest::of(&b.kernel).to_string(),
             "initrd": Digest::of(&b.initrd).to_string(),
             "cmdline": cmdline,
@@ -210,18 +221,24 @@ pub fn write_disk(
             "tools": [
                 tools::version(tools::Tool::MkfsFat)?,
                 tools::version(tools::Tool::Mcopy)?,
-                tools::version(tools::Tool::Syslinux)?,
+                loader,
             ],
         }));
         let part = cached_partition(
             store,
             &boot_key,
-            &format!("vm boot (syslinux) {} MiB", boot_size / MIB),
+            &match firmware {
+                bootfs::Firmware::Bios => format!("vm boot (syslinux) {} MiB", boot_size / MIB),
+                bootfs::Firmware::Uefi => {
+                    format!("vm EFI system partition (systemd-boot) {} MiB", boot_size / MIB)
+                }
+            },
             reporter,
             |dir| {
                 let out = dir.join("boot.fat");
                 let volume_id = boot_key.hex()[..8].to_string();
                 let params = bootfs::BootFs {
+                    firmware,
                     kernel: &b.kernel,
                     initrd: &b.initrd,
                     cmdline: &cmdline,
@@ -233,17 +250,28 @@ pub fn write_disk(
                 Ok(out)
             },
         )?;
-        parts.push(Partition { file: store.blob_path(&part), size: boot_size, kind: "c", bootable: true });
+        let (kind, uuid) = match &table {
+            disk::Table::Dos(_) => ("c", None),
+            disk::Table::Gpt(_) => {
+                (disk::GPT_ESP, Some(uuid_from(&Digest::of(format!("esp {label_seed}").as_bytes()))))
+            }
+        };
+        parts.push(Partition { file: store.blob_path(&part), size: boot_size, kind, bootable: true, uuid });
     }
-    parts.push(Partition { file: store.blob_path(&root), size: root_size, kind: "83", bootable: false });
+    let (kind, uuid) = match &table {
+        disk::Table::Dos(_) => ("83", None),
+        disk::Table::Gpt(_) => (disk::GPT_ROOT_X86_64, Some(root_partuuid.clone())),
+    };
+    parts.push(Partition { file: store.blob_path(&root), size: root_size, kind, bootable: false, uuid });
 
     // The disk, written beside the output and renamed into place.
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
     let raw =
         tempfile::Builder::new().prefix(".kiln-disk-").tempfile_in(dir).map_err(BuildError::io_write(dir))?;
-    let mbr = if boot.is_some() { Some(bootfs::mbr_code()?) } else { None };
-    disk::assemble(raw.path(), label_id, &parts, mbr.as_deref())?;
+    let mbr =
+        if boot.is_some() && firmware == bootfs::Firmware::Bios { Some(bootfs::mbr_code()?) } else { None };
+    disk::assemble(raw.path(), &table, &parts, mbr.as_deref())?;
     let result = if qcow2 {
         let q = tempfile::Builder::new()
             .prefix(".kiln-disk-")
