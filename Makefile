@@ -16,10 +16,8 @@ deps:
 	.ci/deps
 
 ## Build the example recipes (stages and run steps in kiln's own sandbox; Debian
-## packages from a lockfile), show them, and run them if a Docker engine answers.
-demo: build
-	@# The images start FROM scratch: they need the static busybox, not Debian's dynamic one.
-	@dpkg -s busybox-static >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static; }
+## packages from a lockfile; a bootable VM disk), show them, and run them.
+demo: build deps
 	cp /bin/busybox recipes/examples/hello/busybox
 	cp /bin/busybox recipes/examples/busybox/busybox
 	$(KILN) build recipes/examples/busybox/kiln.toml -o oci:out/busybox-run -o docker-archive:out/busybox-run.tar
@@ -34,6 +32,10 @@ demo: build
 	@if docker info >/dev/null 2>&1; then \
 		docker load -i out/python.tar && docker run --rm python:latest; \
 	else echo "(no Docker engine answers: 'docker load -i out/python.tar' later)"; fi
+	@# The same kind of recipe as a VM disk: Debian's kernel, kiln's initramfs, syslinux; booted under qemu.
+	$(KILN) build recipes/examples/vm-hello/kiln.toml -o vm:out/vm-hello.qcow2
+	timeout 300 qemu-system-x86_64 -m 512 -nographic -no-reboot -accel tcg \
+		-drive file=out/vm-hello.qcow2,if=virtio,snapshot=on | grep -a -E "KILN-VM-HELLO|Power down"
 
 ## Unit and integration tests (the integration tests drive the real binary).
 test:

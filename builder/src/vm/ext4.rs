@@ -39,7 +39,7 @@ const MKE2FS_CONF: &str = "[defaults]
 \tinode_ratio = 16384
 \treserved_ratio = 0
 \tlazy_itable_init = false
-\tlazy_journal_init = false
+\tlazy_journal_init = true
 [fs_types]
 \text4 = {
 \t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
@@ -134,7 +134,8 @@ pub fn make(p: &Ext4<'_>, out: &Path, scratch: &Path) -> Result<(), Ext4Error> {
         .arg("-U")
         .arg(p.uuid)
         .arg("-E")
-        .arg(format!("hash_seed={},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0", p.uuid))
+        // The journal is not written out: the file is new, so it reads as zeros.
+        .arg(format!("hash_seed={},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=1", p.uuid))
         .arg("-d")
         .arg(p.dir)
         .arg(out)
@@ -250,7 +251,8 @@ fn fix_script(p: &Ext4<'_>, scratch: &Path) -> Result<String, BuildError> {
         for (name, value) in e.xattr_pairs() {
             let f = scratch.join(format!("xattr-{i}"));
             fs::File::create(&f).and_then(|mut w| w.write_all(&value)).map_err(BuildError::io_write(&f))?;
-            let _ = writeln!(s, "ea_set -f {} {q} {name}", f.display());
+            let file = f.display().to_string().replace('"', "\"\"");
+            let _ = writeln!(s, "ea_set -f \"{file}\" {q} {name}");
         }
     }
     Ok(s)

@@ -6,8 +6,10 @@
 //! - [`initramfs`] and [`init`]: the kernel the image holds, the modules its
 //!   root needs, and kiln's own `/init` that mounts the root and runs the
 //!   image's entrypoint.
-//! - [`bootfs`]: the BIOS boot partition (FAT + syslinux).
-//! - [`disk`]: the partition table and the partitions put together; qcow2.
+//! - [`bootfs`]: the boot partition: FAT with syslinux (BIOS) or an EFI
+//!   system partition with systemd-boot (UEFI).
+//! - [`disk`]: the partition table (MBR or GPT) and the partitions put
+//!   together; qcow2.
 //! - [`tools`]: the host tools used, and their versions.
 //!
 //! Each partition file is kept in the store (`disks/KEY` records), keyed by
