@@ -44,6 +44,7 @@ pub fn flatten(store: &Store, layers: &[ImageLayer], root: &Path) -> Result<Flat
     // so the unpacking below never leaves `root`.
     let tree = merged_tree(store, layers)?;
     let mut mtimes = HashMap::new();
+    let mut implicit: Vec<String> = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     for layer in layers {
         let bad = |e: io::Error| BuildError::BadLayer {
@@ -82,6 +83,19 @@ pub fn flatten(store: &Store, layers: &[ImageLayer], root: &Path) -> Result<Flat
             }
             let path = root.join(e.path);
             mtimes.insert(e.path.to_string(), e.mtime);
+            // Layers need not list every parent folder: make the missing ones.
+            if let Some((parent, _)) = e.path.rsplit_once('/') {
+                if !root.join(parent).is_dir() {
+                    let mut at = String::new();
+                    for c in parent.split('/') {
+                        at = if at.is_empty() { c.to_string() } else { format!("{at}/{c}") };
+                        if fs::symlink_metadata(root.join(&at)).is_err() {
+                            mkdir(&root.join(&at))?;
+                            implicit.push(at.clone());
+                        }
+                    }
+                }
+            }
             match e.kind {
                 TarKind::Dir => match fs::symlink_metadata(&path) {
                     Ok(m) if m.is_dir() => {}
@@ -129,6 +143,9 @@ pub fn flatten(store: &Store, layers: &[ImageLayer], root: &Path) -> Result<Flat
         })?;
     }
     let mut tree = tree;
+    for d in implicit {
+        tree.entries.entry(d.clone()).or_insert_with(|| dir_entry(&d));
+    }
     add_mount_points(&mut tree, root).map_err(BuildError::io_write(root))?;
     Ok(Flattened { tree, mtimes })
 }
@@ -141,20 +158,22 @@ fn add_mount_points(tree: &mut FsTree, root: &Path) -> io::Result<()> {
     for d in MOUNT_POINTS {
         if tree.get(d).is_none() && fs::symlink_metadata(root.join(d)).is_err() {
             mkdir(&root.join(d))?;
-            tree.entries.insert(
-                d.to_string(),
-                crate::listing::ListEntry {
-                    path: d.to_string(),
-                    kind: crate::listing::Kind::Dir,
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                    xattrs: Default::default(),
-                },
-            );
+            tree.entries.insert(d.to_string(), dir_entry(d));
         }
     }
     Ok(())
+}
+
+/// A folder kiln makes: 0755 root.
+fn dir_entry(path: &str) -> crate::listing::ListEntry {
+    crate::listing::ListEntry {
+        path: path.to_string(),
+        kind: crate::listing::Kind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        xattrs: Default::default(),
+    }
 }
 
 /// `root/rel` for a hard link's target, refusing a path that goes through a

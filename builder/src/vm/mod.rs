@@ -582,6 +582,12 @@ fn entrypoint_run(
     let user = crate::exec::sandbox::resolve_user_in(&spec, passwd, group).map_err(|e| {
         BuildError::usage(format!("the VM cannot run the entrypoint: {e}"), Some("fix `user` in `[config]`"))
     })?;
+    if argv.iter().chain(&env).chain([&workdir]).any(|s| s.contains('\0')) {
+        return Err(BuildError::usage(
+            "the image's entrypoint, cmd, env or workdir holds a NUL byte, which no program can be given",
+            Some("remove the NUL byte from `[config]`"),
+        ));
+    }
     let mut env = env;
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={}", user.home));
