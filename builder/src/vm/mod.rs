@@ -47,6 +47,9 @@ use initramfs::{CpioEntry, Kernel};
 /// Bumped when the bytes of a partition kiln makes change for the same inputs.
 const SCHEMA: u32 = 1;
 
+/// Room for the initramfs (kiln's init and the root's modules, a few MiB).
+const INITRD_BUDGET: usize = 16 << 20;
+
 /// Writes the disk for `image` (built from `recipe`) to `out`.
 pub fn write_disk(
     store: &Store,
@@ -118,12 +121,19 @@ pub fn write_disk(
     };
     let tail = disk::total_size(&table, &[]) - disk::FIRST;
     let cmdline = format!("root=PARTUUID={root_partuuid} rw panic=-1 {}", vm.cmdline);
-    let boot = match &kernel {
-        Some(k) => Some(boot_inputs(store, image, &tree, k, vm.init.as_deref(), epoch, reporter)?),
-        None => None,
+    // The boot partition's size from the kernel's size in the tree and a
+    // budget for the initramfs, so the root's size (and key) is known before
+    // any file is read.
+    let boot_size = match &kernel {
+        Some(k) => {
+            let kernel_size = match tree.get(&k.image).map(|e| &e.kind) {
+                Some(Kind::File { size, .. }) => *size as usize,
+                _ => 0,
+            };
+            bootfs::size_for(firmware, kernel_size, INITRD_BUDGET)
+        }
+        None => 0,
     };
-    let boot_size =
-        boot.as_ref().map(|b| bootfs::size_for(firmware, b.kernel.len(), b.initrd.len())).unwrap_or(0);
     let root_size = match vm.size {
         Some(size) => {
             let need = disk::FIRST + boot_size + root_min + tail;
@@ -164,15 +174,23 @@ pub fn write_disk(
         "inodes": needs.inodes,
         "tools": [tools::version(tools::Tool::Mke2fs)?],
     }));
+    // When the root is made, its flattened folder stays until the boot
+    // partition's inputs are read from it (no layer is read twice).
+    let mut flat_kept: Option<tempfile::TempDir> = None;
     let root = cached_partition(
         store,
         &root_key,
         &format!("vm root ext4 {} MiB", root_size / MIB),
         reporter,
         |dir| {
-            let flat_dir = dir.join("root");
-            fs::create_dir(&flat_dir).map_err(BuildError::io_write(&flat_dir))?;
+            let tmp = store.tmp_dir();
+            let keep = tempfile::Builder::new()
+                .prefix("vm-root-")
+                .tempdir_in(&tmp)
+                .map_err(BuildError::io_write(&tmp))?;
+            let flat_dir = keep.path().to_path_buf();
             let flat = flatten::flatten(store, &image.layers, &flat_dir)?;
+            flat_kept = Some(keep);
             let uuid = uuid_from(&root_key);
             let out = dir.join("root.ext4");
             let params = ext4::Ext4 {
@@ -205,6 +223,28 @@ pub fn write_disk(
             }
         },
     )?;
+
+    let boot = match &kernel {
+        Some(k) => {
+            let flat = flat_kept.as_ref().map(|d| d.path());
+            let src = Source { store, image, tree: &tree, flat };
+            let b = boot_inputs(&src, k, vm.init.as_deref(), epoch, reporter)?;
+            if (b.kernel.len() + b.initrd.len()) as u64 + (2 << 20) > boot_size {
+                return Err(BuildError::BadImage {
+                    image: format!("/{}", k.image),
+                    reason: format!(
+                        "the kernel ({} bytes) and initramfs ({} bytes) do not fit the {} MiB boot partition",
+                        b.kernel.len(),
+                        b.initrd.len(),
+                        boot_size / MIB
+                    ),
+                });
+            }
+            Some(b)
+        }
+        None => None,
+    };
+    drop(flat_kept);
 
     let mut parts = Vec::new();
     if let Some(b) = &boot {
@@ -352,13 +392,17 @@ struct FromLayers {
     group: Option<Digest>,
 }
 
-fn from_layers(
-    store: &Store,
-    image: &StoredImage,
-    tree: &FsTree,
-    kernel: &Kernel,
-    reporter: &dyn Reporter,
-) -> Result<FromLayers, BuildError> {
+/// Where the boot partition's inputs are read from: the image's layers, or
+/// its flattened folder when the root filesystem was just made from it.
+struct Source<'a> {
+    store: &'a Store,
+    image: &'a StoredImage,
+    tree: &'a FsTree,
+    flat: Option<&'a Path>,
+}
+
+fn from_layers(src: &Source<'_>, kernel: &Kernel, reporter: &dyn Reporter) -> Result<FromLayers, BuildError> {
+    let (store, image, tree) = (src.store, src.image, src.tree);
     let k = key(&json!({
         "schema": SCHEMA,
         "part": "boot-inputs",
@@ -379,12 +423,11 @@ fn from_layers(
     let passwd = tree.resolve_parents("etc/passwd").unwrap_or_default();
     let group = tree.resolve_parents("etc/group").unwrap_or_default();
     let builtin_path = format!("{}/modules.builtin", kernel.modules);
-    let mut files = read_files(
-        store,
-        &image.layers,
-        tree,
-        &[kernel.image.clone(), builtin_path.clone(), passwd.clone(), group.clone()],
-    )?;
+    let read = |paths: &[String]| match src.flat {
+        Some(root) => read_flat(root, tree, paths),
+        None => read_files(store, &image.layers, tree, paths),
+    };
+    let mut files = read(&[kernel.image.clone(), builtin_path.clone(), passwd.clone(), group.clone()])?;
     let builtin = initramfs::builtin_names(&String::from_utf8_lossy(
         files.get(&builtin_path).map(Vec::as_slice).unwrap_or(&[]),
     ));
@@ -416,7 +459,7 @@ fn from_layers(
             })?;
             paths.push(path.clone());
         }
-        let mut read = read_files(store, &image.layers, tree, &paths)?;
+        let mut read = read(&paths)?;
         let mut next = Vec::new();
         for (m, path) in frontier.iter().zip(&paths) {
             let raw = read.remove(path).ok_or_else(|| BuildError::BadImage {
@@ -490,15 +533,14 @@ fn from_layers(
 }
 
 fn boot_inputs(
-    store: &Store,
-    image: &StoredImage,
-    tree: &FsTree,
+    src: &Source<'_>,
     kernel: &Kernel,
     init: Option<&str>,
     epoch: u64,
     reporter: &dyn Reporter,
 ) -> Result<BootInputs, BuildError> {
-    let f = from_layers(store, image, tree, kernel, reporter)?;
+    let (store, image, tree) = (src.store, src.image, src.tree);
+    let f = from_layers(src, kernel, reporter)?;
     let text = |d: &Option<Digest>| -> Result<String, BuildError> {
         Ok(match d {
             Some(d) => String::from_utf8_lossy(&store.read_blob(d)?).into_owned(),
@@ -624,6 +666,18 @@ fn executable(tree: &FsTree, path: &str) -> bool {
         }
     }
     false
+}
+
+/// [`read_files`] from the image's flattened folder.
+fn read_flat(root: &Path, tree: &FsTree, paths: &[String]) -> Result<HashMap<String, Vec<u8>>, BuildError> {
+    let mut out = HashMap::new();
+    for p in paths {
+        if matches!(tree.get(p).map(|e| &e.kind), Some(Kind::File { .. } | Kind::Hardlink { .. })) {
+            let f = root.join(p);
+            out.insert(p.clone(), fs::read(&f).map_err(BuildError::io_read(&f))?);
+        }
+    }
+    Ok(out)
 }
 
 /// The bytes of regular files in the image (paths relative, parents
