@@ -281,7 +281,7 @@ mod tests {
         let info_off = elf.len();
         elf.extend_from_slice(info);
         let shoff = elf.len();
-        let mut sh = |name: u32, off: usize, size: usize| {
+        let sh = |name: u32, off: usize, size: usize| {
             let mut h = vec![0u8; 64];
             h[..4].copy_from_slice(&name.to_le_bytes());
             h[24..32].copy_from_slice(&(off as u64).to_le_bytes());
