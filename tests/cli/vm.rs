@@ -597,4 +597,17 @@ fn the_vm_example_is_reproducible_and_boots_to_its_marker() {
         boot(&a.path("efi.qcow2"), "qcow2", true, "KILN-VM-HELLO: hello from a kiln-built VM");
     assert!(console.contains("Power down"), "{console}");
     eprintln!("UEFI: booted to the marker in {:.1} s under {accel}", t.as_secs_f64());
+
+    // `init`: the image's own program runs as PID 1 instead of the entrypoint.
+    let recipe = fs::read_to_string(a.path("ex/kiln.toml")).unwrap().replace("boot = \"uefi\"\n", "");
+    let recipe = recipe.replace(
+        "[config]",
+        "[[step]]\nwrite = \"/sbin/hello-init\"\nmode = \"0755\"\ncontent = \"#!/bin/busybox sh\\necho KILN-INIT-EXEC as pid $$\\nbusybox poweroff -f\\n\"\n\n[config]",
+    );
+    fs::write(a.path("ex/kiln.toml"), recipe.replace("[vm]\n", "[vm]\ninit = \"/sbin/hello-init\"\n"))
+        .unwrap();
+    let r = a.kiln(&["build", "ex/kiln.toml", "-o", "vm:init.qcow2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (console, _, _) = boot(&a.path("init.qcow2"), "qcow2", false, "KILN-INIT-EXEC as pid 1");
+    assert!(!console.contains("KILN-VM-HELLO"), "{console}");
 }
