@@ -222,7 +222,8 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-fn remove_any(p: &Path) -> io::Result<()> {
+/// Removes whatever is at `p` (a folder with its contents); nothing there is fine.
+pub(crate) fn remove_any(p: &Path) -> io::Result<()> {
     match fs::symlink_metadata(p) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(p),
         Ok(_) => fs::remove_file(p),

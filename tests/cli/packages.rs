@@ -491,28 +491,6 @@ fn bad_input_is_refused_with_what_to_do() {
     assert!(!p.path("out").exists());
 }
 
-/// Whether deb.debian.org answers; in CI it must.
-fn debian_mirror() -> bool {
-    let ok = Command::new("curl")
-        .args([
-            "-sf",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            "20",
-            "http://deb.debian.org/debian/dists/bookworm/InRelease",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("http://deb.debian.org is unreachable; the [packages] examples need it");
-        }
-        eprintln!("SKIPPED: http://deb.debian.org is unreachable");
-    }
-    ok
-}
-
 fn example(name: &str) -> Project {
     let p = Project::new();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/examples").join(name);

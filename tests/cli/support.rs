@@ -149,6 +149,28 @@ pub fn require_docker() -> bool {
     ok
 }
 
+/// Whether deb.debian.org answers (the `[packages]` examples need it); in CI it must.
+pub fn debian_mirror() -> bool {
+    let ok = Command::new("curl")
+        .args([
+            "-sf",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "20",
+            "http://deb.debian.org/debian/dists/bookworm/InRelease",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("http://deb.debian.org is unreachable; the [packages] examples need it");
+        }
+        eprintln!("SKIPPED: http://deb.debian.org is unreachable");
+    }
+    ok
+}
+
 /// Whether the tests run as root (the local backend needs it); in CI they must.
 pub fn require_root() -> bool {
     let ok = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);

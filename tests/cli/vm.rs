@@ -510,27 +510,6 @@ pub fn boot(disk: &Path, format: &str, uefi: bool, marker: &str) -> (String, Dur
 /// Debian's OVMF: UEFI firmware for qemu.
 const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 
-fn debian_mirror() -> bool {
-    let ok = Command::new("curl")
-        .args([
-            "-sf",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            "20",
-            "http://deb.debian.org/debian/dists/bookworm/InRelease",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("http://deb.debian.org is unreachable; the vm-hello example needs it");
-        }
-        eprintln!("SKIPPED: http://deb.debian.org is unreachable");
-    }
-    ok
-}
-
 #[test]
 fn the_vm_example_is_reproducible_and_boots_to_its_marker() {
     if !vm_tools() || !require("qemu-system-x86_64") || !require_root() || !debian_mirror() {

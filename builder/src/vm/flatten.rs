@@ -18,6 +18,7 @@ use crate::fstree::FsTree;
 use crate::image::ImageLayer;
 use crate::listing::Listing;
 use crate::tarball::TarKind;
+use crate::unpack::remove_any as remove;
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -196,13 +197,4 @@ fn mkdir(path: &Path) -> io::Result<()> {
     fs::DirBuilder::new().mode(0o755).create(path)?;
     // Whatever the umask: mke2fs must be able to read it.
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-}
-
-fn remove(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
 }
