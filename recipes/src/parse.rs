@@ -694,7 +694,6 @@ impl Parser {
     }
 }
 
-/// Secret ids become a file name under `/run/secrets`.
 /// `512M`, `2G`, `1.5G`, `1048576`: bytes (binary units).
 fn parse_disk_size(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -714,6 +713,7 @@ fn parse_disk_size(s: &str) -> Option<u64> {
         .then_some(bytes as u64)
 }
 
+/// Secret ids become a file name under `/run/secrets`.
 fn is_secret_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
