@@ -200,14 +200,16 @@ pub fn build(plan: &InitPlan) -> Vec<u8> {
             // The parent: reap every process until the command has exited.
             a.bind(parent);
             a.mov(R12, RAX);
+            let status = a.scratch(4);
             let reap = a.label();
             a.bind(reap);
-            a.syscall(SYS_WAIT4, &[Arg::Imm(u32::MAX), Arg::Imm(0), Arg::Imm(0), Arg::Imm(0)]);
+            a.syscall(SYS_WAIT4, &[Arg::Imm(u32::MAX), Arg::Data(status), Arg::Imm(0), Arg::Imm(0)]);
             a.cmp_rax_r12();
             a.jump(Cond::Equal, done);
             a.cmp_rax(-ECHILD);
             a.jump(Cond::NotEqual, reap);
             a.bind(done);
+            a.report_status(status, "the entrypoint");
         }
     }
     a.jump(Cond::Always, poweroff);
@@ -229,6 +231,7 @@ pub fn build(plan: &InitPlan) -> Vec<u8> {
 // Registers by their encoding number.
 type Reg = u8;
 const RAX: Reg = 0;
+const RCX: Reg = 1;
 const RDX: Reg = 2;
 const RBX: Reg = 3;
 const RSI: Reg = 6;
@@ -303,6 +306,71 @@ impl Asm {
         self.data.extend_from_slice(&sec.to_le_bytes());
         self.data.extend_from_slice(&nsec.to_le_bytes());
         at
+    }
+
+    /// `len` zero bytes of data the program writes (the segment is writable).
+    pub(crate) fn scratch(&mut self, len: usize) -> usize {
+        self.align8();
+        let at = self.data.len();
+        self.data.resize(at + len, 0);
+        at
+    }
+
+    /// `mov eax, [data]` (32 bits).
+    fn load_eax(&mut self, off: usize) {
+        self.code.extend_from_slice(&[0x8b, 0x04, 0x25]);
+        self.data_refs.push((self.code.len(), off));
+        self.code.extend_from_slice(&[0; 4]);
+    }
+
+    /// Prints how a process whose wait status is at `status` ended, unless
+    /// it exited 0: `kiln-init: WHAT exited with status N` or `... was
+    /// killed by signal N`.
+    pub(crate) fn report_status(&mut self, status: usize, what: &str) {
+        let exited = self.string(&format!("kiln-init: {what} exited with status "));
+        let killed = self.string(&format!("kiln-init: {what} was killed by signal "));
+        let newline = self.string("\n");
+        let digits = self.scratch(16);
+        let (signaled, number, quiet) = (self.label(), self.label(), self.label());
+        self.load_eax(status);
+        self.code.extend_from_slice(&[0x89, 0xc1]); // mov ecx, eax
+        self.code.extend_from_slice(&[0x81, 0xe1, 0x7f, 0, 0, 0]); // and ecx, 0x7f
+        self.code.extend_from_slice(&[0x85, 0xc9]); // test ecx, ecx
+        self.jump(Cond::NotEqual, signaled);
+        self.code.extend_from_slice(&[0xc1, 0xe8, 0x08]); // shr eax, 8
+        self.code.extend_from_slice(&[0x25, 0xff, 0, 0, 0]); // and eax, 0xff
+        self.code.extend_from_slice(&[0x85, 0xc0]); // test eax, eax
+        self.jump(Cond::Equal, quiet);
+        self.print(exited);
+        self.load_eax(status);
+        self.code.extend_from_slice(&[0xc1, 0xe8, 0x08, 0x25, 0xff, 0, 0, 0]); // shr eax, 8; and eax, 0xff
+        self.jump(Cond::Always, number);
+        self.bind(signaled);
+        self.print(killed);
+        self.load_eax(status);
+        self.code.extend_from_slice(&[0x25, 0x7f, 0, 0, 0]); // and eax, 0x7f
+        self.bind(number);
+        // The decimal digits, last first, down from the end of `digits`.
+        self.mov_imm(RSI, 0);
+        self.data_refs.push((self.code.len() - 4, digits + 16));
+        self.mov_imm(RCX, 10);
+        let more = self.label();
+        self.bind(more);
+        self.code.extend_from_slice(&[0x31, 0xd2]); // xor edx, edx
+        self.code.extend_from_slice(&[0xf7, 0xf1]); // div ecx
+        self.code.extend_from_slice(&[0x80, 0xc2, b'0']); // add dl, '0'
+        self.code.extend_from_slice(&[0x48, 0xff, 0xce]); // dec rsi
+        self.code.extend_from_slice(&[0x88, 0x16]); // mov [rsi], dl
+        self.code.extend_from_slice(&[0x85, 0xc0]); // test eax, eax
+        self.jump(Cond::NotEqual, more);
+        self.mov_imm(RDX, 0);
+        self.data_refs.push((self.code.len() - 4, digits + 16));
+        self.code.extend_from_slice(&[0x48, 0x29, 0xf2]); // sub rdx, rsi
+        self.mov_imm(RDI, 2);
+        self.mov_imm(RAX, SYS_WRITE);
+        self.code.extend_from_slice(&[0x0f, 0x05]);
+        self.print(newline);
+        self.bind(quiet);
     }
 
     /// An array of 32-bit values (setgroups' list).
@@ -442,9 +510,9 @@ impl Asm {
         elf.extend_from_slice(&64u16.to_le_bytes());
         elf.extend_from_slice(&0u16.to_le_bytes());
         elf.extend_from_slice(&0u16.to_le_bytes());
-        // One loadable segment, read and execute.
+        // One loadable segment: read, execute, and write (the wait status).
         elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        elf.extend_from_slice(&5u32.to_le_bytes()); // PF_R | PF_X
+        elf.extend_from_slice(&7u32.to_le_bytes()); // PF_R | PF_W | PF_X
         elf.extend_from_slice(&0u64.to_le_bytes());
         elf.extend_from_slice(&BASE.to_le_bytes());
         elf.extend_from_slice(&BASE.to_le_bytes());
@@ -469,7 +537,17 @@ mod tests {
         let p = dir.path().join("prog");
         std::fs::write(&p, elf).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::process::Command::new(&p).output().unwrap()
+        // Another test's fork may still hold the file open for writing for
+        // a moment ("text file busy"): try again.
+        for _ in 0..100 {
+            match std::process::Command::new(&p).output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                r => return r.unwrap(),
+            }
+        }
+        panic!("{} stayed busy", p.display());
     }
 
     #[test]
@@ -512,6 +590,37 @@ mod tests {
         let o = run(&a.finish());
         assert_eq!(String::from_utf8_lossy(&o.stdout), "zero one hi there\n");
         assert_eq!(o.status.code(), Some(0));
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn how_a_command_ended_is_reported_unless_it_succeeded() {
+        for (script, want) in [
+            ("exit 0", ""),
+            ("exit 3", "kiln-init: the command exited with status 3\n"),
+            ("exit 255", "kiln-init: the command exited with status 255\n"),
+            ("kill -9 $$", "kiln-init: the command was killed by signal 9\n"),
+        ] {
+            let mut a = Asm::default();
+            let sh = a.string("/bin/sh");
+            let args = [a.string("/bin/sh"), a.string("-c"), a.string(script)];
+            let argv = a.pointers(&args);
+            let envp = a.pointers(&[]);
+            let status = a.scratch(4);
+            let child = a.label();
+            a.syscall(SYS_FORK, &[]);
+            a.test_rax();
+            a.jump(Cond::Equal, child);
+            a.syscall(SYS_WAIT4, &[Arg::Imm(u32::MAX), Arg::Data(status), Arg::Imm(0), Arg::Imm(0)]);
+            a.report_status(status, "the command");
+            a.syscall(SYS_EXIT, &[Arg::Imm(0)]);
+            a.bind(child);
+            a.syscall(SYS_EXECVE, &[Arg::Data(sh), Arg::Data(argv), Arg::Data(envp)]);
+            a.syscall(SYS_EXIT, &[Arg::Imm(99)]);
+            let o = run(&a.finish());
+            assert_eq!(String::from_utf8_lossy(&o.stderr), want, "{script}");
+            assert_eq!(o.status.code(), Some(0));
+        }
     }
 
     #[test]
