@@ -392,7 +392,7 @@ impl Session {
                         ));
                     }
                     if lower.is_none() {
-                        lower = Some(lower_tree(&self.store, &layers)?);
+                        lower = Some(FsTree::of_layers(&self.store, &layers)?);
                     }
                     let tree = lower.as_ref().expect("just built");
                     let recipe = &self.recipe;
@@ -860,16 +860,6 @@ fn describe(step: &Step) -> String {
             format!("RUN {short}")
         }
     }
-}
-
-/// The merged tree of the layers below a step.
-fn lower_tree(store: &Store, layers: &[ImageLayer]) -> Result<FsTree, BuildError> {
-    let mut t = FsTree::default();
-    for l in layers {
-        let listing = Listing::load(store, l)?;
-        t.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: l.digest, reason })?;
-    }
-    Ok(t)
 }
 
 /// Entries for the folders above `path` (relative): their metadata in the

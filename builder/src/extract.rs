@@ -3,13 +3,13 @@
 //! the topmost layer that holds it, one pass per layer, into a temp folder
 //! (checked against the listing's sha256 when the new layer is written).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use kiln_cache::{Digest, Store};
 
+use crate::error::BuildError;
 use crate::fstree::FsTree;
 use crate::image::ImageLayer;
 use crate::layer::Content;
@@ -94,13 +94,7 @@ pub fn stage_source(
             continue;
         }
         let l = &layers[i];
-        let file = BufReader::with_capacity(1 << 20, store.open_blob(&l.digest).map_err(|e| e.to_string())?);
-        let reader: Box<dyn std::io::Read> = if l.media_type.ends_with("gzip") {
-            Box::new(flate2::read::MultiGzDecoder::new(file))
-        } else {
-            Box::new(file)
-        };
-        let mut ar = tar::Archive::new(reader);
+        let mut ar = tar::Archive::new(l.open_tar(store).map_err(|e| e.to_string())?);
         for entry in ar.entries().map_err(|e| e.to_string())? {
             let mut entry = entry.map_err(|e| e.to_string())?;
             if !entry.header().entry_type().is_file() {
@@ -161,9 +155,51 @@ pub fn read_file(
     if !matches!(tree.get(path).map(|e| &e.kind), Some(Kind::File { .. })) {
         return Ok(None);
     }
-    let (entries, _tmp) = stage_source(store, layers, &format!("/{path}"))?;
-    match entries.into_iter().next().map(|e| e.content) {
-        Some(Content::Path { path: p, .. }) => fs::read(&p).map(Some).map_err(|e| e.to_string()),
-        _ => Ok(None),
+    read_files(store, layers, tree, &[path.to_string()])
+        .map(|mut m| m.remove(path))
+        .map_err(|e| e.to_string())
+}
+
+/// The bytes of regular files (or hard links to one) in the image made of
+/// `layers` (paths relative, parents resolved), reading each layer that
+/// holds one of them once. Paths that are not regular files are left out.
+pub fn read_files(
+    store: &Store,
+    layers: &[ImageLayer],
+    tree: &FsTree,
+    paths: &[String],
+) -> Result<HashMap<String, Vec<u8>>, BuildError> {
+    // The topmost layer with each path is the one that holds its bytes.
+    let mut in_layer: Vec<HashSet<String>> = Vec::with_capacity(layers.len());
+    for l in layers {
+        in_layer.push(Listing::load(store, l)?.entries.into_iter().map(|e| e.path).collect());
     }
+    let mut by_layer: Vec<HashMap<String, Vec<String>>> = vec![HashMap::new(); layers.len()];
+    for p in paths {
+        let source = match tree.get(p).map(|e| &e.kind) {
+            Some(Kind::File { .. }) => p.clone(),
+            Some(Kind::Hardlink { target }) => target.clone(),
+            _ => continue,
+        };
+        if let Some(i) = (0..layers.len()).rev().find(|i| in_layer[*i].contains(&source)) {
+            by_layer[i].entry(source).or_default().push(p.clone());
+        }
+    }
+    let mut out = HashMap::new();
+    for (layer, wanted) in layers.iter().zip(&by_layer) {
+        if wanted.is_empty() {
+            continue;
+        }
+        crate::listing::walk_layer(layer.open_tar(store)?, &layer.digest, &mut |e, data| {
+            if let (Some(dests), TarKind::File { .. }) = (wanted.get(e.path), e.kind) {
+                let mut bytes = Vec::new();
+                data.read_to_end(&mut bytes)?;
+                for d in dests {
+                    out.insert(d.clone(), bytes.clone());
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(out)
 }

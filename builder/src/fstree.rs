@@ -5,6 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use kiln_cache::Store;
+
+use crate::error::BuildError;
+use crate::image::ImageLayer;
 use crate::listing::{Kind, ListEntry, Listing};
 
 #[derive(Debug, Clone, Default)]
@@ -16,6 +20,17 @@ const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 
 impl FsTree {
+    /// The merged tree of `layers`, checked: a layer that writes through a
+    /// symlink is refused.
+    pub fn of_layers(store: &Store, layers: &[ImageLayer]) -> Result<FsTree, BuildError> {
+        let mut t = FsTree::default();
+        for l in layers {
+            let listing = Listing::load(store, l)?;
+            t.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: l.digest, reason })?;
+        }
+        Ok(t)
+    }
+
     /// Applies one layer on top. Returns an error naming an entry that would
     /// be written through a symlink (a classic way for a layer to escape).
     pub fn apply(&mut self, layer: &Listing) -> Result<(), String> {

@@ -42,6 +42,16 @@ impl ImageLayer {
             media_type: self.media_type.clone(),
         }
     }
+
+    /// The layer's tar stream from the store, decompressed as its media type says.
+    pub fn open_tar(&self, store: &Store) -> Result<Box<dyn std::io::Read>, BuildError> {
+        let file = std::io::BufReader::with_capacity(1 << 20, store.open_blob(&self.digest)?);
+        Ok(if self.media_type.ends_with("gzip") {
+            Box::new(flate2::read::MultiGzDecoder::new(file))
+        } else {
+            Box::new(file)
+        })
+    }
 }
 
 /// An image whose blobs are all in the store.

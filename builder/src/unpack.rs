@@ -16,7 +16,7 @@
 //! and `kiln cache gc` removes pool files no folder links to.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -249,12 +249,7 @@ pub fn unpack_blob_styled(
 ) -> Result<(), BuildError> {
     let bad =
         |e: io::Error| BuildError::BadLayer { layer: layer.digest, reason: format!("cannot unpack it: {e}") };
-    let file = io::BufReader::with_capacity(1 << 20, store.open_blob(&layer.digest)?);
-    let reader: Box<dyn Read> = if layer.media_type.ends_with("gzip") {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
+    let reader = layer.open_tar(store)?;
     let listing = crate::listing::Listing::load(store, layer)?;
     let sha_of = |path: &str| match listing.entries.binary_search_by(|e| e.path.as_str().cmp(path)) {
         Ok(i) => match &listing.entries[i].kind {

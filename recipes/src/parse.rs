@@ -76,10 +76,7 @@ impl Parser {
         };
 
         let vm = match raw.vm {
-            Some(v) => {
-                let span = v.span();
-                self.vm(v.into_inner(), span)?
-            }
+            Some(v) => self.vm(v.into_inner())?,
             None => Vm::default(),
         };
 
@@ -184,8 +181,8 @@ impl Parser {
         Ok(Image { name: name.clone(), base, base_span, epoch, platform })
     }
 
-    fn vm(&self, raw: RawVm, span: Span) -> Result<Vm, RecipeError> {
-        let mut vm = Vm { span, ..Vm::default() };
+    fn vm(&self, raw: RawVm) -> Result<Vm, RecipeError> {
+        let mut vm = Vm::default();
         if let Some(size) = &raw.size {
             let hint = "write the disk size as e.g. `size = \"2G\"` or `\"512M\"` (a multiple of 1 MiB), or leave it out for the content plus headroom";
             let bytes = match size.get_ref() {
@@ -231,7 +228,6 @@ impl Parser {
                     ))
                 }
             };
-            vm.boot_span = Some(b.span());
         }
         if let Some(i) = &raw.init {
             let (path, _) = normalize_image_path(i.get_ref())

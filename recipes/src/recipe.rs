@@ -31,8 +31,6 @@ pub struct Recipe {
 /// `[vm]`: the disk `-o vm:FILE.raw|FILE.qcow2` writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vm {
-    /// The `[vm]` table, for messages (the whole recipe when absent).
-    pub span: Span,
     /// The whole disk's size in bytes (a multiple of 1 MiB); `None`: the
     /// content plus headroom.
     pub size: Option<u64>,
@@ -41,7 +39,6 @@ pub struct Vm {
     /// Kernel command line arguments, after the ones kiln sets (`root=`, `rw`, `panic=-1`).
     pub cmdline: String,
     pub boot: VmBoot,
-    pub boot_span: Option<Span>,
     /// An absolute path in the image run as PID 1 (e.g. `/lib/systemd/systemd`);
     /// `None`: kiln's init runs the image's entrypoint and cmd, then powers off.
     pub init: Option<String>,
@@ -50,13 +47,11 @@ pub struct Vm {
 impl Default for Vm {
     fn default() -> Vm {
         Vm {
-            span: 0..0,
             size: None,
             size_span: None,
             filesystem: VmFilesystem::Ext4,
             cmdline: DEFAULT_CMDLINE.into(),
             boot: VmBoot::Bios,
-            boot_span: None,
             init: None,
         }
     }

@@ -634,19 +634,13 @@ fn rootless_builds_give_the_layers_root_builds_give() {
     let Some(p) = project(CHANGES) else { return };
     let Some(user) = rootless_user() else { return };
     let as_root = p.build(&["-o", "oci:root-out"]).digest();
-    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(p.dir.path()).status();
+    let r = p.kiln_as(
+        user,
+        "rootless-cache",
+        &["build", "kiln.toml", "--backend", "local", "-o", "oci:rootless-out"],
+        |_| {},
+    );
     let cache = p.path("rootless-cache");
-    fs::create_dir_all(&cache).unwrap();
-    assert!(Command::new("chown").args(["-R", user]).arg(&cache).status().unwrap().success());
-    let out = Command::new("setpriv")
-        .args(["--reuid", user, "--regid", user, "--init-groups", kiln_bin(), "build", "kiln.toml"])
-        .args(["--backend", "local", "-o", "oci:rootless-out", "--cache-dir"])
-        .arg(&cache)
-        .env("HOME", p.dir.path())
-        .current_dir(p.dir.path())
-        .output()
-        .unwrap();
-    let r: Run = out.into();
     assert_eq!(r.digest(), as_root, "rootless and root builds differ:\n{}", r.stderr);
     // The files, owners and modes a rootless command made come through too.
     let root = unpack(&p, "rootless-out");

@@ -105,6 +105,25 @@ impl Project {
         c
     }
 
+    /// `kiln ARGS --cache-dir CACHE` as `user` (no root), in this project,
+    /// which is made writable for it; `CACHE` (a folder of the project) is
+    /// the user's.
+    pub fn kiln_as(&self, user: &str, cache: &str, args: &[&str], f: impl FnOnce(&mut Command)) -> Run {
+        let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(self.dir.path()).status();
+        let cache = self.path(cache);
+        fs::create_dir_all(&cache).unwrap();
+        assert!(Command::new("chown").args(["-R", user]).arg(&cache).status().unwrap().success());
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", user, "--regid", user, "--init-groups", kiln_bin()])
+            .args(args)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .env("HOME", self.dir.path())
+            .current_dir(self.dir.path());
+        f(&mut c);
+        c.output().unwrap().into()
+    }
+
     /// `kiln build kiln.toml -o oci:out --progress json ARGS`.
     pub fn build(&self, extra: &[&str]) -> Run {
         let mut args = vec!["build", "kiln.toml", "--progress", "json"];

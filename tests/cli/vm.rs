@@ -294,22 +294,11 @@ fn a_data_disk_needs_no_root_and_is_the_same() {
     let Some(user) = rootless_user() else { return };
     let r = p.build(&["-o", "vm:root.raw"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(p.dir.path()).status();
-    let cache = p.path("user-cache");
-    fs::create_dir_all(&cache).unwrap();
-    assert!(Command::new("chown").args(["-R", user]).arg(&cache).status().unwrap().success());
     // An ordinary user: no chown, no setuid files, no device nodes on the
     // host; the owners and modes go into the filesystem through debugfs.
-    let out = Command::new("setpriv")
-        .args(["--reuid", user, "--regid", user, "--init-groups", kiln_bin(), "build", "kiln.toml"])
-        .args(["-o", "vm:user.raw", "--cache-dir"])
-        .arg(&cache)
-        .env("HOME", p.dir.path())
-        .env("PATH", "/usr/bin:/bin")
-        .current_dir(p.dir.path())
-        .output()
-        .unwrap();
-    let r: Run = out.into();
+    let r = p.kiln_as(user, "user-cache", &["build", "kiln.toml", "-o", "vm:user.raw"], |c| {
+        c.env("PATH", "/usr/bin:/bin");
+    });
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(sha256_file(&p.path("user.raw")), sha256_file(&p.path("root.raw")), "{}", r.stderr);
 }

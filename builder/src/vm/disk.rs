@@ -64,11 +64,19 @@ pub fn script(table: &Table, parts: &[Partition]) -> String {
     s
 }
 
-/// The disk's size: the partitions, 1 MiB before them, and for GPT 1 MiB
-/// after them (its backup table).
+impl Table {
+    /// What the table needs after the last partition: GPT's backup, 1 MiB.
+    pub fn tail(&self) -> u64 {
+        match self {
+            Table::Dos(_) => 0,
+            Table::Gpt(_) => MIB,
+        }
+    }
+}
+
+/// The disk's size: 1 MiB before the partitions, them, and the table's tail.
 pub fn total_size(table: &Table, parts: &[Partition]) -> u64 {
-    let tail = if matches!(table, Table::Gpt(_)) { MIB } else { 0 };
-    FIRST + parts.iter().map(|p| p.size).sum::<u64>() + tail
+    FIRST + parts.iter().map(|p| p.size).sum::<u64>() + table.tail()
 }
 
 /// Writes the raw disk to `out`.

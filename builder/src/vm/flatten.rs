@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -29,21 +29,16 @@ pub struct Flattened {
     pub mtimes: HashMap<String, u64>,
 }
 
-/// The merged tree of `layers`, checked (nothing is written through a symlink).
-pub fn merged_tree(store: &Store, layers: &[ImageLayer]) -> Result<FsTree, BuildError> {
-    let mut tree = FsTree::default();
-    for l in layers {
-        let listing = Listing::load(store, l)?;
-        tree.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: l.digest, reason })?;
-    }
-    Ok(tree)
-}
-
-/// Unpacks `layers` in order into `root` (an empty folder).
-pub fn flatten(store: &Store, layers: &[ImageLayer], root: &Path) -> Result<Flattened, BuildError> {
-    // The merged tree first: it refuses layers that write through symlinks,
-    // so the unpacking below never leaves `root`.
-    let tree = merged_tree(store, layers)?;
+/// Unpacks `layers` in order into `root` (an empty folder). `tree` is
+/// their merged tree ([`FsTree::of_layers`]): making it refused layers that
+/// write through symlinks, so the unpacking never leaves `root`.
+pub fn flatten(
+    store: &Store,
+    layers: &[ImageLayer],
+    tree: &FsTree,
+    root: &Path,
+) -> Result<Flattened, BuildError> {
+    let mut tree = tree.clone();
     let mut mtimes = HashMap::new();
     let mut implicit: Vec<String> = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -71,13 +66,7 @@ pub fn flatten(store: &Store, layers: &[ImageLayer], root: &Path) -> Result<Flat
                 remove(&root.join(parent).join(victim)).map_err(bad)?;
             }
         }
-        let file = io::BufReader::with_capacity(1 << 20, store.open_blob(&layer.digest)?);
-        let reader: Box<dyn Read> = if layer.media_type.ends_with("gzip") {
-            Box::new(flate2::read::MultiGzDecoder::new(file))
-        } else {
-            Box::new(file)
-        };
-        crate::listing::walk_layer(reader, &layer.digest, &mut |e, data| {
+        crate::listing::walk_layer(layer.open_tar(store)?, &layer.digest, &mut |e, data| {
             let name = e.path.rsplit('/').next().unwrap_or(e.path);
             if name.starts_with(WHITEOUT) {
                 return Ok(());
@@ -143,7 +132,6 @@ pub fn flatten(store: &Store, layers: &[ImageLayer], root: &Path) -> Result<Flat
             Ok(())
         })?;
     }
-    let mut tree = tree;
     for d in implicit {
         tree.entries.entry(d.clone()).or_insert_with(|| dir_entry(&d));
     }

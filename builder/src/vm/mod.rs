@@ -27,7 +27,6 @@ pub mod tools;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
@@ -37,10 +36,9 @@ use kiln_recipes::{Recipe, VmBoot};
 
 use crate::error::BuildError;
 use crate::fstree::FsTree;
-use crate::image::{ImageLayer, StoredImage};
-use crate::listing::{Kind, Listing};
+use crate::image::StoredImage;
+use crate::listing::Kind;
 use crate::reporter::Reporter;
-use crate::tarball::TarKind;
 use disk::{Partition, MIB};
 use initramfs::{CpioEntry, Kernel};
 
@@ -70,7 +68,7 @@ pub fn write_disk(
         }
     };
     let vm = &recipe.vm;
-    let tree = flatten::merged_tree(store, &image.layers)?;
+    let tree = FsTree::of_layers(store, &image.layers)?;
     let arch = image.config_json.architecture().to_string();
 
     let kernel = match vm.boot {
@@ -119,7 +117,7 @@ pub fn write_disk(
         let label_id = u32::from_be_bytes(label_seed.bytes()[..4].try_into().expect("4 bytes")) | 1;
         (disk::Table::Dos(label_id), format!("{label_id:08x}-{root_partition:02}"))
     };
-    let tail = disk::total_size(&table, &[]) - disk::FIRST;
+    let tail = table.tail();
     let cmdline = format!("root=PARTUUID={root_partuuid} rw panic=-1 {}", vm.cmdline);
     // The boot partition's size from the kernel's size in the tree and a
     // budget for the initramfs, so the root's size (and key) is known before
@@ -189,7 +187,7 @@ pub fn write_disk(
                 .tempdir_in(&tmp)
                 .map_err(BuildError::io_write(&tmp))?;
             let flat_dir = keep.path().to_path_buf();
-            let flat = flatten::flatten(store, &image.layers, &flat_dir)?;
+            let flat = flatten::flatten(store, &image.layers, &tree, &flat_dir)?;
             flat_kept = Some(keep);
             let uuid = uuid_from(&root_key);
             let out = dir.join("root.ext4");
@@ -255,7 +253,7 @@ pub fn write_disk(
         let boot_key = key(&json!({
             "schema": SCHEMA,
             "part": match firmware { bootfs::Firmware::Bios => "boot-bios", bootfs::Firmware::Uefi => "boot-uefi" },
-            "kernel": Digest::of(&b.kernel).to_string(),
+            "kernel": b.kernel_digest.to_string(),
             "initrd": Digest::of(&b.initrd).to_string(),
             "cmdline": cmdline,
             "size": boot_size,
@@ -377,6 +375,8 @@ fn cached_partition(
 /// The boot partition's contents: the kernel and an initramfs with kiln's init.
 struct BootInputs {
     kernel: Vec<u8>,
+    /// The kernel's digest (it is a blob in the store).
+    kernel_digest: Digest,
     initrd: Vec<u8>,
 }
 
@@ -425,7 +425,7 @@ fn from_layers(src: &Source<'_>, kernel: &Kernel, reporter: &dyn Reporter) -> Re
     let builtin_path = format!("{}/modules.builtin", kernel.modules);
     let read = |paths: &[String]| match src.flat {
         Some(root) => read_flat(root, tree, paths),
-        None => read_files(store, &image.layers, tree, paths),
+        None => crate::extract::read_files(store, &image.layers, tree, paths),
     };
     let mut files = read(&[kernel.image.clone(), builtin_path.clone(), passwd.clone(), group.clone()])?;
     let builtin = initramfs::builtin_names(&String::from_utf8_lossy(
@@ -572,7 +572,11 @@ fn boot_inputs(
     let plan =
         init::InitPlan { modules: loaded, root_device: "/dev/vda2".into(), root_fstype: "ext4".into(), run };
     cpio.insert("init".into(), CpioEntry::File { mode: 0o755, bytes: init::build(&plan) });
-    Ok(BootInputs { kernel: store.read_blob(&f.kernel)?, initrd: initramfs::cpio(&cpio, epoch) })
+    Ok(BootInputs {
+        kernel: store.read_blob(&f.kernel)?,
+        kernel_digest: f.kernel,
+        initrd: initramfs::cpio(&cpio, epoch),
+    })
 }
 
 /// How the VM runs the image: its entrypoint and cmd, as its user, in its
@@ -676,61 +680,6 @@ fn read_flat(root: &Path, tree: &FsTree, paths: &[String]) -> Result<HashMap<Str
             let f = root.join(p);
             out.insert(p.clone(), fs::read(&f).map_err(BuildError::io_read(&f))?);
         }
-    }
-    Ok(out)
-}
-
-/// The bytes of regular files in the image (paths relative, parents
-/// resolved), reading each layer that holds one once. Paths that are not
-/// regular files are left out.
-fn read_files(
-    store: &Store,
-    layers: &[ImageLayer],
-    tree: &FsTree,
-    paths: &[String],
-) -> Result<HashMap<String, Vec<u8>>, BuildError> {
-    // The topmost layer with each path is the one that holds its bytes.
-    let mut in_layer: Vec<std::collections::HashSet<String>> = Vec::with_capacity(layers.len());
-    for l in layers {
-        in_layer.push(Listing::load(store, l)?.entries.into_iter().map(|e| e.path).collect());
-    }
-    let mut by_layer: Vec<HashMap<String, String>> = vec![HashMap::new(); layers.len()];
-    for p in paths {
-        let Some(e) = tree.get(p) else { continue };
-        let source = match &e.kind {
-            Kind::File { .. } => p.clone(),
-            Kind::Hardlink { target } => target.clone(),
-            _ => continue,
-        };
-        if let Some(i) = (0..layers.len()).rev().find(|i| in_layer[*i].contains(&source)) {
-            by_layer[i].insert(source, p.clone());
-        }
-    }
-    let mut out = HashMap::new();
-    for (i, wanted) in by_layer.iter().enumerate() {
-        if wanted.is_empty() {
-            continue;
-        }
-        let layer = &layers[i];
-        let file = std::io::BufReader::with_capacity(1 << 20, store.open_blob(&layer.digest)?);
-        let reader: Box<dyn Read> = if layer.media_type.ends_with("gzip") {
-            Box::new(flate2::read::MultiGzDecoder::new(file))
-        } else {
-            Box::new(file)
-        };
-        let mut found = 0;
-        crate::listing::walk_layer(reader, &layer.digest, &mut |e, data| {
-            if found == wanted.len() {
-                return Ok(());
-            }
-            if let (Some(dest), TarKind::File { .. }) = (wanted.get(e.path), e.kind) {
-                let mut bytes = Vec::new();
-                data.read_to_end(&mut bytes)?;
-                out.insert(dest.clone(), bytes);
-                found += 1;
-            }
-            Ok(())
-        })?;
     }
     Ok(out)
 }
