@@ -54,6 +54,13 @@ pub struct Common {
     /// The target platform, e.g. linux/amd64 (default: the recipe's, else the host's).
     #[arg(long, value_name = "P")]
     pub platform: Option<String>,
+    /// A registry whose step cache to use (repeatable, tried in order): registry:HOST/REPO[:TAG]
+    /// (tag default `kiln-cache`). Only the layers the build needs are downloaded.
+    #[arg(long = "cache-from", value_name = "REF")]
+    pub cache_from: Vec<String>,
+    /// A registry host (HOST[:PORT]) to speak plain HTTP to (repeatable); loopback hosts always are.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure_registry: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,7 +68,8 @@ pub enum Command {
     /// Build a recipe into an image; prints the manifest digest last on stdout.
     Build {
         recipe: PathBuf,
-        /// Where to write the image (repeatable): oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE.
+        /// Where to write the image (repeatable): oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE,
+        /// docker:REF, registry:HOST/REPO:TAG, vm:FILE.raw|FILE.qcow2.
         #[arg(short = 'o', long = "output", value_name = "OUTPUT")]
         outputs: Vec<String>,
         #[command(flatten)]
@@ -80,6 +88,12 @@ pub enum Command {
         /// Progress on stderr: bars on a terminal, plain lines, or JSON lines.
         #[arg(long, value_enum, default_value = "auto")]
         progress: Progress,
+        /// Push this build's steps and layers to a registry cache (repeatable): registry:HOST/REPO[:TAG].
+        #[arg(long = "cache-to", value_name = "REF")]
+        cache_to: Vec<String>,
+        /// Upload each blob in one request, for registries that refuse chunked uploads.
+        #[arg(long)]
+        monolithic_upload: bool,
     },
     /// Show each step, its cache key and HIT or MISS; builds nothing.
     Plan {
@@ -89,12 +103,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Resolve the recipe's `[packages]` against the signed Debian archive into kiln.lock (beside the recipe).
+    /// Resolve the recipe's `[packages]` against the signed Debian archive, and pin its tagged
+    /// `registry:` bases to digests, into kiln.lock (beside the recipe).
     Lock {
         recipe: PathBuf,
         /// The target platform, which picks the Debian architecture (default: the recipe's, else the host's).
         #[arg(long, value_name = "P")]
         platform: Option<String>,
+        /// A registry host (HOST[:PORT]) to speak plain HTTP to (repeatable); loopback hosts always are.
+        #[arg(long = "insecure-registry", value_name = "HOST")]
+        insecure_registry: Vec<String>,
     },
     /// Print the SPDX 2.3 SBOM (JSON) of the Debian packages in an image.
     Sbom {

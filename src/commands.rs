@@ -16,9 +16,22 @@ use crate::args::{CacheAction, Cli, Command, Common};
 
 pub fn run(cli: Cli) -> Result<u8, BuildError> {
     match cli.command {
-        Command::Build { recipe, outputs, common, backend, secrets, no_cache, progress } => {
+        Command::Build {
+            recipe,
+            outputs,
+            common,
+            backend,
+            secrets,
+            no_cache,
+            progress,
+            cache_to,
+            monolithic_upload,
+        } => {
             let recipe = load(&recipe)?;
             let mut opts = options(&common)?;
+            opts.cache_to =
+                cache_to.iter().map(|c| parse_cache_ref(c, "--cache-to")).collect::<Result<_, _>>()?;
+            opts.registry.monolithic = monolithic_upload;
             opts.no_cache = no_cache;
             opts.backend = backend.choice();
             opts.secrets = secrets.iter().map(|s| parse_secret(s)).collect::<Result<_, _>>()?;
@@ -54,10 +67,30 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
             }
             Ok(0)
         }
-        Command::Lock { recipe, platform } => {
+        Command::Lock { recipe, platform, insecure_registry } => {
             let recipe = load(&recipe)?;
             let platform = parse_platform(platform.as_deref())?;
             let started = std::time::Instant::now();
+            let tagged = kiln_builder::registry::tagged_bases(&recipe)?;
+            let has_packages = kiln_builder::packages::of(&recipe).is_some();
+            if !tagged.is_empty() {
+                let opts =
+                    kiln_cache::registry::RegistryOptions { insecure: insecure_registry, monolithic: false };
+                let (pins, changed) = kiln_builder::registry::lock_bases(&recipe, &opts)?;
+                let mut out = std::io::stdout().lock();
+                for p in &pins {
+                    let _ = writeln!(out, "{}\t{}", p.reference, p.digest);
+                }
+                eprintln!(
+                    "kiln lock: {} {} base pin(s) in {}",
+                    if changed { "wrote" } else { "up to date:" },
+                    pins.len(),
+                    kiln_builder::packages::lockfile::Lockfile::path_for(&recipe.dir).display()
+                );
+                if !has_packages {
+                    return Ok(0);
+                }
+            }
             let o = kiln_builder::packages::lock(&recipe, platform)?;
             let verb = if o.changed { "wrote" } else { "is up to date:" };
             let bytes: u64 = o.lock.packages.iter().map(|p| p.size).sum();
@@ -170,11 +203,11 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
                             Some("write sizes like `500M`, `2G` or `1048576`"),
                         )
                     })?;
-                    print_prune(&mut out, &store.prune(max)?);
+                    print_prune(&mut out, &store.prune(max, &wait_note)?);
                     remove_rootless_garbage(&store)?;
                 }
                 CacheAction::Gc => {
-                    print_prune(&mut out, &store.gc()?);
+                    print_prune(&mut out, &store.gc(&wait_note)?);
                     remove_rootless_garbage(&store)?;
                 }
             }
@@ -224,7 +257,27 @@ fn options(common: &Common) -> Result<BuildOptions, BuildError> {
         outputs: Vec::new(),
         backend: kiln_builder::BackendChoice::Auto,
         secrets: Vec::new(),
+        cache_from: common
+            .cache_from
+            .iter()
+            .map(|c| parse_cache_ref(c, "--cache-from"))
+            .collect::<Result<_, _>>()?,
+        cache_to: Vec::new(),
+        registry: kiln_cache::registry::RegistryOptions {
+            insecure: common.insecure_registry.clone(),
+            monolithic: false,
+        },
     })
+}
+
+/// `registry:HOST/REPO[:TAG]` for `--cache-from` / `--cache-to`.
+fn parse_cache_ref(text: &str, flag: &str) -> Result<kiln_cache::registry::Remote, BuildError> {
+    let hint = Some("write it as `registry:HOST/REPO[:TAG]` (the tag defaults to `kiln-cache`)");
+    let Some(rest) = text.strip_prefix("registry:") else {
+        return Err(BuildError::usage(format!("Bad {flag} `{text}`: caches live in registries"), hint));
+    };
+    kiln_builder::registry::cache_ref(rest)
+        .map_err(|e| BuildError::usage(format!("Bad {flag} `{text}`: {e}"), hint))
 }
 
 /// `--secret id=ID,src=FILE`, `id=ID,env=VAR`, or `id=ID` (the variable ID).
@@ -280,7 +333,7 @@ fn parse_secret(spec: &str) -> Result<(String, Vec<u8>), BuildError> {
 /// What rootless runs left that only a user namespace can remove (their
 /// files belong to subordinate ids). As root, a plain gc removed it already.
 fn remove_rootless_garbage(store: &Store) -> Result<(), BuildError> {
-    let _lock = store.lock_exclusive()?;
+    let _lock = store.lock_exclusive(&wait_note)?;
     // Twice: pool files become garbage once the layer folders linking them are gone.
     for _ in 0..2 {
         let garbage = store.rootless_garbage();
@@ -298,6 +351,11 @@ fn remove_rootless_garbage(store: &Store) -> Result<(), BuildError> {
         }
     }
     Ok(())
+}
+
+/// What prune and gc say while builds hold the store.
+fn wait_note() {
+    eprintln!("kiln cache: waiting for the running build(s) on this cache to finish");
 }
 
 fn print_prune(out: &mut impl Write, r: &kiln_cache::PruneReport) {

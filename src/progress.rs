@@ -58,6 +58,19 @@ impl Reporter for PlainReporter {
     fn on_notice(&self, message: &str) {
         eprintln!("note: {message}");
     }
+    fn on_blob(&self, verb: &str, digest: &Digest, repository: &str, bytes: u64) {
+        eprintln!("{}", blob_line(verb, digest, repository, bytes));
+    }
+}
+
+fn blob_line(verb: &str, digest: &Digest, repository: &str, bytes: u64) -> String {
+    let dir = if verb == "pulled" { "from" } else { "to" };
+    let size = if bytes >= 1_000_000 {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    } else {
+        format!("{:.1} kB", bytes as f64 / 1e3)
+    };
+    format!("{verb} {digest} ({size}) {dir} {repository}")
 }
 
 /// One JSON object per line on stderr.
@@ -99,6 +112,9 @@ impl Reporter for JsonReporter {
     }
     fn on_build_finish(&self, manifest: &Digest, elapsed: Duration) {
         self.emit(json!({"event": "build_finished", "manifest": manifest.to_string(), "duration_ms": elapsed.as_secs_f64() * 1000.0}));
+    }
+    fn on_blob(&self, verb: &str, digest: &Digest, repository: &str, bytes: u64) {
+        self.emit(json!({"event": "blob", "action": verb, "digest": digest.to_string(), "repository": repository, "bytes": bytes}));
     }
     fn on_notice(&self, message: &str) {
         self.emit(json!({"event": "notice", "message": message}));
@@ -146,6 +162,9 @@ impl Reporter for TtyReporter {
     }
     fn on_build_finish(&self, manifest: &Digest, elapsed: Duration) {
         self.println(&format!("built {manifest} in {}", secs(elapsed)));
+    }
+    fn on_blob(&self, verb: &str, digest: &Digest, repository: &str, bytes: u64) {
+        self.println(&blob_line(verb, digest, repository, bytes));
     }
     fn on_notice(&self, message: &str) {
         self.println(&format!("note: {message}"));

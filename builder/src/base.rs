@@ -4,12 +4,15 @@
 
 use oci_spec::image::ImageConfiguration;
 
-use kiln_cache::Store;
+use kiln_cache::registry::Registry;
+use kiln_cache::registry::{RegistryError, Remote};
+use kiln_cache::{Digest, Store};
 use kiln_recipes::recipe::Platform;
 use kiln_recipes::{Base, Recipe};
 
 use crate::error::BuildError;
 use crate::image::{scratch_config, ImageLayer};
+use crate::packages::lockfile::BasePin;
 
 /// A base ready to build on: every blob is in the store.
 #[derive(Debug, Clone)]
@@ -18,6 +21,16 @@ pub struct BaseImage {
     pub id: String,
     pub config: ImageConfiguration,
     pub layers: Vec<ImageLayer>,
+    /// For a `registry:` base, the repository its blobs can be mounted from.
+    pub source: Option<Remote>,
+}
+
+/// What `registry:` bases need: a client, kiln.lock's pins, and where to
+/// report downloads and a pinned tag that moved.
+pub struct Remotes<'a> {
+    pub registry: &'a Registry,
+    pub pins: &'a [BasePin],
+    pub reporter: &'a dyn crate::Reporter,
 }
 
 /// Connects to the engine, for `docker:REF` bases.
@@ -30,10 +43,42 @@ pub fn load_base(
     base_span: Option<kiln_recipes::Span>,
     platform: &Platform,
     engine: Engine<'_>,
+    remotes: &Remotes<'_>,
 ) -> Result<BaseImage, BuildError> {
+    let at = |message: String, hint: &str| -> BuildError {
+        recipe.error_at(base_span.clone().unwrap_or(0..0), message).with_hint(hint).into()
+    };
     match base {
-        Base::Scratch => {
-            Ok(BaseImage { id: "scratch".into(), config: scratch_config(platform), layers: Vec::new() })
+        Base::Scratch => Ok(BaseImage {
+            id: "scratch".into(),
+            config: scratch_config(platform),
+            layers: Vec::new(),
+            source: None,
+        }),
+        Base::Registry(text) => {
+            let r =
+                Remote::parse(text).map_err(|e| at(e.to_string(), "e.g. `registry:ghcr.io/org/app:1.0`"))?;
+            let not_found = |e: BuildError| match e {
+                BuildError::Registry(RegistryError::NotFound { reference }) => at(
+                    format!("{reference} is not in the registry"),
+                    "check the repository and tag, e.g. `skopeo list-tags docker://HOST/REPO`",
+                ),
+                e => e,
+            };
+            let pinned = match r.digest {
+                Some(_) => r.clone(),
+                None => r.with_digest(resolve_registry_tag(store, base, &r, remotes).map_err(not_found)?),
+            };
+            let (img, source) =
+                crate::registry::pull(store, remotes.registry, &pinned, platform, remotes.reporter)
+                    .map_err(not_found)?;
+            check_arch(recipe, &img.config_json, base_span, platform)?;
+            Ok(BaseImage {
+                id: img.manifest.to_string(),
+                config: img.config_json,
+                layers: img.layers,
+                source: Some(source),
+            })
         }
         other => {
             let r = other.image_ref().expect("an image base (stages are resolved by the build)");
@@ -62,18 +107,68 @@ pub fn load_base(
                     .into(),
                 e => e,
             })?;
-            let arch = img.config_json.architecture().to_string();
-            if arch != platform.architecture {
-                let span = base_span.clone().unwrap_or(0..0);
-                return Err(recipe
-                    .error_at(
-                        span,
-                        format!("the base is a `{arch}` image, but the build is for `{platform}`"),
-                    )
-                    .with_hint(format!("set `platform = \"linux/{arch}\"` or use a base for `{platform}`"))
-                    .into());
-            }
-            Ok(BaseImage { id: img.manifest.to_string(), config: img.config_json, layers: img.layers })
+            check_arch(recipe, &img.config_json, base_span, platform)?;
+            Ok(BaseImage {
+                id: img.manifest.to_string(),
+                config: img.config_json,
+                layers: img.layers,
+                source: None,
+            })
         }
     }
+}
+
+fn check_arch(
+    recipe: &Recipe,
+    config: &ImageConfiguration,
+    base_span: Option<kiln_recipes::Span>,
+    platform: &Platform,
+) -> Result<(), BuildError> {
+    let arch = config.architecture().to_string();
+    if arch != platform.architecture {
+        let span = base_span.unwrap_or(0..0);
+        return Err(recipe
+            .error_at(span, format!("the base is a `{arch}` image, but the build is for `{platform}`"))
+            .with_hint(format!("set `platform = \"linux/{arch}\"` or use a base for `{platform}`"))
+            .into());
+    }
+    Ok(())
+}
+
+/// The digest a tagged `registry:` base builds from: kiln.lock's pin when
+/// there is one (saying so when the tag has moved since), else what the
+/// tag names now (saying that it is not pinned).
+fn resolve_registry_tag(
+    store: &Store,
+    base: &Base,
+    r: &Remote,
+    remotes: &Remotes<'_>,
+) -> Result<Digest, BuildError> {
+    let name = base.to_string();
+    let pin = remotes.pins.iter().find(|p| p.reference == name);
+    let Some(pin) = pin else {
+        let d = crate::registry::resolve_tag(store, remotes.registry, r)?
+            .ok_or_else(|| RegistryError::NotFound { reference: r.to_string() })?;
+        remotes.reporter.on_notice(&format!(
+            "{name} is not pinned in kiln.lock; building {d}, what the tag names now (`kiln lock` pins it)"
+        ));
+        return Ok(d);
+    };
+    let pinned: Digest = pin.digest.parse().map_err(|e| {
+        BuildError::usage(
+            format!("kiln.lock pins {name} to `{}`, which is not a digest ({e})", pin.digest),
+            Some("run `kiln lock RECIPE` to write it again"),
+        )
+    })?;
+    match crate::registry::resolve_tag(store, remotes.registry, r) {
+        Ok(Some(now)) if now != pinned => remotes.reporter.on_notice(&format!(
+            "{name} has moved: kiln.lock pins {pinned}, the tag now names {now}; building the pinned image (`kiln lock` moves the pin)"
+        )),
+        Ok(Some(_)) => {}
+        Ok(None) => remotes.reporter.on_notice(&format!(
+            "{name} no longer exists in the registry; building the pinned {pinned}"
+        )),
+        Err(e) => remotes.reporter.on_notice(&format!("cannot check whether {name} has moved ({e}); building the pinned {pinned}")),
+    }
+    Ok(pinned)
 }

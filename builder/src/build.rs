@@ -14,7 +14,8 @@ use std::time::Instant;
 use oci_spec::image::{History, ImageConfiguration};
 use serde_json::json;
 
-use kiln_cache::{Digest, StatIndex, Store};
+use kiln_cache::registry::{Registry, RegistryOptions, Remote};
+use kiln_cache::{Digest, StatIndex, Store, StoreError};
 use kiln_recipes::diagnostic::line_col;
 use kiln_recipes::recipe::{Platform, Stage};
 use kiln_recipes::{Base, CopyStep, ImageRef, Recipe, RunStep, Step, StepKind, WriteStep};
@@ -51,6 +52,12 @@ pub struct BuildOptions {
     pub backend: BackendChoice,
     /// Secret values by id (from `--secret`); never in a key, a layer or a log.
     pub secrets: Vec<(String, Vec<u8>)>,
+    /// `--cache-from`: registries whose step indexes are tried, in order.
+    pub cache_from: Vec<Remote>,
+    /// `--cache-to`: where this build's steps and their layers are pushed.
+    pub cache_to: Vec<Remote>,
+    /// Plain-HTTP hosts and the upload mode for every registry the build uses.
+    pub registry: RegistryOptions,
 }
 
 /// A step with its cache key, and whether the store has its layer.
@@ -165,6 +172,16 @@ struct Session {
     failure: Mutex<Option<BuildError>>,
     /// Every target's steps, as they finish.
     steps: Mutex<Vec<PlannedStep>>,
+    registry: Registry,
+    /// kiln.lock's pins of `registry:` bases.
+    pins: Vec<crate::packages::lockfile::BasePin>,
+    /// Steps other builds pushed (`--cache-from`): key → layer and its repository.
+    remote_steps: HashMap<Digest, (ImageLayer, Remote)>,
+    /// Blobs known to be in a registry: where to fetch or mount them from.
+    sources: Mutex<HashMap<Digest, Remote>>,
+    /// Remote hits whose layer is not in the store yet: layer digest → keys.
+    /// Their step records are written when the layer is fetched.
+    pending: Mutex<HashMap<Digest, Vec<Digest>>>,
 }
 
 impl Session {
@@ -181,6 +198,42 @@ impl Session {
             opts.platform.clone().or_else(|| recipe.image.platform.clone()).unwrap_or_else(Platform::host);
         let epoch = opts.epoch_override.or(recipe.image.epoch).unwrap_or(0);
         let index = Mutex::new(StatIndex::load(&store, &ctx.root));
+        let registry_bases: Vec<Remote> = std::iter::once(&recipe.image.base)
+            .chain(recipe.stages.iter().map(|s| &s.base))
+            .filter_map(|b| match b {
+                Base::Registry(r) => Remote::parse(r).ok(),
+                _ => None,
+            })
+            .collect();
+        let outputs: Vec<Remote> = opts
+            .outputs
+            .iter()
+            .filter_map(|o| match o {
+                ImageRef::Registry(r) => Remote::parse(r).ok(),
+                _ => None,
+            })
+            .collect();
+        let all: Vec<&Remote> =
+            registry_bases.iter().chain(&outputs).chain(&opts.cache_from).chain(&opts.cache_to).collect();
+        let registry = Registry::new(rt.clone(), &all, &opts.registry);
+        let pins = if registry_bases.is_empty() {
+            Vec::new()
+        } else {
+            crate::packages::lockfile::load_pins(&crate::packages::lockfile::Lockfile::path_for(&recipe.dir))?
+        };
+        let mut remote_steps = HashMap::new();
+        for from in &opts.cache_from {
+            match crate::registry::pull_index(&registry, from) {
+                Ok(idx) => {
+                    tracing::debug!(cache = %from, steps = idx.steps.len(), "remote cache index");
+                    for (k, l) in idx.steps {
+                        remote_steps.entry(k).or_insert_with(|| (l, from.clone()));
+                    }
+                }
+                Err(e) => reporter
+                    .on_notice(&format!("cannot read the cache registry:{from} ({e}); building without it")),
+            }
+        }
         let s = Session {
             recipe: recipe.clone(),
             opts: opts.clone(),
@@ -195,6 +248,11 @@ impl Session {
             local: OnceLock::new(),
             failure: Mutex::new(None),
             steps: Mutex::new(Vec::new()),
+            registry,
+            pins,
+            remote_steps,
+            sources: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
         };
         Ok((s, lock))
     }
@@ -246,10 +304,35 @@ impl Session {
         match t.base() {
             (Base::Stage(n), _) => {
                 let b = &done[n];
-                Ok(BaseImage { id: b.id.clone(), config: b.config.clone(), layers: b.layers.clone() })
+                Ok(BaseImage {
+                    id: b.id.clone(),
+                    config: b.config.clone(),
+                    layers: b.layers.clone(),
+                    source: None,
+                })
             }
             (base, span) => {
-                load_base(&self.store, &self.recipe, base, span, &self.platform, &|| self.docker())
+                let remotes = crate::base::Remotes {
+                    registry: &self.registry,
+                    pins: &self.pins,
+                    reporter: self.reporter.as_ref(),
+                };
+                let b = load_base(
+                    &self.store,
+                    &self.recipe,
+                    base,
+                    span,
+                    &self.platform,
+                    &|| self.docker(),
+                    &remotes,
+                )?;
+                if let Some(src) = &b.source {
+                    let mut sources = self.sources.lock().expect("sources");
+                    for l in &b.layers {
+                        sources.entry(l.digest).or_insert_with(|| src.clone());
+                    }
+                }
+                Ok(b)
             }
         }
     }
@@ -332,10 +415,114 @@ impl Session {
         Ok((Digest::of(&serde_json::to_vec(&doc).expect("json")), prepared))
     }
 
-    /// Whether the store holds `key`'s layer intact.
+    /// Whether the store holds `key`'s layer intact, or a `--cache-from`
+    /// registry has it.
     fn lookup(&self, key: &Digest) -> Result<Cached, BuildError> {
-        let Some(rec) = self.store.step(key) else { return Ok(Cached::Miss) };
-        Ok(if self.store.verify_blob(&rec.digest)? { Cached::Hit(rec.into()) } else { Cached::Corrupt })
+        let remote = || self.remote_steps.get(key).map(|(l, r)| Cached::Remote(l.clone(), r.clone()));
+        let Some(rec) = self.store.step(key) else { return Ok(remote().unwrap_or(Cached::Miss)) };
+        if self.store.verify_blob(&rec.digest)? {
+            return Ok(Cached::Hit(rec.into()));
+        }
+        Ok(remote().unwrap_or(Cached::Corrupt))
+    }
+
+    /// Makes sure the store holds these layers, fetching remote hits' layers
+    /// from their registries (checked against digest and diff_id), and
+    /// records the steps that were waiting for them.
+    fn materialize(&self, layers: &[ImageLayer]) -> Result<(), BuildError> {
+        for l in layers {
+            if !self.store.verify_blob(&l.digest)? {
+                let from = self.sources.lock().expect("sources").get(&l.digest).cloned();
+                let from = from.ok_or(StoreError::Missing(l.digest))?;
+                let n = self.registry.fetch_blob(&self.store, &from, &l.digest)?;
+                let diff_id = kiln_cache::digest::hash_reader(l.open_tar(&self.store)?)
+                    .map_err(StoreError::io(self.store.blob_path(&l.digest)))?
+                    .0;
+                if diff_id != l.diff_id {
+                    self.store.discard_blob(&l.digest);
+                    return Err(BuildError::BadImage {
+                        image: format!("registry:{from}"),
+                        reason: format!(
+                            "layer {} uncompresses to {diff_id}, but its index says {}",
+                            l.digest, l.diff_id
+                        ),
+                    });
+                }
+                self.reporter.on_blob("pulled", &l.digest, &format!("{}/{}", from.host, from.repo), n);
+            }
+            let keys = self.pending.lock().expect("pending").remove(&l.digest);
+            for k in keys.into_iter().flatten() {
+                self.store.put_step(&k, &l.step_record())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `--cache-to`: pushes the layer of every step of this build, then the
+    /// step index, merged with what `to` held (this build's steps first).
+    fn push_cache(&self, to: &Remote, steps: &[PlannedStep]) -> Result<(), BuildError> {
+        let mut entries: Vec<(Digest, ImageLayer)> = Vec::new();
+        for st in steps {
+            let layer = match self.store.step(&st.key) {
+                Some(rec) => ImageLayer::from(rec),
+                None => match self.remote_steps.get(&st.key) {
+                    Some((l, _)) => l.clone(),
+                    None => continue, // not expected: every step is recorded or a remote hit
+                },
+            };
+            entries.push((st.key, layer));
+        }
+        let sources = self.sources.lock().expect("sources").clone();
+        let mut layers: Vec<&ImageLayer> = Vec::new();
+        for (_, l) in &entries {
+            if !layers.iter().any(|x| x.digest == l.digest) {
+                layers.push(l);
+            }
+        }
+        let mut skipped = 0;
+        for l in layers {
+            let one = [l.digest];
+            let pushed = crate::registry::push_blobs(
+                &self.store,
+                &self.registry,
+                to,
+                &one,
+                &sources,
+                self.reporter.as_ref(),
+            );
+            skipped += match pushed {
+                // A remote hit this build never needed, and no mount from where it is: fetch it, push it.
+                Err(BuildError::Registry(kiln_cache::registry::RegistryError::Store(
+                    StoreError::Missing(_),
+                ))) => {
+                    self.materialize(std::slice::from_ref(l))?;
+                    crate::registry::push_blobs(
+                        &self.store,
+                        &self.registry,
+                        to,
+                        &one,
+                        &sources,
+                        self.reporter.as_ref(),
+                    )?
+                }
+                other => other?,
+            };
+        }
+        let old = match crate::registry::pull_index(&self.registry, to) {
+            Ok(i) => i,
+            Err(e) => {
+                self.reporter.on_notice(&format!("the cache at registry:{to} is replaced: {e}"));
+                Default::default()
+            }
+        };
+        let index = crate::registry::CacheIndex::merged(&entries, &old);
+        let digest = crate::registry::push_index(&self.store, &self.registry, to, &index)?;
+        self.reporter.on_notice(&format!(
+            "cache: {} step(s) of this build in registry:{to}@{digest} ({} in all; {skipped} layer(s) were there already)",
+            entries.len(),
+            index.steps.len()
+        ));
+        Ok(())
     }
 
     fn fail(&self, e: BuildError) {
@@ -353,7 +540,8 @@ impl Session {
         let mut steps = Vec::new();
         for step in t.steps() {
             let (key, _) = self.key(&parent, step, &run_config, done)?;
-            let hit = !self.opts.no_cache && matches!(self.lookup(&key)?, Cached::Hit(_));
+            let hit =
+                !self.opts.no_cache && matches!(self.lookup(&key)?, Cached::Hit(_) | Cached::Remote(..));
             steps.push(PlannedStep { info: self.info(t, step), key, hit });
             parent = key.to_string();
         }
@@ -377,10 +565,19 @@ impl Session {
             r.on_step_start(&info);
             let (key, prepared) = self.key(&parent, step, &run_config, done)?;
             let cached = if self.opts.no_cache { Cached::Miss } else { self.lookup(&key)? };
-            let hit = matches!(cached, Cached::Hit(_));
+            let hit = matches!(cached, Cached::Hit(_) | Cached::Remote(..));
             let (layer, written) = match cached {
                 Cached::Hit(layer) => {
                     self.store.touch_record("steps", &key.hex());
+                    r.on_cache_hit(&info, &key);
+                    (layer, None)
+                }
+                Cached::Remote(layer, from) => {
+                    self.sources.lock().expect("sources").insert(layer.digest, from);
+                    self.pending.lock().expect("pending").entry(layer.digest).or_default().push(key);
+                    if lower.is_some() {
+                        self.materialize(std::slice::from_ref(&layer))?;
+                    }
                     r.on_cache_hit(&info, &key);
                     (layer, None)
                 }
@@ -392,6 +589,7 @@ impl Session {
                         ));
                     }
                     if lower.is_none() {
+                        self.materialize(&layers)?;
                         lower = Some(FsTree::of_layers(&self.store, &layers)?);
                     }
                     let tree = lower.as_ref().expect("just built");
@@ -514,7 +712,9 @@ impl Session {
             return false;
         }
         match self.key(&key.to_string(), next, run_config, done) {
-            Ok((k, _)) => self.opts.no_cache || !matches!(self.lookup(&k), Ok(Cached::Hit(_))),
+            Ok((k, _)) => {
+                self.opts.no_cache || !matches!(self.lookup(&k), Ok(Cached::Hit(_) | Cached::Remote(..)))
+            }
             Err(_) => false,
         }
     }
@@ -591,6 +791,7 @@ impl Session {
         tree: &FsTree,
     ) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
         let stage = c.from.as_deref().expect("copy from a stage");
+        self.materialize(&built.layers)?;
         let (entries, tmp) =
             crate::extract::stage_source(&self.store, &built.layers, &c.src).map_err(|m| {
                 BuildError::from(
@@ -678,6 +879,8 @@ fn step_label(info: &StepInfo) -> String {
 
 enum Cached {
     Hit(ImageLayer),
+    /// Not in the store, but in a `--cache-from` registry.
+    Remote(ImageLayer, Remote),
     Miss,
     /// A record whose blob is gone or failed its digest check.
     Corrupt,
@@ -800,6 +1003,7 @@ pub fn build(
         return Err(e.unwrap_or_else(|| BuildError::usage("the build failed", None)));
     };
     s.index.lock().expect("index").save(&s.store)?;
+    s.materialize(&built.layers)?;
 
     let mut config = built.config.clone();
     config.set_config(Some(image::merge_config(built.config.config().as_ref(), &recipe.config)));
@@ -823,12 +1027,20 @@ pub fn build(
             ImageRef::Vm(path) => {
                 crate::vm::write_disk(&s.store, &image, recipe, s.epoch, path, reporter.as_ref())?
             }
+            ImageRef::Registry(text) => {
+                let to = crate::registry::remote(text)?;
+                let sources = s.sources.lock().expect("sources").clone();
+                crate::registry::push(&s.store, &s.registry, &image, &to, &sources, reporter.as_ref())?;
+            }
             _ => crate::export::export(&s.store, &image, &recipe.image.name, out)?,
         }
         reporter.on_output_written(&out.to_string());
     }
-    reporter.on_build_finish(&image.manifest, started.elapsed());
     let steps = std::mem::take(&mut *s.steps.lock().expect("steps"));
+    for to in &opts.cache_to {
+        s.push_cache(to, &steps)?;
+    }
+    reporter.on_build_finish(&image.manifest, started.elapsed());
     Ok(BuildOutcome { image, steps })
 }
 

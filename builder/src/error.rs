@@ -3,6 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use kiln_cache::registry::RegistryError;
 use kiln_cache::{Digest, StoreError};
 use kiln_recipes::RecipeError;
 
@@ -14,6 +15,10 @@ pub enum BuildError {
 
     #[error(transparent)]
     Store(#[from] StoreError),
+
+    /// A registry refused, could not be reached, or lacks what was asked.
+    #[error("{}", capitalized(.0))]
+    Registry(RegistryError),
 
     #[error("Cannot read `{}`", path.display())]
     Read {
@@ -60,6 +65,15 @@ pub enum BuildError {
     CommandFailed { location: String, step: String, command: String, code: i32, tail: Vec<String> },
 }
 
+fn capitalized(e: &RegistryError) -> String {
+    let s = e.to_string();
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => s,
+    }
+}
+
 fn tail_text(tail: &[String]) -> String {
     if tail.is_empty() {
         return " and printed nothing".into();
@@ -70,6 +84,14 @@ fn tail_text(tail: &[String]) -> String {
         s.push_str(l);
     }
     s
+}
+
+// By hand, not `#[from]`: that would make the registry error the source
+// too, and the message would print twice.
+impl From<RegistryError> for BuildError {
+    fn from(e: RegistryError) -> Self {
+        BuildError::Registry(e)
+    }
 }
 
 impl From<RecipeError> for BuildError {
@@ -105,6 +127,9 @@ impl BuildError {
             | BuildError::NotReproducible(_)
             | BuildError::CommandFailed { .. } => 1,
             BuildError::Environment { .. } => 3,
+            BuildError::Registry(RegistryError::NotFound { .. } | RegistryError::BadReference { .. }) => 2,
+            BuildError::Registry(RegistryError::Store(StoreError::DigestMismatch { .. })) => 2,
+            BuildError::Registry(_) => 3,
             BuildError::Store(StoreError::DigestMismatch { .. }) => 2,
             BuildError::Store(_) | BuildError::Read { .. } | BuildError::Write { .. } => 3,
         }
@@ -122,6 +147,21 @@ impl BuildError {
             BuildError::Write { .. } => Some("check the folder's permissions and free space".into()),
             BuildError::Changed { .. } => Some("something modified the context during the build; run the build again".into()),
             BuildError::Usage { hint, .. } => hint.clone(),
+            BuildError::Registry(RegistryError::Refused { host, .. }) => Some(format!(
+                "check the credentials for {host}: `docker login {host}`, or KILN_REGISTRY_AUTH with a Docker config"
+            )),
+            BuildError::Registry(RegistryError::Unreachable { host, .. }) => Some(format!(
+                "nothing half-transferred was kept; check that {host} is up and reachable and run the command again (a registry that speaks plain HTTP needs `--insecure-registry {host}`)"
+            )),
+            BuildError::Registry(RegistryError::NotFound { .. }) => {
+                Some("check the repository, tag or digest, e.g. `skopeo list-tags docker://HOST/REPO`".into())
+            }
+            BuildError::Registry(RegistryError::Auth(_)) => {
+                Some("fix the Docker config (or KILN_REGISTRY_AUTH) it names".into())
+            }
+            BuildError::Registry(RegistryError::Protocol { .. }) => {
+                Some("nothing was kept from this transfer; try again, and if it persists check the registry".into())
+            }
             BuildError::Environment { hint, .. } => Some(hint.clone()),
             BuildError::Integrity { hint, .. } if !hint.is_empty() => Some(hint.clone()),
             BuildError::CommandFailed { .. } => Some(

@@ -265,7 +265,7 @@ fn checked_before(store: &Store, key: &str) -> Option<StoredImage> {
 
 /// Fetches the manifest's blobs, checks every layer, and describes the image.
 /// An image that passed before is not checked again.
-fn finish(
+pub(crate) fn finish(
     store: &Store,
     name: &str,
     manifest: Digest,

@@ -16,6 +16,7 @@
 //! - [`packages`]: `[packages]`: Debian packages locked in kiln.lock and
 //!   installed into one layer.
 //! - [`vm`]: `-o vm:FILE`, the image as a bootable, reproducible VM disk.
+//! - [`registry`]: `registry:` bases and outputs, the remote step cache.
 //! - [`reporter`]: the trait the CLI implements to show progress.
 //! - [`error`]: [`BuildError`] with exit codes and hints.
 
@@ -36,6 +37,7 @@ pub mod inspect;
 pub mod layer;
 pub mod listing;
 pub mod packages;
+pub mod registry;
 pub mod reporter;
 pub mod tarball;
 pub mod unpack;

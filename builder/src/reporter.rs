@@ -33,6 +33,9 @@ pub trait Reporter: Send + Sync {
     fn on_build_finish(&self, _manifest: &Digest, _elapsed: Duration) {}
     /// Something worth a line that is not a step event (e.g. a corrupt blob rebuilt).
     fn on_notice(&self, _message: &str) {}
+    /// A blob moved to or from a registry (`verb` is `pulled`, `pushed` or
+    /// `mounted`); `bytes` is what crossed the network.
+    fn on_blob(&self, _verb: &str, _digest: &Digest, _repository: &str, _bytes: u64) {}
 }
 
 /// Reports nothing.

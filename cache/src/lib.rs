@@ -35,3 +35,4 @@ pub use index::StatIndex;
 pub use lock::StoreLock;
 pub use prune::{PruneReport, StoreUsage};
 pub use store::{ImageRecord, StepRecord, Store, StoreError};
+pub mod registry;

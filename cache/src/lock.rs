@@ -25,9 +25,15 @@ impl StoreLock {
         Ok(StoreLock { _file: file })
     }
 
-    /// Blocks until an exclusive lock is held.
-    pub fn exclusive(path: &Path) -> io::Result<StoreLock> {
+    /// Blocks until an exclusive lock is held; calls `waiting` first when
+    /// the lock is taken (a build is running).
+    pub fn exclusive(path: &Path, waiting: &dyn Fn()) -> io::Result<StoreLock> {
         let file = Self::open(path)?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(StoreLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => waiting(),
+            Err(e) => return Err(e.into()),
+        }
         flock(&file, FlockOperation::LockExclusive)?;
         Ok(StoreLock { _file: file })
     }

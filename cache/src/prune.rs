@@ -122,9 +122,10 @@ impl Store {
 
     /// Evicts least-recently-used records until the blobs take at most
     /// `max_bytes`, removing blobs no remaining record needs. Waits for
-    /// running builds to finish first.
-    pub fn prune(&self, max_bytes: u64) -> Result<PruneReport, StoreError> {
-        let _lock = self.lock_exclusive()?;
+    /// running builds to finish first (calling `waiting` if there are any),
+    /// so nothing a running build holds is removed.
+    pub fn prune(&self, max_bytes: u64, waiting: &dyn Fn()) -> Result<PruneReport, StoreError> {
+        let _lock = self.lock_exclusive(waiting)?;
         let mut report = self.collect_garbage()?;
         let sizes = self.blob_sizes()?;
         let blob_total: u64 = sizes.values().sum();
@@ -174,8 +175,8 @@ impl Store {
 
     /// Removes blobs no record needs, records whose blobs are gone, and
     /// leftovers of interrupted writes. Waits for running builds to finish.
-    pub fn gc(&self) -> Result<PruneReport, StoreError> {
-        let _lock = self.lock_exclusive()?;
+    pub fn gc(&self, waiting: &dyn Fn()) -> Result<PruneReport, StoreError> {
+        let _lock = self.lock_exclusive(waiting)?;
         let mut r = self.collect_garbage()?;
         r.remaining_bytes = self.blob_sizes()?.values().sum();
         Ok(r)
@@ -384,7 +385,7 @@ mod tests {
         store.write_record("images", "new", &rec("new", vec![new, shared])).unwrap();
         let orphan = store.put_blob(&[4u8; 1000]).unwrap();
 
-        let r = store.prune(2000).unwrap();
+        let r = store.prune(2000, &|| {}).unwrap();
         assert!(!store.has_blob(&orphan), "unreferenced blobs go first");
         assert!(!store.has_blob(&old), "the least recently used image goes");
         assert!(store.has_blob(&shared) && store.has_blob(&new));

@@ -96,9 +96,10 @@ impl Store {
         StoreLock::shared(&p).map_err(StoreError::io(&p))
     }
 
-    pub fn lock_exclusive(&self) -> Result<StoreLock, StoreError> {
+    /// The lock prune and gc hold; `waiting` is called when builds hold it.
+    pub fn lock_exclusive(&self, waiting: &dyn Fn()) -> Result<StoreLock, StoreError> {
         let p = self.root.join("store.lock");
-        StoreLock::exclusive(&p).map_err(StoreError::io(&p))
+        StoreLock::exclusive(&p, waiting).map_err(StoreError::io(&p))
     }
 
     pub fn blob_path(&self, d: &Digest) -> PathBuf {

@@ -364,7 +364,7 @@ impl Parser {
         if let Some(name) = s.strip_prefix("stage:") {
             return Ok(Base::Stage(self.stage_ref(name, b.span(), stages)?));
         }
-        let hint = "bases are `scratch`, `stage:NAME`, `oci:PATH[:TAG]`, `oci-archive:FILE`, `docker-archive:FILE` or `docker:REF`";
+        let hint = "bases are `scratch`, `stage:NAME`, `oci:PATH[:TAG]`, `oci-archive:FILE`, `docker-archive:FILE`, `docker:REF` or `registry:HOST/REPO:TAG`";
         let r = ImageRef::parse(s).map_err(|e| self.err(b.span(), e.to_string()).with_hint(hint))?;
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
         match r {
@@ -372,9 +372,7 @@ impl Parser {
             ImageRef::OciArchive(p) => Ok(Base::OciArchive(resolve(p))),
             ImageRef::DockerArchive(p) => Ok(Base::DockerArchive(resolve(p))),
             ImageRef::Docker(r) => Ok(Base::Docker(r)),
-            ImageRef::Registry(_) => Err(self
-                .err(b.span(), format!("the base `{s}` is not supported yet"))
-                .with_hint("export the image with `skopeo copy` and use `oci:DIR` or `docker-archive:FILE`")),
+            ImageRef::Registry(r) => Ok(Base::Registry(r)),
             ImageRef::Vm(_) => Err(self.err(b.span(), "a VM disk cannot be a base").with_hint(hint)),
         }
     }

@@ -190,6 +190,8 @@ pub enum Base {
     Stage(String),
     /// An image in the Docker engine at DOCKER_HOST.
     Docker(String),
+    /// An image in a registry: `HOST/REPO:TAG` or `HOST/REPO@sha256:...`.
+    Registry(String),
 }
 
 impl Base {
@@ -203,6 +205,7 @@ impl Base {
             Base::DockerArchive(p) => Some(ImageRef::DockerArchive(p.clone())),
             Base::Stage(_) => None,
             Base::Docker(r) => Some(ImageRef::Docker(r.clone())),
+            Base::Registry(r) => Some(ImageRef::Registry(r.clone())),
         }
     }
 }
@@ -217,6 +220,7 @@ impl std::fmt::Display for Base {
             Base::DockerArchive(p) => write!(f, "docker-archive:{}", p.display()),
             Base::Stage(n) => write!(f, "stage:{n}"),
             Base::Docker(r) => write!(f, "docker:{r}"),
+            Base::Registry(r) => write!(f, "registry:{r}"),
         }
     }
 }

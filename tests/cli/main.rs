@@ -8,6 +8,7 @@ mod crash;
 mod errors;
 mod interop;
 mod packages;
+mod registry;
 mod reproducible;
 mod run;
 mod vm;

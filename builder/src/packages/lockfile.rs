@@ -61,6 +61,18 @@ pub struct LockedPackage {
     pub sha256: String,
 }
 
+/// A `registry:` base with a tag, pinned to the digest the tag named when
+/// `kiln lock` ran, so builds do not drift when the tag moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasePin {
+    /// As the recipe writes it, e.g. `registry:HOST/REPO:TAG`.
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// What the tag named: a manifest or an index, `sha256:HEX`.
+    pub digest: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Lockfile {
@@ -69,6 +81,75 @@ pub struct Lockfile {
     pub source: LockSource,
     #[serde(rename = "package")]
     pub packages: Vec<LockedPackage>,
+    #[serde(default, rename = "base", skip_serializing_if = "Vec::is_empty")]
+    pub bases: Vec<BasePin>,
+}
+
+/// A lockfile of a recipe without `[packages]`: only base pins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinsOnly {
+    version: u32,
+    #[serde(default, rename = "base")]
+    bases: Vec<BasePin>,
+}
+
+/// The base pins in the lockfile at `path` (none when there is no file).
+/// Only the pins are read, so a recipe without `[packages]` can have them.
+pub fn load_pins(path: &Path) -> Result<Vec<BasePin>, BuildError> {
+    #[derive(Deserialize)]
+    struct Pins {
+        #[serde(default, rename = "base")]
+        bases: Vec<BasePin>,
+    }
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(BuildError::Read { path: path.to_path_buf(), source: e }),
+    };
+    let pins: Pins = toml::from_str(&text).map_err(|e| bad_lockfile(path, &text, &e))?;
+    Ok(pins.bases)
+}
+
+/// Writes `pins` into the lockfile at `path`, keeping its packages.
+/// Returns whether the file changed.
+pub fn save_pins(path: &Path, mut pins: Vec<BasePin>) -> Result<bool, BuildError> {
+    pins.sort_by(|a, b| a.reference.cmp(&b.reference));
+    let text = match Lockfile::load(path) {
+        Ok(Some(mut lock)) => {
+            if lock.bases == pins {
+                return Ok(false);
+            }
+            lock.bases = pins;
+            lock.render()
+        }
+        _ => {
+            if load_pins(path).ok() == Some(pins.clone()) {
+                return Ok(false);
+            }
+            let body = toml::to_string(&PinsOnly { version: LOCK_VERSION, bases: pins }).expect("serializes");
+            format!("{HEADER}\n{body}")
+        }
+    };
+    let tmp = path.with_extension("lock.tmp");
+    std::fs::write(&tmp, text).map_err(BuildError::io_write(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(BuildError::io_write(path))?;
+    Ok(true)
+}
+
+const HEADER: &str = "# Written by `kiln lock`: the exact Debian packages and base images this recipe uses.\n# Do not edit; run `kiln lock` again to update.\n";
+
+fn bad_lockfile(path: &Path, text: &str, e: &toml::de::Error) -> BuildError {
+    let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+    BuildError::usage(
+        format!(
+            "`{}`{} is not a valid lockfile: {}",
+            path.display(),
+            line.map(|l| format!(" line {l}")).unwrap_or_default(),
+            e.message().trim()
+        ),
+        Some("run `kiln lock RECIPE` to write it again"),
+    )
 }
 
 impl Lockfile {
@@ -78,7 +159,7 @@ impl Lockfile {
 
     pub fn render(&self) -> String {
         let body = toml::to_string(self).expect("a lockfile serializes");
-        format!("# Written by `kiln lock`: the exact Debian packages this recipe installs.\n# Do not edit; run `kiln lock` again to update.\n\n{body}")
+        format!("{HEADER}\n{body}")
     }
 
     /// Reads the lockfile at `path`; `None` when there is none.
@@ -88,18 +169,7 @@ impl Lockfile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(BuildError::Read { path: path.to_path_buf(), source: e }),
         };
-        let lock: Lockfile = toml::from_str(&text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start].lines().count().max(1));
-            BuildError::usage(
-                format!(
-                    "`{}`{} is not a valid lockfile: {}",
-                    path.display(),
-                    line.map(|l| format!(" line {l}")).unwrap_or_default(),
-                    e.message().trim()
-                ),
-                Some("run `kiln lock RECIPE` to write it again"),
-            )
-        })?;
+        let lock: Lockfile = toml::from_str(&text).map_err(|e| bad_lockfile(path, &text, &e))?;
         if lock.version != LOCK_VERSION {
             return Err(BuildError::usage(
                 format!(

@@ -129,6 +129,8 @@ pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, 
     let chosen = resolve::resolve(&pkgs, &include, &p.exclude).map_err(|e| resolve_error(e, recipe))?;
     tracing::debug!(elapsed = ?started.elapsed(), chosen = chosen.len(), "resolved");
 
+    let path = Lockfile::path_for(&recipe.dir);
+    let old = Lockfile::load(&path).ok().flatten();
     let lock = Lockfile {
         version: lockfile::LOCK_VERSION,
         request: LockRequest::new(p, &arch),
@@ -151,9 +153,12 @@ pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, 
                 }
             })
             .collect(),
+        // Base pins are `kiln lock`'s other half (see crate::registry); kept as they are.
+        bases: match &old {
+            Some(o) => o.bases.clone(),
+            None => lockfile::load_pins(&path).unwrap_or_default(),
+        },
     };
-    let path = Lockfile::path_for(&recipe.dir);
-    let old = Lockfile::load(&path).ok().flatten();
     // The same packages from the same request: keep the file as it is, so
     // re-locking an unchanged archive is not a diff.
     let same = old.as_ref().is_some_and(|o| o.request == lock.request && o.packages == lock.packages);

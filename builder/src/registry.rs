@@ -1,0 +1,392 @@
+//! Images in registries: `registry:` bases pulled into the store and
+//! checked like any imported image, `-o registry:` pushes, and the remote
+//! step cache (`--cache-from` / `--cache-to`).
+//!
+//! The remote cache is one OCI artifact manifest per cache reference
+//! (default tag `kiln-cache`):
+//!
+//! ```json
+//! { "schemaVersion": 2,
+//!   "mediaType": "application/vnd.oci.image.manifest.v1+json",
+//!   "artifactType": "application/vnd.kiln.cache.index.v1",
+//!   "config": { "mediaType": "application/vnd.oci.empty.v1+json", "digest": "sha256:44136f…", "size": 2 },
+//!   "layers": [ { "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:…",
+//!                 "size": 1234, "annotations": { "dev.kiln.cache.diff-id": "sha256:…" } } ],
+//!   "annotations": { "dev.kiln.cache.step.<KEY HEX>": "sha256:<layer digest>", … } }
+//! ```
+//!
+//! Each `dev.kiln.cache.step.*` annotation maps a step key to the layer it
+//! made; the layer's descriptor (listed once) gives its size, media type
+//! and diff_id. Listing the layers also makes the registry keep them.
+//! `--cache-to` merges with the index already there (this build's entries
+//! first), keeping at most [`MAX_ENTRIES`] steps.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::json;
+
+use kiln_cache::registry::{
+    Manifest, Pushed, Registry, RegistryError, RegistryOptions, Remote, DOCKER_LIST, DOCKER_MANIFEST,
+    OCI_INDEX, OCI_MANIFEST,
+};
+use kiln_cache::{Digest, Store};
+use kiln_recipes::recipe::Platform;
+use kiln_recipes::{Base, Recipe};
+
+use crate::error::BuildError;
+use crate::image::{canonical_json, ImageLayer, StoredImage};
+use crate::packages::lockfile::{BasePin, Lockfile};
+use crate::reporter::Reporter;
+
+pub const CACHE_TAG: &str = "kiln-cache";
+pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.cache.index.v1";
+const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+const STEP_PREFIX: &str = "dev.kiln.cache.step.";
+const DIFF_ID: &str = "dev.kiln.cache.diff-id";
+/// Steps kept in one index: about 1.5 MB of JSON, well under registries' manifest limits.
+pub const MAX_ENTRIES: usize = 4000;
+
+/// Parses the part after `registry:`.
+pub fn remote(text: &str) -> Result<Remote, BuildError> {
+    Ok(Remote::parse(text)?)
+}
+
+/// The manifest `r` names by digest: from the store when it has it (so a
+/// pinned base that was pulled before needs no registry), else pulled and kept.
+fn manifest_by_digest(store: &Store, reg: &Registry, r: &Remote) -> Result<Manifest, BuildError> {
+    let d = r.digest.expect("a digest reference");
+    if store.verify_blob(&d)? {
+        let bytes = store.read_blob(&d)?;
+        if let Some(media_type) = kiln_cache::registry::media_type_of(&bytes) {
+            return Ok(Manifest { bytes, digest: d, media_type });
+        }
+    }
+    let m = reg.manifest(r)?.ok_or_else(|| RegistryError::NotFound { reference: r.to_string() })?;
+    store.put_blob(&m.bytes)?;
+    Ok(m)
+}
+
+/// What tag `r` names now (the manifest is kept in the store); `None` when
+/// the registry has no such tag.
+pub fn resolve_tag(store: &Store, reg: &Registry, r: &Remote) -> Result<Option<Digest>, BuildError> {
+    match reg.manifest(r)? {
+        Some(m) => {
+            store.put_blob(&m.bytes)?;
+            Ok(Some(m.digest))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The image manifest for `platform` that `m` is or lists.
+fn platform_manifest(
+    store: &Store,
+    reg: &Registry,
+    r: &Remote,
+    m: Manifest,
+    platform: &Platform,
+) -> Result<Manifest, BuildError> {
+    if m.media_type == OCI_MANIFEST || m.media_type == DOCKER_MANIFEST {
+        return Ok(m);
+    }
+    let bad = |reason: String| BuildError::BadImage { image: format!("registry:{r}"), reason };
+    if m.media_type != OCI_INDEX && m.media_type != DOCKER_LIST {
+        return Err(bad(format!(
+            "its manifest has the media type `{}`, which is not an image",
+            m.media_type
+        )));
+    }
+    let index: oci_spec::image::ImageIndex =
+        serde_json::from_slice(&m.bytes).map_err(|e| bad(format!("its index is malformed ({e})")))?;
+    let matches = |p: &oci_spec::image::Platform| {
+        p.os().to_string() == platform.os
+            && p.architecture().to_string() == platform.architecture
+            && (platform.variant.is_none() || p.variant() == &platform.variant)
+    };
+    let desc =
+        index.manifests().iter().find(|d| d.platform().as_ref().is_some_and(matches)).ok_or_else(|| {
+            let have: Vec<String> = index
+                .manifests()
+                .iter()
+                .filter_map(|d| d.platform().as_ref())
+                .map(|p| format!("{}/{}", p.os(), p.architecture()))
+                .collect();
+            bad(format!("it has no image for {platform} (it has: {})", have.join(", ")))
+        })?;
+    let d: Digest = desc.digest().to_string().parse().map_err(|e| bad(format!("{e}")))?;
+    let inner = manifest_by_digest(store, reg, &r.with_digest(d))?;
+    if inner.media_type != OCI_MANIFEST && inner.media_type != DOCKER_MANIFEST {
+        return Err(bad(format!("{d} is a `{}`, not an image manifest", inner.media_type)));
+    }
+    Ok(inner)
+}
+
+/// Pulls `r` (named by digest: a manifest, or an index to pick `platform`
+/// from) into the store: manifest, config and layers, each checked against
+/// its digest, then every layer read through like any imported image. What
+/// the store holds already is not downloaded again. Returns the image and
+/// the repository it can be mounted from.
+pub fn pull(
+    store: &Store,
+    reg: &Registry,
+    r: &Remote,
+    platform: &Platform,
+    reporter: &dyn Reporter,
+) -> Result<(StoredImage, Remote), BuildError> {
+    let name = format!("registry:{r}");
+    let top = manifest_by_digest(store, reg, r)?;
+    let m = platform_manifest(store, reg, r, top, platform)?;
+    let by_digest = r.with_digest(m.digest);
+    let repository = format!("{}/{}", r.host, r.repo);
+    let fetch = |d: &Digest| -> Result<(), BuildError> {
+        let n = reg.fetch_blob(store, &by_digest, d)?;
+        if n > 0 {
+            reporter.on_blob("pulled", d, &repository, n);
+        }
+        Ok(())
+    };
+    let image = crate::import::finish(store, &name, m.digest, &fetch)?;
+    Ok((image, by_digest))
+}
+
+/// Pushes `image` to `r`'s tag: layers and config (each skipped when the
+/// repository has it, mounted when `sources` names another repository of
+/// the same registry that has it), then the manifest. Returns its digest.
+pub fn push(
+    store: &Store,
+    reg: &Registry,
+    image: &StoredImage,
+    r: &Remote,
+    sources: &HashMap<Digest, Remote>,
+    reporter: &dyn Reporter,
+) -> Result<Digest, BuildError> {
+    let mut blobs: Vec<Digest> = image.layers.iter().map(|l| l.digest).collect();
+    blobs.push(image.config);
+    let skipped = push_blobs(store, reg, r, &blobs, sources, reporter)?;
+    let bytes = store.read_blob(&image.manifest)?;
+    let digest = reg.push_manifest(r, &bytes, crate::image::MANIFEST_MEDIA_TYPE)?;
+    reporter.on_notice(&format!("pushed {r}@{digest} ({skipped} blob(s) were there already)"));
+    Ok(digest)
+}
+
+/// Pushes blobs the store holds to `r`, reporting each one that moved;
+/// returns how many the repository had already.
+pub fn push_blobs(
+    store: &Store,
+    reg: &Registry,
+    r: &Remote,
+    blobs: &[Digest],
+    sources: &HashMap<Digest, Remote>,
+    reporter: &dyn Reporter,
+) -> Result<usize, BuildError> {
+    let repository = format!("{}/{}", r.host, r.repo);
+    let mut skipped = 0;
+    for d in blobs {
+        match reg.push_blob(store, r, d, sources.get(d))? {
+            Pushed::Present => skipped += 1,
+            Pushed::Mounted => reporter.on_blob("mounted", d, &repository, 0),
+            Pushed::Uploaded(n) => reporter.on_blob("pushed", d, &repository, n),
+        }
+    }
+    Ok(skipped)
+}
+
+/// A step-key index read from a registry: key → layer, and where it is.
+#[derive(Debug, Clone, Default)]
+pub struct CacheIndex {
+    pub steps: Vec<(Digest, ImageLayer)>,
+}
+
+impl CacheIndex {
+    /// Reads an index manifest; entries that do not parse are skipped.
+    pub fn parse(bytes: &[u8]) -> Result<CacheIndex, String> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
+        if v["artifactType"] != ARTIFACT_TYPE {
+            return Err(format!("its artifactType is {}, not {ARTIFACT_TYPE}", v["artifactType"]));
+        }
+        let mut layers: HashMap<Digest, ImageLayer> = HashMap::new();
+        for l in v["layers"].as_array().into_iter().flatten() {
+            let (Some(d), Some(diff), Some(size), Some(mt)) = (
+                l["digest"].as_str().and_then(|s| s.parse::<Digest>().ok()),
+                l["annotations"][DIFF_ID].as_str().and_then(|s| s.parse::<Digest>().ok()),
+                l["size"].as_u64(),
+                l["mediaType"].as_str(),
+            ) else {
+                continue;
+            };
+            layers.insert(d, ImageLayer { diff_id: diff, digest: d, size, media_type: mt.to_string() });
+        }
+        // The layers list is in recency order; steps follow it.
+        let order: HashMap<Digest, usize> = v["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, l)| Some((l["digest"].as_str()?.parse::<Digest>().ok()?, i)))
+            .collect();
+        let mut steps = Vec::new();
+        for (k, val) in v["annotations"].as_object().into_iter().flatten() {
+            let (Some(key), Some(layer)) = (
+                k.strip_prefix(STEP_PREFIX).and_then(Digest::from_hex),
+                val.as_str().and_then(|s| s.parse::<Digest>().ok()).and_then(|d| layers.get(&d)),
+            ) else {
+                continue;
+            };
+            steps.push((key, layer.clone()));
+        }
+        steps.sort_by_key(|(k, l)| (order.get(&l.digest).copied().unwrap_or(usize::MAX), *k));
+        Ok(CacheIndex { steps })
+    }
+
+    /// `newer` entries first, then this index's others, at most [`MAX_ENTRIES`].
+    pub fn merged(newer: &[(Digest, ImageLayer)], older: &CacheIndex) -> CacheIndex {
+        let mut seen = std::collections::HashSet::new();
+        let steps: Vec<(Digest, ImageLayer)> = newer
+            .iter()
+            .chain(older.steps.iter())
+            .filter(|(k, _)| seen.insert(*k))
+            .take(MAX_ENTRIES)
+            .cloned()
+            .collect();
+        CacheIndex { steps }
+    }
+
+    /// The manifest bytes (canonical JSON).
+    pub fn render(&self) -> Vec<u8> {
+        let mut layers = Vec::new();
+        let mut listed = std::collections::HashSet::new();
+        let mut annotations = BTreeMap::new();
+        for (key, l) in &self.steps {
+            annotations.insert(format!("{STEP_PREFIX}{}", key.hex()), l.digest.to_string());
+            if listed.insert(l.digest) {
+                layers.push(json!({
+                    "mediaType": l.media_type, "digest": l.digest.to_string(), "size": l.size,
+                    "annotations": { DIFF_ID: l.diff_id.to_string() },
+                }));
+            }
+        }
+        canonical_json(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": ARTIFACT_TYPE,
+            "config": { "mediaType": EMPTY_MEDIA_TYPE, "digest": Digest::of(b"{}").to_string(), "size": 2 },
+            "layers": layers,
+            "annotations": annotations,
+        }))
+    }
+}
+
+/// The cache reference with its default tag when none was given.
+pub fn cache_ref(text: &str) -> Result<Remote, BuildError> {
+    let name_part = text.split('@').next().unwrap_or(text);
+    let tagged = name_part.rsplit('/').next().unwrap_or(name_part).contains(':') || text.contains('@');
+    let r = remote(text)?;
+    Ok(if tagged { r } else { r.with_tag(CACHE_TAG) })
+}
+
+/// Reads the index at `r`; an absent one is empty.
+pub fn pull_index(reg: &Registry, r: &Remote) -> Result<CacheIndex, BuildError> {
+    match reg.manifest(r)? {
+        None => Ok(CacheIndex::default()),
+        Some(m) => CacheIndex::parse(&m.bytes).map_err(|reason| BuildError::BadImage {
+            image: format!("registry:{r}"),
+            reason: format!("it is not a kiln cache index: {reason}"),
+        }),
+    }
+}
+
+/// Pushes `index` to `r` (its layers must be there already).
+pub fn push_index(
+    store: &Store,
+    reg: &Registry,
+    r: &Remote,
+    index: &CacheIndex,
+) -> Result<Digest, BuildError> {
+    let empty = store.put_blob(b"{}")?;
+    reg.push_blob(store, r, &empty, None)?;
+    Ok(reg.push_manifest(r, &index.render(), OCI_MANIFEST)?)
+}
+
+/// `kiln lock` for bases: resolves every tagged `registry:` base of the
+/// recipe to the digest its tag names now and writes the pins into
+/// kiln.lock. Returns the pins and whether the file changed.
+pub fn lock_bases(recipe: &Recipe, opts: &RegistryOptions) -> Result<(Vec<BasePin>, bool), BuildError> {
+    let tagged: Vec<(String, Remote)> = tagged_bases(recipe)?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| {
+            BuildError::Environment {
+                message: format!("Cannot start the async runtime: {e}"),
+                hint: String::new(),
+            }
+        })?;
+    let remotes: Vec<&Remote> = tagged.iter().map(|(_, r)| r).collect();
+    let reg = Registry::new(rt.handle().clone(), &remotes, opts);
+    let mut pins = Vec::new();
+    for (name, r) in &tagged {
+        let m = reg.manifest(r)?.ok_or_else(|| RegistryError::NotFound { reference: r.to_string() })?;
+        pins.push(BasePin { reference: name.clone(), digest: m.digest.to_string() });
+    }
+    pins.sort_by(|a, b| a.reference.cmp(&b.reference));
+    pins.dedup();
+    let changed = crate::packages::lockfile::save_pins(&Lockfile::path_for(&recipe.dir), pins.clone())?;
+    Ok((pins, changed))
+}
+
+/// The recipe's `registry:` bases that name a tag (a digest needs no pin).
+pub fn tagged_bases(recipe: &Recipe) -> Result<Vec<(String, Remote)>, BuildError> {
+    let mut out = Vec::new();
+    for (base, span) in std::iter::once((&recipe.image.base, recipe.image.base_span.clone()))
+        .chain(recipe.stages.iter().map(|s| (&s.base, s.base_span.clone())))
+    {
+        if let Base::Registry(text) = base {
+            let r = Remote::parse(text)
+                .map_err(|e| BuildError::from(recipe.error_at(span.unwrap_or(0..0), e.to_string())))?;
+            if r.digest.is_none() {
+                out.push((base.to_string(), r));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(n: u8) -> ImageLayer {
+        ImageLayer {
+            diff_id: Digest::of(&[n, 0]),
+            digest: Digest::of(&[n]),
+            size: n as u64 * 10,
+            media_type: crate::layer::MEDIA_TYPE.into(),
+        }
+    }
+
+    #[test]
+    fn an_index_round_trips_and_merges_newest_first() {
+        let a = (Digest::of(b"a"), layer(1));
+        let b = (Digest::of(b"b"), layer(2));
+        let c = (Digest::of(b"c"), layer(1)); // another key, same layer
+        let old = CacheIndex { steps: vec![a.clone(), b.clone()] };
+        let parsed = CacheIndex::parse(&old.render()).unwrap();
+        assert_eq!(parsed.steps, old.steps);
+        let merged = CacheIndex::merged(&[c.clone(), (a.0, layer(3))], &parsed);
+        let back = CacheIndex::parse(&merged.render()).unwrap();
+        assert_eq!(back.steps.len(), 3);
+        assert!(back.steps.contains(&(a.0, layer(3))), "this build's entry wins");
+        assert!(back.steps.contains(&c) && back.steps.contains(&b));
+        assert_eq!(merged.render(), CacheIndex::parse(&merged.render()).unwrap().render(), "stable bytes");
+    }
+
+    #[test]
+    fn other_artifacts_are_refused() {
+        let err = CacheIndex::parse(br#"{"schemaVersion":2,"layers":[]}"#).unwrap_err();
+        assert!(err.contains("artifactType"), "{err}");
+    }
+
+    #[test]
+    fn cache_refs_get_the_default_tag() {
+        assert_eq!(cache_ref("127.0.0.1:5000/c").unwrap().tag.as_deref(), Some(CACHE_TAG));
+        assert_eq!(cache_ref("127.0.0.1:5000/c:mine").unwrap().tag.as_deref(), Some("mine"));
+    }
+}

@@ -1,0 +1,493 @@
+//! OCI registries (the distribution API), through `oci-client`: manifests
+//! by tag or digest, blobs streamed into and out of the store.
+//!
+//! - Every blob pulled goes through a [`BlobWriter`] and is committed only
+//!   when its bytes hash to the digest asked for, so a registry that stops
+//!   mid-transfer leaves nothing in the store.
+//! - Blobs are pushed from the store's files in 8 MiB pieces, never whole
+//!   in memory; a blob the repository has is skipped, one another
+//!   repository of the same registry has is mounted.
+//! - Plain HTTP only for hosts marked insecure and for loopback.
+//!
+//! The API is synchronous: each call runs on the runtime it was given.
+
+pub mod auth;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::OciDescriptor;
+use oci_client::{Reference, RegistryOperation};
+
+use crate::digest::Digest;
+use crate::store::{Store, StoreError};
+use crate::BlobWriter;
+pub use auth::{Credential, Found};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+/// Manifests larger than this are refused (distribution's own limit is 4 MiB).
+const MANIFEST_MAX: usize = 4 << 20;
+const PIECE: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("the registry {host} refused {who}{detail}")]
+    Refused { host: String, who: String, detail: String },
+    #[error("the connection to the registry {host} failed: {detail}")]
+    Unreachable { host: String, detail: String },
+    #[error("{reference} is not in the registry")]
+    NotFound { reference: String },
+    #[error("the registry {host} answered in a way kiln cannot use: {detail}")]
+    Protocol { host: String, detail: String },
+    #[error("`{reference}` is not a registry reference ({reason}); write it as HOST/REPO:TAG or HOST/REPO@sha256:DIGEST")]
+    BadReference { reference: String, reason: String },
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A repository in a registry, with a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Remote {
+    pub host: String,
+    pub repo: String,
+    pub tag: Option<String>,
+    pub digest: Option<Digest>,
+}
+
+impl Remote {
+    /// Parses `HOST/REPO[:TAG][@sha256:HEX]`. A reference without a host
+    /// means Docker Hub, as with `docker pull`.
+    pub fn parse(s: &str) -> Result<Remote, RegistryError> {
+        let bad = |reason: String| RegistryError::BadReference { reference: s.to_string(), reason };
+        let r: Reference = s.parse().map_err(|e: oci_client::ParseError| bad(e.to_string()))?;
+        let digest = match r.digest() {
+            Some(d) => Some(d.parse::<Digest>().map_err(|e| bad(e.to_string()))?),
+            None => None,
+        };
+        // oci-client fills in `latest`; keep a tag only when the text has
+        // one, or when there is no digest either.
+        let name_part = s.split('@').next().unwrap_or(s);
+        let named_tag = name_part.rsplit('/').next().unwrap_or(name_part).contains(':');
+        let tag = match (named_tag, &digest) {
+            (true, _) | (false, None) => Some(r.tag().unwrap_or("latest").to_string()),
+            (false, Some(_)) => None,
+        };
+        Ok(Remote { host: r.registry().to_string(), repo: r.repository().to_string(), tag, digest })
+    }
+
+    /// The same repository, naming `digest` (or `tag`).
+    pub fn with_digest(&self, d: Digest) -> Remote {
+        Remote { digest: Some(d), tag: None, ..self.clone() }
+    }
+
+    pub fn with_tag(&self, tag: &str) -> Remote {
+        Remote { digest: None, tag: Some(tag.to_string()), ..self.clone() }
+    }
+
+    fn reference(&self) -> Reference {
+        match (&self.digest, &self.tag) {
+            (Some(d), _) => Reference::with_digest(self.host.clone(), self.repo.clone(), d.to_string()),
+            (None, t) => Reference::with_tag(
+                self.host.clone(),
+                self.repo.clone(),
+                t.clone().unwrap_or_else(|| "latest".into()),
+            ),
+        }
+    }
+
+    /// Whether plain HTTP is allowed without being asked: loopback hosts.
+    pub fn is_loopback(&self) -> bool {
+        let name = match self.host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => self.host.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.host),
+        };
+        name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.host, self.repo)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Hosts (`HOST[:PORT]`) spoken to over plain HTTP; loopback always is.
+    pub insecure: Vec<String>,
+    /// Upload each blob in one request instead of chunks.
+    pub monolithic: bool,
+}
+
+/// What pushing one blob did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// The repository had it.
+    Present,
+    /// Mounted from another repository of the same registry.
+    Mounted,
+    /// Uploaded: this many bytes.
+    Uploaded(u64),
+}
+
+/// A manifest (or index) as the registry holds it.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub bytes: Vec<u8>,
+    pub digest: Digest,
+    pub media_type: String,
+}
+
+/// A manifest's media type: its `mediaType`, else guessed from its shape
+/// (an index lists `manifests`). `None` when it is not a JSON object.
+pub fn media_type_of(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default, rename = "mediaType")]
+        media_type: Option<String>,
+        #[serde(default)]
+        manifests: Option<serde_json::Value>,
+    }
+    let head: Head = serde_json::from_slice(bytes).ok()?;
+    Some(
+        head.media_type
+            .unwrap_or_else(|| if head.manifests.is_some() { OCI_INDEX } else { OCI_MANIFEST }.to_string()),
+    )
+}
+
+/// A client for any number of registries, with byte counters.
+pub struct Registry {
+    client: oci_client::Client,
+    rt: tokio::runtime::Handle,
+    /// Each host's credential, looked up once.
+    creds: Mutex<HashMap<String, Found>>,
+    /// (host, repo, push?) already authenticated.
+    authed: Mutex<HashSet<(String, String, bool)>>,
+    pub downloaded: AtomicU64,
+    pub uploaded: AtomicU64,
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+impl Registry {
+    pub fn new(rt: tokio::runtime::Handle, remotes: &[&Remote], opts: &RegistryOptions) -> Registry {
+        // One TLS crypto provider for the process (reqwest is built without one).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut http: Vec<String> = opts.insecure.clone();
+        http.extend(remotes.iter().filter(|r| r.is_loopback()).map(|r| r.host.clone()));
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(http),
+            use_monolithic_push: opts.monolithic,
+            connect_timeout: Some(Duration::from_secs(30)),
+            read_timeout: Some(Duration::from_secs(300)),
+            user_agent: concat!("kiln/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        };
+        Registry {
+            client: oci_client::Client::new(config),
+            rt,
+            creds: Mutex::new(HashMap::new()),
+            authed: Mutex::new(HashSet::new()),
+            downloaded: AtomicU64::new(0),
+            uploaded: AtomicU64::new(0),
+        }
+    }
+
+    fn credential(&self, host: &str) -> Result<Found, RegistryError> {
+        if let Some(f) = self.creds.lock().expect("creds").get(host) {
+            return Ok(f.clone());
+        }
+        let f = auth::lookup(host)?;
+        tracing::debug!(host, credential = ?f.credential, from = %f.from, "registry credential");
+        self.creds.lock().expect("creds").insert(host.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Turns a client error into one that says which registry and what to do.
+    fn error(&self, r: &Remote, e: OciDistributionError) -> RegistryError {
+        let host = r.host.clone();
+        let who = || match self.creds.lock().expect("creds").get(&r.host) {
+            Some(Found { credential: Credential::Anonymous, .. }) | None => {
+                "anonymous access (no credentials for it were found)".to_string()
+            }
+            Some(Found { credential, from }) => format!("the credentials of {credential:?} from {from}"),
+        };
+        match e {
+            OciDistributionError::UnauthorizedError { .. } => {
+                RegistryError::Refused { host, who: who(), detail: String::new() }
+            }
+            OciDistributionError::AuthenticationFailure(why) => {
+                let why: String = why.chars().take(200).collect();
+                RegistryError::Refused {
+                    host,
+                    who: who(),
+                    detail: format!(" at its token server ({})", why.trim()),
+                }
+            }
+            OciDistributionError::RegistryError { envelope, .. } => {
+                let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+                let text = envelope.errors.iter().map(|e| e.message.clone()).collect::<Vec<_>>().join("; ");
+                if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
+                    RegistryError::Refused { host, who: who(), detail: format!(" ({text})") }
+                } else if codes.iter().any(|c| {
+                    matches!(
+                        c,
+                        OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::BlobUnknown
+                    )
+                }) {
+                    RegistryError::NotFound { reference: r.to_string() }
+                } else {
+                    RegistryError::Protocol { host, detail: text }
+                }
+            }
+            OciDistributionError::ServerError { code: 401 | 403, .. } => {
+                RegistryError::Refused { host, who: who(), detail: String::new() }
+            }
+            OciDistributionError::ServerError { code: 404, .. }
+            | OciDistributionError::ImageManifestNotFoundError(_) => {
+                RegistryError::NotFound { reference: r.to_string() }
+            }
+            OciDistributionError::RequestError(e) => match e.status().map(|s| s.as_u16()) {
+                Some(401 | 403) => RegistryError::Refused { host, who: who(), detail: String::new() },
+                Some(404) => RegistryError::NotFound { reference: r.to_string() },
+                _ => {
+                    // The URL without its query (upload state tokens are long and say nothing).
+                    let url = e.url().map(|u| format!(" ({} {})", u.host_str().unwrap_or(""), u.path()));
+                    let detail = format!("{}{}", source_chain(&e.without_url()), url.unwrap_or_default());
+                    RegistryError::Unreachable { host, detail }
+                }
+            },
+            OciDistributionError::IoError(e) => RegistryError::Unreachable { host, detail: source_chain(&e) },
+            other => RegistryError::Protocol { host, detail: source_chain(&other) },
+        }
+    }
+
+    /// Gives the client `r`'s credential and, once per repository and
+    /// operation, exchanges it for a token where the registry wants one.
+    async fn authenticate(&self, r: &Remote, push: bool) -> Result<(), RegistryError> {
+        let key = (r.host.clone(), r.repo.clone(), push);
+        if self.authed.lock().expect("authed").contains(&key) {
+            return Ok(());
+        }
+        let found = self.credential(&r.host)?;
+        let auth = match &found.credential {
+            Credential::Anonymous => oci_client::secrets::RegistryAuth::Anonymous,
+            Credential::Basic { user, password } => {
+                oci_client::secrets::RegistryAuth::Basic(user.clone(), password.clone())
+            }
+            Credential::Bearer(t) => oci_client::secrets::RegistryAuth::Bearer(t.clone()),
+        };
+        let op = if push { RegistryOperation::Push } else { RegistryOperation::Pull };
+        self.client.auth(&r.reference(), &auth, op).await.map_err(|e| self.error(r, e))?;
+        self.authed.lock().expect("authed").insert(key);
+        Ok(())
+    }
+
+    /// The manifest `r` names; `None` when the registry has no such tag or digest.
+    /// A manifest asked for by digest is checked against it.
+    pub fn manifest(&self, r: &Remote) -> Result<Option<Manifest>, RegistryError> {
+        self.rt.block_on(async {
+            self.authenticate(r, false).await?;
+            let res = self
+                .client
+                .pull_manifest_raw(&r.reference(), &oci_client::secrets::RegistryAuth::Anonymous, ACCEPT)
+                .await;
+            let (bytes, _) = match res {
+                Ok(v) => v,
+                Err(e) => {
+                    return match self.error(r, e) {
+                        RegistryError::NotFound { .. } => Ok(None),
+                        e => Err(e),
+                    }
+                }
+            };
+            if bytes.len() > MANIFEST_MAX {
+                return Err(RegistryError::Protocol {
+                    host: r.host.clone(),
+                    detail: format!("the manifest of {r} is {} bytes, more than kiln accepts", bytes.len()),
+                });
+            }
+            let digest = Digest::of(&bytes);
+            if let Some(want) = &r.digest {
+                if *want != digest {
+                    return Err(RegistryError::Protocol {
+                        host: r.host.clone(),
+                        detail: format!("the manifest asked for as {want} hashes to {digest}"),
+                    });
+                }
+            }
+            let media_type = media_type_of(&bytes).ok_or_else(|| RegistryError::Protocol {
+                host: r.host.clone(),
+                detail: format!("the manifest of {r} is not JSON"),
+            })?;
+            self.downloaded.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Ok(Some(Manifest { bytes: bytes.to_vec(), digest, media_type }))
+        })
+    }
+
+    /// Streams blob `d` of repository `r` into the store, checked against
+    /// its digest. Returns the bytes downloaded (0 when the store had it).
+    pub fn fetch_blob(&self, store: &Store, r: &Remote, d: &Digest) -> Result<u64, RegistryError> {
+        if store.verify_blob(d)? {
+            return Ok(0);
+        }
+        self.rt.block_on(async {
+            use futures_util::StreamExt;
+            self.authenticate(r, false).await?;
+            let desc = OciDescriptor { digest: d.to_string(), ..Default::default() };
+            let mut stream =
+                self.client.pull_blob_stream(&r.reference(), &desc).await.map_err(|e| self.error(r, e))?;
+            let mut w = BlobWriter::new(store)?;
+            let mut n = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.error(r, OciDistributionError::IoError(e)))?;
+                n += chunk.len() as u64;
+                w.write_all(&chunk).map_err(StoreError::io(store.tmp_dir()))?;
+            }
+            match w.commit_expecting(d) {
+                Ok(_) => {}
+                Err(StoreError::DigestMismatch { actual, .. }) => {
+                    return Err(RegistryError::Protocol {
+                        host: r.host.clone(),
+                        detail: format!(
+                            "blob {d} of {} hashes to {actual} ({n} bytes): it was cut short or is corrupt",
+                            r.repo
+                        ),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.downloaded.fetch_add(n, Ordering::Relaxed);
+            Ok(n)
+        })
+    }
+
+    /// Whether repository `r` has blob `d`.
+    pub fn has_blob(&self, r: &Remote, d: &Digest) -> Result<bool, RegistryError> {
+        self.rt.block_on(async {
+            self.authenticate(r, false).await?;
+            self.client.blob_exists(&r.reference(), &d.to_string()).await.map_err(|e| self.error(r, e))
+        })
+    }
+
+    /// Puts the store's blob `d` into repository `r`: skipped when it is
+    /// there, mounted from `mount_from` (same registry) when that works,
+    /// else uploaded from the file.
+    pub fn push_blob(
+        &self,
+        store: &Store,
+        r: &Remote,
+        d: &Digest,
+        mount_from: Option<&Remote>,
+    ) -> Result<Pushed, RegistryError> {
+        if self.has_blob(r, d)? {
+            return Ok(Pushed::Present);
+        }
+        self.rt.block_on(async {
+            self.authenticate(r, true).await?;
+            if let Some(src) = mount_from.filter(|s| s.host == r.host && s.repo != r.repo) {
+                if self.authenticate(src, false).await.is_ok()
+                    && self.client.mount_blob(&r.reference(), &src.reference(), &d.to_string()).await.is_ok()
+                    && self.client.blob_exists(&r.reference(), &d.to_string()).await.unwrap_or(false)
+                {
+                    return Ok(Pushed::Mounted);
+                }
+            }
+            let file = store.open_blob(d)?;
+            let size = file.metadata().map_err(StoreError::io(store.blob_path(d)))?.len();
+            let pieces = futures_util::stream::unfold(Some(file), |f| async move {
+                let mut f = f?;
+                let mut buf = vec![0u8; PIECE];
+                let mut filled = 0;
+                while filled < PIECE {
+                    match f.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => return Some((Err(OciDistributionError::IoError(e)), None)),
+                    }
+                }
+                if filled == 0 {
+                    return None;
+                }
+                buf.truncate(filled);
+                Some((Ok(bytes::Bytes::from(buf)), Some(f)))
+            });
+            self.client
+                .push_blob_stream(&r.reference(), pieces, &d.to_string(), Some(size))
+                .await
+                .map_err(|e| self.error(r, e))?;
+            self.uploaded.fetch_add(size, Ordering::Relaxed);
+            Ok(Pushed::Uploaded(size))
+        })
+    }
+
+    /// Puts a manifest under `r`'s tag (or digest); returns its digest.
+    pub fn push_manifest(&self, r: &Remote, bytes: &[u8], media_type: &str) -> Result<Digest, RegistryError> {
+        self.rt.block_on(async {
+            self.authenticate(r, true).await?;
+            let ct = media_type.parse().map_err(|_| RegistryError::Protocol {
+                host: r.host.clone(),
+                detail: format!("bad media type {media_type}"),
+            })?;
+            self.client
+                .push_manifest_raw(&r.reference(), bytes.to_vec(), ct)
+                .await
+                .map_err(|e| self.error(r, e))?;
+            self.uploaded.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Ok(Digest::of(bytes))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_references() {
+        let r = Remote::parse("127.0.0.1:5000/kiln/hello:v1").unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.repo.as_str(), r.tag.as_deref()),
+            ("127.0.0.1:5000", "kiln/hello", Some("v1"))
+        );
+        assert!(r.is_loopback());
+        let d = Digest::of(b"x");
+        let r = Remote::parse(&format!("localhost:5000/a@{d}")).unwrap();
+        assert_eq!((r.tag, r.digest), (None, Some(d)));
+        let r = Remote::parse("reg.example/a").unwrap();
+        assert_eq!(r.tag.as_deref(), Some("latest"));
+        assert!(!r.is_loopback());
+        assert_eq!(Remote::parse("ghcr.io/o/r:t").unwrap().to_string(), "ghcr.io/o/r:t");
+        assert!(Remote::parse("reg.example/UPPER:x").is_err());
+    }
+}

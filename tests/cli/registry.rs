@@ -1,0 +1,537 @@
+//! Registries: push, `registry:` bases, the remote step cache, auth, and
+//! transfers cut off in the middle. Each test starts its own Debian
+//! `docker-registry` (distribution 2.8) on 127.0.0.1.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// A distribution registry on a free loopback port, killed on drop.
+struct TestRegistry {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Arc<Mutex<Option<Child>>>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl TestRegistry {
+    /// `None` (test skipped) without `docker-registry`, except in CI.
+    fn start(htpasswd: Option<(&str, &str)>) -> Option<TestRegistry> {
+        if !require("docker-registry") {
+            return None;
+        }
+        let dir = tempfile::Builder::new().prefix("kiln-registry-").tempdir().unwrap();
+        let port = free_port();
+        let mut auth = String::new();
+        if let Some((user, password)) = htpasswd {
+            assert!(require("htpasswd"), "htpasswd (apache2-utils) is needed for the auth test");
+            let o = Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap();
+            assert!(o.status.success());
+            fs::write(dir.path().join("htpasswd"), &o.stdout).unwrap();
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            );
+        }
+        fs::write(
+            dir.path().join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let r = TestRegistry { dir, port, child: Arc::new(Mutex::new(None)) };
+        r.restart();
+        Some(r)
+    }
+
+    /// Starts the registry (again), on the same port and storage.
+    fn restart(&self) {
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(self.dir.path().join("log")).unwrap())
+            .spawn()
+            .unwrap();
+        *self.child.lock().unwrap() = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "the registry did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        kill(&self.child);
+    }
+}
+
+fn kill(child: &Mutex<Option<Child>>) {
+    if let Some(mut c) = child.lock().unwrap().take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A TCP proxy in front of a registry that stops the registry once
+/// `cut_after` bytes have gone through it (either way), then drops every
+/// connection: the registry dying in the middle of a transfer.
+struct Proxy {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    tripped: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(reg: &TestRegistry, cut_after: u64) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = reg.port;
+        let armed = Arc::new(AtomicBool::new(true));
+        let tripped = Arc::new(AtomicBool::new(false));
+        let moved = Arc::new(AtomicU64::new(0));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let child = reg.child.clone();
+        let (a, t) = (armed.clone(), tripped.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                conns.lock().unwrap().push(client.try_clone().unwrap());
+                conns.lock().unwrap().push(server.try_clone().unwrap());
+                for (mut from, mut to) in
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    let (a, t, moved, conns, child) =
+                        (a.clone(), t.clone(), moved.clone(), conns.clone(), child.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 << 10];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            let total = moved.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                            if a.load(Ordering::SeqCst)
+                                && total > cut_after
+                                && !t.swap(true, Ordering::SeqCst)
+                            {
+                                kill(&child);
+                                for c in conns.lock().unwrap().iter() {
+                                    let _ = c.shutdown(Shutdown::Both);
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Proxy { port, armed, tripped }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// From now on, forward without cutting.
+    fn disarm(&self) {
+        self.armed.store(false, Ordering::SeqCst);
+    }
+}
+
+/// kiln with no credentials from the machine: HOME is the project, and
+/// neither KILN_REGISTRY_AUTH nor DOCKER_CONFIG leaks in.
+fn isolated(p: &Project, args: &[&str]) -> Run {
+    p.kiln_with(args, |c| {
+        c.env("HOME", p.dir.path()).env_remove("KILN_REGISTRY_AUTH").env_remove("DOCKER_CONFIG");
+    })
+}
+
+/// An image that runs: busybox and an entrypoint printing `msg`.
+fn app(msg: &str) -> Option<Project> {
+    let busybox = busybox()?;
+    let p = Project::new();
+    p.recipe(&format!(
+        r#"
+[image]
+name = "app"
+
+[[step]]
+copy = "busybox"
+to = "/bin/busybox"
+mode = "0755"
+
+[[step]]
+write = "/msg"
+content = "{msg}\n"
+
+[config]
+entrypoint = ["/bin/busybox", "cat", "/msg"]
+"#
+    ));
+    fs::copy(busybox, p.path("busybox")).unwrap();
+    Some(p)
+}
+
+fn layout_layers(dir: &std::path::Path) -> Vec<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let m = index["manifests"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("blobs/sha256").join(m)).unwrap()).unwrap();
+    manifest["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect()
+}
+
+fn store_blobs(cache: &std::path::Path) -> Vec<String> {
+    match fs::read_dir(cache.join("v1/blobs/sha256")) {
+        Ok(d) => d.flatten().map(|e| format!("sha256:{}", e.file_name().to_string_lossy())).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn tmp_entries(cache: &std::path::Path) -> Vec<PathBuf> {
+    match fs::read_dir(cache.join("v1/tmp")) {
+        Ok(d) => d.flatten().map(|e| e.path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn a_pushed_image_is_read_by_skopeo_and_docker_and_builds_on_as_a_base() {
+    let Some(reg) = TestRegistry::start(None) else { return };
+    let Some(p) = app("hello from the registry") else { return };
+    let host = reg.host();
+    let target = format!("{host}/kiln/app:v1");
+    let pushed = isolated(&p, &["build", "kiln.toml", "-o", &format!("registry:{target}")]);
+    let digest = pushed.digest();
+    assert!(pushed.stderr.contains(&format!("pushed {target}@{digest}")), "{}", pushed.stderr);
+
+    if require("skopeo") {
+        let o = Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false", &format!("docker://{target}")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["Digest"], digest.as_str());
+    }
+
+    // A second push sends no layer: the registry has them.
+    let again =
+        isolated(&p, &["build", "kiln.toml", "-o", &format!("registry:{target}"), "--progress", "json"]);
+    assert_eq!(again.digest(), digest);
+    assert!(again.events().iter().all(|e| e["event"] != "blob"), "{}", again.stderr);
+
+    // Deleted locally: a fresh cache, another folder. The base is pulled and checked.
+    let b = Project::new();
+    b.recipe(&format!("[image]\nname = \"app\"\nbase = \"registry:{target}\"\n"));
+    let built = isolated(&b, &["build", "kiln.toml", "-o", "oci:out", "--progress", "json"]);
+    assert_eq!(built.digest(), digest, "no steps on the same image: the same manifest");
+    assert!(built.stderr.contains("is not pinned in kiln.lock"), "{}", built.stderr);
+    let pulled: Vec<String> = built
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "blob" && e["action"] == "pulled")
+        .map(|e| e["digest"].as_str().unwrap().to_string())
+        .collect();
+    for l in layout_layers(&b.path("out")) {
+        assert!(pulled.contains(&l), "layer {l} was pulled: {pulled:?}");
+    }
+
+    // Pinned by `kiln lock`, the tag moving does not move the build.
+    assert_eq!(isolated(&b, &["lock", "kiln.toml"]).code, 0);
+    let lock = fs::read_to_string(b.path("kiln.lock")).unwrap();
+    assert!(lock.contains(&digest), "{lock}");
+    let Some(other) = app("another image") else { return };
+    let moved = isolated(&other, &["build", "kiln.toml", "-o", &format!("registry:{target}")]).digest();
+    assert_ne!(moved, digest);
+    let pinned = isolated(&b, &["build", "kiln.toml", "-o", "oci:out"]);
+    assert_eq!(pinned.digest(), digest);
+    assert!(pinned.stderr.contains("has moved"), "{}", pinned.stderr);
+    assert!(pinned.stderr.contains(&moved), "the new digest is named: {}", pinned.stderr);
+
+    // By digest, with no pin needed.
+    let c = Project::new();
+    c.recipe(&format!("[image]\nname = \"app\"\nbase = \"registry:{host}/kiln/app@{digest}\"\n"));
+    assert_eq!(isolated(&c, &["build", "kiln.toml", "-o", "oci:out"]).digest(), digest);
+
+    // Pushed to another repository of the same registry: the base's layers are mounted, not sent.
+    let copy = format!("registry:{host}/kiln/copy:v1");
+    let mounted = isolated(&c, &["build", "kiln.toml", "-o", &copy, "--progress", "json"]);
+    assert_eq!(mounted.digest(), digest);
+    let actions = |what: &str| -> Vec<String> {
+        mounted
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "blob" && e["action"] == what)
+            .map(|e| e["digest"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut layers = layout_layers(&c.path("out"));
+    let mut got = actions("mounted");
+    layers.sort();
+    got.sort();
+    assert_eq!(got, layers, "{}", mounted.stderr);
+    assert!(actions("pushed").iter().all(|d| !layers.contains(d)), "no layer uploaded");
+
+    // A base that is not there: exit 2 at the recipe's line.
+    let d = Project::new();
+    d.recipe(&format!("[image]\nname = \"x\"\nbase = \"registry:{host}/kiln/nothing:v1\"\n"));
+    let missing = isolated(&d, &["build", "kiln.toml"]);
+    assert_eq!(missing.code, 2, "{}", missing.stderr);
+    assert!(missing.stderr.contains("kiln.toml:3"), "{}", missing.stderr);
+
+    if require_docker() {
+        let pull = Command::new("docker").args(["pull", &target]).output().unwrap();
+        assert!(pull.status.success(), "{}", String::from_utf8_lossy(&pull.stderr));
+        let run = Command::new("docker").args(["run", "--rm", &target]).output().unwrap();
+        let _ = Command::new("docker").args(["rmi", "-f", &target]).output();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        assert_eq!(String::from_utf8_lossy(&run.stdout), "another image\n");
+    }
+}
+
+/// Two stages (one of them only copied from) and `run` steps that print
+/// a marker, so a step that runs shows in the output.
+fn fleet_project() -> Option<Project> {
+    let busybox = busybox()?;
+    let p = Project::new();
+    p.recipe(
+        r#"
+[[stage]]
+name = "tools"
+
+[[stage.step]]
+copy = "busybox"
+to = "/bin/busybox"
+mode = "0755"
+
+[[stage.step]]
+run = ["/bin/busybox", "sh", "-c", "echo STEP-$((40+2)); /bin/busybox mkdir -p /out; /bin/busybox head -c 300000 /dev/urandom > /out/scratch; echo made > /out/made"]
+
+[image]
+name = "fleet"
+
+[[step]]
+copy = "busybox"
+to = "/bin/busybox"
+mode = "0755"
+
+[[step]]
+copy = "/out/made"
+from = "tools"
+to = "/made"
+
+[[step]]
+run = ["/bin/busybox", "sh", "-c", "echo STEP-$((40+2)); echo final > /final"]
+"#,
+    );
+    fs::copy(busybox, p.path("busybox")).unwrap();
+    Some(p)
+}
+
+#[test]
+fn a_fresh_runner_gets_every_step_from_the_registry_cache_and_only_the_final_layers() {
+    if !require_root() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start(None) else { return };
+    let Some(a) = fleet_project() else { return };
+    let Some(b) = fleet_project() else { return };
+    let cache = format!("registry:{}/kiln/cache", reg.host());
+
+    let ra =
+        isolated(&a, &["build", "kiln.toml", "-o", "oci:out", "--progress", "json", "--cache-to", &cache]);
+    let da = ra.digest();
+    assert!(ra.stderr.contains("STEP-42"), "runner A runs the steps");
+
+    // Runner B: another folder, a fresh cache.
+    let rb =
+        isolated(&b, &["build", "kiln.toml", "-o", "oci:out", "--progress", "json", "--cache-from", &cache]);
+    assert_eq!(rb.digest(), da);
+    assert!(!rb.stderr.contains("STEP-42"), "no run command executed: {}", rb.stderr);
+    assert_eq!(rb.count("output"), 0);
+    let finished: Vec<_> = rb.events().into_iter().filter(|e| e["event"] == "step_finished").collect();
+    assert_eq!(finished.len(), 5);
+    assert!(finished.iter().all(|e| e["cached"] == true), "every step HIT: {}", rb.stderr);
+
+    // Downloaded: the final image's layers, once each; not the stage's own layer.
+    let mut pulled: Vec<String> = rb
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "blob" && e["action"] == "pulled")
+        .map(|e| e["digest"].as_str().unwrap().to_string())
+        .collect();
+    pulled.sort();
+    let mut want = layout_layers(&b.path("out"));
+    want.sort();
+    assert_eq!(pulled, want, "{}", rb.stderr);
+
+    // B's next build is all local; `plan` agrees.
+    let again = isolated(&b, &["build", "kiln.toml", "-o", "oci:out", "--progress", "json"]);
+    assert_eq!(again.digest(), da);
+    assert_eq!(again.count("blob"), 0);
+
+    // A cache that cannot be reached is a note, not a failure.
+    let c = fleet_project().unwrap();
+    let down = format!("registry:127.0.0.1:{}/kiln/cache", free_port());
+    let rc = isolated(&c, &["build", "kiln.toml", "-o", "oci:out", "--cache-from", &down]);
+    assert_eq!(rc.digest(), da);
+    assert!(rc.stderr.contains("building without it"), "{}", rc.stderr);
+}
+
+#[test]
+fn credentials_are_checked_named_in_errors_and_never_printed() {
+    let password = "Kiln-S3cret-pa55word";
+    let Some(reg) = TestRegistry::start(Some(("ci", password))) else { return };
+    let Some(p) = app("auth") else { return };
+    let host = reg.host();
+    let out = format!("registry:{host}/kiln/auth:v1");
+
+    let anonymous = isolated(&p, &["build", "kiln.toml", "-o", &out]);
+    assert_eq!(anonymous.code, 3, "{}", anonymous.stderr);
+    assert!(
+        anonymous.stderr.contains(&format!("registry {host} refused anonymous access")),
+        "{}",
+        anonymous.stderr
+    );
+
+    let wrong = format!(r#"{{"auths": {{"{host}": {{"username": "ci", "password": "not-{password}"}}}}}}"#);
+    let refused = p.kiln_with(&["build", "kiln.toml", "-o", &out], |c| {
+        c.env("HOME", p.dir.path()).env("KILN_REGISTRY_AUTH", &wrong).env("KILN_LOG", "debug");
+    });
+    assert_eq!(refused.code, 3, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains(&format!(
+            "registry {host} refused the credentials of user `ci` from KILN_REGISTRY_AUTH"
+        )),
+        "{}",
+        refused.stderr
+    );
+    assert!(!refused.stderr.contains(password) && !refused.stdout.contains(password));
+
+    // The right ones, from ~/.docker/config.json (the `auth` form).
+    let auth =
+        Command::new("sh").arg("-c").arg(format!("printf 'ci:{password}' | base64 -w0")).output().unwrap();
+    let auth = String::from_utf8(auth.stdout).unwrap();
+    p.file(".docker/config.json", format!(r#"{{"auths": {{"http://{host}": {{"auth": "{auth}"}}}}}}"#));
+    let ok = p.kiln_with(&["build", "kiln.toml", "-o", &out, "--progress", "json"], |c| {
+        c.env("HOME", p.dir.path())
+            .env_remove("KILN_REGISTRY_AUTH")
+            .env_remove("DOCKER_CONFIG")
+            .env("KILN_LOG", "debug");
+    });
+    let digest = ok.digest();
+    assert!(!ok.stderr.contains(password) && !ok.stdout.contains(password) && !ok.stderr.contains(&auth));
+
+    // A credential helper named in the config.
+    p.exec_file(
+        "helpers/docker-credential-kilntest",
+        format!("#!/bin/sh\nread host\necho '{{\"ServerURL\":\"'$host'\",\"Username\":\"ci\",\"Secret\":\"{password}\"}}'\n"),
+    );
+    p.file(".docker/config.json", format!(r#"{{"credHelpers": {{"{host}": "kilntest"}}}}"#));
+    let b = Project::new();
+    b.recipe(&format!("[image]\nname = \"app\"\nbase = \"registry:{host}/kiln/auth:v1\"\n"));
+    let path = format!("{}:{}", p.path("helpers").display(), std::env::var("PATH").unwrap_or_default());
+    let pulled = b.kiln_with(&["build", "kiln.toml"], |c| {
+        c.env("HOME", p.dir.path()).env_remove("KILN_REGISTRY_AUTH").env("PATH", &path);
+    });
+    assert_eq!(pulled.digest(), digest);
+    assert!(!pulled.stderr.contains(password));
+}
+
+/// A big incompressible layer, so a transfer takes many packets.
+fn big_project() -> Project {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"big\"\n\n[[step]]\ncopy = \"blob\"\nto = \"/blob\"\n");
+    p.file("blob", noise(7, 24 << 20));
+    p
+}
+
+#[test]
+fn a_registry_that_dies_mid_transfer_leaves_nothing_behind_and_the_retry_works() {
+    let Some(reg) = TestRegistry::start(None) else { return };
+    let p = big_project();
+
+    // Push through a proxy that stops the registry after 4 MB.
+    let proxy = Proxy::start(&reg, 4 << 20);
+    let target = format!("registry:{}/kiln/big:v1", proxy.host());
+    let cut = isolated(&p, &["build", "kiln.toml", "-o", &target]);
+    assert!(proxy.tripped.load(Ordering::SeqCst), "the registry was stopped mid-push");
+    assert_eq!(cut.code, 3, "{}", cut.stderr);
+    assert!(cut.stderr.contains(&format!("registry {}", proxy.host())), "{}", cut.stderr);
+    reg.restart();
+    proxy.disarm();
+    let digest = isolated(&p, &["build", "kiln.toml", "-o", &target, "-o", "oci:out"]).digest();
+
+    // Pull into a fresh cache through a new proxy that stops it again.
+    let proxy = Proxy::start(&reg, 4 << 20);
+    let b = Project::new();
+    b.recipe(&format!("[image]\nname = \"big\"\nbase = \"registry:{}/kiln/big:v1\"\n", proxy.host()));
+    let cut = isolated(&b, &["build", "kiln.toml"]);
+    assert!(proxy.tripped.load(Ordering::SeqCst), "the registry was stopped mid-pull");
+    assert_eq!(cut.code, 3, "{}", cut.stderr);
+    let layers = layout_layers(&p.path("out"));
+    let big = layers.last().unwrap();
+    assert!(!store_blobs(&b.cache).contains(big), "no part of the layer is in the store");
+    assert!(tmp_entries(&b.cache).is_empty(), "no temp file left: {:?}", tmp_entries(&b.cache));
+    reg.restart();
+    proxy.disarm();
+    assert_eq!(isolated(&b, &["build", "kiln.toml"]).digest(), digest);
+}
+
+#[test]
+fn prune_to_a_budget_waits_for_a_running_build_which_succeeds() {
+    if !require_root() {
+        return;
+    }
+    let Some(busybox) = busybox() else { return };
+    let p = Project::new();
+    p.recipe(
+        "[image]\nname = \"slow\"\n\n[[step]]\ncopy = \"busybox\"\nto = \"/bin/busybox\"\nmode = \"0755\"\n\n[[step]]\nrun = [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox sleep 3; echo done > /done\"]\n",
+    );
+    fs::copy(busybox, p.path("busybox")).unwrap();
+    let before = p.build(&[]).digest();
+    let build = p
+        .command(&["build", "kiln.toml", "-o", "oci:out", "--no-cache"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the build holds the store, prune everything.
+    std::thread::sleep(Duration::from_millis(1500));
+    let prune = p.kiln(&["cache", "prune", "--max-size", "0"]);
+    let build = build.wait_with_output().map(Run::from).unwrap();
+    assert_eq!(prune.code, 0, "{}", prune.stderr);
+    assert!(prune.stderr.contains("waiting for the running build"), "{}", prune.stderr);
+    assert_eq!(build.digest(), before, "the running build succeeds: {}", build.stderr);
+    assert_layout_blobs_valid(&p.path("out"));
+}
