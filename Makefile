@@ -25,6 +25,14 @@ demo: build deps
 	@if docker info >/dev/null 2>&1; then \
 		docker load -i out/busybox-run.tar && docker run --rm busybox-run:latest; \
 	else echo "(no Docker engine answers: run 'make deps' to start one, then 'docker load -i out/busybox-run.tar')"; fi
+	@# A registry on loopback: push the image and its step cache; then a fresh cache (another
+	@# CI runner) builds the same digest from the registry alone, running nothing.
+	@rm -rf out/registry out/fresh-cache && mkdir -p out/registry && printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s/out/registry/data\nhttp:\n  addr: 127.0.0.1:5055\n' "$(CURDIR)" > out/registry/config.yml
+	@docker-registry serve out/registry/config.yml >out/registry/log 2>&1 & echo $$! > out/registry/pid; sleep 1
+	$(KILN) build recipes/examples/busybox/kiln.toml -o registry:127.0.0.1:5055/kiln/busybox-run:demo --cache-to registry:127.0.0.1:5055/kiln/cache
+	$(KILN) build recipes/examples/busybox/kiln.toml --cache-dir out/fresh-cache --cache-from registry:127.0.0.1:5055/kiln/cache -o oci:out/busybox-run-fresh
+	skopeo inspect --tls-verify=false docker://127.0.0.1:5055/kiln/busybox-run:demo | grep -E '"(Name|Digest)"'
+	@kill `cat out/registry/pid`
 	@# Debian packages from the committed kiln.lock (downloaded from deb.debian.org once, then cached).
 	$(KILN) build recipes/examples/python/kiln.toml -o oci:out/python -o docker-archive:out/python.tar
 	$(KILN) sbom oci:out/python > out/python.spdx.json
@@ -48,7 +56,7 @@ lint:
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
 ## Benchmarks; results go to bench/RESULTS.md.
-bench: build
+bench: build deps
 	python3 bench/bench.py
 
 clean:

@@ -198,42 +198,13 @@ impl Session {
             opts.platform.clone().or_else(|| recipe.image.platform.clone()).unwrap_or_else(Platform::host);
         let epoch = opts.epoch_override.or(recipe.image.epoch).unwrap_or(0);
         let index = Mutex::new(StatIndex::load(&store, &ctx.root));
-        let registry_bases: Vec<Remote> = std::iter::once(&recipe.image.base)
-            .chain(recipe.stages.iter().map(|s| &s.base))
-            .filter_map(|b| match b {
-                Base::Registry(r) => Remote::parse(r).ok(),
-                _ => None,
-            })
-            .collect();
-        let outputs: Vec<Remote> = opts
-            .outputs
-            .iter()
-            .filter_map(|o| match o {
-                ImageRef::Registry(r) => Remote::parse(r).ok(),
-                _ => None,
-            })
-            .collect();
-        let all: Vec<&Remote> =
-            registry_bases.iter().chain(&outputs).chain(&opts.cache_from).chain(&opts.cache_to).collect();
-        let registry = Registry::new(rt.clone(), &all, &opts.registry);
-        let pins = if registry_bases.is_empty() {
+        let registry = Registry::new(rt.clone(), &crate::registry::remotes_of(recipe, opts), &opts.registry);
+        let pins = if crate::registry::tagged_bases(recipe)?.is_empty() {
             Vec::new()
         } else {
             crate::packages::lockfile::load_pins(&crate::packages::lockfile::Lockfile::path_for(&recipe.dir))?
         };
-        let mut remote_steps = HashMap::new();
-        for from in &opts.cache_from {
-            match crate::registry::pull_index(&registry, from) {
-                Ok(idx) => {
-                    tracing::debug!(cache = %from, steps = idx.steps.len(), "remote cache index");
-                    for (k, l) in idx.steps {
-                        remote_steps.entry(k).or_insert_with(|| (l, from.clone()));
-                    }
-                }
-                Err(e) => reporter
-                    .on_notice(&format!("cannot read the cache registry:{from} ({e}); building without it")),
-            }
-        }
+        let remote_steps = crate::registry::read_caches(&registry, &opts.cache_from, reporter.as_ref());
         let s = Session {
             recipe: recipe.clone(),
             opts: opts.clone(),

@@ -319,7 +319,7 @@ pub fn lock_bases(recipe: &Recipe, opts: &RegistryOptions) -> Result<(Vec<BasePi
                 hint: String::new(),
             }
         })?;
-    let remotes: Vec<&Remote> = tagged.iter().map(|(_, r)| r).collect();
+    let remotes: Vec<Remote> = tagged.iter().map(|(_, r)| r.clone()).collect();
     let reg = Registry::new(rt.handle().clone(), &remotes, opts);
     let mut pins = Vec::new();
     for (name, r) in &tagged {
@@ -330,6 +330,48 @@ pub fn lock_bases(recipe: &Recipe, opts: &RegistryOptions) -> Result<(Vec<BasePi
     pins.dedup();
     let changed = crate::packages::lockfile::save_pins(&Lockfile::path_for(&recipe.dir), pins.clone())?;
     Ok((pins, changed))
+}
+
+/// Every registry reference a build uses (bases, outputs, caches), so the
+/// client knows which loopback hosts speak plain HTTP.
+pub fn remotes_of(recipe: &Recipe, opts: &crate::BuildOptions) -> Vec<Remote> {
+    let bases =
+        std::iter::once(&recipe.image.base).chain(recipe.stages.iter().map(|s| &s.base)).filter_map(|b| {
+            match b {
+                Base::Registry(r) => Remote::parse(r).ok(),
+                _ => None,
+            }
+        });
+    let outputs = opts.outputs.iter().filter_map(|o| match o {
+        kiln_recipes::ImageRef::Registry(r) => Remote::parse(r).ok(),
+        _ => None,
+    });
+    bases.chain(outputs).chain(opts.cache_from.iter().cloned()).chain(opts.cache_to.iter().cloned()).collect()
+}
+
+/// The `--cache-from` indexes, merged: step key → layer and the repository
+/// that has it, the first cache listed winning. A cache that cannot be read
+/// is reported and left out; the build goes on without it.
+pub fn read_caches(
+    reg: &Registry,
+    from: &[Remote],
+    reporter: &dyn Reporter,
+) -> HashMap<Digest, (ImageLayer, Remote)> {
+    let mut steps = HashMap::new();
+    for r in from {
+        match pull_index(reg, r) {
+            Ok(idx) => {
+                tracing::debug!(cache = %r, steps = idx.steps.len(), "remote cache index");
+                for (k, l) in idx.steps {
+                    steps.entry(k).or_insert_with(|| (l, r.clone()));
+                }
+            }
+            Err(e) => {
+                reporter.on_notice(&format!("cannot read the cache registry:{r} ({e}); building without it"))
+            }
+        }
+    }
+    steps
 }
 
 /// The recipe's `registry:` bases that name a tag (a digest needs no pin).

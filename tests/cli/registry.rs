@@ -27,12 +27,20 @@ fn free_port() -> u16 {
 impl TestRegistry {
     /// `None` (test skipped) without `docker-registry`, except in CI.
     fn start(htpasswd: Option<(&str, &str)>) -> Option<TestRegistry> {
+        Self::start_with(htpasswd, None)
+    }
+
+    /// `token`: the `auth: token:` section's body (bearer tokens from a token server).
+    fn start_with(htpasswd: Option<(&str, &str)>, token: Option<String>) -> Option<TestRegistry> {
         if !require("docker-registry") {
             return None;
         }
         let dir = tempfile::Builder::new().prefix("kiln-registry-").tempdir().unwrap();
         let port = free_port();
         let mut auth = String::new();
+        if let Some(t) = token {
+            auth = format!("auth:\n  token:\n{t}");
+        }
         if let Some((user, password)) = htpasswd {
             assert!(require("htpasswd"), "htpasswd (apache2-utils) is needed for the auth test");
             let o = Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap();
@@ -250,6 +258,33 @@ fn a_pushed_image_is_read_by_skopeo_and_docker_and_builds_on_as_a_base() {
     assert_eq!(again.digest(), digest);
     assert!(again.events().iter().all(|e| e["event"] != "blob"), "{}", again.stderr);
 
+    // One request per blob, for registries that refuse chunked uploads.
+    let mono = Project::new();
+    fs::copy(p.path("kiln.toml"), mono.path("kiln.toml")).unwrap();
+    fs::copy(p.path("busybox"), mono.path("busybox")).unwrap();
+    let target2 = format!("{host}/kiln/mono:v1");
+    let r = isolated(
+        &mono,
+        &[
+            "build",
+            "kiln.toml",
+            "-o",
+            &format!("registry:{target2}"),
+            "--monolithic-upload",
+            "--progress",
+            "json",
+        ],
+    );
+    assert_eq!(r.digest(), digest);
+    assert!(r.events().iter().any(|e| e["event"] == "blob" && e["action"] == "pushed"), "{}", r.stderr);
+    if require("skopeo") {
+        let o = Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false", &format!("docker://{target2}")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
     // Deleted locally: a fresh cache, another folder. The base is pulled and checked.
     let b = Project::new();
     b.recipe(&format!("[image]\nname = \"app\"\nbase = \"registry:{target}\"\n"));
@@ -373,6 +408,11 @@ fn a_fresh_runner_gets_every_step_from_the_registry_cache_and_only_the_final_lay
     let da = ra.digest();
     assert!(ra.stderr.contains("STEP-42"), "runner A runs the steps");
 
+    // `plan` with the cache: every step a HIT, nothing built.
+    let planned = isolated(&b, &["plan", "kiln.toml", "--json", "--cache-from", &cache]);
+    let steps: serde_json::Value = serde_json::from_str(&planned.stdout).unwrap();
+    assert!(steps.as_array().unwrap().iter().all(|s| s["cached"] == true), "{}", planned.stdout);
+
     // Runner B: another folder, a fresh cache.
     let rb =
         isolated(&b, &["build", "kiln.toml", "-o", "oci:out", "--progress", "json", "--cache-from", &cache]);
@@ -466,6 +506,172 @@ fn credentials_are_checked_named_in_errors_and_never_printed() {
     });
     assert_eq!(pulled.digest(), digest);
     assert!(!pulled.stderr.contains(password));
+}
+
+/// base64url without padding, for the JWTs below.
+fn b64url(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A token server as distribution's `auth: token` expects: it checks HTTP
+/// basic credentials and answers with a JWT (RS256, the signing
+/// certificate in `x5c`) granting the requested scope.
+struct TokenServer {
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl TokenServer {
+    fn start(user: &'static str, password: &'static str) -> Option<TokenServer> {
+        if !require("openssl") {
+            return None;
+        }
+        let dir = tempfile::Builder::new().prefix("kiln-token-").tempdir().unwrap();
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=kiln-test-token",
+            ])
+            .arg("-keyout")
+            .arg(dir.path().join("key.pem"))
+            .arg("-out")
+            .arg(dir.path().join("cert.pem"))
+            .output()
+            .unwrap();
+        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(dir.path().join("cert.pem"))
+            .output()
+            .unwrap()
+            .stdout;
+        // x5c is standard base64 (with padding), not base64url.
+        let x5c = {
+            let u = b64url(&der).replace('-', "+").replace('_', "/");
+            let pad = (4 - u.len() % 4) % 4;
+            u + &"=".repeat(pad)
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let key = dir.path().join("key.pem");
+        let expected = format!("Basic {}", {
+            let u = b64url(format!("{user}:{password}").as_bytes()).replace('-', "+").replace('_', "/");
+            let pad = (4 - u.len() % 4) % 4;
+            u + &"=".repeat(pad)
+        });
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).map(|n| n == 1).unwrap_or(false) {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let authorized = head.lines().any(|l| {
+                    l.split_once(':')
+                        .is_some_and(|(k, v)| k.eq_ignore_ascii_case("authorization") && v.trim() == expected)
+                });
+                if !authorized {
+                    let body = r#"{"details":"wrong user or password"}"#;
+                    let _ = write!(conn, "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    continue;
+                }
+                let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+                let mut access = Vec::new();
+                for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+                    if k == "scope" {
+                        let v = v.replace("%3A", ":").replace("%2F", "/").replace("%2C", ",");
+                        let parts: Vec<&str> = v.splitn(3, ':').collect();
+                        if let [kind, name, actions] = parts[..] {
+                            access.push(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}));
+                        }
+                    }
+                }
+                let now =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [x5c]});
+                let claims = serde_json::json!({
+                    "iss": "kiln-test-issuer", "sub": user, "aud": "kiln-test", "exp": now + 600,
+                    "nbf": now - 60, "iat": now - 60, "jti": format!("{now}-{port}-{}", access.len()), "access": access,
+                });
+                let signing_input = format!(
+                    "{}.{}",
+                    b64url(header.to_string().as_bytes()),
+                    b64url(claims.to_string().as_bytes())
+                );
+                let mut sign = Command::new("openssl")
+                    .args(["dgst", "-sha256", "-sign"])
+                    .arg(&key)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                sign.stdin.take().unwrap().write_all(signing_input.as_bytes()).unwrap();
+                let sig = sign.wait_with_output().unwrap().stdout;
+                let body = serde_json::json!({"token": format!("{signing_input}.{}", b64url(&sig)), "expires_in": 600}).to_string();
+                let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            }
+        });
+        Some(TokenServer { port, dir })
+    }
+
+    /// The registry's `auth: token:` settings for this server.
+    fn registry_config(&self) -> String {
+        format!(
+            "    realm: http://127.0.0.1:{}/token\n    service: kiln-test\n    issuer: kiln-test-issuer\n    rootcertbundle: {}\n",
+            self.port,
+            self.dir.path().join("cert.pem").display()
+        )
+    }
+}
+
+#[test]
+fn bearer_tokens_are_exchanged_at_the_registrys_token_server() {
+    let password = "T0ken-pa55word";
+    let Some(tokens) = TokenServer::start("ci", "T0ken-pa55word") else { return };
+    let Some(reg) = TestRegistry::start_with(None, Some(tokens.registry_config())) else { return };
+    let Some(p) = app("bearer") else { return };
+    let out = format!("registry:{}/kiln/bearer:v1", reg.host());
+
+    let anonymous = isolated(&p, &["build", "kiln.toml", "-o", &out]);
+    assert_eq!(anonymous.code, 3, "{}", anonymous.stderr);
+    assert!(anonymous.stderr.contains("refused anonymous access"), "{}", anonymous.stderr);
+
+    let with =
+        |pw: &str| format!(r#"{{"auths": {{"{}": {{"username": "ci", "password": "{pw}"}}}}}}"#, reg.host());
+    let wrong = p.kiln_with(&["build", "kiln.toml", "-o", &out], |c| {
+        c.env("HOME", p.dir.path()).env("KILN_REGISTRY_AUTH", with("nope"));
+    });
+    assert_eq!(wrong.code, 3, "{}", wrong.stderr);
+    assert!(wrong.stderr.contains("at its token server"), "{}", wrong.stderr);
+
+    let ok = p.kiln_with(&["build", "kiln.toml", "-o", &out], |c| {
+        c.env("HOME", p.dir.path()).env("KILN_REGISTRY_AUTH", with(password));
+    });
+    let digest = ok.digest();
+    assert!(!ok.stderr.contains(password));
+    let b = Project::new();
+    b.recipe(&format!("[image]\nname = \"app\"\nbase = \"{out}\"\n"));
+    let pulled = b.kiln_with(&["build", "kiln.toml"], |c| {
+        c.env("HOME", b.dir.path()).env("KILN_REGISTRY_AUTH", with(password));
+    });
+    assert_eq!(pulled.digest(), digest);
 }
 
 /// A big incompressible layer, so a transfer takes many packets.

@@ -200,7 +200,7 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Registry {
-    pub fn new(rt: tokio::runtime::Handle, remotes: &[&Remote], opts: &RegistryOptions) -> Registry {
+    pub fn new(rt: tokio::runtime::Handle, remotes: &[Remote], opts: &RegistryOptions) -> Registry {
         // One TLS crypto provider for the process (reqwest is built without one).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut http: Vec<String> = opts.insecure.clone();
