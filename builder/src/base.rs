@@ -28,7 +28,8 @@ pub struct BaseImage {
 /// What `registry:` bases need: a client, kiln.lock's pins, and where to
 /// report downloads and a pinned tag that moved.
 pub struct Remotes<'a> {
-    pub registry: &'a Registry,
+    /// The client, made on first use.
+    pub registry: &'a dyn Fn() -> &'a Registry,
     pub pins: &'a [BasePin],
     pub reporter: &'a dyn crate::Reporter,
 }
@@ -70,7 +71,7 @@ pub fn load_base(
                 None => r.with_digest(resolve_registry_tag(store, base, &r, remotes).map_err(not_found)?),
             };
             let (img, source) =
-                crate::registry::pull(store, remotes.registry, &pinned, platform, remotes.reporter)
+                crate::registry::pull(store, (remotes.registry)(), &pinned, platform, remotes.reporter)
                     .map_err(not_found)?;
             check_arch(recipe, &img.config_json, base_span, platform)?;
             Ok(BaseImage {
@@ -147,7 +148,7 @@ fn resolve_registry_tag(
     let name = base.to_string();
     let pin = remotes.pins.iter().find(|p| p.reference == name);
     let Some(pin) = pin else {
-        let d = crate::registry::resolve_tag(store, remotes.registry, r)?
+        let d = crate::registry::resolve_tag(store, (remotes.registry)(), r)?
             .ok_or_else(|| RegistryError::NotFound { reference: r.to_string() })?;
         remotes.reporter.on_notice(&format!(
             "{name} is not pinned in kiln.lock; building {d}, what the tag names now (`kiln lock` pins it)"
@@ -160,7 +161,7 @@ fn resolve_registry_tag(
             Some("run `kiln lock RECIPE` to write it again"),
         )
     })?;
-    match crate::registry::resolve_tag(store, remotes.registry, r) {
+    match crate::registry::resolve_tag(store, (remotes.registry)(), r) {
         Ok(Some(now)) if now != pinned => remotes.reporter.on_notice(&format!(
             "{name} has moved: kiln.lock pins {pinned}, the tag now names {now}; building the pinned image (`kiln lock` moves the pin)"
         )),

@@ -172,7 +172,10 @@ struct Session {
     failure: Mutex<Option<BuildError>>,
     /// Every target's steps, as they finish.
     steps: Mutex<Vec<PlannedStep>>,
-    registry: Registry,
+    /// Made on first use: building a TLS client costs a few milliseconds.
+    registry: OnceLock<Registry>,
+    /// Every registry reference of the build (for the client's plain-HTTP list).
+    remotes: Vec<Remote>,
     /// kiln.lock's pins of `registry:` bases.
     pins: Vec<crate::packages::lockfile::BasePin>,
     /// Steps other builds pushed (`--cache-from`): key → layer and its repository.
@@ -198,13 +201,20 @@ impl Session {
             opts.platform.clone().or_else(|| recipe.image.platform.clone()).unwrap_or_else(Platform::host);
         let epoch = opts.epoch_override.or(recipe.image.epoch).unwrap_or(0);
         let index = Mutex::new(StatIndex::load(&store, &ctx.root));
-        let registry = Registry::new(rt.clone(), &crate::registry::remotes_of(recipe, opts), &opts.registry);
+        let remotes = crate::registry::remotes_of(recipe, opts);
+        let registry = OnceLock::new();
         let pins = if crate::registry::tagged_bases(recipe)?.is_empty() {
             Vec::new()
         } else {
             crate::packages::lockfile::load_pins(&crate::packages::lockfile::Lockfile::path_for(&recipe.dir))?
         };
-        let remote_steps = crate::registry::read_caches(&registry, &opts.cache_from, reporter.as_ref());
+        let remote_steps = match opts.cache_from.is_empty() {
+            true => HashMap::new(),
+            false => {
+                let reg = registry.get_or_init(|| Registry::new(rt.clone(), &remotes, &opts.registry));
+                crate::registry::read_caches(reg, &opts.cache_from, reporter.as_ref())
+            }
+        };
         let s = Session {
             recipe: recipe.clone(),
             opts: opts.clone(),
@@ -220,6 +230,7 @@ impl Session {
             failure: Mutex::new(None),
             steps: Mutex::new(Vec::new()),
             registry,
+            remotes,
             pins,
             remote_steps,
             sources: Mutex::new(HashMap::new()),
@@ -236,6 +247,10 @@ impl Session {
             line: line_col(&self.recipe.source, step.span.start).0,
             stage: t.name().map(str::to_string),
         }
+    }
+
+    fn registry(&self) -> &Registry {
+        self.registry.get_or_init(|| Registry::new(self.rt.clone(), &self.remotes, &self.opts.registry))
     }
 
     fn docker(&self) -> Result<Arc<DockerEngine>, BuildError> {
@@ -284,7 +299,7 @@ impl Session {
             }
             (base, span) => {
                 let remotes = crate::base::Remotes {
-                    registry: &self.registry,
+                    registry: &|| self.registry(),
                     pins: &self.pins,
                     reporter: self.reporter.as_ref(),
                 };
@@ -405,7 +420,7 @@ impl Session {
             if !self.store.verify_blob(&l.digest)? {
                 let from = self.sources.lock().expect("sources").get(&l.digest).cloned();
                 let from = from.ok_or(StoreError::Missing(l.digest))?;
-                let n = self.registry.fetch_blob(&self.store, &from, &l.digest)?;
+                let n = self.registry().fetch_blob(&self.store, &from, &l.digest)?;
                 let diff_id = kiln_cache::digest::hash_reader(l.open_tar(&self.store)?)
                     .map_err(StoreError::io(self.store.blob_path(&l.digest)))?
                     .0;
@@ -455,7 +470,7 @@ impl Session {
             let one = [l.digest];
             let pushed = crate::registry::push_blobs(
                 &self.store,
-                &self.registry,
+                self.registry(),
                 to,
                 &one,
                 &sources,
@@ -469,7 +484,7 @@ impl Session {
                     self.materialize(std::slice::from_ref(l))?;
                     crate::registry::push_blobs(
                         &self.store,
-                        &self.registry,
+                        self.registry(),
                         to,
                         &one,
                         &sources,
@@ -479,7 +494,7 @@ impl Session {
                 other => other?,
             };
         }
-        let old = match crate::registry::pull_index(&self.registry, to) {
+        let old = match crate::registry::pull_index(self.registry(), to) {
             Ok(i) => i,
             Err(e) => {
                 self.reporter.on_notice(&format!("the cache at registry:{to} is replaced: {e}"));
@@ -487,7 +502,7 @@ impl Session {
             }
         };
         let index = crate::registry::CacheIndex::merged(&entries, &old);
-        let digest = crate::registry::push_index(&self.store, &self.registry, to, &index)?;
+        let digest = crate::registry::push_index(&self.store, self.registry(), to, &index)?;
         self.reporter.on_notice(&format!(
             "cache: {} step(s) of this build in registry:{to}@{digest} ({} in all; {skipped} layer(s) were there already)",
             entries.len(),
@@ -1001,7 +1016,7 @@ pub fn build(
             ImageRef::Registry(text) => {
                 let to = crate::registry::remote(text)?;
                 let sources = s.sources.lock().expect("sources").clone();
-                crate::registry::push(&s.store, &s.registry, &image, &to, &sources, reporter.as_ref())?;
+                crate::registry::push(&s.store, s.registry(), &image, &to, &sources, reporter.as_ref())?;
             }
             _ => crate::export::export(&s.store, &image, &recipe.image.name, out)?,
         }

@@ -313,6 +313,48 @@ fn a_pushed_image_is_read_by_skopeo_and_docker_and_builds_on_as_a_base() {
     assert!(pinned.stderr.contains("has moved"), "{}", pinned.stderr);
     assert!(pinned.stderr.contains(&moved), "the new digest is named: {}", pinned.stderr);
 
+    // A multi-platform index: the build platform's image is picked.
+    if require("curl") {
+        let raw = |d: &str| {
+            let o = Command::new("curl")
+                .args(["-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+                .arg(format!("http://{host}/v2/kiln/app/manifests/{d}"))
+                .output()
+                .unwrap();
+            assert!(o.status.success());
+            o.stdout.len()
+        };
+        let host_arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        let other_arch = if host_arch == "amd64" { "arm64" } else { "amd64" };
+        let entry = |d: &str, arch: &str| {
+            serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": raw(d),
+                "platform": {"os": "linux", "architecture": arch}})
+        };
+        let index = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [entry(&digest, other_arch), entry(&moved, host_arch)]});
+        let put = Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/vnd.oci.image.index.v1+json",
+                "--data-binary",
+            ])
+            .arg(index.to_string())
+            .arg(format!("http://{host}/v2/kiln/app/manifests/multi"))
+            .output()
+            .unwrap();
+        assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+        let m = Project::new();
+        m.recipe(&format!("[image]\nname = \"app\"\nbase = \"registry:{host}/kiln/app:multi\"\n"));
+        assert_eq!(isolated(&m, &["build", "kiln.toml"]).digest(), moved, "the {host_arch} entry");
+    }
+
     // By digest, with no pin needed.
     let c = Project::new();
     c.recipe(&format!("[image]\nname = \"app\"\nbase = \"registry:{host}/kiln/app@{digest}\"\n"));

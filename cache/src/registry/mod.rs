@@ -15,7 +15,6 @@ pub mod auth;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -173,7 +172,7 @@ pub fn media_type_of(bytes: &[u8]) -> Option<String> {
     )
 }
 
-/// A client for any number of registries, with byte counters.
+/// A client for any number of registries.
 pub struct Registry {
     client: oci_client::Client,
     rt: tokio::runtime::Handle,
@@ -181,8 +180,6 @@ pub struct Registry {
     creds: Mutex<HashMap<String, Found>>,
     /// (host, repo, push?) already authenticated.
     authed: Mutex<HashSet<(String, String, bool)>>,
-    pub downloaded: AtomicU64,
-    pub uploaded: AtomicU64,
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
@@ -218,8 +215,6 @@ impl Registry {
             rt,
             creds: Mutex::new(HashMap::new()),
             authed: Mutex::new(HashSet::new()),
-            downloaded: AtomicU64::new(0),
-            uploaded: AtomicU64::new(0),
         }
     }
 
@@ -350,7 +345,6 @@ impl Registry {
                 host: r.host.clone(),
                 detail: format!("the manifest of {r} is not JSON"),
             })?;
-            self.downloaded.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             Ok(Some(Manifest { bytes: bytes.to_vec(), digest, media_type }))
         })
     }
@@ -387,7 +381,6 @@ impl Registry {
                 }
                 Err(e) => return Err(e.into()),
             }
-            self.downloaded.fetch_add(n, Ordering::Relaxed);
             Ok(n)
         })
     }
@@ -446,7 +439,6 @@ impl Registry {
                 .push_blob_stream(&r.reference(), pieces, &d.to_string(), Some(size))
                 .await
                 .map_err(|e| self.error(r, e))?;
-            self.uploaded.fetch_add(size, Ordering::Relaxed);
             Ok(Pushed::Uploaded(size))
         })
     }
@@ -463,7 +455,6 @@ impl Registry {
                 .push_manifest_raw(&r.reference(), bytes.to_vec(), ct)
                 .await
                 .map_err(|e| self.error(r, e))?;
-            self.uploaded.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             Ok(Digest::of(bytes))
         })
     }
