@@ -116,14 +116,14 @@ pub enum Command {
     },
     /// Print the SPDX 2.3 SBOM (JSON) of the Debian packages in an image.
     Sbom {
-        /// oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE or docker:REF.
+        /// oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, docker:REF or registry:HOST/REPO:TAG.
         target: String,
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
     },
     /// Show the manifest, config and layers of an image.
     Inspect {
-        /// oci:DIR[:TAG], oci-archive:FILE or docker-archive:FILE.
+        /// oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, docker:REF or registry:HOST/REPO:TAG.
         target: String,
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,

@@ -14,7 +14,7 @@ use std::time::Instant;
 use oci_spec::image::{History, ImageConfiguration};
 use serde_json::json;
 
-use kiln_cache::registry::{Registry, RegistryOptions, Remote};
+use kiln_cache::registry::{Registry, RegistryError, RegistryOptions, Remote};
 use kiln_cache::{Digest, StatIndex, Store, StoreError};
 use kiln_recipes::diagnostic::line_col;
 use kiln_recipes::recipe::{Platform, Stage};
@@ -468,28 +468,21 @@ impl Session {
         let mut skipped = 0;
         for l in layers {
             let one = [l.digest];
-            let pushed = crate::registry::push_blobs(
-                &self.store,
-                self.registry(),
-                to,
-                &one,
-                &sources,
-                self.reporter.as_ref(),
-            );
-            skipped += match pushed {
+            let push = || {
+                crate::registry::push_blobs(
+                    &self.store,
+                    self.registry(),
+                    to,
+                    &one,
+                    &sources,
+                    self.reporter.as_ref(),
+                )
+            };
+            skipped += match push() {
                 // A remote hit this build never needed, and no mount from where it is: fetch it, push it.
-                Err(BuildError::Registry(kiln_cache::registry::RegistryError::Store(
-                    StoreError::Missing(_),
-                ))) => {
+                Err(BuildError::Registry(RegistryError::Store(StoreError::Missing(_)))) => {
                     self.materialize(std::slice::from_ref(l))?;
-                    crate::registry::push_blobs(
-                        &self.store,
-                        self.registry(),
-                        to,
-                        &one,
-                        &sources,
-                        self.reporter.as_ref(),
-                    )?
+                    push()?
                 }
                 other => other?,
             };

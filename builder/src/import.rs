@@ -44,6 +44,9 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
             )
         });
     }
+    if let ImageRef::Registry(text) = r {
+        return pull_registry(store, text);
+    }
     let name = r.to_string();
     let bad = |reason: String| BuildError::BadImage { image: name.clone(), reason };
     match r {
@@ -88,6 +91,31 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
             Some("use `oci:DIR[:TAG]`, `oci-archive:FILE` or `docker-archive:FILE`"),
         )),
     }
+}
+
+/// `registry:HOST/REPO:TAG|@DIGEST` (for `inspect`, `diff`, `sbom`): what
+/// the reference names now, for the host's platform, pulled and checked.
+fn pull_registry(store: &Store, text: &str) -> Result<StoredImage, BuildError> {
+    use kiln_cache::registry::{Registry, RegistryError, Remote};
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| {
+            BuildError::Environment {
+                message: format!("Cannot start an async runtime: {e}"),
+                hint: String::new(),
+            }
+        })?;
+    let remote = Remote::parse(text)?;
+    let reg = Registry::new(rt.handle().clone(), std::slice::from_ref(&remote), &Default::default());
+    let pinned = match remote.digest {
+        Some(_) => remote,
+        None => {
+            let d = crate::registry::resolve_tag(store, &reg, &remote)?
+                .ok_or_else(|| RegistryError::NotFound { reference: remote.to_string() })?;
+            remote.with_digest(d)
+        }
+    };
+    let platform = kiln_recipes::recipe::Platform::host();
+    Ok(crate::registry::pull(store, &reg, &pinned, &platform, &crate::NullReporter)?.0)
 }
 
 /// Imports an OCI archive, or (`docker`) what `docker save` writes.

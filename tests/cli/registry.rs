@@ -285,6 +285,12 @@ fn a_pushed_image_is_read_by_skopeo_and_docker_and_builds_on_as_a_base() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
 
+    // `kiln inspect` reads it from the registry.
+    let inspected = isolated(&p, &["inspect", &format!("registry:{target}"), "--json"]);
+    assert_eq!(inspected.code, 0, "{}", inspected.stderr);
+    let v: serde_json::Value = serde_json::from_str(&inspected.stdout).unwrap();
+    assert_eq!(v["manifest"], digest.as_str());
+
     // Deleted locally: a fresh cache, another folder. The base is pulled and checked.
     let b = Project::new();
     b.recipe(&format!("[image]\nname = \"app\"\nbase = \"registry:{target}\"\n"));
@@ -481,6 +487,23 @@ fn a_fresh_runner_gets_every_step_from_the_registry_cache_and_only_the_final_lay
     let again = isolated(&b, &["build", "kiln.toml", "-o", "oci:out", "--progress", "json"]);
     assert_eq!(again.digest(), da);
     assert_eq!(again.count("blob"), 0);
+
+    // Relayed to a second registry by a runner that has nothing local: the layers it never
+    // needed (the stage's) are fetched to be pushed, and a runner there gets every step.
+    if let Some(reg2) = TestRegistry::start(None) {
+        let cache2 = format!("registry:{}/kiln/cache", reg2.host());
+        let d = fleet_project().unwrap();
+        let rd = isolated(&d, &["build", "kiln.toml", "--cache-from", &cache, "--cache-to", &cache2]);
+        assert_eq!(rd.digest(), da);
+        let e = fleet_project().unwrap();
+        let re = isolated(&e, &["build", "kiln.toml", "--progress", "json", "--cache-from", &cache2]);
+        assert_eq!(re.digest(), da);
+        assert_eq!(re.count("output"), 0, "{}", re.stderr);
+        let plan =
+            isolated(&e, &["plan", "kiln.toml", "--json", "--cache-dir", "fresh", "--cache-from", &cache2]);
+        let steps: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+        assert!(steps.as_array().unwrap().iter().all(|s| s["cached"] == true), "{}", plan.stdout);
+    }
 
     // A cache that cannot be reached is a note, not a failure.
     let c = fleet_project().unwrap();
