@@ -439,6 +439,8 @@ def w5_lines(r):
         "diff_id), and writing the OCI layout. The registry's count adds the index manifest and protocol bodies to "
         "the layers.",
         "",
+        "For W1, whose one step is a `copy`, a full hit is no faster than a cold local build (W1 cold above): the layer costs about as much to download and check as to make. The remote cache pays off for `run` steps (W2's takes most of its build) and for package and VM steps; what W5 shows is that a fresh runner downloads exactly the final image's layers, once, and runs nothing.",
+        "",
     ]
 
 

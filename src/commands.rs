@@ -36,6 +36,17 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
             opts.backend = backend.choice();
             opts.secrets = secrets.iter().map(|s| parse_secret(s)).collect::<Result<_, _>>()?;
             opts.outputs = outputs.iter().map(|o| parse_ref(o, "-o")).collect::<Result<_, _>>()?;
+            for o in &opts.outputs {
+                if let ImageRef::Registry(r) = o {
+                    // Checked before building, not when the push comes.
+                    kiln_builder::registry::remote(r).map_err(|e| {
+                        BuildError::usage(
+                            format!("Bad -o `{o}`: {e}"),
+                            Some("e.g. `-o registry:ghcr.io/org/app:1.0`"),
+                        )
+                    })?;
+                }
+            }
             let reporter = crate::progress::reporter(progress);
             let outcome = kiln_builder::build(&recipe, &opts, reporter)?;
             println!("{}", outcome.image.manifest);

@@ -20,13 +20,15 @@
 //! Modules: [`digest`] (the `sha256:` digest type and hashing writers),
 //! [`store`] (opening, records, atomic writes), [`blob`] (writing and checking
 //! blobs), [`index`] (the stat index), [`lock`] (file locks), [`prune`] (size
-//! accounting, LRU eviction and garbage collection).
+//! accounting, LRU eviction and garbage collection), [`registry`] (the remote
+//! side: OCI registries, blobs streamed into and out of the store).
 
 pub mod blob;
 pub mod digest;
 pub mod index;
 pub mod lock;
 pub mod prune;
+pub mod registry;
 pub mod store;
 
 pub use blob::BlobWriter;
@@ -35,4 +37,3 @@ pub use index::StatIndex;
 pub use lock::StoreLock;
 pub use prune::{PruneReport, StoreUsage};
 pub use store::{ImageRecord, StepRecord, Store, StoreError};
-pub mod registry;

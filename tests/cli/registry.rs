@@ -402,6 +402,22 @@ fn a_pushed_image_is_read_by_skopeo_and_docker_and_builds_on_as_a_base() {
     }
 }
 
+#[test]
+fn bad_registry_references_are_refused_before_building() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n\n[[step]]\nwrite = \"/a\"\ncontent = \"a\"\n");
+    let r = p.kiln(&["build", "kiln.toml", "-o", "registry:reg.example/UPPER:v1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("Bad -o") && !r.stderr.contains("WRITE"), "{}", r.stderr);
+    let r = p.kiln(&["build", "kiln.toml", "--cache-from", "oci:cache"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("registry:HOST/REPO"), "{}", r.stderr);
+    p.recipe("[image]\nname = \"x\"\nbase = \"registry:reg.example/UPPER:v1\"\n");
+    let r = p.kiln(&["build", "kiln.toml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("kiln.toml:3"), "the base's line: {}", r.stderr);
+}
+
 /// Two stages (one of them only copied from) and `run` steps that print
 /// a marker, so a step that runs shows in the output.
 fn fleet_project() -> Option<Project> {

@@ -90,7 +90,10 @@ pub struct LockOutcome {
 pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, BuildError> {
     let p = of(recipe).ok_or_else(|| {
         BuildError::usage(
-            format!("`{}` has no `[packages]` table; there is nothing to lock", recipe.file.display()),
+            format!(
+                "`{}` has no `[packages]` table and no `registry:` base with a tag; there is nothing to lock",
+                recipe.file.display()
+            ),
             Some("add `[packages]` with `suite` and `include`"),
         )
     })?;
