@@ -103,9 +103,10 @@ fn kill(child: &Mutex<Option<Child>>) {
     }
 }
 
-/// A TCP proxy in front of a registry that stops the registry once
-/// `cut_after` bytes have gone through it (either way), then drops every
-/// connection: the registry dying in the middle of a transfer.
+/// A TCP proxy in front of a registry that, once `cut_after` bytes have
+/// gone through it (either way), drops every connection and (`kill`)
+/// stops the registry: the registry dying in the middle of a transfer, or
+/// (without `kill`) a connection reset once.
 struct Proxy {
     port: u16,
     armed: Arc<AtomicBool>,
@@ -113,7 +114,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(reg: &TestRegistry, cut_after: u64) -> Proxy {
+    fn start(reg: &TestRegistry, cut_after: u64, kill_registry: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let upstream = reg.port;
@@ -151,7 +152,11 @@ impl Proxy {
                                 && total > cut_after
                                 && !t.swap(true, Ordering::SeqCst)
                             {
-                                kill(&child);
+                                if kill_registry {
+                                    kill(&child);
+                                } else {
+                                    a.store(false, Ordering::SeqCst); // once
+                                }
                                 for c in conns.lock().unwrap().iter() {
                                     let _ = c.shutdown(Shutdown::Both);
                                 }
@@ -769,7 +774,7 @@ fn a_registry_that_dies_mid_transfer_leaves_nothing_behind_and_the_retry_works()
     let p = big_project();
 
     // Push through a proxy that stops the registry after 4 MB.
-    let proxy = Proxy::start(&reg, 4 << 20);
+    let proxy = Proxy::start(&reg, 4 << 20, true);
     let target = format!("registry:{}/kiln/big:v1", proxy.host());
     let cut = isolated(&p, &["build", "kiln.toml", "-o", &target]);
     assert!(proxy.tripped.load(Ordering::SeqCst), "the registry was stopped mid-push");
@@ -780,7 +785,7 @@ fn a_registry_that_dies_mid_transfer_leaves_nothing_behind_and_the_retry_works()
     let digest = isolated(&p, &["build", "kiln.toml", "-o", &target, "-o", "oci:out"]).digest();
 
     // Pull into a fresh cache through a new proxy that stops it again.
-    let proxy = Proxy::start(&reg, 4 << 20);
+    let proxy = Proxy::start(&reg, 4 << 20, true);
     let b = Project::new();
     b.recipe(&format!("[image]\nname = \"big\"\nbase = \"registry:{}/kiln/big:v1\"\n", proxy.host()));
     let cut = isolated(&b, &["build", "kiln.toml"]);
@@ -793,6 +798,14 @@ fn a_registry_that_dies_mid_transfer_leaves_nothing_behind_and_the_retry_works()
     reg.restart();
     proxy.disarm();
     assert_eq!(isolated(&b, &["build", "kiln.toml"]).digest(), digest);
+
+    // A connection reset once, mid-layer: kiln tries again by itself.
+    let proxy = Proxy::start(&reg, 4 << 20, false);
+    let c = Project::new();
+    c.recipe(&format!("[image]\nname = \"big\"\nbase = \"registry:{}/kiln/big:v1\"\n", proxy.host()));
+    let again = isolated(&c, &["build", "kiln.toml"]);
+    assert!(proxy.tripped.load(Ordering::SeqCst), "the connection was cut");
+    assert_eq!(again.digest(), digest, "{}", again.stderr);
 }
 
 #[test]

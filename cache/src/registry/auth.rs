@@ -3,7 +3,7 @@
 //! 1. `KILN_REGISTRY_AUTH`: a Docker config document (`{"auths": {...}}`),
 //!    the form CI systems hand out (e.g. GitLab's `DOCKER_AUTH_CONFIG`);
 //! 2. `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`: the
-//!    host's `credHelpers` entry, its `auths` entry, then `credsStore`;
+//!    host's `credHelpers` entry, then `credsStore`, then its `auths` entry;
 //! 3. none: anonymous.
 //!
 //! Secrets never reach a log: [`Credential`]'s `Debug` shows only the user.
@@ -120,6 +120,12 @@ impl DockerConfig {
         {
             return run_helper(helper, host);
         }
+        // As Docker does: with a `credsStore`, `auths` entries are mostly empty placeholders.
+        if let Some(store) = self.creds_store.as_deref().filter(|s| !s.is_empty()) {
+            if let Some(f) = run_helper(store, host)? {
+                return Ok(Some(f));
+            }
+        }
         if let Some(e) = self.entry(host) {
             let bad = |reason: &str| AuthError::BadConfig {
                 from: from.into(),
@@ -144,10 +150,7 @@ impl DockerConfig {
             };
             return Ok(Some(Found { credential, from: from.to_string() }));
         }
-        match &self.creds_store {
-            Some(store) if !store.is_empty() => run_helper(store, host),
-            _ => Ok(None),
-        }
+        Ok(None)
     }
 }
 
@@ -260,6 +263,15 @@ mod tests {
         assert!(err.to_string().contains("not base64"), "{err}");
         let debug = format!("{:?}", Credential::Basic { user: "u".into(), password: "hunter2".into() });
         assert!(!debug.contains("hunter2"));
+    }
+
+    #[test]
+    fn the_creds_store_comes_before_empty_auths_placeholders() {
+        let cfg = r#"{"auths": {"r.example": {}}, "credsStore": "kiln-no-such-store"}"#;
+        let err = DockerConfig::parse(cfg, "cfg").unwrap().lookup("r.example", "cfg").unwrap_err();
+        assert!(err.to_string().contains("docker-credential-kiln-no-such-store"), "{err}");
+        let cfg = r#"{"auths": {"r.example": {}}}"#;
+        assert_eq!(found(cfg, "r.example"), None);
     }
 
     #[test]

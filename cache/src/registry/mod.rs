@@ -36,6 +36,8 @@ const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST]
 /// Manifests larger than this are refused (distribution's own limit is 4 MiB).
 const MANIFEST_MAX: usize = 4 << 20;
 const PIECE: usize = 8 << 20;
+/// Tries per request when the connection fails.
+const ATTEMPTS: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -218,6 +220,35 @@ impl Registry {
         }
     }
 
+    /// Runs `f` again when the connection failed (the registry restarting,
+    /// a reset), up to [`ATTEMPTS`] times with growing pauses: what a CI
+    /// runner needs from a registry on the other side of a network.
+    fn retrying<T>(
+        &self,
+        host: &str,
+        mut f: impl FnMut() -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let mut pause = Duration::from_millis(500);
+        let mut attempt = 1;
+        loop {
+            match f() {
+                Err(RegistryError::Unreachable { detail, .. }) if attempt < ATTEMPTS => {
+                    tracing::warn!(host, attempt, %detail, "registry connection failed; trying again");
+                    std::thread::sleep(pause);
+                    pause *= 4;
+                    attempt += 1;
+                }
+                Err(RegistryError::Unreachable { host, detail }) if attempt > 1 => {
+                    return Err(RegistryError::Unreachable {
+                        host,
+                        detail: format!("{detail} (tried {attempt} times)"),
+                    })
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn credential(&self, host: &str) -> Result<Found, RegistryError> {
         if let Some(f) = self.creds.lock().expect("creds").get(host) {
             return Ok(f.clone());
@@ -311,41 +342,46 @@ impl Registry {
     /// The manifest `r` names; `None` when the registry has no such tag or digest.
     /// A manifest asked for by digest is checked against it.
     pub fn manifest(&self, r: &Remote) -> Result<Option<Manifest>, RegistryError> {
-        self.rt.block_on(async {
-            self.authenticate(r, false).await?;
-            let res = self
-                .client
-                .pull_manifest_raw(&r.reference(), &oci_client::secrets::RegistryAuth::Anonymous, ACCEPT)
-                .await;
-            let (bytes, _) = match res {
-                Ok(v) => v,
-                Err(e) => {
-                    return match self.error(r, e) {
-                        RegistryError::NotFound { .. } => Ok(None),
-                        e => Err(e),
+        self.retrying(&r.host, || {
+            self.rt.block_on(async {
+                self.authenticate(r, false).await?;
+                let res = self
+                    .client
+                    .pull_manifest_raw(&r.reference(), &oci_client::secrets::RegistryAuth::Anonymous, ACCEPT)
+                    .await;
+                let (bytes, _) = match res {
+                    Ok(v) => v,
+                    Err(e) => {
+                        return match self.error(r, e) {
+                            RegistryError::NotFound { .. } => Ok(None),
+                            e => Err(e),
+                        }
                     }
-                }
-            };
-            if bytes.len() > MANIFEST_MAX {
-                return Err(RegistryError::Protocol {
-                    host: r.host.clone(),
-                    detail: format!("the manifest of {r} is {} bytes, more than kiln accepts", bytes.len()),
-                });
-            }
-            let digest = Digest::of(&bytes);
-            if let Some(want) = &r.digest {
-                if *want != digest {
+                };
+                if bytes.len() > MANIFEST_MAX {
                     return Err(RegistryError::Protocol {
                         host: r.host.clone(),
-                        detail: format!("the manifest asked for as {want} hashes to {digest}"),
+                        detail: format!(
+                            "the manifest of {r} is {} bytes, more than kiln accepts",
+                            bytes.len()
+                        ),
                     });
                 }
-            }
-            let media_type = media_type_of(&bytes).ok_or_else(|| RegistryError::Protocol {
-                host: r.host.clone(),
-                detail: format!("the manifest of {r} is not JSON"),
-            })?;
-            Ok(Some(Manifest { bytes: bytes.to_vec(), digest, media_type }))
+                let digest = Digest::of(&bytes);
+                if let Some(want) = &r.digest {
+                    if *want != digest {
+                        return Err(RegistryError::Protocol {
+                            host: r.host.clone(),
+                            detail: format!("the manifest asked for as {want} hashes to {digest}"),
+                        });
+                    }
+                }
+                let media_type = media_type_of(&bytes).ok_or_else(|| RegistryError::Protocol {
+                    host: r.host.clone(),
+                    detail: format!("the manifest of {r} is not JSON"),
+                })?;
+                Ok(Some(Manifest { bytes: bytes.to_vec(), digest, media_type }))
+            })
         })
     }
 
@@ -355,41 +391,48 @@ impl Registry {
         if store.verify_blob(d)? {
             return Ok(0);
         }
-        self.rt.block_on(async {
-            use futures_util::StreamExt;
-            self.authenticate(r, false).await?;
-            let desc = OciDescriptor { digest: d.to_string(), ..Default::default() };
-            let mut stream =
-                self.client.pull_blob_stream(&r.reference(), &desc).await.map_err(|e| self.error(r, e))?;
-            let mut w = BlobWriter::new(store)?;
-            let mut n = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| self.error(r, OciDistributionError::IoError(e)))?;
-                n += chunk.len() as u64;
-                w.write_all(&chunk).map_err(StoreError::io(store.tmp_dir()))?;
-            }
-            match w.commit_expecting(d) {
-                Ok(_) => {}
-                Err(StoreError::DigestMismatch { actual, .. }) => {
-                    return Err(RegistryError::Protocol {
-                        host: r.host.clone(),
-                        detail: format!(
+        self.retrying(&r.host, || {
+            self.rt.block_on(async {
+                use futures_util::StreamExt;
+                self.authenticate(r, false).await?;
+                let desc = OciDescriptor { digest: d.to_string(), ..Default::default() };
+                let mut stream = self
+                    .client
+                    .pull_blob_stream(&r.reference(), &desc)
+                    .await
+                    .map_err(|e| self.error(r, e))?;
+                let mut w = BlobWriter::new(store)?;
+                let mut n = 0u64;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| self.error(r, OciDistributionError::IoError(e)))?;
+                    n += chunk.len() as u64;
+                    w.write_all(&chunk).map_err(StoreError::io(store.tmp_dir()))?;
+                }
+                match w.commit_expecting(d) {
+                    Ok(_) => {}
+                    Err(StoreError::DigestMismatch { actual, .. }) => {
+                        return Err(RegistryError::Protocol {
+                            host: r.host.clone(),
+                            detail: format!(
                             "blob {d} of {} hashes to {actual} ({n} bytes): it was cut short or is corrupt",
                             r.repo
                         ),
-                    })
+                        })
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
-            }
-            Ok(n)
+                Ok(n)
+            })
         })
     }
 
     /// Whether repository `r` has blob `d`.
     pub fn has_blob(&self, r: &Remote, d: &Digest) -> Result<bool, RegistryError> {
-        self.rt.block_on(async {
-            self.authenticate(r, false).await?;
-            self.client.blob_exists(&r.reference(), &d.to_string()).await.map_err(|e| self.error(r, e))
+        self.retrying(&r.host, || {
+            self.rt.block_on(async {
+                self.authenticate(r, false).await?;
+                self.client.blob_exists(&r.reference(), &d.to_string()).await.map_err(|e| self.error(r, e))
+            })
         })
     }
 
@@ -406,56 +449,64 @@ impl Registry {
         if self.has_blob(r, d)? {
             return Ok(Pushed::Present);
         }
-        self.rt.block_on(async {
-            self.authenticate(r, true).await?;
-            if let Some(src) = mount_from.filter(|s| s.host == r.host && s.repo != r.repo) {
-                if self.authenticate(src, false).await.is_ok()
-                    && self.client.mount_blob(&r.reference(), &src.reference(), &d.to_string()).await.is_ok()
-                    && self.client.blob_exists(&r.reference(), &d.to_string()).await.unwrap_or(false)
-                {
-                    return Ok(Pushed::Mounted);
-                }
-            }
-            let file = store.open_blob(d)?;
-            let size = file.metadata().map_err(StoreError::io(store.blob_path(d)))?.len();
-            let pieces = futures_util::stream::unfold(Some(file), |f| async move {
-                let mut f = f?;
-                let mut buf = vec![0u8; PIECE];
-                let mut filled = 0;
-                while filled < PIECE {
-                    match f.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) => return Some((Err(OciDistributionError::IoError(e)), None)),
+        self.retrying(&r.host, || {
+            self.rt.block_on(async {
+                self.authenticate(r, true).await?;
+                if let Some(src) = mount_from.filter(|s| s.host == r.host && s.repo != r.repo) {
+                    if self.authenticate(src, false).await.is_ok()
+                        && self
+                            .client
+                            .mount_blob(&r.reference(), &src.reference(), &d.to_string())
+                            .await
+                            .is_ok()
+                        && self.client.blob_exists(&r.reference(), &d.to_string()).await.unwrap_or(false)
+                    {
+                        return Ok(Pushed::Mounted);
                     }
                 }
-                if filled == 0 {
-                    return None;
-                }
-                buf.truncate(filled);
-                Some((Ok(bytes::Bytes::from(buf)), Some(f)))
-            });
-            self.client
-                .push_blob_stream(&r.reference(), pieces, &d.to_string(), Some(size))
-                .await
-                .map_err(|e| self.error(r, e))?;
-            Ok(Pushed::Uploaded(size))
+                let file = store.open_blob(d)?;
+                let size = file.metadata().map_err(StoreError::io(store.blob_path(d)))?.len();
+                let pieces = futures_util::stream::unfold(Some(file), |f| async move {
+                    let mut f = f?;
+                    let mut buf = vec![0u8; PIECE];
+                    let mut filled = 0;
+                    while filled < PIECE {
+                        match f.read(&mut buf[filled..]) {
+                            Ok(0) => break,
+                            Ok(n) => filled += n,
+                            Err(e) => return Some((Err(OciDistributionError::IoError(e)), None)),
+                        }
+                    }
+                    if filled == 0 {
+                        return None;
+                    }
+                    buf.truncate(filled);
+                    Some((Ok(bytes::Bytes::from(buf)), Some(f)))
+                });
+                self.client
+                    .push_blob_stream(&r.reference(), pieces, &d.to_string(), Some(size))
+                    .await
+                    .map_err(|e| self.error(r, e))?;
+                Ok(Pushed::Uploaded(size))
+            })
         })
     }
 
     /// Puts a manifest under `r`'s tag (or digest); returns its digest.
     pub fn push_manifest(&self, r: &Remote, bytes: &[u8], media_type: &str) -> Result<Digest, RegistryError> {
-        self.rt.block_on(async {
-            self.authenticate(r, true).await?;
-            let ct = media_type.parse().map_err(|_| RegistryError::Protocol {
-                host: r.host.clone(),
-                detail: format!("bad media type {media_type}"),
-            })?;
-            self.client
-                .push_manifest_raw(&r.reference(), bytes.to_vec(), ct)
-                .await
-                .map_err(|e| self.error(r, e))?;
-            Ok(Digest::of(bytes))
+        self.retrying(&r.host, || {
+            self.rt.block_on(async {
+                self.authenticate(r, true).await?;
+                let ct = media_type.parse().map_err(|_| RegistryError::Protocol {
+                    host: r.host.clone(),
+                    detail: format!("bad media type {media_type}"),
+                })?;
+                self.client
+                    .push_manifest_raw(&r.reference(), bytes.to_vec(), ct)
+                    .await
+                    .map_err(|e| self.error(r, e))?;
+                Ok(Digest::of(bytes))
+            })
         })
     }
 }
