@@ -148,7 +148,7 @@ fn resolve_registry_tag(
     let name = base.to_string();
     let pin = remotes.pins.iter().find(|p| p.reference == name);
     let Some(pin) = pin else {
-        let d = crate::registry::resolve_tag(store, (remotes.registry)(), r)?
+        let d = crate::registry::resolve_tag(store, (remotes.registry)(), r, false)?
             .ok_or_else(|| RegistryError::NotFound { reference: r.to_string() })?;
         remotes.reporter.on_notice(&format!(
             "{name} is not pinned in kiln.lock; building {d}, what the tag names now (`kiln lock` pins it)"
@@ -161,7 +161,7 @@ fn resolve_registry_tag(
             Some("run `kiln lock RECIPE` to write it again"),
         )
     })?;
-    match crate::registry::resolve_tag(store, (remotes.registry)(), r) {
+    match crate::registry::resolve_tag(store, (remotes.registry)(), r, true) {
         Ok(Some(now)) if now != pinned => remotes.reporter.on_notice(&format!(
             "{name} has moved: kiln.lock pins {pinned}, the tag now names {now}; building the pinned image (`kiln lock` moves the pin)"
         )),

@@ -865,7 +865,8 @@ enum Cached {
     Corrupt,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, BuildError> {
+/// The async runtime every network and engine call of a command runs on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, BuildError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("kiln")

@@ -30,12 +30,7 @@ const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 /// `docker:REF` is read from the engine at DOCKER_HOST.
 pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
     if let ImageRef::Docker(reference) = r {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(
-            |e| BuildError::Environment {
-                message: format!("Cannot start an async runtime: {e}"),
-                hint: String::new(),
-            },
-        )?;
+        let rt = crate::build::runtime()?;
         let engine = crate::exec::docker::DockerEngine::connect(rt.handle().clone())?;
         return engine.base_image(store, reference)?.ok_or_else(|| {
             BuildError::usage(
@@ -97,19 +92,13 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
 /// the reference names now, for the host's platform, pulled and checked.
 fn pull_registry(store: &Store, text: &str) -> Result<StoredImage, BuildError> {
     use kiln_cache::registry::{Registry, RegistryError, Remote};
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| {
-            BuildError::Environment {
-                message: format!("Cannot start an async runtime: {e}"),
-                hint: String::new(),
-            }
-        })?;
+    let rt = crate::build::runtime()?;
     let remote = Remote::parse(text)?;
     let reg = Registry::new(rt.handle().clone(), std::slice::from_ref(&remote), &Default::default());
     let pinned = match remote.digest {
         Some(_) => remote,
         None => {
-            let d = crate::registry::resolve_tag(store, &reg, &remote)?
+            let d = crate::registry::resolve_tag(store, &reg, &remote, false)?
                 .ok_or_else(|| RegistryError::NotFound { reference: remote.to_string() })?;
             remote.with_digest(d)
         }

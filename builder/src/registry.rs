@@ -67,9 +67,16 @@ fn manifest_by_digest(store: &Store, reg: &Registry, r: &Remote) -> Result<Manif
 }
 
 /// What tag `r` names now (the manifest is kept in the store); `None` when
-/// the registry has no such tag.
-pub fn resolve_tag(store: &Store, reg: &Registry, r: &Remote) -> Result<Option<Digest>, BuildError> {
-    match reg.manifest(r)? {
+/// the registry has no such tag. `once`: no second attempt when the
+/// connection fails (for a check the build can go on without).
+pub fn resolve_tag(
+    store: &Store,
+    reg: &Registry,
+    r: &Remote,
+    once: bool,
+) -> Result<Option<Digest>, BuildError> {
+    let m = if once { reg.manifest_once(r)? } else { reg.manifest(r)? };
+    match m {
         Some(m) => {
             store.put_blob(&m.bytes)?;
             Ok(Some(m.digest))
@@ -312,13 +319,7 @@ pub fn push_index(
 /// kiln.lock. Returns the pins and whether the file changed.
 pub fn lock_bases(recipe: &Recipe, opts: &RegistryOptions) -> Result<(Vec<BasePin>, bool), BuildError> {
     let tagged: Vec<(String, Remote)> = tagged_bases(recipe)?;
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| {
-            BuildError::Environment {
-                message: format!("Cannot start the async runtime: {e}"),
-                hint: String::new(),
-            }
-        })?;
+    let rt = crate::build::runtime()?;
     let remotes: Vec<Remote> = tagged.iter().map(|(_, r)| r.clone()).collect();
     let reg = Registry::new(rt.handle().clone(), &remotes, opts);
     let mut pins = Vec::new();

@@ -405,6 +405,13 @@ fn a_pushed_image_is_read_by_skopeo_and_docker_and_builds_on_as_a_base() {
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
         assert_eq!(String::from_utf8_lossy(&run.stdout), "another image\n");
     }
+
+    // With the registry gone, the pinned base in the store still builds, at once.
+    kill(&reg.child);
+    let offline = isolated(&b, &["build", "kiln.toml", "-o", "oci:out"]);
+    assert_eq!(offline.digest(), digest);
+    assert!(offline.stderr.contains("cannot check whether"), "{}", offline.stderr);
+    assert!(!offline.stderr.contains("tried"), "the tag check is not retried: {}", offline.stderr);
 }
 
 #[test]

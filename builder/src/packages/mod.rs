@@ -67,15 +67,6 @@ pub fn mirror_url(p: &Packages, fallback: Option<&str>) -> Result<String, BuildE
         })
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, BuildError> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| {
-        BuildError::Environment {
-            message: format!("Cannot start the async runtime: {e}"),
-            hint: String::new(),
-        }
-    })
-}
-
 /// What `kiln lock` did.
 #[derive(Debug)]
 pub struct LockOutcome {
@@ -104,7 +95,7 @@ pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, 
     let started = std::time::Instant::now();
     let keys = archive::load_keyring(&keyring)?;
 
-    let rt = runtime()?;
+    let rt = crate::build::runtime()?;
     let (release, inrelease_sha, indexes) = rt.block_on(async {
         let path = format!("dists/{}/InRelease", p.suite);
         let data = mirror

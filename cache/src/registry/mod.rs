@@ -342,46 +342,47 @@ impl Registry {
     /// The manifest `r` names; `None` when the registry has no such tag or digest.
     /// A manifest asked for by digest is checked against it.
     pub fn manifest(&self, r: &Remote) -> Result<Option<Manifest>, RegistryError> {
-        self.retrying(&r.host, || {
-            self.rt.block_on(async {
-                self.authenticate(r, false).await?;
-                let res = self
-                    .client
-                    .pull_manifest_raw(&r.reference(), &oci_client::secrets::RegistryAuth::Anonymous, ACCEPT)
-                    .await;
-                let (bytes, _) = match res {
-                    Ok(v) => v,
-                    Err(e) => {
-                        return match self.error(r, e) {
-                            RegistryError::NotFound { .. } => Ok(None),
-                            e => Err(e),
-                        }
+        self.retrying(&r.host, || self.manifest_once(r))
+    }
+
+    /// [`Registry::manifest`] in one attempt, for checks that may fail
+    /// quietly (whether a pinned tag has moved, when offline).
+    pub fn manifest_once(&self, r: &Remote) -> Result<Option<Manifest>, RegistryError> {
+        self.rt.block_on(async {
+            self.authenticate(r, false).await?;
+            let res = self
+                .client
+                .pull_manifest_raw(&r.reference(), &oci_client::secrets::RegistryAuth::Anonymous, ACCEPT)
+                .await;
+            let (bytes, _) = match res {
+                Ok(v) => v,
+                Err(e) => {
+                    return match self.error(r, e) {
+                        RegistryError::NotFound { .. } => Ok(None),
+                        e => Err(e),
                     }
-                };
-                if bytes.len() > MANIFEST_MAX {
+                }
+            };
+            if bytes.len() > MANIFEST_MAX {
+                return Err(RegistryError::Protocol {
+                    host: r.host.clone(),
+                    detail: format!("the manifest of {r} is {} bytes, more than kiln accepts", bytes.len()),
+                });
+            }
+            let digest = Digest::of(&bytes);
+            if let Some(want) = &r.digest {
+                if *want != digest {
                     return Err(RegistryError::Protocol {
                         host: r.host.clone(),
-                        detail: format!(
-                            "the manifest of {r} is {} bytes, more than kiln accepts",
-                            bytes.len()
-                        ),
+                        detail: format!("the manifest asked for as {want} hashes to {digest}"),
                     });
                 }
-                let digest = Digest::of(&bytes);
-                if let Some(want) = &r.digest {
-                    if *want != digest {
-                        return Err(RegistryError::Protocol {
-                            host: r.host.clone(),
-                            detail: format!("the manifest asked for as {want} hashes to {digest}"),
-                        });
-                    }
-                }
-                let media_type = media_type_of(&bytes).ok_or_else(|| RegistryError::Protocol {
-                    host: r.host.clone(),
-                    detail: format!("the manifest of {r} is not JSON"),
-                })?;
-                Ok(Some(Manifest { bytes: bytes.to_vec(), digest, media_type }))
-            })
+            }
+            let media_type = media_type_of(&bytes).ok_or_else(|| RegistryError::Protocol {
+                host: r.host.clone(),
+                detail: format!("the manifest of {r} is not JSON"),
+            })?;
+            Ok(Some(Manifest { bytes: bytes.to_vec(), digest, media_type }))
         })
     }
 
