@@ -413,7 +413,8 @@ impl Session {
     }
 
     /// Makes sure the store holds these layers, fetching remote hits' layers
-    /// from their registries (checked against digest and diff_id), and
+    /// from their registries (checked against digest and diff_id, every
+    /// entry read through as for any imported layer), and
     /// records the steps that were waiting for them.
     fn materialize(&self, layers: &[ImageLayer]) -> Result<(), BuildError> {
         for l in layers {
@@ -421,17 +422,13 @@ impl Session {
                 let from = self.sources.lock().expect("sources").get(&l.digest).cloned();
                 let from = from.ok_or(StoreError::Missing(l.digest))?;
                 let n = self.registry().fetch_blob(&self.store, &from, &l.digest)?;
-                let diff_id = kiln_cache::digest::hash_reader(l.open_tar(&self.store)?)
-                    .map_err(StoreError::io(self.store.blob_path(&l.digest)))?
-                    .0;
-                if diff_id != l.diff_id {
+                // The index is another builder's word: the layer must be a clean
+                // tar that uncompresses to the diff_id it claims.
+                if let Err(e) = Listing::scan(&self.store, l) {
                     self.store.discard_blob(&l.digest);
                     return Err(BuildError::BadImage {
                         image: format!("registry:{from}"),
-                        reason: format!(
-                            "layer {} uncompresses to {diff_id}, but its index says {}",
-                            l.digest, l.diff_id
-                        ),
+                        reason: format!("its cached layer {} is refused: {e}", l.digest),
                     });
                 }
                 self.reporter.on_blob("pulled", &l.digest, &format!("{}/{}", from.host, from.repo), n);

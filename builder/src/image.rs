@@ -43,13 +43,22 @@ impl ImageLayer {
         }
     }
 
-    /// The layer's tar stream from the store, decompressed as its media type says.
+    /// The layer's tar stream from the store, decompressed as its media type
+    /// says: `+gzip`, `+zstd`, or a plain tar; any other is refused.
     pub fn open_tar(&self, store: &Store) -> Result<Box<dyn std::io::Read>, BuildError> {
         let file = std::io::BufReader::with_capacity(1 << 20, store.open_blob(&self.digest)?);
-        Ok(if self.media_type.ends_with("gzip") {
+        let mt = self.media_type.as_str();
+        let refused = |reason: String| BuildError::BadLayer { layer: self.digest, reason };
+        Ok(if mt.ends_with("gzip") {
             Box::new(flate2::read::MultiGzDecoder::new(file))
-        } else {
+        } else if mt.ends_with("zstd") {
+            Box::new(
+                zstd::stream::read::Decoder::with_buffer(file).map_err(|e| refused(format!("zstd: {e}")))?,
+            )
+        } else if mt.ends_with("tar") {
             Box::new(file)
+        } else {
+            return Err(refused(format!("its media type `{mt}` is not supported (gzip, zstd or plain tar)")));
         })
     }
 }

@@ -4,7 +4,7 @@
 //! without unpacking them.
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Read};
+use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
@@ -83,18 +83,14 @@ impl Listing {
         if let Some(l) = store.read_record("listings", &layer.diff_id.hex()) {
             return Ok(l);
         }
-        let file = BufReader::with_capacity(1 << 20, store.open_blob(&layer.digest)?);
-        let mt = layer.media_type.as_str();
-        let (listing, actual) = if mt.ends_with("gzip") {
-            scan_layer(flate2::read::MultiGzDecoder::new(file), &layer.digest)?
-        } else if mt.ends_with("tar") {
-            scan_layer(file, &layer.digest)?
-        } else {
-            return Err(BuildError::BadLayer {
-                layer: layer.digest,
-                reason: format!("its media type `{mt}` is not supported (gzip or plain tar)"),
-            });
-        };
+        Self::scan(store, layer)
+    }
+
+    /// Reads the layer blob through, checking every entry and that it
+    /// uncompresses to its diff_id, and records its listing. For blobs that
+    /// just came from elsewhere, even when a listing of the diff_id exists.
+    pub fn scan(store: &Store, layer: &ImageLayer) -> Result<Listing, BuildError> {
+        let (listing, actual) = scan_layer(layer.open_tar(store)?, &layer.digest)?;
         if actual != layer.diff_id {
             return Err(BuildError::BadLayer {
                 layer: layer.digest,

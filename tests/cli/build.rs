@@ -131,3 +131,66 @@ fn cache_commands_report_and_prune() {
     let before = p.build(&["--no-cache"]).digest();
     assert_eq!(p.build(&[]).digest(), before);
 }
+
+/// An OCI layout whose one layer (`/etc/hello`) is compressed as `media_type` says.
+fn layout_with_layer(p: &Project, dir: &str, media_type: &str, compress: impl Fn(&[u8]) -> Vec<u8>) {
+    use sha2::{Digest, Sha256};
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, kind, mode, body) in [
+        ("etc/", tar::EntryType::Directory, 0o755, &b""[..]),
+        ("etc/hello", tar::EntryType::Regular, 0o644, b"hi\n"),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(path).unwrap();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(body.len() as u64);
+        h.set_cksum();
+        tar.append(&h, body).unwrap();
+    }
+    let tar = tar.into_inner().unwrap();
+    let blob = compress(&tar);
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    let config = serde_json::json!({"architecture": arch, "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [sha(&tar)]}})
+    .to_string();
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(config.as_bytes()), "size": config.len()},
+        "layers": [{"mediaType": media_type, "digest": sha(&blob), "size": blob.len()}]})
+    .to_string();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": sha(manifest.as_bytes()), "size": manifest.len()}]});
+    for b in [config.as_bytes(), manifest.as_bytes(), &blob[..]] {
+        p.file(&format!("{dir}/blobs/sha256/{}", &sha(b)[7..]), b);
+    }
+    p.file(&format!("{dir}/index.json"), index.to_string());
+    p.file(&format!("{dir}/oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#);
+}
+
+#[test]
+fn a_base_with_zstd_layers_builds_on_and_unknown_compressions_are_refused() {
+    let p = Project::new();
+    layout_with_layer(&p, "zstd-base", "application/vnd.oci.image.layer.v1.tar+zstd", |t| {
+        zstd::encode_all(t, 3).unwrap()
+    });
+    p.recipe("[image]\nname = \"z\"\nbase = \"oci:zstd-base\"\n\n[[step]]\nwrite = \"/etc/motd\"\ncontent = \"z\\n\"\n");
+    let r = p.build(&[]);
+    r.digest();
+    assert_layout_blobs_valid(&p.path("out"));
+    let diff = p.kiln(&["diff", "oci:zstd-base", "oci:out"]);
+    assert!(diff.stdout.contains("/etc/motd") && !diff.stdout.contains("/etc/hello"), "{}", diff.stdout);
+
+    layout_with_layer(&p, "lz4-base", "application/vnd.oci.image.layer.v1.tar+lz4", |t| t.to_vec());
+    p.recipe("[image]\nname = \"z\"\nbase = \"oci:lz4-base\"\n");
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("not supported"), "{}", r.stderr);
+}

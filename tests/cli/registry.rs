@@ -533,6 +533,37 @@ fn a_fresh_runner_gets_every_step_from_the_registry_cache_and_only_the_final_lay
         assert!(steps.as_array().unwrap().iter().all(|s| s["cached"] == true), "{}", plan.stdout);
     }
 
+    // A cache index whose layers do not match what it claims is refused, and nothing of it kept.
+    if require("curl") {
+        let url = format!("http://{}/v2/kiln/cache/manifests", reg.host());
+        let o = Command::new("curl")
+            .args(["-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+            .arg(format!("{url}/kiln-cache"))
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let mut index: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        for l in index["layers"].as_array_mut().unwrap() {
+            l["annotations"]["dev.kiln.cache.diff-id"] = serde_json::json!(wrong);
+        }
+        let put = Command::new("curl")
+            .args(["-sf", "-X", "PUT", "-H", "Content-Type: application/vnd.oci.image.manifest.v1+json"])
+            .arg("--data-binary")
+            .arg(index.to_string())
+            .arg(format!("{url}/tampered"))
+            .output()
+            .unwrap();
+        assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+        let t = fleet_project().unwrap();
+        let rt = isolated(&t, &["build", "kiln.toml", "--cache-from", &format!("{cache}:tampered")]);
+        assert_eq!(rt.code, 2, "{}", rt.stderr);
+        assert!(rt.stderr.contains("is refused"), "{}", rt.stderr);
+        for l in layout_layers(&b.path("out")) {
+            assert!(!store_blobs(&t.cache).contains(&l), "{l} was not kept");
+        }
+    }
+
     // A cache that cannot be reached is a note, not a failure.
     let c = fleet_project().unwrap();
     let down = format!("registry:127.0.0.1:{}/kiln/cache", free_port());
