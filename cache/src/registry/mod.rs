@@ -8,7 +8,7 @@
 //!   in memory; a blob the repository has is skipped, one another
 //!   repository of the same registry has is mounted.
 //! - Plain HTTP only for hosts marked insecure and for loopback.
-//! - A request whose connection fails is tried again ([`ATTEMPTS`] in all);
+//! - A request whose connection fails is tried again (3 times in all);
 //!   a blob starts over.
 //!
 //! The API is synchronous: each call runs on the runtime it was given.
