@@ -27,6 +27,7 @@ demo: build deps
 	else echo "(no Docker engine answers: run 'make deps' to start one, then 'docker load -i out/busybox-run.tar')"; fi
 	@# A registry on loopback: push the image and its step cache; then a fresh cache (another
 	@# CI runner) builds the same digest from the registry alone, running nothing.
+	@if [ -f out/registry/pid ]; then kill `cat out/registry/pid` 2>/dev/null || true; fi  # one a failed demo left
 	@rm -rf out/registry out/fresh-cache && mkdir -p out/registry && printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s/out/registry/data\nhttp:\n  addr: 127.0.0.1:5055\n' "$(CURDIR)" > out/registry/config.yml
 	@docker-registry serve out/registry/config.yml >out/registry/log 2>&1 & echo $$! > out/registry/pid; sleep 1
 	$(KILN) build recipes/examples/busybox/kiln.toml -o registry:127.0.0.1:5055/kiln/busybox-run:demo --cache-to registry:127.0.0.1:5055/kiln/cache

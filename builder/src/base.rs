@@ -148,8 +148,7 @@ fn resolve_registry_tag(
     let name = base.to_string();
     let pin = remotes.pins.iter().find(|p| p.reference == name);
     let Some(pin) = pin else {
-        let d = crate::registry::resolve_tag(store, (remotes.registry)(), r, false)?
-            .ok_or_else(|| RegistryError::NotFound { reference: r.to_string() })?;
+        let d = crate::registry::digest_of(store, (remotes.registry)(), r)?;
         remotes.reporter.on_notice(&format!(
             "{name} is not pinned in kiln.lock; building {d}, what the tag names now (`kiln lock` pins it)"
         ));

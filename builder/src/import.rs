@@ -91,18 +91,11 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
 /// `registry:HOST/REPO:TAG|@DIGEST` (for `inspect`, `diff`, `sbom`): what
 /// the reference names now, for the host's platform, pulled and checked.
 fn pull_registry(store: &Store, text: &str) -> Result<StoredImage, BuildError> {
-    use kiln_cache::registry::{Registry, RegistryError, Remote};
+    use kiln_cache::registry::{Registry, Remote};
     let rt = crate::build::runtime()?;
     let remote = Remote::parse(text)?;
     let reg = Registry::new(rt.handle().clone(), std::slice::from_ref(&remote), &Default::default());
-    let pinned = match remote.digest {
-        Some(_) => remote,
-        None => {
-            let d = crate::registry::resolve_tag(store, &reg, &remote, false)?
-                .ok_or_else(|| RegistryError::NotFound { reference: remote.to_string() })?;
-            remote.with_digest(d)
-        }
-    };
+    let pinned = remote.with_digest(crate::registry::digest_of(store, &reg, &remote)?);
     let platform = kiln_recipes::recipe::Platform::host();
     Ok(crate::registry::pull(store, &reg, &pinned, &platform, &crate::NullReporter)?.0)
 }

@@ -85,6 +85,15 @@ pub fn resolve_tag(
     }
 }
 
+/// The digest `r` names: its own, or what its tag names now.
+pub fn digest_of(store: &Store, reg: &Registry, r: &Remote) -> Result<Digest, BuildError> {
+    match r.digest {
+        Some(d) => Ok(d),
+        None => Ok(resolve_tag(store, reg, r, false)?
+            .ok_or_else(|| RegistryError::NotFound { reference: r.to_string() })?),
+    }
+}
+
 /// The image manifest for `platform` that `m` is or lists.
 fn platform_manifest(
     store: &Store,
@@ -285,10 +294,7 @@ impl CacheIndex {
 
 /// The cache reference with its default tag when none was given.
 pub fn cache_ref(text: &str) -> Result<Remote, BuildError> {
-    let name_part = text.split('@').next().unwrap_or(text);
-    let tagged = name_part.rsplit('/').next().unwrap_or(name_part).contains(':') || text.contains('@');
-    let r = remote(text)?;
-    Ok(if tagged { r } else { r.with_tag(CACHE_TAG) })
+    Ok(Remote::parse_with_default_tag(text, CACHE_TAG)?)
 }
 
 /// Reads the index at `r`; an absent one is empty.

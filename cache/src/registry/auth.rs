@@ -39,16 +39,6 @@ impl std::fmt::Debug for Credential {
     }
 }
 
-impl Credential {
-    pub fn secret(&self) -> Option<&str> {
-        match self {
-            Credential::Anonymous => None,
-            Credential::Basic { password, .. } => Some(password),
-            Credential::Bearer(t) => Some(t),
-        }
-    }
-}
-
 /// A credential and where it was found, for error messages.
 #[derive(Debug, Clone)]
 pub struct Found {

@@ -72,30 +72,32 @@ impl Remote {
     /// Parses `HOST/REPO[:TAG][@sha256:HEX]`. A reference without a host
     /// means Docker Hub, as with `docker pull`.
     pub fn parse(s: &str) -> Result<Remote, RegistryError> {
+        Self::parse_with_default_tag(s, "latest")
+    }
+
+    /// [`Remote::parse`], with `default_tag` when the text names neither a
+    /// tag nor a digest (e.g. a cache's `kiln-cache`).
+    pub fn parse_with_default_tag(s: &str, default_tag: &str) -> Result<Remote, RegistryError> {
         let bad = |reason: String| RegistryError::BadReference { reference: s.to_string(), reason };
         let r: Reference = s.parse().map_err(|e: oci_client::ParseError| bad(e.to_string()))?;
         let digest = match r.digest() {
             Some(d) => Some(d.parse::<Digest>().map_err(|e| bad(e.to_string()))?),
             None => None,
         };
-        // oci-client fills in `latest`; keep a tag only when the text has
-        // one, or when there is no digest either.
+        // oci-client fills in `latest`; keep its tag only when the text has one.
         let name_part = s.split('@').next().unwrap_or(s);
         let named_tag = name_part.rsplit('/').next().unwrap_or(name_part).contains(':');
         let tag = match (named_tag, &digest) {
-            (true, _) | (false, None) => Some(r.tag().unwrap_or("latest").to_string()),
+            (true, _) => r.tag().map(str::to_string),
+            (false, None) => Some(default_tag.to_string()),
             (false, Some(_)) => None,
         };
         Ok(Remote { host: r.registry().to_string(), repo: r.repository().to_string(), tag, digest })
     }
 
-    /// The same repository, naming `digest` (or `tag`).
+    /// The same repository, naming `digest`.
     pub fn with_digest(&self, d: Digest) -> Remote {
         Remote { digest: Some(d), tag: None, ..self.clone() }
-    }
-
-    pub fn with_tag(&self, tag: &str) -> Remote {
-        Remote { digest: None, tag: Some(tag.to_string()), ..self.clone() }
     }
 
     fn reference(&self) -> Reference {
