@@ -435,7 +435,7 @@ def w5_lines(r):
         "",
         "The registry is Debian's `docker-registry` (distribution 2.8.2) on 127.0.0.1, plain HTTP, filesystem storage "
         "on the same disk. Runner B's time includes hashing W1's 2,000 context files (the `copy` step's key needs "
-        "them; its stat index is empty), reading the step index, downloading and checking the layer (digest and "
+        "them; its stat index is empty), reading the step index, downloading and checking the layer (digest, every entry and "
         "diff_id), and writing the OCI layout. The registry's count adds the index manifest and protocol bodies to "
         "the layers.",
         "",
