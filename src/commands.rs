@@ -220,6 +220,10 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
                 CacheAction::Gc => {
                     print_prune(&mut out, &store.gc(&wait_note)?);
                     remove_rootless_garbage(&store)?;
+                    let swept = kiln_builder::exec::sweep_secret_folders();
+                    if swept > 0 {
+                        eprintln!("kiln cache: removed {swept} secret folder(s) a killed kiln left");
+                    }
                 }
             }
             Ok(0)

@@ -612,6 +612,7 @@ impl Session {
                         std::fs::create_dir_all(exec::local::unpacked_dir(&self.store))
                             .map_err(BuildError::io_write(exec::local::unpacked_dir(&self.store)))?;
                         exec::local::adopt(f, &dest)?;
+                        crate::unpack::seal(&self.store, &dest, &listing)?;
                     }
                     tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, unpacked = folder.is_some(), "layer written");
                     drop(keep);
@@ -723,6 +724,7 @@ impl Session {
             };
             secrets.push((id.clone(), v.clone()));
         }
+        exec::check_platform(&self.platform)?;
         let req = RunRequest {
             argv: plan.argv.clone(),
             env: plan.env,
@@ -832,16 +834,27 @@ fn run_plan(r: &RunStep, config: &oci_spec::image::Config) -> RunPlan {
     RunPlan { argv: r.command.argv(), env: exec::command_env(&image_env, &r.env), user, workdir }
 }
 
-/// Replaces secret values in a line of output.
+/// Replaces secret values in a line of output. A line never holds more
+/// than one line of a secret, so each line of a multi-line secret (a key, a
+/// config file) is masked on its own; lines of fewer than 4 characters are
+/// masked only when they are the whole secret (masking every `}` or `--`
+/// of the output would hide it without protecting anything).
 fn redact(line: &str, secrets: &[&[u8]]) -> String {
-    let mut out = line.to_string();
+    let mut parts: Vec<&str> = Vec::new();
     for s in secrets {
-        if let Ok(s) = std::str::from_utf8(s) {
-            let s = s.trim_end_matches('\n');
-            if !s.is_empty() {
-                out = out.replace(s, "[secret]");
-            }
+        let Ok(s) = std::str::from_utf8(s) else { continue };
+        let whole = s.trim_end_matches(['\n', '\r']);
+        if !whole.is_empty() && !whole.contains('\n') {
+            parts.push(whole);
+            continue;
         }
+        parts.extend(whole.lines().map(|l| l.trim()).filter(|l| l.chars().count() >= 4));
+    }
+    // Longest first, so a part never leaves pieces of a longer one.
+    parts.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    let mut out = line.to_string();
+    for p in parts {
+        out = out.replace(p, "[secret]");
     }
     out
 }
@@ -1207,4 +1220,23 @@ fn write_entries(
         xattrs: Vec::new(),
     });
     Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn every_line_of_a_multi_line_secret_is_masked() {
+        let key = b"-----BEGIN KEY-----\nc2VjcmV0LWxpbmUtb25l\nc2Vjb25kLWxpbmU=\n-----END KEY-----\n";
+        let secrets: Vec<&[u8]> = vec![key.as_slice(), b"hunter2\n", b"ab"];
+        for line in ["c2VjcmV0LWxpbmUtb25l", "  x c2Vjb25kLWxpbmU= y", "pw=hunter2", "ab"] {
+            let out = redact(line, &secrets);
+            assert!(out.contains("[secret]"), "{line} -> {out}");
+            for part in ["c2Vj", "hunter2"] {
+                assert!(!out.contains(part), "{line} -> {out}");
+            }
+        }
+        assert_eq!(redact("nothing here", &secrets), "nothing here");
+    }
 }

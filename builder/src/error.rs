@@ -38,11 +38,11 @@ pub enum BuildError {
     },
 
     /// An image kiln reads (a base, or a target of `inspect`/`diff`) is malformed or hostile.
-    #[error("The image `{image}` is not usable: {reason}")]
+    #[error("The image `{image}` is not usable: {}", escape_controls(reason))]
     BadImage { image: String, reason: String },
 
     /// A layer tar breaks the rules kiln enforces on input.
-    #[error("Layer {layer} is refused: {reason}")]
+    #[error("Layer {layer} is refused: {}", escape_controls(reason))]
     BadLayer { layer: Digest, reason: String },
 
     #[error("{message}")]
@@ -170,4 +170,31 @@ impl BuildError {
             _ => None,
         }
     }
+}
+
+/// A name read from hostile input (an archive member, a layer entry), made
+/// safe to show: control characters escaped (no terminal sequences reach a
+/// CI log) and cut to 200 characters.
+pub fn shown(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if i == 200 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Control characters escaped, so names from hostile input cannot send
+/// terminal sequences to a log.
+fn escape_controls(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+        .collect()
 }

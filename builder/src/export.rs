@@ -75,17 +75,48 @@ fn write_layout(store: &Store, image: &StoredImage, dir: &Path, tag: &str) -> Re
     // Keep the other tags of an existing layout, as `skopeo copy` does; and
     // refuse a folder that is not a layout before writing anything into it.
     let index_path = dir.join("index.json");
-    let others = match fs::read(&index_path) {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if !m.is_dir() => {
+            return Err(BuildError::usage(
+                format!("`{}` exists and is not a folder", dir.display()),
+                Some("an `oci:` output is a folder: name a new folder or an existing OCI layout"),
+            ))
+        }
+        Ok(_)
+            if !index_path.exists()
+                && fs::read_dir(dir).map_err(BuildError::io_read(dir))?.next().is_some() =>
+        {
+            return Err(BuildError::usage(
+                format!(
+                    "`{}` is a folder with files in it, but not an OCI layout (no `index.json`)",
+                    dir.display()
+                ),
+                Some("write to an empty folder or to an existing OCI layout; kiln leaves this one untouched"),
+            ))
+        }
+        _ => {}
+    }
+    let others = match read_index(&index_path) {
         Ok(bytes) => match serde_json::from_slice::<ImageIndex>(&bytes) {
             Ok(i) => i.manifests().clone(),
             Err(e) => {
                 return Err(BuildError::usage(
-                    format!("`{}` exists but is not an OCI index ({e})", index_path.display()),
+                    format!(
+                        "`{}` exists but is not an OCI index ({})",
+                        index_path.display(),
+                        crate::image::json_error(&e)
+                    ),
                     Some("write to an empty folder or to an existing OCI layout"),
                 ))
             }
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(BuildError::usage(
+                format!("`{}` is not an OCI index: {e}", index_path.display()),
+                Some("write to an empty folder or to an existing OCI layout"),
+            ))
+        }
         Err(e) => return Err(BuildError::Read { path: index_path, source: e }),
     };
     let blobs = dir.join("blobs/sha256");
@@ -127,8 +158,24 @@ fn write_archive(
     repo_tag: Option<&str>,
 ) -> Result<(), BuildError> {
     let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    // The temp file is renamed over the output: never over a device, a
+    // fifo, a folder or a symlink, which would be replaced, not written.
+    if let Ok(m) = fs::symlink_metadata(file) {
+        if !m.file_type().is_file() {
+            return Err(BuildError::usage(
+                format!("`{}` exists and is not a regular file", file.display()),
+                Some("an archive output is written to a new or regular file; kiln leaves this one untouched"),
+            ));
+        }
+    }
     fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(BuildError::io_write(dir))?;
+    let base = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    sweep_temp_files(dir, &base);
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{base}.kiln-{}-", std::process::id()))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(BuildError::io_write(dir))?;
     let mut w = BufWriter::with_capacity(1 << 20, tmp);
     write_archive_to(store, image, repo_tag.map(Some), &mut w, file)?;
     let werr = |e: io::Error| BuildError::Write { path: file.to_path_buf(), source: e };
@@ -137,6 +184,32 @@ fn write_archive(
         .map_err(BuildError::io_write(file))?;
     tmp.persist(file).map_err(|e| BuildError::Write { path: file.to_path_buf(), source: e.error })?;
     Ok(())
+}
+
+/// Removes the temp files of earlier exports to `dir/base` whose kiln is
+/// gone (killed mid-write): `.BASE.kiln-PID-XXXXXX.tmp`.
+fn sweep_temp_files(dir: &Path, base: &str) {
+    let prefix = format!(".{base}.kiln-");
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix.as_str())) else { continue };
+        if !rest.ends_with(".tmp") {
+            continue;
+        }
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let gone = rustix::process::Pid::from_raw(pid)
+            .is_some_and(|p| rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH));
+        if gone && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// An existing layout's `index.json`, read up to [`crate::image::MAX_DOCUMENT`]
+/// bytes, never through a symlink.
+fn read_index(path: &Path) -> io::Result<Vec<u8>> {
+    crate::image::read_document(path)
 }
 
 /// Writes the archive of [`write_archive`] to `w` (`name` for messages).

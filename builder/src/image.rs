@@ -276,3 +276,64 @@ mod tests {
         assert!(s.contains(r#""Labels":{"a":"v","b":"v","m":"v","y":"v","z":"v"}"#), "{s}");
     }
 }
+
+/// The largest JSON document (index, manifest, config, record) kiln reads
+/// from a file or a registry: real ones are kilobytes; registries cap
+/// manifests at 4 MiB.
+pub const MAX_DOCUMENT: u64 = 16 << 20;
+
+/// Opens a file kiln was pointed at (an archive, a blob of a layout) for
+/// reading: never through a symlink in its last component, and only a
+/// regular file (a fifo would hang, `/dev/zero` would never end). The
+/// errors are `InvalidData` for what is there but not a file.
+pub fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP => std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "it is a symlink, which kiln does not follow here",
+        ),
+        e => e.into(),
+    })?;
+    let st = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not a regular file"));
+    }
+    rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// A JSON document from a file ([`open_regular`]), refused past
+/// [`MAX_DOCUMENT`] bytes rather than cut.
+pub fn read_document(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = open_regular(path)?;
+    let mut v = Vec::new();
+    f.take(MAX_DOCUMENT + 1).read_to_end(&mut v)?;
+    if v.len() as u64 > MAX_DOCUMENT {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("it is larger than {} MiB", MAX_DOCUMENT >> 20),
+        ));
+    }
+    Ok(v)
+}
+
+/// What is wrong with a JSON document, without the document's own bytes
+/// (serde's messages quote the values they refuse): the kind of error and
+/// where it is.
+pub fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "it cannot be read",
+        Category::Syntax => "it is not valid JSON",
+        Category::Eof => "it ends too early",
+        Category::Data => "it does not have the expected fields and types",
+    };
+    format!("{what}, at line {} column {}", e.line(), e.column())
+}

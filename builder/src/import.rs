@@ -18,7 +18,7 @@ use kiln_recipes::ImageRef;
 
 use crate::error::BuildError;
 use crate::fstree::FsTree;
-use crate::image::{ImageLayer, StoredImage, CONFIG_MEDIA_TYPE};
+use crate::image::{json_error, ImageLayer, StoredImage, CONFIG_MEDIA_TYPE, MAX_DOCUMENT};
 use crate::listing::Listing;
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -46,10 +46,15 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
     let bad = |reason: String| BuildError::BadImage { image: name.clone(), reason };
     match r {
         ImageRef::Oci { dir, tag } => {
-            let index = read_small(&dir.join("index.json"))?;
+            let index_path = dir.join("index.json");
+            let index = crate::image::read_document(&index_path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => bad(format!("its `index.json` cannot be used: {e}")),
+                _ => BuildError::Read { path: index_path.clone(), source: e },
+            })?;
             let fetch = |d: &Digest| -> Result<(), BuildError> {
                 let p = dir.join("blobs/sha256").join(d.hex());
-                let f = fs::File::open(&p).map_err(|e| bad(format!("blob {d} cannot be read ({e})")))?;
+                let f = crate::image::open_regular(&p)
+                    .map_err(|e| bad(format!("blob {d} cannot be read ({e})")))?;
                 store
                     .put_blob_from(BufReader::with_capacity(1 << 20, f), d)
                     .map_err(|e| bad(format!("{e}")))?;
@@ -60,7 +65,13 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
         }
         ImageRef::OciArchive(file) | ImageRef::DockerArchive(file) => {
             // A record keyed by the file's identity skips re-reading an unchanged archive.
-            let meta = fs::metadata(file).map_err(BuildError::io_read(file))?;
+            let meta = fs::symlink_metadata(file).map_err(BuildError::io_read(file))?;
+            if !meta.file_type().is_file() {
+                return Err(bad(format!(
+                    "`{}` is not a regular file (kiln reads archives from regular files, not through symlinks)",
+                    file.display()
+                )));
+            }
             let source_key = Digest::of(
                 format!(
                     "{}\0{}\0{}.{}\0{}.{}\0{}",
@@ -121,7 +132,7 @@ pub fn import_archive(
         return finish(store, name, m, &have);
     }
     let index = members.get("index.json").ok_or_else(|| bad("the archive has no `index.json`".into()))?;
-    let index = store.read_blob(index)?;
+    let index = read_document_blob(store, index).map_err(bad)?;
     let m = resolve_index(&index, None, &have, store).map_err(bad)?;
     finish(store, name, m, &have)
 }
@@ -132,31 +143,36 @@ pub fn imported_as(store: &Store, key: &str) -> Option<StoredImage> {
     checked_before(store, key)
 }
 
-fn read_small(p: &Path) -> Result<Vec<u8>, BuildError> {
-    let f = fs::File::open(p).map_err(BuildError::io_read(p))?;
-    let mut v = Vec::new();
-    f.take(16 << 20).read_to_end(&mut v).map_err(BuildError::io_read(p))?;
-    Ok(v)
-}
-
 /// Streams an archive's regular files into the store by content. Returns
 /// member name → digest (names are only looked up, never used as paths).
+///
+/// The file is hostile input that may not even be a tar (a recipe can name
+/// any file): no message quotes its bytes. tar-rs's own errors quote the
+/// header fields they cannot parse, so they are replaced by what failed.
 fn read_archive(store: &Store, file: &Path) -> Result<HashMap<String, Digest>, String> {
-    let f = fs::File::open(file).map_err(|e| format!("cannot be opened ({e})"))?;
+    let mut f = crate::image::open_regular(file).map_err(|e| format!("cannot be opened ({e})"))?;
+    let mut first = [0u8; 512];
+    let n = f.read(&mut first).map_err(|e| format!("cannot be read ({})", e.kind()))?;
+    if n < 512 || !header_checksum_ok(&first) {
+        return Err("is not a tar archive (its first 512 bytes are not a tar header)".into());
+    }
+    let f = std::io::Read::chain(std::io::Cursor::new(first), f);
     let mut a = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
     let mut out = HashMap::new();
-    for e in a.entries().map_err(|e| format!("is not a tar archive ({e})"))? {
-        let mut e = e.map_err(|e| format!("has an unreadable member ({e})"))?;
+    let mut last = String::from("(the first member)");
+    for e in a.entries().map_err(|_| "is not a tar archive".to_string())? {
+        let mut e = e.map_err(|_| format!("has a malformed member header after {last}"))?;
         if !e.header().entry_type().is_file() {
             continue;
         }
         let name = String::from_utf8_lossy(&e.path_bytes()).trim_start_matches("./").to_string();
+        last = format!("`{}`", crate::error::shown(&name));
         let mut w = BlobWriter::new(store).map_err(|e| e.to_string())?;
-        std::io::copy(&mut e, &mut w).map_err(|e| format!("member `{name}` is truncated ({e})"))?;
+        std::io::copy(&mut e, &mut w).map_err(|e| format!("member {last} is truncated ({})", e.kind()))?;
         let (d, _) = w.commit().map_err(|e| e.to_string())?;
         if let Some(hex) = name.strip_prefix("blobs/sha256/") {
             if hex != d.hex() {
-                return Err(format!("member `{name}` does not match its digest (it hashes to {d})"));
+                return Err(format!("member {last} does not match its digest (it hashes to {d})"));
             }
         }
         out.insert(name, d);
@@ -172,8 +188,8 @@ fn resolve_index(
     fetch: &dyn Fn(&Digest) -> Result<(), BuildError>,
     store: &Store,
 ) -> Result<Digest, String> {
-    let index: ImageIndex =
-        serde_json::from_slice(index).map_err(|e| format!("its `index.json` is not an OCI index ({e})"))?;
+    let index: ImageIndex = serde_json::from_slice(index)
+        .map_err(|e| format!("its `index.json` is not an OCI index ({})", json_error(&e)))?;
     let ms = index.manifests();
     let tag_of = |d: &oci_spec::image::Descriptor| {
         d.annotations().as_ref().and_then(|a| a.get(crate::export::REF_NAME)).cloned()
@@ -200,9 +216,9 @@ fn resolve_index(
     let mt = desc.media_type().to_string();
     if mt == OCI_INDEX || mt == DOCKER_LIST {
         fetch(&digest).map_err(|e| e.to_string())?;
-        let nested = store.read_blob(&digest).map_err(|e| e.to_string())?;
-        let nested_index: ImageIndex =
-            serde_json::from_slice(&nested).map_err(|e| format!("nested index: {e}"))?;
+        let nested = read_document_blob(store, &digest)?;
+        let nested_index: ImageIndex = serde_json::from_slice(&nested)
+            .map_err(|e| format!("its nested index is malformed ({})", json_error(&e)))?;
         let host = kiln_recipes::recipe::Platform::host();
         let pick = nested_index
             .manifests()
@@ -228,9 +244,9 @@ fn docker_manifest(
         config: String,
         layers: Vec<String>,
     }
-    let bytes = store.read_blob(manifest_json).map_err(|e| e.to_string())?;
-    let entries: Vec<Entry> =
-        serde_json::from_slice(&bytes).map_err(|e| format!("its `manifest.json` is malformed ({e})"))?;
+    let bytes = read_document_blob(store, manifest_json)?;
+    let entries: Vec<Entry> = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("its `manifest.json` is malformed ({})", json_error(&e)))?;
     let [entry] = entries.as_slice() else {
         return Err(format!("it holds {} images; kiln reads archives of one", entries.len()));
     };
@@ -286,8 +302,8 @@ pub(crate) fn finish(
     }
     let bad = |reason: String| BuildError::BadImage { image: name.to_string(), reason };
     fetch(&manifest)?;
-    let m: ImageManifest = serde_json::from_slice(&store.read_blob(&manifest)?)
-        .map_err(|e| bad(format!("manifest {manifest} is malformed ({e})")))?;
+    let m: ImageManifest = serde_json::from_slice(&read_document_blob(store, &manifest).map_err(bad)?)
+        .map_err(|e| bad(format!("manifest {manifest} is malformed ({})", json_error(&e))))?;
     let config: Digest = m.config().digest().to_string().parse().map_err(|e| bad(format!("{e}")))?;
     fetch(&config)?;
     for l in m.layers() {
@@ -309,17 +325,17 @@ pub(crate) fn finish(
 pub fn stored_image(store: &Store, manifest: &Digest) -> Result<StoredImage, BuildError> {
     let name = manifest.to_string();
     let bad = |reason: String| BuildError::BadImage { image: name.clone(), reason };
-    let mbytes = store.read_blob(manifest)?;
-    let m: ImageManifest =
-        serde_json::from_slice(&mbytes).map_err(|e| bad(format!("malformed manifest ({e})")))?;
+    let mbytes = read_document_blob(store, manifest).map_err(bad)?;
+    let m: ImageManifest = serde_json::from_slice(&mbytes)
+        .map_err(|e| bad(format!("malformed manifest ({})", json_error(&e))))?;
     let mt = m.media_type().as_ref().map(|t| t.to_string()).unwrap_or_default();
     if !(mt.is_empty() || mt == crate::image::MANIFEST_MEDIA_TYPE || mt == DOCKER_MANIFEST) {
         return Err(bad(format!("unsupported manifest type `{mt}`")));
     }
     let config: Digest = m.config().digest().to_string().parse().map_err(|e| bad(format!("{e}")))?;
-    let cbytes = store.read_blob(&config)?;
+    let cbytes = read_document_blob(store, &config).map_err(bad)?;
     let cj: ImageConfiguration =
-        serde_json::from_slice(&cbytes).map_err(|e| bad(format!("malformed config ({e})")))?;
+        serde_json::from_slice(&cbytes).map_err(|e| bad(format!("malformed config ({})", json_error(&e))))?;
     let diff_ids = cj.rootfs().diff_ids();
     if diff_ids.len() != m.layers().len() {
         return Err(bad(format!(
@@ -328,11 +344,24 @@ pub fn stored_image(store: &Store, manifest: &Digest) -> Result<StoredImage, Bui
             diff_ids.len()
         )));
     }
+    // A descriptor's size is copied into every manifest built on this
+    // image: it must be the blob's, or other tools refuse the result.
+    let check_size = |what: &str, d: &Digest, said: u64| -> Result<(), BuildError> {
+        match fs::metadata(store.blob_path(d)) {
+            Ok(md) if md.len() != said => {
+                Err(bad(format!("the manifest says {what} {d} has {said} bytes, but it has {}", md.len())))
+            }
+            _ => Ok(()),
+        }
+    };
+    check_size("the config", &config, m.config().size())?;
     let mut layers = Vec::new();
     for (l, diff) in m.layers().iter().zip(diff_ids) {
+        let digest: Digest = l.digest().to_string().parse().map_err(|e| bad(format!("{e}")))?;
+        check_size("the layer", &digest, l.size())?;
         layers.push(ImageLayer {
             diff_id: diff.parse().map_err(|e| bad(format!("{e}")))?,
-            digest: l.digest().to_string().parse().map_err(|e| bad(format!("{e}")))?,
+            digest,
             size: l.size(),
             media_type: l.media_type().to_string(),
         });
@@ -344,4 +373,25 @@ pub fn stored_image(store: &Store, manifest: &Digest) -> Result<StoredImage, Bui
         config_json: cj,
         layers,
     })
+}
+
+/// A manifest, index or config from the store, refused past [`MAX_DOCUMENT`]
+/// bytes before it is read.
+pub(crate) fn read_document_blob(store: &Store, d: &Digest) -> Result<Vec<u8>, String> {
+    let size = fs::metadata(store.blob_path(d)).map(|m| m.len()).unwrap_or(0);
+    if size > MAX_DOCUMENT {
+        return Err(format!(
+            "the document {d} has {size} bytes; kiln reads manifests, indexes and configs of up to {} MiB",
+            MAX_DOCUMENT >> 20
+        ));
+    }
+    store.read_blob(d).map_err(|e| e.to_string())
+}
+
+/// Whether a 512-byte block is a tar header whose checksum adds up.
+fn header_checksum_ok(block: &[u8; 512]) -> bool {
+    let h = tar::Header::from_byte_slice(block);
+    let Ok(want) = h.cksum() else { return false };
+    let sum: u32 = block[..148].iter().chain(&[b' '; 8]).chain(&block[156..]).map(|b| *b as u32).sum();
+    sum == want
 }

@@ -13,6 +13,8 @@
 //! - [`exec`]: the backends for `run` steps (local sandbox, Docker engine);
 //!   [`changes`]: what a command changed, normalized into a layer.
 //! - [`extract`]: files out of another stage's image (`copy ... from`).
+//! - [`rootdir`]: the one resolver for paths inside an image root on the
+//!   host (unpack, flatten): never through a symlink.
 //! - [`packages`]: `[packages]`: Debian packages locked in kiln.lock and
 //!   installed into one layer.
 //! - [`vm`]: `-o vm:FILE`, the image as a bootable, reproducible VM disk.
@@ -39,6 +41,7 @@ pub mod listing;
 pub mod packages;
 pub mod registry;
 pub mod reporter;
+pub mod rootdir;
 pub mod tarball;
 pub mod unpack;
 pub mod vm;

@@ -182,13 +182,13 @@ fn scan(
             break; // end of archive
         }
         let h = tar::Header::from_byte_slice(&block);
-        let want = h.cksum().map_err(|e| bad(format!("a header has a bad checksum field ({e})")))?;
+        let want = h.cksum().map_err(|_| bad("a header has a malformed checksum field".into()))?;
         let sum: u32 = block[..148].iter().chain(&[b' '; 8]).chain(&block[156..]).map(|b| *b as u32).sum();
         if sum != want {
             return Err(bad("a header's checksum does not match".into()));
         }
         let et = h.entry_type();
-        let header_size = h.entry_size().map_err(|e| bad(format!("a header has a bad size ({e})")))?;
+        let header_size = h.entry_size().map_err(|_| bad("a header has a malformed size field".into()))?;
         if matches!(et.as_byte(), b'x' | b'g' | b'L' | b'K') {
             if header_size > MAX_EXTENSION_BYTES {
                 return Err(bad(format!("an extended header of {header_size} bytes is larger than 1 MiB")));
@@ -206,21 +206,22 @@ fn scan(
         }
         let p = std::mem::take(&mut pending);
         let raw = p.path.unwrap_or_else(|| h.path_bytes().into_owned());
-        let path = clean_path(&raw)
-            .map_err(|why| bad(format!("entry `{}` {why}", String::from_utf8_lossy(&raw))))?;
+        let path = clean_path(&raw).map_err(|why| {
+            bad(format!("entry `{}` {why}", crate::error::shown(&String::from_utf8_lossy(&raw))))
+        })?;
         let size = p.size.unwrap_or(header_size);
         let Some(path) = path else {
             skip(&mut r, size + padding(size)).map_err(io_bad)?; // the root itself
             continue;
         };
-        let mode = h.mode().map_err(|e| bad(format!("entry `{path}` has a bad mode ({e})")))? & 0o7777;
+        let mode = h.mode().map_err(|_| bad(format!("entry `{path}` has a malformed mode field")))? & 0o7777;
         let uid = match p.uid {
             Some(u) => u,
-            None => h.uid().map_err(|e| bad(format!("entry `{path}` has a bad uid ({e})")))?,
+            None => h.uid().map_err(|_| bad(format!("entry `{path}` has a malformed uid field")))?,
         };
         let gid = match p.gid {
             Some(g) => g,
-            None => h.gid().map_err(|e| bad(format!("entry `{path}` has a bad gid ({e})")))?,
+            None => h.gid().map_err(|_| bad(format!("entry `{path}` has a malformed gid field")))?,
         };
         let (uid, gid) = match (u32::try_from(uid), u32::try_from(gid)) {
             (Ok(u), Ok(g)) => (u, g),
@@ -258,6 +259,7 @@ fn scan(
                 return Err(bad(format!("entry `{path}` has the unsupported type `{}`", other as char)));
             }
         };
+        check_in_layer(&entries, &path, &tar_kind).map_err(bad)?;
         let mtime = h.mtime().unwrap_or(0);
         let entry = WalkEntry { path: &path, kind: &tar_kind, mode, uid, gid, mtime, xattrs: &p.xattrs };
         let sha = if let TarKind::File { size } = tar_kind {
@@ -286,6 +288,78 @@ fn scan(
     std::io::copy(&mut r, &mut std::io::sink()).map_err(io_bad)?;
     let diff_id = Digest::from_hasher(r.hasher);
     Ok((Listing { entries: entries.into_values().collect() }, diff_id))
+}
+
+/// Refuses an entry that goes through something this layer makes a symlink
+/// (or anything but a folder), a path this layer already holds as another
+/// type, and a hard link whose target is not an earlier entry of the layer
+/// that is not a folder. Readers that follow entries in tar order (unpack,
+/// flatten) would otherwise be led out of the root by entries the listing,
+/// which keeps only the last of each path, never shows.
+fn check_in_layer(entries: &BTreeMap<String, ListEntry>, path: &str, kind: &TarKind) -> Result<(), String> {
+    let mut at = path;
+    while let Some((up, _)) = at.rsplit_once('/') {
+        match entries.get(up).map(|e| &e.kind) {
+            None | Some(Kind::Dir) => {}
+            Some(Kind::Symlink { .. }) => {
+                return Err(format!(
+                    "entry `{path}` goes through `{up}`, which the same layer makes a symlink"
+                ))
+            }
+            Some(k) => {
+                return Err(format!(
+                    "entry `{path}` is inside `{up}`, which the same layer makes {}",
+                    noun(k)
+                ))
+            }
+        }
+        at = up;
+    }
+    if let Some(prev) = entries.get(path) {
+        let now = noun_of_tar(kind);
+        if noun(&prev.kind) != now {
+            return Err(format!(
+                "`{path}` appears twice in the layer, as {} and then as {now}; a layer holds each path once",
+                noun(&prev.kind)
+            ));
+        }
+    }
+    if let TarKind::Hardlink(t) = kind {
+        match entries.get(t.as_str()).map(|e| &e.kind) {
+            None => {
+                return Err(format!(
+                    "hard link `{path}` points to `{t}`, which is not an earlier entry of the same layer"
+                ))
+            }
+            Some(Kind::Dir) => return Err(format!("hard link `{path}` points to the folder `{t}`")),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn noun(k: &Kind) -> &'static str {
+    match k {
+        Kind::File { .. } => "a file",
+        Kind::Dir => "a folder",
+        Kind::Symlink { .. } => "a symlink",
+        Kind::Hardlink { .. } => "a hard link",
+        Kind::Char { .. } => "a character device",
+        Kind::Block { .. } => "a block device",
+        Kind::Fifo => "a fifo",
+    }
+}
+
+fn noun_of_tar(k: &TarKind) -> &'static str {
+    match k {
+        TarKind::File { .. } => "a file",
+        TarKind::Dir => "a folder",
+        TarKind::Symlink(_) => "a symlink",
+        TarKind::Hardlink(_) => "a hard link",
+        TarKind::CharDev(..) => "a character device",
+        TarKind::BlockDev(..) => "a block device",
+        TarKind::Fifo => "a fifo",
+    }
 }
 
 /// A visitor's failure: the disk it writes to (full, read-only, no
@@ -477,6 +551,56 @@ mod tests {
         out.extend_from_slice(&[0u8; 1024]);
         let err = scan(&out).unwrap_err();
         assert!(err.contains("`../etc/evil` leaves the root"), "{err}");
+    }
+
+    /// A tar of (path, type, link target) entries, in the order given.
+    fn tar_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (path, t, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*t);
+            h.set_path(path).unwrap();
+            if !link.is_empty() {
+                h.set_link_name(link).unwrap();
+            }
+            h.set_mode(0o755);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(0);
+            h.set_cksum();
+            out.extend_from_slice(h.as_bytes());
+        }
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    #[test]
+    fn a_layer_that_goes_through_its_own_symlink_or_retypes_a_path_is_refused() {
+        use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as S};
+        let cases: &[(&[(&str, tar::EntryType, &str)], &str)] = &[
+            // The duplicate trick: the listing keeps only the last `d`.
+            (&[("d", S, "/etc"), ("d/file", F, ""), ("d", D, "")], "which the same layer makes a symlink"),
+            (&[("d", S, "/etc"), ("d/.wh.passwd", F, "")], "which the same layer makes a symlink"),
+            (&[("d", S, "/etc"), ("d/.wh..wh..opq", F, "")], "which the same layer makes a symlink"),
+            (
+                &[("d", D, ""), ("d", S, "/etc")],
+                "appears twice in the layer, as a folder and then as a symlink",
+            ),
+            (&[("f", F, ""), ("f/x", F, "")], "which the same layer makes a file"),
+            (&[("a", D, ""), ("a/b", S, "/"), ("a/b/c/d", D, "")], "goes through `a/b`"),
+            // Hard links through an in-image symlink, to folders, or to nothing in the layer.
+            (&[("l", S, "/etc"), ("h", H, "l/shadow")], "not an earlier entry"),
+            (&[("d", D, ""), ("h", H, "d")], "points to the folder `d`"),
+            (&[("h", H, "etc/shadow")], "not an earlier entry"),
+        ];
+        for (entries, want) in cases {
+            let err = scan(&tar_of(entries)).unwrap_err();
+            assert!(err.contains(want), "{entries:?}: {err}");
+        }
+        // What stays allowed: a path given twice as the same type, a link to an earlier file.
+        let ok = tar_of(&[("d", D, ""), ("d/f", F, ""), ("d", D, ""), ("d/h", H, "d/f"), ("s", S, "d")]);
+        assert_eq!(scan(&ok).unwrap().entries.len(), 4);
     }
 
     #[test]

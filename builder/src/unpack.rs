@@ -17,27 +17,32 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode};
 
 use kiln_cache::{Digest, Store};
 
 use crate::error::BuildError;
 use crate::image::ImageLayer;
 use crate::listing::WalkEntry;
+use crate::rootdir::{self, RootDir};
 use crate::tarball::TarKind;
 
 /// Extended attributes as (name, bytes).
 type Xattrs = Vec<(String, Vec<u8>)>;
 
-/// Makes entries under `root`, in layer order.
+/// Makes entries under `root`, in layer order, through a [`RootDir`]: no
+/// entry is ever made, removed or linked through a symlink.
 pub struct Materializer {
-    root: PathBuf,
+    root: RootDir,
     pool: Option<PathBuf>,
     /// The xattr that marks opaque folders for the overlay that stacks them.
     opaque_xattr: &'static str,
     /// Every path made, its time and xattrs, for the final pass that sets them.
-    made: Vec<(PathBuf, u64, Xattrs)>,
+    made: Vec<(String, u64, Xattrs)>,
     /// A file being written into the pool.
     pending: Option<Pending>,
 }
@@ -45,7 +50,7 @@ pub struct Materializer {
 struct Pending {
     tmp: PathBuf,
     name: PathBuf,
-    target: PathBuf,
+    target: String,
     expect: Digest,
     mode: u32,
     uid: u32,
@@ -62,11 +67,12 @@ impl Materializer {
     /// With `pool`, regular files whose digest is given go through it.
     pub fn new(root: PathBuf, pool: Option<PathBuf>) -> io::Result<Materializer> {
         fs::DirBuilder::new().mode(0o755).create(&root)?;
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755))?;
         if let Some(p) = &pool {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(p)?;
         }
         Ok(Materializer {
-            root,
+            root: RootDir::open(&root)?,
             pool,
             opaque_xattr: crate::changes::OPAQUE_TRUSTED,
             made: Vec::new(),
@@ -82,75 +88,89 @@ impl Materializer {
         let WalkEntry { path, kind, mode, uid, gid, mtime, xattrs } = *e;
         // A file with xattrs keeps them on its own inode, outside the pool.
         let sha256 = sha256.filter(|_| xattrs.is_empty());
-        let (parent, name) = match path.rsplit_once('/') {
-            Some((p, n)) => (self.root.join(p), n),
-            None => (self.root.clone(), path),
-        };
-        if !parent.is_dir() {
-            fs::DirBuilder::new().recursive(true).mode(0o755).create(&parent)?;
-        }
+        // Layers need not list every parent: missing ones are made 0755.
+        let (dir, name) = self.root.parent(path, Some(&mut |_| {}))?;
         if name == ".wh..wh..opq" {
-            rustix::fs::setxattr(&parent, self.opaque_xattr, b"y", rustix::fs::XattrFlags::empty())?;
+            rootdir::set_xattr(&dir, ".", self.opaque_xattr, b"y")?;
             return Ok(None);
         }
         if let Some(victim) = name.strip_prefix(".wh.") {
-            let target = parent.join(victim);
-            remove_any(&target)?;
-            nix::sys::stat::mknod(&target, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0)
-                .map_err(io::Error::from)?;
+            self.root.remove_in(&dir, victim)?;
+            rustix::fs::mknodat(&dir, victim, FileType::CharacterDevice, Mode::empty(), 0)?;
             return Ok(None);
         }
-        let full = parent.join(name);
-        let existing = fs::symlink_metadata(&full).ok();
-        if let Some(m) = &existing {
-            if !(m.is_dir() && matches!(kind, TarKind::Dir)) {
-                remove_any(&full)?;
-            }
+        let existing = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Some(FileType::from_raw_mode(st.st_mode)),
+            Err(rustix::io::Errno::NOENT) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let is_dir = existing == Some(FileType::Directory);
+        if existing.is_some() && !(is_dir && matches!(kind, TarKind::Dir)) {
+            self.root.remove_in(&dir, name)?;
         }
         let mut file = None;
         match kind {
             TarKind::Dir => {
-                if existing.as_ref().is_none_or(|m| !m.is_dir()) {
-                    fs::DirBuilder::new().mode(0o700).create(&full)?;
+                if !is_dir {
+                    rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700))?;
                 }
             }
             TarKind::File { .. } => {
                 if let (Some(pool), Some(sha)) = (&self.pool, sha256) {
-                    let name = pool.join(format!("{}-{:o}-{uid}-{gid}-{mtime}", sha.hex(), mode & 0o7777));
-                    if name.exists() && link_or_copy(&name, &full).is_ok() {
+                    let pooled = pool.join(format!("{}-{:o}-{uid}-{gid}-{mtime}", sha.hex(), mode & 0o7777));
+                    if pooled.exists() && link_or_copy(&pooled, &dir, name).is_ok() {
                         return Ok(None);
                     }
                     let tmp = pool.join(format!(".tmp-{}-{}", std::process::id(), unique()));
                     let f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-                    self.pending =
-                        Some(Pending { tmp, name, target: full, expect: sha, mode, uid, gid, mtime });
+                    self.pending = Some(Pending {
+                        tmp,
+                        name: pooled,
+                        target: path.to_string(),
+                        expect: sha,
+                        mode,
+                        uid,
+                        gid,
+                        mtime,
+                    });
                     return Ok(Some(f));
                 }
-                file = Some(fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&full)?);
+                file = Some(rootdir::create_file(&dir, name, 0o600)?);
             }
-            TarKind::Symlink(t) => std::os::unix::fs::symlink(t, &full)?,
+            TarKind::Symlink(t) => rustix::fs::symlinkat(t.as_str(), &dir, name)?,
             TarKind::Hardlink(t) => {
-                fs::hard_link(self.root.join(t), &full)?;
+                // The target is resolved inside the root like any path, and
+                // must be something this layer made that is not a folder.
+                let (tdir, tname) = self.root.parent(t, None)?;
+                let st = rustix::fs::statat(&tdir, tname, AtFlags::SYMLINK_NOFOLLOW)?;
+                if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                    return Err(io::Error::other(format!(
+                        "the hard link `{path}` points to the folder `{t}`"
+                    )));
+                }
+                rustix::fs::linkat(&tdir, tname, &dir, name, AtFlags::empty())?;
                 return Ok(None); // shares the target's inode and metadata
             }
             TarKind::CharDev(a, b) | TarKind::BlockDev(a, b) => {
                 let t = if matches!(kind, TarKind::CharDev(..)) {
-                    nix::sys::stat::SFlag::S_IFCHR
+                    FileType::CharacterDevice
                 } else {
-                    nix::sys::stat::SFlag::S_IFBLK
+                    FileType::BlockDevice
                 };
-                let dev = libc::makedev(*a, *b);
-                nix::sys::stat::mknod(&full, t, nix::sys::stat::Mode::empty(), dev)
-                    .map_err(io::Error::from)?;
+                rustix::fs::mknodat(&dir, name, t, Mode::empty(), rustix::fs::makedev(*a, *b))?;
             }
-            TarKind::Fifo => {
-                nix::unistd::mkfifo(&full, nix::sys::stat::Mode::empty()).map_err(io::Error::from)?;
-            }
+            TarKind::Fifo => rustix::fs::mknodat(&dir, name, FileType::Fifo, Mode::empty(), 0)?,
         }
         // Owner first: chown clears setuid and setgid, the mode then sets them.
-        std::os::unix::fs::lchown(&full, Some(uid), Some(gid))?;
+        rustix::fs::chownat(
+            &dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
         if !matches!(kind, TarKind::Symlink(_)) {
-            fs::set_permissions(&full, fs::Permissions::from_mode(mode & 0o7777))?;
+            rustix::fs::chmodat(&dir, name, Mode::from_raw_mode(mode & 0o7777), AtFlags::empty())?;
         }
         // Set in `finish`: chown and writing the content both drop file capabilities.
         let mut attrs = Vec::new();
@@ -158,7 +178,7 @@ impl Materializer {
             let v = hex::decode(v).map_err(|_| io::Error::other(format!("bad xattr value for {k}")))?;
             attrs.push((k.clone(), v));
         }
-        self.made.push((full, mtime, attrs));
+        self.made.push((path.to_string(), mtime, attrs));
         Ok(file)
     }
 
@@ -170,27 +190,29 @@ impl Materializer {
             let _ = fs::remove_file(&p.tmp);
             return Err(io::Error::other(format!(
                 "`{}` changed while it was unpacked (expected {}, got {got})",
-                p.target.display(),
-                p.expect
+                p.target, p.expect
             )));
         }
         std::os::unix::fs::lchown(&p.tmp, Some(p.uid), Some(p.gid))?;
         fs::set_permissions(&p.tmp, fs::Permissions::from_mode(p.mode & 0o7777))?;
         set_time(&p.tmp, p.mtime)?;
         fs::rename(&p.tmp, &p.name)?;
-        link_or_copy(&p.name, &p.target)
+        let (dir, name) = self.root.parent(&p.target, None)?;
+        link_or_copy(&p.name, &dir, name)
     }
 
     /// Sets every entry's time; call once, after the last entry (making
     /// an entry changes its folder's time).
-    pub fn finish(self) -> io::Result<PathBuf> {
-        for (p, mtime, attrs) in self.made.iter().rev() {
+    pub fn finish(mut self) -> io::Result<PathBuf> {
+        let made = std::mem::take(&mut self.made);
+        for (p, mtime, attrs) in made.iter().rev() {
+            let (dir, name) = self.root.parent(p, None)?;
             for (k, v) in attrs {
-                rustix::fs::lsetxattr(p, k.as_str(), v, rustix::fs::XattrFlags::empty())?;
+                rootdir::set_xattr(&dir, name, k, v)?;
             }
-            set_time(p, *mtime)?;
+            rootdir::set_time_at(&dir, name, *mtime)?;
         }
-        Ok(self.root)
+        Ok(self.root.path().to_path_buf())
     }
 }
 
@@ -201,18 +223,22 @@ fn set_time(p: &Path, mtime: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// A hard link to a pool file; a copy if the file has too many links.
-fn link_or_copy(pool_file: &Path, target: &Path) -> io::Result<()> {
-    match fs::hard_link(pool_file, target) {
+/// A hard link to a pool file at `name` in `dir`; a copy if the file has
+/// too many links.
+fn link_or_copy(pool_file: &Path, dir: &OwnedFd, name: &str) -> io::Result<()> {
+    match rustix::fs::linkat(rustix::fs::CWD, pool_file, dir, name, AtFlags::empty()) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
-            fs::copy(pool_file, target)?;
-            let md = fs::metadata(pool_file)?;
-            std::os::unix::fs::lchown(target, Some(md.uid()), Some(md.gid()))?;
-            fs::set_permissions(target, md.permissions())?;
-            set_time(target, md.mtime() as u64)
+        Err(rustix::io::Errno::MLINK) => {
+            let mut src = fs::File::open(pool_file)?;
+            let md = src.metadata()?;
+            let mut dst = rootdir::create_file(dir, name, 0o600)?;
+            io::copy(&mut src, &mut dst)?;
+            std::os::unix::fs::fchown(&dst, Some(md.uid()), Some(md.gid()))?;
+            dst.set_permissions(md.permissions())?;
+            drop(dst);
+            rootdir::set_time_at(dir, name, md.mtime() as u64)
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -220,16 +246,6 @@ fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Removes whatever is at `p` (a folder with its contents); nothing there is fine.
-pub(crate) fn remove_any(p: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
-        Ok(_) => fs::remove_file(p),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 /// Unpacks a stored layer into `dest` (a new folder), streaming its tar
@@ -280,4 +296,120 @@ pub fn unpack_blob_styled(
     })?;
     m.finish().map_err(bad)?;
     Ok(())
+}
+
+/// What an unpacked layer folder held when kiln made it: each regular
+/// file's path, content digest and the stamp (inode, size, ctime) its
+/// bytes had then. Any write to a file, through any of its hard links,
+/// changes its ctime, so a folder whose stamps all match holds the bytes
+/// its layer says; one that does not is re-hashed, and rebuilt if wrong,
+/// like a blob of the store ([`kiln_cache::Store::verify_blob`]).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Seal {
+    files: Vec<Sealed>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Sealed {
+    path: String,
+    sha256: Digest,
+    ino: u64,
+    size: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+/// The record name of the seal of `dir/DIFF_ID` (`dir` is `unpacked` or a
+/// rootless mapping's folder).
+fn seal_name(folder: &Path) -> String {
+    let parent = folder.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+    let leaf = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{}-{leaf}", parent.unwrap_or_default())
+}
+
+/// Records the seal of `folder`, just made from a layer with `listing`.
+pub fn seal(store: &Store, folder: &Path, listing: &crate::listing::Listing) -> Result<(), BuildError> {
+    let mut files = Vec::new();
+    for e in &listing.entries {
+        if let crate::listing::Kind::File { sha256, .. } = &e.kind {
+            let name = e.path.rsplit('/').next().unwrap_or(&e.path);
+            if name.starts_with(".wh.") {
+                continue; // whiteouts are character devices in the folder
+            }
+            let md = fs::symlink_metadata(folder.join(&e.path))
+                .map_err(BuildError::io_read(folder.join(&e.path)))?;
+            files.push(Sealed {
+                path: e.path.clone(),
+                sha256: *sha256,
+                ino: md.ino(),
+                size: md.len(),
+                ctime: md.ctime(),
+                ctime_nsec: md.ctime_nsec(),
+            });
+        }
+    }
+    Ok(store.write_record("seals", &seal_name(folder), &Seal { files })?)
+}
+
+/// Whether `folder` still holds what its seal says. Files whose stamp
+/// changed are hashed again: a right one gets a new stamp; a wrong one
+/// (a flipped byte in the shared file pool) is removed from the pool with
+/// every link to it, and `false` says the folder must be made again.
+pub fn check_seal(store: &Store, folder: &Path, pool: &Path) -> bool {
+    let name = seal_name(folder);
+    let Some(mut seal) = store.read_record::<Seal>("seals", &name) else { return false };
+    let mut changed = false;
+    for f in &mut seal.files {
+        let p = folder.join(&f.path);
+        let Ok(md) = fs::symlink_metadata(&p) else { return false };
+        if md.is_file()
+            && (md.ino(), md.len(), md.ctime(), md.ctime_nsec()) == (f.ino, f.size, f.ctime, f.ctime_nsec)
+        {
+            continue;
+        }
+        let right = md.is_file()
+            && md.len() == f.size
+            && crate::image::open_regular(&p).is_ok_and(|file| {
+                let mut h = sha2::Sha256::default();
+                io::copy(&mut io::BufReader::new(file), &mut DigestWriter(&mut h)).is_ok()
+                    && Digest::from_hasher(h) == f.sha256
+            });
+        if !right {
+            tracing::warn!(file = %p.display(), "an unpacked file does not hold its layer's bytes; unpacking the layer again");
+            remove_from_pool(pool, md.dev(), md.ino());
+            return false;
+        }
+        // Re-read after hashing: the stamp the right bytes have now.
+        let Ok(md) = fs::symlink_metadata(&p) else { return false };
+        (f.ino, f.size, f.ctime, f.ctime_nsec) = (md.ino(), md.len(), md.ctime(), md.ctime_nsec());
+        changed = true;
+    }
+    if changed {
+        let _ = store.write_record("seals", &name, &seal);
+    }
+    true
+}
+
+/// Removes the pool file with this inode (it is corrupt).
+fn remove_from_pool(pool: &Path, dev: u64, ino: u64) {
+    let Ok(rd) = fs::read_dir(pool) else { return };
+    for e in rd.flatten() {
+        if let Ok(md) = e.metadata() {
+            if md.dev() == dev && md.ino() == ino {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+struct DigestWriter<'a>(&'a mut sha2::Sha256);
+
+impl Write for DigestWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        sha2::Digest::update(self.0, buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }

@@ -218,7 +218,24 @@ impl Store {
             }
         }
         self.sweep_file_pool(&mut report);
+        self.sweep_seals();
         Ok(report)
+    }
+
+    /// Removes the seals of unpacked folders that are gone
+    /// (`seals/FOLDER-DIFFID.json` for `FOLDER/DIFFID`).
+    fn sweep_seals(&self) {
+        let dir = self.root().join("seals");
+        let Ok(rd) = fs::read_dir(&dir) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((folder, hex)) = name.strip_suffix(".json").and_then(|n| n.rsplit_once('-')) else {
+                continue;
+            };
+            if !self.root().join(folder).join(hex).is_dir() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Removes files of the unpacked-file pool that no unpacked layer links

@@ -15,7 +15,7 @@ pub const SCHEMA: &str = "v1";
 
 /// The kinds of records kept beside the blobs, each in its own folder.
 pub const RECORD_KINDS: &[&str] =
-    &["steps", "images", "bases", "debs", "disks", "listings", "index", "verified"];
+    &["steps", "images", "bases", "debs", "disks", "listings", "index", "verified", "seals"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

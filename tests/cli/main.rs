@@ -11,4 +11,5 @@ mod packages;
 mod registry;
 mod reproducible;
 mod run;
+mod security;
 mod vm;

@@ -8,7 +8,7 @@ use std::process::Command;
 use crate::support::*;
 
 /// A busybox base from scratch: the binary copied in, its applets installed by a `run` step.
-const BASE: &str = r#"
+pub(crate) const BASE: &str = r#"
 [[stage]]
 name = "base"
 
@@ -31,7 +31,7 @@ run = ["/bin/busybox", "--install", "-s", "/bin"]
 
 /// A project whose recipe is [`BASE`] followed by `rest`; `None` when the
 /// local backend cannot run here (not root) outside CI.
-fn project(rest: &str) -> Option<Project> {
+pub(crate) fn project(rest: &str) -> Option<Project> {
     let busybox = busybox()?;
     if !require_root() {
         return None;
@@ -43,7 +43,7 @@ fn project(rest: &str) -> Option<Project> {
 }
 
 /// `umoci unpack` of an OCI layout; returns the rootfs path.
-fn unpack(p: &Project, layout: &str) -> std::path::PathBuf {
+pub(crate) fn unpack(p: &Project, layout: &str) -> std::path::PathBuf {
     let dest = p.path(&format!("{layout}-unpacked"));
     let out = Command::new("umoci")
         .args(["unpack", "--image", &format!("{}:latest", p.path(layout).display())])
@@ -674,4 +674,75 @@ fn rootless_builds_give_the_layers_root_builds_give() {
         .map(|e| e.path().display().to_string())
         .collect();
     assert!(leftover.is_empty(), "left behind: {leftover:?}");
+}
+
+/// Issue 18, bug 1: the folders kiln makes for the sandbox do not depend on
+/// the caller's umask, so a non-root step builds under umask 077 as under
+/// 022 (and `kiln verify`, whose second build runs under 077, passes).
+#[test]
+fn non_root_steps_build_alike_under_umask_022_and_077_and_verify_passes() {
+    let Some(p) = project(
+        r#"
+[image]
+name = "umask"
+base = "stage:base"
+
+[[step]]
+run = "mkdir -p /home/app && chown 1000:1000 /home/app"
+
+[[step]]
+run = "id -u > who && mkdir -p d/e sub/deep && echo x > sub/deep/f"
+user = "1000:1000"
+workdir = "/home/app"
+"#,
+    ) else {
+        return;
+    };
+    let under = |mask: &str, out: &str, cache: &str| -> Run {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("umask {mask} && exec \"$0\" \"$@\""))
+            .arg(kiln_bin())
+            .args(["build", "kiln.toml", "-o", &format!("oci:{out}"), "--cache-dir", cache])
+            .current_dir(p.path(""))
+            .env_remove("SOURCE_DATE_EPOCH")
+            .output()
+            .unwrap()
+            .into()
+    };
+    let a = under("022", "a", p.path("cache-022").to_str().unwrap());
+    let b = under("077", "b", p.path("cache-077").to_str().unwrap());
+    assert_eq!(b.code, 0, "umask 077: {}", b.stderr);
+    assert_eq!(a.digest(), b.digest(), "the umask changed the image");
+    let root = unpack(&p, "b");
+    assert_eq!(fs::read_to_string(root.join("home/app/who")).unwrap(), "1000\n");
+    let v = p.kiln(&["verify", "kiln.toml"]);
+    assert_eq!(v.code, 0, "verify: {}{}", v.stdout, v.stderr);
+}
+
+/// Issue 18, bug 2: a `run` step for a platform the host cannot execute is
+/// refused (exit 3, saying what would be needed) instead of running
+/// natively under the wrong label; `copy`/`write` recipes still build.
+#[test]
+fn run_steps_for_a_platform_the_host_cannot_execute_are_refused() {
+    let Some(p) = project("[image]\nname = \"p\"\nbase = \"stage:base\"\n[[step]]\nrun = \"true\"\n") else {
+        return;
+    };
+    let (other, qemu) =
+        if cfg!(target_arch = "x86_64") { ("linux/arm64", "aarch64") } else { ("linux/amd64", "x86_64") };
+    if std::path::Path::new(&format!("/proc/sys/fs/binfmt_misc/qemu-{qemu}")).exists() {
+        eprintln!("SKIPPED: this machine runs {other} binaries through binfmt_misc");
+        return;
+    }
+    let r = p.build(&["--platform", other]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("commands for {other}")), "{}", r.stderr);
+    assert!(r.stderr.contains("qemu-user-static"), "the hint says what would be needed: {}", r.stderr);
+    assert!(!p.path("out").exists());
+    let q = Project::new();
+    q.recipe("[image]\nname = \"c\"\n[[step]]\nwrite = \"/a\"\ncontent = \"a\"\n");
+    q.build(&["--platform", other]).digest();
+    let v: serde_json::Value =
+        serde_json::from_str(&q.kiln(&["inspect", "oci:out", "--json"]).stdout).unwrap();
+    assert_eq!(v["architecture"], other.split('/').nth(1).unwrap(), "{v}");
 }

@@ -2,6 +2,7 @@
 //! a `kiln` runner that captures stdout, stderr and the exit code.
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -261,4 +262,65 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A raw tar entry: name bytes, type flag, link target bytes.
+pub type RawEntry<'a> = (&'a [u8], u8, &'a [u8]);
+
+/// An OCI archive whose only layer holds `entries` (files hold `evil`).
+pub fn hostile_archive(p: &Project, file: &str, entries: &[RawEntry]) {
+    use sha2::Digest;
+    let mut tar_bytes = Vec::new();
+    for (name, kind, link) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_entry_type(tar::EntryType::new(*kind));
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(if *kind == b'0' { 4 } else { 0 });
+        h.set_cksum();
+        tar_bytes.extend_from_slice(h.as_bytes());
+        if *kind == b'0' {
+            let mut block = [0u8; 512];
+            block[..4].copy_from_slice(b"evil");
+            tar_bytes.extend_from_slice(&block);
+        }
+    }
+    tar_bytes.extend_from_slice(&[0u8; 1024]);
+    let diff_id = hex::encode(sha2::Sha256::digest(&tar_bytes));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar_bytes).unwrap();
+    let layer = gz.finish().unwrap();
+    let layer_d = hex::encode(sha2::Sha256::digest(&layer));
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["sha256:{diff_id}"]}},"config":{{}}}}"#
+    );
+    let config_d = hex::encode(sha2::Sha256::digest(config.as_bytes()));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_d}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{layer_d}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let manifest_d = hex::encode(sha2::Sha256::digest(manifest.as_bytes()));
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_d}","size":{}}}]}}"#,
+        manifest.len()
+    );
+    let mut b = tar::Builder::new(std::fs::File::create(p.path(file)).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", index.as_bytes());
+    add(&format!("blobs/sha256/{manifest_d}"), manifest.as_bytes());
+    add(&format!("blobs/sha256/{config_d}"), config.as_bytes());
+    add(&format!("blobs/sha256/{layer_d}"), &layer);
+    b.finish().unwrap();
 }

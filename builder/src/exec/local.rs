@@ -51,8 +51,13 @@ pub fn run(
     let work =
         tempfile::Builder::new().prefix("run-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
     let w = work.path();
-    for d in ["upper", "work", "merged", "init"] {
-        fs::create_dir(w.join(d)).map_err(BuildError::io_write(w.join(d)))?;
+    // 0755 whatever the caller's umask: the upper folder is the sandbox's
+    // `/`, which a non-root step must be able to enter.
+    for d in ["upper", "work", "merged", "init", "secrets"] {
+        let p = w.join(d);
+        fs::create_dir(&p)
+            .and_then(|()| fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)))
+            .map_err(BuildError::io_write(&p))?;
     }
     let init = init_plan(req);
     // As root, kiln unpacks and makes the init folder itself; rootless, the
@@ -80,7 +85,12 @@ pub fn run(
     };
     tracing::debug!(elapsed = ?t.elapsed(), layers = lowers.len(), "local: layers unpacked");
 
-    let (_secret_dir, secrets) = super::write_secrets(req.secrets)?;
+    // Secrets live in memory files the helper inherits and binds into the
+    // sandbox: they are never a path on any filesystem, and nothing is left
+    // behind whatever happens to kiln.
+    let memfds = secret_memfds(req.secrets)?;
+    let secrets: Vec<(String, i32)> =
+        memfds.iter().map(|(id, fd)| (id.clone(), std::os::fd::AsRawFd::as_raw_fd(fd))).collect();
     // /etc/hosts, /etc/hostname and /etc/resolv.conf as the engine makes them:
     // loopback names, the hostname, and the host's resolvers when the network is on.
     let mut etc_files = Vec::new();
@@ -112,7 +122,8 @@ pub fn run(
         workdir: req.workdir.clone(),
         network: req.network,
         hostname: super::HOSTNAME.into(),
-        secrets,
+        secrets: secrets.clone(),
+        secret_dir: w.join("secrets"),
         etc_files,
         rootless: rootless.clone(),
     };
@@ -125,7 +136,24 @@ pub fn run(
         hint: "run kiln from a path that exists".into(),
     })?;
     let (reader, writer) = std::io::pipe().map_err(BuildError::io_write(&tmp))?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    if !secrets.is_empty() {
+        let fds: Vec<i32> = secrets.iter().map(|(_, fd)| *fd).collect();
+        // SAFETY: only fcntl between fork and exec (async-signal-safe); the
+        // descriptors stay close-on-exec in kiln, so no other child (a
+        // step of another stage) ever inherits them.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                for fd in &fds {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = command
         .arg("__sandbox")
         .arg(&spec_path)
         .stdin(if rootless.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -137,6 +165,9 @@ pub fn run(
             message: format!("Cannot start the sandbox helper: {e}"),
             hint: "check that kiln's executable can be run".into(),
         })?;
+    // The command holds kiln's copies of the pipe's write end: drop them, or
+    // the output would never end.
+    drop(command);
     let mut reader = std::io::BufReader::new(reader);
     if let Mode::Rootless(m) = mode {
         map_user_namespace(&mut child, &mut reader, m)?;
@@ -164,6 +195,25 @@ pub fn run(
     };
     tracing::debug!(elapsed = ?t.elapsed(), changes = changes.len(), "local: upper folder read");
     Ok(RunResult::Changed { changes, keep: Box::new(work) })
+}
+
+/// Each secret in a sealed memory file (`memfd`), 0400, close-on-exec.
+fn secret_memfds(secrets: &[(String, Vec<u8>)]) -> Result<Vec<(String, std::os::fd::OwnedFd)>, BuildError> {
+    use std::io::Write as _;
+    let mut out = Vec::new();
+    for (id, value) in secrets {
+        let err = |e: std::io::Error| BuildError::Environment {
+            message: format!("Cannot hold the secret `{id}` in memory: {e}"),
+            hint: "the local backend keeps secrets in memfd files (Linux 3.17+)".into(),
+        };
+        let fd = rustix::fs::memfd_create("kiln-secret", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| err(e.into()))?;
+        let mut f = fs::File::from(fd);
+        f.write_all(value).map_err(err)?;
+        rustix::fs::fchmod(&f, rustix::fs::Mode::from_raw_mode(0o400)).map_err(|e| err(e.into()))?;
+        out.push((id.clone(), std::os::fd::OwnedFd::from(f)));
+    }
+    Ok(out)
 }
 
 /// Removes `paths` (files of a rootless run: their owners are the user's
@@ -282,7 +332,24 @@ pub fn unpack_into(
 ) -> Result<(), BuildError> {
     let dest = dir.join(layer.diff_id.hex());
     if dest.is_dir() {
-        return Ok(());
+        if crate::unpack::check_seal(store, &dest, &pool) {
+            return Ok(());
+        }
+        // Corrupt or unsealed: moved aside (a build using it keeps its
+        // view) and made again.
+        let aside = tempfile::Builder::new()
+            .prefix("stale-")
+            .tempdir_in(store.tmp_dir())
+            .map_err(BuildError::io_write(store.tmp_dir()))?;
+        if fs::rename(&dest, aside.path().join("layer")).is_err() && dest.is_dir() {
+            return Err(BuildError::Environment {
+                message: format!(
+                    "The unpacked layer `{}` is corrupt and cannot be moved aside",
+                    dest.display()
+                ),
+                hint: "run `kiln cache prune --max-size 0` (or remove the folder) and build again".into(),
+            });
+        }
     }
     fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
     if !store.verify_blob(&layer.digest)? {
@@ -296,7 +363,8 @@ pub fn unpack_into(
         tempfile::Builder::new().prefix("unpack-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
     let root = stage.path().join("root");
     crate::unpack::unpack_blob_styled(store, layer, &root, pool, opaque_xattr)?;
-    adopt(&root, &dest)
+    adopt(&root, &dest)?;
+    crate::unpack::seal(store, &dest, &crate::listing::Listing::load(store, layer)?)
 }
 
 /// Moves an unpacked folder into place; another build may have been first.

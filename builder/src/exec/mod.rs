@@ -3,13 +3,17 @@
 //! layer through one normalization, so the backends give identical layers.
 //!
 //! - [`local`]: namespaces and overlayfs, no daemon (the default).
-//! - [`sandbox`]: the helper process the local backend re-executes.
+//! - [`sandbox`]: the helper process the local backend re-executes;
+//!   [`confine`] and [`seccomp`]: what it takes away from a step (the
+//!   engine's default capabilities, seccomp profile, masked /proc).
 //! - [`docker`]: a container in the engine at DOCKER_HOST, through bollard.
 
+pub mod confine;
 pub mod docker;
 pub mod local;
 pub mod rootless;
 pub mod sandbox;
+pub mod seccomp;
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -26,15 +30,56 @@ pub const HOSTNAME: &str = "kiln";
 /// The /etc/hosts a command sees on the local backend (the engine writes its own).
 pub const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
-/// A private folder for secret files, in memory (/dev/shm) where there is
-/// one, so a secret never lands on disk, even if kiln is killed.
-fn secret_dir() -> Result<tempfile::TempDir, crate::BuildError> {
+/// Where the Docker backend's secret files live: memory (/dev/shm) where
+/// there is one, so a secret never lands on disk. The local backend needs
+/// no file at all (memfds).
+fn secret_base() -> std::path::PathBuf {
     let shm = std::path::Path::new("/dev/shm");
-    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// A private folder for secret files, named after this process
+/// (`kiln-secrets-PID-…`), so [`sweep_secret_folders`] can tell a folder
+/// whose kiln was killed from one in use.
+fn secret_dir() -> Result<tempfile::TempDir, crate::BuildError> {
+    let base = secret_base();
     tempfile::Builder::new()
-        .prefix("kiln-secrets-")
+        .prefix(&format!("kiln-secrets-{}-", std::process::id()))
         .tempdir_in(&base)
         .map_err(crate::BuildError::io_write(base))
+}
+
+/// Removes the secret folders that killed kiln processes of this user
+/// left behind (`kiln cache gc`). Returns how many it removed.
+pub fn sweep_secret_folders() -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    let Ok(rd) = std::fs::read_dir(secret_base()) else { return 0 };
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("kiln-secrets-")) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let Ok(md) = e.path().symlink_metadata() else { continue };
+        if !md.is_dir() || md.uid() != me {
+            continue;
+        }
+        // Signal 0 only checks whether the process exists (EPERM: it does).
+        let alive = pid > 0
+            && match rustix::process::test_kill_process(rustix::process::Pid::from_raw(pid).expect("pid > 0"))
+            {
+                Ok(()) => true,
+                Err(e) => e != rustix::io::Errno::SRCH,
+            };
+        if !alive && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// The secrets as files (id, path), in a private folder that lives as long
@@ -70,6 +115,48 @@ fn write_secret(
         .and_then(|mut f| f.write_all(value))
         .map_err(crate::BuildError::io_write(&path))?;
     Ok(path)
+}
+
+/// Refuses to run a command for a platform this machine cannot execute:
+/// the host's own architecture, or one the kernel runs through a
+/// registered `binfmt_misc` handler with the fix-binary flag (qemu-user's
+/// `F`, which also works inside the sandbox's new root). kiln does not
+/// emulate by itself; without this check a step would run natively and
+/// its layer be labelled with the wrong platform.
+pub fn check_platform(p: &kiln_recipes::recipe::Platform) -> Result<(), crate::BuildError> {
+    let host = kiln_recipes::recipe::Platform::host();
+    if p.os == host.os && p.architecture == host.architecture {
+        return Ok(());
+    }
+    let qemu = match p.architecture.as_str() {
+        "arm64" => "aarch64",
+        "386" => "i386",
+        "amd64" => "x86_64",
+        other => other,
+    };
+    let handler = std::path::Path::new("/proc/sys/fs/binfmt_misc").join(format!("qemu-{qemu}"));
+    if let Ok(text) = std::fs::read_to_string(&handler) {
+        if binfmt_runs_in_sandbox(&text) {
+            return Ok(());
+        }
+    }
+    Err(crate::BuildError::Environment {
+        message: format!(
+            "A `run` step would run commands for {p}, but this machine is {host} and cannot execute them"
+        ),
+        hint: format!(
+            "build on a {p} machine, or register an emulator for it (Debian's qemu-user-static with binfmt_misc: `{}` with the F flag); recipes of only `copy`, `write` and [packages] build for any platform",
+            handler.display()
+        ),
+    })
+}
+
+/// Whether a `binfmt_misc` handler's text says it is enabled with the `F`
+/// (fix binary) flag, so the interpreter is found even inside a new root.
+fn binfmt_runs_in_sandbox(text: &str) -> bool {
+    let enabled = text.lines().next() == Some("enabled");
+    let fixed = text.lines().any(|l| l.strip_prefix("flags: ").is_some_and(|f| f.contains('F')));
+    enabled && fixed
 }
 
 /// The PATH a command gets when the image sets none (Docker's default).
@@ -189,6 +276,17 @@ pub fn pump_lines(mut r: impl Read, on_line: &mut dyn FnMut(&str)) -> Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_emulator_counts_only_when_enabled_with_the_fix_binary_flag() {
+        let on = "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: POCF\noffset 0\n";
+        assert!(binfmt_runs_in_sandbox(on));
+        assert!(
+            !binfmt_runs_in_sandbox(&on.replace("POCF", "P")),
+            "without F the interpreter is not found in a new root"
+        );
+        assert!(!binfmt_runs_in_sandbox(&on.replace("enabled", "disabled")));
+    }
 
     #[test]
     fn the_environment_is_built_as_the_engine_builds_it() {

@@ -47,8 +47,12 @@ pub struct SandboxSpec {
     pub workdir: String,
     pub network: bool,
     pub hostname: String,
-    /// (id, file on the host), mounted read-only at /run/secrets/ID.
-    pub secrets: Vec<(String, PathBuf)>,
+    /// (id, descriptor of a memory file the helper inherits), mounted
+    /// read-only at /run/secrets/ID.
+    pub secrets: Vec<(String, i32)>,
+    /// An empty folder the command's private tmpfs for the secrets is
+    /// mounted on (only in its mount namespace, so it dies with it).
+    pub secret_dir: PathBuf,
     /// (name, file) bound over /etc/NAME: hosts, hostname, resolv.conf.
     pub etc_files: Vec<(String, PathBuf)>,
     /// Set when kiln is not root: the helper works in a user namespace.
@@ -66,6 +70,11 @@ pub fn main(spec_path: &Path) -> ! {
     };
     // Die with kiln.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // The secrets' memory files are bound into the sandbox, never handed to the command.
+    for (_, fd) in &spec.secrets {
+        // SAFETY: fcntl on a descriptor number; a bad one fails the mount later.
+        unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     if let Some(plan) = &spec.rootless {
         enter_user_namespace();
         prepare_rootless(&spec, plan);
@@ -306,10 +315,28 @@ fn child(spec: &SandboxSpec) -> ! {
             &format!("mount /etc/{name}"),
         );
     }
-    for (id, src) in &spec.secrets {
-        let target = root.join("run/secrets").join(id);
+    if !spec.secrets.is_empty() {
+        // A tmpfs that exists only in this mount namespace: nothing of a
+        // secret outlives the step, whatever happens to kiln.
         check(
-            mount(Some(src), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+            mount(
+                Some("tmpfs"),
+                &spec.secret_dir,
+                Some("tmpfs"),
+                nosuid,
+                Some("mode=0700,size=16m,nr_inodes=1024"),
+            ),
+            "mount the secrets' memory folder",
+        );
+    }
+    for (id, fd) in &spec.secrets {
+        let target = root.join("run/secrets").join(id);
+        let src = spec.secret_dir.join(id);
+        if let Err(e) = copy_secret(*fd, &src) {
+            fail(&format!("cannot hold the secret `{id}`: {e}"));
+        }
+        check(
+            mount(Some(&src), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>),
             &format!("mount the secret `{id}`"),
         );
         check(
@@ -323,22 +350,36 @@ fn child(spec: &SandboxSpec) -> ! {
             &format!("make the secret `{id}` read-only"),
         );
     }
-    // The working folder, made as Docker makes it: 0755, owned by root.
-    let wd = root.join(spec.workdir.trim_start_matches('/'));
-    if std::fs::symlink_metadata(&wd).is_err() {
-        if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&wd) {
-            fail(&format!("cannot create the working folder `{}`: {e}", spec.workdir));
-        }
+    if let Err(e) = super::confine::mask_paths(root) {
+        fail(&e);
     }
     check(chdir(root), "enter the new root");
     check(pivot_root(".", "."), "pivot_root");
     check(umount2(".", MntFlags::MNT_DETACH), "detach the old root");
     check(chdir("/"), "enter /");
+    // The working folder, made as Docker makes it: 0755, owned by root.
+    // Made only now, inside the new root: a symlink on its way resolves
+    // in the image, never on the host.
+    if std::fs::symlink_metadata(&spec.workdir).is_err() {
+        if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&spec.workdir) {
+            fail(&format!("cannot create the working folder `{}`: {e}", spec.workdir));
+        }
+    }
 
     let user = resolve_user(&spec.user).unwrap_or_else(|e| fail(&e));
     let mut env = spec.env.clone();
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={}", user.home));
+    }
+    // As the engine confines a container: the seccomp profile first (without
+    // no_new_privs it needs CAP_SYS_ADMIN), then the default capabilities;
+    // the switch to the user below drops even those for a non-root user.
+    super::confine::reset_signals();
+    if let Err(e) = super::seccomp::install() {
+        fail(&format!("cannot install the seccomp filter: {e}"));
+    }
+    if let Err(e) = super::confine::drop_capabilities() {
+        fail(&e);
     }
     let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     check(setgroups(&groups), "set the supplementary groups");
@@ -350,6 +391,8 @@ fn child(spec: &SandboxSpec) -> ! {
         nix::unistd::setresuid(Uid::from_raw(user.uid), Uid::from_raw(user.uid), Uid::from_raw(user.uid)),
         "set the user",
     );
+    // A change of user clears the parent-death signal: set it again.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     if let Err(e) = chdir(spec.workdir.as_str()) {
         fail(&format!("cannot enter the working folder `{}`: {e}", spec.workdir));
     }
@@ -363,6 +406,26 @@ fn child(spec: &SandboxSpec) -> ! {
     let err = execve(&cstr(&program), &argv, &envp).unwrap_err();
     eprintln!("kiln sandbox: cannot run `{}`: {err}", spec.argv[0]);
     std::process::exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 })
+}
+
+/// Copies a secret from the memory file kiln handed over into `dest`, 0400.
+fn copy_secret(fd: i32, dest: &Path) -> std::io::Result<()> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    // SAFETY: the descriptor was inherited for this and nothing else owns it here.
+    let src = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(dest)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = 0u64;
+    loop {
+        // At an offset: kiln shares the descriptor's position.
+        let n = src.read_at(&mut buf, at)?;
+        if n == 0 {
+            return Ok(());
+        }
+        std::io::Write::write_all(&mut out, &buf[..n])?;
+        at += n as u64;
+    }
 }
 
 /// `argv[0]` found through the image's PATH, as the engine does.

@@ -8,8 +8,10 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+use rustix::fs::{AtFlags, FileType, Mode};
 
 use kiln_cache::Store;
 
@@ -17,8 +19,8 @@ use crate::error::BuildError;
 use crate::fstree::FsTree;
 use crate::image::ImageLayer;
 use crate::listing::Listing;
+use crate::rootdir::{self, RootDir};
 use crate::tarball::TarKind;
-use crate::unpack::remove_any as remove;
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -42,6 +44,7 @@ pub fn flatten(
     let mut mtimes = HashMap::new();
     let mut implicit: Vec<String> = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
+    let mut rd = RootDir::open(root).map_err(BuildError::io_write(root))?;
     for layer in layers {
         let bad = |e: io::Error| BuildError::BadLayer {
             layer: layer.digest,
@@ -56,14 +59,11 @@ pub fn flatten(
                 None => ("", e.path.as_str()),
             };
             if name == OPAQUE {
-                let dir = root.join(parent);
-                if let Ok(rd) = fs::read_dir(&dir) {
-                    for child in rd.flatten() {
-                        remove(&child.path()).map_err(bad)?;
-                    }
-                }
+                rd.empty(parent).map_err(bad)?;
             } else if let Some(victim) = name.strip_prefix(WHITEOUT) {
-                remove(&root.join(parent).join(victim)).map_err(bad)?;
+                let victim =
+                    if parent.is_empty() { victim.to_string() } else { format!("{parent}/{victim}") };
+                rd.remove(&victim).map_err(bad)?;
             }
         }
         crate::listing::walk_layer(layer.open_tar(store)?, &layer.digest, &mut |e, data| {
@@ -71,38 +71,25 @@ pub fn flatten(
             if name.starts_with(WHITEOUT) {
                 return Ok(());
             }
-            let path = root.join(e.path);
             mtimes.insert(e.path.to_string(), e.mtime);
             // Layers need not list every parent folder: make the missing ones.
-            if let Some((parent, _)) = e.path.rsplit_once('/') {
-                if !root.join(parent).is_dir() {
-                    let mut at = String::new();
-                    for c in parent.split('/') {
-                        at = if at.is_empty() { c.to_string() } else { format!("{at}/{c}") };
-                        if fs::symlink_metadata(root.join(&at)).is_err() {
-                            mkdir(&root.join(&at))?;
-                            implicit.push(at.clone());
-                        }
-                    }
-                }
+            let (dir, name) = rd.parent(e.path, Some(&mut |p| implicit.push(p.to_string())))?;
+            let is_dir = matches!(
+                rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory
+            );
+            if !(is_dir && matches!(e.kind, TarKind::Dir)) {
+                rd.remove_in(&dir, name)?;
             }
             match e.kind {
-                TarKind::Dir => match fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        remove(&path)?;
-                        mkdir(&path)?;
+                TarKind::Dir => {
+                    if !is_dir {
+                        mkdir_at(&dir, name)?;
                     }
-                    Err(_) => mkdir(&path)?,
-                },
+                }
                 TarKind::File { .. } => {
-                    remove(&path)?;
-                    let mut f = fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o644)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&path)?;
+                    let mut f = rootdir::create_file(&dir, name, 0o644)?;
+                    f.set_permissions(fs::Permissions::from_mode(0o644))?;
                     loop {
                         let n = data.read(&mut buf)?;
                         if n == 0 {
@@ -111,23 +98,24 @@ pub fn flatten(
                         f.write_all(&buf[..n])?;
                     }
                 }
-                TarKind::Symlink(target) => {
-                    remove(&path)?;
-                    std::os::unix::fs::symlink(target, &path)?;
-                }
+                TarKind::Symlink(target) => rustix::fs::symlinkat(target.as_str(), &dir, name)?,
                 TarKind::Hardlink(target) => {
-                    remove(&path)?;
-                    let src = inside(root, target)?;
-                    fs::hard_link(src, &path)?;
+                    // Resolved inside the root like any path: a regular file the image holds.
+                    let (tdir, tname) = rd.parent(target, None)?;
+                    let st = rustix::fs::statat(&tdir, tname, AtFlags::SYMLINK_NOFOLLOW)?;
+                    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                        return Err(io::Error::other(format!(
+                            "the hard link target `{target}` is not a file in the image"
+                        )));
+                    }
+                    rustix::fs::linkat(&tdir, tname, &dir, name, AtFlags::empty())?;
                 }
                 TarKind::Fifo => {
-                    remove(&path)?;
-                    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o644))
-                        .map_err(io::Error::from)?;
+                    rustix::fs::mknodat(&dir, name, FileType::Fifo, Mode::from_raw_mode(0o644), 0)?;
                 }
                 // Device nodes are made in the filesystem itself (an ordinary
                 // user cannot make them on the host).
-                TarKind::CharDev(..) | TarKind::BlockDev(..) => remove(&path)?,
+                TarKind::CharDev(..) | TarKind::BlockDev(..) => {}
             }
             Ok(())
         })?;
@@ -165,24 +153,14 @@ fn dir_entry(path: &str) -> crate::listing::ListEntry {
     }
 }
 
-/// `root/rel` for a hard link's target, refusing a path that goes through a
-/// symlink (which could point outside the root) or is not a regular file.
-fn inside(root: &Path, rel: &str) -> io::Result<PathBuf> {
-    let mut p = root.to_path_buf();
-    let parts: Vec<&str> = rel.split('/').collect();
-    for (i, c) in parts.iter().enumerate() {
-        p.push(c);
-        let m = fs::symlink_metadata(&p)?;
-        let last = i + 1 == parts.len();
-        if (!last && !m.is_dir()) || (last && !m.is_file()) {
-            return Err(io::Error::other(format!("the hard link target `{rel}` is not a file in the image")));
-        }
-    }
-    Ok(p)
-}
-
 fn mkdir(path: &Path) -> io::Result<()> {
     fs::DirBuilder::new().mode(0o755).create(path)?;
     // Whatever the umask: mke2fs must be able to read it.
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+}
+
+fn mkdir_at(dir: &impl std::os::fd::AsFd, name: &str) -> io::Result<()> {
+    rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o755))?;
+    rustix::fs::chmodat(dir, name, Mode::from_raw_mode(0o755), AtFlags::empty())?;
+    Ok(())
 }

@@ -1,0 +1,420 @@
+//! Hostile recipes and bases (issue 13): what a `run` step may do as root,
+//! layers that try to leave the image root, outputs onto what is not a
+//! file, secrets that must leave no trace. Each test is written from the
+//! class of attack, not only from the one input that found it.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+
+use crate::run::{project, unpack};
+use crate::support::*;
+
+/// A static x86_64 program that makes syscall `nr` with zero arguments and
+/// exits with its errno (0 when it succeeded): the image needs no libc.
+fn syscall_probe(nr: u32) -> Vec<u8> {
+    let base: u64 = 0x40_0000;
+    let mut code = vec![0xb8];
+    code.extend(nr.to_le_bytes()); // mov eax, nr
+    code.extend([0x31, 0xff, 0x31, 0xf6, 0x31, 0xd2, 0x45, 0x31, 0xd2]); // zero rdi rsi rdx r10
+    code.extend([0x45, 0x31, 0xc0, 0x45, 0x31, 0xc9]); // zero r8 r9
+    code.extend([0x0f, 0x05]); // syscall
+    code.extend([0xf7, 0xd8, 0x89, 0xc7]); // neg eax; mov edi, eax
+    code.extend([0xb8, 60, 0, 0, 0, 0x0f, 0x05]); // exit(edi)
+    let total = 64 + 56 + code.len() as u64;
+    let mut elf = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    elf.extend(2u16.to_le_bytes()); // ET_EXEC
+    elf.extend(0x3eu16.to_le_bytes()); // x86_64
+    elf.extend(1u32.to_le_bytes());
+    elf.extend((base + 120).to_le_bytes()); // entry
+    elf.extend(64u64.to_le_bytes()); // phoff
+    elf.extend(0u64.to_le_bytes()); // shoff
+    elf.extend(0u32.to_le_bytes());
+    elf.extend([64, 0, 56, 0, 1, 0, 0, 0, 0, 0, 0, 0]); // ehsize, phentsize, phnum, sh*
+    elf.extend(1u32.to_le_bytes()); // PT_LOAD
+    elf.extend(5u32.to_le_bytes()); // R+X
+    elf.extend(0u64.to_le_bytes());
+    elf.extend(base.to_le_bytes());
+    elf.extend(base.to_le_bytes());
+    elf.extend(total.to_le_bytes());
+    elf.extend(total.to_le_bytes());
+    elf.extend(0x1000u64.to_le_bytes());
+    elf.extend(code);
+    elf
+}
+
+const PROBE_STEP: &str = r#"
+[[step]]
+copy = "probes"
+to = "/probes"
+mode = "0755"
+
+[[step]]
+run = """
+mkdir -p /mnt /report
+grep -E '^(CapEff|CapBnd|CapInh|Seccomp|NoNewPrivs|SigIgn|SigBlk):' /proc/self/status > /report/status
+unshare -m true 2>/dev/null; echo "unshare $?" >> /report/calls
+mount -t tmpfs none /mnt 2>/dev/null; echo "mount $?" >> /report/calls
+if [ -x /probes/open_by_handle_at ]; then /probes/open_by_handle_at; echo "open_by_handle_at $?" >> /report/calls; /probes/keyctl; echo "keyctl $?" >> /report/calls; fi
+for f in kcore timer_list keys sched_debug; do [ -e /proc/$f ] && echo "$f $(wc -c < /proc/$f)" >> /report/masked; done
+(echo x > /proc/sys/kernel/hostname) 2>/dev/null; echo "sysctl $?" >> /report/calls
+(mount -o remount,rw /sys) 2>/dev/null; echo "sys $?" >> /report/calls
+timeout 20 sh -c 'yes | head -n 1' > /report/yes
+"""
+"#;
+
+#[test]
+fn a_root_step_is_confined_as_the_engine_confines_a_container() {
+    let Some(p) = project(&format!("[image]\nname = \"confined\"\nbase = \"stage:base\"\n{PROBE_STEP}"))
+    else {
+        return;
+    };
+    fs::create_dir_all(p.path("probes")).unwrap();
+    fs::write(p.path("probes/.keep"), "").unwrap();
+    if cfg!(target_arch = "x86_64") {
+        p.exec_file("probes/open_by_handle_at", syscall_probe(304));
+        p.exec_file("probes/keyctl", syscall_probe(250));
+    }
+    let mut backends = vec!["local"];
+    if require_docker() {
+        backends.push("docker");
+    }
+    let mut reports = Vec::new();
+    for backend in backends {
+        let out = format!("out-{backend}");
+        let r = p.kiln(&["build", "kiln.toml", "--backend", backend, "-o", &format!("oci:{out}")]);
+        r.digest();
+        let root = unpack(&p, &out);
+        let status = fs::read_to_string(root.join("report/status")).unwrap();
+        let calls = fs::read_to_string(root.join("report/calls")).unwrap();
+        for want in [
+            "CapEff:\t00000000a80425fb",
+            "CapBnd:\t00000000a80425fb",
+            "CapInh:\t0000000000000000",
+            "Seccomp:\t2",
+            "NoNewPrivs:\t0",
+            "SigIgn:\t0000000000000000",
+        ] {
+            assert!(status.contains(want), "{backend}: no `{want}` in\n{status}");
+        }
+        for call in ["unshare", "mount", "sysctl", "sys"] {
+            assert!(!calls.contains(&format!("{call} 0\n")), "{backend}: `{call}` succeeded:\n{calls}");
+        }
+        if cfg!(target_arch = "x86_64") {
+            // EPERM from the filter; without it, root gets EFAULT and EINVAL.
+            assert!(calls.contains("open_by_handle_at 1\n"), "{backend}:\n{calls}");
+            assert!(calls.contains("keyctl 1\n"), "{backend}:\n{calls}");
+        }
+        let masked = fs::read_to_string(root.join("report/masked")).unwrap();
+        assert!(!masked.is_empty(), "{backend}: no masked /proc file to read");
+        for line in masked.lines() {
+            assert!(line.ends_with(" 0"), "{backend}: /proc/{line} bytes: not masked");
+        }
+        assert_eq!(
+            fs::read_to_string(root.join("report/yes")).unwrap(),
+            "y\n",
+            "{backend}: SIGPIPE ends `yes`"
+        );
+        reports.push((status, calls));
+    }
+    if reports.len() == 2 {
+        assert_eq!(reports[0], reports[1], "the local sandbox confines as the engine does");
+    }
+}
+
+#[test]
+fn a_non_root_step_holds_no_capability() {
+    let Some(p) = project(
+        "[image]\nname = \"u\"\nbase = \"stage:base\"\n[[step]]\nrun = \"mkdir /r && chmod 777 /r\"\n[[step]]\nuser = \"1000:1000\"\nrun = \"grep -E '^Cap(Eff|Prm):' /proc/self/status > /r/caps\"\n",
+    ) else {
+        return;
+    };
+    p.build(&[]).digest();
+    let root = unpack(&p, "out");
+    let caps = fs::read_to_string(root.join("r/caps")).unwrap();
+    assert_eq!(caps, "CapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n");
+}
+
+/// A host folder a hostile layer aims at, with a file it must not touch.
+fn victim() -> tempfile::TempDir {
+    let d = tempfile::Builder::new().prefix("kiln-victim-").tempdir().unwrap();
+    fs::write(d.path().join("precious"), "keep").unwrap();
+    fs::create_dir(d.path().join("sub")).unwrap();
+    fs::write(d.path().join("sub/inner"), "keep").unwrap();
+    d
+}
+
+fn assert_untouched(v: &tempfile::TempDir) {
+    let mut names: Vec<String> = fs::read_dir(v.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["precious", "sub"], "the host folder changed");
+    assert_eq!(fs::read_to_string(v.path().join("precious")).unwrap(), "keep");
+    assert_eq!(fs::read_to_string(v.path().join("sub/inner")).unwrap(), "keep");
+    let xattr = Command::new("getfattr").arg("-d").arg("-m").arg("-").arg(v.path().join("sub")).output();
+    if let Ok(o) = xattr {
+        assert!(!String::from_utf8_lossy(&o.stdout).contains("opaque"), "an opaque marker reached the host");
+    }
+}
+
+#[test]
+fn layers_that_lead_out_of_the_root_are_refused_and_the_host_is_untouched() {
+    let v = victim();
+    let host = v.path().to_str().unwrap().as_bytes().to_vec();
+    let sub = format!("{}/sub", v.path().display()).into_bytes();
+    // (name, entries, what the error says)
+    let cases: Vec<(&str, Vec<RawEntry>, &str)> = vec![
+        (
+            "dup-write",
+            vec![(b"d", b'2', &host), (b"d/file", b'0', b""), (b"d", b'5', b"")],
+            "makes a symlink",
+        ),
+        (
+            "dup-whiteout",
+            vec![(b"d", b'2', &host), (b"d/.wh.precious", b'0', b""), (b"d", b'5', b"")],
+            "makes a symlink",
+        ),
+        (
+            "dup-opaque",
+            vec![(b"d", b'2', &sub), (b"d/.wh..wh..opq", b'0', b""), (b"d", b'5', b"")],
+            "makes a symlink",
+        ),
+        (
+            "nested",
+            vec![(b"a", b'5', b""), (b"a/b", b'2', &host), (b"a/b/c/file", b'0', b"")],
+            "goes through `a/b`",
+        ),
+        ("retype", vec![(b"d", b'5', b""), (b"d", b'2', &host), (b"d/x", b'0', b"")], "appears twice"),
+        (
+            "hardlink-via-symlink",
+            vec![(b"l", b'2', &host), (b"h", b'1', b"l/precious")],
+            "not an earlier entry",
+        ),
+        (
+            "hardlink-absolute-target",
+            vec![(b"l", b'2', b"/"), (b"h", b'1', b"l/etc/passwd")],
+            "not an earlier entry",
+        ),
+        ("hardlink-to-folder", vec![(b"d", b'5', b""), (b"h", b'1', b"d")], "points to the folder"),
+    ];
+    for (name, entries, want) in cases {
+        let p = Project::new();
+        hostile_archive(&p, "base.tar", &entries);
+        for out in [vec!["-o", "oci:out"], vec!["-o", "vm:out.raw"]] {
+            p.recipe("[image]\nname = \"x\"\nbase = \"oci-archive:base.tar\"\n[[step]]\nrun = \"true\"\n");
+            let r = p.build(&out);
+            assert_eq!(r.code, 2, "{name}: {}", r.stderr);
+            assert!(r.stderr.contains(want), "{name}: no `{want}` in {}", r.stderr);
+            assert_untouched(&v);
+        }
+        // Nothing in the store shares an inode with the host's files.
+        let host_inode = fs::metadata(v.path().join("precious")).unwrap().ino();
+        for e in walkdir::WalkDir::new(&p.cache).into_iter().flatten() {
+            assert_ne!(
+                e.metadata().unwrap().ino(),
+                host_inode,
+                "{name}: a host file was linked into the store"
+            );
+        }
+    }
+}
+
+#[test]
+fn archive_outputs_never_replace_what_is_not_a_regular_file() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"a\"\n");
+    fs::create_dir(p.path("adir")).unwrap();
+    assert!(Command::new("mkfifo").arg(p.path("fifo")).status().unwrap().success());
+    p.symlink("link.tar", "/etc/hostname");
+    for (target, kind) in
+        [("/dev/null", "device"), ("fifo", "fifo"), ("adir", "folder"), ("link.tar", "symlink")]
+    {
+        for format in ["oci-archive", "docker-archive"] {
+            let r = p.build(&["-o", &format!("{format}:{target}")]);
+            assert_eq!(r.code, 2, "{format}:{target}: {}", r.stderr);
+            assert!(r.stderr.contains("is not a regular file"), "{kind}: {}", r.stderr);
+        }
+    }
+    let md = fs::symlink_metadata("/dev/null").unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&md.file_type()), "/dev/null is still a device");
+    assert!(fs::symlink_metadata(p.path("fifo")).unwrap().file_type().is_fifo_like());
+    assert!(fs::symlink_metadata(p.path("link.tar")).unwrap().file_type().is_symlink());
+    assert_eq!(fs::read_dir(p.path("adir")).unwrap().count(), 0);
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+impl FifoLike for fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        std::os::unix::fs::FileTypeExt::is_fifo(self)
+    }
+}
+
+#[test]
+fn an_oci_output_into_a_folder_of_other_files_is_refused_and_left_alone() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"a\"\n")
+        .file("mine/oci-layout", "my own file")
+        .file("mine/notes.txt", "notes");
+    let r = p.build(&["-o", "oci:mine"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("not an OCI layout"), "{}", r.stderr);
+    assert_eq!(fs::read_to_string(p.path("mine/oci-layout")).unwrap(), "my own file");
+    assert_eq!(fs::read_dir(p.path("mine")).unwrap().count(), 2);
+    // An empty folder and an existing layout are both fine.
+    fs::create_dir(p.path("empty")).unwrap();
+    let d = p.build(&["-o", "oci:empty"]).digest();
+    assert_eq!(p.build(&["-o", "oci:empty:second"]).digest(), d);
+}
+
+#[test]
+fn temp_files_of_a_killed_archive_export_are_swept_by_the_next_one() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"a\"\n");
+    // What a kiln killed mid-write leaves: its pid is gone.
+    let dead = dead_pid();
+    p.file(&format!("out/.image.tar.kiln-{dead}-abc123.tmp"), vec![0u8; 4096]);
+    p.file("out/.other.tar.kiln-1-abc123.tmp", "not ours to judge: pid 1 lives");
+    p.build(&["-o", "oci-archive:out/image.tar"]).digest();
+    let mut names: Vec<String> = fs::read_dir(p.path("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [".other.tar.kiln-1-abc123.tmp", "image.tar"]);
+}
+
+#[test]
+fn killing_kiln_during_a_step_with_a_secret_leaves_no_trace_of_it() {
+    let Some(p) = project("[image]\nname = \"s\"\nbase = \"stage:base\"\n[[step]]\nsecrets = [\"tok\"]\nrun = \"cat /run/secrets/tok > /dev/null; sleep 30\"\n") else {
+        return;
+    };
+    let value = "kiln-test-secret-7f3a9c";
+    let before = shm_secret_dirs();
+    let mut child = p
+        .command(&["build", "kiln.toml", "--secret", "id=tok,env=TOK", "--progress", "plain"])
+        .env("TOK", value)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the step to start, then kill -9.
+    let t = std::time::Instant::now();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let running = Command::new("pgrep").args(["-f", "sleep 30"]).output().unwrap();
+        if running.status.success() || t.elapsed().as_secs() > 60 {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(shm_secret_dirs(), before, "a secret folder was left in /dev/shm");
+    // No file anywhere kiln writes holds the value.
+    for dir in [p.cache.clone(), std::path::PathBuf::from("/dev/shm"), std::env::temp_dir()] {
+        for e in walkdir::WalkDir::new(&dir).into_iter().flatten() {
+            if e.file_type().is_file() && e.metadata().map(|m| m.len() < 1 << 20).unwrap_or(false) {
+                if let Ok(b) = fs::read(e.path()) {
+                    assert!(
+                        !b.windows(value.len()).any(|w| w == value.as_bytes()),
+                        "{} holds the secret",
+                        e.path().display()
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn shm_secret_dirs() -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir("/dev/shm")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("kiln-secrets-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn gc_sweeps_secret_folders_that_a_killed_kiln_left() {
+    let dead = dead_pid();
+    let left =
+        std::path::Path::new("/dev/shm").join(format!("kiln-secrets-{dead}-test{}", std::process::id()));
+    fs::create_dir_all(&left).unwrap();
+    fs::write(left.join("tok"), "value").unwrap();
+    let live = std::path::Path::new("/dev/shm").join(format!("kiln-secrets-{}-live", std::process::id()));
+    fs::create_dir_all(&live).unwrap();
+    let p = Project::new();
+    let r = p.kiln(&["cache", "gc"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!left.exists(), "the dead kiln's secret folder is swept");
+    assert!(live.exists(), "a running kiln's folder is kept");
+    fs::remove_dir_all(&live).unwrap();
+}
+
+#[test]
+fn a_multi_line_secret_is_masked_on_every_line_in_plain_and_json_progress() {
+    let Some(p) = project("[image]\nname = \"s\"\nbase = \"stage:base\"\n[[step]]\nsecrets = [\"key\"]\nrun = \"cat /run/secrets/key; cat /run/secrets/key >&2\"\n") else {
+        return;
+    };
+    let key = "-----BEGIN TEST KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nZmlyc3QtbGluZS1zZWNyZXQtdmFsdWU=\n-----END TEST KEY-----\n";
+    p.file("key.pem", key);
+    for progress in ["plain", "json"] {
+        let r = p.kiln(&[
+            "build",
+            "kiln.toml",
+            "--no-cache",
+            "--secret",
+            "id=key,src=key.pem",
+            "--progress",
+            progress,
+        ]);
+        r.digest();
+        assert!(r.stderr.contains("[secret]"), "{progress}: {}", r.stderr);
+        for line in key.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!r.stderr.contains(line), "{progress}: `{line}` shown in\n{}", r.stderr);
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_file_in_the_unpack_pool_is_rebuilt_never_shipped() {
+    let Some(p) = project(
+        "[image]\nname = \"pool\"\nbase = \"stage:base\"\n[[step]]\ncopy = \"data.bin\"\nto = \"/data.bin\"\n[[step]]\nrun = \"cp /data.bin /copy.bin\"\n",
+    ) else {
+        return;
+    };
+    p.file("data.bin", noise(7, 300_000));
+    let clean = p.build(&[]).digest();
+    // Flip one byte of every pool file of that size (the copied file's), in place.
+    let mut flipped = 0;
+    for e in fs::read_dir(p.cache.join("v1/files")).unwrap().flatten() {
+        if e.metadata().unwrap().len() == 300_000 {
+            let mut b = fs::read(e.path()).unwrap();
+            b[1000] ^= 0xff;
+            let mut f = fs::OpenOptions::new().write(true).open(e.path()).unwrap();
+            std::io::Write::write_all(&mut f, &b).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped > 0, "the pool holds the file");
+    let r = p.build(&["--no-cache", "-o", "oci:again"]);
+    assert_eq!(r.digest(), clean, "the corrupt pool file reached the image:\n{}", r.stderr);
+    let root = unpack(&p, "again");
+    assert_eq!(fs::read(root.join("copy.bin")).unwrap(), noise(7, 300_000));
+}
+
+/// The pid of a process that has exited: what a killed kiln leaves in names.
+fn dead_pid() -> u32 {
+    let mut c = Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
