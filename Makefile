@@ -34,7 +34,7 @@ demo: build deps
 	$(KILN) build recipes/examples/busybox/kiln.toml --cache-dir out/fresh-cache --cache-from registry:127.0.0.1:5055/kiln/cache -o oci:out/busybox-run-fresh
 	skopeo inspect --tls-verify=false docker://127.0.0.1:5055/kiln/busybox-run:demo | grep -E '"(Name|Digest)"'
 	@kill `cat out/registry/pid`
-	@# Debian packages from the committed kiln.lock (downloaded from deb.debian.org once, then cached).
+	@# Debian packages from the committed kiln.lock (downloaded from a Debian mirror once, then cached).
 	$(KILN) build recipes/examples/python/kiln.toml -o oci:out/python -o docker-archive:out/python.tar
 	$(KILN) sbom oci:out/python > out/python.spdx.json
 	@python3 -c 'import json; d = json.load(open("out/python.spdx.json")); print("SBOM (out/python.spdx.json):", ", ".join(p["name"] + " " + p["versionInfo"] for p in d["packages"]))'

@@ -255,12 +255,16 @@ fn parse_platform(p: Option<&str>) -> Result<Option<Platform>, BuildError> {
 fn options(common: &Common) -> Result<BuildOptions, BuildError> {
     let platform = parse_platform(common.platform.as_deref())?;
     let epoch_override = match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) if !v.is_empty() => Some(v.trim().parse::<u64>().map_err(|_| {
-            BuildError::usage(
-                format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds"),
-                Some("unset it or set it to e.g. `0`"),
-            )
-        })?),
+        Ok(v) if !v.is_empty() => Some(
+            v.trim().parse::<u64>().ok().filter(|s| *s <= kiln_recipes::parse::MAX_EPOCH as u64).ok_or_else(
+                || {
+                    BuildError::usage(
+                        format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds up to the year 9999"),
+                        Some("unset it or set it to e.g. `0` (at most 253402300799)"),
+                    )
+                },
+            )?,
+        ),
         _ => None,
     };
     Ok(BuildOptions {
@@ -365,6 +369,7 @@ fn remove_rootless_garbage(store: &Store) -> Result<(), BuildError> {
             break; // nothing this user can do; `gc` as root removes it
         }
     }
+    store.sweep_seals();
     Ok(())
 }
 

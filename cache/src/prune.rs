@@ -224,7 +224,7 @@ impl Store {
 
     /// Removes the seals of unpacked folders that are gone
     /// (`seals/FOLDER-DIFFID.json` for `FOLDER/DIFFID`).
-    fn sweep_seals(&self) {
+    pub fn sweep_seals(&self) {
         let dir = self.root().join("seals");
         let Ok(rd) = fs::read_dir(&dir) else { return };
         for e in rd.flatten() {

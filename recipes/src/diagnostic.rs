@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use miette::{Diagnostic, NamedSource, SourceSpan};
 
+/// Lines longer than this are reported by position, without a snippet.
+const MAX_SNIPPET_COLUMNS: usize = 1000;
+
 /// A problem with a recipe, located in its source text.
 ///
 /// Rendered by miette as `file:line:column` with the offending snippet; the
@@ -33,7 +36,14 @@ impl RecipeError {
             Some(r) => {
                 let (line, col) = line_col(source, r.start);
                 let len = r.end.saturating_sub(r.start);
-                (format!("{file}:{line}:{col}"), Some(SourceSpan::new(r.start.into(), len)))
+                // A snippet of a line thousands of columns long helps no one
+                // (and past column 65,535 the renderer gives up): the
+                // location alone then.
+                let start = r.start.min(source.len());
+                let line_len = source[start..].find('\n').unwrap_or(source.len() - start) + col;
+                let span = (line_len <= MAX_SNIPPET_COLUMNS && len <= 64 * 1024)
+                    .then(|| SourceSpan::new(r.start.into(), len));
+                (format!("{file}:{line}:{col}"), span)
             }
             None => (file.to_string(), None),
         };
@@ -120,6 +130,19 @@ mod tests {
         assert_eq!(line_col(s, 0), (1, 1));
         assert_eq!(line_col(s, 6), (2, 1));
         assert_eq!(line_col(s, 9), (2, 4));
+    }
+
+    #[test]
+    fn an_error_far_along_a_long_line_has_a_place_and_no_snippet() {
+        let src = Arc::new(format!(
+            "[image]\nname = \"x\"\nlabels = {{ a = \"{}\", b = 1 }}\n",
+            "y".repeat(70_000)
+        ));
+        let at = src.find("b = 1").unwrap();
+        let e = RecipeError::new("r.toml", &src, Some(at..at + 1), "bad");
+        assert_eq!(e.location(), format!("r.toml:3:{}", line_col(&src, at).1));
+        assert!(line_col(&src, at).1 > 65_535);
+        assert!(miette::Diagnostic::labels(&e).is_none(), "no snippet for such a line");
     }
 
     #[test]

@@ -17,9 +17,16 @@ use crate::reference::ImageRef;
 /// Reads and validates the recipe at `path`.
 pub fn parse_file(path: &Path) -> Result<Recipe, RecipeError> {
     let display = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let bytes = std::fs::read(path).map_err(|e| {
         RecipeError::new(&display, &Arc::new(String::new()), None, format!("cannot read the recipe: {e}"))
             .with_hint("check the path; a recipe is a TOML file such as `recipes/examples/hello/kiln.toml`")
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        // Where the first bad byte is, counted in the text before it (never the bytes themselves).
+        let good = e.utf8_error().valid_up_to();
+        let prefix = Arc::new(String::from_utf8_lossy(&e.as_bytes()[..good]).into_owned());
+        RecipeError::new(&display, &prefix, Some(good..good), "the recipe is not UTF-8 text")
+            .with_hint("save the recipe as UTF-8; TOML files are UTF-8")
     })?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -33,6 +40,10 @@ pub fn parse_str(file: &str, text: String, dir: &Path) -> Result<Recipe, RecipeE
     let p = Parser { file: file.to_string(), source: Arc::new(text) };
     p.parse(dir)
 }
+
+/// The last second of the year 9999: later times have no RFC 3339 form,
+/// so no tool could read the image's `created`.
+pub const MAX_EPOCH: i64 = 253_402_300_799;
 
 struct Parser {
     file: String,
@@ -168,6 +179,12 @@ impl Parser {
                 return Err(self
                     .err(e.span(), "`epoch` must not be negative")
                     .with_hint("use seconds since 1970-01-01 UTC, e.g. `epoch = 0`"))
+            }
+            // 9999-12-31T23:59:59Z: the last second every tool can print as a date.
+            Some(e) if *e.get_ref() > MAX_EPOCH => {
+                return Err(self.err(e.span(), "`epoch` is past the year 9999").with_hint(
+                    "use seconds since 1970-01-01 UTC up to 253402300799 (9999-12-31), e.g. `epoch = 0`",
+                ))
             }
             Some(e) => Some(*e.get_ref() as u64),
         };
@@ -523,10 +540,10 @@ impl Parser {
         let env = match s.env {
             None => BTreeMap::new(),
             Some(e) => {
-                if let Some(k) = e.get_ref().keys().find(|k| k.is_empty() || k.contains('=')) {
-                    return Err(self
-                        .err(e.span(), format!("`{k}` is not a valid environment variable name"))
-                        .with_hint("names must be non-empty and contain no `=`"));
+                if let Some(why) = e.get_ref().iter().find_map(|(k, v)| env_problem(k, v)) {
+                    return Err(self.err(e.span(), why).with_hint(
+                        "names must be non-empty and contain no `=`; names and values no NUL byte",
+                    ));
                 }
                 e.into_inner()
             }
@@ -627,10 +644,10 @@ impl Parser {
 
         let mut env = BTreeMap::new();
         for (k, v) in c.env {
-            if k.is_empty() || k.contains('=') {
+            if let Some(why) = env_problem(&k, v.get_ref()) {
                 return Err(self
-                    .err(v.span(), format!("`{k}` is not a valid environment variable name"))
-                    .with_hint("names must be non-empty and contain no `=`"));
+                    .err(v.span(), why)
+                    .with_hint("names must be non-empty and contain no `=`; names and values no NUL byte"));
             }
             env.insert(k, v.into_inner());
         }
@@ -683,7 +700,16 @@ impl Parser {
             labels: c.labels.into_iter().map(|(k, v)| (k, v.into_inner())).collect(),
             ports,
             volumes,
-            stop_signal: c.stop_signal.map(|s| s.into_inner()),
+            stop_signal: match c.stop_signal {
+                Some(sig) if !is_signal(sig.get_ref()) => {
+                    return Err(self
+                        .err(sig.span(), format!("`{}` is not a signal", sig.get_ref()))
+                        .with_hint(
+                            "write a signal name such as `SIGTERM`, `SIGINT` or `SIGRTMIN+3`, or its number",
+                        ))
+                }
+                s => s.map(|s| s.into_inner()),
+            },
         })
     }
 }
@@ -741,6 +767,12 @@ fn is_valid_name(name: &str) -> bool {
 
 /// A path in the context: relative, no `..`; `""` and `.` mean the whole context.
 pub fn normalize_context_path(p: &str) -> Result<String, String> {
+    if p.is_empty() {
+        return Err("`copy` is empty; write `.` to copy the whole context".into());
+    }
+    if p.contains('\0') {
+        return Err("the path contains a NUL byte".into());
+    }
     if p.starts_with('/') {
         return Err(format!("`{p}` is an absolute path; `copy` reads only from the context"));
     }
@@ -755,6 +787,42 @@ pub fn normalize_context_path(p: &str) -> Result<String, String> {
     Ok(if parts.is_empty() { ".".into() } else { parts.join("/") })
 }
 
+/// What is wrong with an environment variable, if anything (the engine and
+/// the kernel refuse a NUL byte; a name cannot hold `=`).
+fn env_problem(name: &str, value: &str) -> Option<String> {
+    if name.is_empty() || name.contains('=') || name.contains('\0') {
+        Some(format!("`{}` is not a valid environment variable name", name.escape_debug()))
+    } else if value.contains('\0') {
+        Some(format!("the value of `{name}` contains a NUL byte"))
+    } else {
+        None
+    }
+}
+
+/// A stop signal as the engine takes it: `SIGNAME`, `NAME`, `SIGRTMIN+N`,
+/// `SIGRTMAX-N` or a number from 1 to 64.
+fn is_signal(s: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "IOT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+        "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG", "XCPU",
+        "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "POLL", "PWR", "SYS", "RTMIN", "RTMAX",
+    ];
+    if let Ok(n) = s.parse::<u32>() {
+        return (1..=64).contains(&n);
+    }
+    let name = s.strip_prefix("SIG").unwrap_or(s);
+    if NAMES.contains(&name) {
+        return true;
+    }
+    let offset = |base: &str, sep: char| {
+        name.strip_prefix(base)
+            .and_then(|r| r.strip_prefix(sep))
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| (1..=30).contains(&n))
+    };
+    offset("RTMIN", '+') || offset("RTMAX", '-')
+}
+
 /// An absolute path in the image, normalized; also whether it ended in `/`.
 pub fn normalize_image_path(p: &str) -> Result<(String, bool), String> {
     if !p.starts_with('/') {
@@ -763,11 +831,18 @@ pub fn normalize_image_path(p: &str) -> Result<(String, bool), String> {
     if p.contains('\0') {
         return Err("the path contains a NUL byte".into());
     }
+    // What a layer (and kiln's own reader) holds: PATH_MAX and NAME_MAX.
+    if p.len() > 4096 {
+        return Err(format!("the path is {} bytes long; image paths are at most 4096", p.len()));
+    }
     let mut parts = Vec::new();
     for c in p.split('/') {
         match c {
             "" | "." => {}
             ".." => return Err(format!("`{p}` contains `..`; write the path it means")),
+            c if c.len() > 255 => {
+                return Err(format!("a name in the path is {} bytes long; names are at most 255", c.len()))
+            }
             c => parts.push(c),
         }
     }
@@ -882,6 +957,11 @@ ports = ["8080", "53/udp"]
         let cases = [
             ("[image]\nname = \"Hello\"\n", "not a valid image name"),
             ("[image]\nname = \"x\"\nepoch = -1\n", "negative"),
+            ("[image]\nname = \"x\"\nepoch = 253402300800\n", "past the year 9999"),
+            ("[image]\nname = \"x\"\n[[step]]\ncopy = \"\"\nto = \"/a\"\n", "`copy` is empty"),
+            ("[image]\nname = \"x\"\n[config]\nstop_signal = \"SIGFOO\"\n", "`SIGFOO` is not a signal"),
+            ("[image]\nname = \"x\"\n[config]\nenv = { \"A\\u0000B\" = \"1\" }\n", "not a valid environment variable name"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"true\"\nenv = { A = \"x\\u0000y\" }\n", "contains a NUL byte"),
             ("[image]\nname = \"x\"\nplatform = \"windows/amd64\"\n", "not supported"),
             (
                 "[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"\"\nmode = 644\n",

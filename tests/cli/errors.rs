@@ -106,3 +106,39 @@ fn an_output_folder_that_is_not_a_layout_is_left_alone() {
     assert_eq!(std::fs::read_to_string(p.path("out/index.json")).unwrap(), "junk");
     assert!(!p.path("out/blobs").exists(), "nothing written into it");
 }
+
+#[test]
+fn an_error_past_column_65535_is_reported_not_a_crash() {
+    let p = Project::new();
+    p.recipe(&format!(
+        "[image]\nname = \"x\"\n[config]\nlabels = {{ a = \"{}\", b = 1 }}\n",
+        "y".repeat(70_000)
+    ));
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("kiln.toml:4:"), "{}", r.stderr);
+    assert!(r.stderr.len() < 10_000, "the 70,000-column line is not printed whole");
+}
+
+#[test]
+fn a_recipe_that_is_not_utf8_is_refused_at_its_place() {
+    let p = Project::new();
+    p.file("kiln.toml", b"[image]\nname = \"x\"\n# caf\xe9\n".as_slice());
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("kiln.toml:3:6") && r.stderr.contains("not UTF-8"), "{}", r.stderr);
+}
+
+#[test]
+fn paths_past_what_a_layer_holds_are_refused_in_the_recipe() {
+    let p = Project::new();
+    for (path, want) in [
+        (format!("/{}", "a/".repeat(2100)), "at most 4096"),
+        (format!("/{}", "n".repeat(300)), "at most 255"),
+    ] {
+        p.recipe(&format!("[image]\nname = \"x\"\n[[step]]\nwrite = \"{path}\"\ncontent = \"\"\n"));
+        let r = p.build(&[]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains(want) && r.stderr.contains("kiln.toml:4:"), "{}", r.stderr);
+    }
+}

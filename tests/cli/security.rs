@@ -418,3 +418,187 @@ fn dead_pid() -> u32 {
     c.wait().unwrap();
     pid
 }
+
+/// A file only a reader of it could know: if any of it shows in an error,
+/// kiln echoed bytes it read.
+const HOST_SECRET: &str = "root:$6$kilnTESTsecretHASHvalue0123456789:19000:0:99999:7:::\n";
+
+#[test]
+fn a_base_that_is_no_archive_is_refused_without_quoting_it() {
+    let p = Project::new();
+    p.file("shadow", HOST_SECRET.repeat(20));
+    // A tar header whose numeric fields hold the secret, with a right checksum:
+    // tar parsers quote fields they cannot read.
+    let mut h = [0u8; 512];
+    h[..10].copy_from_slice(b"some/file\0");
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"kilnTEST"); // uid
+    h[116..124].copy_from_slice(b"secretHA"); // gid
+    h[124..136].copy_from_slice(b"SHvalue01234"); // size
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|b| *b as u32).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut tarish = h.to_vec();
+    tarish.extend([0u8; 1024]);
+    p.file("tarish.tar", tarish);
+    for (base, file) in [
+        ("docker-archive:shadow", "shadow"),
+        ("oci-archive:shadow", "shadow"),
+        ("docker-archive:tarish.tar", "tarish"),
+        ("oci-archive:tarish.tar", "tarish"),
+        ("docker-archive:/etc/shadow", "/etc/shadow"),
+    ] {
+        p.recipe(&format!("[image]\nname = \"x\"\nbase = \"{base}\"\n"));
+        let r = p.build(&[]);
+        assert_eq!(r.code, 2, "{base}: {}", r.stderr);
+        for piece in ["kilnTEST", "secretHA", "SHvalue0", "$6$"] {
+            assert!(!r.stderr.contains(piece), "{base}: `{piece}` echoed:\n{}", r.stderr);
+        }
+        if file == "/etc/shadow" {
+            if let Ok(real) = fs::read_to_string("/etc/shadow") {
+                for line in real.lines().filter(|l| l.len() > 12) {
+                    assert!(!r.stderr.contains(&line[..12]), "/etc/shadow echoed:\n{}", r.stderr);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_layer_whose_header_fields_hold_text_is_refused_without_quoting_it() {
+    let p = Project::new();
+    // A layer entry whose uid field is text (tar-rs would quote it).
+    let layer_tar = {
+        let mut h = tar::Header::new_ustar();
+        h.set_path("etc/ok").unwrap();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.as_old_mut().uid.copy_from_slice(b"SECRETX\0");
+        h.set_cksum();
+        let mut v = h.as_bytes().to_vec();
+        v.extend([0u8; 1024]);
+        v
+    };
+    write_oci_layout(&p, "lay", &layer_tar, None);
+    p.recipe("[image]\nname = \"x\"\nbase = \"oci:lay\"\n");
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("malformed uid field"), "{}", r.stderr);
+    assert!(!r.stderr.contains("SECRETX"), "{}", r.stderr);
+}
+
+/// An OCI layout of one uncompressed layer; `size` overrides the size its
+/// descriptor claims. Returns the layer blob's path.
+fn write_oci_layout(p: &Project, dir: &str, layer: &[u8], size: Option<u64>) -> std::path::PathBuf {
+    use sha2::Digest;
+    let hex = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
+    let blobs = p.path(&format!("{dir}/blobs/sha256"));
+    fs::create_dir_all(&blobs).unwrap();
+    let layer_d = hex(layer);
+    fs::write(blobs.join(&layer_d), layer).unwrap();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["sha256:{layer_d}"]}},"config":{{}}}}"#
+    );
+    let config_d = hex(config.as_bytes());
+    fs::write(blobs.join(&config_d), &config).unwrap();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_d}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{layer_d}","size":{}}}]}}"#,
+        config.len(),
+        size.unwrap_or(layer.len() as u64)
+    );
+    let manifest_d = hex(manifest.as_bytes());
+    fs::write(blobs.join(&manifest_d), &manifest).unwrap();
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_d}","size":{}}}]}}"#,
+        manifest.len()
+    );
+    fs::write(p.path(&format!("{dir}/index.json")), index).unwrap();
+    fs::write(p.path(&format!("{dir}/oci-layout")), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    blobs.join(layer_d)
+}
+
+fn small_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(5);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append_data(&mut h, "hello", &b"hello"[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn base_blobs_that_are_not_regular_files_are_refused_at_once() {
+    let host = tempfile::tempdir().unwrap();
+    fs::write(host.path().join("target"), HOST_SECRET).unwrap();
+    for kind in ["symlink", "fifo", "zero"] {
+        let p = Project::new();
+        let blob = write_oci_layout(&p, "lay", &small_layer(), None);
+        fs::remove_file(&blob).unwrap();
+        match kind {
+            "symlink" => std::os::unix::fs::symlink(host.path().join("target"), &blob).unwrap(),
+            "fifo" => assert!(Command::new("mkfifo").arg(&blob).status().unwrap().success()),
+            _ => std::os::unix::fs::symlink("/dev/zero", &blob).unwrap(),
+        }
+        p.recipe("[image]\nname = \"x\"\nbase = \"oci:lay\"\n");
+        let t = std::time::Instant::now();
+        let r = p.build(&[]);
+        assert_eq!(r.code, 2, "{kind}: {}", r.stderr);
+        assert!(t.elapsed().as_secs() < 20, "{kind}: took {:?}", t.elapsed());
+        assert!(r.stderr.contains("cannot be read"), "{kind}: {}", r.stderr);
+        use sha2::Digest;
+        let target_sha = hex::encode(sha2::Sha256::digest(HOST_SECRET.as_bytes()));
+        assert!(!r.stderr.contains(&target_sha), "{kind}: the target was read: {}", r.stderr);
+        let used: u64 = walkdir::WalkDir::new(&p.cache)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum();
+        assert!(used < 1 << 20, "{kind}: the cache grew to {used} bytes");
+    }
+}
+
+#[test]
+fn a_descriptor_whose_size_is_not_its_blobs_is_refused() {
+    let p = Project::new();
+    let layer = small_layer();
+    write_oci_layout(&p, "lay", &layer, Some(layer.len() as u64 + 7));
+    p.recipe("[image]\nname = \"x\"\nbase = \"oci:lay\"\n[[step]]\nwrite = \"/a\"\ncontent = \"a\"\n");
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("has {} bytes, but it has {}", layer.len() + 7, layer.len())),
+        "{}",
+        r.stderr
+    );
+    // With the right size the same layout builds, and umoci reads the result.
+    let q = Project::new();
+    write_oci_layout(&q, "lay", &layer, None);
+    q.recipe("[image]\nname = \"x\"\nbase = \"oci:lay\"\n[[step]]\nwrite = \"/a\"\ncontent = \"a\"\n");
+    q.build(&[]).digest();
+}
+
+#[test]
+fn oversized_documents_are_refused_not_cut_or_read_whole() {
+    let p = Project::new();
+    write_oci_layout(&p, "lay", &small_layer(), None);
+    // An index.json past 16 MiB (padding after valid JSON would be cut silently before).
+    let index = fs::read_to_string(p.path("lay/index.json")).unwrap();
+    fs::write(p.path("lay/index.json"), format!("{index}{}", " ".repeat(17 << 20))).unwrap();
+    p.recipe("[image]\nname = \"x\"\nbase = \"oci:lay\"\n");
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("larger than 16 MiB"), "{}", r.stderr);
+}
