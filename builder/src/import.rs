@@ -25,6 +25,7 @@ const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+j
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const LAYER_TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
 /// Imports the image at `r` into the store (checked) and describes it.
 /// `docker:REF` is read from the engine at DOCKER_HOST.
@@ -259,7 +260,12 @@ fn docker_manifest(
     for l in &entry.layers {
         let d = member(l)?;
         let size = fs::metadata(store.blob_path(&d)).map(|m| m.len()).unwrap_or(0);
-        let mt = if is_gzip(store, &d) { crate::layer::MEDIA_TYPE } else { LAYER_TAR };
+        // `docker save` names no media types: the blob's magic number says.
+        let mt = match magic(store, &d) {
+            [0x1f, 0x8b, _, _] => crate::layer::MEDIA_TYPE,
+            [0x28, 0xb5, 0x2f, 0xfd] => LAYER_TAR_ZSTD,
+            _ => LAYER_TAR,
+        };
         layers.push(serde_json::json!({"mediaType": mt, "digest": d.to_string(), "size": size}));
     }
     let manifest = serde_json::json!({
@@ -271,10 +277,13 @@ fn docker_manifest(
     store.put_blob(&serde_json::to_vec(&manifest).expect("json")).map_err(|e| e.to_string())
 }
 
-fn is_gzip(store: &Store, d: &Digest) -> bool {
-    let mut magic = [0u8; 2];
-    fs::File::open(store.blob_path(d)).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
-        && magic == [0x1f, 0x8b]
+/// The first four bytes of a blob (zeros if it is shorter).
+fn magic(store: &Store, d: &Digest) -> [u8; 4] {
+    let mut magic = [0u8; 4];
+    if let Ok(mut f) = fs::File::open(store.blob_path(d)) {
+        let _ = f.read(&mut magic);
+    }
+    magic
 }
 
 /// An image recorded as `bases/KEY` once it passed every check, if all its

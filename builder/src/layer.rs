@@ -128,7 +128,7 @@ pub fn write_layer_unpacking(
         }
     });
     let (blob, (listing, diff_id)) = match (result, failure) {
-        (_, Some(e)) => return Err(e),
+        (_, Some(e)) => return Err(name_write_target(e, &tmp_dir, unpack)),
         (Err(e), None) => return Err(BuildError::Write { path: tmp_dir, source: e }),
         (Ok(v), None) => v,
     };
@@ -334,6 +334,20 @@ fn pump(
     Ok(())
 }
 
+/// The writers deep in a layer's streams name their targets `<layer>` and
+/// `<unpack>`; a user told the disk is full needs the real folder.
+fn name_write_target(e: BuildError, layer: &std::path::Path, unpack: Option<&std::path::Path>) -> BuildError {
+    match e {
+        BuildError::Write { path, source } if path.as_os_str() == "<layer>" => {
+            BuildError::Write { path: layer.to_path_buf(), source }
+        }
+        BuildError::Write { path, source } if path.as_os_str() == "<unpack>" => {
+            BuildError::Write { path: unpack.unwrap_or(layer).to_path_buf(), source }
+        }
+        e => e,
+    }
+}
+
 /// Writes `entries` as a plain tar at `path` (times 0; kiln normalizes when
 /// it reads it back). For the rootless helper, which hands its changes over.
 pub fn write_plain_tar(entries: &[LayerEntry], path: &std::path::Path) -> Result<(), BuildError> {
@@ -341,6 +355,6 @@ pub fn write_plain_tar(entries: &[LayerEntry], path: &std::path::Path) -> Result
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut sorted = entries.to_vec();
     sorted.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
-    write_entries(&mut w, &sorted, 0, None)?;
+    write_entries(&mut w, &sorted, 0, None).map_err(|e| name_write_target(e, path, None))?;
     w.flush().map_err(BuildError::io_write(path))
 }

@@ -3,7 +3,7 @@
 //! steps can look up their parents' metadata and `kiln diff` compares images
 //! without unpacking them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 
 use serde::{Deserialize, Serialize};
@@ -174,7 +174,11 @@ fn scan(
     let mut r = HashingReader { inner: r, hasher: sha2::Sha256::default(), pos: 0 };
     let bad = |reason: String| BuildError::BadLayer { layer: *layer, reason };
     let io_bad = |e: std::io::Error| bad(format!("unreadable ({e})"));
-    let mut entries: BTreeMap<String, ListEntry> = BTreeMap::new();
+    // In tar order; sorted (the last of a path kept) at the end. What the
+    // checks need of each path is its type, kept by a 128-bit hash of the
+    // path, so a layer of a million entries holds each path once.
+    let mut entries: Vec<ListEntry> = Vec::new();
+    let mut seen: HashMap<u128, Seen> = HashMap::new();
     let mut pending = Pending::default();
     let mut block = [0u8; 512];
     loop {
@@ -259,7 +263,7 @@ fn scan(
                 return Err(bad(format!("entry `{path}` has the unsupported type `{}`", other as char)));
             }
         };
-        check_in_layer(&entries, &path, &tar_kind).map_err(bad)?;
+        check_in_layer(&seen, &path, &tar_kind).map_err(bad)?;
         let mtime = h.mtime().unwrap_or(0);
         let entry = WalkEntry { path: &path, kind: &tar_kind, mode, uid, gid, mtime, xattrs: &p.xattrs };
         let sha = if let TarKind::File { size } = tar_kind {
@@ -282,12 +286,24 @@ fn scan(
             None
         };
         let kind = Kind::from_tar(&tar_kind, sha);
-        entries.insert(path.clone(), ListEntry { path, kind, mode, uid, gid, xattrs: p.xattrs });
+        seen.insert(path_key(&path), Seen::of(&tar_kind));
+        entries.push(ListEntry { path, kind, mode, uid, gid, xattrs: p.xattrs });
     }
     // Whatever follows the end marker still counts toward the digest.
     std::io::copy(&mut r, &mut std::io::sink()).map_err(io_bad)?;
     let diff_id = Digest::from_hasher(r.hasher);
-    Ok((Listing { entries: entries.into_values().collect() }, diff_id))
+    drop(seen);
+    // Stable: of a path given twice, the later entry is what the layer holds.
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    entries.dedup_by(|later, kept| {
+        let same = later.path == kept.path;
+        if same {
+            std::mem::swap(later, kept);
+        }
+        same
+    });
+    entries.shrink_to_fit();
+    Ok((Listing { entries }, diff_id))
 }
 
 /// Refuses an entry that goes through something this layer makes a symlink
@@ -296,58 +312,70 @@ fn scan(
 /// that is not a folder. Readers that follow entries in tar order (unpack,
 /// flatten) would otherwise be led out of the root by entries the listing,
 /// which keeps only the last of each path, never shows.
-fn check_in_layer(entries: &BTreeMap<String, ListEntry>, path: &str, kind: &TarKind) -> Result<(), String> {
+fn check_in_layer(seen: &HashMap<u128, Seen>, path: &str, kind: &TarKind) -> Result<(), String> {
     let mut at = path;
     while let Some((up, _)) = at.rsplit_once('/') {
-        match entries.get(up).map(|e| &e.kind) {
-            None | Some(Kind::Dir) => {}
-            Some(Kind::Symlink { .. }) => {
+        match seen.get(&path_key(up)) {
+            None | Some(Seen { noun: "a folder" }) => {}
+            Some(Seen { noun: "a symlink" }) => {
                 return Err(format!(
                     "entry `{path}` goes through `{up}`, which the same layer makes a symlink"
                 ))
             }
-            Some(k) => {
-                return Err(format!(
-                    "entry `{path}` is inside `{up}`, which the same layer makes {}",
-                    noun(k)
-                ))
+            Some(Seen { noun }) => {
+                return Err(format!("entry `{path}` is inside `{up}`, which the same layer makes {noun}"))
             }
         }
         at = up;
     }
-    if let Some(prev) = entries.get(path) {
+    if let Some(prev) = seen.get(&path_key(path)) {
         let now = noun_of_tar(kind);
-        if noun(&prev.kind) != now {
+        if prev.noun != now {
             return Err(format!(
                 "`{path}` appears twice in the layer, as {} and then as {now}; a layer holds each path once",
-                noun(&prev.kind)
+                prev.noun
             ));
         }
     }
     if let TarKind::Hardlink(t) = kind {
-        match entries.get(t.as_str()).map(|e| &e.kind) {
+        match seen.get(&path_key(t)) {
             None => {
                 return Err(format!(
                     "hard link `{path}` points to `{t}`, which is not an earlier entry of the same layer"
                 ))
             }
-            Some(Kind::Dir) => return Err(format!("hard link `{path}` points to the folder `{t}`")),
+            Some(Seen { noun: "a folder" }) => {
+                return Err(format!("hard link `{path}` points to the folder `{t}`"))
+            }
             Some(_) => {}
         }
     }
     Ok(())
 }
 
-fn noun(k: &Kind) -> &'static str {
-    match k {
-        Kind::File { .. } => "a file",
-        Kind::Dir => "a folder",
-        Kind::Symlink { .. } => "a symlink",
-        Kind::Hardlink { .. } => "a hard link",
-        Kind::Char { .. } => "a character device",
-        Kind::Block { .. } => "a block device",
-        Kind::Fifo => "a fifo",
+/// What the checks keep of a path seen earlier in the layer: its type.
+#[derive(Clone, Copy)]
+struct Seen {
+    noun: &'static str,
+}
+
+impl Seen {
+    fn of(k: &TarKind) -> Seen {
+        Seen { noun: noun_of_tar(k) }
     }
+}
+
+/// A 128-bit hash of a path (two SipHash runs with fixed keys): a false
+/// match between two paths of one layer is beyond any practical chance.
+fn path_key(p: &str) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        p.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(0)) << 64) | u128::from(half(1))
 }
 
 fn noun_of_tar(k: &TarKind) -> &'static str {

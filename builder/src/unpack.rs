@@ -293,7 +293,8 @@ pub fn unpack_blob_styled(
             m.file_done(&Digest::from_hasher(hasher))?;
         }
         Ok(())
-    })?;
+    })
+    .map_err(|e| under(e, dest))?;
     m.finish().map_err(bad)?;
     Ok(())
 }
@@ -411,5 +412,15 @@ impl Write for DigestWriter<'_> {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A write error of a layer walk names the entry; the user needs where it was written.
+pub(crate) fn under(e: BuildError, root: &Path) -> BuildError {
+    match e {
+        BuildError::Write { path, source } if path.is_relative() => {
+            BuildError::Write { path: root.join(path), source }
+        }
+        e => e,
     }
 }

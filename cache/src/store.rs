@@ -160,15 +160,41 @@ impl Store {
         write_atomic_in(&self.tmp_dir(), path, bytes).map_err(StoreError::io(path))
     }
 
+    /// A record, or `None`: one that does not parse (e.g. from a future
+    /// schema), is not a regular file, or is larger than any record kiln
+    /// writes is a miss, not an error, and is made again. Large records (a
+    /// layer of a million files lists in about 150 MB) are parsed as they
+    /// are read, not held twice.
     pub fn read_record<T: DeserializeOwned>(&self, kind: &str, name: &str) -> Option<T> {
-        let bytes = fs::read(self.record_path(kind, name)).ok()?;
-        // A record that does not parse (e.g. from a future schema) is a miss, not an error.
-        serde_json::from_slice(&bytes).ok()
+        const MAX_RECORD: u64 = 1 << 30;
+        const READ_WHOLE: u64 = 16 << 20;
+        let f = fs::File::open(self.record_path(kind, name)).ok()?;
+        let md = f.metadata().ok()?;
+        if !md.is_file() || md.len() > MAX_RECORD {
+            return None;
+        }
+        if md.len() <= READ_WHOLE {
+            let mut bytes = Vec::with_capacity(md.len() as usize);
+            io::Read::read_to_end(&mut io::Read::take(f, READ_WHOLE + 1), &mut bytes).ok()?;
+            return serde_json::from_slice(&bytes).ok();
+        }
+        serde_json::from_reader(io::BufReader::with_capacity(1 << 20, io::Read::take(f, MAX_RECORD))).ok()
     }
 
+    /// Writes a record through a temp file and a rename, streaming its JSON.
     pub fn write_record<T: Serialize>(&self, kind: &str, name: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).expect("records serialize");
-        self.write_atomic(&self.record_path(kind, name), &bytes)
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.record_path(kind, name);
+        let tmp_dir = self.tmp_dir();
+        let tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(StoreError::io(&tmp_dir))?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, tmp);
+        serde_json::to_writer(&mut w, value)
+            .map_err(|e| StoreError::Io { path: path.clone(), source: e.into() })?;
+        let tmp =
+            w.into_inner().map_err(|e| StoreError::Io { path: path.clone(), source: e.into_error() })?;
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644)).map_err(StoreError::io(&path))?;
+        tmp.persist(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e.error })?;
+        Ok(())
     }
 
     /// Marks a record as just used, for least-recently-used eviction.

@@ -1,3 +1,5 @@
+use std::fs;
+
 use crate::support::*;
 
 const RECIPE: &str = r#"
@@ -193,4 +195,42 @@ fn a_base_with_zstd_layers_builds_on_and_unknown_compressions_are_refused() {
     let r = p.build(&[]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("not supported"), "{}", r.stderr);
+}
+
+/// `docker save` names no media types: a zstd layer in a docker-archive is
+/// known by its magic number, as gzip is.
+#[test]
+fn a_docker_archive_with_a_zstd_layer_builds_on() {
+    let p = Project::new();
+    layout_with_layer(&p, "zstd-base", "application/vnd.oci.image.layer.v1.tar+zstd", |t| {
+        zstd::encode_all(t, 3).unwrap()
+    });
+    // The same blobs as docker's manifest.json lays them out.
+    let index: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(p.path("zstd-base/index.json")).unwrap()).unwrap();
+    let m_hex = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(p.path(&format!("zstd-base/blobs/sha256/{m_hex}"))).unwrap())
+            .unwrap();
+    let config = manifest["config"]["digest"].as_str().unwrap()[7..].to_string();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap()[7..].to_string();
+    let docker_manifest = serde_json::json!([{"Config": format!("{config}.json"), "RepoTags": ["z:latest"], "Layers": [format!("{layer}/layer.tar")]}]);
+    let mut b = tar::Builder::new(fs::File::create(p.path("z.tar")).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add("manifest.json", docker_manifest.to_string().as_bytes());
+    add(&format!("{config}.json"), &fs::read(p.path(&format!("zstd-base/blobs/sha256/{config}"))).unwrap());
+    add(
+        &format!("{layer}/layer.tar"),
+        &fs::read(p.path(&format!("zstd-base/blobs/sha256/{layer}"))).unwrap(),
+    );
+    b.finish().unwrap();
+    drop(b);
+    p.recipe("[image]\nname = \"z\"\nbase = \"docker-archive:z.tar\"\n\n[[step]]\nwrite = \"/etc/motd\"\ncontent = \"z\\n\"\n");
+    p.build(&[]).digest();
 }

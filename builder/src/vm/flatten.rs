@@ -118,7 +118,8 @@ pub fn flatten(
                 TarKind::CharDev(..) | TarKind::BlockDev(..) => {}
             }
             Ok(())
-        })?;
+        })
+        .map_err(|e| crate::unpack::under(e, root))?;
     }
     for d in implicit {
         tree.entries.entry(d.clone()).or_insert_with(|| dir_entry(&d));
