@@ -4,7 +4,7 @@
 CARGO ?= cargo
 KILN  := target/release/kiln
 
-.PHONY: all build demo test lint bench deps clean
+.PHONY: all build demo test lint bench fuzz deps clean
 
 all: build
 
@@ -51,6 +51,11 @@ test:
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --locked --no-fail-fast; \
 	else $(CARGO) test --workspace --locked --no-fail-fast; fi
+
+## The fuzz targets (recipe parser, layer reader and unpacker, the binary on
+## fuzzed recipes) far longer than CI runs them (256 cases each there).
+fuzz:
+	KILN_FUZZ_CASES=$${KILN_FUZZ_CASES:-20000} $(CARGO) nextest run --workspace --locked -E 'binary(/fuzz/) | test(/fuzz/)'
 
 lint:
 	$(CARGO) fmt --all -- --check

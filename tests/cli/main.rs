@@ -6,6 +6,7 @@ mod build;
 mod cache;
 mod crash;
 mod errors;
+mod fuzz;
 mod interop;
 mod packages;
 mod registry;
