@@ -4,7 +4,7 @@
 CARGO ?= cargo
 KILN  := target/release/kiln
 
-.PHONY: all build demo test lint bench fuzz deps clean
+.PHONY: all build demo test lint bench bench-baseline fuzz deps clean
 
 all: build
 
@@ -62,9 +62,20 @@ lint:
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
 ## Benchmarks; results go to bench/RESULTS.md.
-bench: build deps
+bench: build deps bench-baseline
 	python3 bench/bench.py
 
 clean:
 	$(CARGO) clean
 	rm -rf out bench/work
+
+## The code before issue 13 (run steps unconfined), built once: W2 measures
+## what confinement costs against it, in the same run.
+BASELINE_REV ?= fcd90fd
+bench-baseline:
+	@if [ ! -x target/baseline/release/kiln ]; then \
+		rm -rf target/baseline-src && mkdir -p target/baseline-src && \
+		git archive $(BASELINE_REV) | tar -x -C target/baseline-src && \
+		CARGO_TARGET_DIR=$(CURDIR)/target/baseline $(CARGO) build --release --locked \
+			--manifest-path target/baseline-src/Cargo.toml; \
+	fi

@@ -13,8 +13,13 @@ and loaded into the engine for BuildKit), W1's context copied in, then a
 The same measures for `--backend local` and `--backend docker`, and BuildKit
 on the equivalent Dockerfile.
 
+W2 also measures what confining `run` steps costs (issue 13: capabilities,
+seccomp, masked /proc, the symlink-free unpacker, sealed pool files): the
+same local-backend builds with this checkout and with the code before it
+(BASELINE), alternating run by run so both see the same machine.
+
 W3: the python example (`recipes/examples/python`: python3-minimal and its
-dependencies from deb.debian.org, through `[packages]`). Measures `kiln lock`,
+dependencies from a Debian mirror, through `[packages]`). Measures `kiln lock`,
 a cold build (empty cache: the .debs are downloaded), a warm rebuild of the
 packages' layer (every .deb cached, `--no-cache`), and a no-op rebuild.
 
@@ -46,6 +51,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "bench", "work")
 KILN = os.path.join(ROOT, "target", "release", "kiln")
+# The code before issue 13's confinement (`make bench` builds it; see the Makefile's
+# bench-baseline), for W2's confinement-cost comparison in the same run.
+BASELINE = os.environ.get("KILN_BASELINE", os.path.join(ROOT, "target", "baseline", "release", "kiln"))
 # Debian's docker.io client has BuildKit built in; a newer client on PATH may need buildx.
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
 
@@ -186,6 +194,58 @@ def w2(w1ctx, have_docker):
     return res
 
 
+def w2_confinement(ctx):
+    """W2 on the local backend with this checkout ("new") and BASELINE ("old"), alternating."""
+    if not os.path.exists(BASELINE):
+        return None
+    binaries = {"new": KILN, "old": BASELINE}
+    times = {k: {"cold": [], "noop": [], "changed": []} for k in binaries}
+
+    def build(name, cache):
+        return run([binaries[name], "build", os.path.join(ctx, "kiln.toml"), "--cache-dir", cache,
+                    "--backend", "local", "-o", f"oci:{os.path.join(WORK, 'out-conf-' + name)}",
+                    "--progress", "plain"])[0]
+
+    order = lambda i: ["new", "old"] if i % 2 == 0 else ["old", "new"]
+    for i in range(5):
+        for name in order(i):
+            times[name]["cold"].append(build(name, os.path.join(WORK, f"cache-conf-{name}-{i}")))
+    time.sleep(2.5)
+    for name in binaries:
+        build(name, os.path.join(WORK, f"cache-conf-{name}-0"))
+    for i in range(10):
+        for name in order(i):
+            times[name]["noop"].append(build(name, os.path.join(WORK, f"cache-conf-{name}-0")))
+    for n in range(7):
+        change_one(ctx, 500 + n)
+        for name in order(n):
+            times[name]["changed"].append(build(name, os.path.join(WORK, f"cache-conf-{name}-0")))
+    return {k: {m: statistics.median(v) for m, v in t.items()} for k, t in times.items()}
+
+
+def w2_confinement_lines(res):
+    if res is None:
+        return ["## W2: what confinement costs", "",
+                f"Not measured: no baseline binary at `{BASELINE}` (`make bench` builds it).", ""]
+    lines = [
+        "## W2: what confinement costs (local backend, the code before issue 13 against this one)",
+        "",
+        "| measure | before (no confinement) | now (confined) | now/before | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in [("cold", "cold build"), ("changed", "one file changed"), ("noop", "no-op rebuild")]:
+        old, new = res["old"][key], res["new"][key]
+        ratio = new / old
+        met = "yes" if ratio <= 1.05 else "NO"
+        lines.append(f"| {label} | {old * 1000:.0f} ms | {new * 1000:.0f} ms | {ratio:.3f} | <= 1.05 | {met} |")
+    lines += ["", "Medians of 5 cold builds, 7 one-file-changed rebuilds and 10 no-op rebuilds each, the two "
+              "binaries alternating run by run (each with its own cache) so drift on the machine hits both. "
+              "\"Before\" is the release build of commit fcd90fd (`make bench-baseline`); \"now\" adds Docker's "
+              "default capability set, the seccomp filter, masked /proc paths, the symlink-free unpacker and "
+              "sealed pool files.", ""]
+    return lines
+
+
 def w2_lines(res):
     lines = [
         "## W2: busybox base, W1's context copied in, a `run` step writing 50 MB and deleting 100 files",
@@ -261,7 +321,7 @@ def w3_lines(r):
         f"| no-op rebuild (median of 5) | {r['noop'] * 1000:.0f} ms | | |",
         f"| peak RSS (max over the builds) | {r['rss']:.0f} MiB | | |",
         "",
-        "Against http://deb.debian.org/debian (bookworm) from this machine; lock and cold times include the "
+        "Against a Debian mirror (bookworm, from the host's apt sources) from this machine; lock and cold times include the "
         "network. The warm rebuild unpacks every package's data archive (xz), writes the dpkg database, "
         "ld.so.cache and the SBOM, and writes and compresses the layer.",
         "",
@@ -333,7 +393,7 @@ def w4_lines(r):
         f"| boot to power-off under TCG (median of 3) | {r['off']:.1f} s |",
         f"| disk: virtual size / qcow2 file | {r['virtual'] / 2**20:.0f} MiB / {r['file'] / 2**20:.0f} MiB |",
         "",
-        "The cold time includes downloading the kernel's .deb (71 MB) from http://deb.debian.org. In the warm "
+        "The cold time includes downloading the kernel's .deb (71 MB) from a Debian mirror. In the warm "
         "case kiln reads no layer: the kernel, its modules and /etc/passwd come from the store (kept by the "
         "layers' digests), the initramfs and boot partition are made again with the new init, and the disk "
         "is put together and converted to qcow2. qemu-system-x86_64 7.2, `-m 512`, one vCPU, no KVM.",
@@ -485,8 +545,9 @@ def main():
         print("\n".join(w3_lines(w3res)))
         return
     w2res = w2(ctx, have_docker) if only in (None, "w2") else None
+    w2conf = w2_confinement(os.path.join(WORK, "w2")) if only in (None, "w2") else None
     if only == "w2":
-        print("\n".join(w2_lines(w2res)))
+        print("\n".join(w2_lines(w2res) + w2_confinement_lines(w2conf)))
         return
 
     if have_docker:
@@ -533,6 +594,7 @@ def main():
         lines.append("BuildKit: no Docker engine answered, so no comparison was run.")
     lines.append("")
     lines += w2_lines(w2res)
+    lines += w2_confinement_lines(w2conf)
     lines += w3_lines(w3res)
     lines += w4_lines(w4res)
     lines += w5_lines(w5res)

@@ -738,7 +738,8 @@ impl Session {
         };
         let values: Vec<&[u8]> =
             secrets.iter().map(|(_, v)| v.as_slice()).filter(|v| !v.is_empty()).collect();
-        let mut on_line = |line: &str| self.reporter.on_step_output(info, &redact(line, &values));
+        let mut on_line =
+            |line: &str| self.reporter.on_step_output(info, &exec::cut_line(redact(line, &values)));
         let result = match self.backend()? {
             BackendChoice::Docker => self.docker()?.run(&self.store, &req, &mut on_line)?,
             _ => {
@@ -756,7 +757,7 @@ impl Session {
                 step: step_label(info),
                 command: run.command.text(),
                 code,
-                tail: tail.iter().map(|l| redact(l, &values)).collect(),
+                tail: tail.iter().map(|l| exec::cut_line(redact(l, &values))).collect(),
             }),
         }
     }
@@ -840,21 +841,23 @@ fn run_plan(r: &RunStep, config: &oci_spec::image::Config) -> RunPlan {
 /// masked only when they are the whole secret (masking every `}` or `--`
 /// of the output would hide it without protecting anything).
 fn redact(line: &str, secrets: &[&[u8]]) -> String {
-    let mut parts: Vec<&str> = Vec::new();
+    let mut parts: Vec<String> = Vec::new();
     for s in secrets {
-        let Ok(s) = std::str::from_utf8(s) else { continue };
+        // Output is shown as lossy UTF-8: a secret that is not UTF-8 is
+        // matched in the same form.
+        let s = String::from_utf8_lossy(s);
         let whole = s.trim_end_matches(['\n', '\r']);
         if !whole.is_empty() && !whole.contains('\n') {
-            parts.push(whole);
+            parts.push(whole.to_string());
             continue;
         }
-        parts.extend(whole.lines().map(|l| l.trim()).filter(|l| l.chars().count() >= 4));
+        parts.extend(whole.lines().map(|l| l.trim()).filter(|l| l.chars().count() >= 4).map(String::from));
     }
     // Longest first, so a part never leaves pieces of a longer one.
     parts.sort_by_key(|p| std::cmp::Reverse(p.len()));
     let mut out = line.to_string();
     for p in parts {
-        out = out.replace(p, "[secret]");
+        out = out.replace(&p, "[secret]");
     }
     out
 }
@@ -1229,7 +1232,7 @@ mod tests {
     #[test]
     fn every_line_of_a_multi_line_secret_is_masked() {
         let key = b"-----BEGIN KEY-----\nc2VjcmV0LWxpbmUtb25l\nc2Vjb25kLWxpbmU=\n-----END KEY-----\n";
-        let secrets: Vec<&[u8]> = vec![key.as_slice(), b"hunter2\n", b"ab"];
+        let secrets: Vec<&[u8]> = vec![key.as_slice(), b"hunter2\n", b"ab", b"S3cr\xe9tValue-42"];
         for line in ["c2VjcmV0LWxpbmUtb25l", "  x c2Vjb25kLWxpbmU= y", "pw=hunter2", "ab"] {
             let out = redact(line, &secrets);
             assert!(out.contains("[secret]"), "{line} -> {out}");
@@ -1238,5 +1241,8 @@ mod tests {
             }
         }
         assert_eq!(redact("nothing here", &secrets), "nothing here");
+        // A secret that is not UTF-8 is masked in the lossy form output takes.
+        let lossy = String::from_utf8_lossy(b"x S3cr\xe9tValue-42 y").into_owned();
+        assert_eq!(redact(&lossy, &secrets), "x [secret] y");
     }
 }

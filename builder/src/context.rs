@@ -74,7 +74,8 @@ pub fn scan_copy(
         let msg = if e.kind() == std::io::ErrorKind::NotFound {
             format!("`{}` does not exist in the context `{}`", step.src, ctx.root.display())
         } else {
-            format!("`{}` cannot be read: {e}", step.src)
+            // The recipe's own text, but shown at most 200 characters long.
+            format!("`{}` cannot be read: {e}", crate::error::shown(&step.src))
         };
         return Err(recipe
             .error_at(step.src_span.clone(), msg)

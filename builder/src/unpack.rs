@@ -41,8 +41,10 @@ pub struct Materializer {
     pool: Option<PathBuf>,
     /// The xattr that marks opaque folders for the overlay that stacks them.
     opaque_xattr: &'static str,
-    /// Every path made, its time and xattrs, for the final pass that sets them.
-    made: Vec<(String, u64, Xattrs)>,
+    /// Every path made, its time and xattrs, for the final pass that sets
+    /// them; `None` for a path whose inode kiln must not touch (a link to a
+    /// pool file or to another entry). The last record of a path wins.
+    made: Vec<(String, Option<(u64, Xattrs)>)>,
     /// A file being written into the pool.
     pending: Option<Pending>,
 }
@@ -119,10 +121,12 @@ impl Materializer {
                 if let (Some(pool), Some(sha)) = (&self.pool, sha256) {
                     let pooled = pool.join(format!("{}-{:o}-{uid}-{gid}-{mtime}", sha.hex(), mode & 0o7777));
                     if pooled.exists() && link_or_copy(&pooled, &dir, name).is_ok() {
+                        self.made.push((path.to_string(), None));
                         return Ok(None);
                     }
                     let tmp = pool.join(format!(".tmp-{}-{}", std::process::id(), unique()));
                     let f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+                    self.made.push((path.to_string(), None));
                     self.pending = Some(Pending {
                         tmp,
                         name: pooled,
@@ -149,6 +153,7 @@ impl Materializer {
                     )));
                 }
                 rustix::fs::linkat(&tdir, tname, &dir, name, AtFlags::empty())?;
+                self.made.push((path.to_string(), None));
                 return Ok(None); // shares the target's inode and metadata
             }
             TarKind::CharDev(a, b) | TarKind::BlockDev(a, b) => {
@@ -178,7 +183,7 @@ impl Materializer {
             let v = hex::decode(v).map_err(|_| io::Error::other(format!("bad xattr value for {k}")))?;
             attrs.push((k.clone(), v));
         }
-        self.made.push((path.to_string(), mtime, attrs));
+        self.made.push((path.to_string(), Some((mtime, attrs))));
         Ok(file)
     }
 
@@ -205,7 +210,15 @@ impl Materializer {
     /// an entry changes its folder's time).
     pub fn finish(mut self) -> io::Result<PathBuf> {
         let made = std::mem::take(&mut self.made);
-        for (p, mtime, attrs) in made.iter().rev() {
+        // Newest first: a path given twice gets what its last entry says,
+        // and an earlier entry's xattrs or time never reach an inode a later
+        // entry of the same path shares with the pool or another file.
+        let mut done = std::collections::HashSet::new();
+        for (p, what) in made.iter().rev() {
+            if !done.insert(p.as_str()) {
+                continue;
+            }
+            let Some((mtime, attrs)) = what else { continue };
             let (dir, name) = self.root.parent(p, None)?;
             for (k, v) in attrs {
                 rootdir::set_xattr(&dir, name, k, v)?;

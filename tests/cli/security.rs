@@ -60,6 +60,9 @@ for f in kcore timer_list keys sched_debug; do [ -e /proc/$f ] && echo "$f $(wc 
 (echo x > /proc/sys/kernel/hostname) 2>/dev/null; echo "sysctl $?" >> /report/calls
 (mount -o remount,rw /sys) 2>/dev/null; echo "sys $?" >> /report/calls
 timeout 20 sh -c 'yes | head -n 1' > /report/yes
+(mknod /dev/kmsg2 c 1 11 && echo kiln-test > /dev/kmsg2) 2>/dev/null; echo "devnode $?" >> /report/calls
+(mknod /rootnode c 1 11 && echo kiln-test > /rootnode) 2>/dev/null; echo "rootnode $?" >> /report/calls
+rm -f /dev/kmsg2 /rootnode
 """
 "#;
 
@@ -97,7 +100,9 @@ fn a_root_step_is_confined_as_the_engine_confines_a_container() {
         ] {
             assert!(status.contains(want), "{backend}: no `{want}` in\n{status}");
         }
-        for call in ["unshare", "mount", "sysctl", "sys"] {
+        // Device nodes a step makes do not open the host's devices (the engine
+        // has a devices cgroup; the local sandbox mounts its root and /dev nodev).
+        for call in ["unshare", "mount", "sysctl", "sys", "devnode", "rootnode"] {
             assert!(!calls.contains(&format!("{call} 0\n")), "{backend}: `{call}` succeeded:\n{calls}");
         }
         if cfg!(target_arch = "x86_64") {
@@ -601,4 +606,122 @@ fn oversized_documents_are_refused_not_cut_or_read_whole() {
     let r = p.build(&[]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("larger than 16 MiB"), "{}", r.stderr);
+}
+
+/// A file entry with a PAX `SCHILY.xattr.security.capability` record.
+fn pax_xattr_file(path: &str, content: &[u8], cap: &[u8]) -> Vec<u8> {
+    let key = b"SCHILY.xattr.security.capability=";
+    let body_len = key.len() + cap.len() + 1;
+    let mut len = body_len + 1;
+    while format!("{len} ").len() + body_len != len {
+        len = format!("{len} ").len() + body_len;
+    }
+    let mut record = format!("{len} ").into_bytes();
+    record.extend_from_slice(key);
+    record.extend_from_slice(cap);
+    record.push(b'\n');
+    let mut out = Vec::new();
+    let mut x = tar::Header::new_ustar();
+    x.set_entry_type(tar::EntryType::XHeader);
+    x.set_path("PaxHeaders/x").unwrap();
+    x.set_size(record.len() as u64);
+    x.set_mode(0o644);
+    x.set_uid(0);
+    x.set_gid(0);
+    x.set_mtime(0);
+    x.set_cksum();
+    out.extend_from_slice(x.as_bytes());
+    out.extend_from_slice(&record);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.extend(plain_file(path, content));
+    out
+}
+
+fn plain_file(path: &str, content: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(path).unwrap();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(content);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+#[test]
+fn a_path_given_twice_never_puts_its_first_entrys_xattrs_on_a_shared_pool_file() {
+    let Some(busybox) = busybox() else { return };
+    if !require_root() {
+        return;
+    }
+    let bb = fs::read(busybox).unwrap();
+    let cap = [1u8, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]; // CAP_NET_BIND_SERVICE
+    let mut layer = pax_xattr_file("bin/busybox", b"x", &cap);
+    layer.extend(plain_file("bin/busybox", &bb));
+    layer.extend([0u8; 1024]);
+    let p = Project::new();
+    write_oci_layout(&p, "lay", &layer, None);
+    p.recipe("[image]\nname = \"x\"\nbase = \"oci:lay\"\n[[step]]\nrun = [\"/bin/busybox\", \"true\"]\n");
+    p.build(&[]).digest();
+    let pool: Vec<String> = fs::read_dir(p.cache.join("v1/files"))
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    assert!(!pool.is_empty());
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import os, sys\nfor f in sys.argv[1:]:\n    if 'security.capability' in os.listxattr(f): print(f)")
+        .args(&pool)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "a pool file got the first entry's capability");
+}
+
+#[test]
+fn an_image_whose_passwd_is_a_fifo_is_refused_not_waited_on() {
+    let Some(busybox) = busybox() else { return };
+    if !require_root() {
+        return;
+    }
+    let mut layer = plain_file("bin/busybox", &fs::read(busybox).unwrap());
+    let mut fifo = tar::Header::new_ustar();
+    fifo.set_path("etc/passwd").unwrap();
+    fifo.set_entry_type(tar::EntryType::Fifo);
+    fifo.set_size(0);
+    fifo.set_mode(0o644);
+    fifo.set_uid(0);
+    fifo.set_gid(0);
+    fifo.set_mtime(0);
+    fifo.set_cksum();
+    layer.extend_from_slice(fifo.as_bytes());
+    layer.extend([0u8; 1024]);
+    let p = Project::new();
+    write_oci_layout(&p, "lay", &layer, None);
+    p.recipe("[image]\nname = \"x\"\nbase = \"oci:lay\"\n[[step]]\nrun = [\"/bin/busybox\", \"true\"]\n");
+    let t = std::time::Instant::now();
+    let r = p.build(&[]);
+    assert!(t.elapsed().as_secs() < 30, "kiln waited on the fifo");
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("/etc/passwd is not a regular file"), "{}", r.stderr);
+}
+
+#[test]
+fn a_gigantic_output_line_is_cut_and_kilns_memory_stays_small() {
+    let Some(p) = project(
+        "[image]\nname = \"o\"\nbase = \"stage:base\"\n[[step]]\nrun = \"head -c 200000000 /dev/zero | tr '\\\\0' a; echo; echo done\"\n",
+    ) else {
+        return;
+    };
+    let r = p.kiln_with(&["build", "kiln.toml", "--progress", "json", "-o", "oci:out"], |_| {});
+    r.digest();
+    let lines: Vec<serde_json::Value> = r.events().into_iter().filter(|e| e["event"] == "output").collect();
+    let long = lines.iter().map(|e| e["line"].as_str().unwrap().len()).max().unwrap();
+    assert!(long < 100_000, "a line of {long} bytes was shown");
+    assert!(lines.iter().any(|e| e["line"] == "done"));
+    assert!(r.stderr.len() < 1 << 20, "stderr is {} bytes", r.stderr.len());
 }

@@ -222,27 +222,47 @@ pub fn command_env(
     env
 }
 
+/// How much of one output line is shown; the rest is cut (a command that
+/// prints gigabytes without a newline must not make kiln hold them).
+pub const MAX_LINE: usize = 16 * 1024;
+/// Kept past [`MAX_LINE`] until the line is masked, so a secret of up to
+/// this size that starts before the cut is masked whole, never shown in part.
+const LINE_SLACK: usize = 64 * 1024;
+
 /// Splits a command's output into lines for the reporter, keeping the last
-/// [`TAIL_LINES`] for the error if the command fails.
+/// [`TAIL_LINES`] for the error if the command fails. A line holds at most
+/// [`MAX_LINE`] + 64 KiB bytes; what is past that is counted, not kept.
 #[derive(Default)]
 pub struct Lines {
     tail: VecDeque<String>,
     partial: Vec<u8>,
+    dropped: usize,
 }
 
 impl Lines {
     pub fn feed(&mut self, mut bytes: &[u8], on_line: &mut dyn FnMut(&str)) {
         while let Some(i) = bytes.iter().position(|b| *b == b'\n') {
-            self.partial.extend_from_slice(&bytes[..i]);
+            self.keep(&bytes[..i]);
             self.emit(on_line);
             bytes = &bytes[i + 1..];
         }
-        self.partial.extend_from_slice(bytes);
+        self.keep(bytes);
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        let room = (MAX_LINE + LINE_SLACK).saturating_sub(self.partial.len());
+        let n = room.min(bytes.len());
+        self.partial.extend_from_slice(&bytes[..n]);
+        self.dropped += bytes.len() - n;
     }
 
     fn emit(&mut self, on_line: &mut dyn FnMut(&str)) {
-        let line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
+        let mut line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
+        if self.dropped > 0 {
+            line.push_str(&format!(" [{} more bytes]", self.dropped));
+        }
         self.partial.clear();
+        self.dropped = 0;
         on_line(&line);
         if self.tail.len() == TAIL_LINES {
             self.tail.pop_front();
@@ -251,11 +271,23 @@ impl Lines {
     }
 
     pub fn finish(mut self, on_line: &mut dyn FnMut(&str)) -> Vec<String> {
-        if !self.partial.is_empty() {
+        if !self.partial.is_empty() || self.dropped > 0 {
             self.emit(on_line);
         }
         self.tail.into()
     }
+}
+
+/// A line as shown, once masked: at most [`MAX_LINE`] bytes.
+pub fn cut_line(line: String) -> String {
+    if line.len() <= MAX_LINE {
+        return line;
+    }
+    let mut end = MAX_LINE;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} [cut: the line has {} bytes]", &line[..end], line.len())
 }
 
 /// Reads `r` to its end through [`Lines`], returning the last lines.

@@ -248,12 +248,16 @@ fn child(spec: &SandboxSpec) -> ! {
     }
     // `volatile` (Linux 5.10+) skips syncing the upper folder, which a
     // throwaway build sandbox does not need; older kernels mount without it.
+    // `nodev`: there is no devices cgroup here (the engine has one), so a
+    // device node a step makes with CAP_MKNOD, or one a layer carries, must
+    // not open the host's device. /dev's own nodes are binds of the host's
+    // harmless ones, which keep working.
     let mounted =
-        mount(Some("overlay"), &spec.merged, Some("overlay"), MsFlags::empty(), Some(opts.as_str()));
+        mount(Some("overlay"), &spec.merged, Some("overlay"), MsFlags::MS_NODEV, Some(opts.as_str()));
     if mounted == Err(nix::errno::Errno::EINVAL) {
         let plain = opts.trim_end_matches(",volatile");
         check(
-            mount(Some("overlay"), &spec.merged, Some("overlay"), MsFlags::empty(), Some(plain)),
+            mount(Some("overlay"), &spec.merged, Some("overlay"), MsFlags::MS_NODEV, Some(plain)),
             "mount the overlay",
         );
     } else {
@@ -268,7 +272,7 @@ fn child(spec: &SandboxSpec) -> ! {
             Some("tmpfs"),
             &dev,
             Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV,
             Some("mode=755,size=65536k"),
         ),
         "mount /dev",
@@ -453,9 +457,32 @@ pub(crate) struct User {
 /// `user[:group]`, numeric or by name, looked up in the image's own
 /// /etc/passwd and /etc/group (read after pivot_root), as runc does.
 fn resolve_user(spec: &str) -> Result<User, String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let passwd = read_account_file("/etc/passwd")?;
+    let group = read_account_file("/etc/group")?;
     resolve_user_in(spec, &passwd, &group)
+}
+
+/// One of the image's account files: missing is empty; anything but a
+/// regular file of at most 4 MiB is refused (a fifo would hang the helper,
+/// a link to /dev/zero would fill its memory).
+fn read_account_file(path: &str) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    const MAX: u64 = 4 << 20;
+    let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(format!("cannot read the image's {path}: {e}")),
+    };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(format!("the image's {path} is not a regular file"));
+    }
+    let mut text = String::new();
+    f.take(MAX + 1).read_to_string(&mut text).map_err(|e| format!("cannot read the image's {path}: {e}"))?;
+    if text.len() as u64 > MAX {
+        return Err(format!("the image's {path} is larger than 4 MiB"));
+    }
+    Ok(text)
 }
 
 /// [`resolve_user`] against the text of an image's /etc/passwd and /etc/group.
