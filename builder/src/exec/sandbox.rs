@@ -7,8 +7,11 @@
 //! The helper: new mount, PID, IPC, UTS and (unless `network`) network
 //! namespaces; loopback up; a fork, so the command is PID 1 of its
 //! namespace; the overlay (init dir and unpacked layers below, the step's
-//! upper folder on top), /proc, a minimal /dev, read-only /sys and the
-//! secrets mounted; pivot_root; the user switched; exec. When the command
+//! upper folder on top, `nodev`), /proc with runc's masked and read-only
+//! paths, a minimal /dev, read-only /sys and the secrets (from memfds, on
+//! a tmpfs of this namespace) mounted; pivot_root; signals reset, the
+//! seccomp filter installed, capabilities cut to the engine's default set
+//! ([`super::confine`], [`super::seccomp`]); the user switched; exec. When the command
 //! exits its namespaces die with it and every mount goes away, even after a
 //! `kill -9` of kiln (the helper and the command die with their parent).
 
