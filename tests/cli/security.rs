@@ -297,7 +297,12 @@ fn killing_kiln_during_a_step_with_a_secret_leaves_no_trace_of_it() {
     let Some(p) = project("[image]\nname = \"s\"\nbase = \"stage:base\"\n[[step]]\nsecrets = [\"tok\"]\nrun = \"cat /run/secrets/tok > /dev/null; sleep 30\"\n") else {
         return;
     };
-    let value = "kiln-test-secret-7f3a9c";
+    // Made at run time, so no file (this test's source included) holds it unless kiln leaked it.
+    let value = &format!(
+        "kiln-test-secret-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    );
     let before = shm_secret_dirs();
     let mut child = p
         .command(&["build", "kiln.toml", "--secret", "id=tok,env=TOK", "--progress", "plain"])
