@@ -67,6 +67,7 @@ pub struct Common {
 pub enum Command {
     /// Build a recipe into an image; prints the manifest digest last on stdout.
     Build {
+        /// The recipe, a TOML file (e.g. recipes/examples/hello/kiln.toml).
         recipe: PathBuf,
         /// Where to write the image (repeatable): oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE,
         /// docker:REF, registry:HOST/REPO:TAG, vm:FILE.raw|FILE.qcow2.
@@ -97,15 +98,18 @@ pub enum Command {
     },
     /// Show each step, its cache key and HIT or MISS; builds nothing.
     Plan {
+        /// The recipe, a TOML file (e.g. recipes/examples/hello/kiln.toml).
         recipe: PathBuf,
         #[command(flatten)]
         common: Common,
+        /// Print the plan as JSON (one object per step) instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Resolve the recipe's `[packages]` against the signed Debian archive, and pin its tagged
     /// `registry:` bases to digests, into kiln.lock (beside the recipe).
     Lock {
+        /// The recipe, a TOML file (e.g. recipes/examples/hello/kiln.toml).
         recipe: PathBuf,
         /// The target platform, which picks the Debian architecture (default: the recipe's, else the host's).
         #[arg(long, value_name = "P")]
@@ -118,6 +122,7 @@ pub enum Command {
     Sbom {
         /// oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, docker:REF or registry:HOST/REPO:TAG.
         target: String,
+        /// The cache folder (default: KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else ~/.cache/kiln).
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
     },
@@ -125,25 +130,34 @@ pub enum Command {
     Inspect {
         /// oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, docker:REF or registry:HOST/REPO:TAG.
         target: String,
+        /// The cache folder (default: KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else ~/.cache/kiln).
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// File-level differences between two images.
     Diff {
+        /// The first image: oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, docker:REF or registry:HOST/REPO:TAG.
         a: String,
+        /// The second image, written the same way.
         b: String,
+        /// The cache folder (default: KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else ~/.cache/kiln).
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
+        /// Print the differences as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Build twice in fresh caches and folders (different umask, TZ and clock) and compare digests.
     Verify {
+        /// The recipe, a TOML file (e.g. recipes/examples/hello/kiln.toml).
         recipe: PathBuf,
+        /// The context folder `copy` reads from (default: the recipe's folder).
         #[arg(long, value_name = "DIR")]
         context: Option<PathBuf>,
+        /// The target platform, e.g. linux/amd64 (default: the recipe's, else the host's).
         #[arg(long, value_name = "P")]
         platform: Option<String>,
         /// As for `build`; both builds use it.
@@ -157,6 +171,7 @@ pub enum Command {
     Cache {
         #[command(subcommand)]
         action: CacheAction,
+        /// The cache folder (default: KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else ~/.cache/kiln).
         #[arg(long, value_name = "DIR", global = true)]
         cache_dir: Option<PathBuf>,
     },
@@ -166,16 +181,19 @@ pub enum Command {
 pub enum CacheAction {
     /// How much the cache holds.
     Du {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// The cached steps and images, least recently used first.
     Ls {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Evict least-recently-used entries until the cache fits SIZE (e.g. 500M, 2G).
     Prune {
+        /// The size to fit in, e.g. 500M, 2G or a number of bytes (0 empties the cache).
         #[arg(long, value_name = "SIZE")]
         max_size: String,
     },

@@ -142,3 +142,46 @@ fn paths_past_what_a_layer_holds_are_refused_in_the_recipe() {
         assert!(r.stderr.contains(want) && r.stderr.contains("kiln.toml:4:"), "{}", r.stderr);
     }
 }
+
+/// Issue 18: every flag and argument of every command says what it is.
+#[test]
+fn every_flag_and_argument_in_help_has_a_description() {
+    let p = Project::new();
+    let subcommands = |args: &[&str]| -> Vec<String> {
+        let help = p.kiln(&[args, &["--help"]].concat()).stdout;
+        help.split("Commands:")
+            .nth(1)
+            .map(|s| {
+                s.lines()
+                    .skip(1) // the rest of the `Commands:` line
+                    .take_while(|l| !l.trim().is_empty())
+                    .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+                    .filter(|c| c != "help")
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut commands: Vec<Vec<String>> = vec![vec![]];
+    for c in subcommands(&[]) {
+        for sub in subcommands(&[c.as_str()]) {
+            commands.push(vec![c.clone(), sub]);
+        }
+        commands.push(vec![c]);
+    }
+    assert!(commands.len() > 10, "{commands:?}");
+    let mut checked = 0;
+    for cmd in &commands {
+        let args: Vec<&str> = cmd.iter().map(String::as_str).chain(["--help"]).collect();
+        let r = p.kiln(&args);
+        assert_eq!(r.code, 0, "{cmd:?}: {}", r.stderr);
+        for line in r.stdout.lines() {
+            let item = line.trim_start();
+            if item.starts_with('-') || item.starts_with('<') {
+                let parts: Vec<&str> = item.split("  ").map(str::trim).filter(|s| !s.is_empty()).collect();
+                assert!(parts.len() >= 2, "`kiln {}` has an undescribed `{}`", cmd.join(" "), item.trim());
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 40, "only {checked} flags seen");
+}
