@@ -106,6 +106,10 @@ pub fn load_base(
                     )
                     .with_hint("the path is relative to the recipe's folder")
                     .into(),
+                BuildError::Usage { message, hint } => recipe
+                    .error_at(base_span.clone().unwrap_or(0..0), format!("cannot read the base: {message}"))
+                    .with_hint(hint.unwrap_or_else(|| "the path is relative to the recipe's folder".into()))
+                    .into(),
                 e => e,
             })?;
             check_arch(recipe, &img.config_json, base_span, platform)?;

@@ -50,6 +50,10 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
             let index_path = dir.join("index.json");
             let index = crate::image::read_document(&index_path).map_err(|e| match e.kind() {
                 std::io::ErrorKind::InvalidData => bad(format!("its `index.json` cannot be used: {e}")),
+                std::io::ErrorKind::NotFound => BuildError::usage(
+                    format!("There is no OCI layout at `{}` (no `index.json`)", dir.display()),
+                    Some("check the path: `oci:DIR` names a folder that `kiln build -o oci:DIR` or `skopeo copy` wrote"),
+                ),
                 _ => BuildError::Read { path: index_path.clone(), source: e },
             })?;
             let fetch = |d: &Digest| -> Result<(), BuildError> {
@@ -66,7 +70,13 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
         }
         ImageRef::OciArchive(file) | ImageRef::DockerArchive(file) => {
             // A record keyed by the file's identity skips re-reading an unchanged archive.
-            let meta = fs::symlink_metadata(file).map_err(BuildError::io_read(file))?;
+            let meta = fs::symlink_metadata(file).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => BuildError::usage(
+                    format!("`{}` does not exist", file.display()),
+                    Some("check the path of the archive"),
+                ),
+                _ => BuildError::Read { path: file.to_path_buf(), source: e },
+            })?;
             if !meta.file_type().is_file() {
                 return Err(bad(format!(
                     "`{}` is not a regular file (kiln reads archives from regular files, not through symlinks)",

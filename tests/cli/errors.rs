@@ -185,3 +185,20 @@ fn every_flag_and_argument_in_help_has_a_description() {
     }
     assert!(checked > 40, "only {checked} flags seen");
 }
+
+/// Issue 18: an image that is not there is bad input (exit 2), as the README's table says.
+#[test]
+fn inspect_and_diff_of_a_missing_image_exit_2() {
+    let p = Project::new();
+    for args in [
+        vec!["inspect", "oci:no-such-layout"],
+        vec!["inspect", "oci-archive:no-such.tar"],
+        vec!["inspect", "docker-archive:no-such.tar"],
+        vec!["diff", "oci:no-such-a", "oci:no-such-b"],
+        vec!["sbom", "oci:no-such-layout"],
+    ] {
+        let r = p.kiln(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("no-such"), "{args:?}: {}", r.stderr);
+    }
+}
