@@ -11,8 +11,10 @@ use kiln_recipes::recipe::Platform;
 use kiln_recipes::{Base, Recipe};
 
 use crate::error::BuildError;
+use crate::image::StoredImage;
 use crate::image::{scratch_config, ImageLayer};
 use crate::packages::lockfile::BasePin;
+use kiln_recipes::ImageRef;
 
 /// A base ready to build on: every blob is in the store.
 #[derive(Debug, Clone)]
@@ -95,7 +97,7 @@ pub fn load_base(
                             .into()
                     })
                 }),
-                _ => crate::import::import(store, &r),
+                _ => open_image(store, &r),
             };
             let img = imported.map_err(|e| match e {
                 // A base that cannot be opened is a problem of the recipe: point at it.
@@ -175,4 +177,37 @@ fn resolve_registry_tag(
         Err(e) => remotes.reporter.on_notice(&format!("cannot check whether {name} has moved ({e}); building the pinned {pinned}")),
     }
     Ok(pinned)
+}
+
+/// Reads the image `r` names into the store, checked, and describes it:
+/// local layouts and archives through [`crate::import`], `docker:REF` from
+/// the engine at DOCKER_HOST, `registry:` pulled (for `inspect`, `diff`,
+/// `sbom` and bases).
+pub fn open_image(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
+    if let ImageRef::Docker(reference) = r {
+        let rt = crate::runtime::runtime()?;
+        let engine = crate::exec::docker::DockerEngine::connect(rt.handle().clone())?;
+        return engine.base_image(store, reference)?.ok_or_else(|| {
+            BuildError::usage(
+                format!("The Docker engine has no image `{reference}`"),
+                Some("check the name with `docker images`"),
+            )
+        });
+    }
+    if let ImageRef::Registry(text) = r {
+        return pull_registry(store, text);
+    }
+    crate::import::import(store, r)
+}
+
+/// `registry:HOST/REPO:TAG|@DIGEST` (for `inspect`, `diff`, `sbom`): what
+/// the reference names now, for the host's platform, pulled and checked.
+fn pull_registry(store: &Store, text: &str) -> Result<StoredImage, BuildError> {
+    use kiln_cache::registry::{Registry, Remote};
+    let rt = crate::runtime::runtime()?;
+    let remote = Remote::parse(text)?;
+    let reg = Registry::new(rt.handle().clone(), std::slice::from_ref(&remote), &Default::default());
+    let pinned = remote.with_digest(crate::registry::digest_of(store, &reg, &remote)?);
+    let platform = kiln_recipes::recipe::Platform::host();
+    Ok(crate::registry::pull(store, &reg, &pinned, &platform, &crate::NullReporter)?.0)
 }

@@ -611,7 +611,7 @@ impl Session {
                         let dest = exec::local::unpacked_dir(&self.store).join(blob.diff_id.hex());
                         std::fs::create_dir_all(exec::local::unpacked_dir(&self.store))
                             .map_err(BuildError::io_write(exec::local::unpacked_dir(&self.store)))?;
-                        exec::local::adopt(f, &dest)?;
+                        crate::unpack::adopt(f, &dest)?;
                         crate::unpack::seal(&self.store, &dest, &listing)?;
                     }
                     tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, unpacked = folder.is_some(), "layer written");
@@ -878,22 +878,9 @@ enum Cached {
     Corrupt,
 }
 
-/// The async runtime every network and engine call of a command runs on.
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, BuildError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("kiln")
-        .enable_all()
-        .build()
-        .map_err(|e| BuildError::Environment {
-            message: format!("Cannot start kiln's worker threads: {e}"),
-            hint: "check the process and memory limits".into(),
-        })
-}
-
 /// Computes every step's key and whether it is cached; builds nothing.
 pub fn plan(recipe: &Recipe, opts: &BuildOptions) -> Result<Vec<PlannedStep>, BuildError> {
-    let rt = runtime()?;
+    let rt = crate::runtime::runtime()?;
     let (s, _lock) = Session::open(recipe, opts, Arc::new(crate::NullReporter), rt.handle().clone())?;
     let mut done: HashMap<String, Arc<Built>> = HashMap::new();
     let mut out = Vec::new();
@@ -917,7 +904,7 @@ pub fn build(
     reporter: Arc<dyn Reporter>,
 ) -> Result<BuildOutcome, BuildError> {
     let started = Instant::now();
-    let rt = runtime()?;
+    let rt = crate::runtime::runtime()?;
     let (s, _lock) = Session::open(recipe, opts, reporter.clone(), rt.handle().clone())?;
     let s = Arc::new(s);
     let stages = needed_stages(recipe);

@@ -106,13 +106,9 @@ fn marker(path: String) -> LayerEntry {
 }
 
 /// Reads an overlay upper folder: a 0:0 character device is a whiteout, a
-/// folder with `trusted.overlay.opaque=y` is opaque. Sockets are skipped
-/// (they cannot be archived), as Docker does.
-/// The xattr that marks an opaque folder in an upper folder mounted as root.
-pub const OPAQUE_TRUSTED: &str = "trusted.overlay.opaque";
-/// ... and in one mounted in a user namespace (`userxattr`).
-pub const OPAQUE_USER: &str = "user.overlay.opaque";
-
+/// folder with `opaque_xattr` (`trusted.overlay.opaque=y`, or the
+/// `user.` one in a user namespace) is opaque. Sockets are skipped (they
+/// cannot be archived), as Docker does.
 pub fn from_upper(upper: &Path, opaque_xattr: &str) -> Result<Vec<Change>, BuildError> {
     let mut out = Vec::new();
     for entry in walkdir::WalkDir::new(upper).follow_links(false).sort_by_file_name().min_depth(1) {
@@ -183,6 +179,17 @@ fn read_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let mut buf = [0u8; 256];
     let n = rustix::fs::lgetxattr(path, name, &mut buf).ok()?;
     Some(buf[..n].to_vec())
+}
+
+/// The changes a layer tar holds (at `base` in `tar`, `size` bytes or to
+/// the end), their contents left in that file.
+pub fn from_tar(tar: &Path, base: u64, size: Option<u64>) -> Result<Vec<Change>, BuildError> {
+    let mut f = std::fs::File::open(tar).map_err(BuildError::io_read(tar))?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(base)).map_err(BuildError::io_read(tar))?;
+    let pseudo = kiln_cache::Digest::of(tar.as_os_str().as_encoded_bytes());
+    let reader = std::io::BufReader::with_capacity(1 << 20, std::io::Read::take(f, size.unwrap_or(u64::MAX)));
+    let (listing, _, offsets) = crate::listing::scan_layer_with_offsets(reader, &pseudo)?;
+    from_layer_listing(&listing, &offsets, tar, base)
 }
 
 /// Reads a committed layer's listing (from an engine), with each file's
@@ -326,7 +333,7 @@ mod tests {
             rustix::fs::XattrFlags::empty(),
         )
         .unwrap();
-        let changes = from_upper(&upper, OPAQUE_TRUSTED).unwrap();
+        let changes = from_upper(&upper, crate::unpack::OPAQUE_TRUSTED).unwrap();
         assert_eq!(changes[0].xattrs, vec![("security.capability".to_string(), cap.to_vec())]);
         let store = kiln_cache::Store::open(&dir.path().join("cache")).unwrap();
         let (blob, listing) = crate::layer::write_layer(&store, to_layer_entries(changes), 0).unwrap();

@@ -6,9 +6,9 @@ use serde::Serialize;
 use kiln_cache::Store;
 use kiln_recipes::ImageRef;
 
+use crate::base::open_image as import;
 use crate::error::BuildError;
 use crate::fstree::FsTree;
-use crate::import::import;
 use crate::listing::{Kind, ListEntry, Listing};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -96,7 +96,7 @@ fn write_layout(store: &Store, image: &StoredImage, dir: &Path, tag: &str) -> Re
         }
         _ => {}
     }
-    let others = match read_index(&index_path) {
+    let others = match crate::image::read_document(&index_path) {
         Ok(bytes) => match serde_json::from_slice::<ImageIndex>(&bytes) {
             Ok(i) => i.manifests().clone(),
             Err(e) => {
@@ -204,12 +204,6 @@ fn sweep_temp_files(dir: &Path, base: &str) {
             let _ = fs::remove_file(e.path());
         }
     }
-}
-
-/// An existing layout's `index.json`, read up to [`crate::image::MAX_DOCUMENT`]
-/// bytes, never through a symlink.
-fn read_index(path: &Path) -> io::Result<Vec<u8>> {
-    crate::image::read_document(path)
 }
 
 /// Writes the archive of [`write_archive`] to `w` (`name` for messages).

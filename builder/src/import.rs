@@ -27,22 +27,10 @@ const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const LAYER_TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
-/// Imports the image at `r` into the store (checked) and describes it.
-/// `docker:REF` is read from the engine at DOCKER_HOST.
+/// Imports the image a local reference (`oci:`, `oci-archive:`,
+/// `docker-archive:`) names into the store (checked) and describes it.
+/// `base::open_image` also reads `docker:` and `registry:` ones.
 pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
-    if let ImageRef::Docker(reference) = r {
-        let rt = crate::build::runtime()?;
-        let engine = crate::exec::docker::DockerEngine::connect(rt.handle().clone())?;
-        return engine.base_image(store, reference)?.ok_or_else(|| {
-            BuildError::usage(
-                format!("The Docker engine has no image `{reference}`"),
-                Some("check the name with `docker images`"),
-            )
-        });
-    }
-    if let ImageRef::Registry(text) = r {
-        return pull_registry(store, text);
-    }
     let name = r.to_string();
     let bad = |reason: String| BuildError::BadImage { image: name.clone(), reason };
     match r {
@@ -108,18 +96,6 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
             Some("use `oci:DIR[:TAG]`, `oci-archive:FILE` or `docker-archive:FILE`"),
         )),
     }
-}
-
-/// `registry:HOST/REPO:TAG|@DIGEST` (for `inspect`, `diff`, `sbom`): what
-/// the reference names now, for the host's platform, pulled and checked.
-fn pull_registry(store: &Store, text: &str) -> Result<StoredImage, BuildError> {
-    use kiln_cache::registry::{Registry, Remote};
-    let rt = crate::build::runtime()?;
-    let remote = Remote::parse(text)?;
-    let reg = Registry::new(rt.handle().clone(), std::slice::from_ref(&remote), &Default::default());
-    let pinned = remote.with_digest(crate::registry::digest_of(store, &reg, &remote)?);
-    let platform = kiln_recipes::recipe::Platform::host();
-    Ok(crate::registry::pull(store, &reg, &pinned, &platform, &crate::NullReporter)?.0)
 }
 
 /// Imports an OCI archive, or (`docker`) what `docker save` writes.

@@ -5,8 +5,8 @@ use serde::Serialize;
 use kiln_cache::{Digest, Store};
 use kiln_recipes::ImageRef;
 
+use crate::base::open_image as import;
 use crate::error::BuildError;
-use crate::import::import;
 
 #[derive(Debug, Serialize)]
 pub struct Inspection {

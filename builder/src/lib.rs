@@ -7,7 +7,8 @@
 //! - [`context`]: copy sources inside the context, hashed through the stat index.
 //! - [`layer`], [`tarball`], [`gzip`]: reproducible layer writing.
 //! - [`listing`], [`fstree`]: what files a layer / a stack of layers holds.
-//! - [`image`]: OCI config and manifest, canonical JSON.
+//! - [`image`]: OCI config and manifest, canonical JSON; `passwd`: an
+//!   image's users and groups.
 //! - [`export`]: OCI layout, oci-archive and docker-archive outputs.
 //! - [`inspect`], [`diff`]: reading images back.
 //! - [`exec`]: the backends for `run` steps (local sandbox, Docker engine);
@@ -19,7 +20,8 @@
 //!   installed into one layer.
 //! - [`vm`]: `-o vm:FILE`, the image as a bootable, reproducible VM disk.
 //! - [`registry`]: `registry:` bases and outputs, the remote step cache.
-//! - [`reporter`]: the trait the CLI implements to show progress.
+//! - [`reporter`]: the trait the CLI implements to show progress; `runtime`:
+//!   the async runtime registry and engine calls run on.
 //! - [`error`]: [`BuildError`] with exit codes and hints.
 
 pub mod base;
@@ -39,9 +41,11 @@ pub mod inspect;
 pub mod layer;
 pub mod listing;
 pub mod packages;
+mod passwd;
 pub mod registry;
 pub mod reporter;
 pub mod rootdir;
+mod runtime;
 pub mod tarball;
 pub mod unpack;
 pub mod vm;

@@ -325,7 +325,7 @@ pub fn push_index(
 /// kiln.lock. Returns the pins and whether the file changed.
 pub fn lock_bases(recipe: &Recipe, opts: &RegistryOptions) -> Result<(Vec<BasePin>, bool), BuildError> {
     let tagged: Vec<(String, Remote)> = tagged_bases(recipe)?;
-    let rt = crate::build::runtime()?;
+    let rt = crate::runtime::runtime()?;
     let remotes: Vec<Remote> = tagged.iter().map(|(_, r)| r.clone()).collect();
     let reg = Registry::new(rt.handle().clone(), &remotes, opts);
     let mut pins = Vec::new();

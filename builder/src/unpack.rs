@@ -31,6 +31,11 @@ use crate::listing::WalkEntry;
 use crate::rootdir::{self, RootDir};
 use crate::tarball::TarKind;
 
+/// The xattr that marks an opaque folder for an overlay mounted as root.
+pub const OPAQUE_TRUSTED: &str = "trusted.overlay.opaque";
+/// ... and for one mounted in a user namespace (`userxattr`).
+pub const OPAQUE_USER: &str = "user.overlay.opaque";
+
 /// Extended attributes as (name, bytes).
 type Xattrs = Vec<(String, Vec<u8>)>;
 
@@ -76,7 +81,7 @@ impl Materializer {
         Ok(Materializer {
             root: RootDir::open(&root)?,
             pool,
-            opaque_xattr: crate::changes::OPAQUE_TRUSTED,
+            opaque_xattr: OPAQUE_TRUSTED,
             made: Vec::new(),
             pending: None,
         })
@@ -261,21 +266,78 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Unpacks one layer blob into `dir/DIFF_ID` unless it is there, atomically:
+/// a temp folder, then rename. Files go through `pool`; opaque folders get
+/// `opaque_xattr` (root and rootless overlays read different ones).
+pub fn unpack_into(
+    store: &Store,
+    layer: &ImageLayer,
+    dir: &Path,
+    pool: PathBuf,
+    opaque_xattr: &'static str,
+) -> Result<(), BuildError> {
+    let dest = dir.join(layer.diff_id.hex());
+    if dest.is_dir() {
+        if check_seal(store, &dest, &pool) {
+            return Ok(());
+        }
+        // Corrupt or unsealed: moved aside (a build using it keeps its
+        // view) and made again.
+        let aside = tempfile::Builder::new()
+            .prefix("stale-")
+            .tempdir_in(store.tmp_dir())
+            .map_err(BuildError::io_write(store.tmp_dir()))?;
+        if fs::rename(&dest, aside.path().join("layer")).is_err() && dest.is_dir() {
+            return Err(BuildError::Environment {
+                message: format!(
+                    "The unpacked layer `{}` is corrupt and cannot be moved aside",
+                    dest.display()
+                ),
+                hint: "run `kiln cache prune --max-size 0` (or remove the folder) and build again".into(),
+            });
+        }
+    }
+    fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
+    if !store.verify_blob(&layer.digest)? {
+        return Err(BuildError::BadLayer {
+            layer: layer.digest,
+            reason: "its blob is missing or corrupt".into(),
+        });
+    }
+    let tmp = store.tmp_dir();
+    let stage =
+        tempfile::Builder::new().prefix("unpack-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
+    let root = stage.path().join("root");
+    let listing = unpack_blob_styled(store, layer, &root, pool, opaque_xattr)?;
+    adopt(&root, &dest)?;
+    seal(store, &dest, &listing)
+}
+
+/// Moves an unpacked folder into place; another build may have been first.
+pub fn adopt(root: &Path, dest: &Path) -> Result<(), BuildError> {
+    match fs::rename(root, dest) {
+        Ok(()) => Ok(()),
+        Err(_) if dest.is_dir() => Ok(()),
+        Err(e) => Err(BuildError::Write { path: dest.to_path_buf(), source: e }),
+    }
+}
+
 /// Unpacks a stored layer into `dest` (a new folder), streaming its tar
 /// through kiln's walker.
 pub fn unpack_blob(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(), BuildError> {
-    unpack_blob_styled(store, layer, dest, pool_dir(store), crate::changes::OPAQUE_TRUSTED)
+    unpack_blob_styled(store, layer, dest, pool_dir(store), OPAQUE_TRUSTED).map(drop)
 }
 
 /// [`unpack_blob`] with its own file pool and opaque marker (rootless
-/// folders carry other owners and `user.overlay.opaque`).
+/// folders carry other owners and `user.overlay.opaque`). Returns the
+/// layer's listing, which it reads anyway (for the folder's seal).
 pub fn unpack_blob_styled(
     store: &Store,
     layer: &ImageLayer,
     dest: &Path,
     pool: PathBuf,
     opaque_xattr: &'static str,
-) -> Result<(), BuildError> {
+) -> Result<crate::listing::Listing, BuildError> {
     let bad =
         |e: io::Error| BuildError::BadLayer { layer: layer.digest, reason: format!("cannot unpack it: {e}") };
     let reader = layer.open_tar(store)?;
@@ -309,7 +371,7 @@ pub fn unpack_blob_styled(
     })
     .map_err(|e| under(e, dest))?;
     m.finish().map_err(bad)?;
-    Ok(())
+    Ok(listing)
 }
 
 /// What an unpacked layer folder held when kiln made it: each regular

@@ -1,7 +1,7 @@
 //! The recipe file exactly as written, as serde sees it. Every table denies
 //! unknown keys, so a typo is an error with its place rather than a silent no-op.
 //! Values whose checks need a good message (`run`, `mode`, `entrypoint`, ...)
-//! are kept as [`toml::Value`] and checked in [`crate::parse`].
+//! are kept as [`toml::Value`] and checked in `parse.rs`.
 
 use std::collections::BTreeMap;
 

@@ -536,14 +536,7 @@ fn write_oci_layout(p: &Project, dir: &str, layer: &[u8], size: Option<u64>) -> 
 
 fn small_layer() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    h.set_size(5);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_cksum();
-    b.append_data(&mut h, "hello", &b"hello"[..]).unwrap();
+    b.append(&header("hello", tar::EntryType::Regular, 5, 0o644), &b"hello"[..]).unwrap();
     b.into_inner().unwrap()
 }
 
@@ -626,15 +619,7 @@ fn pax_xattr_file(path: &str, content: &[u8], cap: &[u8]) -> Vec<u8> {
     record.extend_from_slice(cap);
     record.push(b'\n');
     let mut out = Vec::new();
-    let mut x = tar::Header::new_ustar();
-    x.set_entry_type(tar::EntryType::XHeader);
-    x.set_path("PaxHeaders/x").unwrap();
-    x.set_size(record.len() as u64);
-    x.set_mode(0o644);
-    x.set_uid(0);
-    x.set_gid(0);
-    x.set_mtime(0);
-    x.set_cksum();
+    let x = header("PaxHeaders/x", tar::EntryType::XHeader, record.len() as u64, 0o644);
     out.extend_from_slice(x.as_bytes());
     out.extend_from_slice(&record);
     out.resize(out.len().div_ceil(512) * 512, 0);
@@ -643,18 +628,24 @@ fn pax_xattr_file(path: &str, content: &[u8], cap: &[u8]) -> Vec<u8> {
 }
 
 fn plain_file(path: &str, content: &[u8]) -> Vec<u8> {
+    let mut out = header(path, tar::EntryType::Regular, content.len() as u64, 0o755).as_bytes().to_vec();
+    out.extend_from_slice(content);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// A ustar header owned by root, mtime 0, its checksum set.
+fn header(path: &str, kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
     let mut h = tar::Header::new_ustar();
     h.set_path(path).unwrap();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o755);
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(mode);
     h.set_uid(0);
     h.set_gid(0);
     h.set_mtime(0);
     h.set_cksum();
-    let mut out = h.as_bytes().to_vec();
-    out.extend_from_slice(content);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-    out
+    h
 }
 
 #[test]
@@ -694,15 +685,7 @@ fn an_image_whose_passwd_is_a_fifo_is_refused_not_waited_on() {
         return;
     }
     let mut layer = plain_file("bin/busybox", &fs::read(busybox).unwrap());
-    let mut fifo = tar::Header::new_ustar();
-    fifo.set_path("etc/passwd").unwrap();
-    fifo.set_entry_type(tar::EntryType::Fifo);
-    fifo.set_size(0);
-    fifo.set_mode(0o644);
-    fifo.set_uid(0);
-    fifo.set_gid(0);
-    fifo.set_mtime(0);
-    fifo.set_cksum();
+    let fifo = header("etc/passwd", tar::EntryType::Fifo, 0, 0o644);
     layer.extend_from_slice(fifo.as_bytes());
     layer.extend([0u8; 1024]);
     let p = Project::new();

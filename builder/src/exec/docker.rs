@@ -30,7 +30,7 @@ use super::{RunRequest, RunResult};
 use crate::changes::{self, Change, ChangeKind};
 use crate::error::BuildError;
 use crate::image::{self, StoredImage};
-use crate::listing::{scan_layer_with_offsets, Kind};
+use crate::listing::Kind;
 
 pub struct DockerEngine {
     client: bollard::Docker,
@@ -280,7 +280,7 @@ impl DockerEngine {
         ));
         saved?;
         let (tar_path, base, size) = last_layer(&spool, work.path())?;
-        let mut changes = changes_from_tar(&tar_path, base, Some(size))?;
+        let mut changes = changes::from_tar(&tar_path, base, Some(size))?;
         drop_secret_mounts(&mut changes, req);
         Ok((changes, Box::new(work)))
     }
@@ -338,17 +338,6 @@ impl DockerEngine {
         img.record(store, "bases", &key, &name)?;
         Ok(Some(img))
     }
-}
-
-/// The changes a layer tar holds (at `base` in `tar`, `size` bytes or to
-/// the end), their contents left in that file.
-pub fn changes_from_tar(tar: &Path, base: u64, size: Option<u64>) -> Result<Vec<Change>, BuildError> {
-    let mut f = File::open(tar).map_err(BuildError::io_read(tar))?;
-    f.seek(SeekFrom::Start(base)).map_err(BuildError::io_read(tar))?;
-    let pseudo = Digest::of(tar.as_os_str().as_encoded_bytes());
-    let reader = BufReader::with_capacity(1 << 20, f.take(size.unwrap_or(u64::MAX)));
-    let (listing, _, offsets) = scan_layer_with_offsets(reader, &pseudo)?;
-    changes::from_layer_listing(&listing, &offsets, tar, base)
 }
 
 /// Where the last layer of a `docker save` archive is: (file, offset, size).

@@ -5,14 +5,13 @@
 //! upper folder is what it changed.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use kiln_cache::Store;
 
 use super::rootless::Mapping;
-use super::sandbox::{SandboxSpec, SETUP_FAILED};
+use super::sandbox::{make_init, InitPlan, RootlessPlan, SandboxSpec, SETUP_FAILED};
 use super::{RunRequest, RunResult};
 use crate::changes;
 use crate::error::BuildError;
@@ -189,9 +188,9 @@ pub fn run(
         return Ok(RunResult::Failed { code, tail });
     }
     let changes = match &rootless {
-        None => changes::from_upper(&w.join("upper"), changes::OPAQUE_TRUSTED)?,
+        None => changes::from_upper(&w.join("upper"), crate::unpack::OPAQUE_TRUSTED)?,
         // The helper wrote the changes as a layer tar, with the namespace's ids.
-        Some(plan) => super::docker::changes_from_tar(&plan.diff_out, 0, None)?,
+        Some(plan) => changes::from_tar(&plan.diff_out, 0, None)?,
     };
     tracing::debug!(elapsed = ?t.elapsed(), changes = changes.len(), "local: upper folder read");
     Ok(RunResult::Changed { changes, keep: Box::new(work) })
@@ -274,20 +273,6 @@ fn map_user_namespace(
     Ok(())
 }
 
-/// What the helper does inside its user namespace when rootless.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct RootlessPlan {
-    /// The cache folder (the store is reopened in the helper).
-    pub cache_dir: PathBuf,
-    /// (digest, diff_id, media type, size) of each layer, bottom first.
-    pub layers: Vec<(String, String, String, u64)>,
-    /// The file pool of this mapping's unpacked layers.
-    pub pool: PathBuf,
-    pub init: InitPlan,
-    /// Where the helper writes the changes as a tar.
-    pub diff_out: PathBuf,
-}
-
 /// Unpacked layers for a rootless mapping: their owners are that mapping's ids.
 pub fn rootless_unpacked_dir(store: &Store, m: &Mapping) -> PathBuf {
     store.root().join(format!("unpacked-{}", m.tag()))
@@ -303,7 +288,13 @@ pub fn unpacked_dir(store: &Store) -> PathBuf {
 pub fn unpack_layers(store: &Store, layers: &[ImageLayer]) -> Result<Vec<PathBuf>, BuildError> {
     let dir = unpacked_dir(store);
     for l in layers {
-        unpack_into(store, l, &dir, crate::unpack::pool_dir(store), crate::changes::OPAQUE_TRUSTED)?;
+        crate::unpack::unpack_into(
+            store,
+            l,
+            &dir,
+            crate::unpack::pool_dir(store),
+            crate::unpack::OPAQUE_TRUSTED,
+        )?;
     }
     Ok(stack_names(layers))
 }
@@ -318,76 +309,6 @@ pub fn stack_names(layers: &[ImageLayer]) -> Vec<PathBuf> {
         out.push(name);
     }
     out
-}
-
-/// Unpacks one layer blob into `dir/DIFF_ID` unless it is there, atomically:
-/// a temp folder, then rename. Files go through `pool`; opaque folders get
-/// `opaque_xattr` (root and rootless overlays read different ones).
-pub fn unpack_into(
-    store: &Store,
-    layer: &ImageLayer,
-    dir: &Path,
-    pool: PathBuf,
-    opaque_xattr: &'static str,
-) -> Result<(), BuildError> {
-    let dest = dir.join(layer.diff_id.hex());
-    if dest.is_dir() {
-        if crate::unpack::check_seal(store, &dest, &pool) {
-            return Ok(());
-        }
-        // Corrupt or unsealed: moved aside (a build using it keeps its
-        // view) and made again.
-        let aside = tempfile::Builder::new()
-            .prefix("stale-")
-            .tempdir_in(store.tmp_dir())
-            .map_err(BuildError::io_write(store.tmp_dir()))?;
-        if fs::rename(&dest, aside.path().join("layer")).is_err() && dest.is_dir() {
-            return Err(BuildError::Environment {
-                message: format!(
-                    "The unpacked layer `{}` is corrupt and cannot be moved aside",
-                    dest.display()
-                ),
-                hint: "run `kiln cache prune --max-size 0` (or remove the folder) and build again".into(),
-            });
-        }
-    }
-    fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
-    if !store.verify_blob(&layer.digest)? {
-        return Err(BuildError::BadLayer {
-            layer: layer.digest,
-            reason: "its blob is missing or corrupt".into(),
-        });
-    }
-    let tmp = store.tmp_dir();
-    let stage =
-        tempfile::Builder::new().prefix("unpack-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
-    let root = stage.path().join("root");
-    crate::unpack::unpack_blob_styled(store, layer, &root, pool, opaque_xattr)?;
-    adopt(&root, &dest)?;
-    crate::unpack::seal(store, &dest, &crate::listing::Listing::load(store, layer)?)
-}
-
-/// Moves an unpacked folder into place; another build may have been first.
-pub fn adopt(root: &Path, dest: &Path) -> Result<(), BuildError> {
-    match fs::rename(root, dest) {
-        Ok(()) => Ok(()),
-        Err(_) if dest.is_dir() => Ok(()),
-        Err(e) => Err(BuildError::Write { path: dest.to_path_buf(), source: e }),
-    }
-}
-
-/// The per-run folder above the image, as Docker's "init layer": the
-/// mount points and files the engine provides (so neither backend records
-/// them in the layer), and the secrets' mount points. Made by kiln as root,
-/// or by the helper inside its user namespace when rootless.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct InitPlan {
-    /// (path, mode, uid, gid), parents first.
-    dirs: Vec<(String, u32, u32, u32)>,
-    /// (path, mode): empty files.
-    files: Vec<(String, u32)>,
-    /// (path, target).
-    symlinks: Vec<(String, String)>,
 }
 
 fn init_plan(req: &RunRequest<'_>) -> InitPlan {
@@ -416,23 +337,4 @@ fn init_plan(req: &RunRequest<'_>) -> InitPlan {
         }
     }
     plan
-}
-
-/// Makes the init folder at `init` (which exists).
-pub fn make_init(init: &Path, plan: &InitPlan) -> std::io::Result<()> {
-    for (rel, mode, uid, gid) in &plan.dirs {
-        let p = init.join(rel);
-        if !p.is_dir() {
-            fs::DirBuilder::new().mode(*mode).create(&p)?;
-        }
-        std::os::unix::fs::chown(&p, Some(*uid), Some(*gid))?;
-        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode))?;
-    }
-    for (rel, mode) in &plan.files {
-        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(*mode).open(init.join(rel))?;
-    }
-    for (rel, target) in &plan.symlinks {
-        std::os::unix::fs::symlink(target, init.join(rel))?;
-    }
-    Ok(())
 }

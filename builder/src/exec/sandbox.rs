@@ -16,7 +16,7 @@
 //! `kill -9` of kiln (the helper and the command die with their parent).
 
 use std::ffi::CString;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -59,7 +59,59 @@ pub struct SandboxSpec {
     /// (name, file) bound over /etc/NAME: hosts, hostname, resolv.conf.
     pub etc_files: Vec<(String, PathBuf)>,
     /// Set when kiln is not root: the helper works in a user namespace.
-    pub rootless: Option<super::local::RootlessPlan>,
+    pub rootless: Option<RootlessPlan>,
+}
+
+/// What the helper does inside its user namespace when rootless.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RootlessPlan {
+    /// The cache folder (the store is reopened in the helper).
+    pub cache_dir: PathBuf,
+    /// (digest, diff_id, media type, size) of each layer, bottom first.
+    pub layers: Vec<(String, String, String, u64)>,
+    /// The file pool of this mapping's unpacked layers.
+    pub pool: PathBuf,
+    pub init: InitPlan,
+    /// Where the helper writes the changes as a tar.
+    pub diff_out: PathBuf,
+}
+
+/// The per-run folder above the image, as Docker's "init layer": the
+/// mount points and files the engine provides (so neither backend records
+/// them in the layer), and the secrets' mount points. Made by kiln as root,
+/// or by the helper inside its user namespace when rootless.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct InitPlan {
+    /// (path, mode, uid, gid), parents first.
+    pub(crate) dirs: Vec<(String, u32, u32, u32)>,
+    /// (path, mode): empty files.
+    pub(crate) files: Vec<(String, u32)>,
+    /// (path, target).
+    pub(crate) symlinks: Vec<(String, String)>,
+}
+
+/// Makes the init folder at `init` (which exists).
+pub fn make_init(init: &Path, plan: &InitPlan) -> std::io::Result<()> {
+    for (rel, mode, uid, gid) in &plan.dirs {
+        let p = init.join(rel);
+        if !p.is_dir() {
+            std::fs::DirBuilder::new().mode(*mode).create(&p)?;
+        }
+        std::os::unix::fs::chown(&p, Some(*uid), Some(*gid))?;
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode))?;
+    }
+    for (rel, mode) in &plan.files {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(*mode)
+            .open(init.join(rel))?;
+    }
+    for (rel, target) in &plan.symlinks {
+        std::os::unix::fs::symlink(target, init.join(rel))?;
+    }
+    Ok(())
 }
 
 /// Runs the helper; never returns.
@@ -128,7 +180,7 @@ pub fn main(spec_path: &Path) -> ! {
 
 /// `kiln __userns-rm PATH...`: removes what belongs to the user's
 /// subordinate ids, from inside a user namespace kiln maps (see
-/// [`super::local::remove_rootless`]). Never returns.
+/// `local::remove_rootless`). Never returns.
 pub fn remove_main(paths: &[PathBuf]) -> ! {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     enter_user_namespace();
@@ -168,7 +220,7 @@ fn enter_user_namespace() {
 
 /// Rootless: what kiln does as root, done here where owners can be set:
 /// unpack the layers the stack lacks, make the init folder.
-fn prepare_rootless(spec: &SandboxSpec, plan: &super::local::RootlessPlan) {
+fn prepare_rootless(spec: &SandboxSpec, plan: &RootlessPlan) {
     let store = kiln_cache::Store::open(&plan.cache_dir)
         .unwrap_or_else(|e| fail(&format!("cannot open the cache: {e}")));
     for (digest, diff_id, media_type, size) in &plan.layers {
@@ -178,28 +230,28 @@ fn prepare_rootless(spec: &SandboxSpec, plan: &super::local::RootlessPlan) {
             media_type: media_type.clone(),
             size: *size,
         };
-        let unpacked = super::local::unpack_into(
+        let unpacked = crate::unpack::unpack_into(
             &store,
             &layer,
             &spec.layers_dir,
             plan.pool.clone(),
-            crate::changes::OPAQUE_USER,
+            crate::unpack::OPAQUE_USER,
         );
         if let Err(e) = unpacked {
             fail(&format!("cannot unpack layer {}: {e}", layer.digest));
         }
     }
     let init = spec.lowers.first().unwrap_or_else(|| fail("no init folder"));
-    if let Err(e) = super::local::make_init(init, &plan.init) {
+    if let Err(e) = make_init(init, &plan.init) {
         fail(&format!("cannot make the init folder: {e}"));
     }
 }
 
 /// Rootless: the upper folder's changes as a layer tar for kiln (which
 /// cannot read files owned by the mapped ids), then the folders removed.
-fn finish_rootless(spec: &SandboxSpec, plan: &super::local::RootlessPlan, succeeded: bool) {
+fn finish_rootless(spec: &SandboxSpec, plan: &RootlessPlan, succeeded: bool) {
     if succeeded {
-        let written = crate::changes::from_upper(&spec.upper, crate::changes::OPAQUE_USER)
+        let written = crate::changes::from_upper(&spec.upper, crate::unpack::OPAQUE_USER)
             .map_err(|e| e.to_string())
             .and_then(|changes| {
                 let entries = crate::changes::to_layer_entries(changes);
@@ -450,19 +502,12 @@ fn find_program(name: &str, env: &[String]) -> Option<String> {
         .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
-pub(crate) struct User {
-    pub(crate) uid: u32,
-    pub(crate) gid: u32,
-    pub(crate) groups: Vec<u32>,
-    pub(crate) home: String,
-}
-
 /// `user[:group]`, numeric or by name, looked up in the image's own
 /// /etc/passwd and /etc/group (read after pivot_root), as runc does.
-fn resolve_user(spec: &str) -> Result<User, String> {
+fn resolve_user(spec: &str) -> Result<crate::passwd::User, String> {
     let passwd = read_account_file("/etc/passwd")?;
     let group = read_account_file("/etc/group")?;
-    resolve_user_in(spec, &passwd, &group)
+    crate::passwd::resolve_user_in(spec, &passwd, &group)
 }
 
 /// One of the image's account files: missing is empty; anything but a
@@ -486,53 +531,6 @@ fn read_account_file(path: &str) -> Result<String, String> {
         return Err(format!("the image's {path} is larger than 4 MiB"));
     }
     Ok(text)
-}
-
-/// [`resolve_user`] against the text of an image's /etc/passwd and /etc/group.
-pub(crate) fn resolve_user_in(spec: &str, passwd: &str, group: &str) -> Result<User, String> {
-    let (u, g) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    let entry = passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.len() >= 7 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u)));
-    let uid = match (u.parse::<u32>(), &entry) {
-        (Ok(n), _) => n,
-        (Err(_), Some(f)) => {
-            f[2].parse().map_err(|_| format!("the image's /etc/passwd has a bad uid for `{u}`"))?
-        }
-        (Err(_), None) => return Err(format!("the user `{u}` is not in the image's /etc/passwd")),
-    };
-    let gid = match g {
-        Some(g) => match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => group
-                .lines()
-                .map(|l| l.split(':').collect::<Vec<_>>())
-                .find(|f| f.len() >= 3 && f[0] == g)
-                .and_then(|f| f[2].parse().ok())
-                .ok_or_else(|| format!("the group `{g}` is not in the image's /etc/group"))?,
-        },
-        None => entry.as_ref().and_then(|f| f[3].parse().ok()).unwrap_or(0),
-    };
-    let name = entry.as_ref().map(|f| f[0]);
-    let mut groups = vec![gid];
-    if let (Some(name), None) = (name, g) {
-        for f in group.lines().map(|l| l.split(':').collect::<Vec<_>>()) {
-            if f.len() >= 4 && f[3].split(',').any(|m| m == name) {
-                if let Ok(n) = f[2].parse::<u32>() {
-                    if !groups.contains(&n) {
-                        groups.push(n);
-                    }
-                }
-            }
-        }
-    }
-    let home =
-        entry.as_ref().map(|f| f[5].to_string()).filter(|h| !h.is_empty()).unwrap_or_else(|| "/".into());
-    Ok(User { uid, gid, groups, home })
 }
 
 /// `ip link set lo up`, with the ioctl the kernel has always had.

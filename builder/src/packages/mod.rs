@@ -95,7 +95,7 @@ pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, 
     let started = std::time::Instant::now();
     let keys = archive::load_keyring(&keyring)?;
 
-    let rt = crate::build::runtime()?;
+    let rt = crate::runtime::runtime()?;
     let (release, inrelease_sha, indexes) = rt.block_on(async {
         let path = format!("dists/{}/InRelease", p.suite);
         let data = mirror

@@ -108,7 +108,7 @@ pub fn for_image(
     store: &kiln_cache::Store,
     r: &kiln_recipes::ImageRef,
 ) -> Result<Vec<u8>, crate::BuildError> {
-    let img = crate::import::import(store, r)?;
+    let img = crate::base::open_image(store, r)?;
     let mut tree = crate::fstree::FsTree::default();
     for l in &img.layers {
         let listing = crate::listing::Listing::load(store, l)?;
