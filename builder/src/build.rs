@@ -628,12 +628,10 @@ impl Session {
                 }
             };
             if let Some(tree) = lower.as_mut() {
-                let listing = match written {
-                    Some(l) => l,
-                    None => Listing::load(&self.store, &layer)?,
-                };
-                tree.apply(&listing)
-                    .map_err(|reason| BuildError::BadLayer { layer: layer.digest, reason })?;
+                match written {
+                    Some(l) => tree.push_file(layer.digest, l)?,
+                    None => tree.push_layer(&self.store, &layer)?,
+                }
             }
             layers.push(layer);
             history_entries.push(history(self.epoch, &format!("kiln: {}", history_text(step, &info)), false));
@@ -663,12 +661,11 @@ impl Session {
             .prefix("packages-")
             .tempdir_in(self.store.tmp_dir())
             .map_err(BuildError::io_write(self.store.tmp_dir()))?;
-        let base_status = crate::extract::read_file(&self.store, layers, tree, "var/lib/dpkg/status")
-            .map_err(|reason| BuildError::BadImage { image: "the base".into(), reason })?;
+        let base_status = crate::extract::read_file(&self.store, layers, tree, "var/lib/dpkg/status")?;
         let below = crate::packages::install::Below {
             status: base_status.map(|b| String::from_utf8_lossy(&b).into_owned()),
-            exists: &|path| tree.get(path).is_some(),
-            is_dir: &|path| matches!(tree.get(path).map(|e| &e.kind), Some(crate::listing::Kind::Dir)),
+            exists: &|path| Ok(tree.get(path)?.is_some()),
+            is_dir: &|path| Ok(matches!(tree.kind(path)?, Some(crate::listing::Kind::Dir))),
         };
         let entries = crate::packages::layer_entries(&self.store, lock, self.epoch, scratch.path(), &below)?;
         Ok((entries, scratch))
@@ -1070,7 +1067,7 @@ fn parent_entries(
             prefix.push('/');
         }
         prefix.push_str(part);
-        let (mode, uid, gid) = match tree.get(&prefix) {
+        let (mode, uid, gid) = match tree.get(&prefix)? {
             Some(e) if matches!(e.kind, Kind::Dir) => (e.mode, e.uid, e.gid),
             Some(_) => {
                 return Err(recipe
@@ -1097,7 +1094,7 @@ fn parent_entries(
 }
 
 fn resolve(recipe: &Recipe, step: &Step, tree: &FsTree, abs: &str) -> Result<String, BuildError> {
-    tree.resolve_parents(abs.trim_start_matches('/')).map_err(|m| {
+    tree.resolve_parents(abs.trim_start_matches('/'))?.map_err(|m| {
         recipe
             .error_at(step.span.clone(), m)
             .with_hint("check the symlinks along the destination path")
@@ -1152,8 +1149,8 @@ fn place_entries(
     tree: &FsTree,
 ) -> Result<Vec<LayerEntry>, BuildError> {
     let to_rel = resolve(recipe, step, tree, &c.to)?;
-    let into_dir = !root_is_dir
-        && (c.to_is_dir || c.to == "/" || matches!(tree.get(&to_rel).map(|e| &e.kind), Some(Kind::Dir)));
+    let into_dir =
+        !root_is_dir && (c.to_is_dir || c.to == "/" || matches!(tree.kind(&to_rel)?, Some(Kind::Dir)));
     let dest = if into_dir {
         let name = name.expect("a file source has a name");
         if to_rel.is_empty() {
@@ -1192,7 +1189,7 @@ fn write_entries(
     tree: &FsTree,
 ) -> Result<Vec<LayerEntry>, BuildError> {
     let path = resolve(recipe, step, tree, &w.path)?;
-    if let Some(Kind::Dir) = tree.get(&path).map(|e| &e.kind) {
+    if let Some(Kind::Dir) = tree.kind(&path)? {
         return Err(recipe
             .error_at(step.span.clone(), format!("`{}` is a folder in the image", w.path))
             .with_hint("`write` makes a file; name a path that is not a folder")

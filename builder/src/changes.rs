@@ -337,7 +337,10 @@ mod tests {
         assert_eq!(changes[0].xattrs, vec![("security.capability".to_string(), cap.to_vec())]);
         let store = kiln_cache::Store::open(&dir.path().join("cache")).unwrap();
         let (blob, listing) = crate::layer::write_layer(&store, to_layer_entries(changes), 0).unwrap();
-        assert_eq!(listing.entries[0].xattr_pairs(), vec![("security.capability".to_string(), cap.to_vec())]);
+        assert_eq!(
+            listing.iter().unwrap().next().unwrap().unwrap().xattr_pairs(),
+            vec![("security.capability".to_string(), cap.to_vec())]
+        );
         let layer = crate::image::ImageLayer {
             diff_id: blob.diff_id,
             digest: blob.digest,

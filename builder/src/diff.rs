@@ -9,7 +9,7 @@ use kiln_recipes::ImageRef;
 use crate::base::open_image as import;
 use crate::error::BuildError;
 use crate::fstree::FsTree;
-use crate::listing::{Kind, ListEntry, Listing};
+use crate::listing::{Kind, ListEntry};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase", tag = "change")]
@@ -22,42 +22,50 @@ pub enum Change {
 /// The merged file tree of an image.
 pub fn image_tree(store: &Store, r: &ImageRef) -> Result<FsTree, BuildError> {
     let img = import(store, r)?;
-    let mut t = FsTree::default();
-    for l in &img.layers {
-        let listing = Listing::load(store, l)?;
-        t.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: l.digest, reason })?;
-    }
-    Ok(t)
+    FsTree::of_layers(store, &img.layers)
 }
 
 pub fn diff(store: &Store, a: &ImageRef, b: &ImageRef) -> Result<Vec<Change>, BuildError> {
-    Ok(diff_trees(&image_tree(store, a)?, &image_tree(store, b)?))
+    diff_trees(&image_tree(store, a)?, &image_tree(store, b)?)
 }
 
-pub fn diff_trees(a: &FsTree, b: &FsTree) -> Vec<Change> {
+/// The changes from `a` to `b`, in path order: one walk over both merged
+/// trees side by side.
+pub fn diff_trees(a: &FsTree, b: &FsTree) -> Result<Vec<Change>, BuildError> {
     let mut out = Vec::new();
-    for (path, ea) in &a.entries {
-        match b.entries.get(path) {
-            None => out.push(Change::Removed { path: format!("/{path}") }),
-            Some(eb) if ea != eb => {
-                out.push(Change::Modified { path: format!("/{path}"), what: what_differs(ea, eb) })
+    let mut ia = a.iter()?;
+    let mut ib = b.iter()?;
+    let next = |it: &mut crate::fstree::Merged<'_>| it.next().transpose().map(|o| o.map(|(_, e)| e));
+    let (mut ea, mut eb) = (next(&mut ia)?, next(&mut ib)?);
+    loop {
+        let order = match (&ea, &eb) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => x.path.cmp(&y.path),
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let x = ea.take().expect("compared");
+                out.push(Change::Removed { path: format!("/{}", x.path) });
+                ea = next(&mut ia)?;
             }
-            Some(_) => {}
+            std::cmp::Ordering::Greater => {
+                let y = eb.take().expect("compared");
+                out.push(Change::Added { path: format!("/{}", y.path) });
+                eb = next(&mut ib)?;
+            }
+            std::cmp::Ordering::Equal => {
+                let (x, y) = (ea.take().expect("compared"), eb.take().expect("compared"));
+                if x != y {
+                    out.push(Change::Modified { path: format!("/{}", x.path), what: what_differs(&x, &y) });
+                }
+                ea = next(&mut ia)?;
+                eb = next(&mut ib)?;
+            }
         }
     }
-    for path in b.entries.keys() {
-        if !a.entries.contains_key(path) {
-            out.push(Change::Added { path: format!("/{path}") });
-        }
-    }
-    out.sort_by(|x, y| key(x).cmp(key(y)));
-    out
-}
-
-fn key(c: &Change) -> &str {
-    match c {
-        Change::Added { path } | Change::Removed { path } | Change::Modified { path, .. } => path,
-    }
+    Ok(out)
 }
 
 fn what_differs(a: &ListEntry, b: &ListEntry) -> Vec<String> {

@@ -3,7 +3,7 @@
 //! the topmost layer that holds it, one pass per layer, into a temp folder
 //! (checked against the listing's sha256 when the new layer is written).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +13,7 @@ use crate::error::BuildError;
 use crate::fstree::FsTree;
 use crate::image::ImageLayer;
 use crate::layer::Content;
-use crate::listing::{Kind, Listing};
+use crate::listing::{Kind, ListEntry};
 use crate::tarball::TarKind;
 
 /// One entry of the source, relative to it (empty for the source itself).
@@ -32,37 +32,34 @@ pub fn stage_source(
     layers: &[ImageLayer],
     src: &str,
 ) -> Result<(Vec<StageEntry>, tempfile::TempDir), String> {
-    let mut tree = FsTree::default();
-    let mut listings = Vec::with_capacity(layers.len());
-    for l in layers {
-        let listing = Listing::load(store, l).map_err(|e| e.to_string())?;
-        tree.apply(&listing)?;
-        listings.push(listing);
-    }
-    let rel = tree.resolve_parents(src.trim_start_matches('/'))?;
-    let mut picked: Vec<(&str, &crate::listing::ListEntry)> = Vec::new();
+    let s = |e: BuildError| e.to_string();
+    let tree = FsTree::of_layers(store, layers).map_err(s)?;
+    let rel = tree.resolve_parents(src.trim_start_matches('/')).map_err(s)??;
+    // (path relative to the source, layer, entry)
+    let mut picked: Vec<(String, usize, ListEntry)> = Vec::new();
     if !rel.is_empty() {
-        let root = tree.get(&rel).ok_or_else(|| format!("`{src}` does not exist in that stage's image"))?;
-        picked.push(("", root));
+        let (j, root) = tree
+            .locate(&rel)
+            .map_err(s)?
+            .ok_or_else(|| format!("`{src}` does not exist in that stage's image"))?;
+        picked.push((String::new(), j, root));
     }
-    let prefix = if rel.is_empty() { String::new() } else { format!("{rel}/") };
-    for (path, e) in tree.entries.range(prefix.clone()..) {
-        if !path.starts_with(&prefix) {
-            break;
-        }
-        if !path.is_empty() && path.len() > prefix.len() {
-            picked.push((&path[prefix.len()..], e));
-        }
+    let skip = if rel.is_empty() { 0 } else { rel.len() + 1 };
+    for x in tree.iter_under(&rel).map_err(s)? {
+        let (j, e) = x.map_err(s)?;
+        picked.push((e.path[skip..].to_string(), j, e));
     }
 
     // Which layer holds each file's bytes (for a hard link, its target's).
     let mut wanted: Vec<BTreeMap<String, Digest>> = vec![BTreeMap::new(); layers.len()];
-    let mut source_of: HashMap<String, (usize, String)> = HashMap::new();
-    for (_, e) in &picked {
-        let (data_path, sha) = match &e.kind {
-            Kind::File { sha256, .. } => (e.path.clone(), *sha256),
-            Kind::Hardlink { target } => match tree.get(target).map(|t| &t.kind) {
-                Some(Kind::File { sha256, .. }) => (target.clone(), *sha256),
+    let mut source_of: HashMap<String, (usize, String, u64, Digest)> = HashMap::new();
+    for (_, j, e) in &picked {
+        let (layer, data_path, size, sha) = match &e.kind {
+            Kind::File { size, sha256 } => (*j, e.path.clone(), *size, *sha256),
+            Kind::Hardlink { target } => match tree.locate(target).map_err(s)? {
+                Some((t, ListEntry { kind: Kind::File { size, sha256 }, .. })) => {
+                    (t, target.clone(), size, sha256)
+                }
                 _ => {
                     return Err(format!(
                         "the hard link `/{}` points to `/{target}`, which is not a file",
@@ -72,16 +69,8 @@ pub fn stage_source(
             },
             _ => continue,
         };
-        let layer = (0..layers.len())
-            .rev()
-            .find(|i| {
-                listings[*i].entries.binary_search_by(|x| x.path.as_str().cmp(data_path.as_str())).is_ok_and(
-                    |k| matches!(listings[*i].entries[k].kind, Kind::File { sha256, .. } if sha256 == sha),
-                )
-            })
-            .ok_or_else(|| format!("no layer holds the bytes of `/{data_path}`"))?;
         wanted[layer].insert(data_path.clone(), sha);
-        source_of.insert(e.path.clone(), (layer, data_path));
+        source_of.insert(e.path.clone(), (layer, data_path, size, sha));
     }
 
     let tmp = tempfile::Builder::new()
@@ -112,15 +101,12 @@ pub fn stage_source(
     }
 
     let mut out = Vec::with_capacity(picked.len());
-    for (rel, e) in picked {
+    for (rel, _, e) in picked {
         let (kind, content) = match &e.kind {
             Kind::Dir => (TarKind::Dir, Content::None),
             Kind::Symlink { target } => (TarKind::Symlink(target.clone()), Content::None),
             Kind::File { .. } | Kind::Hardlink { .. } => {
-                let (layer, data_path) = &source_of[&e.path];
-                let Some(Kind::File { size, sha256 }) = tree.get(data_path).map(|t| &t.kind) else {
-                    unreachable!("checked above")
-                };
+                let (layer, data_path, size, sha256) = &source_of[&e.path];
                 let path = files
                     .get(&(*layer, data_path.clone()))
                     .ok_or_else(|| format!("the layer that should hold `/{data_path}` does not"))?;
@@ -151,13 +137,11 @@ pub fn read_file(
     layers: &[ImageLayer],
     tree: &FsTree,
     path: &str,
-) -> Result<Option<Vec<u8>>, String> {
-    if !matches!(tree.get(path).map(|e| &e.kind), Some(Kind::File { .. })) {
+) -> Result<Option<Vec<u8>>, BuildError> {
+    if !matches!(tree.kind(path)?, Some(Kind::File { .. })) {
         return Ok(None);
     }
-    read_files(store, layers, tree, &[path.to_string()])
-        .map(|mut m| m.remove(path))
-        .map_err(|e| e.to_string())
+    read_files(store, layers, tree, &[path.to_string()]).map(|mut m| m.remove(path))
 }
 
 /// The bytes of regular files (or hard links to one) in the image made of
@@ -169,20 +153,19 @@ pub fn read_files(
     tree: &FsTree,
     paths: &[String],
 ) -> Result<HashMap<String, Vec<u8>>, BuildError> {
-    // The topmost layer with each path is the one that holds its bytes.
-    let mut in_layer: Vec<HashSet<String>> = Vec::with_capacity(layers.len());
-    for l in layers {
-        in_layer.push(Listing::load(store, l)?.entries.into_iter().map(|e| e.path).collect());
-    }
+    // The layer the tree takes each path from is the one that holds its bytes.
     let mut by_layer: Vec<HashMap<String, Vec<String>>> = vec![HashMap::new(); layers.len()];
     for p in paths {
-        let source = match tree.get(p).map(|e| &e.kind) {
-            Some(Kind::File { .. }) => p.clone(),
-            Some(Kind::Hardlink { target }) => target.clone(),
+        let (layer, source) = match tree.locate(p)? {
+            Some((j, ListEntry { kind: Kind::File { .. }, .. })) => (j, p.clone()),
+            Some((_, ListEntry { kind: Kind::Hardlink { target }, .. })) => match tree.locate(&target)? {
+                Some((j, ListEntry { kind: Kind::File { .. }, .. })) => (j, target),
+                _ => continue,
+            },
             _ => continue,
         };
-        if let Some(i) = (0..layers.len()).rev().find(|i| in_layer[*i].contains(&source)) {
-            by_layer[i].entry(source).or_default().push(p.clone());
+        if let Some(wanted) = by_layer.get_mut(layer) {
+            wanted.entry(source).or_default().push(p.clone());
         }
     }
     let mut out = HashMap::new();

@@ -310,7 +310,7 @@ pub(crate) fn finish(
     for l in &img.layers {
         // Scan, not load: a listing of the same diff_id from elsewhere says nothing of this blob.
         let listing = Listing::scan(store, l)?;
-        tree.apply(&listing).map_err(|reason| BuildError::BadLayer { layer: l.digest, reason })?;
+        tree.push_file(l.digest, listing)?;
     }
     img.record(store, "bases", &manifest.hex(), name)?;
     Ok(img)

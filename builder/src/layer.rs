@@ -12,7 +12,7 @@ use kiln_cache::{BlobWriter, Digest, HashingWriter, Store};
 
 use crate::error::BuildError;
 use crate::gzip;
-use crate::listing::{Kind, ListEntry, Listing};
+use crate::listing::{Kind, ListEntry, Listing, ListingFile};
 use crate::tarball::{self, TarHeader, TarKind};
 
 /// The OCI media type of kiln's layers.
@@ -91,7 +91,7 @@ pub fn write_layer(
     store: &Store,
     entries: Vec<LayerEntry>,
     epoch: u64,
-) -> Result<(LayerBlob, Listing), BuildError> {
+) -> Result<(LayerBlob, ListingFile), BuildError> {
     write_layer_unpacking(store, entries, epoch, None)
 }
 
@@ -103,7 +103,7 @@ pub fn write_layer_unpacking(
     mut entries: Vec<LayerEntry>,
     epoch: u64,
     unpack: Option<&std::path::Path>,
-) -> Result<(LayerBlob, Listing), BuildError> {
+) -> Result<(LayerBlob, ListingFile), BuildError> {
     entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
         return Err(BuildError::usage(format!("the layer would hold `/{}` twice", w[0].path), None));
@@ -133,7 +133,7 @@ pub fn write_layer_unpacking(
         (Ok(v), None) => v,
     };
     let (digest, size) = blob.commit()?;
-    listing.save(store, &diff_id)?;
+    let listing = listing.save(store, &diff_id)?;
     Ok((LayerBlob { diff_id, digest, size }, listing))
 }
 

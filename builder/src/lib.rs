@@ -6,7 +6,8 @@
 //!   archives into the store, refusing hostile input.
 //! - [`context`]: copy sources inside the context, hashed through the stat index.
 //! - [`layer`], [`tarball`], [`gzip`]: reproducible layer writing.
-//! - [`listing`], [`fstree`]: what files a layer / a stack of layers holds.
+//! - [`listing`], [`fstree`]: what files a layer / a stack of layers holds,
+//!   stored sorted on disk and read by lookups and merges (never held whole).
 //! - [`image`]: OCI config and manifest, canonical JSON; `passwd`: an
 //!   image's users and groups.
 //! - [`export`]: OCI layout, oci-archive and docker-archive outputs.

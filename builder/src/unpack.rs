@@ -337,23 +337,22 @@ pub fn unpack_blob_styled(
     dest: &Path,
     pool: PathBuf,
     opaque_xattr: &'static str,
-) -> Result<crate::listing::Listing, BuildError> {
+) -> Result<crate::listing::ListingFile, BuildError> {
     let bad =
         |e: io::Error| BuildError::BadLayer { layer: layer.digest, reason: format!("cannot unpack it: {e}") };
     let reader = layer.open_tar(store)?;
     let listing = crate::listing::Listing::load(store, layer)?;
-    let sha_of = |path: &str| match listing.entries.binary_search_by(|e| e.path.as_str().cmp(path)) {
-        Ok(i) => match &listing.entries[i].kind {
-            crate::listing::Kind::File { sha256, .. } => Some(*sha256),
+    let sha_of = |path: &str| -> io::Result<Option<Digest>> {
+        Ok(match listing.get(path)?.map(|e| e.kind) {
+            Some(crate::listing::Kind::File { sha256, .. }) => Some(sha256),
             _ => None,
-        },
-        Err(_) => None,
+        })
     };
     let mut m = Materializer::new(dest.to_path_buf(), Some(pool)).map_err(bad)?;
     m.opaque_xattr = opaque_xattr;
     let mut buf = vec![0u8; 256 * 1024];
     crate::listing::walk_layer(reader, &layer.digest, &mut |e, data| {
-        let sha = if matches!(e.kind, TarKind::File { .. }) { sha_of(e.path) } else { None };
+        let sha = if matches!(e.kind, TarKind::File { .. }) { sha_of(e.path)? } else { None };
         if let Some(mut f) = m.entry(e, sha)? {
             use sha2::Digest as _;
             let mut hasher = sha2::Sha256::new();
@@ -404,9 +403,14 @@ fn seal_name(folder: &Path) -> String {
 }
 
 /// Records the seal of `folder`, just made from a layer with `listing`.
-pub fn seal(store: &Store, folder: &Path, listing: &crate::listing::Listing) -> Result<(), BuildError> {
+pub fn seal(store: &Store, folder: &Path, listing: &crate::listing::ListingFile) -> Result<(), BuildError> {
     let mut files = Vec::new();
-    for e in &listing.entries {
+    let damaged = |e: io::Error| BuildError::Integrity {
+        message: format!("The listing of the layer unpacked at `{}` cannot be read: {e}", folder.display()),
+        hint: "Remove the cache's `listings` folder: kiln lists each layer again from its blob.".into(),
+    };
+    for e in listing.iter().map_err(damaged)? {
+        let e = e.map_err(damaged)?;
         if let crate::listing::Kind::File { sha256, .. } = &e.kind {
             let name = e.path.rsplit('/').next().unwrap_or(&e.path);
             if name.starts_with(".wh.") {

@@ -29,6 +29,10 @@ impl Digest {
         &self.0
     }
 
+    pub fn from_bytes(b: [u8; 32]) -> Digest {
+        Digest(b)
+    }
+
     /// Parses 64 hex digits (without the `sha256:` prefix).
     pub fn from_hex(s: &str) -> Option<Digest> {
         if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {

@@ -10,7 +10,7 @@
 //! v1/images/HEX.json      a built image (manifest digest) -> the blobs it needs
 //! v1/bases/HEX.json       a base that passed the import checks (by manifest digest, or by an
 //!                         archive's path and stat) -> its manifest and blobs
-//! v1/listings/HEX.json    a layer's file list (by diff_id), for diffs and parent lookups
+//! v1/listings/HEX.list    a layer's file list (by diff_id), sorted and indexed, for diffs and parent lookups
 //! v1/index/HEX.json       stat index of one context folder (path, size, mtime, inode -> sha256)
 //! v1/verified/HEX         when a blob was last hashed (inode, size, mtime, ctime)
 //! v1/tmp/                 writes in progress, renamed into place when complete

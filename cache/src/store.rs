@@ -148,10 +148,15 @@ impl Store {
         self.root.join("tmp")
     }
 
-    /// `KIND/NAME` for record kinds stored as files (JSON unless `verified`).
+    /// `KIND/NAME` for record kinds stored as files: JSON, except `verified`
+    /// (a stamp) and `listings` (kiln's binary listing format, `.list`).
     pub fn record_path(&self, kind: &str, name: &str) -> PathBuf {
         debug_assert!(RECORD_KINDS.contains(&kind));
-        let file = if kind == "verified" { name.to_string() } else { format!("{name}.json") };
+        let file = match kind {
+            "verified" => name.to_string(),
+            "listings" => format!("{name}.list"),
+            _ => format!("{name}.json"),
+        };
         self.root.join(kind).join(file)
     }
 
@@ -163,7 +168,7 @@ impl Store {
     /// A record, or `None`: one that does not parse (e.g. from a future
     /// schema), is not a regular file, or is larger than any record kiln
     /// writes is a miss, not an error, and is made again. Large records (a
-    /// layer of a million files lists in about 150 MB) are parsed as they
+    /// seal of a layer of a million files is tens of MB) are parsed as they
     /// are read, not held twice.
     pub fn read_record<T: DeserializeOwned>(&self, kind: &str, name: &str) -> Option<T> {
         const MAX_RECORD: u64 = 1 << 30;

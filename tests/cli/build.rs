@@ -134,35 +134,45 @@ fn cache_commands_report_and_prune() {
     assert_eq!(p.build(&[]).digest(), before);
 }
 
-/// An OCI layout whose one layer (`/etc/hello`) is compressed as `media_type` says.
-fn layout_with_layer(p: &Project, dir: &str, media_type: &str, compress: impl Fn(&[u8]) -> Vec<u8>) {
-    use sha2::{Digest, Sha256};
-    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+/// A tar of (path, type, mode, content) entries, in the order given.
+fn tar_of(entries: &[(&str, tar::EntryType, u32, &[u8])]) -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());
-    for (path, kind, mode, body) in [
-        ("etc/", tar::EntryType::Directory, 0o755, &b""[..]),
-        ("etc/hello", tar::EntryType::Regular, 0o644, b"hi\n"),
-    ] {
+    for (path, kind, mode, body) in entries {
         let mut h = tar::Header::new_ustar();
         h.set_path(path).unwrap();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
+        h.set_entry_type(*kind);
+        h.set_mode(*mode);
         h.set_uid(0);
         h.set_gid(0);
         h.set_mtime(0);
         h.set_size(body.len() as u64);
         h.set_cksum();
-        tar.append(&h, body).unwrap();
+        tar.append(&h, *body).unwrap();
     }
-    let tar = tar.into_inner().unwrap();
-    let blob = compress(&tar);
+    tar.into_inner().unwrap()
+}
+
+/// An OCI layout whose one layer (`/etc/hello`) is compressed as `media_type` says.
+fn layout_with_layer(p: &Project, dir: &str, media_type: &str, compress: impl Fn(&[u8]) -> Vec<u8>) {
+    let tar = tar_of(&[
+        ("etc/", tar::EntryType::Directory, 0o755, &b""[..]),
+        ("etc/hello", tar::EntryType::Regular, 0o644, b"hi\n"),
+    ]);
+    layout_of_tar(p, dir, media_type, &tar, compress);
+}
+
+/// An OCI layout whose one layer is `tar`, compressed as `media_type` says.
+fn layout_of_tar(p: &Project, dir: &str, media_type: &str, tar: &[u8], compress: impl Fn(&[u8]) -> Vec<u8>) {
+    use sha2::{Digest, Sha256};
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let blob = compress(tar);
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
         a => a,
     };
     let config = serde_json::json!({"architecture": arch, "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [sha(&tar)]}})
+        "rootfs": {"type": "layers", "diff_ids": [sha(tar)]}})
     .to_string();
     let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(config.as_bytes()), "size": config.len()},
@@ -233,4 +243,66 @@ fn a_docker_archive_with_a_zstd_layer_builds_on() {
     drop(b);
     p.recipe("[image]\nname = \"z\"\nbase = \"docker-archive:z.tar\"\n\n[[step]]\nwrite = \"/etc/motd\"\ncontent = \"z\\n\"\n");
     p.build(&[]).digest();
+}
+
+/// The entries (path, mode) of the top layer of the OCI layout at `dir`.
+fn top_layer_modes(dir: &std::path::Path) -> Vec<(String, u32)> {
+    let blob = |d: &str| fs::read(dir.join("blobs/sha256").join(&d[7..])).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    let top = blob(layers.last().unwrap()["digest"].as_str().unwrap());
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&top[..]));
+    ar.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.path().unwrap().to_string_lossy().trim_end_matches('/').to_string(),
+                e.header().mode().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A base layer of more entries than one sorting run of its listing holds,
+/// out of order, with a folder given twice (first and last): the listing is
+/// merged from runs on disk, and the later entry of the folder is the one
+/// a step on top sees, as when the layer is extracted.
+#[test]
+fn a_base_of_many_entries_out_of_order_is_listed_through_runs_on_disk() {
+    let p = Project::new();
+    let names: Vec<String> = (0..70_000).rev().map(|i| format!("srv/bulk/f{i:05}")).collect();
+    let mut entries: Vec<(&str, tar::EntryType, u32, &[u8])> = vec![
+        ("srv/", tar::EntryType::Directory, 0o700, b""),
+        ("srv/bulk/", tar::EntryType::Directory, 0o755, b""),
+    ];
+    entries.extend(names.iter().map(|n| (n.as_str(), tar::EntryType::Regular, 0o644, &b""[..])));
+    entries.push(("srv/", tar::EntryType::Directory, 0o750, b""));
+    layout_of_tar(&p, "big", "application/vnd.oci.image.layer.v1.tar", &tar_of(&entries), |t| t.to_vec());
+    p.recipe("[image]\nname = \"big\"\nbase = \"oci:big\"\n\n[[step]]\nwrite = \"/srv/new.txt\"\ncontent = \"n\\n\"\n");
+    let first = p.build(&[]).digest();
+    let modes = top_layer_modes(&p.path("out"));
+    assert!(modes.contains(&("srv".to_string(), 0o750)), "the later `srv/` wins: {modes:?}");
+    // The listing read back from the store gives the same answers.
+    assert_eq!(p.build(&["--no-cache"]).digest(), first);
+    let diff = p.kiln(&["diff", "oci:big", "oci:out"]);
+    assert_eq!(diff.stdout.trim(), "+ /srv/new.txt", "{}", diff.stderr);
+    // A damaged stored listing is made again from the layer, not misread.
+    let listings = p.path("cache/v1/listings");
+    let mut damaged = 0;
+    for e in fs::read_dir(&listings).unwrap() {
+        let path = e.unwrap().path();
+        let mut bytes = fs::read(&path).unwrap();
+        if bytes.len() > 100_000 {
+            let n = bytes.len() / 2; // in the blocks, not the index
+            bytes[n] ^= 0xff;
+            fs::write(&path, bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert_eq!(damaged, 1, "the base layer's listing");
+    assert_eq!(p.build(&["--no-cache"]).digest(), first);
 }

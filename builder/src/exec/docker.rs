@@ -281,7 +281,7 @@ impl DockerEngine {
         saved?;
         let (tar_path, base, size) = last_layer(&spool, work.path())?;
         let mut changes = changes::from_tar(&tar_path, base, Some(size))?;
-        drop_secret_mounts(&mut changes, req);
+        drop_secret_mounts(&mut changes, req)?;
         Ok((changes, Box::new(work)))
     }
 
@@ -391,16 +391,17 @@ fn last_layer(spool: &Path, work: &Path) -> Result<(std::path::PathBuf, u64, u64
 /// when the image lacks them) in the container's own layer; the local
 /// sandbox keeps them below. Drop them, unless the command changed more
 /// under those folders.
-fn drop_secret_mounts(changes: &mut Vec<Change>, req: &RunRequest<'_>) {
+fn drop_secret_mounts(changes: &mut Vec<Change>, req: &RunRequest<'_>) -> Result<(), BuildError> {
     if req.secrets.is_empty() {
-        return;
+        return Ok(());
     }
     let files: Vec<String> = req.secrets.iter().map(|(id, _)| format!("run/secrets/{id}")).collect();
     changes.retain(|c| !(files.contains(&c.path) && matches!(c.kind, ChangeKind::File { size: 0, .. })));
     for dir in ["run/secrets", "run"] {
         let prefix = format!("{dir}/");
         let has_children = changes.iter().any(|c| c.path.starts_with(&prefix));
-        let unchanged = |c: &Change| match req.tree.get(dir) {
+        let below = req.tree.get(dir)?;
+        let unchanged = |c: &Change| match &below {
             None => true,
             Some(e) => matches!(e.kind, Kind::Dir) && (e.mode, e.uid, e.gid) == (c.mode, c.uid, c.gid),
         };
@@ -410,6 +411,7 @@ fn drop_secret_mounts(changes: &mut Vec<Change>, req: &RunRequest<'_>) {
             });
         }
     }
+    Ok(())
 }
 
 /// Labels on the containers kiln runs steps in.

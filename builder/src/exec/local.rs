@@ -58,7 +58,7 @@ pub fn run(
             .and_then(|()| fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)))
             .map_err(BuildError::io_write(&p))?;
     }
-    let init = init_plan(req);
+    let init = init_plan(req)?;
     // As root, kiln unpacks and makes the init folder itself; rootless, the
     // helper does both inside its user namespace, where it may set owners.
     let (lowers, rootless) = match mode {
@@ -311,7 +311,7 @@ pub fn stack_names(layers: &[ImageLayer]) -> Vec<PathBuf> {
     out
 }
 
-fn init_plan(req: &RunRequest<'_>) -> InitPlan {
+fn init_plan(req: &RunRequest<'_>) -> Result<InitPlan, BuildError> {
     let mut plan = InitPlan::default();
     // What Docker's init layer always holds (moby daemon/initlayer): folders
     // 0755 root, empty files 0755.
@@ -326,7 +326,7 @@ fn init_plan(req: &RunRequest<'_>) -> InitPlan {
     // copy-up records the image's metadata, as with the engine.
     if !req.secrets.is_empty() {
         for dir in ["run", "run/secrets"] {
-            let (mode, uid, gid) = match req.tree.get(dir) {
+            let (mode, uid, gid) = match req.tree.get(dir)? {
                 Some(e) if matches!(e.kind, Kind::Dir) => (e.mode, e.uid, e.gid),
                 _ => (0o755, 0, 0),
             };
@@ -336,5 +336,5 @@ fn init_plan(req: &RunRequest<'_>) -> InitPlan {
             plan.files.push((format!("run/secrets/{id}"), 0o400));
         }
     }
-    plan
+    Ok(plan)
 }

@@ -40,10 +40,10 @@ pub struct Below<'a> {
     pub status: Option<String>,
     /// Whether a path exists below: kiln makes no alternative link or
     /// ld.so.cache over what the base already has.
-    pub exists: &'a dyn Fn(&str) -> bool,
+    pub exists: &'a dyn Fn(&str) -> Result<bool, BuildError>,
     /// Whether a path is a real folder below: a base that is not merged-/usr
     /// keeps its `/bin` (and the like), and packages' files go there.
-    pub is_dir: &'a dyn Fn(&str) -> bool,
+    pub is_dir: &'a dyn Fn(&str) -> Result<bool, BuildError>,
 }
 
 /// One package, read from its `.deb`.
@@ -239,7 +239,12 @@ pub fn layer_entries(
     below: &Below<'_>,
 ) -> Result<Vec<LayerEntry>, BuildError> {
     let mut tree: BTreeMap<String, LayerEntry> = BTreeMap::new();
-    let merged: Vec<&str> = MERGED.iter().copied().filter(|m| !(below.is_dir)(m)).collect();
+    let mut merged: Vec<&str> = Vec::new();
+    for m in MERGED {
+        if !(below.is_dir)(m)? {
+            merged.push(m);
+        }
+    }
     let mut merged_tops: BTreeSet<&str> = BTreeSet::new();
     for p in packages {
         for e in &p.entries {
@@ -459,7 +464,7 @@ fn fixups(tree: &mut BTreeMap<String, LayerEntry>, below: &Below<'_>) -> Result<
 
     // Alternatives: link → /etc/alternatives/NAME → the best candidate.
     for (name, link, candidates) in ALTERNATIVES {
-        if tree.contains_key(*link) || (below.exists)(link) {
+        if tree.contains_key(*link) || (below.exists)(link)? {
             continue;
         }
         let Some(best) = candidates.iter().find(|c| tree.contains_key(**c)) else { continue };
@@ -476,7 +481,7 @@ fn fixups(tree: &mut BTreeMap<String, LayerEntry>, below: &Below<'_>) -> Result<
 
     // ld.so.cache, as ldconfig would write it (a base's own is left alone:
     // glibc still finds the packages' libraries in its default folders).
-    if (below.exists)("etc/ld.so.cache") {
+    if (below.exists)("etc/ld.so.cache")? {
         return Ok(());
     }
     if let Some(cache) = ldcache::build(tree, read_entry).map_err(io)? {

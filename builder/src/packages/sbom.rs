@@ -109,15 +109,8 @@ pub fn for_image(
     r: &kiln_recipes::ImageRef,
 ) -> Result<Vec<u8>, crate::BuildError> {
     let img = crate::base::open_image(store, r)?;
-    let mut tree = crate::fstree::FsTree::default();
-    for l in &img.layers {
-        let listing = crate::listing::Listing::load(store, l)?;
-        tree.apply(&listing).map_err(|reason| crate::BuildError::BadLayer { layer: l.digest, reason })?;
-    }
-    let read = |path: &str| {
-        crate::extract::read_file(store, &img.layers, &tree, path)
-            .map_err(|reason| crate::BuildError::BadImage { image: r.to_string(), reason })
-    };
+    let tree = crate::fstree::FsTree::of_layers(store, &img.layers)?;
+    let read = |path: &str| crate::extract::read_file(store, &img.layers, &tree, path);
     if let Some(doc) = read(PATH)? {
         return Ok(doc);
     }

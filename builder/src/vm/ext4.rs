@@ -55,7 +55,7 @@ pub struct Needs {
 }
 
 /// An estimate of the smallest ext4 that holds `flat`, metadata included.
-pub fn needs(tree: &crate::fstree::FsTree) -> Needs {
+pub fn needs(tree: &crate::fstree::TreeMap) -> Needs {
     let mut data = 0u64;
     let mut dir_bytes: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
     for e in tree.entries.values() {

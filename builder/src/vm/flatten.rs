@@ -16,7 +16,7 @@ use rustix::fs::{AtFlags, FileType, Mode};
 use kiln_cache::Store;
 
 use crate::error::BuildError;
-use crate::fstree::FsTree;
+use crate::fstree::TreeMap;
 use crate::image::ImageLayer;
 use crate::listing::Listing;
 use crate::rootdir::{self, RootDir};
@@ -27,17 +27,17 @@ const OPAQUE: &str = ".wh..wh..opq";
 
 /// The flattened root: the merged tree (metadata) and each path's mtime.
 pub struct Flattened {
-    pub tree: FsTree,
+    pub tree: TreeMap,
     pub mtimes: HashMap<String, u64>,
 }
 
 /// Unpacks `layers` in order into `root` (an empty folder). `tree` is
-/// their merged tree ([`FsTree::of_layers`]): making it refused layers that
+/// their merged tree ([`crate::fstree::FsTree::of_layers`]): making it refused layers that
 /// write through symlinks, so the unpacking never leaves `root`.
 pub fn flatten(
     store: &Store,
     layers: &[ImageLayer],
-    tree: &FsTree,
+    tree: &TreeMap,
     root: &Path,
 ) -> Result<Flattened, BuildError> {
     let mut tree = tree.clone();
@@ -53,7 +53,12 @@ pub fn flatten(
         // Whiteouts and opaque markers hide what the layers below hold, and
         // only that: apply them before this layer's own entries.
         let listing = Listing::load(store, layer)?;
-        for e in &listing.entries {
+        let damaged = |e: io::Error| BuildError::BadLayer {
+            layer: layer.digest,
+            reason: format!("its stored listing cannot be read: {e}"),
+        };
+        for e in listing.iter().map_err(damaged)? {
+            let e = e.map_err(damaged)?;
             let (parent, name) = match e.path.rsplit_once('/') {
                 Some((p, n)) => (p, n),
                 None => ("", e.path.as_str()),
@@ -132,7 +137,7 @@ pub fn flatten(
 /// lacks them (as container engines make them at run time).
 pub const MOUNT_POINTS: &[&str] = &["dev", "proc", "sys"];
 
-fn add_mount_points(tree: &mut FsTree, root: &Path) -> io::Result<()> {
+fn add_mount_points(tree: &mut TreeMap, root: &Path) -> io::Result<()> {
     for d in MOUNT_POINTS {
         if tree.get(d).is_none() && fs::symlink_metadata(root.join(d)).is_err() {
             mkdir(&root.join(d))?;

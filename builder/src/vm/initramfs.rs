@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 
-use crate::fstree::FsTree;
+use crate::fstree::TreeMap;
 use crate::listing::Kind;
 use crate::packages::deb822::compare_versions;
 
@@ -27,7 +27,7 @@ pub struct Kernel {
 
 /// The newest kernel in the image: `/boot/vmlinuz-VERSION` with
 /// `/lib/modules/VERSION/kernel` beside it.
-pub fn find_kernel(tree: &FsTree) -> Option<Kernel> {
+pub fn find_kernel(tree: &TreeMap) -> Option<Kernel> {
     let mut found: Vec<Kernel> = Vec::new();
     for e in tree.entries.values() {
         let Some(version) = e.path.strip_prefix("boot/vmlinuz-") else { continue };
@@ -46,7 +46,7 @@ pub fn find_kernel(tree: &FsTree) -> Option<Kernel> {
 }
 
 /// The module files of `kernel` in the tree, by module name.
-pub fn module_files(tree: &FsTree, kernel: &Kernel) -> HashMap<String, String> {
+pub fn module_files(tree: &TreeMap, kernel: &Kernel) -> HashMap<String, String> {
     let prefix = format!("{}/", kernel.modules);
     tree.entries
         .range(prefix.clone()..)
@@ -310,24 +310,26 @@ mod tests {
             xattrs: Default::default(),
         };
         let file = || Kind::File { size: 1, sha256: kiln_cache::Digest::of(b"x") };
-        let mut t = FsTree::default();
-        t.apply(&Listing {
-            entries: vec![
-                e("boot", Kind::Dir),
-                e("boot/vmlinuz-6.1.0-9-amd64", file()),
-                e("boot/vmlinuz-6.1.0-10-amd64", file()),
-                e("boot/vmlinuz-7.0-nomodules", file()),
-                e("lib", Kind::Symlink { target: "usr/lib".into() }),
-                e("usr", Kind::Dir),
-                e("usr/lib", Kind::Dir),
-                e("usr/lib/modules", Kind::Dir),
-                e("usr/lib/modules/6.1.0-9-amd64", Kind::Dir),
-                e("usr/lib/modules/6.1.0-9-amd64/kernel", Kind::Dir),
-                e("usr/lib/modules/6.1.0-10-amd64", Kind::Dir),
-                e("usr/lib/modules/6.1.0-10-amd64/kernel", Kind::Dir),
-            ],
-        })
-        .unwrap();
+        let mut layered = crate::fstree::FsTree::default();
+        layered
+            .apply(&Listing {
+                entries: vec![
+                    e("boot", Kind::Dir),
+                    e("boot/vmlinuz-6.1.0-9-amd64", file()),
+                    e("boot/vmlinuz-6.1.0-10-amd64", file()),
+                    e("boot/vmlinuz-7.0-nomodules", file()),
+                    e("lib", Kind::Symlink { target: "usr/lib".into() }),
+                    e("usr", Kind::Dir),
+                    e("usr/lib", Kind::Dir),
+                    e("usr/lib/modules", Kind::Dir),
+                    e("usr/lib/modules/6.1.0-9-amd64", Kind::Dir),
+                    e("usr/lib/modules/6.1.0-9-amd64/kernel", Kind::Dir),
+                    e("usr/lib/modules/6.1.0-10-amd64", Kind::Dir),
+                    e("usr/lib/modules/6.1.0-10-amd64/kernel", Kind::Dir),
+                ],
+            })
+            .unwrap();
+        let t = TreeMap::of(&layered).unwrap();
         let k = find_kernel(&t).unwrap();
         assert_eq!(k.version, "6.1.0-10-amd64");
         assert_eq!(k.image, "boot/vmlinuz-6.1.0-10-amd64");

@@ -35,7 +35,7 @@ use kiln_cache::{Digest, ImageRecord, Store};
 use kiln_recipes::{Recipe, VmBoot};
 
 use crate::error::BuildError;
-use crate::fstree::FsTree;
+use crate::fstree::TreeMap;
 use crate::image::StoredImage;
 use crate::listing::Kind;
 use crate::reporter::Reporter;
@@ -68,7 +68,8 @@ pub fn write_disk(
         }
     };
     let vm = &recipe.vm;
-    let tree = FsTree::of_layers(store, &image.layers)?;
+    let layered = crate::fstree::FsTree::of_layers(store, &image.layers)?;
+    let tree = TreeMap::of(&layered)?;
     let arch = image.config_json.architecture().to_string();
 
     let kernel = match vm.boot {
@@ -225,7 +226,7 @@ pub fn write_disk(
     let boot = match &kernel {
         Some(k) => {
             let flat = flat_kept.as_ref().map(|d| d.path());
-            let src = Source { store, image, tree: &tree, flat };
+            let src = Source { store, image, tree: &tree, layered: &layered, flat };
             let b = boot_inputs(&src, k, vm.init.as_deref(), epoch, reporter)?;
             if (b.kernel.len() + b.initrd.len()) as u64 + (2 << 20) > boot_size {
                 return Err(BuildError::BadImage {
@@ -397,7 +398,9 @@ struct FromLayers {
 struct Source<'a> {
     store: &'a Store,
     image: &'a StoredImage,
-    tree: &'a FsTree,
+    tree: &'a TreeMap,
+    /// The same tree, as layers (which layer holds which file).
+    layered: &'a crate::fstree::FsTree,
     flat: Option<&'a Path>,
 }
 
@@ -425,7 +428,7 @@ fn from_layers(src: &Source<'_>, kernel: &Kernel, reporter: &dyn Reporter) -> Re
     let builtin_path = format!("{}/modules.builtin", kernel.modules);
     let read = |paths: &[String]| match src.flat {
         Some(root) => read_flat(root, tree, paths),
-        None => crate::extract::read_files(store, &image.layers, tree, paths),
+        None => crate::extract::read_files(store, &image.layers, src.layered, paths),
     };
     let mut files = read(&[kernel.image.clone(), builtin_path.clone(), passwd.clone(), group.clone()])?;
     let builtin = initramfs::builtin_names(&String::from_utf8_lossy(
@@ -584,7 +587,7 @@ fn boot_inputs(
 /// a container engine would).
 fn entrypoint_run(
     image: &StoredImage,
-    tree: &FsTree,
+    tree: &TreeMap,
     passwd: &str,
     group: &str,
 ) -> Result<init::Run, BuildError> {
@@ -645,7 +648,7 @@ fn entrypoint_run(
 }
 
 /// Whether `path` (absolute) is, through symlinks, an executable regular file in the tree.
-fn executable(tree: &FsTree, path: &str) -> bool {
+fn executable(tree: &TreeMap, path: &str) -> bool {
     let mut p = path.trim_start_matches('/').to_string();
     for _ in 0..40 {
         let Ok(resolved) = tree.resolve_parents(&p) else { return false };
@@ -673,7 +676,7 @@ fn executable(tree: &FsTree, path: &str) -> bool {
 }
 
 /// [`read_files`] from the image's flattened folder.
-fn read_flat(root: &Path, tree: &FsTree, paths: &[String]) -> Result<HashMap<String, Vec<u8>>, BuildError> {
+fn read_flat(root: &Path, tree: &TreeMap, paths: &[String]) -> Result<HashMap<String, Vec<u8>>, BuildError> {
     let mut out = HashMap::new();
     for p in paths {
         if matches!(tree.get(p).map(|e| &e.kind), Some(Kind::File { .. } | Kind::Hardlink { .. })) {

@@ -3,8 +3,12 @@
 //! steps can look up their parents' metadata and `kiln diff` compares images
 //! without unpacking them.
 
+mod file;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
+
+pub use file::{ListingFile, ListingWriter};
 
 use serde::{Deserialize, Serialize};
 
@@ -73,15 +77,29 @@ pub struct Listing {
 }
 
 impl Listing {
-    pub fn save(&self, store: &Store, diff_id: &Digest) -> Result<(), BuildError> {
-        Ok(store.write_record("listings", &diff_id.hex(), self)?)
+    /// Stores this listing (sorted, one entry per path) for the layer `diff_id`.
+    pub fn save(&self, store: &Store, diff_id: &Digest) -> Result<ListingFile, BuildError> {
+        let mut w = ListingWriter::new(&store.tmp_dir());
+        for e in &self.entries {
+            w.push(e.clone()).map_err(BuildError::io_write(store.tmp_dir()))?;
+        }
+        persist(store, diff_id, w)
     }
 
     /// The layer's listing: from the store, or else by reading (and so
     /// checking) the layer blob once, decompressed as its media type says.
-    pub fn load(store: &Store, layer: &ImageLayer) -> Result<Listing, BuildError> {
-        if let Some(l) = store.read_record("listings", &layer.diff_id.hex()) {
-            return Ok(l);
+    /// A stored listing that does not open or whose blocks do not match
+    /// their checksums (damaged, or from another version) is made again
+    /// from the blob.
+    pub fn load(store: &Store, layer: &ImageLayer) -> Result<ListingFile, BuildError> {
+        let path = store.record_path("listings", &layer.diff_id.hex());
+        if let Ok(f) = open_regular(&path) {
+            match ListingFile::open(f).and_then(|l| l.verify().map(|()| l)) {
+                Ok(l) => return Ok(l),
+                Err(e) => {
+                    tracing::warn!(listing = %path.display(), error = %e, "listing again from the layer")
+                }
+            }
         }
         Self::scan(store, layer)
     }
@@ -89,17 +107,47 @@ impl Listing {
     /// Reads the layer blob through, checking every entry and that it
     /// uncompresses to its diff_id, and records its listing. For blobs that
     /// just came from elsewhere, even when a listing of the diff_id exists.
-    pub fn scan(store: &Store, layer: &ImageLayer) -> Result<Listing, BuildError> {
-        let (listing, actual) = scan_layer(layer.open_tar(store)?, &layer.digest)?;
+    /// The entries stream to the listing file; memory holds a run of them.
+    pub fn scan(store: &Store, layer: &ImageLayer) -> Result<ListingFile, BuildError> {
+        let tmp = store.tmp_dir();
+        let mut w = ListingWriter::new(&tmp);
+        let actual = scan(layer.open_tar(store)?, &layer.digest, None, &mut |_, _| Ok(()), &mut |e| {
+            w.push(e).map_err(BuildError::io_write(&tmp))
+        })?;
         if actual != layer.diff_id {
             return Err(BuildError::BadLayer {
                 layer: layer.digest,
                 reason: format!("its content hashes to {actual}, but the config says {}", layer.diff_id),
             });
         }
-        listing.save(store, &layer.diff_id)?;
-        Ok(listing)
+        persist(store, &layer.diff_id, w)
     }
+}
+
+/// Writes a listing into the store through a temp file and a rename, and
+/// opens it.
+fn persist(store: &Store, diff_id: &Digest, w: ListingWriter) -> Result<ListingFile, BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp_dir = store.tmp_dir();
+    let tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(BuildError::io_write(&tmp_dir))?;
+    let file = tmp.as_file().try_clone().map_err(BuildError::io_write(&tmp_dir))?;
+    w.finish(file).map_err(BuildError::io_write(&tmp_dir))?;
+    let path = store.record_path("listings", &diff_id.hex());
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+        .map_err(BuildError::io_write(&path))?;
+    let file = tmp.persist(&path).map_err(|e| BuildError::io_write(&path)(e.error))?;
+    ListingFile::open(file).map_err(BuildError::io_read(&path))
+}
+
+/// Opens a regular file without following a symlink.
+fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f =
+        std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(f)
 }
 
 /// The largest extension header (PAX record set, GNU long name or link)
@@ -128,7 +176,7 @@ struct Pending {
 /// nodes (except the 0:0 character device overlay uses for whiteouts), sparse
 /// and unknown entry types, bad checksums and truncated data.
 pub fn scan_layer(r: impl Read, layer: &Digest) -> Result<(Listing, Digest), BuildError> {
-    scan(r, layer, None, &mut |_, _| Ok(()))
+    collect(r, layer, None, &mut |_, _| Ok(()))
 }
 
 /// What [`walk_layer`] shows of each entry before its data.
@@ -144,13 +192,14 @@ pub struct WalkEntry<'a> {
 }
 
 /// The checks of [`scan_layer`], calling `visit` with every entry and a
-/// reader of its data (regular files; empty for the rest).
+/// reader of its data (regular files; empty for the rest). Holds no
+/// listing; returns the diff_id.
 pub fn walk_layer(
     r: impl Read,
     layer: &Digest,
     visit: &mut dyn FnMut(&WalkEntry<'_>, &mut dyn Read) -> std::io::Result<()>,
-) -> Result<(Listing, Digest), BuildError> {
-    scan(r, layer, None, visit)
+) -> Result<Digest, BuildError> {
+    scan(r, layer, None, visit, &mut |_| Ok(()))
 }
 
 /// [`scan_layer`], also giving where each regular file's data starts in the tar.
@@ -159,26 +208,52 @@ pub fn scan_layer_with_offsets(
     layer: &Digest,
 ) -> Result<(Listing, Digest, BTreeMap<String, u64>), BuildError> {
     let mut offsets = BTreeMap::new();
-    let (listing, diff_id) = scan(r, layer, Some(&mut offsets), &mut |_, _| Ok(()))?;
+    let (listing, diff_id) = collect(r, layer, Some(&mut offsets), &mut |_, _| Ok(()))?;
     Ok((listing, diff_id, offsets))
 }
 
 type Visit<'v> = dyn FnMut(&WalkEntry<'_>, &mut dyn Read) -> std::io::Result<()> + 'v;
 
+/// [`scan`] into a listing in memory (sorted, the last of a path kept).
+fn collect(
+    r: impl Read,
+    layer: &Digest,
+    offsets: Option<&mut BTreeMap<String, u64>>,
+    visit: &mut Visit<'_>,
+) -> Result<(Listing, Digest), BuildError> {
+    let mut entries = Vec::new();
+    let diff_id = scan(r, layer, offsets, visit, &mut |e| {
+        entries.push(e);
+        Ok(())
+    })?;
+    // Stable: of a path given twice, the later entry is what the layer holds.
+    entries.sort_by(|a: &ListEntry, b| a.path.cmp(&b.path));
+    entries.dedup_by(|later, kept| {
+        let same = later.path == kept.path;
+        if same {
+            std::mem::swap(later, kept);
+        }
+        same
+    });
+    entries.shrink_to_fit();
+    Ok((Listing { entries }, diff_id))
+}
+
+/// Walks the tar, checking every entry; hands each entry to `sink` in tar
+/// order (a path may come more than once) and returns the diff_id.
 fn scan(
     r: impl Read,
     layer: &Digest,
     mut offsets: Option<&mut BTreeMap<String, u64>>,
     visit: &mut Visit<'_>,
-) -> Result<(Listing, Digest), BuildError> {
+    sink: &mut dyn FnMut(ListEntry) -> Result<(), BuildError>,
+) -> Result<Digest, BuildError> {
     let mut r = HashingReader { inner: r, hasher: sha2::Sha256::default(), pos: 0 };
     let bad = |reason: String| BuildError::BadLayer { layer: *layer, reason };
     let io_bad = |e: std::io::Error| bad(format!("unreadable ({e})"));
-    // In tar order; sorted (the last of a path kept) at the end. What the
-    // checks need of each path is its type, kept by a 128-bit hash of the
-    // path, so a layer of a million entries holds each path once.
-    let mut entries: Vec<ListEntry> = Vec::new();
-    let mut seen: HashMap<u128, Seen> = HashMap::new();
+    // What the checks need of each path seen so far is its type, kept by
+    // a keyed 64-bit hash of the path: 16 bytes a path, not the path.
+    let mut seen = Seen::default();
     let mut pending = Pending::default();
     let mut block = [0u8; 512];
     loop {
@@ -286,24 +361,12 @@ fn scan(
             None
         };
         let kind = Kind::from_tar(&tar_kind, sha);
-        seen.insert(path_key(&path), Seen::of(&tar_kind));
-        entries.push(ListEntry { path, kind, mode, uid, gid, xattrs: p.xattrs });
+        seen.insert(&path, &tar_kind);
+        sink(ListEntry { path, kind, mode, uid, gid, xattrs: p.xattrs })?;
     }
     // Whatever follows the end marker still counts toward the digest.
     std::io::copy(&mut r, &mut std::io::sink()).map_err(io_bad)?;
-    let diff_id = Digest::from_hasher(r.hasher);
-    drop(seen);
-    // Stable: of a path given twice, the later entry is what the layer holds.
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
-    entries.dedup_by(|later, kept| {
-        let same = later.path == kept.path;
-        if same {
-            std::mem::swap(later, kept);
-        }
-        same
-    });
-    entries.shrink_to_fit();
-    Ok((Listing { entries }, diff_id))
+    Ok(Digest::from_hasher(r.hasher))
 }
 
 /// Refuses an entry that goes through something this layer makes a symlink
@@ -312,82 +375,132 @@ fn scan(
 /// that is not a folder. Readers that follow entries in tar order (unpack,
 /// flatten) would otherwise be led out of the root by entries the listing,
 /// which keeps only the last of each path, never shows.
-fn check_in_layer(seen: &HashMap<u128, Seen>, path: &str, kind: &TarKind) -> Result<(), String> {
+fn check_in_layer(seen: &Seen, path: &str, kind: &TarKind) -> Result<(), String> {
     let mut at = path;
     while let Some((up, _)) = at.rsplit_once('/') {
-        match seen.get(&path_key(up)) {
-            None | Some(Seen { noun: "a folder" }) => {}
-            Some(Seen { noun: "a symlink" }) => {
+        match seen.get(up) {
+            None | Some(DIR) => {}
+            Some(SYMLINK) => {
                 return Err(format!(
                     "entry `{path}` goes through `{up}`, which the same layer makes a symlink"
                 ))
             }
-            Some(Seen { noun }) => {
-                return Err(format!("entry `{path}` is inside `{up}`, which the same layer makes {noun}"))
+            Some(t) => {
+                return Err(format!(
+                    "entry `{path}` is inside `{up}`, which the same layer makes {}",
+                    noun(t)
+                ))
             }
         }
         at = up;
     }
-    if let Some(prev) = seen.get(&path_key(path)) {
-        let now = noun_of_tar(kind);
-        if prev.noun != now {
+    // A whiteout hides what the layers below hold, never what its own layer
+    // holds; readers that follow tar order would disagree on such a pair.
+    let (parent, name) = match path.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, path),
+    };
+    let join = |n: &str| parent.map(|p| format!("{p}/{n}")).unwrap_or_else(|| n.to_string());
+    let pair = match name.strip_prefix(".wh.") {
+        Some(".wh..opq") => None,
+        Some(victim) => Some((path.to_string(), join(victim))),
+        None => Some((join(&format!(".wh.{name}")), path.to_string())),
+    };
+    if let Some((whiteout, victim)) = pair {
+        if seen.get(if whiteout == path { &victim } else { &whiteout }).is_some() {
             return Err(format!(
-                "`{path}` appears twice in the layer, as {} and then as {now}; a layer holds each path once",
-                prev.noun
+                "`{victim}` and its whiteout `{whiteout}` are both in the layer; a whiteout hides only what layers below hold"
+            ));
+        }
+    }
+    if let Some(prev) = seen.get(path) {
+        let now = type_of(kind);
+        if prev != now {
+            return Err(format!(
+                "`{path}` appears twice in the layer, as {} and then as {}; a layer holds each path once",
+                noun(prev),
+                noun(now)
             ));
         }
     }
     if let TarKind::Hardlink(t) = kind {
-        match seen.get(&path_key(t)) {
+        match seen.get(t) {
             None => {
                 return Err(format!(
                     "hard link `{path}` points to `{t}`, which is not an earlier entry of the same layer"
                 ))
             }
-            Some(Seen { noun: "a folder" }) => {
-                return Err(format!("hard link `{path}` points to the folder `{t}`"))
-            }
+            Some(DIR) => return Err(format!("hard link `{path}` points to the folder `{t}`")),
             Some(_) => {}
         }
     }
     Ok(())
 }
 
-/// What the checks keep of a path seen earlier in the layer: its type.
-#[derive(Clone, Copy)]
+/// The type of every path seen earlier in a layer, by a 64-bit hash of the
+/// path keyed at random for each scan: a false match between two paths of
+/// one layer is a chance of about 1 in 10^7 for a million entries, and
+/// cannot be aimed at. It can only refuse a layer or let a hard link
+/// name a missing target, which unpacking then refuses; it cannot make
+/// an entry escape.
+#[derive(Default)]
 struct Seen {
-    noun: &'static str,
+    keys: std::collections::hash_map::RandomState,
+    types: HashMap<u64, u8, std::hash::BuildHasherDefault<Prehashed>>,
 }
 
 impl Seen {
-    fn of(k: &TarKind) -> Seen {
-        Seen { noun: noun_of_tar(k) }
+    fn key(&self, path: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.keys.hash_one(path)
+    }
+
+    fn get(&self, path: &str) -> Option<u8> {
+        self.types.get(&self.key(path)).copied()
+    }
+
+    fn insert(&mut self, path: &str, kind: &TarKind) {
+        let k = self.key(path);
+        self.types.insert(k, type_of(kind));
     }
 }
 
-/// A 128-bit hash of a path (two SipHash runs with fixed keys): a false
-/// match between two paths of one layer is beyond any practical chance.
-fn path_key(p: &str) -> u128 {
-    use std::hash::{Hash, Hasher};
-    let half = |salt: u8| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        salt.hash(&mut h);
-        p.hash(&mut h);
-        h.finish()
-    };
-    (u128::from(half(0)) << 64) | u128::from(half(1))
+/// The hasher of keys that are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
 }
 
-fn noun_of_tar(k: &TarKind) -> &'static str {
+const DIR: u8 = 1;
+const SYMLINK: u8 = 2;
+
+fn type_of(k: &TarKind) -> u8 {
     match k {
-        TarKind::File { .. } => "a file",
-        TarKind::Dir => "a folder",
-        TarKind::Symlink(_) => "a symlink",
-        TarKind::Hardlink(_) => "a hard link",
-        TarKind::CharDev(..) => "a character device",
-        TarKind::BlockDev(..) => "a block device",
-        TarKind::Fifo => "a fifo",
+        TarKind::File { .. } => 0,
+        TarKind::Dir => DIR,
+        TarKind::Symlink(_) => SYMLINK,
+        TarKind::Hardlink(_) => 3,
+        TarKind::CharDev(..) => 4,
+        TarKind::BlockDev(..) => 5,
+        TarKind::Fifo => 6,
     }
+}
+
+fn noun(t: u8) -> &'static str {
+    ["a file", "a folder", "a symlink", "a hard link", "a character device", "a block device", "a fifo"]
+        [usize::from(t).min(6)]
 }
 
 /// A visitor's failure: the disk it writes to (full, read-only, no
@@ -621,6 +734,9 @@ mod tests {
             (&[("l", S, "/etc"), ("h", H, "l/shadow")], "not an earlier entry"),
             (&[("d", D, ""), ("h", H, "d")], "points to the folder `d`"),
             (&[("h", H, "etc/shadow")], "not an earlier entry"),
+            // A path and its own whiteout, in either order.
+            (&[("d", D, ""), ("d/x", F, ""), ("d/.wh.x", F, "")], "both in the layer"),
+            (&[(".wh.x", F, ""), ("x", D, "")], "both in the layer"),
         ];
         for (entries, want) in cases {
             let err = scan(&tar_of(entries)).unwrap_err();
