@@ -7,6 +7,7 @@ mod cache;
 mod crash;
 mod errors;
 mod fuzz;
+mod golden;
 mod interop;
 mod packages;
 mod registry;
