@@ -275,6 +275,7 @@ fn options(common: &Common) -> Result<BuildOptions, BuildError> {
         epoch_override,
         outputs: Vec::new(),
         backend: kiln_builder::BackendChoice::Auto,
+        executor: None,
         secrets: Vec::new(),
         cache_from: common
             .cache_from

@@ -25,7 +25,7 @@ use crate::changes;
 use crate::context::{scan_copy, Context, CopySource, SourceKind};
 use crate::error::BuildError;
 use crate::exec::docker::DockerEngine;
-use crate::exec::{self, BackendChoice, RunRequest, RunResult};
+use crate::exec::{self, BackendChoice, Executor, RunRequest, RunResult};
 use crate::fstree::FsTree;
 use crate::image::{self, history, ImageLayer, StoredImage};
 use crate::layer::{self, Content, LayerEntry};
@@ -50,6 +50,8 @@ pub struct BuildOptions {
     pub outputs: Vec<ImageRef>,
     /// Which backend runs `run` steps.
     pub backend: BackendChoice,
+    /// An executor to use instead of the one `backend` names (tests).
+    pub executor: Option<Arc<dyn Executor>>,
     /// Secret values by id (from `--secret`); never in a key, a layer or a log.
     pub secrets: Vec<(String, Vec<u8>)>,
     /// `--cache-from`: registries whose step indexes are tried, in order.
@@ -166,8 +168,8 @@ struct Session {
     rt: tokio::runtime::Handle,
     /// Connected on first use.
     docker: OnceLock<Result<Arc<DockerEngine>, (String, String)>>,
-    /// How the local backend can run here (root, rootless, or why not), looked at once.
-    local: OnceLock<Result<exec::local::Mode, String>>,
+    /// Where `run` steps execute: given in the options, or chosen on first use.
+    executor: OnceLock<Result<Arc<dyn Executor>, (String, String)>>,
     /// The first error of any target.
     failure: Mutex<Option<BuildError>>,
     /// Every target's steps, as they finish.
@@ -226,7 +228,10 @@ impl Session {
             reporter,
             rt,
             docker: OnceLock::new(),
-            local: OnceLock::new(),
+            executor: match &opts.executor {
+                Some(e) => OnceLock::from(Ok(e.clone())),
+                None => OnceLock::new(),
+            },
             failure: Mutex::new(None),
             steps: Mutex::new(Vec::new()),
             registry,
@@ -265,24 +270,17 @@ impl Session {
             .map_err(|(message, hint)| BuildError::Environment { message, hint })
     }
 
-    fn local_mode(&self) -> Result<&exec::local::Mode, &String> {
-        self.local.get_or_init(exec::local::available).as_ref()
-    }
-
-    /// The backend for `run` steps: as asked, or for `auto` local where it works, else Docker.
-    fn backend(&self) -> Result<BackendChoice, BuildError> {
-        match self.opts.backend {
-            BackendChoice::Auto => match self.local_mode() {
-                Ok(_) => Ok(BackendChoice::Local),
-                Err(why) => {
-                    self.docker().map(|_| BackendChoice::Docker).map_err(|e| BuildError::Environment {
-                        message: format!("No backend can run `run` steps here: {why}; and {e}"),
-                        hint: "run kiln as root for the local backend, or start a Docker engine".into(),
-                    })
-                }
-            },
-            other => Ok(other),
-        }
+    /// The executor for `run` steps: as asked, or for `auto` local where it works, else Docker.
+    fn executor(&self) -> Result<Arc<dyn Executor>, BuildError> {
+        self.executor
+            .get_or_init(|| {
+                exec::choose(self.opts.backend, &|| self.docker()).map_err(|e| match e {
+                    BuildError::Environment { message, hint } => (message, hint),
+                    e => (e.to_string(), String::new()),
+                })
+            })
+            .clone()
+            .map_err(|(message, hint)| BuildError::Environment { message, hint })
     }
 
     /// The base a target starts from.
@@ -607,10 +605,11 @@ impl Session {
                     let folder = staging.as_ref().map(|d| d.path().join("root"));
                     let (blob, listing) =
                         layer::write_layer_unpacking(&self.store, entries, self.epoch, folder.as_deref())?;
-                    if let Some(f) = &folder {
-                        let dest = exec::local::unpacked_dir(&self.store).join(blob.diff_id.hex());
-                        std::fs::create_dir_all(exec::local::unpacked_dir(&self.store))
-                            .map_err(BuildError::io_write(exec::local::unpacked_dir(&self.store)))?;
+                    if let (Some(f), Some(dir)) =
+                        (&folder, self.executor().ok().and_then(|e| e.unpack_dir(&self.store)))
+                    {
+                        let dest = dir.join(blob.diff_id.hex());
+                        std::fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
                         crate::unpack::adopt(f, &dest)?;
                         crate::unpack::seal(&self.store, &dest, &listing)?;
                     }
@@ -681,8 +680,7 @@ impl Session {
         done: &HashMap<String, Arc<Built>>,
     ) -> bool {
         let Some(next @ Step { kind: StepKind::Run(_), .. }) = rest.first() else { return false };
-        let root = matches!(self.local_mode(), Ok(exec::local::Mode::Root));
-        if !matches!(self.backend(), Ok(BackendChoice::Local)) || !root {
+        if self.executor().ok().and_then(|e| e.unpack_dir(&self.store)).is_none() {
             return false;
         }
         match self.key(&key.to_string(), next, run_config, done) {
@@ -737,16 +735,7 @@ impl Session {
             secrets.iter().map(|(_, v)| v.as_slice()).filter(|v| !v.is_empty()).collect();
         let mut on_line =
             |line: &str| self.reporter.on_step_output(info, &exec::cut_line(redact(line, &values)));
-        let result = match self.backend()? {
-            BackendChoice::Docker => self.docker()?.run(&self.store, &req, &mut on_line)?,
-            _ => {
-                let mode = self.local_mode().map_err(|why| BuildError::Environment {
-                    message: format!("The local backend cannot run here: {why}"),
-                    hint: "run kiln as root, give the user subordinate ids, or use `--backend docker` with a Docker engine".into(),
-                })?;
-                exec::local::run(&self.store, mode, &req, &mut on_line)?
-            }
-        };
+        let result = self.executor()?.run(&self.store, &req, &mut on_line)?;
         match result {
             RunResult::Changed { changes, keep } => Ok((changes, keep)),
             RunResult::Failed { code, tail } => Err(BuildError::CommandFailed {

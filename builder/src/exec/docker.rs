@@ -32,6 +32,27 @@ use crate::error::BuildError;
 use crate::image::{self, StoredImage};
 use crate::listing::Kind;
 
+impl std::fmt::Debug for DockerEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DockerEngine")
+    }
+}
+
+impl super::Executor for DockerEngine {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn run(
+        &self,
+        store: &Store,
+        req: &RunRequest<'_>,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<RunResult, BuildError> {
+        self.run_step(store, req, on_line)
+    }
+}
+
 pub struct DockerEngine {
     client: bollard::Docker,
     rt: tokio::runtime::Handle,
@@ -147,7 +168,7 @@ impl DockerEngine {
 
     /// Runs `req` in a container; on success, the changes it made (their
     /// data lives in the returned spool file until it is dropped).
-    pub fn run(
+    fn run_step(
         &self,
         store: &Store,
         req: &RunRequest<'_>,

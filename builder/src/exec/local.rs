@@ -37,9 +37,36 @@ pub fn available() -> Result<Mode, String> {
         .map_err(|why| format!("kiln is not root, and a rootless user namespace cannot be set up: {why}"))
 }
 
+/// The local backend as an [`Executor`](super::Executor).
+#[derive(Debug)]
+pub struct Local {
+    pub mode: Mode,
+}
+
+impl super::Executor for Local {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    /// As root, layers are unpacked into the shared `unpacked/` folder as
+    /// they are written; rootless ones are unpacked by the helper.
+    fn unpack_dir(&self, store: &Store) -> Option<PathBuf> {
+        matches!(self.mode, Mode::Root).then(|| unpacked_dir(store))
+    }
+
+    fn run(
+        &self,
+        store: &Store,
+        req: &RunRequest<'_>,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<RunResult, BuildError> {
+        run(store, &self.mode, req, on_line)
+    }
+}
+
 /// Runs `req` in the sandbox; on success, the changes (whose file contents
 /// live in the returned work folder until it is dropped).
-pub fn run(
+fn run(
     store: &Store,
     mode: &Mode,
     req: &RunRequest<'_>,

@@ -7,6 +7,9 @@
 //!   [`confine`] and [`seccomp`]: what it takes away from a step (the
 //!   engine's default capabilities, seccomp profile, masked /proc).
 //! - [`docker`]: a container in the engine at DOCKER_HOST, through bollard.
+//!
+//! The build sees a backend only through [`Executor`], chosen once by
+//! [`choose`]; tests give the build their own.
 
 pub mod confine;
 pub mod docker;
@@ -164,6 +167,57 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 
 /// How many lines of a failed command's output the error shows.
 pub const TAIL_LINES: usize = 20;
+
+/// Where `run` steps execute: the one seam between the build and a backend.
+pub trait Executor: Send + Sync + std::fmt::Debug {
+    /// A short name for messages (`local`, `docker`).
+    fn name(&self) -> &'static str;
+
+    /// Where this executor wants a step's parent layer unpacked, by
+    /// diff_id, while the layer is written (so a `run` step right after a
+    /// `copy` never reads the layer back); `None` when it lays out parents
+    /// itself.
+    fn unpack_dir(&self, _store: &kiln_cache::Store) -> Option<std::path::PathBuf> {
+        None
+    }
+
+    /// Runs one command on top of the request's parent image, sending each
+    /// output line to `on_line`; on success, the changes it made.
+    fn run(
+        &self,
+        store: &kiln_cache::Store,
+        req: &RunRequest<'_>,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<RunResult, crate::BuildError>;
+}
+
+/// The executor `choice` names, if it can run here: for `auto`, the local
+/// backend where this process can use it, else the engine `docker` connects to.
+pub fn choose(
+    choice: BackendChoice,
+    docker: &dyn Fn() -> Result<std::sync::Arc<docker::DockerEngine>, crate::BuildError>,
+) -> Result<std::sync::Arc<dyn Executor>, crate::BuildError> {
+    match choice {
+        BackendChoice::Docker => Ok(docker()?),
+        BackendChoice::Local => match local::available() {
+            Ok(mode) => Ok(std::sync::Arc::new(local::Local { mode })),
+            Err(why) => Err(crate::BuildError::Environment {
+                message: format!("The local backend cannot run here: {why}"),
+                hint: "run kiln as root, give the user subordinate ids, or use `--backend docker` with a Docker engine".into(),
+            }),
+        },
+        BackendChoice::Auto => match local::available() {
+            Ok(mode) => Ok(std::sync::Arc::new(local::Local { mode })),
+            Err(why) => match docker() {
+                Ok(d) => Ok(d),
+                Err(e) => Err(crate::BuildError::Environment {
+                    message: format!("No backend can run `run` steps here: {why}; and {e}"),
+                    hint: "run kiln as root for the local backend, or start a Docker engine".into(),
+                }),
+            },
+        },
+    }
+}
 
 /// Which backend runs `run` steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
