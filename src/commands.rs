@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 
-use kiln_builder::error::BuildError;
+use kiln_builder::BuildError;
 use kiln_builder::BuildOptions;
 use kiln_cache::prune::parse_size;
 use kiln_cache::Store;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use kiln_builder::layer::LayerBlob;
+use kiln_builder::LayerBlob;
 use kiln_builder::{Reporter, StepInfo};
 use kiln_cache::Digest;
 

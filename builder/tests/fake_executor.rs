@@ -6,10 +6,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use kiln_builder::changes::{Change, ChangeKind};
 use kiln_builder::exec::{Executor, RunRequest, RunResult};
-use kiln_builder::layer::Content;
 use kiln_builder::{BackendChoice, BuildError, BuildOptions, NullReporter};
+use kiln_oci::changes::{Change, ChangeKind};
+use kiln_oci::layer::Content;
 
 #[derive(Debug, Default)]
 struct FakeExecutor {
@@ -124,8 +124,8 @@ fn run_steps_build_through_a_fake_executor_and_hit_the_second_time() {
 
     // What the executor was asked, as the build's layer holds it.
     let store = kiln_cache::Store::open(&dir.path().join("cache")).unwrap();
-    let tree = kiln_builder::fstree::FsTree::of_layers(&store, &first.image.layers).unwrap();
-    let files = kiln_builder::extract::read_files(
+    let tree = kiln_oci::fstree::FsTree::of_layers(&store, &first.image.layers).unwrap();
+    let files = kiln_oci::extract::read_files(
         &store,
         &first.image.layers,
         &tree,

@@ -57,7 +57,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Appends the encoding of `e`.
-pub(crate) fn encode(out: &mut Vec<u8>, e: &ListEntry) {
+fn encode(out: &mut Vec<u8>, e: &ListEntry) {
     put_str(out, &e.path);
     match &e.kind {
         Kind::File { size, sha256 } => {

@@ -286,7 +286,7 @@ fn checked_before(store: &Store, key: &str) -> Option<StoredImage> {
 
 /// Fetches the manifest's blobs, checks every layer, and describes the image.
 /// An image that passed before is not checked again.
-pub(crate) fn finish(
+pub fn finish(
     store: &Store,
     name: &str,
     manifest: Digest,

@@ -14,9 +14,9 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use kiln_builder::listing::{scan_layer, walk_layer};
-use kiln_builder::unpack::Materializer;
 use kiln_cache::Digest;
+use kiln_oci::listing::{scan_layer, walk_layer};
+use kiln_oci::unpack::Materializer;
 use proptest::prelude::*;
 
 fn cases() -> u32 {

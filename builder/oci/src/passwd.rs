@@ -1,16 +1,16 @@
 //! Users and groups of an image, from the text of its /etc/passwd and
 //! /etc/group: what the sandbox switches to and `-o vm:`'s init runs as.
 
-pub(crate) struct User {
-    pub(crate) uid: u32,
-    pub(crate) gid: u32,
-    pub(crate) groups: Vec<u32>,
-    pub(crate) home: String,
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: String,
 }
 
 /// `user[:group]`, numeric or by name, against the text of an image's
 /// /etc/passwd and /etc/group, as runc looks users up.
-pub(crate) fn resolve_user_in(spec: &str, passwd: &str, group: &str) -> Result<User, String> {
+pub fn resolve_user_in(spec: &str, passwd: &str, group: &str) -> Result<User, String> {
     let (u, g) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),

@@ -495,7 +495,7 @@ impl Write for DigestWriter<'_> {
 }
 
 /// A write error of a layer walk names the entry; the user needs where it was written.
-pub(crate) fn under(e: BuildError, root: &Path) -> BuildError {
+pub fn under(e: BuildError, root: &Path) -> BuildError {
     match e {
         BuildError::Write { path, source } if path.is_relative() => {
             BuildError::Write { path: root.join(path), source }

@@ -1,0 +1,33 @@
+//! kiln's image formats, with no knowledge of recipes' steps, backends or
+//! registries: what the other engine crates build on.
+//!
+//! - [`tarball`], [`gzip`], [`layer`]: reproducible layers (headers written
+//!   by hand, one compressor, entries sorted).
+//! - [`listing`]: a layer's entries, checked as its tar is read, stored
+//!   sorted on disk; [`fstree`]: the merged tree of a stack of layers.
+//! - [`image`]: OCI config, manifest and index, canonical JSON; [`passwd`]:
+//!   an image's users and groups.
+//! - [`import`] / [`export`]: OCI layouts and archives in and out of the
+//!   store, hostile input refused; [`extract`]: files out of an image's layers.
+//! - [`unpack`] and [`rootdir`]: layers as folders, never through a symlink;
+//!   [`changes`]: a command's changes normalized into layer entries.
+//! - [`reporter`]: the progress trait the engine reports through;
+//!   [`error`]: [`BuildError`], with exit codes and hints.
+
+pub mod changes;
+pub mod error;
+pub mod export;
+pub mod extract;
+pub mod fstree;
+pub mod gzip;
+pub mod image;
+pub mod import;
+pub mod layer;
+pub mod listing;
+pub mod passwd;
+pub mod reporter;
+pub mod rootdir;
+pub mod tarball;
+pub mod unpack;
+
+pub use error::BuildError;
