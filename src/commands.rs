@@ -405,13 +405,18 @@ fn human(n: u64) -> String {
     }
 }
 
+/// One change a line; a path's control characters (a newline, a terminal
+/// escape: names in a layer are the layer author's) are shown escaped.
 fn print_changes(out: &mut impl Write, changes: &[kiln_builder::diff::Change]) {
     use kiln_builder::diff::Change;
+    let shown = |p: &str| -> String {
+        p.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect()
+    };
     for c in changes {
         let _ = match c {
-            Change::Added { path } => writeln!(out, "+ {path}"),
-            Change::Removed { path } => writeln!(out, "- {path}"),
-            Change::Modified { path, what } => writeln!(out, "M {path}  ({})", what.join(", ")),
+            Change::Added { path } => writeln!(out, "+ {}", shown(path)),
+            Change::Removed { path } => writeln!(out, "- {}", shown(path)),
+            Change::Modified { path, what } => writeln!(out, "M {}  ({})", shown(path), what.join(", ")),
         };
     }
 }

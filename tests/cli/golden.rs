@@ -52,14 +52,16 @@ const CONFIG: &str = concat!(
 );
 /// The stored listing of the `write` step's layer, in hex.
 const LISTING: &str = concat!(
-    "4b4c5354010a0000",                                                 // magic, version 1
+    "4b4c5354020a0000",                                                 // magic, version 2
+    "a8673529ad6c15252a11fe45d520d28d748c729f4eb9be6922ab280999a336ec", // the layer's diff_id
     "0365746301ed03000000",                                             // `etc`: folder, 0755, 0:0, no xattrs
     "086574632f6d6f74640007",                                           // `etc/motd`: file of 7 bytes,
     "dbdbfc4eea60c31dfdb68830dcf4393aa7e1fb5b64af6377e444c6c42e909203", // its sha256,
     "a003e807e80700",                                                   // 0640, 1000:1000, no xattrs
-    "080c91f3b003657463",               // index: block at 8, its CRC-32, `etc`
-    "02000000000000004400000000000000", // 2 entries, the index at 0x44
-    "4b4c5354454e4400",                 // end
+    "280c91f3b003657463",                                               // index: block at 40, its CRC-32, `etc`
+    "02000000000000006400000000000000",                                 // 2 entries, the index at 0x64
+    "0a0c49e7",                                                         // CRC-32 of the index and those
+    "4b4c5354454e4400",                                                 // end
 );
 
 fn project() -> Project {

@@ -203,6 +203,14 @@ fn layers_that_lead_out_of_the_root_are_refused_and_the_host_is_untouched() {
             "not an earlier entry",
         ),
         ("hardlink-to-folder", vec![(b"d", b'5', b""), (b"h", b'1', b"d")], "points to the folder"),
+        // A folder the layer fills first and makes a symlink last (the merged
+        // tree would hold the symlink and what is "under" it).
+        (
+            "symlink-after-its-children",
+            vec![(b"d/x", b'0', b""), (b"d/.wh..wh..opq", b'0', b""), (b"d", b'2', &host)],
+            "as a folder and then as a symlink",
+        ),
+        ("whiteout-around-children", vec![(b"x/y", b'0', b""), (b".wh.x", b'0', b"")], "both in the layer"),
     ];
     for (name, entries, want) in cases {
         let p = Project::new();
@@ -715,4 +723,153 @@ fn a_gigantic_output_line_is_cut_and_kilns_memory_stays_small() {
     assert!(long < 100_000, "a line of {long} bytes was shown");
     assert!(lines.iter().any(|e| e["line"] == "done"));
     assert!(r.stderr.len() < 1 << 20, "stderr is {} bytes", r.stderr.len());
+}
+
+/// An OCI layout at `dir` of `layers` (uncompressed tars), bottom first.
+fn layout_of_layers(p: &Project, dir: &str, layers: &[Vec<u8>]) {
+    use sha2::Digest;
+    let hex = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
+    let blobs = p.path(&format!("{dir}/blobs/sha256"));
+    fs::create_dir_all(&blobs).unwrap();
+    let mut diff_ids = Vec::new();
+    let mut descs = Vec::new();
+    for l in layers {
+        fs::write(blobs.join(hex(l)), l).unwrap();
+        diff_ids.push(format!("\"sha256:{}\"", hex(l)));
+        descs.push(format!(
+            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{}","size":{}}}"#,
+            hex(l),
+            l.len()
+        ));
+    }
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[{}]}},"config":{{}}}}"#,
+        diff_ids.join(",")
+    );
+    fs::write(blobs.join(hex(config.as_bytes())), &config).unwrap();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":{}}},"layers":[{}]}}"#,
+        hex(config.as_bytes()),
+        config.len(),
+        descs.join(",")
+    );
+    fs::write(blobs.join(hex(manifest.as_bytes())), &manifest).unwrap();
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{}","size":{}}}]}}"#,
+        hex(manifest.as_bytes()),
+        manifest.len()
+    );
+    fs::write(p.path(&format!("{dir}/index.json")), index).unwrap();
+    fs::write(p.path(&format!("{dir}/oci-layout")), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// A tar of (path, content) regular files and (path, target) hard links.
+fn tar_with(files: &[(&str, &[u8])], links: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, content) in files {
+        b.append(&header(path, tar::EntryType::Regular, content.len() as u64, 0o644), *content).unwrap();
+    }
+    for (path, target) in links {
+        let mut h = header(path, tar::EntryType::Link, 0, 0o644);
+        h.set_link_name(target).unwrap();
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// The bytes of `path` in the top layer of the OCI layout at `dir`.
+fn top_layer_file(dir: &std::path::Path, path: &str) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let blob = |d: &str| fs::read(dir.join("blobs/sha256").join(&d[7..])).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let top = blob(m["layers"].as_array().unwrap().last().unwrap()["digest"].as_str().unwrap());
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&top[..]));
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_str() == Some(path) {
+            let mut v = Vec::new();
+            e.read_to_end(&mut v).unwrap();
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// A hard link keeps the bytes its target had in the link's own layer, as
+/// extracting the layers in order gives, even when a later layer replaces
+/// the target's path with another file.
+#[test]
+fn copy_from_a_stage_takes_a_hard_links_bytes_from_its_own_layer() {
+    let p = Project::new();
+    let l1 = tar_with(&[("x", b"x-new")], &[("h", "x")]);
+    let l2 = tar_with(&[("x", b"x-newer")], &[]);
+    layout_of_layers(&p, "two", &[l1, l2]);
+    p.recipe(
+        "[[stage]]\nname = \"s\"\nbase = \"oci:two\"\n\n[image]\nname = \"y\"\n\n[[step]]\ncopy = \"/h\"\nfrom = \"s\"\nto = \"/h\"\n\n[[step]]\ncopy = \"/x\"\nfrom = \"s\"\nto = \"/x\"\n",
+    );
+    let r = p.build(&["-o", "oci:out"]);
+    r.digest();
+    // Each `copy` is its own layer: the top one holds /x, the one below /h.
+    assert_eq!(top_layer_file(&p.path("out"), "x").as_deref(), Some(&b"x-newer"[..]));
+    p.recipe(
+        "[[stage]]\nname = \"s\"\nbase = \"oci:two\"\n\n[image]\nname = \"y\"\n\n[[step]]\ncopy = \"/h\"\nfrom = \"s\"\nto = \"/h\"\n",
+    );
+    p.build(&["-o", "oci:out2"]).digest();
+    assert_eq!(top_layer_file(&p.path("out2"), "h").as_deref(), Some(&b"x-new"[..]));
+}
+
+/// Names in a layer are the layer author's: `kiln diff` shows their control
+/// characters escaped, so a name cannot forge a line or drive the terminal.
+#[test]
+fn diff_shows_control_characters_in_names_escaped() {
+    let p = Project::new();
+    let evil = "evil\u{1b}]0;PWNED\u{7}\n+ /etc/shadow-added";
+    layout_of_layers(&p, "base", &[tar_with(&[("a", b"a")], &[])]);
+    layout_of_layers(&p, "evil", &[tar_with(&[("a", b"a"), (evil, b"e")], &[])]);
+    let r = p.kiln(&["diff", "oci:base", "oci:evil"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(!r.stdout.contains('\u{1b}') && !r.stdout.contains('\u{7}'), "{:?}", r.stdout);
+    assert_eq!(r.stdout.lines().count(), 1, "one change, one line: {:?}", r.stdout);
+    assert!(r.stdout.starts_with("+ /evil\\u{1b}]0;PWNED"), "{:?}", r.stdout);
+}
+
+/// The cache's listings are derived data: one of another layer, one whose
+/// frame claims a terabyte, or a sparse file of a terabyte is never used;
+/// the listing is made again from the layer and the image is the same.
+#[test]
+fn a_wrong_or_oversized_stored_listing_is_made_again_from_its_layer() {
+    let p = Project::new();
+    layout_of_layers(&p, "base", &[tar_with(&[("etc/a", b"a")], &[]), tar_with(&[("etc/b", b"b")], &[])]);
+    p.recipe(
+        "[image]\nname = \"z\"\nbase = \"oci:base\"\n\n[[step]]\nwrite = \"/etc/new\"\ncontent = \"n\"\n",
+    );
+    let first = p.build(&[]).digest();
+    let listings = p.cache.join("v1/listings");
+    let mut files: Vec<_> = fs::read_dir(&listings).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert_eq!(files.len(), 3);
+    // Every listing swapped for the next one's.
+    let bytes: Vec<Vec<u8>> = files.iter().map(|f| fs::read(f).unwrap()).collect();
+    for (i, f) in files.iter().enumerate() {
+        fs::write(f, &bytes[(i + 1) % bytes.len()]).unwrap();
+    }
+    assert_eq!(p.build(&["--no-cache"]).digest(), first);
+    // A frame claiming more entries and index than any file could hold, in a
+    // sparse file of a terabyte.
+    for f in &files {
+        let mut good = fs::read(f).unwrap();
+        let n = good.len();
+        good[n - 28..n - 20].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let out = fs::File::create(f).unwrap();
+        out.set_len(1 << 40).unwrap();
+        use std::os::unix::fs::FileExt;
+        out.write_all_at(&good[..40], 0).unwrap();
+        out.write_all_at(&good[n - 28..], (1 << 40) - 28).unwrap();
+    }
+    let r = p.build(&["--no-cache"]);
+    assert_eq!(r.digest(), first);
 }

@@ -56,9 +56,11 @@ pub fn stage_source(
     for (_, j, e) in &picked {
         let (layer, data_path, size, sha) = match &e.kind {
             Kind::File { size, sha256 } => (*j, e.path.clone(), *size, *sha256),
-            Kind::Hardlink { target } => match tree.locate(target).map_err(s)? {
-                Some((t, ListEntry { kind: Kind::File { size, sha256 }, .. })) => {
-                    (t, target.clone(), size, sha256)
+            // The target as the hard link's own layer holds it (a layer above
+            // may have replaced the target's path with another file).
+            Kind::Hardlink { target } => match tree.entry_in(*j, target).map_err(s)? {
+                Some(ListEntry { kind: Kind::File { size, sha256 }, .. }) => {
+                    (*j, target.clone(), size, sha256)
                 }
                 _ => {
                     return Err(format!(
@@ -158,10 +160,12 @@ pub fn read_files(
     for p in paths {
         let (layer, source) = match tree.locate(p)? {
             Some((j, ListEntry { kind: Kind::File { .. }, .. })) => (j, p.clone()),
-            Some((_, ListEntry { kind: Kind::Hardlink { target }, .. })) => match tree.locate(&target)? {
-                Some((j, ListEntry { kind: Kind::File { .. }, .. })) => (j, target),
-                _ => continue,
-            },
+            Some((j, ListEntry { kind: Kind::Hardlink { target }, .. })) => {
+                match tree.entry_in(j, &target)? {
+                    Some(ListEntry { kind: Kind::File { .. }, .. }) => (j, target),
+                    _ => continue,
+                }
+            }
             _ => continue,
         };
         if let Some(wanted) = by_layer.get_mut(layer) {

@@ -33,6 +33,9 @@ const MEMO: usize = 1 << 16;
 #[derive(Default)]
 pub struct FsTree {
     layers: Vec<Layer>,
+    /// Keys the hashes of whiteouts and opaque folders (16 bytes each, not
+    /// the path: a layer of a million long whiteout names costs 16 MB).
+    keys: [std::collections::hash_map::RandomState; 2],
     /// Per folder: the lowest layer whose entries under it are visible.
     floors: Mutex<HashMap<String, usize>>,
 }
@@ -46,11 +49,11 @@ impl std::fmt::Debug for FsTree {
 struct Layer {
     digest: Digest,
     source: Source,
-    /// The paths this layer's whiteouts hide below it.
-    whiteouts: HashSet<String>,
+    /// The paths this layer's whiteouts hide below it, by [`FsTree::key`].
+    whiteouts: HashSet<u128>,
     /// The folders whose lower contents this layer's opaque markers hide
-    /// (`""` for the root).
-    opaque: HashSet<String>,
+    /// (`""` for the root), by [`FsTree::key`].
+    opaque: HashSet<u128>,
 }
 
 /// A layer's sorted entries: its stored listing, or one in memory.
@@ -121,28 +124,23 @@ impl FsTree {
         let bad = |reason: String| BuildError::BadLayer { layer: digest, reason };
         let mut whiteouts = HashSet::new();
         let mut opaque = HashSet::new();
+        // Folders known not to be (or be under) a symlink below.
         let mut checked: HashSet<String> = HashSet::new();
         for e in source.iter_from("").map_err(|e| self.damaged(&digest, e))? {
             let e = e.map_err(|e| self.damaged(&digest, e))?;
             let (parent, name) = split(&e.path);
             if let Some(p) = parent {
-                if !checked.contains(p) {
-                    if let Some(s) = self.symlink_on(p)? {
-                        return Err(bad(format!(
-                            "entry `{}` would be written through the symlink `/{s}`",
-                            e.path
-                        )));
-                    }
-                    if checked.len() >= MEMO {
-                        checked.clear();
-                    }
-                    checked.insert(p.to_string());
+                if let Some(s) = self.symlink_on(p, &mut checked)? {
+                    return Err(bad(format!(
+                        "entry `{}` would be written through the symlink `/{s}`",
+                        e.path
+                    )));
                 }
             }
             if name == OPAQUE {
-                opaque.insert(parent.unwrap_or("").to_string());
+                opaque.insert(self.key(parent.unwrap_or("")));
             } else if let Some(victim) = name.strip_prefix(WHITEOUT) {
-                whiteouts.insert(join(parent, victim));
+                whiteouts.insert(self.key(&join(parent, victim)));
             }
         }
         self.layers.push(Layer { digest, source, whiteouts, opaque });
@@ -151,15 +149,35 @@ impl FsTree {
     }
 
     /// `dir` or the first of its parents that is a symlink in the tree.
-    fn symlink_on<'a>(&self, dir: &'a str) -> Result<Option<&'a str>, BuildError> {
+    /// Folders found clean go into `checked`, so a deep tree is walked once.
+    fn symlink_on<'a>(
+        &self,
+        dir: &'a str,
+        checked: &mut HashSet<String>,
+    ) -> Result<Option<&'a str>, BuildError> {
         let mut at = Some(dir);
+        let mut clean = Vec::new();
         while let Some(d) = at {
+            if checked.contains(d) {
+                break;
+            }
             if let Some(Kind::Symlink { .. }) = self.get(d)?.map(|e| e.kind) {
                 return Ok(Some(d));
             }
+            clean.push(d);
             at = split(d).0;
         }
+        if checked.len() + clean.len() > MEMO {
+            checked.clear();
+        }
+        checked.extend(clean.into_iter().map(str::to_string));
         Ok(None)
+    }
+
+    /// A path's hash under this tree's random keys.
+    fn key(&self, path: &str) -> u128 {
+        use std::hash::BuildHasher;
+        (u128::from(self.keys[0].hash_one(path)) << 64) | u128::from(self.keys[1].hash_one(path))
     }
 
     fn damaged(&self, layer: &Digest, e: std::io::Error) -> BuildError {
@@ -177,20 +195,23 @@ impl FsTree {
     /// The lowest layer whose entries under `dir` are visible (`None`: the root).
     fn floor(&self, dir: Option<&str>) -> Result<usize, BuildError> {
         let Some(d) = dir else {
-            return Ok(self.layers.iter().rposition(|l| l.opaque.contains("")).unwrap_or(0));
+            let root = self.key("");
+            return Ok(self.layers.iter().rposition(|l| l.opaque.contains(&root)).unwrap_or(0));
         };
         if let Some(f) = self.floors.lock().expect("floors").get(d) {
             return Ok(*f);
         }
         let mut floor = self.floor(split(d).0)?;
+        let k = self.key(d);
         for j in (floor..self.layers.len()).rev() {
-            let l = &self.layers[j];
-            if l.whiteouts.contains(d) || l.opaque.contains(d) {
-                floor = j;
-                break;
-            }
+            // Not a folder in `j`: nothing of `j` or below is under it.
             if self.lookup(j, d)?.is_some_and(|e| !matches!(e.kind, Kind::Dir)) {
                 floor = j + 1;
+                break;
+            }
+            let l = &self.layers[j];
+            if l.whiteouts.contains(&k) || l.opaque.contains(&k) {
+                floor = j;
                 break;
             }
         }
@@ -206,15 +227,22 @@ impl FsTree {
     /// comes from.
     pub fn locate(&self, path: &str) -> Result<Option<(usize, ListEntry)>, BuildError> {
         let floor = self.floor(split(path).0)?;
+        let k = self.key(path);
         for j in (floor..self.layers.len()).rev() {
             if let Some(e) = self.lookup(j, path)? {
                 return Ok(Some((j, e)));
             }
-            if self.layers[j].whiteouts.contains(path) {
+            if self.layers[j].whiteouts.contains(&k) {
                 return Ok(None);
             }
         }
         Ok(None)
+    }
+
+    /// The entry at `path` in layer `j` alone (a hard link's target is in
+    /// the hard link's own layer, whatever the layers above made of it).
+    pub fn entry_in(&self, j: usize, path: &str) -> Result<Option<ListEntry>, BuildError> {
+        self.lookup(j, path)
     }
 
     /// The entry at `path` (relative, clean), if the tree holds it.
@@ -345,11 +373,12 @@ impl Iterator for Merged<'_> {
                 Ok(f) => f,
                 Err(e) => return Some(Err(e)),
             };
+            let k = self.tree.key(&path);
             for j in (floor..self.tree.layers.len()).rev() {
                 if let Some(i) = holders.iter().position(|(h, _)| *h == j) {
                     return Some(Ok(holders.swap_remove(i)));
                 }
-                if self.tree.layers[j].whiteouts.contains(&path) {
+                if self.tree.layers[j].whiteouts.contains(&k) {
                     break;
                 }
             }

@@ -6,12 +6,15 @@
 //! hundreds.
 //!
 //! ```text
-//! "KLST\x01\n\0\0"                       magic, version 1
+//! "KLST\x02\n\0\0"                       magic, version 2
+//! [u8; 32]                               the layer's diff_id (a listing of
+//!                                        another layer is refused)
 //! entry*                                 sorted by path, one per path
 //! (varint offset, u32 crc, varint len, path)*
 //!                                        every BLOCK-th entry: where its block
 //!                                        starts, the block's CRC-32, its path
-//! u64 count, u64 index offset, "KLSTEND\0"
+//! u64 count, u64 index offset, u32 CRC-32 of the index and those two,
+//! "KLSTEND\0"
 //! ```
 //! An entry: varint-length path, a type byte and its fields (size and
 //! sha256, link target, device numbers), mode, uid, gid (varints), then the
@@ -28,16 +31,23 @@ use kiln_cache::Digest;
 
 use super::{Kind, ListEntry};
 
-const MAGIC: &[u8; 8] = b"KLST\x01\n\0\0";
+const MAGIC: &[u8; 8] = b"KLST\x02\n\0\0";
 const END: &[u8; 8] = b"KLSTEND\0";
+/// The magic and the diff_id.
+const HEAD: u64 = 40;
+/// count, index offset, index CRC, end marker.
+const TAIL: u64 = 28;
 /// Entries between two sparse index keys.
 const BLOCK: u64 = 64;
 /// Entries (or bytes of them) an unsorted run holds before it is sorted
 /// and spilled to disk.
 const RUN_ENTRIES: usize = 1 << 16;
 const RUN_BYTES: usize = 16 << 20;
-/// The longest path, link target, xattr name or value a listing holds.
-const MAX_STRING: u64 = 1 << 20;
+/// The longest path, link target (both 4096 at most, as the layer scan
+/// checks), xattr name or hex value a listing holds.
+const MAX_STRING: u64 = 1 << 16;
+/// The most bytes a block of [`BLOCK`] entries can take.
+const MAX_BLOCK: u64 = BLOCK * (3 * MAX_STRING + 64);
 
 fn corrupt(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("the listing is corrupt ({what})"))
@@ -196,10 +206,11 @@ impl ListingWriter {
         Ok(())
     }
 
-    /// Writes the sorted listing to `out` (a new file); returns the entry count.
-    pub fn finish(mut self, out: File) -> io::Result<u64> {
+    /// Writes the sorted listing of the layer `diff_id` to `out` (a new
+    /// file); returns the entry count.
+    pub fn finish(mut self, out: File, diff_id: &Digest) -> io::Result<u64> {
         let last = sort_run(std::mem::take(&mut self.run));
-        let mut w = FileWriter::new(out)?;
+        let mut w = FileWriter::new(out, diff_id)?;
         if self.spilled.is_empty() {
             for e in &last {
                 w.entry(e)?;
@@ -274,6 +285,15 @@ impl Ord for Head {
     }
 }
 
+/// The checksum of the index and the frame numbers that go with it.
+fn index_crc(index: &[u8], count: u64, data_end: u64) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(index);
+    h.update(&count.to_le_bytes());
+    h.update(&data_end.to_le_bytes());
+    h.finalize()
+}
+
 /// Writes sorted, distinct entries and the sparse index.
 struct FileWriter {
     w: BufWriter<File>,
@@ -286,17 +306,11 @@ struct FileWriter {
 }
 
 impl FileWriter {
-    fn new(out: File) -> io::Result<FileWriter> {
+    fn new(out: File, diff_id: &Digest) -> io::Result<FileWriter> {
         let mut w = BufWriter::with_capacity(256 << 10, out);
         w.write_all(MAGIC)?;
-        Ok(FileWriter {
-            w,
-            pos: MAGIC.len() as u64,
-            count: 0,
-            block: Vec::new(),
-            first: String::new(),
-            index: Vec::new(),
-        })
+        w.write_all(diff_id.bytes())?;
+        Ok(FileWriter { w, pos: HEAD, count: 0, block: Vec::new(), first: String::new(), index: Vec::new() })
     }
 
     fn entry(&mut self, e: &ListEntry) -> io::Result<()> {
@@ -327,16 +341,29 @@ impl FileWriter {
         self.w.write_all(&self.index)?;
         self.w.write_all(&self.count.to_le_bytes())?;
         self.w.write_all(&self.pos.to_le_bytes())?;
+        self.w.write_all(&index_crc(&self.index, self.count, self.pos).to_le_bytes())?;
         self.w.write_all(END)?;
         self.w.flush()?;
         Ok(self.count)
     }
 }
 
+/// Opens a regular file for reading without following a symlink (nor
+/// blocking on a fifo).
+fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(corrupt("not a regular file"));
+    }
+    Ok(f)
+}
+
 /// A listing file opened for lookups and streaming. Holds the sparse index
-/// (one path in [`BLOCK`]) and the last blocks it decoded.
+/// (one path in [`BLOCK`]) and the last blocks it decoded, not a file
+/// descriptor: a stack of a thousand layers must not run out of them.
 pub struct ListingFile {
-    file: File,
+    path: std::path::PathBuf,
     count: u64,
     /// Where the entries end (and the index starts).
     data_end: u64,
@@ -352,53 +379,74 @@ impl std::fmt::Debug for ListingFile {
 }
 
 impl ListingFile {
-    /// Opens a listing, checking its frame and reading its sparse index.
-    pub fn open(file: File) -> io::Result<ListingFile> {
+    /// Opens the listing of the layer `diff_id`, checking its frame, that
+    /// it is that layer's, and its sparse index (whose size is bounded by
+    /// the entry count before anything is read).
+    pub fn open(path: &Path, diff_id: &Digest) -> io::Result<ListingFile> {
+        let file = open_regular(path)?;
         let len = file.metadata()?.len();
-        if len < (MAGIC.len() + 24) as u64 {
+        if len < HEAD + TAIL {
             return Err(corrupt("too short"));
         }
-        let mut head = [0u8; 8];
+        let mut head = [0u8; HEAD as usize];
         file.read_exact_at(&mut head, 0)?;
-        let mut tail = [0u8; 24];
-        file.read_exact_at(&mut tail, len - 24)?;
-        if &head != MAGIC || &tail[16..] != END {
+        let mut tail = [0u8; TAIL as usize];
+        file.read_exact_at(&mut tail, len - TAIL)?;
+        if &head[..8] != MAGIC || &tail[20..] != END {
             return Err(corrupt("not a listing of this version"));
         }
-        let count = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes"));
-        let data_end = u64::from_le_bytes(tail[8..16].try_into().expect("8 bytes"));
-        if data_end < MAGIC.len() as u64 || data_end > len - 24 || count > data_end {
+        if head[8..] != diff_id.bytes()[..] {
+            return Err(corrupt("the listing of another layer"));
+        }
+        let word = |at: usize| u64::from_le_bytes(tail[at..at + 8].try_into().expect("8 bytes"));
+        let (count, data_end) = (word(0), word(8));
+        let index_crc = u32::from_le_bytes(tail[16..20].try_into().expect("4 bytes"));
+        // Each entry takes at least 7 bytes; each index key at most a path and 15.
+        let blocks = count.div_ceil(BLOCK);
+        if data_end < HEAD || data_end > len - TAIL || count > (data_end - HEAD) / 7 {
             return Err(corrupt("a bad frame"));
         }
-        let mut index = vec![0u8; (len - 24 - data_end) as usize];
+        let index_len = len - TAIL - data_end;
+        if index_len > blocks * (MAX_STRING + 16) {
+            return Err(corrupt("an index larger than its entries need"));
+        }
+        let mut index = vec![0u8; index_len as usize];
         file.read_exact_at(&mut index, data_end)?;
+        if self::index_crc(&index, count, data_end) != index_crc {
+            return Err(corrupt("the index does not match its checksum"));
+        }
         let mut d = Decoder { r: &index[..] };
-        let mut keys = Vec::with_capacity(count.div_ceil(BLOCK) as usize);
+        let mut keys = Vec::with_capacity(blocks as usize);
         while !d.r.is_empty() {
             let at = d.varint()?;
             let mut crc = [0u8; 4];
             d.r.read_exact(&mut crc).map_err(|_| corrupt("truncated"))?;
             let path = d.string()?;
             let sorted = keys.last().is_none_or(|(p, o, _): &(String, u64, u32)| *p < path && *o < at);
-            if at < MAGIC.len() as u64 || at >= data_end || !sorted {
+            if at < HEAD || at >= data_end || !sorted {
                 return Err(corrupt("a bad index"));
             }
             keys.push((path, at, u32::from_le_bytes(crc)));
         }
-        if keys.len() as u64 != count.div_ceil(BLOCK) {
+        if keys.len() as u64 != blocks || keys.first().is_some_and(|k| k.1 != HEAD) {
             return Err(corrupt("an index that does not match the count"));
         }
-        Ok(ListingFile { file, count, data_end, keys, recent: Mutex::new(Vec::new()) })
+        let sizes = keys.windows(2).map(|w| w[1].1 - w[0].1).chain(keys.last().map(|k| data_end - k.1));
+        if sizes.into_iter().any(|n| n > MAX_BLOCK) {
+            return Err(corrupt("a block larger than its entries can be"));
+        }
+        Ok(ListingFile { path: path.to_path_buf(), count, data_end, keys, recent: Mutex::new(Vec::new()) })
     }
 
     /// Checks every block against its checksum (one sequential read, no
     /// decoding), so that later lookups do not meet damage half-way.
     pub fn verify(&self) -> io::Result<()> {
+        let file = open_regular(&self.path)?;
         let mut buf = Vec::new();
         for (i, (_, start, crc)) in self.keys.iter().enumerate() {
             let end = self.keys.get(i + 1).map(|k| k.1).unwrap_or(self.data_end);
             buf.resize((end - start) as usize, 0);
-            self.file.read_exact_at(&mut buf, *start)?;
+            file.read_exact_at(&mut buf, *start)?;
             if crc32fast::hash(&buf) != *crc {
                 return Err(corrupt("a block does not match its checksum"));
             }
@@ -419,7 +467,7 @@ impl ListingFile {
         let (first, start, crc) = &self.keys[i];
         let end = self.keys.get(i + 1).map(|k| k.1).unwrap_or(self.data_end);
         let mut bytes = vec![0u8; (end - start) as usize];
-        self.file.read_exact_at(&mut bytes, *start)?;
+        open_regular(&self.path)?.read_exact_at(&mut bytes, *start)?;
         if crc32fast::hash(&bytes) != *crc {
             return Err(corrupt("a block does not match its checksum"));
         }
@@ -502,15 +550,16 @@ mod tests {
         ListEntry { path: path.into(), kind, mode: 0o644, uid: 1, gid: 2, xattrs: Default::default() }
     }
 
-    fn write(entries: Vec<ListEntry>) -> ListingFile {
+    fn write(entries: Vec<ListEntry>) -> (tempfile::TempDir, ListingFile) {
         let dir = tempfile::tempdir().unwrap();
         let mut w = ListingWriter::new(dir.path());
         for x in entries {
             w.push(x).unwrap();
         }
-        let f = tempfile::tempfile().unwrap();
-        w.finish(f.try_clone().unwrap()).unwrap();
-        ListingFile::open(f).unwrap()
+        let path = dir.path().join("listing");
+        w.finish(File::create(&path).unwrap(), &Digest::of(b"layer")).unwrap();
+        let l = ListingFile::open(&path, &Digest::of(b"layer")).unwrap();
+        (dir, l) // the listing is read from its path while the folder lives
     }
 
     #[test]
@@ -527,7 +576,7 @@ mod tests {
             e("p", Kind::Fifo),
             e("z", Kind::Fifo),
         ];
-        let l = write(all);
+        let (_dir, l) = write(all);
         let got: Vec<ListEntry> = l.iter().unwrap().map(Result::unwrap).collect();
         let paths: Vec<&str> = got.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["b", "c", "f", "h", "p", "s", "z"]);
@@ -549,7 +598,7 @@ mod tests {
                 all.push(x);
             }
         }
-        let l = write(all);
+        let (_dir, l) = write(all);
         assert_eq!(l.len(), n as u64);
         let mut count = 0;
         let mut prev = String::new();
@@ -575,20 +624,39 @@ mod tests {
             w.push(e(&format!("f{i:04}"), Kind::Dir)).unwrap();
         }
         let path = dir.path().join("l");
-        w.finish(File::create(&path).unwrap()).unwrap();
+        w.finish(File::create(&path).unwrap(), &Digest::of(b"layer")).unwrap();
         let good = std::fs::read(&path).unwrap();
         // Any flipped byte is found: by the frame, the index or a block's checksum.
         for at in (0..good.len()).step_by(7).chain([good.len() - 1]) {
             let mut bad = good.clone();
             bad[at] ^= 0x55;
             std::fs::write(&path, &bad).unwrap();
-            let read_all = ListingFile::open(File::open(&path).unwrap()).and_then(|l| {
+            let read_all = ListingFile::open(&path, &Digest::of(b"layer")).and_then(|l| {
+                l.verify()?;
                 l.iter()?.collect::<io::Result<Vec<_>>>()?;
                 (0..500).try_for_each(|i| l.get(&format!("f{i:04}")).map(drop))
             });
             assert!(read_all.is_err(), "a flipped byte at {at} went unnoticed");
         }
+        // What `verify` alone (the check on load) finds: everything but a flipped entry
+        // byte that a block's CRC does not cover... which is none.
+        for at in (0..good.len()).step_by(5) {
+            let mut bad = good.clone();
+            bad[at] ^= 0x01;
+            std::fs::write(&path, &bad).unwrap();
+            let loaded = ListingFile::open(&path, &Digest::of(b"layer")).and_then(|l| l.verify());
+            assert!(loaded.is_err(), "a flipped byte at {at} passes the load check");
+        }
+        std::fs::write(&path, &good).unwrap();
+        let other = ListingFile::open(&path, &Digest::of(b"another layer"));
+        assert!(other.unwrap_err().to_string().contains("another layer"));
         std::fs::write(&path, &good[..good.len() - 1]).unwrap();
-        assert!(ListingFile::open(File::open(&path).unwrap()).is_err());
+        assert!(ListingFile::open(&path, &Digest::of(b"layer")).is_err());
+        // A frame that claims more than the file could hold is refused before any allocation.
+        let mut huge = good.clone();
+        let n = huge.len();
+        huge[n - 28..n - 20].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &huge).unwrap();
+        assert!(ListingFile::open(&path, &Digest::of(b"layer")).is_err());
     }
 }

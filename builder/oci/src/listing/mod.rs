@@ -93,8 +93,8 @@ impl Listing {
     /// from the blob.
     pub fn load(store: &Store, layer: &ImageLayer) -> Result<ListingFile, BuildError> {
         let path = store.record_path("listings", &layer.diff_id.hex());
-        if let Ok(f) = open_regular(&path) {
-            match ListingFile::open(f).and_then(|l| l.verify().map(|()| l)) {
+        if path.symlink_metadata().is_ok() {
+            match ListingFile::open(&path, &layer.diff_id).and_then(|l| l.verify().map(|()| l)) {
                 Ok(l) => return Ok(l),
                 Err(e) => {
                     tracing::warn!(listing = %path.display(), error = %e, "listing again from the layer")
@@ -131,23 +131,12 @@ fn persist(store: &Store, diff_id: &Digest, w: ListingWriter) -> Result<ListingF
     let tmp_dir = store.tmp_dir();
     let tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(BuildError::io_write(&tmp_dir))?;
     let file = tmp.as_file().try_clone().map_err(BuildError::io_write(&tmp_dir))?;
-    w.finish(file).map_err(BuildError::io_write(&tmp_dir))?;
+    w.finish(file, diff_id).map_err(BuildError::io_write(&tmp_dir))?;
     let path = store.record_path("listings", &diff_id.hex());
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
         .map_err(BuildError::io_write(&path))?;
-    let file = tmp.persist(&path).map_err(|e| BuildError::io_write(&path)(e.error))?;
-    ListingFile::open(file).map_err(BuildError::io_read(&path))
-}
-
-/// Opens a regular file without following a symlink.
-fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f =
-        std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    Ok(f)
+    tmp.persist(&path).map_err(|e| BuildError::io_write(&path)(e.error))?;
+    ListingFile::open(&path, diff_id).map_err(BuildError::io_read(&path))
 }
 
 /// The largest extension header (PAX record set, GNU long name or link)
@@ -309,6 +298,11 @@ fn scan(
         let link = || -> Result<String, BuildError> {
             let l =
                 p.link.clone().or_else(|| h.link_name_bytes().map(|l| l.into_owned())).unwrap_or_default();
+            if l.len() > MAX_PATH_BYTES {
+                return Err(bad(format!(
+                    "entry `{path}` has a link target longer than {MAX_PATH_BYTES} bytes, which no filesystem can hold"
+                )));
+            }
             String::from_utf8(l)
                 .map_err(|_| bad(format!("entry `{path}` has a link target that is not UTF-8")))
         };
@@ -378,8 +372,20 @@ fn scan(
 fn check_in_layer(seen: &Seen, path: &str, kind: &TarKind) -> Result<(), String> {
     let mut at = path;
     while let Some((up, _)) = at.rsplit_once('/') {
+        let whiteout = match up.rsplit_once('/') {
+            Some((p, n)) => format!("{p}/.wh.{n}"),
+            None => format!(".wh.{up}"),
+        };
+        if seen.get(&whiteout).is_some() {
+            return Err(format!(
+                "entry `{path}` is inside `{up}`, which the same layer whites out; a whiteout hides only what layers below hold"
+            ));
+        }
         match seen.get(up) {
-            None | Some(DIR) => {}
+            None => {}
+            // Seen as a folder, so its own parents passed these checks
+            // then, and none can have changed since (a retype is refused).
+            Some(DIR) => break,
             Some(SYMLINK) => {
                 return Err(format!(
                     "entry `{path}` goes through `{up}`, which the same layer makes a symlink"
@@ -459,9 +465,21 @@ impl Seen {
         self.types.get(&self.key(path)).copied()
     }
 
+    /// Records `path`'s type, and its parents as folders where the layer
+    /// has not given them: a later entry may not make one of them a
+    /// symlink or anything else but a folder, or white it out.
     fn insert(&mut self, path: &str, kind: &TarKind) {
         let k = self.key(path);
         self.types.insert(k, type_of(kind));
+        let mut at = path;
+        while let Some((up, _)) = at.rsplit_once('/') {
+            let k = self.key(up);
+            if self.types.contains_key(&k) {
+                break; // and so are its parents
+            }
+            self.types.insert(k, DIR);
+            at = up;
+        }
     }
 }
 
@@ -694,6 +712,37 @@ mod tests {
         assert!(err.contains("`../etc/evil` leaves the root"), "{err}");
     }
 
+    #[test]
+    fn link_targets_longer_than_a_path_can_be_are_refused() {
+        let target = format!("{}/x", "t".repeat(5000));
+        let record = format!("linkpath={target}\n");
+        let mut n = record.len() + 3;
+        while format!("{n} {record}").len() != n {
+            n += 1;
+        }
+        let body = format!("{n} {record}");
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(body.len() as u64);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(body.as_bytes());
+        out.resize(512 + body.len().div_ceil(512) * 512, 0);
+        let mut l = tar::Header::new_ustar();
+        l.set_path("long").unwrap();
+        l.set_entry_type(tar::EntryType::Symlink);
+        l.set_mode(0o777);
+        l.set_uid(0);
+        l.set_gid(0);
+        l.set_mtime(0);
+        l.set_size(0);
+        l.set_cksum();
+        out.extend_from_slice(l.as_bytes());
+        out.extend_from_slice(&[0u8; 1024]);
+        let err = scan(&out).unwrap_err();
+        assert!(err.contains("link target longer than 4096 bytes"), "{err}");
+    }
+
     /// A tar of (path, type, link target) entries, in the order given.
     fn tar_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -737,6 +786,15 @@ mod tests {
             // A path and its own whiteout, in either order.
             (&[("d", D, ""), ("d/x", F, ""), ("d/.wh.x", F, "")], "both in the layer"),
             (&[(".wh.x", F, ""), ("x", D, "")], "both in the layer"),
+            // A folder the layer fills (or marks opaque) and then makes a symlink,
+            // and one it whites out around what it puts inside.
+            (
+                &[("d/x", F, ""), ("d/.wh..wh..opq", F, ""), ("d", S, "/etc")],
+                "appears twice in the layer, as a folder and then as a symlink",
+            ),
+            (&[("x/y", F, ""), (".wh.x", F, "")], "both in the layer"),
+            (&[(".wh.x", F, ""), ("x/y", F, "")], "which the same layer whites out"),
+            (&[(".wh.x", F, ""), ("x/y/z", D, "")], "which the same layer whites out"),
         ];
         for (entries, want) in cases {
             let err = scan(&tar_of(entries)).unwrap_err();
