@@ -7,8 +7,8 @@
 //!   and archives through `kiln_oci::import`, `docker:`, `registry:`).
 //! - [`context`]: copy sources inside the context, hashed through the stat index.
 //! - [`inspect`], [`diff`]: reading images back.
-//! - [`exec`]: where `run` steps execute ([`exec::Executor`]: the local
-//!   sandbox, the Docker engine).
+//! - `exec` (the `kiln-exec` crate, `builder/exec`): where `run` steps
+//!   execute ([`exec::Executor`]: the local sandbox, the Docker engine).
 //! - [`packages`]: `[packages]`: Debian packages locked in kiln.lock and
 //!   installed into one layer.
 //! - [`vm`]: `-o vm:FILE`, the image as a bootable, reproducible VM disk.
@@ -19,7 +19,6 @@ pub mod base;
 pub mod build;
 pub mod context;
 pub mod diff;
-pub mod exec;
 pub mod inspect;
 pub mod packages;
 pub mod registry;
@@ -27,6 +26,7 @@ mod runtime;
 pub mod vm;
 
 // The formats, under the names the engine's modules use.
+pub use kiln_exec as exec;
 pub(crate) use kiln_oci::{
     changes, error, export, extract, fstree, image, import, layer, listing, passwd, rootdir, tarball, unpack,
 };

@@ -58,10 +58,10 @@ const LISTING: &str = concat!(
     "086574632f6d6f74640007",                                           // `etc/motd`: file of 7 bytes,
     "dbdbfc4eea60c31dfdb68830dcf4393aa7e1fb5b64af6377e444c6c42e909203", // its sha256,
     "a003e807e80700",                                                   // 0640, 1000:1000, no xattrs
-    "280c91f3b003657463",                                               // index: block at 40, its CRC-32, `etc`
-    "02000000000000006400000000000000",                                 // 2 entries, the index at 0x64
-    "0a0c49e7",                                                         // CRC-32 of the index and those
-    "4b4c5354454e4400",                                                 // end
+    "280c91f3b003657463",               // index: block at 40, its CRC-32, `etc`
+    "02000000000000006400000000000000", // 2 entries, the index at 0x64
+    "0a0c49e7",                         // CRC-32 of the index and those
+    "4b4c5354454e4400",                 // end
 );
 
 fn project() -> Project {

@@ -1,6 +1,7 @@
-//! Backends for `run` steps (design §5). Both take the same request and
-//! return the same [`Change`](crate::changes::Change)s, which become the
-//! layer through one normalization, so the backends give identical layers.
+//! kiln-exec: where `run` steps execute (design §5). Every backend takes the
+//! same request and returns the same [`Change`](kiln_oci::changes::Change)s,
+//! which become the layer through one normalization, so the backends give
+//! identical layers. Depends on the formats (`kiln-oci`) and the store only.
 //!
 //! - [`local`]: namespaces and overlayfs, no daemon (the default).
 //! - [`sandbox`]: the helper process the local backend re-executes;
@@ -17,6 +18,11 @@ pub mod local;
 pub mod rootless;
 pub mod sandbox;
 pub mod seccomp;
+
+// The formats this crate reads and writes, under the names its modules use.
+pub(crate) use kiln_oci::{
+    changes, error, export, fstree, image, import, layer, listing, passwd, unpack, BuildError,
+};
 
 use std::collections::VecDeque;
 use std::io::Read;
