@@ -87,7 +87,7 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
             if !tagged.is_empty() {
                 let opts =
                     kiln_cache::registry::RegistryOptions { insecure: insecure_registry, monolithic: false };
-                let (pins, changed) = kiln_builder::registry::lock_bases(&recipe, &opts)?;
+                let (pins, changed) = kiln_builder::lock::bases(&recipe, &opts)?;
                 let mut out = std::io::stdout().lock();
                 for p in &pins {
                     let _ = writeln!(out, "{}\t{}", p.reference, p.digest);
@@ -102,7 +102,7 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
                     return Ok(0);
                 }
             }
-            let o = kiln_builder::packages::lock(&recipe, platform)?;
+            let o = kiln_builder::lock::packages(&recipe, platform)?;
             let verb = if o.changed { "wrote" } else { "is up to date:" };
             let bytes: u64 = o.lock.packages.iter().map(|p| p.size).sum();
             eprintln!(
@@ -125,7 +125,7 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
         Command::Sbom { target, cache_dir } => {
             let store = open_store(cache_dir)?;
             let target = parse_ref(&target, "TARGET")?;
-            let doc = kiln_builder::packages::sbom::for_image(&store, &target)?;
+            let doc = kiln_builder::sbom::for_image(&store, &target)?;
             let _ = std::io::stdout().lock().write_all(&doc);
             Ok(0)
         }

@@ -9,10 +9,11 @@
 //! - [`inspect`], [`diff`]: reading images back.
 //! - `exec` (the `kiln-exec` crate, `builder/exec`): where `run` steps
 //!   execute ([`exec::Executor`]: the local sandbox, the Docker engine).
-//! - [`packages`]: `[packages]`: Debian packages locked in kiln.lock and
-//!   installed into one layer.
+//! - `packages` (the `kiln-debian` crate, `builder/debian`): `[packages]`,
+//!   Debian packages locked in kiln.lock and installed into one layer.
 //! - [`vm`]: `-o vm:FILE`, the image as a bootable, reproducible VM disk.
 //! - [`registry`]: `registry:` bases and outputs, the remote step cache.
+//! - [`lock`], [`sbom`]: `kiln lock` (base pins, packages) and `kiln sbom`.
 //! - `runtime`: the async runtime registry and engine calls run on.
 
 pub mod base;
@@ -20,12 +21,14 @@ pub mod build;
 pub mod context;
 pub mod diff;
 pub mod inspect;
-pub mod packages;
+pub mod lock;
 pub mod registry;
 mod runtime;
+pub mod sbom;
 pub mod vm;
 
 // The formats, under the names the engine's modules use.
+pub use kiln_debian as packages;
 pub use kiln_exec as exec;
 pub(crate) use kiln_oci::{
     changes, error, export, extract, fstree, image, import, layer, listing, passwd, rootdir, tarball, unpack,

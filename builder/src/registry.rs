@@ -26,8 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::json;
 
 use kiln_cache::registry::{
-    Manifest, Pushed, Registry, RegistryError, RegistryOptions, Remote, DOCKER_LIST, DOCKER_MANIFEST,
-    OCI_INDEX, OCI_MANIFEST,
+    Manifest, Pushed, Registry, RegistryError, Remote, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
 use kiln_cache::{Digest, Store};
 use kiln_recipes::recipe::Platform;
@@ -35,7 +34,6 @@ use kiln_recipes::{Base, Recipe};
 
 use crate::error::BuildError;
 use crate::image::{canonical_json, ImageLayer, StoredImage};
-use crate::packages::lockfile::{BasePin, Lockfile};
 use crate::reporter::Reporter;
 
 pub const CACHE_TAG: &str = "kiln-cache";
@@ -318,25 +316,6 @@ pub fn push_index(
     let empty = store.put_blob(b"{}")?;
     reg.push_blob(store, r, &empty, None)?;
     Ok(reg.push_manifest(r, &index.render(), OCI_MANIFEST)?)
-}
-
-/// `kiln lock` for bases: resolves every tagged `registry:` base of the
-/// recipe to the digest its tag names now and writes the pins into
-/// kiln.lock. Returns the pins and whether the file changed.
-pub fn lock_bases(recipe: &Recipe, opts: &RegistryOptions) -> Result<(Vec<BasePin>, bool), BuildError> {
-    let tagged: Vec<(String, Remote)> = tagged_bases(recipe)?;
-    let rt = crate::runtime::runtime()?;
-    let remotes: Vec<Remote> = tagged.iter().map(|(_, r)| r.clone()).collect();
-    let reg = Registry::new(rt.handle().clone(), &remotes, opts);
-    let mut pins = Vec::new();
-    for (name, r) in &tagged {
-        let m = reg.manifest(r)?.ok_or_else(|| RegistryError::NotFound { reference: r.to_string() })?;
-        pins.push(BasePin { reference: name.clone(), digest: m.digest.to_string() });
-    }
-    pins.sort_by(|a, b| a.reference.cmp(&b.reference));
-    pins.dedup();
-    let changed = crate::packages::lockfile::save_pins(&Lockfile::path_for(&recipe.dir), pins.clone())?;
-    Ok((pins, changed))
 }
 
 /// Every registry reference a build uses (bases, outputs, caches), so the

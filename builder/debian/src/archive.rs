@@ -46,7 +46,7 @@ impl Mirror {
         } else {
             return Err(BuildError::usage(
                 format!("The mirror `{url}` is not an http://, https:// or file:// URL"),
-                Some("set `mirror` in `[packages]` to a Debian mirror such as \"http://deb.debian.org/debian\""),
+                Some("set `mirror` in `[packages]` to the URL of a Debian mirror"),
             ));
         };
         Ok(Mirror { url, client })
@@ -147,7 +147,7 @@ impl FetchError {
         match self {
             FetchError::NotFound { url } => BuildError::usage(
                 format!("The mirror has no {what}: {url} was not found"),
-                Some("check `suite`, `components` and `mirror` in `[packages]`; a lockfile whose packages left the mirror needs `kiln lock` again or a snapshot.debian.org mirror"),
+                Some("check `suite`, `components` and `mirror` in `[packages]`; a lockfile whose packages left the mirror needs `kiln lock` again or a snapshot mirror of the archive"),
             ),
             FetchError::Unreachable { url, reason } => BuildError::Environment {
                 message: format!("The mirror is unreachable: cannot fetch {what} from {url}: {reason}"),
@@ -498,7 +498,7 @@ mod tests {
         std::fs::create_dir(d.path().join("sources.list.d")).unwrap();
         std::fs::write(
             d.path().join("sources.list.d/debian.sources"),
-            "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: x\n\nTypes: deb\nURIs: http://mirror.example/debian/\n",
+            "Types: deb\nURIs: http://security.mirror.example/debian-security\nSuites: x\n\nTypes: deb\nURIs: http://mirror.example/debian/\n",
         )
         .unwrap();
         assert_eq!(host_mirror_from(d.path()).as_deref(), Some("http://mirror.example/debian"));

@@ -101,24 +101,25 @@ fn purl_escape(v: &str) -> String {
         .collect()
 }
 
-/// The SBOM of an image: the one kiln wrote into it, or, for an image with
-/// Debian packages that kiln did not install, one made from its
-/// `/var/lib/dpkg/status` (versions, no package checksums).
-pub fn for_image(
+/// The SBOM of the image made of `layers` (named `name` in messages): the
+/// one kiln wrote into it, or, for an image with Debian packages that kiln
+/// did not install, one made from its `/var/lib/dpkg/status` (versions, no
+/// package checksums).
+pub fn for_layers(
     store: &kiln_cache::Store,
-    r: &kiln_recipes::ImageRef,
+    layers: &[kiln_oci::image::ImageLayer],
+    name: &str,
 ) -> Result<Vec<u8>, crate::BuildError> {
-    let img = crate::base::open_image(store, r)?;
-    let tree = crate::fstree::FsTree::of_layers(store, &img.layers)?;
-    let read = |path: &str| crate::extract::read_file(store, &img.layers, &tree, path);
+    let tree = kiln_oci::fstree::FsTree::of_layers(store, layers)?;
+    let read = |path: &str| kiln_oci::extract::read_file(store, layers, &tree, path);
     if let Some(doc) = read(PATH)? {
         return Ok(doc);
     }
     if let Some(status) = read("var/lib/dpkg/status")? {
-        return from_status(&String::from_utf8_lossy(&status), &r.to_string());
+        return from_status(&String::from_utf8_lossy(&status), name);
     }
     Err(crate::BuildError::usage(
-        format!("`{r}` holds no Debian packages: it has neither /{PATH} nor /var/lib/dpkg/status"),
+        format!("`{name}` holds no Debian packages: it has neither /{PATH} nor /var/lib/dpkg/status"),
         Some("`kiln sbom` describes images with Debian packages, such as those built with `[packages]`"),
     ))
 }

@@ -1,5 +1,7 @@
-//! `[packages]`: Debian packages, resolved once by `kiln lock` into
-//! `kiln.lock` and installed by every build from exactly those files.
+//! kiln-debian: `[packages]`, Debian packages resolved once by `kiln lock`
+//! into `kiln.lock` and installed by every build from exactly those files.
+//! Depends on the formats (`kiln-oci`) and the store only; the caller
+//! passes the async runtime.
 //!
 //! - [`archive`]: the mirror, the signed InRelease, the Packages indexes.
 //! - [`resolve`]: the dependency closure, with resolvo.
@@ -16,6 +18,9 @@ pub mod ldcache;
 pub mod lockfile;
 pub mod resolve;
 pub mod sbom;
+
+// The formats this crate writes, under the names its modules use.
+pub(crate) use kiln_oci::{error, image, layer, listing, tarball};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,7 +67,7 @@ pub fn mirror_url(p: &Packages, fallback: Option<&str>) -> Result<String, BuildE
         .ok_or_else(|| {
             BuildError::usage(
                 "No Debian mirror is set, and the host's apt sources name none",
-                Some("set `mirror` in `[packages]`, e.g. `mirror = \"http://deb.debian.org/debian\"`"),
+                Some("set `mirror` in `[packages]` to the URL of a Debian mirror"),
             )
         })
 }
@@ -77,8 +82,13 @@ pub struct LockOutcome {
     pub index_packages: usize,
 }
 
-/// Resolves the recipe's `[packages]` against its mirror and writes kiln.lock.
-pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, BuildError> {
+/// Resolves the recipe's `[packages]` against its mirror and writes
+/// kiln.lock, fetching on `rt`.
+pub fn lock(
+    rt: &tokio::runtime::Handle,
+    recipe: &Recipe,
+    platform: Option<Platform>,
+) -> Result<LockOutcome, BuildError> {
     let p = of(recipe).ok_or_else(|| {
         BuildError::usage(
             format!(
@@ -95,7 +105,6 @@ pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, 
     let started = std::time::Instant::now();
     let keys = archive::load_keyring(&keyring)?;
 
-    let rt = crate::runtime::runtime()?;
     let (release, inrelease_sha, indexes) = rt.block_on(async {
         let path = format!("dists/{}/InRelease", p.suite);
         let data = mirror
@@ -147,7 +156,7 @@ pub fn lock(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, 
                 }
             })
             .collect(),
-        // Base pins are `kiln lock`'s other half (see crate::registry); kept as they are.
+        // Base pins are `kiln lock`'s other half (the build's `lock`); kept as they are.
         bases: match &old {
             Some(o) => o.bases.clone(),
             None => lockfile::load_pins(&path).unwrap_or_default(),
@@ -186,7 +195,8 @@ fn resolve_error(e: ResolveError, recipe: &Recipe) -> BuildError {
                 }
             }
             let hint = if hint.is_empty() {
-                "check the names with `apt-cache search` or https://packages.debian.org; `components` may need `contrib` or `non-free`".to_string()
+                "check the names with `apt-cache search`; `components` may need `contrib` or `non-free`"
+                    .to_string()
             } else {
                 hint.join(" ")
             };
