@@ -82,7 +82,7 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
             let recipe = load(&recipe)?;
             let platform = parse_platform(platform.as_deref())?;
             let started = std::time::Instant::now();
-            let tagged = kiln_builder::registry::tagged_bases(&recipe)?;
+            let tagged = kiln_builder::base::tagged_bases(&recipe)?;
             let has_packages = kiln_builder::packages::of(&recipe).is_some();
             if !tagged.is_empty() {
                 let opts =

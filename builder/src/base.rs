@@ -211,3 +211,20 @@ fn pull_registry(store: &Store, text: &str) -> Result<StoredImage, BuildError> {
     let platform = kiln_recipes::recipe::Platform::host();
     Ok(crate::registry::pull(store, &reg, &pinned, &platform, &crate::NullReporter)?.0)
 }
+
+/// The recipe's `registry:` bases that name a tag (a digest needs no pin).
+pub fn tagged_bases(recipe: &Recipe) -> Result<Vec<(String, Remote)>, BuildError> {
+    let mut out = Vec::new();
+    for (base, span) in std::iter::once((&recipe.image.base, recipe.image.base_span.clone()))
+        .chain(recipe.stages.iter().map(|s| (&s.base, s.base_span.clone())))
+    {
+        if let Base::Registry(text) = base {
+            let r = Remote::parse(text)
+                .map_err(|e| BuildError::from(recipe.error_at(span.unwrap_or(0..0), e.to_string())))?;
+            if r.digest.is_none() {
+                out.push((base.to_string(), r));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -203,9 +203,9 @@ impl Session {
             opts.platform.clone().or_else(|| recipe.image.platform.clone()).unwrap_or_else(Platform::host);
         let epoch = opts.epoch_override.or(recipe.image.epoch).unwrap_or(0);
         let index = Mutex::new(StatIndex::load(&store, &ctx.root));
-        let remotes = crate::registry::remotes_of(recipe, opts);
+        let remotes = remotes_of(recipe, opts);
         let registry = OnceLock::new();
-        let pins = if crate::registry::tagged_bases(recipe)?.is_empty() {
+        let pins = if crate::base::tagged_bases(recipe)?.is_empty() {
             Vec::new()
         } else {
             crate::packages::lockfile::load_pins(&crate::packages::lockfile::Lockfile::path_for(&recipe.dir))?
@@ -783,6 +783,23 @@ impl Session {
         let out = place_entries(&self.recipe, step, c, root_is_dir, name, sources, tree)?;
         Ok((out, tmp))
     }
+}
+
+/// Every registry reference a build uses (bases, outputs, caches), so the
+/// client knows which loopback hosts speak plain HTTP.
+fn remotes_of(recipe: &Recipe, opts: &BuildOptions) -> Vec<Remote> {
+    let bases =
+        std::iter::once(&recipe.image.base).chain(recipe.stages.iter().map(|s| &s.base)).filter_map(|b| {
+            match b {
+                Base::Registry(r) => Remote::parse(r).ok(),
+                _ => None,
+            }
+        });
+    let outputs = opts.outputs.iter().filter_map(|o| match o {
+        kiln_recipes::ImageRef::Registry(r) => Remote::parse(r).ok(),
+        _ => None,
+    });
+    bases.chain(outputs).chain(opts.cache_from.iter().cloned()).chain(opts.cache_to.iter().cloned()).collect()
 }
 
 /// What the image's history says of a step: the command in full for `run`

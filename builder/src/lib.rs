@@ -11,8 +11,10 @@
 //!   execute ([`exec::Executor`]: the local sandbox, the Docker engine).
 //! - `packages` (the `kiln-debian` crate, `builder/debian`): `[packages]`,
 //!   Debian packages locked in kiln.lock and installed into one layer.
-//! - [`vm`]: `-o vm:FILE`, the image as a bootable, reproducible VM disk.
-//! - [`registry`]: `registry:` bases and outputs, the remote step cache.
+//! - `vm` (the `kiln-vm` crate, `builder/vm`): `-o vm:FILE`, the image as
+//!   a bootable, reproducible VM disk.
+//! - `registry` (the `kiln-remote` crate, `builder/remote`): `registry:`
+//!   bases and outputs, the remote step cache.
 //! - [`lock`], [`sbom`]: `kiln lock` (base pins, packages) and `kiln sbom`.
 //! - `runtime`: the async runtime registry and engine calls run on.
 
@@ -22,17 +24,17 @@ pub mod context;
 pub mod diff;
 pub mod inspect;
 pub mod lock;
-pub mod registry;
 mod runtime;
 pub mod sbom;
-pub mod vm;
 
 // The formats, under the names the engine's modules use.
 pub use kiln_debian as packages;
 pub use kiln_exec as exec;
 pub(crate) use kiln_oci::{
-    changes, error, export, extract, fstree, image, import, layer, listing, passwd, rootdir, tarball, unpack,
+    changes, error, export, extract, fstree, image, import, layer, listing, tarball, unpack,
 };
+pub use kiln_remote as registry;
+pub use kiln_vm as vm;
 
 pub use build::{build, plan, BuildOptions, BuildOutcome, PlannedStep};
 pub use exec::BackendChoice;

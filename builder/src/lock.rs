@@ -6,9 +6,9 @@ use kiln_cache::registry::{Registry, RegistryError, RegistryOptions, Remote};
 use kiln_recipes::recipe::Platform;
 use kiln_recipes::Recipe;
 
+use crate::base::tagged_bases;
 use crate::packages::lockfile::{BasePin, Lockfile};
 use crate::packages::LockOutcome;
-use crate::registry::tagged_bases;
 use crate::BuildError;
 
 /// `kiln lock` for bases: resolves every tagged `registry:` base of the

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::error::BuildError;
-use crate::vm::tools::{self, Tool};
+use crate::tools::{self, Tool};
 
 pub const MIB: u64 = 1 << 20;
 /// Where the first partition starts (1 MiB, the usual alignment).

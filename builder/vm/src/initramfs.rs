@@ -8,7 +8,7 @@ use std::io::Read;
 
 use crate::fstree::TreeMap;
 use crate::listing::Kind;
-use crate::packages::deb822::compare_versions;
+use kiln_debian::deb822::compare_versions;
 
 /// The modules a root on a virtio disk with ext4 needs, by module name.
 /// `crc32c_generic` because ext4's metadata checksums ask the crypto API for

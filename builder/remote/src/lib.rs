@@ -1,6 +1,7 @@
-//! Images in registries: `registry:` bases pulled into the store and
-//! checked like any imported image, `-o registry:` pushes, and the remote
-//! step cache (`--cache-from` / `--cache-to`).
+//! kiln-remote: images in registries: `registry:` bases pulled into the
+//! store and checked like any imported image, `-o registry:` pushes, and
+//! the remote step cache (`--cache-from` / `--cache-to`). Depends on the
+//! formats (`kiln-oci`) and the store (whose registry client it drives).
 //!
 //! The remote cache is one OCI artifact manifest per cache reference
 //! (default tag `kiln-cache`):
@@ -30,11 +31,11 @@ use kiln_cache::registry::{
 };
 use kiln_cache::{Digest, Store};
 use kiln_recipes::recipe::Platform;
-use kiln_recipes::{Base, Recipe};
 
-use crate::error::BuildError;
-use crate::image::{canonical_json, ImageLayer, StoredImage};
-use crate::reporter::Reporter;
+use kiln_oci::error::BuildError;
+use kiln_oci::image::{self, canonical_json, ImageLayer, StoredImage};
+use kiln_oci::import;
+use kiln_oci::reporter::Reporter;
 
 pub const CACHE_TAG: &str = "kiln-cache";
 pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.cache.index.v1";
@@ -159,7 +160,7 @@ pub fn pull(
         }
         Ok(())
     };
-    let image = crate::import::finish(store, &name, m.digest, &fetch)?;
+    let image = import::finish(store, &name, m.digest, &fetch)?;
     Ok((image, by_digest))
 }
 
@@ -178,7 +179,7 @@ pub fn push(
     blobs.push(image.config);
     let skipped = push_blobs(store, reg, r, &blobs, sources, reporter)?;
     let bytes = store.read_blob(&image.manifest)?;
-    let digest = reg.push_manifest(r, &bytes, crate::image::MANIFEST_MEDIA_TYPE)?;
+    let digest = reg.push_manifest(r, &bytes, image::MANIFEST_MEDIA_TYPE)?;
     reporter.on_notice(&format!("pushed {r}@{digest} ({skipped} blob(s) were there already)"));
     Ok(digest)
 }
@@ -318,23 +319,6 @@ pub fn push_index(
     Ok(reg.push_manifest(r, &index.render(), OCI_MANIFEST)?)
 }
 
-/// Every registry reference a build uses (bases, outputs, caches), so the
-/// client knows which loopback hosts speak plain HTTP.
-pub fn remotes_of(recipe: &Recipe, opts: &crate::BuildOptions) -> Vec<Remote> {
-    let bases =
-        std::iter::once(&recipe.image.base).chain(recipe.stages.iter().map(|s| &s.base)).filter_map(|b| {
-            match b {
-                Base::Registry(r) => Remote::parse(r).ok(),
-                _ => None,
-            }
-        });
-    let outputs = opts.outputs.iter().filter_map(|o| match o {
-        kiln_recipes::ImageRef::Registry(r) => Remote::parse(r).ok(),
-        _ => None,
-    });
-    bases.chain(outputs).chain(opts.cache_from.iter().cloned()).chain(opts.cache_to.iter().cloned()).collect()
-}
-
 /// The `--cache-from` indexes, merged: step key → layer and the repository
 /// that has it, the first cache listed winning. A cache that cannot be read
 /// is reported and left out; the build goes on without it.
@@ -360,23 +344,6 @@ pub fn read_caches(
     steps
 }
 
-/// The recipe's `registry:` bases that name a tag (a digest needs no pin).
-pub fn tagged_bases(recipe: &Recipe) -> Result<Vec<(String, Remote)>, BuildError> {
-    let mut out = Vec::new();
-    for (base, span) in std::iter::once((&recipe.image.base, recipe.image.base_span.clone()))
-        .chain(recipe.stages.iter().map(|s| (&s.base, s.base_span.clone())))
-    {
-        if let Base::Registry(text) = base {
-            let r = Remote::parse(text)
-                .map_err(|e| BuildError::from(recipe.error_at(span.unwrap_or(0..0), e.to_string())))?;
-            if r.digest.is_none() {
-                out.push((base.to_string(), r));
-            }
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,7 +353,7 @@ mod tests {
             diff_id: Digest::of(&[n, 0]),
             digest: Digest::of(&[n]),
             size: n as u64 * 10,
-            media_type: crate::layer::MEDIA_TYPE.into(),
+            media_type: kiln_oci::layer::MEDIA_TYPE.into(),
         }
     }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::error::BuildError;
-use crate::vm::tools::{self, Tool};
+use crate::tools::{self, Tool};
 
 /// FAT cannot hold times before 1980: earlier epochs are written as this.
 pub const FAT_EPOCH_MIN: u64 = 315_532_800;

@@ -21,9 +21,9 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::error::BuildError;
+use crate::flatten::Flattened;
 use crate::listing::Kind;
-use crate::vm::flatten::Flattened;
-use crate::vm::tools::{self, Tool};
+use crate::tools::{self, Tool};
 
 const BLOCK: u64 = 4096;
 const INODE_SIZE: u64 = 256;

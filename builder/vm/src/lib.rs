@@ -1,5 +1,7 @@
-//! `-o vm:FILE.raw|FILE.qcow2`: the image as a VM disk, made on the host
-//! from the image's layers: no installer, no VM, no loop device, no root.
+//! kiln-vm: `-o vm:FILE.raw|FILE.qcow2`, the image as a VM disk, made on
+//! the host from the image's layers: no installer, no VM, no loop device,
+//! no root. Depends on the formats (`kiln-oci`) and the store; it takes
+//! Debian's version order from `kiln-debian` to pick the newest kernel.
 //!
 //! - [`flatten`]: the layers unpacked into one folder, whiteouts applied.
 //! - [`ext4`]: that folder as a reproducible ext4 image.
@@ -24,6 +26,11 @@ pub mod flatten;
 pub mod init;
 pub mod initramfs;
 pub mod tools;
+
+// The formats this crate reads, under the names its modules use.
+pub(crate) use kiln_oci::{
+    error, extract, fstree, image, listing, passwd, reporter, rootdir, tarball, unpack,
+};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
