@@ -983,7 +983,12 @@ pub fn build(
     });
     let Some(built) = final_built else {
         let e = s.failure.lock().expect("failure").take();
-        return Err(e.unwrap_or_else(|| BuildError::usage("the build failed", None)));
+        // A stage's task ended without a result or an error: kiln's own fault.
+        return Err(e.unwrap_or_else(|| BuildError::Environment {
+            message: "The build stopped without saying why (an internal error)".into(),
+            hint: "run the command again; if it fails the same way, report it with KILN_LOG=debug output"
+                .into(),
+        }));
     };
     s.index.lock().expect("index").save(&s.store)?;
     s.materialize(&built.layers)?;

@@ -154,8 +154,13 @@ impl DockerEngine {
             }
             Ok::<_, bollard::errors::Error>(())
         });
-        let written =
-            writer.join().unwrap_or_else(|_| Err(BuildError::usage("the archive writer panicked", None)));
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(BuildError::Environment {
+                message: "The writer of the archive for the engine stopped with an internal error".into(),
+                hint: "run the command again; if it fails the same way, report it with KILN_LOG=debug output"
+                    .into(),
+            })
+        });
         written?;
         result.map_err(|e| match tag {
             Some(t) => BuildError::usage(
@@ -301,7 +306,15 @@ impl DockerEngine {
         ));
         saved?;
         let (tar_path, base, size) = last_layer(&spool, work.path())?;
-        let mut changes = changes::from_tar(&tar_path, base, Some(size))?;
+        // The engine wrote this layer: one kiln cannot read is the engine's
+        // fault (exit 3), not the recipe's.
+        let mut changes = changes::from_tar(&tar_path, base, Some(size)).map_err(|e| match e {
+            BuildError::BadLayer { reason, .. } => BuildError::Environment {
+                message: format!("The engine's layer of the step's changes cannot be read: {reason}"),
+                hint: "check the Docker engine (`docker info`) and run the build again".into(),
+            },
+            e => e,
+        })?;
         drop_secret_mounts(&mut changes, req)?;
         Ok((changes, Box::new(work)))
     }

@@ -136,7 +136,7 @@ pub fn from_upper(upper: &Path, opaque_xattr: &str) -> Result<Vec<Change>, Build
         } else if ft.is_symlink() {
             let t = std::fs::read_link(path).map_err(BuildError::io_read(path))?;
             let t = t.to_str().ok_or_else(|| {
-                BuildError::usage(format!("the symlink `/{rel}` points to a name that is not UTF-8"), None)
+                BuildError::usage(format!("The symlink `/{rel}` points to a name that is not UTF-8"), None)
             })?;
             ChangeKind::Symlink(t.to_string())
         } else if ft.is_file() {

@@ -17,7 +17,7 @@ pub enum BuildError {
     Store(#[from] StoreError),
 
     /// A registry refused, could not be reached, or lacks what was asked.
-    #[error("{}", capitalized(.0))]
+    #[error("{0}")]
     Registry(RegistryError),
 
     #[error("Cannot read `{}`", path.display())]
@@ -63,15 +63,6 @@ pub enum BuildError {
     /// A `run` step's command exited non-zero.
     #[error("{location}: step {step} failed: `{command}` exited with code {code}{}", tail_text(tail))]
     CommandFailed { location: String, step: String, command: String, code: i32, tail: Vec<String> },
-}
-
-fn capitalized(e: &RegistryError) -> String {
-    let s = e.to_string();
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_uppercase().chain(c).collect(),
-        None => s,
-    }
 }
 
 fn tail_text(tail: &[String]) -> String {

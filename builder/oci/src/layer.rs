@@ -106,7 +106,7 @@ pub fn write_layer_unpacking(
 ) -> Result<(LayerBlob, ListingFile), BuildError> {
     entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
-        return Err(BuildError::usage(format!("the layer would hold `/{}` twice", w[0].path), None));
+        return Err(BuildError::usage(format!("The layer would hold `/{}` twice", w[0].path), None));
     }
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let blob = BlobWriter::new(store)?;

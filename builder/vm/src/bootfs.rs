@@ -137,7 +137,7 @@ pub fn mbr_code() -> Result<Vec<u8>, BuildError> {
         }
     }
     Err(BuildError::Environment {
-        message: "syslinux's mbr.bin is not installed; kiln needs it for a BIOS-bootable disk".into(),
+        message: "The syslinux file mbr.bin is not installed; kiln needs it for a BIOS-bootable disk".into(),
         hint: "install it: `apt-get install syslinux-common`".into(),
     })
 }

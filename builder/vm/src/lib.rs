@@ -636,7 +636,7 @@ fn entrypoint_run(
     };
     let spec = config.user().clone().filter(|u| !u.is_empty()).unwrap_or_else(|| "0".into());
     let user = crate::passwd::resolve_user_in(&spec, passwd, group).map_err(|e| {
-        BuildError::usage(format!("the VM cannot run the entrypoint: {e}"), Some("fix `user` in `[config]`"))
+        BuildError::usage(format!("The VM cannot run the entrypoint: {e}"), Some("fix `user` in `[config]`"))
     })?;
     if argv.iter().chain(&env).chain([&workdir]).any(|s| s.contains('\0')) {
         return Err(BuildError::usage(

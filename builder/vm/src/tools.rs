@@ -76,7 +76,7 @@ pub fn run(cmd: &mut Command, tool: Tool) -> Result<Output, BuildError> {
     cmd.stdin(Stdio::null()).output().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => missing(tool),
         _ => BuildError::Environment {
-            message: format!("cannot run `{}`: {e}", tool.command()),
+            message: format!("Cannot run `{}`: {e}", tool.command()),
             hint: format!("check the `{}` package is installed and works", tool.package()),
         },
     })

@@ -48,9 +48,9 @@ pub struct Found {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("{from} is not a valid Docker config: {reason}")]
+    #[error("The Docker config {from} is not valid: {reason}")]
     BadConfig { from: String, reason: String },
-    #[error("the credential helper `docker-credential-{helper}` failed for {host}: {reason}")]
+    #[error("The credential helper `docker-credential-{helper}` failed for {host}: {reason}")]
     Helper { helper: String, host: String, reason: String },
 }
 

@@ -43,13 +43,13 @@ const ATTEMPTS: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("the registry {host} refused {who}{detail}")]
+    #[error("The registry {host} refused {who}{detail}")]
     Refused { host: String, who: String, detail: String },
-    #[error("the connection to the registry {host} failed: {detail}")]
+    #[error("The connection to the registry {host} failed: {detail}")]
     Unreachable { host: String, detail: String },
-    #[error("{reference} is not in the registry")]
+    #[error("`{reference}` is not in the registry")]
     NotFound { reference: String },
-    #[error("the registry {host} answered in a way kiln cannot use: {detail}")]
+    #[error("The registry {host} answered in a way kiln cannot use: {detail}")]
     Protocol { host: String, detail: String },
     #[error("`{reference}` is not a registry reference ({reason}); write it as HOST/REPO:TAG or HOST/REPO@sha256:DIGEST")]
     BadReference { reference: String, reason: String },
