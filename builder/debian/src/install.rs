@@ -188,7 +188,7 @@ pub fn unpack_deb(
         if let TarKind::File { .. } = e.kind {
             written += std::io::copy(r, &mut out)?;
         }
-        if e.path.split('/').any(|c| c.starts_with(".wh.")) {
+        if e.path.split('/').any(|c| c.starts_with(kiln_oci::whiteout::WHITEOUT)) {
             return Err(std::io::Error::other(format!("`{}` is a whiteout name", e.path)));
         }
         let xattrs = e.xattrs.iter().map(|(k, v)| (k.clone(), hex::decode(v).unwrap_or_default())).collect();

@@ -12,8 +12,7 @@ use crate::layer::{Content, LayerEntry};
 use crate::listing::{Kind, Listing};
 use crate::tarball::TarKind;
 
-const WHITEOUT: &str = ".wh.";
-const OPAQUE: &str = ".wh..wh..opq";
+use crate::whiteout::{OPAQUE, WHITEOUT};
 
 /// One changed path (relative, clean).
 #[derive(Debug, Clone)]

@@ -24,8 +24,7 @@ use crate::error::BuildError;
 use crate::image::ImageLayer;
 use crate::listing::{Kind, ListEntry, Listing, ListingFile};
 
-pub const WHITEOUT: &str = ".wh.";
-pub const OPAQUE: &str = ".wh..wh..opq";
+pub use crate::whiteout::{OPAQUE, WHITEOUT};
 
 /// How many folders' visibility a tree remembers before forgetting all.
 const MEMO: usize = 1 << 16;

@@ -15,7 +15,7 @@ use kiln_recipes::recipe::Platform;
 
 use crate::error::BuildError;
 
-pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MANIFEST_MEDIA_TYPE: &str = kiln_cache::registry::OCI_MANIFEST;
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 
 /// One layer of an image.

@@ -21,9 +21,8 @@ use crate::fstree::FsTree;
 use crate::image::{json_error, ImageLayer, StoredImage, CONFIG_MEDIA_TYPE, MAX_DOCUMENT};
 use crate::listing::Listing;
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+// The media types the registry client also speaks, defined once there.
+use kiln_cache::registry::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const LAYER_TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 

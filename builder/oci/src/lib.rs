@@ -10,7 +10,8 @@
 //! - [`import`] / [`export`]: OCI layouts and archives in and out of the
 //!   store, hostile input refused; [`extract`]: files out of an image's layers.
 //! - [`unpack`] and [`rootdir`]: layers as folders, never through a symlink;
-//!   [`changes`]: a command's changes normalized into layer entries.
+//!   [`changes`]: a command's changes normalized into layer entries;
+//!   [`whiteout`]: the names that say what a layer removes.
 //! - [`reporter`]: the progress trait the engine reports through;
 //!   [`error`]: [`BuildError`], with exit codes and hints.
 
@@ -29,5 +30,6 @@ pub mod reporter;
 pub mod rootdir;
 pub mod tarball;
 pub mod unpack;
+pub mod whiteout;
 
 pub use error::BuildError;

@@ -97,11 +97,11 @@ impl Materializer {
         let sha256 = sha256.filter(|_| xattrs.is_empty());
         // Layers need not list every parent: missing ones are made 0755.
         let (dir, name) = self.root.parent(path, Some(&mut |_| {}))?;
-        if name == ".wh..wh..opq" {
+        if name == crate::whiteout::OPAQUE {
             rootdir::set_xattr(&dir, ".", self.opaque_xattr, b"y")?;
             return Ok(None);
         }
-        if let Some(victim) = name.strip_prefix(".wh.") {
+        if let Some(victim) = name.strip_prefix(crate::whiteout::WHITEOUT) {
             self.root.remove_in(&dir, victim)?;
             rustix::fs::mknodat(&dir, victim, FileType::CharacterDevice, Mode::empty(), 0)?;
             return Ok(None);
@@ -413,7 +413,7 @@ pub fn seal(store: &Store, folder: &Path, listing: &crate::listing::ListingFile)
         let e = e.map_err(damaged)?;
         if let crate::listing::Kind::File { sha256, .. } = &e.kind {
             let name = e.path.rsplit('/').next().unwrap_or(&e.path);
-            if name.starts_with(".wh.") {
+            if name.starts_with(crate::whiteout::WHITEOUT) {
                 continue; // whiteouts are character devices in the folder
             }
             let md = fs::symlink_metadata(folder.join(&e.path))

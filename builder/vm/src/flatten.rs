@@ -22,8 +22,7 @@ use crate::listing::Listing;
 use crate::rootdir::{self, RootDir};
 use crate::tarball::TarKind;
 
-const WHITEOUT: &str = ".wh.";
-const OPAQUE: &str = ".wh..wh..opq";
+use kiln_oci::whiteout::{OPAQUE, WHITEOUT};
 
 /// The flattened root: the merged tree (metadata) and each path's mtime.
 pub struct Flattened {

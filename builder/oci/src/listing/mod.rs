@@ -17,6 +17,7 @@ use kiln_cache::{Digest, Store};
 use crate::error::BuildError;
 use crate::image::ImageLayer;
 use crate::tarball::TarKind;
+use crate::whiteout::{OPAQUE, WHITEOUT};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "type")]
@@ -373,8 +374,8 @@ fn check_in_layer(seen: &Seen, path: &str, kind: &TarKind) -> Result<(), String>
     let mut at = path;
     while let Some((up, _)) = at.rsplit_once('/') {
         let whiteout = match up.rsplit_once('/') {
-            Some((p, n)) => format!("{p}/.wh.{n}"),
-            None => format!(".wh.{up}"),
+            Some((p, n)) => format!("{p}/{WHITEOUT}{n}"),
+            None => format!("{WHITEOUT}{up}"),
         };
         if seen.get(&whiteout).is_some() {
             return Err(format!(
@@ -407,10 +408,10 @@ fn check_in_layer(seen: &Seen, path: &str, kind: &TarKind) -> Result<(), String>
         None => (None, path),
     };
     let join = |n: &str| parent.map(|p| format!("{p}/{n}")).unwrap_or_else(|| n.to_string());
-    let pair = match name.strip_prefix(".wh.") {
-        Some(".wh..opq") => None,
+    let pair = match name.strip_prefix(WHITEOUT) {
+        _ if name == OPAQUE => None,
         Some(victim) => Some((path.to_string(), join(victim))),
-        None => Some((join(&format!(".wh.{name}")), path.to_string())),
+        None => Some((join(&format!("{WHITEOUT}{name}")), path.to_string())),
     };
     if let Some((whiteout, victim)) = pair {
         if seen.get(if whiteout == path { &victim } else { &whiteout }).is_some() {
