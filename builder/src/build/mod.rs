@@ -5,6 +5,14 @@
 //! stages the final image needs are built as tokio tasks that wait only for
 //! the stages they use, so independent stages build at the same time; each
 //! target's steps run in order on a blocking thread.
+//!
+//! - [`keys`]: the planner: every step's key, no I/O but hashing the context.
+//! - [`cache`]: the step cache's tiers (store, then `--cache-from`), `--cache-to`.
+//! - [`steps`]: what `copy` and `write` steps put in their layer.
+
+mod cache;
+mod keys;
+mod steps;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -12,30 +20,29 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use oci_spec::image::{History, ImageConfiguration};
-use serde_json::json;
 
-use kiln_cache::registry::{Registry, RegistryError, RegistryOptions, Remote};
-use kiln_cache::{Digest, StatIndex, Store, StoreError};
+use kiln_cache::registry::{RegistryOptions, Remote};
+use kiln_cache::{Digest, StatIndex, Store};
 use kiln_recipes::diagnostic::line_col;
 use kiln_recipes::recipe::{Platform, Stage};
-use kiln_recipes::{Base, CopyStep, ImageRef, Recipe, RunStep, Step, StepKind, WriteStep};
+use kiln_recipes::{Base, CopyStep, ImageRef, Recipe, RunStep, Step, StepKind};
 
 use crate::base::{load_base, BaseImage};
 use crate::changes;
-use crate::context::{scan_copy, Context, CopySource, SourceKind};
+use crate::context::Context;
 use crate::error::BuildError;
 use crate::exec::docker::DockerEngine;
 use crate::exec::{self, BackendChoice, Executor, RunRequest, RunResult};
 use crate::fstree::FsTree;
 use crate::image::{self, history, ImageLayer, StoredImage};
-use crate::layer::{self, Content, LayerEntry};
-use crate::listing::{Kind, Listing};
+use crate::layer::{self, LayerEntry};
+use crate::listing::ListingFile;
 use crate::reporter::{Reporter, StepInfo};
 use crate::tarball::TarKind;
-
-/// Bump when anything that decides a layer's bytes changes, so old cache
-/// entries are never taken for new ones.
-pub const KEY_SCHEMA: u32 = 3;
+use cache::{Cached, StepCache};
+pub use keys::KEY_SCHEMA;
+use keys::{Planner, Prepared, RunPlan};
+use steps::{copy_entries, place_entries, write_entries, Source};
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -76,23 +83,6 @@ pub struct BuildOutcome {
     pub steps: Vec<PlannedStep>,
 }
 
-/// What a step needs to write its layer on a miss.
-enum Prepared {
-    Copy(CopySource),
-    CopyFrom(Arc<Built>),
-    Write,
-    Run(RunPlan),
-    Packages(Box<crate::packages::lockfile::Lockfile>),
-}
-
-/// A `run` step resolved against its image's config; all of it is in the key.
-struct RunPlan {
-    argv: Vec<String>,
-    env: Vec<String>,
-    user: String,
-    workdir: String,
-}
-
 /// A target built (or, for `plan`, keyed): what the next targets build on.
 #[derive(Debug, Clone)]
 pub struct Built {
@@ -102,6 +92,19 @@ pub struct Built {
     /// The base's config with the steps' history: what `stage:NAME` starts from.
     pub config: ImageConfiguration,
     pub steps: Vec<PlannedStep>,
+}
+
+/// A step whose layer must be made, and what it is made on.
+struct Miss<'a> {
+    t: Target<'a>,
+    step: &'a Step,
+    info: &'a StepInfo,
+    key: Digest,
+    /// The parent image: its layers and merged tree.
+    layers: &'a [ImageLayer],
+    tree: &'a FsTree,
+    base: &'a BaseImage,
+    run_config: &'a oci_spec::image::Config,
 }
 
 /// One image of the recipe: a stage, or the final image (`stage: None`).
@@ -174,19 +177,10 @@ struct Session {
     failure: Mutex<Option<BuildError>>,
     /// Every target's steps, as they finish.
     steps: Mutex<Vec<PlannedStep>>,
-    /// Made on first use: building a TLS client costs a few milliseconds.
-    registry: OnceLock<Registry>,
-    /// Every registry reference of the build (for the client's plain-HTTP list).
-    remotes: Vec<Remote>,
     /// kiln.lock's pins of `registry:` bases.
     pins: Vec<crate::packages::lockfile::BasePin>,
-    /// Steps other builds pushed (`--cache-from`): key → layer and its repository.
-    remote_steps: HashMap<Digest, (ImageLayer, Remote)>,
-    /// Blobs known to be in a registry: where to fetch or mount them from.
-    sources: Mutex<HashMap<Digest, Remote>>,
-    /// Remote hits whose layer is not in the store yet: layer digest → keys.
-    /// Their step records are written when the layer is fetched.
-    pending: Mutex<HashMap<Digest, Vec<Digest>>>,
+    /// The local store, then the `--cache-from` registries.
+    cache: StepCache,
 }
 
 impl Session {
@@ -203,20 +197,12 @@ impl Session {
             opts.platform.clone().or_else(|| recipe.image.platform.clone()).unwrap_or_else(Platform::host);
         let epoch = opts.epoch_override.or(recipe.image.epoch).unwrap_or(0);
         let index = Mutex::new(StatIndex::load(&store, &ctx.root));
-        let remotes = remotes_of(recipe, opts);
-        let registry = OnceLock::new();
         let pins = if crate::base::tagged_bases(recipe)?.is_empty() {
             Vec::new()
         } else {
             crate::packages::lockfile::load_pins(&crate::packages::lockfile::Lockfile::path_for(&recipe.dir))?
         };
-        let remote_steps = match opts.cache_from.is_empty() {
-            true => HashMap::new(),
-            false => {
-                let reg = registry.get_or_init(|| Registry::new(rt.clone(), &remotes, &opts.registry));
-                crate::registry::read_caches(reg, &opts.cache_from, reporter.as_ref())
-            }
-        };
+        let cache = StepCache::open(&store, recipe, opts, reporter.clone(), rt.clone());
         let s = Session {
             recipe: recipe.clone(),
             opts: opts.clone(),
@@ -234,12 +220,8 @@ impl Session {
             },
             failure: Mutex::new(None),
             steps: Mutex::new(Vec::new()),
-            registry,
-            remotes,
             pins,
-            remote_steps,
-            sources: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
+            cache,
         };
         Ok((s, lock))
     }
@@ -254,8 +236,14 @@ impl Session {
         }
     }
 
-    fn registry(&self) -> &Registry {
-        self.registry.get_or_init(|| Registry::new(self.rt.clone(), &self.remotes, &self.opts.registry))
+    fn planner(&self) -> Planner<'_> {
+        Planner {
+            recipe: &self.recipe,
+            ctx: &self.ctx,
+            index: &self.index,
+            platform: &self.platform,
+            epoch: self.epoch,
+        }
     }
 
     fn docker(&self) -> Result<Arc<DockerEngine>, BuildError> {
@@ -297,7 +285,7 @@ impl Session {
             }
             (base, span) => {
                 let remotes = crate::base::Remotes {
-                    registry: &|| self.registry(),
+                    registry: &|| self.cache.registry(),
                     pins: &self.pins,
                     reporter: self.reporter.as_ref(),
                 };
@@ -311,10 +299,7 @@ impl Session {
                     &remotes,
                 )?;
                 if let Some(src) = &b.source {
-                    let mut sources = self.sources.lock().expect("sources");
-                    for l in &b.layers {
-                        sources.entry(l.digest).or_insert_with(|| src.clone());
-                    }
+                    self.cache.add_sources(src, &b.layers);
                 }
                 Ok(b)
             }
@@ -338,167 +323,6 @@ impl Session {
         }
     }
 
-    /// The step's key, and what making its layer needs.
-    fn key(
-        &self,
-        parent: &str,
-        step: &Step,
-        run_config: &oci_spec::image::Config,
-        done: &HashMap<String, Arc<Built>>,
-    ) -> Result<(Digest, Prepared), BuildError> {
-        let (params, prepared) = match &step.kind {
-            StepKind::Copy(c) => match &c.from {
-                None => {
-                    let src = {
-                        let mut index = self.index.lock().expect("index");
-                        scan_copy(&self.ctx, &self.recipe, c, &mut index)?
-                    };
-                    let p = json!({
-                        "copy": c.src, "to": c.to, "to_is_dir": c.to_is_dir,
-                        "owner": c.owner.to_string(), "mode": c.mode.map(|m| m.to_string()),
-                        "inputs": src.inputs.to_string(),
-                    });
-                    (p, Prepared::Copy(src))
-                }
-                Some(stage) => {
-                    let built = done[stage].clone();
-                    let p = json!({
-                        "copy": c.src, "from": stage, "stage": built.id, "to": c.to, "to_is_dir": c.to_is_dir,
-                        "owner": c.owner.to_string(), "mode": c.mode.map(|m| m.to_string()),
-                    });
-                    (p, Prepared::CopyFrom(built))
-                }
-            },
-            StepKind::Write(w) => {
-                let p = json!({
-                    "write": w.path, "content": Digest::of(w.content.as_bytes()).to_string(),
-                    "owner": w.owner.to_string(), "mode": w.mode.to_string(),
-                });
-                (p, Prepared::Write)
-            }
-            StepKind::Packages(p) => {
-                let lock = crate::packages::load_lock(&self.recipe, p, &self.platform)?;
-                (
-                    json!({ "packages": crate::packages::key_params(&lock) }),
-                    Prepared::Packages(Box::new(lock)),
-                )
-            }
-            StepKind::Run(r) => {
-                let plan = run_plan(r, run_config);
-                let p = json!({
-                    "run": plan.argv, "env": plan.env, "user": plan.user, "workdir": plan.workdir,
-                    "network": r.network, "secrets": r.secrets,
-                });
-                (p, Prepared::Run(plan))
-            }
-        };
-        let doc = json!({
-            "schema": KEY_SCHEMA, "parent": parent, "platform": self.platform.to_string(),
-            "epoch": self.epoch, "step": params,
-        });
-        Ok((Digest::of(&serde_json::to_vec(&doc).expect("json")), prepared))
-    }
-
-    /// Whether the store holds `key`'s layer intact, or a `--cache-from`
-    /// registry has it.
-    fn lookup(&self, key: &Digest) -> Result<Cached, BuildError> {
-        let remote = || self.remote_steps.get(key).map(|(l, r)| Cached::Remote(l.clone(), r.clone()));
-        let Some(rec) = self.store.step(key) else { return Ok(remote().unwrap_or(Cached::Miss)) };
-        if self.store.verify_blob(&rec.digest)? {
-            return Ok(Cached::Hit(rec.into()));
-        }
-        Ok(remote().unwrap_or(Cached::Corrupt))
-    }
-
-    /// Makes sure the store holds these layers, fetching remote hits' layers
-    /// from their registries (checked against digest and diff_id, every
-    /// entry read through as for any imported layer), and
-    /// records the steps that were waiting for them.
-    fn materialize(&self, layers: &[ImageLayer]) -> Result<(), BuildError> {
-        for l in layers {
-            if !self.store.verify_blob(&l.digest)? {
-                let from = self.sources.lock().expect("sources").get(&l.digest).cloned();
-                let from = from.ok_or(StoreError::Missing(l.digest))?;
-                let n = self.registry().fetch_blob(&self.store, &from, &l.digest)?;
-                // The index is another builder's word: the layer must be a clean
-                // tar that uncompresses to the diff_id it claims.
-                if let Err(e) = Listing::scan(&self.store, l) {
-                    self.store.discard_blob(&l.digest);
-                    return Err(BuildError::BadImage {
-                        image: format!("registry:{from}"),
-                        reason: format!("its cached layer {} is refused: {e}", l.digest),
-                    });
-                }
-                self.reporter.on_blob("pulled", &l.digest, &format!("{}/{}", from.host, from.repo), n);
-            }
-            let keys = self.pending.lock().expect("pending").remove(&l.digest);
-            for k in keys.into_iter().flatten() {
-                self.store.put_step(&k, &l.step_record())?;
-            }
-        }
-        Ok(())
-    }
-
-    /// `--cache-to`: pushes the layer of every step of this build, then the
-    /// step index, merged with what `to` held (this build's steps first).
-    fn push_cache(&self, to: &Remote, steps: &[PlannedStep]) -> Result<(), BuildError> {
-        let mut entries: Vec<(Digest, ImageLayer)> = Vec::new();
-        for st in steps {
-            let layer = match self.store.step(&st.key) {
-                Some(rec) => ImageLayer::from(rec),
-                None => match self.remote_steps.get(&st.key) {
-                    Some((l, _)) => l.clone(),
-                    None => continue, // not expected: every step is recorded or a remote hit
-                },
-            };
-            entries.push((st.key, layer));
-        }
-        let sources = self.sources.lock().expect("sources").clone();
-        let mut layers: Vec<&ImageLayer> = Vec::new();
-        for (_, l) in &entries {
-            if !layers.iter().any(|x| x.digest == l.digest) {
-                layers.push(l);
-            }
-        }
-        let mut skipped = 0;
-        for l in layers {
-            let one = [l.digest];
-            let push = || {
-                crate::registry::push_blobs(
-                    &self.store,
-                    self.registry(),
-                    to,
-                    &one,
-                    &sources,
-                    self.reporter.as_ref(),
-                )
-            };
-            skipped += match push() {
-                // A remote hit this build never needed, and no mount from where it is: fetch it, push it.
-                Err(BuildError::Registry(RegistryError::Store(StoreError::Missing(_)))) => {
-                    self.materialize(std::slice::from_ref(l))?;
-                    push()?
-                }
-                other => other?,
-            };
-        }
-        let old = match crate::registry::pull_index(self.registry(), to) {
-            Ok(i) => i,
-            Err(e) => {
-                self.reporter.on_notice(&format!("the cache at registry:{to} is replaced: {e}"));
-                Default::default()
-            }
-        };
-        let index = crate::registry::CacheIndex::merged(&entries, &old);
-        let digest = crate::registry::push_index(&self.store, self.registry(), to, &index)?;
-        self.reporter.on_notice(&format!(
-            "cache: {} step(s) of this build in registry:{to}@{digest} ({} in all; {skipped} layer(s) were there already)",
-            entries.len(),
-            index.steps.len()
-        ));
-        Ok(())
-    }
-
     fn fail(&self, e: BuildError) {
         let mut slot = self.failure.lock().expect("failure");
         if slot.is_none() {
@@ -513,13 +337,76 @@ impl Session {
         let mut parent = base.id.clone();
         let mut steps = Vec::new();
         for step in t.steps() {
-            let (key, _) = self.key(&parent, step, &run_config, done)?;
-            let hit =
-                !self.opts.no_cache && matches!(self.lookup(&key)?, Cached::Hit(_) | Cached::Remote(..));
+            let (key, _) = self.planner().key(&parent, step, &run_config, done)?;
+            let hit = !self.opts.no_cache
+                && matches!(self.cache.lookup(&key)?, Cached::Hit(_) | Cached::Remote(..));
             steps.push(PlannedStep { info: self.info(t, step), key, hit });
             parent = key.to_string();
         }
         Ok(Built { id: parent, layers: Vec::new(), config: base.config, steps })
+    }
+
+    /// Makes a step's layer on a miss: its entries, written (and unpacked
+    /// for the executor when a `run` step that misses comes next), recorded.
+    fn make_layer(
+        &self,
+        m: &Miss<'_>,
+        prepared: Prepared,
+        done: &HashMap<String, Arc<Built>>,
+    ) -> Result<(ImageLayer, ListingFile), BuildError> {
+        let (recipe, step, tree) = (&self.recipe, m.step, m.tree);
+        let mut keep: Option<Box<dyn std::any::Any + Send>> = None;
+        let entries = match (&step.kind, prepared) {
+            (StepKind::Copy(c), Prepared::Copy(src)) => copy_entries(recipe, step, c, &src, tree)?,
+            (StepKind::Copy(c), Prepared::CopyFrom(built)) => {
+                let (entries, tmp) = self.copy_from_entries(step, c, &built, tree)?;
+                keep = Some(Box::new(tmp));
+                entries
+            }
+            (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
+            (StepKind::Packages(p), Prepared::Packages(lock)) => {
+                let (entries, scratch) = self.package_entries(p, &lock, m.layers, tree)?;
+                keep = Some(Box::new(scratch));
+                entries
+            }
+            (StepKind::Run(run), Prepared::Run(plan)) => {
+                let (changes, k) = self.run(step, m.info, run, plan, m.layers, tree, &m.base.config)?;
+                keep = Some(k);
+                changes::to_layer_entries(changes)
+            }
+            _ => unreachable!("prepared matches the step kind"),
+        };
+        let timer = Instant::now();
+        let staging = match self.unpack_next(t_steps(m.t, step), &m.key, m.run_config, done) {
+            true => Some(
+                tempfile::Builder::new()
+                    .prefix("unpack-")
+                    .tempdir_in(self.store.tmp_dir())
+                    .map_err(BuildError::io_write(self.store.tmp_dir()))?,
+            ),
+            false => None,
+        };
+        let folder = staging.as_ref().map(|d| d.path().join("root"));
+        let (blob, listing) =
+            layer::write_layer_unpacking(&self.store, entries, self.epoch, folder.as_deref())?;
+        if let (Some(f), Some(dir)) = (&folder, self.executor().ok().and_then(|e| e.unpack_dir(&self.store)))
+        {
+            let dest = dir.join(blob.diff_id.hex());
+            std::fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
+            crate::unpack::adopt(f, &dest)?;
+            crate::unpack::seal(&self.store, &dest, &listing)?;
+        }
+        tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, unpacked = folder.is_some(), "layer written");
+        drop(keep);
+        self.reporter.on_layer_written(m.info, &blob);
+        let layer = ImageLayer {
+            diff_id: blob.diff_id,
+            digest: blob.digest,
+            size: blob.size,
+            media_type: layer::MEDIA_TYPE.to_string(),
+        };
+        self.store.put_step(&m.key, &layer.step_record())?;
+        Ok((layer, listing))
     }
 
     /// Builds one target's steps into the store.
@@ -537,8 +424,8 @@ impl Session {
             let started = Instant::now();
             let info = self.info(t, step);
             r.on_step_start(&info);
-            let (key, prepared) = self.key(&parent, step, &run_config, done)?;
-            let cached = if self.opts.no_cache { Cached::Miss } else { self.lookup(&key)? };
+            let (key, prepared) = self.planner().key(&parent, step, &run_config, done)?;
+            let cached = if self.opts.no_cache { Cached::Miss } else { self.cache.lookup(&key)? };
             let hit = matches!(cached, Cached::Hit(_) | Cached::Remote(..));
             let (layer, written) = match cached {
                 Cached::Hit(layer) => {
@@ -547,10 +434,9 @@ impl Session {
                     (layer, None)
                 }
                 Cached::Remote(layer, from) => {
-                    self.sources.lock().expect("sources").insert(layer.digest, from);
-                    self.pending.lock().expect("pending").entry(layer.digest).or_default().push(key);
+                    self.cache.remote_hit(&layer, from, key);
                     if lower.is_some() {
-                        self.materialize(std::slice::from_ref(&layer))?;
+                        self.cache.materialize(std::slice::from_ref(&layer))?;
                     }
                     r.on_cache_hit(&info, &key);
                     (layer, None)
@@ -563,66 +449,21 @@ impl Session {
                         ));
                     }
                     if lower.is_none() {
-                        self.materialize(&layers)?;
+                        self.cache.materialize(&layers)?;
                         lower = Some(FsTree::of_layers(&self.store, &layers)?);
                     }
                     let tree = lower.as_ref().expect("just built");
-                    let recipe = &self.recipe;
-                    let mut keep: Option<Box<dyn std::any::Any + Send>> = None;
-                    let entries = match (&step.kind, prepared) {
-                        (StepKind::Copy(c), Prepared::Copy(src)) => {
-                            copy_entries(recipe, step, c, &src, tree)?
-                        }
-                        (StepKind::Copy(c), Prepared::CopyFrom(built)) => {
-                            let (entries, tmp) = self.copy_from_entries(step, c, &built, tree)?;
-                            keep = Some(Box::new(tmp));
-                            entries
-                        }
-                        (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
-                        (StepKind::Packages(p), Prepared::Packages(lock)) => {
-                            let (entries, scratch) = self.package_entries(p, &lock, &layers, tree)?;
-                            keep = Some(Box::new(scratch));
-                            entries
-                        }
-                        (StepKind::Run(run), Prepared::Run(plan)) => {
-                            let (changes, k) =
-                                self.run(step, &info, run, plan, &layers, tree, &base.config)?;
-                            keep = Some(k);
-                            changes::to_layer_entries(changes)
-                        }
-                        _ => unreachable!("prepared matches the step kind"),
+                    let miss = Miss {
+                        t,
+                        step,
+                        info: &info,
+                        key,
+                        layers: &layers,
+                        tree,
+                        base: &base,
+                        run_config: &run_config,
                     };
-                    let timer = Instant::now();
-                    let staging = match self.unpack_next(t_steps(t, step), &key, &run_config, done) {
-                        true => Some(
-                            tempfile::Builder::new()
-                                .prefix("unpack-")
-                                .tempdir_in(self.store.tmp_dir())
-                                .map_err(BuildError::io_write(self.store.tmp_dir()))?,
-                        ),
-                        false => None,
-                    };
-                    let folder = staging.as_ref().map(|d| d.path().join("root"));
-                    let (blob, listing) =
-                        layer::write_layer_unpacking(&self.store, entries, self.epoch, folder.as_deref())?;
-                    if let (Some(f), Some(dir)) =
-                        (&folder, self.executor().ok().and_then(|e| e.unpack_dir(&self.store)))
-                    {
-                        let dest = dir.join(blob.diff_id.hex());
-                        std::fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
-                        crate::unpack::adopt(f, &dest)?;
-                        crate::unpack::seal(&self.store, &dest, &listing)?;
-                    }
-                    tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, unpacked = folder.is_some(), "layer written");
-                    drop(keep);
-                    r.on_layer_written(&info, &blob);
-                    let layer = ImageLayer {
-                        diff_id: blob.diff_id,
-                        digest: blob.digest,
-                        size: blob.size,
-                        media_type: layer::MEDIA_TYPE.to_string(),
-                    };
-                    self.store.put_step(&key, &layer.step_record())?;
+                    let (layer, listing) = self.make_layer(&miss, prepared, done)?;
                     (layer, Some(listing))
                 }
             };
@@ -683,9 +524,10 @@ impl Session {
         if self.executor().ok().and_then(|e| e.unpack_dir(&self.store)).is_none() {
             return false;
         }
-        match self.key(&key.to_string(), next, run_config, done) {
+        match self.planner().key(&key.to_string(), next, run_config, done) {
             Ok((k, _)) => {
-                self.opts.no_cache || !matches!(self.lookup(&k), Ok(Cached::Hit(_) | Cached::Remote(..)))
+                self.opts.no_cache
+                    || !matches!(self.cache.lookup(&k), Ok(Cached::Hit(_) | Cached::Remote(..)))
             }
             Err(_) => false,
         }
@@ -756,7 +598,7 @@ impl Session {
         tree: &FsTree,
     ) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
         let stage = c.from.as_deref().expect("copy from a stage");
-        self.materialize(&built.layers)?;
+        self.cache.materialize(&built.layers)?;
         let (entries, tmp) =
             crate::extract::stage_source(&self.store, &built.layers, &c.src).map_err(|m| {
                 BuildError::from(
@@ -785,23 +627,6 @@ impl Session {
     }
 }
 
-/// Every registry reference a build uses (bases, outputs, caches), so the
-/// client knows which loopback hosts speak plain HTTP.
-fn remotes_of(recipe: &Recipe, opts: &BuildOptions) -> Vec<Remote> {
-    let bases =
-        std::iter::once(&recipe.image.base).chain(recipe.stages.iter().map(|s| &s.base)).filter_map(|b| {
-            match b {
-                Base::Registry(r) => Remote::parse(r).ok(),
-                _ => None,
-            }
-        });
-    let outputs = opts.outputs.iter().filter_map(|o| match o {
-        kiln_recipes::ImageRef::Registry(r) => Remote::parse(r).ok(),
-        _ => None,
-    });
-    bases.chain(outputs).chain(opts.cache_from.iter().cloned()).chain(opts.cache_to.iter().cloned()).collect()
-}
-
 /// What the image's history says of a step: the command in full for `run`
 /// (progress lines show it shortened to one line).
 fn history_text(step: &Step, info: &StepInfo) -> String {
@@ -817,25 +642,6 @@ fn history_text(step: &Step, info: &StepInfo) -> String {
 /// The steps of `t` after `step`.
 fn t_steps<'a>(t: Target<'a>, step: &Step) -> &'a [Step] {
     &t.steps()[step.index + 1..]
-}
-
-/// A `run` step against its image's runtime config: the engine's view of
-/// env, user and working folder, which both backends are given as is.
-fn run_plan(r: &RunStep, config: &oci_spec::image::Config) -> RunPlan {
-    let image_env = config.env().clone().unwrap_or_default();
-    let user = r
-        .user
-        .clone()
-        .or_else(|| config.user().clone())
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "0".into());
-    let workdir = r
-        .workdir
-        .clone()
-        .or_else(|| config.working_dir().clone())
-        .filter(|w| !w.is_empty())
-        .unwrap_or_else(|| "/".into());
-    RunPlan { argv: r.command.argv(), env: exec::command_env(&image_env, &r.env), user, workdir }
 }
 
 /// Replaces secret values in a line of output. A line never holds more
@@ -872,15 +678,6 @@ fn step_label(info: &StepInfo) -> String {
     }
 }
 
-enum Cached {
-    Hit(ImageLayer),
-    /// Not in the store, but in a `--cache-from` registry.
-    Remote(ImageLayer, Remote),
-    Miss,
-    /// A record whose blob is gone or failed its digest check.
-    Corrupt,
-}
-
 /// Computes every step's key and whether it is cached; builds nothing.
 pub fn plan(recipe: &Recipe, opts: &BuildOptions) -> Result<Vec<PlannedStep>, BuildError> {
     let rt = crate::runtime::runtime()?;
@@ -900,6 +697,110 @@ pub fn plan(recipe: &Recipe, opts: &BuildOptions) -> Result<Vec<PlannedStep>, Bu
 
 type Slot = tokio::sync::watch::Receiver<Option<Option<Arc<Built>>>>;
 
+/// The scheduler: every needed stage and the final image as a tokio task
+/// that waits only for the stages it uses; each target's steps run on a
+/// blocking thread. The final image's result, or `None` when a target failed.
+async fn run_targets(s: Arc<Session>, stages: Vec<&Stage>) -> Option<Arc<Built>> {
+    let recipe: &Recipe = &s.recipe;
+    let mut slots: HashMap<String, Slot> = HashMap::new();
+    let mut tasks = Vec::new();
+    let spawn = |stage: Option<String>, deps: Vec<(String, Slot)>| {
+        let s = s.clone();
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let task = tokio::spawn(async move {
+            let mut done = HashMap::new();
+            for (name, mut slot) in deps {
+                let got = slot.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone().flatten());
+                match got {
+                    Some(b) => {
+                        done.insert(name, b);
+                    }
+                    None => {
+                        let _ = tx.send(Some(None)); // a stage it needs failed
+                        return;
+                    }
+                }
+            }
+            let s2 = s.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                let recipe = &s2.recipe;
+                let t = Target {
+                    stage: stage
+                        .as_deref()
+                        .map(|n| recipe.stages.iter().find(|x| x.name == n).expect("stage")),
+                    recipe,
+                };
+                s2.build_target(t, &done)
+            })
+            .await;
+            let built = match res {
+                Ok(Ok(b)) => Some(Arc::new(b)),
+                Ok(Err(e)) => {
+                    s.fail(e);
+                    None
+                }
+                Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+            };
+            let _ = tx.send(Some(built));
+        });
+        (rx, task)
+    };
+    for st in &stages {
+        let deps = Target { stage: Some(st), recipe }
+            .deps()
+            .into_iter()
+            .map(|n| (n.to_string(), slots[n].clone()))
+            .collect();
+        let (rx, task) = spawn(Some(st.name.clone()), deps);
+        slots.insert(st.name.clone(), rx);
+        tasks.push(task);
+    }
+    let deps = Target { stage: None, recipe }
+        .deps()
+        .into_iter()
+        .map(|n| (n.to_string(), slots[n].clone()))
+        .collect();
+    let (mut rx, task) = spawn(None, deps);
+    tasks.push(task);
+    let result = rx.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone().flatten());
+    for t in tasks {
+        let _ = t.await; // stages nothing waits for still finish (their layers are cached)
+    }
+    result
+}
+
+/// Writes the built image to every output (the default one when none is named).
+fn write_outputs(
+    s: &Session,
+    image: &StoredImage,
+    recipe: &Recipe,
+    opts: &BuildOptions,
+    reporter: &dyn Reporter,
+) -> Result<(), BuildError> {
+    let outputs = if opts.outputs.is_empty() {
+        vec![crate::export::default_output(&recipe.image.name)]
+    } else {
+        opts.outputs.clone()
+    };
+    for out in &outputs {
+        match out {
+            ImageRef::Docker(r) => {
+                let (repo, tag) = exec::docker::split_ref(r);
+                s.docker()?.load(&s.store, image, Some(&format!("{repo}:{tag}")))?;
+            }
+            ImageRef::Vm(path) => crate::vm::write_disk(&s.store, image, recipe, s.epoch, path, reporter)?,
+            ImageRef::Registry(text) => {
+                let to = crate::registry::remote(text)?;
+                let sources = s.cache.sources();
+                crate::registry::push(&s.store, s.cache.registry(), image, &to, &sources, reporter)?;
+            }
+            _ => crate::export::export(&s.store, image, &recipe.image.name, out)?,
+        }
+        reporter.on_output_written(&out.to_string());
+    }
+    Ok(())
+}
+
 /// Builds the recipe into the store and writes every output.
 pub fn build(
     recipe: &Recipe,
@@ -914,73 +815,7 @@ pub fn build(
     let total: usize = recipe.steps.len() + stages.iter().map(|st| st.steps.len()).sum::<usize>();
     reporter.on_build_start(&recipe.image.name, total);
 
-    let final_built = rt.block_on(async {
-        let mut slots: HashMap<String, Slot> = HashMap::new();
-        let mut tasks = Vec::new();
-        let spawn = |stage: Option<String>, deps: Vec<(String, Slot)>| {
-            let s = s.clone();
-            let (tx, rx) = tokio::sync::watch::channel(None);
-            let task = tokio::spawn(async move {
-                let mut done = HashMap::new();
-                for (name, mut slot) in deps {
-                    let got = slot.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone().flatten());
-                    match got {
-                        Some(b) => {
-                            done.insert(name, b);
-                        }
-                        None => {
-                            let _ = tx.send(Some(None)); // a stage it needs failed
-                            return;
-                        }
-                    }
-                }
-                let s2 = s.clone();
-                let res = tokio::task::spawn_blocking(move || {
-                    let recipe = &s2.recipe;
-                    let t = Target {
-                        stage: stage
-                            .as_deref()
-                            .map(|n| recipe.stages.iter().find(|x| x.name == n).expect("stage")),
-                        recipe,
-                    };
-                    s2.build_target(t, &done)
-                })
-                .await;
-                let built = match res {
-                    Ok(Ok(b)) => Some(Arc::new(b)),
-                    Ok(Err(e)) => {
-                        s.fail(e);
-                        None
-                    }
-                    Err(panic) => std::panic::resume_unwind(panic.into_panic()),
-                };
-                let _ = tx.send(Some(built));
-            });
-            (rx, task)
-        };
-        for st in &stages {
-            let deps = Target { stage: Some(st), recipe }
-                .deps()
-                .into_iter()
-                .map(|n| (n.to_string(), slots[n].clone()))
-                .collect();
-            let (rx, task) = spawn(Some(st.name.clone()), deps);
-            slots.insert(st.name.clone(), rx);
-            tasks.push(task);
-        }
-        let deps = Target { stage: None, recipe }
-            .deps()
-            .into_iter()
-            .map(|n| (n.to_string(), slots[n].clone()))
-            .collect();
-        let (mut rx, task) = spawn(None, deps);
-        tasks.push(task);
-        let result = rx.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone().flatten());
-        for t in tasks {
-            let _ = t.await; // stages nothing waits for still finish (their layers are cached)
-        }
-        result
-    });
+    let final_built = rt.block_on(run_targets(s.clone(), stages));
     let Some(built) = final_built else {
         let e = s.failure.lock().expect("failure").take();
         // A stage's task ended without a result or an error: kiln's own fault.
@@ -991,7 +826,7 @@ pub fn build(
         }));
     };
     s.index.lock().expect("index").save(&s.store)?;
-    s.materialize(&built.layers)?;
+    s.cache.materialize(&built.layers)?;
 
     let mut config = built.config.clone();
     config.set_config(Some(image::merge_config(built.config.config().as_ref(), &recipe.config)));
@@ -1001,32 +836,10 @@ pub fn build(
     let image = image::store_image(&s.store, config, built.layers.clone(), s.epoch, BTreeMap::new())?;
     image.record(&s.store, "images", &image.manifest.hex(), &recipe.image.name)?;
 
-    let outputs = if opts.outputs.is_empty() {
-        vec![crate::export::default_output(&recipe.image.name)]
-    } else {
-        opts.outputs.clone()
-    };
-    for out in &outputs {
-        match out {
-            ImageRef::Docker(r) => {
-                let (repo, tag) = exec::docker::split_ref(r);
-                s.docker()?.load(&s.store, &image, Some(&format!("{repo}:{tag}")))?;
-            }
-            ImageRef::Vm(path) => {
-                crate::vm::write_disk(&s.store, &image, recipe, s.epoch, path, reporter.as_ref())?
-            }
-            ImageRef::Registry(text) => {
-                let to = crate::registry::remote(text)?;
-                let sources = s.sources.lock().expect("sources").clone();
-                crate::registry::push(&s.store, s.registry(), &image, &to, &sources, reporter.as_ref())?;
-            }
-            _ => crate::export::export(&s.store, &image, &recipe.image.name, out)?,
-        }
-        reporter.on_output_written(&out.to_string());
-    }
+    write_outputs(&s, &image, recipe, opts, reporter.as_ref())?;
     let steps = std::mem::take(&mut *s.steps.lock().expect("steps"));
     for to in &opts.cache_to {
-        s.push_cache(to, &steps)?;
+        s.cache.push(to, &steps)?;
     }
     reporter.on_build_finish(&image.manifest, started.elapsed());
     Ok(BuildOutcome { image, steps })
@@ -1060,164 +873,6 @@ fn describe(step: &Step) -> String {
             format!("RUN {short}")
         }
     }
-}
-
-/// Entries for the folders above `path` (relative): their metadata in the
-/// image when they exist, else 0755 root.
-fn parent_entries(
-    recipe: &Recipe,
-    step: &Step,
-    tree: &FsTree,
-    path: &str,
-) -> Result<Vec<LayerEntry>, BuildError> {
-    let mut out = Vec::new();
-    let mut prefix = String::new();
-    let parts: Vec<&str> = path.split('/').collect();
-    for part in &parts[..parts.len().saturating_sub(1)] {
-        if !prefix.is_empty() {
-            prefix.push('/');
-        }
-        prefix.push_str(part);
-        let (mode, uid, gid) = match tree.get(&prefix)? {
-            Some(e) if matches!(e.kind, Kind::Dir) => (e.mode, e.uid, e.gid),
-            Some(_) => {
-                return Err(recipe
-                    .error_at(
-                        step.span.clone(),
-                        format!("`/{prefix}` is not a folder in the image, so nothing can go under it"),
-                    )
-                    .with_hint("pick another destination, or remove that file in an earlier step")
-                    .into())
-            }
-            None => (0o755, 0, 0),
-        };
-        out.push(LayerEntry {
-            path: prefix.clone(),
-            kind: TarKind::Dir,
-            mode,
-            uid,
-            gid,
-            content: Content::None,
-            xattrs: Vec::new(),
-        });
-    }
-    Ok(out)
-}
-
-fn resolve(recipe: &Recipe, step: &Step, tree: &FsTree, abs: &str) -> Result<String, BuildError> {
-    tree.resolve_parents(abs.trim_start_matches('/'))?.map_err(|m| {
-        recipe
-            .error_at(step.span.clone(), m)
-            .with_hint("check the symlinks along the destination path")
-            .into()
-    })
-}
-
-/// One entry of a copy source, relative to it (empty for the source itself).
-struct Source {
-    rel: String,
-    kind: TarKind,
-    mode: u32,
-    content: Content,
-    xattrs: Vec<(String, Vec<u8>)>,
-}
-
-fn copy_entries(
-    recipe: &Recipe,
-    step: &Step,
-    c: &CopyStep,
-    src: &CopySource,
-    tree: &FsTree,
-) -> Result<Vec<LayerEntry>, BuildError> {
-    let root_is_dir = matches!(src.entries[0].kind, SourceKind::Dir);
-    let sources = src
-        .entries
-        .iter()
-        .map(|e| {
-            let (kind, content) = match &e.kind {
-                SourceKind::Dir => (TarKind::Dir, Content::None),
-                SourceKind::Symlink(t) => (TarKind::Symlink(t.clone()), Content::None),
-                SourceKind::File { size, sha256 } => (
-                    TarKind::File { size: *size },
-                    Content::Path { path: e.abs.clone(), sha256: *sha256, stamp: e.stamp },
-                ),
-            };
-            Source { rel: e.rel.clone(), kind, mode: e.mode, content, xattrs: Vec::new() }
-        })
-        .collect();
-    place_entries(recipe, step, c, root_is_dir, src.name.as_deref(), sources, tree)
-}
-
-/// Puts a copy's sources at their destination: a folder's contents at `to`;
-/// a file at `to`, or into it when `to` ends in `/` or is a folder.
-fn place_entries(
-    recipe: &Recipe,
-    step: &Step,
-    c: &CopyStep,
-    root_is_dir: bool,
-    name: Option<&str>,
-    sources: Vec<Source>,
-    tree: &FsTree,
-) -> Result<Vec<LayerEntry>, BuildError> {
-    let to_rel = resolve(recipe, step, tree, &c.to)?;
-    let into_dir =
-        !root_is_dir && (c.to_is_dir || c.to == "/" || matches!(tree.kind(&to_rel)?, Some(Kind::Dir)));
-    let dest = if into_dir {
-        let name = name.expect("a file source has a name");
-        if to_rel.is_empty() {
-            name.to_string()
-        } else {
-            format!("{to_rel}/{name}")
-        }
-    } else {
-        to_rel
-    };
-    let mut entries = if dest.is_empty() { Vec::new() } else { parent_entries(recipe, step, tree, &dest)? };
-    for e in sources {
-        let path = match (dest.is_empty(), e.rel.is_empty()) {
-            (true, true) => continue, // a root copied to `/`: `/` itself is not an entry
-            (true, false) => e.rel.clone(),
-            (false, true) => dest.clone(),
-            (false, false) => format!("{dest}/{}", e.rel),
-        };
-        entries.push(LayerEntry {
-            path,
-            kind: e.kind,
-            mode: e.mode,
-            uid: c.owner.uid,
-            gid: c.owner.gid,
-            content: e.content,
-            xattrs: e.xattrs,
-        });
-    }
-    Ok(entries)
-}
-
-fn write_entries(
-    recipe: &Recipe,
-    step: &Step,
-    w: &WriteStep,
-    tree: &FsTree,
-) -> Result<Vec<LayerEntry>, BuildError> {
-    let path = resolve(recipe, step, tree, &w.path)?;
-    if let Some(Kind::Dir) = tree.kind(&path)? {
-        return Err(recipe
-            .error_at(step.span.clone(), format!("`{}` is a folder in the image", w.path))
-            .with_hint("`write` makes a file; name a path that is not a folder")
-            .into());
-    }
-    let mut entries = parent_entries(recipe, step, tree, &path)?;
-    let bytes = w.content.clone().into_bytes();
-    entries.push(LayerEntry {
-        path,
-        kind: TarKind::File { size: bytes.len() as u64 },
-        mode: w.mode.0,
-        uid: w.owner.uid,
-        gid: w.owner.gid,
-        content: Content::Bytes(bytes),
-        xattrs: Vec::new(),
-    });
-    Ok(entries)
 }
 
 #[cfg(test)]

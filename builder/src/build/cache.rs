@@ -1,0 +1,219 @@
+//! The step cache, in tiers (as sccache's multilevel storage): the local
+//! store first, then the `--cache-from` registries' step indexes, whose
+//! layers are fetched (and checked like any imported layer) only when a
+//! build needs their bytes; `--cache-to` pushes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use kiln_cache::registry::{Registry, RegistryError, Remote};
+use kiln_cache::{Digest, Store, StoreError};
+use kiln_recipes::{Base, Recipe};
+
+use super::{BuildOptions, PlannedStep};
+use crate::error::BuildError;
+use crate::image::ImageLayer;
+use crate::listing::Listing;
+use crate::reporter::Reporter;
+
+/// What the cache knows of a step key.
+pub(super) enum Cached {
+    Hit(ImageLayer),
+    /// Not in the store, but in a `--cache-from` registry.
+    Remote(ImageLayer, Remote),
+    Miss,
+    /// A record whose blob is gone or failed its digest check.
+    Corrupt,
+}
+
+/// The tiers, and what the build learned of where remote layers are.
+pub(super) struct StepCache {
+    store: Store,
+    rt: tokio::runtime::Handle,
+    reporter: Arc<dyn Reporter>,
+    registry_opts: kiln_cache::registry::RegistryOptions,
+    /// Made on first use: building a TLS client costs a few milliseconds.
+    registry: OnceLock<Registry>,
+    /// Every registry reference of the build (for the client's plain-HTTP list).
+    remotes: Vec<Remote>,
+    /// Steps other builds pushed (`--cache-from`): key → layer and its repository.
+    remote_steps: HashMap<Digest, (ImageLayer, Remote)>,
+    /// Blobs known to be in a registry: where to fetch or mount them from.
+    sources: Mutex<HashMap<Digest, Remote>>,
+    /// Remote hits whose layer is not in the store yet: layer digest → keys.
+    /// Their step records are written when the layer is fetched.
+    pending: Mutex<HashMap<Digest, Vec<Digest>>>,
+}
+
+impl StepCache {
+    /// Reads the `--cache-from` indexes (a cache that cannot be read is
+    /// reported and left out).
+    pub(super) fn open(
+        store: &Store,
+        recipe: &Recipe,
+        opts: &BuildOptions,
+        reporter: Arc<dyn Reporter>,
+        rt: tokio::runtime::Handle,
+    ) -> StepCache {
+        let remotes = remotes_of(recipe, opts);
+        let registry = OnceLock::new();
+        let remote_steps = match opts.cache_from.is_empty() {
+            true => HashMap::new(),
+            false => {
+                let reg = registry.get_or_init(|| Registry::new(rt.clone(), &remotes, &opts.registry));
+                crate::registry::read_caches(reg, &opts.cache_from, reporter.as_ref())
+            }
+        };
+        StepCache {
+            store: store.clone(),
+            rt,
+            reporter,
+            registry_opts: opts.registry.clone(),
+            registry,
+            remotes,
+            remote_steps,
+            sources: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(super) fn registry(&self) -> &Registry {
+        self.registry.get_or_init(|| Registry::new(self.rt.clone(), &self.remotes, &self.registry_opts))
+    }
+
+    /// A remote hit: its layer is fetched from `from` when needed, and the
+    /// step recorded then.
+    pub(super) fn remote_hit(&self, layer: &ImageLayer, from: Remote, key: Digest) {
+        self.sources.lock().expect("sources").insert(layer.digest, from);
+        self.pending.lock().expect("pending").entry(layer.digest).or_default().push(key);
+    }
+
+    /// Layers a registry base came from: where to mount them from on a push.
+    pub(super) fn add_sources(&self, from: &Remote, layers: &[ImageLayer]) {
+        let mut sources = self.sources.lock().expect("sources");
+        for l in layers {
+            sources.entry(l.digest).or_insert_with(|| from.clone());
+        }
+    }
+
+    pub(super) fn sources(&self) -> HashMap<Digest, Remote> {
+        self.sources.lock().expect("sources").clone()
+    }
+
+    /// Whether the store holds `key`'s layer intact, or a `--cache-from`
+    /// registry has it.
+    pub(super) fn lookup(&self, key: &Digest) -> Result<Cached, BuildError> {
+        let remote = || self.remote_steps.get(key).map(|(l, r)| Cached::Remote(l.clone(), r.clone()));
+        let Some(rec) = self.store.step(key) else { return Ok(remote().unwrap_or(Cached::Miss)) };
+        if self.store.verify_blob(&rec.digest)? {
+            return Ok(Cached::Hit(rec.into()));
+        }
+        Ok(remote().unwrap_or(Cached::Corrupt))
+    }
+
+    /// Makes sure the store holds these layers, fetching remote hits' layers
+    /// from their registries (checked against digest and diff_id, every
+    /// entry read through as for any imported layer), and
+    /// records the steps that were waiting for them.
+    pub(super) fn materialize(&self, layers: &[ImageLayer]) -> Result<(), BuildError> {
+        for l in layers {
+            if !self.store.verify_blob(&l.digest)? {
+                let from = self.sources.lock().expect("sources").get(&l.digest).cloned();
+                let from = from.ok_or(StoreError::Missing(l.digest))?;
+                let n = self.registry().fetch_blob(&self.store, &from, &l.digest)?;
+                // The index is another builder's word: the layer must be a clean
+                // tar that uncompresses to the diff_id it claims.
+                if let Err(e) = Listing::scan(&self.store, l) {
+                    self.store.discard_blob(&l.digest);
+                    return Err(BuildError::BadImage {
+                        image: format!("registry:{from}"),
+                        reason: format!("its cached layer {} is refused: {e}", l.digest),
+                    });
+                }
+                self.reporter.on_blob("pulled", &l.digest, &format!("{}/{}", from.host, from.repo), n);
+            }
+            let keys = self.pending.lock().expect("pending").remove(&l.digest);
+            for k in keys.into_iter().flatten() {
+                self.store.put_step(&k, &l.step_record())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `--cache-to`: pushes the layer of every step of this build, then the
+    /// step index, merged with what `to` held (this build's steps first).
+    pub(super) fn push(&self, to: &Remote, steps: &[PlannedStep]) -> Result<(), BuildError> {
+        let mut entries: Vec<(Digest, ImageLayer)> = Vec::new();
+        for st in steps {
+            let layer = match self.store.step(&st.key) {
+                Some(rec) => ImageLayer::from(rec),
+                None => match self.remote_steps.get(&st.key) {
+                    Some((l, _)) => l.clone(),
+                    None => continue, // not expected: every step is recorded or a remote hit
+                },
+            };
+            entries.push((st.key, layer));
+        }
+        let sources = self.sources.lock().expect("sources").clone();
+        let mut layers: Vec<&ImageLayer> = Vec::new();
+        for (_, l) in &entries {
+            if !layers.iter().any(|x| x.digest == l.digest) {
+                layers.push(l);
+            }
+        }
+        let mut skipped = 0;
+        for l in layers {
+            let one = [l.digest];
+            let push = || {
+                crate::registry::push_blobs(
+                    &self.store,
+                    self.registry(),
+                    to,
+                    &one,
+                    &sources,
+                    self.reporter.as_ref(),
+                )
+            };
+            skipped += match push() {
+                // A remote hit this build never needed, and no mount from where it is: fetch it, push it.
+                Err(BuildError::Registry(RegistryError::Store(StoreError::Missing(_)))) => {
+                    self.materialize(std::slice::from_ref(l))?;
+                    push()?
+                }
+                other => other?,
+            };
+        }
+        let old = match crate::registry::pull_index(self.registry(), to) {
+            Ok(i) => i,
+            Err(e) => {
+                self.reporter.on_notice(&format!("the cache at registry:{to} is replaced: {e}"));
+                Default::default()
+            }
+        };
+        let index = crate::registry::CacheIndex::merged(&entries, &old);
+        let digest = crate::registry::push_index(&self.store, self.registry(), to, &index)?;
+        self.reporter.on_notice(&format!(
+            "cache: {} step(s) of this build in registry:{to}@{digest} ({} in all; {skipped} layer(s) were there already)",
+            entries.len(),
+            index.steps.len()
+        ));
+        Ok(())
+    }
+}
+
+/// Every registry reference a build uses (bases, outputs, caches), so the
+/// client knows which loopback hosts speak plain HTTP.
+fn remotes_of(recipe: &Recipe, opts: &BuildOptions) -> Vec<Remote> {
+    let bases =
+        std::iter::once(&recipe.image.base).chain(recipe.stages.iter().map(|s| &s.base)).filter_map(|b| {
+            match b {
+                Base::Registry(r) => Remote::parse(r).ok(),
+                _ => None,
+            }
+        });
+    let outputs = opts.outputs.iter().filter_map(|o| match o {
+        kiln_recipes::ImageRef::Registry(r) => Remote::parse(r).ok(),
+        _ => None,
+    });
+    bases.chain(outputs).chain(opts.cache_from.iter().cloned()).chain(opts.cache_to.iter().cloned()).collect()
+}

@@ -1,0 +1,170 @@
+//! What `copy` and `write` steps put in their layer: entries at their
+//! destination, resolved through the parent image's symlinks, with the
+//! parent folders the image already has keeping their metadata.
+
+use kiln_recipes::{CopyStep, Recipe, Step, WriteStep};
+
+use crate::context::{CopySource, SourceKind};
+use crate::error::BuildError;
+use crate::fstree::FsTree;
+use crate::layer::{Content, LayerEntry};
+use crate::listing::Kind;
+use crate::tarball::TarKind;
+
+/// Entries for the folders above `path` (relative): their metadata in the
+/// image when they exist, else 0755 root.
+pub(super) fn parent_entries(
+    recipe: &Recipe,
+    step: &Step,
+    tree: &FsTree,
+    path: &str,
+) -> Result<Vec<LayerEntry>, BuildError> {
+    let mut out = Vec::new();
+    let mut prefix = String::new();
+    let parts: Vec<&str> = path.split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        if !prefix.is_empty() {
+            prefix.push('/');
+        }
+        prefix.push_str(part);
+        let (mode, uid, gid) = match tree.get(&prefix)? {
+            Some(e) if matches!(e.kind, Kind::Dir) => (e.mode, e.uid, e.gid),
+            Some(_) => {
+                return Err(recipe
+                    .error_at(
+                        step.span.clone(),
+                        format!("`/{prefix}` is not a folder in the image, so nothing can go under it"),
+                    )
+                    .with_hint("pick another destination, or remove that file in an earlier step")
+                    .into())
+            }
+            None => (0o755, 0, 0),
+        };
+        out.push(LayerEntry {
+            path: prefix.clone(),
+            kind: TarKind::Dir,
+            mode,
+            uid,
+            gid,
+            content: Content::None,
+            xattrs: Vec::new(),
+        });
+    }
+    Ok(out)
+}
+
+pub(super) fn resolve(recipe: &Recipe, step: &Step, tree: &FsTree, abs: &str) -> Result<String, BuildError> {
+    tree.resolve_parents(abs.trim_start_matches('/'))?.map_err(|m| {
+        recipe
+            .error_at(step.span.clone(), m)
+            .with_hint("check the symlinks along the destination path")
+            .into()
+    })
+}
+
+/// One entry of a copy source, relative to it (empty for the source itself).
+pub(super) struct Source {
+    pub(super) rel: String,
+    pub(super) kind: TarKind,
+    pub(super) mode: u32,
+    pub(super) content: Content,
+    pub(super) xattrs: Vec<(String, Vec<u8>)>,
+}
+
+pub(super) fn copy_entries(
+    recipe: &Recipe,
+    step: &Step,
+    c: &CopyStep,
+    src: &CopySource,
+    tree: &FsTree,
+) -> Result<Vec<LayerEntry>, BuildError> {
+    let root_is_dir = matches!(src.entries[0].kind, SourceKind::Dir);
+    let sources = src
+        .entries
+        .iter()
+        .map(|e| {
+            let (kind, content) = match &e.kind {
+                SourceKind::Dir => (TarKind::Dir, Content::None),
+                SourceKind::Symlink(t) => (TarKind::Symlink(t.clone()), Content::None),
+                SourceKind::File { size, sha256 } => (
+                    TarKind::File { size: *size },
+                    Content::Path { path: e.abs.clone(), sha256: *sha256, stamp: e.stamp },
+                ),
+            };
+            Source { rel: e.rel.clone(), kind, mode: e.mode, content, xattrs: Vec::new() }
+        })
+        .collect();
+    place_entries(recipe, step, c, root_is_dir, src.name.as_deref(), sources, tree)
+}
+
+/// Puts a copy's sources at their destination: a folder's contents at `to`;
+/// a file at `to`, or into it when `to` ends in `/` or is a folder.
+pub(super) fn place_entries(
+    recipe: &Recipe,
+    step: &Step,
+    c: &CopyStep,
+    root_is_dir: bool,
+    name: Option<&str>,
+    sources: Vec<Source>,
+    tree: &FsTree,
+) -> Result<Vec<LayerEntry>, BuildError> {
+    let to_rel = resolve(recipe, step, tree, &c.to)?;
+    let into_dir =
+        !root_is_dir && (c.to_is_dir || c.to == "/" || matches!(tree.kind(&to_rel)?, Some(Kind::Dir)));
+    let dest = if into_dir {
+        let name = name.expect("a file source has a name");
+        if to_rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{to_rel}/{name}")
+        }
+    } else {
+        to_rel
+    };
+    let mut entries = if dest.is_empty() { Vec::new() } else { parent_entries(recipe, step, tree, &dest)? };
+    for e in sources {
+        let path = match (dest.is_empty(), e.rel.is_empty()) {
+            (true, true) => continue, // a root copied to `/`: `/` itself is not an entry
+            (true, false) => e.rel.clone(),
+            (false, true) => dest.clone(),
+            (false, false) => format!("{dest}/{}", e.rel),
+        };
+        entries.push(LayerEntry {
+            path,
+            kind: e.kind,
+            mode: e.mode,
+            uid: c.owner.uid,
+            gid: c.owner.gid,
+            content: e.content,
+            xattrs: e.xattrs,
+        });
+    }
+    Ok(entries)
+}
+
+pub(super) fn write_entries(
+    recipe: &Recipe,
+    step: &Step,
+    w: &WriteStep,
+    tree: &FsTree,
+) -> Result<Vec<LayerEntry>, BuildError> {
+    let path = resolve(recipe, step, tree, &w.path)?;
+    if let Some(Kind::Dir) = tree.kind(&path)? {
+        return Err(recipe
+            .error_at(step.span.clone(), format!("`{}` is a folder in the image", w.path))
+            .with_hint("`write` makes a file; name a path that is not a folder")
+            .into());
+    }
+    let mut entries = parent_entries(recipe, step, tree, &path)?;
+    let bytes = w.content.clone().into_bytes();
+    entries.push(LayerEntry {
+        path,
+        kind: TarKind::File { size: bytes.len() as u64 },
+        mode: w.mode.0,
+        uid: w.owner.uid,
+        gid: w.owner.gid,
+        content: Content::Bytes(bytes),
+        xattrs: Vec::new(),
+    });
+    Ok(entries)
+}
