@@ -97,7 +97,7 @@ pub fn load_base(
                             .into()
                     })
                 }),
-                _ => open_image(store, &r),
+                _ => open_image_for(store, &r, platform),
             };
             let img = imported.map_err(|e| match e {
                 // A base that cannot be opened is a problem of the recipe: point at it.
@@ -184,6 +184,12 @@ fn resolve_registry_tag(
 /// the engine at DOCKER_HOST, `registry:` pulled (for `inspect`, `diff`,
 /// `sbom` and bases).
 pub fn open_image(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
+    open_image_for(store, r, &Platform::host())
+}
+
+/// [`open_image`], taking the image for `platform` from a multi-platform
+/// layout or archive (a base, for the build's platform).
+pub fn open_image_for(store: &Store, r: &ImageRef, platform: &Platform) -> Result<StoredImage, BuildError> {
     if let ImageRef::Docker(reference) = r {
         let rt = crate::runtime::runtime()?;
         let engine = crate::exec::docker::DockerEngine::connect(rt.handle().clone())?;
@@ -197,7 +203,7 @@ pub fn open_image(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError
     if let ImageRef::Registry(text) = r {
         return pull_registry(store, text);
     }
-    crate::import::import(store, r)
+    crate::import::import(store, r, platform)
 }
 
 /// `registry:HOST/REPO:TAG|@DIGEST` (for `inspect`, `diff`, `sbom`): what

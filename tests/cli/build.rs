@@ -306,3 +306,82 @@ fn a_base_of_many_entries_out_of_order_is_listed_through_runs_on_disk() {
     assert_eq!(damaged, 1, "the base layer's listing");
     assert_eq!(p.build(&["--no-cache"]).digest(), first);
 }
+
+/// An OCI layout of one image per platform (`arch`, content of `/etc/arch`),
+/// listed with their platforms in `index.json` itself or, `nested`, in an
+/// index that `index.json` names.
+fn multi_platform_layout(p: &Project, dir: &str, arches: &[&str], nested: bool) -> Vec<String> {
+    use sha2::{Digest, Sha256};
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let put = |b: &[u8]| {
+        p.file(&format!("{dir}/blobs/sha256/{}", &sha(b)[7..]), b);
+        sha(b)
+    };
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for arch in arches {
+        let tar = tar_of(&[
+            ("etc/", tar::EntryType::Directory, 0o755, &b""[..]),
+            ("etc/arch", tar::EntryType::Regular, 0o644, arch.as_bytes()),
+        ]);
+        let layer = put(&tar);
+        diff_ids.push(sha(&tar));
+        let config = serde_json::json!({"architecture": arch, "os": "linux", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [sha(&tar)]}})
+        .to_string();
+        let config_d = put(config.as_bytes());
+        let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_d, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": tar.len()}]})
+        .to_string();
+        descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": put(manifest.as_bytes()), "size": manifest.len(),
+            "platform": {"os": "linux", "architecture": arch}}));
+    }
+    let mut index = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": descs});
+    if nested {
+        let inner = index.to_string();
+        index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": put(inner.as_bytes()), "size": inner.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    }
+    p.file(&format!("{dir}/index.json"), index.to_string());
+    p.file(&format!("{dir}/oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#);
+    diff_ids
+}
+
+/// A base of several platforms gives the build the image for the build's
+/// platform (`--platform`, else the recipe's, else the host's), whether the
+/// layout lists the platforms itself or under a tag; one it lacks is named.
+#[test]
+fn a_multi_platform_base_gives_the_image_for_the_build_platform() {
+    let p = Project::new();
+    let flat = multi_platform_layout(&p, "flat", &["amd64", "arm64"], false);
+    let nested = multi_platform_layout(&p, "nested", &["amd64", "arm64"], true);
+    for (base, diff_ids) in [("oci:flat", &flat), ("oci:nested:latest", &nested)] {
+        p.recipe(&format!(
+            "[image]\nname = \"m\"\nbase = \"{base}\"\n\n[[step]]\nwrite = \"/etc/motd\"\ncontent = \"m\\n\"\n"
+        ));
+        for (platform, want) in [("linux/amd64", &diff_ids[0]), ("linux/arm64", &diff_ids[1])] {
+            let out = format!("out-{}", platform.replace('/', "-"));
+            p.build(&["--platform", platform, "-o", &format!("oci:{out}")]).digest();
+            let index: serde_json::Value =
+                serde_json::from_slice(&fs::read(p.path(&out).join("index.json")).unwrap()).unwrap();
+            let blob = |d: &str| fs::read(p.path(&out).join("blobs/sha256").join(&d[7..])).unwrap();
+            let m: serde_json::Value =
+                serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+            let c: serde_json::Value =
+                serde_json::from_slice(&blob(m["config"]["digest"].as_str().unwrap())).unwrap();
+            assert_eq!(&c["rootfs"]["diff_ids"][0], want.as_str(), "{base} for {platform}");
+            assert_eq!(c["architecture"], platform.split('/').nth(1).unwrap());
+        }
+        let r = p.build(&["--platform", "linux/riscv64"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("no image for linux/riscv64") && r.stderr.contains("linux/arm64"),
+            "{}",
+            r.stderr
+        );
+    }
+}

@@ -368,7 +368,14 @@ impl DockerEngine {
             tokio::io::AsyncWriteExt::flush(&mut f).await.map_err(BuildError::io_write(&path))
         })?;
         let name = format!("docker:{reference}");
-        let img = crate::import::import_archive(store, &name, &path, true)?;
+        // `docker save` of one image: an archive of one platform.
+        let img = crate::import::import_archive(
+            store,
+            &name,
+            &path,
+            true,
+            &kiln_recipes::recipe::Platform::host(),
+        )?;
         img.record(store, "bases", &key, &name)?;
         Ok(Some(img))
     }

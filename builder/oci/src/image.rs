@@ -337,3 +337,32 @@ pub fn json_error(e: &serde_json::Error) -> String {
     };
     format!("{what}, at line {} column {}", e.line(), e.column())
 }
+
+/// The one place an image is picked for a platform from an index (an OCI
+/// layout's, an archive's, a registry's): the manifest whose platform has
+/// the same OS and architecture, and the same variant when `platform` names
+/// one. The error lists what the index has.
+pub fn select_platform<'a>(
+    manifests: &'a [oci_spec::image::Descriptor],
+    platform: &kiln_recipes::recipe::Platform,
+) -> Result<&'a oci_spec::image::Descriptor, String> {
+    let matches = |p: &oci_spec::image::Platform| {
+        p.os().to_string() == platform.os
+            && p.architecture().to_string() == platform.architecture
+            && (platform.variant.is_none() || p.variant() == &platform.variant)
+    };
+    manifests.iter().find(|d| d.platform().as_ref().is_some_and(matches)).ok_or_else(|| {
+        let have: Vec<String> = manifests
+            .iter()
+            .filter_map(|d| d.platform().as_ref())
+            .map(|p| match p.variant() {
+                Some(v) => format!("{}/{}/{v}", p.os(), p.architecture()),
+                None => format!("{}/{}", p.os(), p.architecture()),
+            })
+            .collect();
+        format!(
+            "it has no image for {platform} (it has: {})",
+            if have.is_empty() { "none".into() } else { have.join(", ") }
+        )
+    })
+}

@@ -23,13 +23,15 @@ use crate::listing::Listing;
 
 // The media types the registry client also speaks, defined once there.
 use kiln_cache::registry::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
+use kiln_recipes::recipe::Platform;
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const LAYER_TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
 /// Imports the image a local reference (`oci:`, `oci-archive:`,
 /// `docker-archive:`) names into the store (checked) and describes it.
 /// `base::open_image` also reads `docker:` and `registry:` ones.
-pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
+/// An index of several platforms gives the image for `platform`.
+pub fn import(store: &Store, r: &ImageRef, platform: &Platform) -> Result<StoredImage, BuildError> {
     let name = r.to_string();
     let bad = |reason: String| BuildError::BadImage { image: name.clone(), reason };
     match r {
@@ -52,7 +54,7 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
                     .map_err(|e| bad(format!("{e}")))?;
                 Ok(())
             };
-            let manifest = resolve_index(&index, tag.as_deref(), &fetch, store).map_err(bad)?;
+            let manifest = resolve_index(&index, tag.as_deref(), &fetch, store, platform).map_err(bad)?;
             finish(store, &name, manifest, &fetch)
         }
         ImageRef::OciArchive(file) | ImageRef::DockerArchive(file) => {
@@ -72,7 +74,7 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
             }
             let source_key = Digest::of(
                 format!(
-                    "{}\0{}\0{}.{}\0{}.{}\0{}",
+                    "{}\0{}\0{}.{}\0{}.{}\0{}\0{platform}",
                     fs::canonicalize(file).map_err(BuildError::io_read(file))?.display(),
                     meta.size(),
                     meta.mtime(),
@@ -86,7 +88,7 @@ pub fn import(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
             if let Some(img) = checked_before(store, &source_key.hex()) {
                 return Ok(img);
             }
-            let img = import_archive(store, &name, file, matches!(r, ImageRef::DockerArchive(_)))?;
+            let img = import_archive(store, &name, file, matches!(r, ImageRef::DockerArchive(_)), platform)?;
             img.record(store, "bases", &source_key.hex(), &name)?;
             Ok(img)
         }
@@ -103,6 +105,7 @@ pub fn import_archive(
     name: &str,
     file: &Path,
     docker: bool,
+    platform: &Platform,
 ) -> Result<StoredImage, BuildError> {
     let bad = |reason: String| BuildError::BadImage { image: name.to_string(), reason };
     let members = read_archive(store, file).map_err(bad)?;
@@ -119,7 +122,7 @@ pub fn import_archive(
     }
     let index = members.get("index.json").ok_or_else(|| bad("the archive has no `index.json`".into()))?;
     let index = read_document_blob(store, index).map_err(bad)?;
-    let m = resolve_index(&index, None, &have, store).map_err(bad)?;
+    let m = resolve_index(&index, None, &have, store, platform).map_err(bad)?;
     finish(store, name, m, &have)
 }
 
@@ -166,13 +169,15 @@ fn read_archive(store: &Store, file: &Path) -> Result<HashMap<String, Digest>, S
     Ok(out)
 }
 
-/// Picks the manifest from an index: by tag, or the only one. Nested indexes
-/// (multi-platform images) are followed to the host's platform.
+/// Picks the manifest from an index: by tag, the only one, or (an index of
+/// one image per platform) the one for `platform`. A nested index (a
+/// multi-platform image under a tag) is followed to `platform` too.
 fn resolve_index(
     index: &[u8],
     tag: Option<&str>,
     fetch: &dyn Fn(&Digest) -> Result<(), BuildError>,
     store: &Store,
+    platform: &Platform,
 ) -> Result<Digest, String> {
     let index: ImageIndex = serde_json::from_slice(index)
         .map_err(|e| format!("its `index.json` is not an OCI index ({})", json_error(&e)))?;
@@ -189,6 +194,7 @@ fn resolve_index(
             )
         })?,
         None if ms.len() == 1 => &ms[0],
+        None if ms.iter().all(|d| d.platform().is_some()) => crate::image::select_platform(ms, platform)?,
         None => {
             let tags: Vec<String> = ms.iter().filter_map(tag_of).collect();
             return Err(format!(
@@ -205,14 +211,7 @@ fn resolve_index(
         let nested = read_document_blob(store, &digest)?;
         let nested_index: ImageIndex = serde_json::from_slice(&nested)
             .map_err(|e| format!("its nested index is malformed ({})", json_error(&e)))?;
-        let host = kiln_recipes::recipe::Platform::host();
-        let pick = nested_index
-            .manifests()
-            .iter()
-            .find(|d| {
-                d.platform().as_ref().is_some_and(|p| p.architecture().to_string() == host.architecture)
-            })
-            .ok_or_else(|| format!("it has no image for {host}"))?;
+        let pick = crate::image::select_platform(nested_index.manifests(), platform)?;
         return pick.digest().to_string().parse().map_err(|e| format!("{e}"));
     }
     Ok(digest)

@@ -113,21 +113,7 @@ fn platform_manifest(
     }
     let index: oci_spec::image::ImageIndex =
         serde_json::from_slice(&m.bytes).map_err(|e| bad(format!("its index is malformed ({e})")))?;
-    let matches = |p: &oci_spec::image::Platform| {
-        p.os().to_string() == platform.os
-            && p.architecture().to_string() == platform.architecture
-            && (platform.variant.is_none() || p.variant() == &platform.variant)
-    };
-    let desc =
-        index.manifests().iter().find(|d| d.platform().as_ref().is_some_and(matches)).ok_or_else(|| {
-            let have: Vec<String> = index
-                .manifests()
-                .iter()
-                .filter_map(|d| d.platform().as_ref())
-                .map(|p| format!("{}/{}", p.os(), p.architecture()))
-                .collect();
-            bad(format!("it has no image for {platform} (it has: {})", have.join(", ")))
-        })?;
+    let desc = image::select_platform(index.manifests(), platform).map_err(bad)?;
     let d: Digest = desc.digest().to_string().parse().map_err(|e| bad(format!("{e}")))?;
     let inner = manifest_by_digest(store, reg, &r.with_digest(d))?;
     if inner.media_type != OCI_MANIFEST && inner.media_type != DOCKER_MANIFEST {
