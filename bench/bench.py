@@ -621,9 +621,9 @@ def w6_lines(r):
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Listings are stored sorted, in a compact binary form with a sparse index (`builder/src/listing/file.rs`), "
+        "Listings are stored sorted, in a compact binary form with a sparse index (`builder/oci/src/listing/file.rs`), "
         "written through an external sort (runs of 65,536 entries) and read by lookups and streaming; the merged tree "
-        "(`builder/src/fstree.rs`) asks the layers' listings from the top down as overlayfs does, and holds only "
+        "(`builder/oci/src/fstree.rs`) asks the layers' listings from the top down as overlayfs does, and holds only "
         "whiteouts and opaque markers. What still grows with the entry count is the in-layer check while a layer is "
         "read (16 bytes a path, hashed), unpacking such a layer for a `run` step (its seal records every file), "
         "`copy --from` a folder of them, and `-o vm:`, which holds the whole tree to write the filesystem.",
