@@ -1,5 +1,5 @@
 //! Bases: where an image starts. `scratch` is empty; the other kinds are
-//! imported into the store (see [`crate::import`]) and described by their
+//! imported into the store (see `kiln_oci::import`) and described by their
 //! manifest digest, which is what the first step's key builds on.
 
 use oci_spec::image::ImageConfiguration;
@@ -180,7 +180,7 @@ fn resolve_registry_tag(
 }
 
 /// Reads the image `r` names into the store, checked, and describes it:
-/// local layouts and archives through [`crate::import`], `docker:REF` from
+/// local layouts and archives through `kiln_oci::import`, `docker:REF` from
 /// the engine at DOCKER_HOST, `registry:` pulled (for `inspect`, `diff`,
 /// `sbom` and bases).
 pub fn open_image(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {

@@ -48,7 +48,7 @@ pub struct SourceEntry {
     pub kind: SourceKind,
     /// Normalized: git semantics, or the step's `mode` for files.
     pub mode: u32,
-    /// A file's stat when its digest was taken (see [`crate::layer::Content::Path`]).
+    /// A file's stat when its digest was taken (see [`kiln_oci::layer::Content::Path`]).
     pub stamp: Option<crate::layer::Stamp>,
 }
 

@@ -2,7 +2,7 @@
 //! content-addressed store, and exports it. The image formats live in
 //! `kiln-oci` (`builder/oci`); this crate orchestrates.
 //!
-//! - [`build`]: the plan (one cache key per step) and the build itself.
+//! - [`mod@build`]: the plan (one cache key per step) and the build itself.
 //! - [`base`]: where an image starts: any image reference opened (layouts
 //!   and archives through `kiln_oci::import`, `docker:`, `registry:`).
 //! - [`context`]: copy sources inside the context, hashed through the stat index.

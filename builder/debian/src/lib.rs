@@ -1,7 +1,7 @@
 //! kiln-debian: `[packages]`, Debian packages resolved once by `kiln lock`
 //! into `kiln.lock` and installed by every build from exactly those files.
-//! Depends on the formats (`kiln-oci`) and the store only; the caller
-//! passes the async runtime.
+//! Depends on the formats (`kiln-oci`) and the leaves (the store, the
+//! recipe types) only; the caller passes the async runtime.
 //!
 //! - [`archive`]: the mirror, the signed InRelease, the Packages indexes.
 //! - [`resolve`]: the dependency closure, with resolvo.

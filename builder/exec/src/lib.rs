@@ -1,9 +1,11 @@
 //! kiln-exec: where `run` steps execute (design §5). Every backend takes the
 //! same request and returns the same [`Change`](kiln_oci::changes::Change)s,
 //! which become the layer through one normalization, so the backends give
-//! identical layers. Depends on the formats (`kiln-oci`) and the store only.
+//! identical layers. Depends on the formats (`kiln-oci`) and the leaves
+//! (the store, the recipe types) only.
 //!
-//! - [`local`]: namespaces and overlayfs, no daemon (the default).
+//! - [`local`]: namespaces and overlayfs, no daemon (the default);
+//!   [`rootless`]: the user namespace and id mapping when kiln is not root.
 //! - [`sandbox`]: the helper process the local backend re-executes;
 //!   [`confine`] and [`seccomp`]: what it takes away from a step (the
 //!   engine's default capabilities, seccomp profile, masked /proc).

@@ -29,7 +29,7 @@ const LAYER_TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
 /// Imports the image a local reference (`oci:`, `oci-archive:`,
 /// `docker-archive:`) names into the store (checked) and describes it.
-/// `base::open_image` also reads `docker:` and `registry:` ones.
+/// The orchestrator's `base::open_image` also reads `docker:` and `registry:` ones.
 /// An index of several platforms gives the image for `platform`.
 pub fn import(store: &Store, r: &ImageRef, platform: &Platform) -> Result<StoredImage, BuildError> {
     let name = r.to_string();

@@ -6,9 +6,9 @@
 //! the stages they use, so independent stages build at the same time; each
 //! target's steps run in order on a blocking thread.
 //!
-//! - [`keys`]: the planner: every step's key, no I/O but hashing the context.
-//! - [`cache`]: the step cache's tiers (store, then `--cache-from`), `--cache-to`.
-//! - [`steps`]: what `copy` and `write` steps put in their layer.
+//! - `keys`: the planner: every step's key, no I/O but hashing the context.
+//! - `cache`: the step cache's tiers (store, then `--cache-from`), `--cache-to`.
+//! - `steps`: what `copy` and `write` steps put in their layer.
 
 mod cache;
 mod keys;
@@ -389,12 +389,15 @@ impl Session {
         let folder = staging.as_ref().map(|d| d.path().join("root"));
         let (blob, listing) =
             layer::write_layer_unpacking(&self.store, entries, self.epoch, folder.as_deref())?;
-        if let (Some(f), Some(dir)) = (&folder, self.executor().ok().and_then(|e| e.unpack_dir(&self.store)))
-        {
-            let dest = dir.join(blob.diff_id.hex());
-            std::fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
-            crate::unpack::adopt(f, &dest)?;
-            crate::unpack::seal(&self.store, &dest, &listing)?;
+        // Only when it was unpacked, which `unpack_next` decided by asking
+        // the executor (never for a step no `run` follows).
+        if let Some(f) = &folder {
+            if let Some(dir) = self.executor().ok().and_then(|e| e.unpack_dir(&self.store)) {
+                let dest = dir.join(blob.diff_id.hex());
+                std::fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
+                crate::unpack::adopt(f, &dest)?;
+                crate::unpack::seal(&self.store, &dest, &listing)?;
+            }
         }
         tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, unpacked = folder.is_some(), "layer written");
         drop(keep);

@@ -31,7 +31,7 @@ pub struct Flattened {
 }
 
 /// Unpacks `layers` in order into `root` (an empty folder). `tree` is
-/// their merged tree ([`crate::fstree::FsTree::of_layers`]): making it refused layers that
+/// their merged tree ([`kiln_oci::fstree::FsTree::of_layers`]): making it refused layers that
 /// write through symlinks, so the unpacking never leaves `root`.
 pub fn flatten(
     store: &Store,
