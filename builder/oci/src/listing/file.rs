@@ -30,6 +30,7 @@ use std::sync::Mutex;
 use kiln_cache::Digest;
 
 use super::{Kind, ListEntry};
+use crate::image::open_regular;
 
 const MAGIC: &[u8; 8] = b"KLST\x02\n\0\0";
 const END: &[u8; 8] = b"KLSTEND\0";
@@ -346,17 +347,6 @@ impl FileWriter {
         self.w.flush()?;
         Ok(self.count)
     }
-}
-
-/// Opens a regular file for reading without following a symlink (nor
-/// blocking on a fifo).
-fn open_regular(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(corrupt("not a regular file"));
-    }
-    Ok(f)
 }
 
 /// A listing file opened for lookups and streaming. Holds the sparse index
