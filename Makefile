@@ -59,7 +59,7 @@ fuzz:
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets --locked -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 ## Benchmarks; results go to bench/RESULTS.md.
 bench: build deps bench-baseline

@@ -79,7 +79,10 @@ impl Store {
     pub(crate) fn stamp_verified(&self, d: &Digest) -> Result<(), StoreError> {
         let p = self.blob_path(d);
         let meta = fs::metadata(&p).map_err(StoreError::io(&p))?;
-        self.write_atomic(&self.record_path("verified", &d.hex()), stamp_of(&meta).as_bytes())
+        self.write_atomic(
+            &self.record_path(crate::RecordKind::Verified, &d.hex()),
+            stamp_of(&meta).as_bytes(),
+        )
     }
 
     /// Checks a blob before it is used or shipped. Cheap when the file is
@@ -93,7 +96,8 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(StoreError::Io { path: p, source: e }),
         };
-        let stamp = fs::read_to_string(self.record_path("verified", &d.hex())).unwrap_or_default();
+        let stamp =
+            fs::read_to_string(self.record_path(crate::RecordKind::Verified, &d.hex())).unwrap_or_default();
         if stamp == stamp_of(&meta) {
             return Ok(true);
         }
@@ -175,7 +179,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let err = store.put_blob_from(&b"abc"[..], &Digest::of(b"abd")).unwrap_err();
         assert!(matches!(err, StoreError::DigestMismatch { .. }));
-        assert_eq!(fs::read_dir(store.root().join("blobs/sha256")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(store.blobs_dir()).unwrap().count(), 0);
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0, "no temp file left");
     }
 }

@@ -56,7 +56,7 @@ const RACY_NS: i128 = 2_000_000_000;
 impl StatIndex {
     pub fn load(store: &Store, context: &Path) -> StatIndex {
         let name = Digest::of(context.as_os_str().as_encoded_bytes()).hex();
-        let entries = store.read_record("index", &name).unwrap_or_default();
+        let entries = store.read_record(crate::RecordKind::Index, &name).unwrap_or_default();
         StatIndex { name, entries, dirty: false }
     }
 
@@ -86,7 +86,7 @@ impl StatIndex {
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
         self.entries.retain(|_, e| now - e.mtime_ns > RACY_NS && now - e.ctime_ns > RACY_NS);
-        store.write_record("index", &self.name, &self.entries)?;
+        store.write_record(crate::RecordKind::Index, &self.name, &self.entries)?;
         self.dirty = false;
         Ok(())
     }

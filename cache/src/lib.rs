@@ -36,4 +36,4 @@ pub use digest::{Digest, HashingWriter};
 pub use index::StatIndex;
 pub use lock::StoreLock;
 pub use prune::{PruneReport, StoreUsage};
-pub use store::{ImageRecord, StepRecord, Store, StoreError};
+pub use store::{ImageRecord, RecordKind, StepRecord, Store, StoreError};

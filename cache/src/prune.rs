@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::digest::Digest;
-use crate::store::{ImageRecord, StepRecord, Store, StoreError};
+use crate::store::{ImageRecord, RecordKind, StepRecord, Store, StoreError};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreUsage {
@@ -50,7 +50,7 @@ struct Unpacked {
 /// A record that keeps blobs alive.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
-    pub kind: &'static str,
+    pub kind: RecordKind,
     pub name: String,
     #[serde(skip)]
     pub used: SystemTime,
@@ -61,7 +61,7 @@ pub struct Entry {
 
 impl Store {
     fn blob_sizes(&self) -> Result<HashMap<Digest, u64>, StoreError> {
-        let dir = self.root().join("blobs/sha256");
+        let dir = self.blobs_dir();
         let mut out = HashMap::new();
         for e in fs::read_dir(&dir).map_err(StoreError::io(&dir))? {
             let e = e.map_err(StoreError::io(&dir))?;
@@ -75,14 +75,14 @@ impl Store {
     /// Every record that keeps blobs alive, oldest use first.
     pub fn entries(&self) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
-        for kind in ["steps", "images", "bases", "debs", "disks"] {
-            let dir = self.root().join(kind);
+        for kind in RecordKind::LIVE {
+            let dir = self.root().join(kind.dir());
             for e in fs::read_dir(&dir).map_err(StoreError::io(&dir))? {
                 let e = e.map_err(StoreError::io(&dir))?;
                 let file = e.file_name().to_string_lossy().into_owned();
                 let Some(name) = file.strip_suffix(".json") else { continue };
                 let used = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
-                let (blobs, label) = if kind == "steps" {
+                let (blobs, label) = if kind == RecordKind::Step {
                     match self.read_record::<StepRecord>(kind, name) {
                         Some(r) => (vec![r.digest], format!("layer {} ({} bytes)", r.digest, r.size)),
                         None => (vec![], "unreadable".into()),
@@ -104,7 +104,7 @@ impl Store {
     pub fn usage(&self) -> Result<StoreUsage, StoreError> {
         let sizes = self.blob_sizes()?;
         let entries = self.entries()?;
-        let count = |k: &str| entries.iter().filter(|e| e.kind == k).count() as u64;
+        let count = |k: RecordKind| entries.iter().filter(|e| e.kind == k).count() as u64;
         let unpacked = self.unpacked()?;
         Ok(StoreUsage {
             root: self.root().to_path_buf(),
@@ -112,11 +112,11 @@ impl Store {
             blob_bytes: sizes.values().sum(),
             unpacked: unpacked.len() as u64,
             unpacked_bytes: unpacked.iter().map(|u| u.bytes).sum(),
-            steps: count("steps"),
-            images: count("images"),
-            bases: count("bases"),
-            debs: count("debs"),
-            disks: count("disks"),
+            steps: count(RecordKind::Step),
+            images: count(RecordKind::Image),
+            bases: count(RecordKind::Base),
+            debs: count(RecordKind::Deb),
+            disks: count(RecordKind::Disk),
         })
     }
 
@@ -225,7 +225,7 @@ impl Store {
     /// Removes the seals of unpacked folders that are gone
     /// (`seals/FOLDER-DIFFID.json` for `FOLDER/DIFFID`).
     pub fn sweep_seals(&self) {
-        let dir = self.root().join("seals");
+        let dir = self.root().join(RecordKind::Seal.dir());
         let Ok(rd) = fs::read_dir(&dir) else { return };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -242,7 +242,7 @@ impl Store {
     /// to any more (link count 1), and leftovers of interrupted writes.
     fn sweep_file_pool(&self, report: &mut PruneReport) {
         use std::os::unix::fs::MetadataExt;
-        let Ok(rd) = fs::read_dir(self.root().join("files")) else { return };
+        let Ok(rd) = fs::read_dir(self.file_pool_dir(None)) else { return };
         for e in rd.flatten() {
             let Ok(md) = e.metadata() else { continue };
             let leftover = e.file_name().to_string_lossy().starts_with(".tmp-");
@@ -263,14 +263,14 @@ impl Store {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Ok(inner) = fs::read_dir(e.path()) else { continue };
-            if name.starts_with("unpacked-userns-") {
+            if Store::mapping_folder(&name) == Some(true) {
                 for d in inner.flatten() {
                     let hex = d.file_name().to_string_lossy().into_owned();
                     if !Digest::from_hex(&hex).is_some_and(|d| layers.contains(&d)) {
                         out.push(d.path());
                     }
                 }
-            } else if name.starts_with("files-userns-") {
+            } else if Store::mapping_folder(&name) == Some(false) {
                 for f in inner.flatten() {
                     if f.metadata().is_ok_and(|m| m.is_file() && m.nlink() == 1) {
                         out.push(f.path());
@@ -289,13 +289,13 @@ impl Store {
         let mut out = HashSet::new();
         let Ok(entries) = self.entries() else { return out };
         for e in entries {
-            if e.kind == "steps" {
-                if let Some(r) = self.read_record::<StepRecord>("steps", &e.name) {
+            if e.kind == RecordKind::Step {
+                if let Some(r) = self.read_record::<StepRecord>(RecordKind::Step, &e.name) {
                     out.insert(r.diff_id);
                 }
                 continue;
             }
-            if e.kind == "debs" || e.kind == "disks" {
+            if matches!(e.kind, RecordKind::Deb | RecordKind::Disk) {
                 continue; // a package file or a partition image, not an image
             }
             let Some(r) = self.read_record::<ImageRecord>(e.kind, &e.name) else { continue };
@@ -322,7 +322,7 @@ impl Store {
 
     /// The unpacked layer folders, with their size and age.
     fn unpacked(&self) -> Result<Vec<Unpacked>, StoreError> {
-        let dir = self.root().join("unpacked");
+        let dir = self.unpacked_dir(None);
         let mut out = Vec::new();
         let Ok(rd) = fs::read_dir(&dir) else { return Ok(out) };
         for e in rd.flatten() {
@@ -347,7 +347,7 @@ impl Store {
 
     fn remove_blob_and_records(&self, d: &Digest) {
         let _ = fs::remove_file(self.blob_path(d));
-        let _ = fs::remove_file(self.record_path("verified", &d.hex()));
+        let _ = fs::remove_file(self.record_path(RecordKind::Verified, &d.hex()));
     }
 }
 
@@ -391,15 +391,15 @@ mod tests {
         let new = store.put_blob(&[3u8; 1000]).unwrap();
         let rec =
             |name: &str, blobs: Vec<Digest>| ImageRecord { name: name.into(), manifest: blobs[0], blobs };
-        store.write_record("images", "old", &rec("old", vec![old, shared])).unwrap();
+        store.write_record(RecordKind::Image, "old", &rec("old", vec![old, shared])).unwrap();
         let past = SystemTime::now() - std::time::Duration::from_secs(3600);
         fs::File::options()
             .write(true)
-            .open(store.record_path("images", "old"))
+            .open(store.record_path(RecordKind::Image, "old"))
             .unwrap()
             .set_modified(past)
             .unwrap();
-        store.write_record("images", "new", &rec("new", vec![new, shared])).unwrap();
+        store.write_record(RecordKind::Image, "new", &rec("new", vec![new, shared])).unwrap();
         let orphan = store.put_blob(&[4u8; 1000]).unwrap();
 
         let r = store.prune(2000, &|| {}).unwrap();

@@ -13,9 +13,90 @@ use crate::lock::StoreLock;
 /// The schema version of the on-disk layout; a new layout gets a new folder.
 pub const SCHEMA: &str = "v1";
 
-/// The kinds of records kept beside the blobs, each in its own folder.
-pub const RECORD_KINDS: &[&str] =
-    &["steps", "images", "bases", "debs", "disks", "listings", "index", "verified", "seals"];
+/// The kinds of records kept beside the blobs, each in its own folder
+/// (named by [`RecordKind::dir`], which is also how `kiln cache ls` shows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// A step key -> its layer ([`StepRecord`]).
+    Step,
+    /// A built image -> the blobs it needs ([`ImageRecord`]).
+    Image,
+    /// An imported base that passed the checks -> its blobs ([`ImageRecord`]).
+    Base,
+    /// A Debian package file kept for `[packages]` ([`ImageRecord`]).
+    Deb,
+    /// A partition image kept for `-o vm:` ([`ImageRecord`]).
+    Disk,
+    /// A layer's file list (kiln's binary listing format).
+    Listing,
+    /// The stat index of one context folder.
+    Index,
+    /// When a blob was last hashed (a stamp, not JSON).
+    Verified,
+    /// The files of one unpacked layer folder, as unpacked.
+    Seal,
+}
+
+impl RecordKind {
+    pub const ALL: [RecordKind; 9] = [
+        RecordKind::Step,
+        RecordKind::Image,
+        RecordKind::Base,
+        RecordKind::Deb,
+        RecordKind::Disk,
+        RecordKind::Listing,
+        RecordKind::Index,
+        RecordKind::Verified,
+        RecordKind::Seal,
+    ];
+
+    /// The kinds that keep blobs alive: what prune evicts and gc follows.
+    pub const LIVE: [RecordKind; 5] =
+        [RecordKind::Step, RecordKind::Image, RecordKind::Base, RecordKind::Deb, RecordKind::Disk];
+
+    /// The kind's folder under the store root.
+    pub fn dir(self) -> &'static str {
+        match self {
+            RecordKind::Step => "steps",
+            RecordKind::Image => "images",
+            RecordKind::Base => "bases",
+            RecordKind::Deb => "debs",
+            RecordKind::Disk => "disks",
+            RecordKind::Listing => "listings",
+            RecordKind::Index => "index",
+            RecordKind::Verified => "verified",
+            RecordKind::Seal => "seals",
+        }
+    }
+
+    /// A record's file name: JSON, except stamps and binary listings.
+    fn file_name(self, name: &str) -> String {
+        match self {
+            RecordKind::Verified => name.to_string(),
+            RecordKind::Listing => format!("{name}.list"),
+            _ => format!("{name}.json"),
+        }
+    }
+}
+
+impl std::fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.dir())
+    }
+}
+
+impl Serialize for RecordKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.dir())
+    }
+}
+
+/// Folders of data derived from blobs, which prune may remove and builds
+/// make again: layers unpacked for the local backend, and the pool of
+/// unpacked files they hard-link to. A rootless id mapping gets its own
+/// (`unpacked-TAG`, `files-TAG`), as its files belong to subordinate ids.
+const UNPACKED: &str = "unpacked";
+const FILE_POOL: &str = "files";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -79,7 +160,7 @@ impl Store {
     /// Opens (creating if needed) the store under `cache_dir`.
     pub fn open(cache_dir: &Path) -> Result<Store, StoreError> {
         let root = cache_dir.join(SCHEMA);
-        for sub in ["blobs/sha256", "tmp"].iter().chain(RECORD_KINDS) {
+        for sub in ["blobs/sha256", "tmp"].into_iter().chain(RecordKind::ALL.map(RecordKind::dir)) {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(StoreError::io(&p))?;
         }
@@ -102,8 +183,44 @@ impl Store {
         StoreLock::exclusive(&p, waiting).map_err(StoreError::io(&p))
     }
 
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
+    }
+
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.root.join("blobs/sha256").join(d.hex())
+        self.blobs_dir().join(d.hex())
+    }
+
+    /// Where layers are unpacked for the local backend, by diff_id: for
+    /// root, or (with its tag) for one rootless id mapping.
+    pub fn unpacked_dir(&self, mapping: Option<&str>) -> PathBuf {
+        self.derived_dir(UNPACKED, mapping)
+    }
+
+    /// The pool of unpacked files, by content, that unpacked layers link to.
+    pub fn file_pool_dir(&self, mapping: Option<&str>) -> PathBuf {
+        self.derived_dir(FILE_POOL, mapping)
+    }
+
+    fn derived_dir(&self, kind: &str, mapping: Option<&str>) -> PathBuf {
+        match mapping {
+            None => self.root.join(kind),
+            Some(tag) => self.root.join(format!("{kind}-{tag}")),
+        }
+    }
+
+    /// Whether a folder directly under the root is one of a rootless
+    /// mapping's derived folders: `Some(true)` for unpacked layers,
+    /// `Some(false)` for a file pool.
+    pub(crate) fn mapping_folder(name: &str) -> Option<bool> {
+        let rest = |kind: &str| name.strip_prefix(kind).and_then(|r| r.strip_prefix('-')).is_some();
+        if rest(UNPACKED) {
+            Some(true)
+        } else if rest(FILE_POOL) {
+            Some(false)
+        } else {
+            None
+        }
     }
 
     pub fn has_blob(&self, d: &Digest) -> bool {
@@ -141,23 +258,16 @@ impl Store {
     /// Removes a blob found corrupt, and what was recorded about it.
     pub fn discard_blob(&self, d: &Digest) {
         let _ = fs::remove_file(self.blob_path(d));
-        let _ = fs::remove_file(self.record_path("verified", &d.hex()));
+        let _ = fs::remove_file(self.record_path(RecordKind::Verified, &d.hex()));
     }
 
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
 
-    /// `KIND/NAME` for record kinds stored as files: JSON, except `verified`
-    /// (a stamp) and `listings` (kiln's binary listing format, `.list`).
-    pub fn record_path(&self, kind: &str, name: &str) -> PathBuf {
-        debug_assert!(RECORD_KINDS.contains(&kind));
-        let file = match kind {
-            "verified" => name.to_string(),
-            "listings" => format!("{name}.list"),
-            _ => format!("{name}.json"),
-        };
-        self.root.join(kind).join(file)
+    /// The file of the record `name` of `kind`.
+    pub fn record_path(&self, kind: RecordKind, name: &str) -> PathBuf {
+        self.root.join(kind.dir()).join(kind.file_name(name))
     }
 
     /// Writes a file through a temp file and a rename, so readers see all of it or none.
@@ -170,7 +280,7 @@ impl Store {
     /// writes is a miss, not an error, and is made again. Large records (a
     /// seal of a layer of a million files is tens of MB) are parsed as they
     /// are read, not held twice.
-    pub fn read_record<T: DeserializeOwned>(&self, kind: &str, name: &str) -> Option<T> {
+    pub fn read_record<T: DeserializeOwned>(&self, kind: RecordKind, name: &str) -> Option<T> {
         const MAX_RECORD: u64 = 1 << 30;
         const READ_WHOLE: u64 = 16 << 20;
         let f = fs::File::open(self.record_path(kind, name)).ok()?;
@@ -187,7 +297,12 @@ impl Store {
     }
 
     /// Writes a record through a temp file and a rename, streaming its JSON.
-    pub fn write_record<T: Serialize>(&self, kind: &str, name: &str, value: &T) -> Result<(), StoreError> {
+    pub fn write_record<T: Serialize>(
+        &self,
+        kind: RecordKind,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
         use std::os::unix::fs::PermissionsExt;
         let path = self.record_path(kind, name);
         let tmp_dir = self.tmp_dir();
@@ -203,7 +318,7 @@ impl Store {
     }
 
     /// Marks a record as just used, for least-recently-used eviction.
-    pub fn touch_record(&self, kind: &str, name: &str) {
+    pub fn touch_record(&self, kind: RecordKind, name: &str) {
         let p = self.record_path(kind, name);
         if let Ok(f) = fs::File::options().write(true).open(&p) {
             let _ = f.set_modified(std::time::SystemTime::now());
@@ -211,11 +326,11 @@ impl Store {
     }
 
     pub fn step(&self, key: &Digest) -> Option<StepRecord> {
-        self.read_record("steps", &key.hex())
+        self.read_record(RecordKind::Step, &key.hex())
     }
 
     pub fn put_step(&self, key: &Digest, rec: &StepRecord) -> Result<(), StoreError> {
-        self.write_record("steps", &key.hex(), rec)
+        self.write_record(RecordKind::Step, &key.hex(), rec)
     }
 }
 

@@ -273,7 +273,7 @@ pub fn fetch(
                 manifest: deb_digest(p),
                 blobs: vec![deb_digest(p)],
             };
-            let _ = store.write_record("debs", &p.sha256, &record);
+            let _ = store.write_record(kiln_cache::RecordKind::Deb, &p.sha256, &record);
         }
     }
     if missing.is_empty() {
@@ -331,7 +331,7 @@ async fn download(store: &Store, mirror: &Mirror, p: &LockedPackage) -> Result<(
         manifest: expected,
         blobs: vec![expected],
     };
-    store.write_record("debs", &p.sha256, &record)?;
+    store.write_record(kiln_cache::RecordKind::Deb, &p.sha256, &record)?;
     Ok(())
 }
 

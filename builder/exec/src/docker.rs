@@ -376,7 +376,7 @@ impl DockerEngine {
             true,
             &kiln_recipes::recipe::Platform::host(),
         )?;
-        img.record(store, "bases", &key, &name)?;
+        img.record(store, kiln_cache::RecordKind::Base, &key, &name)?;
         Ok(Some(img))
     }
 }

@@ -97,7 +97,7 @@ fn run(
         Mode::Rootless(m) => {
             let plan = RootlessPlan {
                 cache_dir: store.root().parent().unwrap_or(store.root()).to_path_buf(),
-                pool: store.root().join(format!("files-{}", m.tag())),
+                pool: store.file_pool_dir(Some(&m.tag())),
                 layers: req
                     .layers
                     .iter()
@@ -302,11 +302,11 @@ fn map_user_namespace(
 
 /// Unpacked layers for a rootless mapping: their owners are that mapping's ids.
 pub fn rootless_unpacked_dir(store: &Store, m: &Mapping) -> PathBuf {
-    store.root().join(format!("unpacked-{}", m.tag()))
+    store.unpacked_dir(Some(&m.tag()))
 }
 
 pub fn unpacked_dir(store: &Store) -> PathBuf {
-    store.root().join("unpacked")
+    store.unpacked_dir(None)
 }
 
 /// Each layer unpacked once into `unpacked/DIFF_ID` (returned as relative

@@ -347,7 +347,7 @@ mod tests {
             media_type: crate::layer::MEDIA_TYPE.into(),
         };
         // Read back from the blob (not the saved listing) and unpacked into a folder.
-        let _ = std::fs::remove_file(store.record_path("listings", &blob.diff_id.hex()));
+        let _ = std::fs::remove_file(store.record_path(kiln_cache::RecordKind::Listing, &blob.diff_id.hex()));
         let folder = dir.path().join("folder");
         crate::unpack::unpack_blob(&store, &layer, &folder).unwrap();
         let mut got = [0u8; 64];

@@ -82,7 +82,13 @@ impl StoredImage {
 
     /// Records the image as `kind/key` (`images` or `bases`), so prune keeps
     /// its blobs together and later builds find it.
-    pub fn record(&self, store: &Store, kind: &str, key: &str, name: &str) -> Result<(), BuildError> {
+    pub fn record(
+        &self,
+        store: &Store,
+        kind: kiln_cache::RecordKind,
+        key: &str,
+        name: &str,
+    ) -> Result<(), BuildError> {
         let rec = ImageRecord { name: name.to_string(), manifest: self.manifest, blobs: self.blobs() };
         store.write_record(kind, key, &rec)?;
         Ok(())
@@ -254,29 +260,6 @@ pub fn oci_digest(d: &Digest) -> oci_spec::image::Digest {
     d.to_string().parse().expect("sha256 digests are valid OCI digests")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-    }
-
-    #[test]
-    fn canonical_json_sorts_label_keys() {
-        let mut r = kiln_recipes::Config::default();
-        for k in ["z", "a", "m", "b", "y"] {
-            r.labels.insert(k.into(), "v".into());
-        }
-        let c = merge_config(None, &r);
-        let s = String::from_utf8(canonical_json(&c)).unwrap();
-        assert!(s.contains(r#""Labels":{"a":"v","b":"v","m":"v","y":"v","z":"v"}"#), "{s}");
-    }
-}
-
 /// The largest JSON document (index, manifest, config, record) kiln reads
 /// from a file or a registry: real ones are kilobytes; registries cap
 /// manifests at 4 MiB.
@@ -365,4 +348,27 @@ pub fn select_platform<'a>(
             if have.is_empty() { "none".into() } else { have.join(", ") }
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn canonical_json_sorts_label_keys() {
+        let mut r = kiln_recipes::Config::default();
+        for k in ["z", "a", "m", "b", "y"] {
+            r.labels.insert(k.into(), "v".into());
+        }
+        let c = merge_config(None, &r);
+        let s = String::from_utf8(canonical_json(&c)).unwrap();
+        assert!(s.contains(r#""Labels":{"a":"v","b":"v","m":"v","y":"v","z":"v"}"#), "{s}");
+    }
 }

@@ -89,7 +89,7 @@ pub fn import(store: &Store, r: &ImageRef, platform: &Platform) -> Result<Stored
                 return Ok(img);
             }
             let img = import_archive(store, &name, file, matches!(r, ImageRef::DockerArchive(_)), platform)?;
-            img.record(store, "bases", &source_key.hex(), &name)?;
+            img.record(store, kiln_cache::RecordKind::Base, &source_key.hex(), &name)?;
             Ok(img)
         }
         other => Err(BuildError::usage(
@@ -273,12 +273,12 @@ fn magic(store: &Store, d: &Digest) -> [u8; 4] {
 /// An image recorded as `bases/KEY` once it passed every check, if all its
 /// blobs are still intact.
 fn checked_before(store: &Store, key: &str) -> Option<StoredImage> {
-    let rec = store.read_record::<ImageRecord>("bases", key)?;
+    let rec = store.read_record::<ImageRecord>(kiln_cache::RecordKind::Base, key)?;
     if !rec.blobs.iter().all(|b| store.verify_blob(b).unwrap_or(false)) {
         return None;
     }
     let img = stored_image(store, &rec.manifest).ok()?;
-    store.touch_record("bases", key);
+    store.touch_record(kiln_cache::RecordKind::Base, key);
     Some(img)
 }
 
@@ -310,7 +310,7 @@ pub fn finish(
         let listing = Listing::scan(store, l)?;
         tree.push_file(l.digest, listing)?;
     }
-    img.record(store, "bases", &manifest.hex(), name)?;
+    img.record(store, kiln_cache::RecordKind::Base, &manifest.hex(), name)?;
     Ok(img)
 }
 

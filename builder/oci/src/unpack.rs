@@ -67,7 +67,7 @@ struct Pending {
 
 /// The store's pool of unpacked files.
 pub fn pool_dir(store: &Store) -> PathBuf {
-    store.root().join("files")
+    store.file_pool_dir(None)
 }
 
 impl Materializer {
@@ -428,7 +428,7 @@ pub fn seal(store: &Store, folder: &Path, listing: &crate::listing::ListingFile)
             });
         }
     }
-    Ok(store.write_record("seals", &seal_name(folder), &Seal { files })?)
+    Ok(store.write_record(kiln_cache::RecordKind::Seal, &seal_name(folder), &Seal { files })?)
 }
 
 /// Whether `folder` still holds what its seal says. Files whose stamp
@@ -437,7 +437,7 @@ pub fn seal(store: &Store, folder: &Path, listing: &crate::listing::ListingFile)
 /// every link to it, and `false` says the folder must be made again.
 pub fn check_seal(store: &Store, folder: &Path, pool: &Path) -> bool {
     let name = seal_name(folder);
-    let Some(mut seal) = store.read_record::<Seal>("seals", &name) else { return false };
+    let Some(mut seal) = store.read_record::<Seal>(kiln_cache::RecordKind::Seal, &name) else { return false };
     let mut changed = false;
     for f in &mut seal.files {
         let p = folder.join(&f.path);
@@ -465,7 +465,7 @@ pub fn check_seal(store: &Store, folder: &Path, pool: &Path) -> bool {
         changed = true;
     }
     if changed {
-        let _ = store.write_record("seals", &name, &seal);
+        let _ = store.write_record(kiln_cache::RecordKind::Seal, &name, &seal);
     }
     true
 }

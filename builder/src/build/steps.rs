@@ -1,14 +1,18 @@
-//! What `copy` and `write` steps put in their layer: entries at their
-//! destination, resolved through the parent image's symlinks, with the
-//! parent folders the image already has keeping their metadata.
+//! What `copy`, `write` and `[packages]` steps put in their layer: entries
+//! at their destination, resolved through the parent image's symlinks, with
+//! the parent folders the image already has keeping their metadata.
 
+use kiln_cache::Store;
 use kiln_recipes::{CopyStep, Recipe, Step, WriteStep};
 
 use crate::context::{CopySource, SourceKind};
 use crate::error::BuildError;
 use crate::fstree::FsTree;
+use crate::image::ImageLayer;
 use crate::layer::{Content, LayerEntry};
 use crate::listing::Kind;
+use crate::packages::lockfile::Lockfile;
+use crate::reporter::Reporter;
 use crate::tarball::TarKind;
 
 /// Entries for the folders above `path` (relative): their metadata in the
@@ -167,4 +171,68 @@ pub(super) fn write_entries(
         xattrs: Vec::new(),
     });
     Ok(entries)
+}
+
+/// A `copy --from` a stage: the path out of the stage's image (whose layers
+/// the store holds), placed like a context copy, and the scratch folder its
+/// files are read from, which must outlive the layer's writing.
+pub(super) fn copy_from_entries(
+    store: &Store,
+    recipe: &Recipe,
+    step: &Step,
+    c: &CopyStep,
+    stage_layers: &[ImageLayer],
+    tree: &FsTree,
+) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
+    let stage = c.from.as_deref().expect("copy from a stage");
+    let (entries, tmp) = crate::extract::stage_source(store, stage_layers, &c.src).map_err(|m| {
+        BuildError::from(
+            recipe
+                .error_at(c.src_span.clone(), format!("cannot copy `{}` out of stage `{stage}`: {m}", c.src))
+                .with_hint("the path is absolute in that stage's image; check what its steps make"),
+        )
+    })?;
+    let root_is_dir = matches!(entries.first().map(|e| &e.kind), Some(TarKind::Dir)) || c.src == "/";
+    let sources: Vec<Source> = entries
+        .into_iter()
+        .map(|e| {
+            let mode = match (&e.kind, c.mode) {
+                (TarKind::File { .. }, Some(m)) => m.0,
+                _ => e.mode,
+            };
+            Source { rel: e.rel, kind: e.kind, mode, content: e.content, xattrs: e.xattrs }
+        })
+        .collect();
+    let name = crate::extract::base_name(&c.src);
+    let out = place_entries(recipe, step, c, root_is_dir, name, sources, tree)?;
+    Ok((out, tmp))
+}
+
+/// The packages' layer: the locked `.deb`s (downloaded if the store lacks
+/// them), unpacked into a scratch folder that must outlive the layer's
+/// writing, over the parent's dpkg status.
+pub(super) fn package_entries(
+    store: &Store,
+    rt: &tokio::runtime::Handle,
+    reporter: &dyn Reporter,
+    epoch: u64,
+    p: &kiln_recipes::Packages,
+    lock: &Lockfile,
+    parent: (&[ImageLayer], &FsTree),
+) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
+    let (layers, tree) = parent;
+    let mirror = crate::packages::mirror_url(p, Some(&lock.source.mirror))?;
+    crate::packages::fetch(store, rt, lock, &mirror, &|m| reporter.on_notice(m))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("packages-")
+        .tempdir_in(store.tmp_dir())
+        .map_err(BuildError::io_write(store.tmp_dir()))?;
+    let base_status = crate::extract::read_file(store, layers, tree, "var/lib/dpkg/status")?;
+    let below = crate::packages::install::Below {
+        status: base_status.map(|b| String::from_utf8_lossy(&b).into_owned()),
+        exists: &|path| Ok(tree.get(path)?.is_some()),
+        is_dir: &|path| Ok(matches!(tree.kind(path)?, Some(Kind::Dir))),
+    };
+    let entries = crate::packages::layer_entries(store, lock, epoch, scratch.path(), &below)?;
+    Ok((entries, scratch))
 }

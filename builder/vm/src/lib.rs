@@ -359,9 +359,9 @@ fn cached_partition(
     reporter: &dyn Reporter,
     make: impl FnOnce(&Path) -> Result<PathBuf, BuildError>,
 ) -> Result<Digest, BuildError> {
-    if let Some(r) = store.read_record::<ImageRecord>("disks", &key.hex()) {
+    if let Some(r) = store.read_record::<ImageRecord>(kiln_cache::RecordKind::Disk, &key.hex()) {
         if store.verify_blob(&r.manifest)? {
-            store.touch_record("disks", &key.hex());
+            store.touch_record(kiln_cache::RecordKind::Disk, &key.hex());
             reporter.on_notice(&format!("{label}: cached"));
             return Ok(r.manifest);
         }
@@ -372,7 +372,7 @@ fn cached_partition(
     let file = make(dir.path())?;
     let (digest, _) = store.adopt_file(&file)?;
     store.write_record(
-        "disks",
+        kiln_cache::RecordKind::Disk,
         &key.hex(),
         &ImageRecord { name: label.to_string(), manifest: digest, blobs: vec![digest] },
     )?;
@@ -420,11 +420,11 @@ fn from_layers(src: &Source<'_>, kernel: &Kernel, reporter: &dyn Reporter) -> Re
         "kernel": kernel.version,
         "modules": initramfs::ROOT_MODULES,
     }));
-    if let Some(r) = store.read_record::<ImageRecord>("disks", &k.hex()) {
+    if let Some(r) = store.read_record::<ImageRecord>(kiln_cache::RecordKind::Disk, &k.hex()) {
         let all_there = r.blobs.iter().map(|d| store.verify_blob(d)).collect::<Result<Vec<bool>, _>>()?;
         if all_there.iter().all(|x| *x) {
             if let Ok(f) = serde_json::from_slice::<FromLayers>(&store.read_blob(&r.manifest)?) {
-                store.touch_record("disks", &k.hex());
+                store.touch_record(kiln_cache::RecordKind::Disk, &k.hex());
                 return Ok(f);
             }
         }
@@ -529,7 +529,7 @@ fn from_layers(src: &Source<'_>, kernel: &Kernel, reporter: &dyn Reporter) -> Re
     let manifest = store.put_blob(&crate::image::canonical_json(&f))?;
     blobs.push(manifest);
     store.write_record(
-        "disks",
+        kiln_cache::RecordKind::Disk,
         &k.hex(),
         &ImageRecord { name: format!("vm kernel {} and its root modules", kernel.version), manifest, blobs },
     )?;

@@ -93,7 +93,7 @@ impl Listing {
     /// their checksums (damaged, or from another version) is made again
     /// from the blob.
     pub fn load(store: &Store, layer: &ImageLayer) -> Result<ListingFile, BuildError> {
-        let path = store.record_path("listings", &layer.diff_id.hex());
+        let path = store.record_path(kiln_cache::RecordKind::Listing, &layer.diff_id.hex());
         if path.symlink_metadata().is_ok() {
             match ListingFile::open(&path, &layer.diff_id).and_then(|l| l.verify().map(|()| l)) {
                 Ok(l) => return Ok(l),
@@ -133,7 +133,7 @@ fn persist(store: &Store, diff_id: &Digest, w: ListingWriter) -> Result<ListingF
     let tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(BuildError::io_write(&tmp_dir))?;
     let file = tmp.as_file().try_clone().map_err(BuildError::io_write(&tmp_dir))?;
     w.finish(file, diff_id).map_err(BuildError::io_write(&tmp_dir))?;
-    let path = store.record_path("listings", &diff_id.hex());
+    let path = store.record_path(kiln_cache::RecordKind::Listing, &diff_id.hex());
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
         .map_err(BuildError::io_write(&path))?;
     tmp.persist(&path).map_err(|e| BuildError::io_write(&path)(e.error))?;
@@ -769,7 +769,8 @@ mod tests {
     #[test]
     fn a_layer_that_goes_through_its_own_symlink_or_retypes_a_path_is_refused() {
         use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as S};
-        let cases: &[(&[(&str, tar::EntryType, &str)], &str)] = &[
+        type Layer<'a> = &'a [(&'a str, tar::EntryType, &'a str)];
+        let cases: &[(Layer, &str)] = &[
             // The duplicate trick: the listing keeps only the last `d`.
             (&[("d", S, "/etc"), ("d/file", F, ""), ("d", D, "")], "which the same layer makes a symlink"),
             (&[("d", S, "/etc"), ("d/.wh.passwd", F, "")], "which the same layer makes a symlink"),

@@ -1,0 +1,143 @@
+//! A `run` step on the chosen executor: its secrets looked up, its request
+//! made, its output masked and cut before anything shows it, and a failed
+//! command turned into the error that names the step.
+
+use oci_spec::image::ImageConfiguration;
+
+use kiln_cache::Store;
+use kiln_recipes::recipe::Platform;
+use kiln_recipes::{Recipe, RunStep, Step};
+
+use crate::changes::Change;
+use crate::error::BuildError;
+use crate::exec::{self, Executor, RunRequest, RunResult};
+use crate::fstree::FsTree;
+use crate::image::ImageLayer;
+use crate::reporter::{Reporter, StepInfo};
+
+use super::keys::RunPlan;
+use super::step_label;
+
+/// Where a `run` step runs and what it may read.
+pub(super) struct RunEnv<'a> {
+    pub recipe: &'a Recipe,
+    pub store: &'a Store,
+    pub platform: &'a Platform,
+    pub executor: &'a dyn Executor,
+    pub reporter: &'a dyn Reporter,
+    /// Every secret given to the build (`--secret`); a step gets those it names.
+    pub secrets: &'a [(String, Vec<u8>)],
+}
+
+/// The parent image a step runs on.
+pub(super) struct Parent<'a> {
+    pub layers: &'a [ImageLayer],
+    pub tree: &'a FsTree,
+    pub config: &'a ImageConfiguration,
+}
+
+/// Runs the command; its changes, and what must live until they are written.
+pub(super) fn run_step(
+    env: &RunEnv<'_>,
+    step: &Step,
+    info: &StepInfo,
+    run: &RunStep,
+    plan: RunPlan,
+    parent: Parent<'_>,
+) -> Result<(Vec<Change>, Box<dyn std::any::Any + Send>), BuildError> {
+    let secrets = step_secrets(env, step, run)?;
+    exec::check_platform(env.platform)?;
+    let req = RunRequest {
+        argv: plan.argv.clone(),
+        env: plan.env,
+        user: plan.user,
+        workdir: plan.workdir,
+        network: run.network,
+        secrets: &secrets,
+        layers: parent.layers,
+        tree: parent.tree,
+        config: parent.config,
+    };
+    let values: Vec<&[u8]> = secrets.iter().map(|(_, v)| v.as_slice()).filter(|v| !v.is_empty()).collect();
+    let mut on_line = |line: &str| env.reporter.on_step_output(info, &exec::cut_line(redact(line, &values)));
+    match env.executor.run(env.store, &req, &mut on_line)? {
+        RunResult::Changed { changes, keep } => Ok((changes, keep)),
+        RunResult::Failed { code, tail } => Err(BuildError::CommandFailed {
+            location: format!("{}:{}", env.recipe.file.display(), info.line),
+            step: step_label(info),
+            command: run.command.text(),
+            code,
+            tail: tail.iter().map(|l| exec::cut_line(redact(l, &values))).collect(),
+        }),
+    }
+}
+
+/// The secrets the step names, each of which must have been given.
+fn step_secrets(env: &RunEnv<'_>, step: &Step, run: &RunStep) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+    let mut out = Vec::new();
+    for id in &run.secrets {
+        let Some((_, v)) = env.secrets.iter().find(|(i, _)| i == id) else {
+            return Err(env
+                .recipe
+                .error_at(
+                    step.span.clone(),
+                    format!("this step needs the secret `{id}`, which was not given"),
+                )
+                .with_hint(format!(
+                    "pass it with `--secret id={id},src=FILE` or `--secret id={id},env=VARIABLE`"
+                ))
+                .into());
+        };
+        out.push((id.clone(), v.clone()));
+    }
+    Ok(out)
+}
+
+/// Replaces secret values in a line of output. A line never holds more
+/// than one line of a secret, so each line of a multi-line secret (a key, a
+/// config file) is masked on its own; lines of fewer than 4 characters are
+/// masked only when they are the whole secret (masking every `}` or `--`
+/// of the output would hide it without protecting anything).
+fn redact(line: &str, secrets: &[&[u8]]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for s in secrets {
+        // Output is shown as lossy UTF-8: a secret that is not UTF-8 is
+        // matched in the same form.
+        let s = String::from_utf8_lossy(s);
+        let whole = s.trim_end_matches(['\n', '\r']);
+        if !whole.is_empty() && !whole.contains('\n') {
+            parts.push(whole.to_string());
+            continue;
+        }
+        parts.extend(whole.lines().map(|l| l.trim()).filter(|l| l.chars().count() >= 4).map(String::from));
+    }
+    // Longest first, so a part never leaves pieces of a longer one.
+    parts.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    let mut out = line.to_string();
+    for p in parts {
+        out = out.replace(&p, "[secret]");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn every_line_of_a_multi_line_secret_is_masked() {
+        let key = b"-----BEGIN KEY-----\nc2VjcmV0LWxpbmUtb25l\nc2Vjb25kLWxpbmU=\n-----END KEY-----\n";
+        let secrets: Vec<&[u8]> = vec![key.as_slice(), b"hunter2\n", b"ab", b"S3cr\xe9tValue-42"];
+        for line in ["c2VjcmV0LWxpbmUtb25l", "  x c2Vjb25kLWxpbmU= y", "pw=hunter2", "ab"] {
+            let out = redact(line, &secrets);
+            assert!(out.contains("[secret]"), "{line} -> {out}");
+            for part in ["c2Vj", "hunter2"] {
+                assert!(!out.contains(part), "{line} -> {out}");
+            }
+        }
+        assert_eq!(redact("nothing here", &secrets), "nothing here");
+        // A secret that is not UTF-8 is masked in the lossy form output takes.
+        let lossy = String::from_utf8_lossy(b"x S3cr\xe9tValue-42 y").into_owned();
+        assert_eq!(redact(&lossy, &secrets), "x [secret] y");
+    }
+}

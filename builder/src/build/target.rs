@@ -1,0 +1,249 @@
+//! One target's steps in order: each step's key, then the first tier of the
+//! step cache that has its layer, or the layer made on a miss (its entries,
+//! written, and unpacked for the executor when a missing `run` comes next).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use oci_spec::image::History;
+
+use kiln_cache::{Digest, RecordKind};
+use kiln_recipes::{Step, StepKind};
+
+use crate::base::BaseImage;
+use crate::changes;
+use crate::error::BuildError;
+use crate::fstree::FsTree;
+use crate::image::{history, ImageLayer};
+use crate::layer;
+use crate::listing::ListingFile;
+use crate::reporter::StepInfo;
+
+use super::cache::Cached;
+use super::keys::Prepared;
+use super::run::{run_step, Parent, RunEnv};
+use super::session::Session;
+use super::steps::{copy_entries, copy_from_entries, package_entries, write_entries};
+use super::{history_text, step_label, Built, PlannedStep, Target};
+
+type Done = HashMap<String, Arc<Built>>;
+
+/// Keys only: what `plan` shows.
+pub(super) fn plan_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Built, BuildError> {
+    let base = s.base(t, done)?;
+    let run_config = s.run_config(t, &base);
+    let mut parent = base.id.clone();
+    let mut steps = Vec::new();
+    for step in t.steps() {
+        let (key, _) = s.planner().key(&parent, step, &run_config, done)?;
+        let hit = !s.opts.no_cache && matches!(s.cache.lookup(&key)?, Cached::Hit(_) | Cached::Remote(..));
+        steps.push(PlannedStep { info: s.info(t, step), key, hit });
+        parent = key.to_string();
+    }
+    Ok(Built { id: parent, layers: Vec::new(), config: base.config, steps })
+}
+
+/// Builds one target's steps into the store.
+pub(super) fn build_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Built, BuildError> {
+    let base = s.base(t, done)?;
+    let mut b = TargetBuild {
+        s,
+        t,
+        done,
+        run_config: s.run_config(t, &base),
+        layers: base.layers.clone(),
+        lower: None,
+        base,
+    };
+    let mut history_entries: Vec<History> = b.base.config.history().clone().unwrap_or_default();
+    let mut parent = b.base.id.clone();
+    let mut planned = Vec::new();
+    for step in t.steps() {
+        let started = Instant::now();
+        let info = s.info(t, step);
+        s.reporter.on_step_start(&info);
+        let (key, hit) = b.step(step, &info, &parent)?;
+        history_entries.push(history(s.epoch, &format!("kiln: {}", history_text(step, &info)), false));
+        s.reporter.on_step_finish(&info, hit, started.elapsed());
+        planned.push(PlannedStep { info, key, hit });
+        parent = key.to_string();
+    }
+    let mut config = b.base.config.clone();
+    config.set_history(Some(history_entries));
+    s.record_steps(&planned);
+    Ok(Built { id: parent, layers: b.layers, config, steps: planned })
+}
+
+/// A target being built: its base, and the image so far.
+struct TargetBuild<'a> {
+    s: &'a Session,
+    t: Target<'a>,
+    done: &'a Done,
+    base: BaseImage,
+    run_config: oci_spec::image::Config,
+    layers: Vec<ImageLayer>,
+    /// The merged tree of `layers`, made on the first miss (hits need none).
+    lower: Option<FsTree>,
+}
+
+impl TargetBuild<'_> {
+    /// One step: its key, and whether a cache tier had its layer.
+    fn step(&mut self, step: &Step, info: &StepInfo, parent: &str) -> Result<(Digest, bool), BuildError> {
+        let s = self.s;
+        let (key, prepared) = s.planner().key(parent, step, &self.run_config, self.done)?;
+        let cached = if s.opts.no_cache { Cached::Miss } else { s.cache.lookup(&key)? };
+        let hit = matches!(cached, Cached::Hit(_) | Cached::Remote(..));
+        let (layer, written) = match cached {
+            Cached::Hit(layer) => {
+                s.store.touch_record(RecordKind::Step, &key.hex());
+                s.reporter.on_cache_hit(info, &key);
+                (layer, None)
+            }
+            Cached::Remote(layer, from) => {
+                s.cache.remote_hit(&layer, from, key);
+                if self.lower.is_some() {
+                    s.cache.materialize(std::slice::from_ref(&layer))?;
+                }
+                s.reporter.on_cache_hit(info, &key);
+                (layer, None)
+            }
+            Cached::Miss | Cached::Corrupt => {
+                if matches!(cached, Cached::Corrupt) {
+                    s.reporter.on_notice(&format!(
+                        "{}: the cached layer was missing or corrupt; rebuilding it",
+                        step_label(info)
+                    ));
+                }
+                if self.lower.is_none() {
+                    s.cache.materialize(&self.layers)?;
+                    self.lower = Some(FsTree::of_layers(&s.store, &self.layers)?);
+                }
+                let (layer, listing) = self.make_layer(step, info, key, prepared)?;
+                (layer, Some(listing))
+            }
+        };
+        if let Some(tree) = self.lower.as_mut() {
+            match written {
+                Some(l) => tree.push_file(layer.digest, l)?,
+                None => tree.push_layer(&s.store, &layer)?,
+            }
+        }
+        self.layers.push(layer);
+        Ok((key, hit))
+    }
+
+    /// Makes a step's layer on a miss: its entries, written (and unpacked
+    /// for the executor when a `run` step that misses comes next), recorded.
+    fn make_layer(
+        &self,
+        step: &Step,
+        info: &StepInfo,
+        key: Digest,
+        prepared: Prepared,
+    ) -> Result<(ImageLayer, ListingFile), BuildError> {
+        let s = self.s;
+        let (recipe, tree) = (&s.recipe, self.lower.as_ref().expect("made on the first miss"));
+        let mut keep: Option<Box<dyn std::any::Any + Send>> = None;
+        let entries = match (&step.kind, prepared) {
+            (StepKind::Copy(c), Prepared::Copy(src)) => copy_entries(recipe, step, c, &src, tree)?,
+            (StepKind::Copy(c), Prepared::CopyFrom(built)) => {
+                s.cache.materialize(&built.layers)?;
+                let (entries, tmp) = copy_from_entries(&s.store, recipe, step, c, &built.layers, tree)?;
+                keep = Some(Box::new(tmp));
+                entries
+            }
+            (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
+            (StepKind::Packages(p), Prepared::Packages(lock)) => {
+                let parent = (self.layers.as_slice(), tree);
+                let (entries, scratch) =
+                    package_entries(&s.store, &s.rt, s.reporter.as_ref(), s.epoch, p, &lock, parent)?;
+                keep = Some(Box::new(scratch));
+                entries
+            }
+            (StepKind::Run(run), Prepared::Run(plan)) => {
+                let executor = s.backends.executor()?;
+                let env = RunEnv {
+                    recipe,
+                    store: &s.store,
+                    platform: &s.platform,
+                    executor: executor.as_ref(),
+                    reporter: s.reporter.as_ref(),
+                    secrets: &s.opts.secrets,
+                };
+                let parent = Parent { layers: &self.layers, tree, config: &self.base.config };
+                let (changes, k) = run_step(&env, step, info, run, plan, parent)?;
+                keep = Some(k);
+                changes::to_layer_entries(changes)
+            }
+            _ => unreachable!("prepared matches the step kind"),
+        };
+        let layer = self.write(entries, info, key, &t_steps(self.t, step).first())?;
+        drop(keep);
+        Ok(layer)
+    }
+
+    /// Writes the layer, unpacked too when `next` is a `run` that will miss
+    /// on an executor that runs on unpacked folders.
+    fn write(
+        &self,
+        entries: Vec<layer::LayerEntry>,
+        info: &StepInfo,
+        key: Digest,
+        next: &Option<&Step>,
+    ) -> Result<(ImageLayer, ListingFile), BuildError> {
+        let s = self.s;
+        let timer = Instant::now();
+        let unpack_dir = match next {
+            Some(next) => self.unpack_dir_for(next, &key),
+            None => None,
+        };
+        let staging = match unpack_dir {
+            Some(_) => Some(
+                tempfile::Builder::new()
+                    .prefix("unpack-")
+                    .tempdir_in(s.store.tmp_dir())
+                    .map_err(BuildError::io_write(s.store.tmp_dir()))?,
+            ),
+            None => None,
+        };
+        let folder = staging.as_ref().map(|d| d.path().join("root"));
+        let (blob, listing) = layer::write_layer_unpacking(&s.store, entries, s.epoch, folder.as_deref())?;
+        if let (Some(f), Some(dir)) = (&folder, &unpack_dir) {
+            let dest = dir.join(blob.diff_id.hex());
+            std::fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
+            crate::unpack::adopt(f, &dest)?;
+            crate::unpack::seal(&s.store, &dest, &listing)?;
+        }
+        tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, unpacked = folder.is_some(), "layer written");
+        s.reporter.on_layer_written(info, &blob);
+        let layer = ImageLayer {
+            diff_id: blob.diff_id,
+            digest: blob.digest,
+            size: blob.size,
+            media_type: layer::MEDIA_TYPE.to_string(),
+        };
+        s.store.put_step(&key, &layer.step_record())?;
+        Ok((layer, listing))
+    }
+
+    /// Where to unpack the layer being written: the executor's folder of
+    /// unpacked layers, when `next` is a `run` step that will miss and the
+    /// executor runs on unpacked folders (never for a step no `run` follows).
+    fn unpack_dir_for(&self, next: &Step, key: &Digest) -> Option<std::path::PathBuf> {
+        let s = self.s;
+        if !matches!(next.kind, StepKind::Run(_)) {
+            return None;
+        }
+        let dir = s.backends.executor().ok().and_then(|e| e.unpack_dir(&s.store))?;
+        let (k, _) = s.planner().key(&key.to_string(), next, &self.run_config, self.done).ok()?;
+        let misses =
+            s.opts.no_cache || !matches!(s.cache.lookup(&k), Ok(Cached::Hit(_) | Cached::Remote(..)));
+        misses.then_some(dir)
+    }
+}
+
+/// The steps of `t` after `step`.
+fn t_steps<'a>(t: Target<'a>, step: &Step) -> &'a [Step] {
+    &t.steps()[step.index + 1..]
+}
