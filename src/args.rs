@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about = "Compiles declarative recipes into reproducible OCI images")]
@@ -43,7 +43,7 @@ impl Backend {
     }
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Args)]
 pub struct Common {
     /// The context folder `copy` reads from (default: the recipe's folder).
     #[arg(long, value_name = "DIR")]
@@ -66,36 +66,7 @@ pub struct Common {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build a recipe into an image; prints the manifest digest last on stdout.
-    Build {
-        /// The recipe, a TOML file (e.g. recipes/examples/hello/kiln.toml).
-        recipe: PathBuf,
-        /// Where to write the image (repeatable): oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE,
-        /// docker:REF, registry:HOST/REPO:TAG, vm:FILE.raw|FILE.qcow2.
-        #[arg(short = 'o', long = "output", value_name = "OUTPUT")]
-        outputs: Vec<String>,
-        #[command(flatten)]
-        common: Common,
-        /// Where `run` steps execute: `local` (namespaces + overlayfs; root, or rootless with subuids), `docker`
-        /// (the engine at DOCKER_HOST), or `auto` (local where it works, else docker).
-        #[arg(long, value_enum, default_value = "auto")]
-        backend: Backend,
-        /// A secret for `run` steps (repeatable): `id=ID,src=FILE` or `id=ID,env=VAR`
-        /// (`id=ID` alone reads the variable ID). Mounted at /run/secrets/ID; never stored.
-        #[arg(long = "secret", value_name = "SPEC")]
-        secrets: Vec<String>,
-        /// Rebuild every step, ignoring cached layers.
-        #[arg(long)]
-        no_cache: bool,
-        /// Progress on stderr: bars on a terminal, plain lines, or JSON lines.
-        #[arg(long, value_enum, default_value = "auto")]
-        progress: Progress,
-        /// Push this build's steps and layers to a registry cache (repeatable): registry:HOST/REPO[:TAG].
-        #[arg(long = "cache-to", value_name = "REF")]
-        cache_to: Vec<String>,
-        /// Upload each blob in one request, for registries that refuse chunked uploads.
-        #[arg(long)]
-        monolithic_upload: bool,
-    },
+    Build(BuildArgs),
     /// Show each step, its cache key and HIT or MISS; builds nothing.
     Plan {
         /// The recipe, a TOML file (e.g. recipes/examples/hello/kiln.toml).
@@ -199,4 +170,37 @@ pub enum CacheAction {
     },
     /// Remove blobs nothing refers to and leftovers of interrupted builds.
     Gc,
+}
+
+/// `kiln build`'s arguments.
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// The recipe, a TOML file (e.g. recipes/examples/hello/kiln.toml).
+    pub recipe: PathBuf,
+    /// Where to write the image (repeatable): oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE,
+    /// docker:REF, registry:HOST/REPO:TAG, vm:FILE.raw|FILE.qcow2.
+    #[arg(short = 'o', long = "output", value_name = "OUTPUT")]
+    pub outputs: Vec<String>,
+    #[command(flatten)]
+    pub common: Common,
+    /// Where `run` steps execute: `local` (namespaces + overlayfs; root, or rootless with subuids), `docker`
+    /// (the engine at DOCKER_HOST), or `auto` (local where it works, else docker).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Backend,
+    /// A secret for `run` steps (repeatable): `id=ID,src=FILE` or `id=ID,env=VAR`
+    /// (`id=ID` alone reads the variable ID). Mounted at /run/secrets/ID; never stored.
+    #[arg(long = "secret", value_name = "SPEC")]
+    pub secrets: Vec<String>,
+    /// Rebuild every step, ignoring cached layers.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Progress on stderr: bars on a terminal, plain lines, or JSON lines.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: Progress,
+    /// Push this build's steps and layers to a registry cache (repeatable): registry:HOST/REPO[:TAG].
+    #[arg(long = "cache-to", value_name = "REF")]
+    pub cache_to: Vec<String>,
+    /// Upload each blob in one request, for registries that refuse chunked uploads.
+    #[arg(long)]
+    pub monolithic_upload: bool,
 }

@@ -22,10 +22,12 @@ pub mod base;
 pub mod build;
 pub mod context;
 pub mod diff;
+pub mod gc;
 pub mod inspect;
 pub mod lock;
 mod runtime;
 pub mod sbom;
+pub mod verify;
 
 // The formats, under the names the engine's modules use.
 pub use kiln_debian as packages;

@@ -170,9 +170,6 @@ fn binfmt_runs_in_sandbox(text: &str) -> bool {
     enabled && fixed
 }
 
-/// The PATH a command gets when the image sets none (Docker's default).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// How many lines of a failed command's output the error shows.
 pub const TAIL_LINES: usize = 20;
 
@@ -267,7 +264,7 @@ pub fn command_env(
     image_env: &[String],
     step_env: &std::collections::BTreeMap<String, String>,
 ) -> Vec<String> {
-    let mut env = vec![format!("PATH={DEFAULT_PATH}"), format!("HOSTNAME={HOSTNAME}")];
+    let mut env = vec![format!("PATH={}", kiln_oci::pathvar::DEFAULT_PATH), format!("HOSTNAME={HOSTNAME}")];
     let mut set = |kv: String| {
         let key = kv.split('=').next().unwrap_or("").to_string();
         match env.iter_mut().find(|e| e.split('=').next() == Some(key.as_str())) {

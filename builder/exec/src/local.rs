@@ -242,9 +242,34 @@ fn secret_memfds(secrets: &[(String, Vec<u8>)]) -> Result<Vec<(String, std::os::
     Ok(out)
 }
 
+/// What rootless runs left that only a user namespace can remove (their
+/// files belong to subordinate ids), after a prune or gc of the store. As
+/// root, the store's own gc removed it already, or it is removed here.
+pub fn remove_rootless_garbage(store: &Store, waiting: &dyn Fn()) -> Result<(), BuildError> {
+    let _lock = store.lock_exclusive(waiting)?;
+    // Twice: pool files become garbage once the layer folders linking them are gone.
+    for _ in 0..2 {
+        let garbage = store.rootless_garbage();
+        if garbage.is_empty() {
+            break;
+        }
+        if rustix::process::geteuid().is_root() {
+            for p in garbage {
+                let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+            }
+        } else if Mapping::detect().is_ok() {
+            remove_rootless(&garbage)?;
+        } else {
+            break; // nothing this user can do; `gc` as root removes it
+        }
+    }
+    store.sweep_seals();
+    Ok(())
+}
+
 /// Removes `paths` (files of a rootless run: their owners are the user's
 /// subordinate ids) from inside a mapped user namespace.
-pub fn remove_rootless(paths: &[PathBuf]) -> Result<(), BuildError> {
+fn remove_rootless(paths: &[PathBuf]) -> Result<(), BuildError> {
     if paths.is_empty() {
         return Ok(());
     }

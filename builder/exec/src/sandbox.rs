@@ -489,17 +489,9 @@ fn copy_secret(fd: i32, dest: &Path) -> std::io::Result<()> {
 
 /// `argv[0]` found through the image's PATH, as the engine does.
 fn find_program(name: &str, env: &[String]) -> Option<String> {
-    if name.contains('/') {
-        return Some(name.to_string());
-    }
-    let path = env
-        .iter()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    path.split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| format!("{d}/{name}"))
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+    kiln_oci::pathvar::lookup(name, kiln_oci::pathvar::of_env(env), |p| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
 
 /// `user[:group]`, numeric or by name, looked up in the image's own

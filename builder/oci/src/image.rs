@@ -169,7 +169,7 @@ pub fn merge_config(base: Option<&Config>, r: &kiln_recipes::Config) -> Config {
     }
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         // As BuildKit does for images that set no PATH.
-        env.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        env.insert(0, format!("PATH={}", crate::pathvar::DEFAULT_PATH));
     }
     c.set_env(Some(env));
     if let Some(w) = &r.workdir {

@@ -6,7 +6,8 @@
 //! - [`listing`]: a layer's entries, checked as its tar is read, stored
 //!   sorted on disk; [`fstree`]: the merged tree of a stack of layers.
 //! - [`image`]: OCI config, manifest and index, canonical JSON; [`passwd`]:
-//!   an image's users and groups.
+//!   an image's users and groups; [`pathvar`]: the default PATH, and
+//!   programs looked up through an image's PATH.
 //! - [`import`] / [`export`]: OCI layouts and archives in and out of the
 //!   store, hostile input refused; [`extract`]: files out of an image's layers.
 //! - [`unpack`] and [`rootdir`]: layers as folders, never through a symlink;
@@ -26,6 +27,7 @@ pub mod import;
 pub mod layer;
 pub mod listing;
 pub mod passwd;
+pub mod pathvar;
 pub mod reporter;
 pub mod rootdir;
 pub mod tarball;

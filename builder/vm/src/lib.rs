@@ -608,11 +608,7 @@ fn entrypoint_run(
         ));
     }
     let env: Vec<String> = config.env().clone().unwrap_or_default();
-    let path_var = env
-        .iter()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .to_string();
+    let path_var = kiln_oci::pathvar::of_env(&env).to_string();
     let workdir = config.working_dir().clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
     let program = if argv[0].contains('/') {
         let p = if argv[0].starts_with('/') {
@@ -622,11 +618,8 @@ fn entrypoint_run(
         };
         executable(tree, &p).then_some(p)
     } else {
-        path_var
-            .split(':')
-            .filter(|d| d.starts_with('/'))
-            .map(|d| format!("{}/{}", d.trim_end_matches('/'), argv[0]))
-            .find(|p| executable(tree, p))
+        // Absolute entries only: a relative one names nothing in the image.
+        kiln_oci::pathvar::lookup(&argv[0], &path_var, |p| p.starts_with('/') && executable(tree, p))
     };
     let Some(path) = program else {
         return Err(BuildError::usage(

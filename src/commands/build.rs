@@ -1,0 +1,33 @@
+//! `kiln build`: the recipe into the store, then every output.
+
+use kiln_builder::BuildError;
+use kiln_recipes::ImageRef;
+
+use super::{load, options, parse_cache_ref, parse_ref, parse_secret};
+use crate::args::BuildArgs;
+
+pub(super) fn run(a: BuildArgs) -> Result<u8, BuildError> {
+    let recipe = load(&a.recipe)?;
+    let mut opts = options(&a.common)?;
+    opts.cache_to = a.cache_to.iter().map(|c| parse_cache_ref(c, "--cache-to")).collect::<Result<_, _>>()?;
+    opts.registry.monolithic = a.monolithic_upload;
+    opts.no_cache = a.no_cache;
+    opts.backend = a.backend.choice();
+    opts.secrets = a.secrets.iter().map(|s| parse_secret(s)).collect::<Result<_, _>>()?;
+    opts.outputs = a.outputs.iter().map(|o| parse_ref(o, "-o")).collect::<Result<_, _>>()?;
+    for o in &opts.outputs {
+        if let ImageRef::Registry(r) = o {
+            // Checked before building, not when the push comes.
+            kiln_builder::registry::remote(r).map_err(|e| {
+                BuildError::usage(
+                    format!("Bad -o `{o}`: {e}"),
+                    Some("e.g. `-o registry:ghcr.io/org/app:1.0`"),
+                )
+            })?;
+        }
+    }
+    let reporter = crate::progress::reporter(a.progress);
+    let outcome = kiln_builder::build(&recipe, &opts, reporter)?;
+    println!("{}", outcome.image.manifest);
+    Ok(0)
+}

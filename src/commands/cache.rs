@@ -1,0 +1,96 @@
+//! `kiln cache du|ls|prune|gc`: the store's size, records, eviction and collection.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use kiln_builder::BuildError;
+use kiln_cache::prune::parse_size;
+
+use super::open_store;
+use crate::args::CacheAction;
+
+pub(super) fn run(action: CacheAction, cache_dir: Option<PathBuf>) -> Result<u8, BuildError> {
+    let store = open_store(cache_dir)?;
+    let mut out = std::io::stdout().lock();
+    match action {
+        CacheAction::Du { json } => {
+            let u = store.usage()?;
+            if json {
+                let _ = writeln!(out, "{}", serde_json::to_string_pretty(&u).expect("json"));
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{}\t{} blobs\t{} steps\t{} images\t{} bases\t{} debs\t{} disks\t{} unpacked ({})\t{}",
+                    human(u.blob_bytes),
+                    u.blobs,
+                    u.steps,
+                    u.images,
+                    u.bases,
+                    u.debs,
+                    u.disks,
+                    u.unpacked,
+                    human(u.unpacked_bytes),
+                    u.root.display()
+                );
+            }
+        }
+        CacheAction::Ls { json } => {
+            let entries = store.entries()?;
+            if json {
+                let _ = writeln!(out, "{}", serde_json::to_string_pretty(&entries).expect("json"));
+            } else {
+                for e in entries {
+                    let _ = writeln!(out, "{}\t{}\t{}\t{}", e.used_unix, e.kind, e.name, e.label);
+                }
+            }
+        }
+        CacheAction::Prune { max_size } => {
+            let max = parse_size(&max_size).ok_or_else(|| {
+                BuildError::usage(
+                    format!("`{max_size}` is not a size"),
+                    Some("write sizes like `500M`, `2G` or `1048576`"),
+                )
+            })?;
+            print_prune(&mut out, &kiln_builder::gc::prune(&store, max, &wait_note)?);
+        }
+        CacheAction::Gc => {
+            let (report, swept) = kiln_builder::gc::gc(&store, &wait_note)?;
+            print_prune(&mut out, &report);
+            if swept > 0 {
+                eprintln!("kiln cache: removed {swept} secret folder(s) a killed kiln left");
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// What prune and gc say while builds hold the store.
+fn wait_note() {
+    eprintln!("kiln cache: waiting for the running build(s) on this cache to finish");
+}
+
+fn print_prune(out: &mut impl Write, r: &kiln_cache::PruneReport) {
+    let _ = writeln!(
+        out,
+        "removed {} blobs ({}), {} records; {} left",
+        r.removed_blobs,
+        human(r.removed_bytes),
+        r.removed_records,
+        human(r.remaining_bytes)
+    );
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,59 @@
+//! `kiln verify`: two builds in different conditions, compared.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kiln_builder::verify::{Verdict, VerifyOptions};
+use kiln_builder::BuildError;
+
+use super::{load, parse_secret};
+use crate::args::Backend;
+
+pub(super) fn run(
+    recipe_path: &Path,
+    context: Option<PathBuf>,
+    platform: Option<String>,
+    backend: Backend,
+    secrets: &[String],
+) -> Result<u8, BuildError> {
+    for s in secrets {
+        parse_secret(s)?; // fail early, before two builds
+    }
+    let recipe = load(recipe_path)?;
+    let mut build_args = vec!["--backend".to_string(), backend.as_str().to_string()];
+    for s in secrets {
+        build_args.extend(["--secret".to_string(), s.clone()]);
+    }
+    if let Some(p) = platform {
+        build_args.extend(["--platform".to_string(), p]);
+    }
+    let opts = VerifyOptions {
+        kiln: std::env::current_exe().map_err(BuildError::io_read("/proc/self/exe"))?,
+        context: context.unwrap_or_else(|| recipe.dir.clone()),
+        build_args,
+    };
+    let verdict = kiln_builder::verify::verify(recipe_path, &opts, &|m| eprintln!("verify: {m}"))?;
+    match verdict {
+        Verdict::Reproducible(digest) => {
+            eprintln!("verify: reproducible");
+            println!("{digest}");
+            Ok(0)
+        }
+        Verdict::BuildFailed { code, stderr } => {
+            std::io::stderr().write_all(&stderr).ok();
+            Ok(code)
+        }
+        Verdict::Differs { first, second, changes } => {
+            eprintln!("verify: NOT reproducible: {first} != {second}");
+            let mut out = std::io::stdout().lock();
+            if changes.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "the files are identical; the difference is in the image config or layer encoding"
+                );
+            }
+            super::diff::print_changes(&mut out, &changes);
+            Ok(1)
+        }
+    }
+}
