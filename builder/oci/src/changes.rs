@@ -195,7 +195,7 @@ pub fn from_tar(tar: &Path, base: u64, size: Option<u64>) -> Result<Vec<Change>,
 /// offset in `tar` (the uncompressed layer at `base` in that file): `.wh.`
 /// files become whiteouts and opaque folders, hard links join their target's
 /// group.
-pub fn from_layer_listing(
+pub(crate) fn from_layer_listing(
     listing: &Listing,
     offsets: &BTreeMap<String, u64>,
     tar: &Path,

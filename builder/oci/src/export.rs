@@ -20,7 +20,7 @@ use crate::error::BuildError;
 use crate::image::{canonical_json, oci_digest, StoredImage};
 use crate::tarball::{self, TarHeader, TarKind};
 
-pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
 /// Writes `image` (named `name`) to `out`.

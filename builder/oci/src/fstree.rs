@@ -24,7 +24,7 @@ use crate::error::BuildError;
 use crate::image::ImageLayer;
 use crate::listing::{Kind, ListEntry, Listing, ListingFile};
 
-pub use crate::whiteout::{OPAQUE, WHITEOUT};
+pub(crate) use crate::whiteout::{OPAQUE, WHITEOUT};
 
 /// How many folders' visibility a tree remembers before forgetting all.
 const MEMO: usize = 1 << 16;
@@ -224,7 +224,7 @@ impl FsTree {
 
     /// The entry at `path` (relative, clean) and the index of the layer it
     /// comes from.
-    pub fn locate(&self, path: &str) -> Result<Option<(usize, ListEntry)>, BuildError> {
+    pub(crate) fn locate(&self, path: &str) -> Result<Option<(usize, ListEntry)>, BuildError> {
         let floor = self.floor(split(path).0)?;
         let k = self.key(path);
         for j in (floor..self.layers.len()).rev() {
@@ -240,7 +240,7 @@ impl FsTree {
 
     /// The entry at `path` in layer `j` alone (a hard link's target is in
     /// the hard link's own layer, whatever the layers above made of it).
-    pub fn entry_in(&self, j: usize, path: &str) -> Result<Option<ListEntry>, BuildError> {
+    pub(crate) fn entry_in(&self, j: usize, path: &str) -> Result<Option<ListEntry>, BuildError> {
         self.lookup(j, path)
     }
 
@@ -260,7 +260,7 @@ impl FsTree {
 
     /// The entries under the folder `dir` (relative, clean; `""` for all),
     /// in path order, with the layer each comes from.
-    pub fn iter_under(&self, dir: &str) -> Result<Merged<'_>, BuildError> {
+    pub(crate) fn iter_under(&self, dir: &str) -> Result<Merged<'_>, BuildError> {
         if dir.is_empty() {
             return self.iter();
         }
@@ -290,7 +290,7 @@ impl FsTree {
 
     /// Every entry, in a map (for readers that hold the whole tree anyway,
     /// such as `-o vm:`).
-    pub fn to_map(&self) -> Result<BTreeMap<String, ListEntry>, BuildError> {
+    pub(crate) fn to_map(&self) -> Result<BTreeMap<String, ListEntry>, BuildError> {
         let mut out = BTreeMap::new();
         for e in self.iter()? {
             let (_, e) = e?;
@@ -388,7 +388,7 @@ impl Iterator for Merged<'_> {
 /// Resolves the folders of `path` (relative, clean) through symlinks, as
 /// `kind_of` tells them, never leaving the root. The last component is not
 /// followed. The outer error is the lookup's; the inner, the path's.
-pub fn resolve_parents<E>(
+pub(crate) fn resolve_parents<E>(
     path: &str,
     kind_of: &dyn Fn(&str) -> Result<Option<Kind>, E>,
 ) -> Result<Result<String, String>, E> {
@@ -425,7 +425,7 @@ pub fn resolve_parents<E>(
     Ok(Ok(done.join("/")))
 }
 
-pub fn split(path: &str) -> (Option<&str>, &str) {
+pub(crate) fn split(path: &str) -> (Option<&str>, &str) {
     match path.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, path),

@@ -20,9 +20,9 @@ use std::thread;
 use flate2::{Compress, Compression, FlushCompress};
 
 /// The fixed compression level; changing it changes every layer digest.
-pub const LEVEL: u32 = 6;
+pub(crate) const LEVEL: u32 = 6;
 /// The fixed chunk size; changing it changes every layer digest.
-pub const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 
 /// A chunk and its position in the stream.
 type Job = (u64, Vec<u8>);
@@ -33,7 +33,7 @@ const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 
 /// Compresses what `produce` writes into gzip on `out`, using `threads`
 /// compressor threads. Returns `out` and what `produce` returned.
-pub fn compress<W, R, F>(mut out: W, threads: usize, produce: F) -> io::Result<(W, R)>
+pub(crate) fn compress<W, R, F>(mut out: W, threads: usize, produce: F) -> io::Result<(W, R)>
 where
     W: Write + Send,
     F: FnOnce(&mut dyn Write) -> io::Result<R>,

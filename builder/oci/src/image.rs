@@ -16,7 +16,7 @@ use kiln_recipes::recipe::Platform;
 use crate::error::BuildError;
 
 pub const MANIFEST_MEDIA_TYPE: &str = kiln_cache::registry::OCI_MANIFEST;
-pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+pub(crate) const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 
 /// One layer of an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,14 +67,14 @@ impl ImageLayer {
 #[derive(Debug, Clone)]
 pub struct StoredImage {
     pub manifest: Digest,
-    pub manifest_size: u64,
+    pub(crate) manifest_size: u64,
     pub config: Digest,
     pub config_json: ImageConfiguration,
     pub layers: Vec<ImageLayer>,
 }
 
 impl StoredImage {
-    pub fn blobs(&self) -> Vec<Digest> {
+    pub(crate) fn blobs(&self) -> Vec<Digest> {
         let mut v = vec![self.manifest, self.config];
         v.extend(self.layers.iter().map(|l| l.digest));
         v
@@ -256,20 +256,20 @@ pub fn store_image(
     })
 }
 
-pub fn oci_digest(d: &Digest) -> oci_spec::image::Digest {
+pub(crate) fn oci_digest(d: &Digest) -> oci_spec::image::Digest {
     d.to_string().parse().expect("sha256 digests are valid OCI digests")
 }
 
 /// The largest JSON document (index, manifest, config, record) kiln reads
 /// from a file or a registry: real ones are kilobytes; registries cap
 /// manifests at 4 MiB.
-pub const MAX_DOCUMENT: u64 = 16 << 20;
+pub(crate) const MAX_DOCUMENT: u64 = 16 << 20;
 
 /// Opens a file kiln was pointed at (an archive, a blob of a layout) for
 /// reading: never through a symlink in its last component, and only a
 /// regular file (a fifo would hang, `/dev/zero` would never end). The
 /// errors are `InvalidData` for what is there but not a file.
-pub fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+pub(crate) fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     use rustix::fs::{Mode, OFlags};
     let fd = rustix::fs::open(
         path,
@@ -293,7 +293,7 @@ pub fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
 
 /// A JSON document from a file ([`open_regular`]), refused past
 /// [`MAX_DOCUMENT`] bytes rather than cut.
-pub fn read_document(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_document(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let f = open_regular(path)?;
     let mut v = Vec::new();
@@ -310,7 +310,7 @@ pub fn read_document(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
 /// What is wrong with a JSON document, without the document's own bytes
 /// (serde's messages quote the values they refuse): the kind of error and
 /// where it is.
-pub fn json_error(e: &serde_json::Error) -> String {
+pub(crate) fn json_error(e: &serde_json::Error) -> String {
     use serde_json::error::Category;
     let what = match e.classify() {
         Category::Io => "it cannot be read",

@@ -315,7 +315,7 @@ pub fn finish(
 }
 
 /// Describes an image whose manifest and config are in the store.
-pub fn stored_image(store: &Store, manifest: &Digest) -> Result<StoredImage, BuildError> {
+pub(crate) fn stored_image(store: &Store, manifest: &Digest) -> Result<StoredImage, BuildError> {
     let name = manifest.to_string();
     let bad = |reason: String| BuildError::BadImage { image: name.clone(), reason };
     let mbytes = read_document_blob(store, manifest).map_err(bad)?;

@@ -87,7 +87,8 @@ pub struct LayerBlob {
 
 /// Writes `entries` as a layer into the store, with every timestamp `epoch`.
 /// Also stores the layer's listing, and returns it.
-pub fn write_layer(
+#[cfg(test)]
+pub(crate) fn write_layer(
     store: &Store,
     entries: Vec<LayerEntry>,
     epoch: u64,
@@ -95,9 +96,10 @@ pub fn write_layer(
     write_layer_unpacking(store, entries, epoch, None)
 }
 
-/// [`write_layer`], also making the layer as a folder at `unpack` (which
-/// must not exist) while its content streams by, for a `run` step that
-/// needs it next: the layer is never read back.
+/// Writes `entries` as a layer into the store, with every timestamp
+/// `epoch`, and stores its listing. With `unpack`, also makes the layer as
+/// a folder there (which must not exist) while its content streams by, for
+/// a `run` step that needs it next: the layer is never read back.
 pub fn write_layer_unpacking(
     store: &Store,
     mut entries: Vec<LayerEntry>,

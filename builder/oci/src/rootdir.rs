@@ -36,14 +36,14 @@ impl RootDir {
         Ok(RootDir { path: path.to_path_buf(), fd, last: None })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The folder `rel` (relative, clean; "" is the root), reached without
     /// following any symlink. With `make`, missing folders are made 0755
     /// (whatever the umask) and `made` is told each one's relative path.
-    pub fn dir(&mut self, rel: &str, make: Option<&mut dyn FnMut(&str)>) -> io::Result<OwnedFd> {
+    pub(crate) fn dir(&mut self, rel: &str, make: Option<&mut dyn FnMut(&str)>) -> io::Result<OwnedFd> {
         if rel.is_empty() {
             return self.fd.try_clone();
         }
@@ -168,7 +168,7 @@ fn names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
 
 /// Removes `name` in `dir` and, for a folder, everything in it, never
 /// following a symlink (a symlink is removed, not its target).
-pub fn remove_at(dir: &impl AsFd, name: impl AsRef<OsStr>) -> io::Result<()> {
+pub(crate) fn remove_at(dir: &impl AsFd, name: impl AsRef<OsStr>) -> io::Result<()> {
     let name = name.as_ref();
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) => return Ok(()),
@@ -210,7 +210,7 @@ pub fn create_file(dir: &impl AsFd, name: &str, mode: u32) -> io::Result<File> {
 /// Sets an extended attribute on `name` in `dir`, a regular file or a
 /// folder (other entries carry none: the attribute is skipped); never
 /// through a symlink, and a device node is never opened.
-pub fn set_xattr(dir: &impl AsFd, name: &str, key: &str, value: &[u8]) -> io::Result<()> {
+pub(crate) fn set_xattr(dir: &impl AsFd, name: &str, key: &str, value: &[u8]) -> io::Result<()> {
     let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
     if !matches!(
         rustix::fs::FileType::from_raw_mode(st.st_mode),
@@ -234,7 +234,7 @@ pub fn set_xattr(dir: &impl AsFd, name: &str, key: &str, value: &[u8]) -> io::Re
 }
 
 /// Sets the access and modification times of `name` in `dir` (not following a symlink).
-pub fn set_time_at(dir: &impl AsFd, name: &str, mtime: u64) -> io::Result<()> {
+pub(crate) fn set_time_at(dir: &impl AsFd, name: &str, mtime: u64) -> io::Result<()> {
     let at = rustix::fs::Timespec { tv_sec: mtime as i64, tv_nsec: 0 };
     let t = rustix::fs::Timestamps { last_access: at, last_modification: at };
     rustix::fs::utimensat(dir, name, &t, AtFlags::SYMLINK_NOFOLLOW)?;

@@ -4,7 +4,7 @@
 
 use std::io::{self, Write};
 
-pub const BLOCK: usize = 512;
+pub(crate) const BLOCK: usize = 512;
 
 /// What a tar entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,21 +21,21 @@ pub enum TarKind {
 /// One header's worth of metadata; `path` is relative (no leading `/`) and
 /// without a trailing `/` (added here for folders).
 #[derive(Debug, Clone)]
-pub struct TarHeader<'a> {
-    pub path: &'a str,
-    pub kind: &'a TarKind,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime: u64,
-    pub xattrs: &'a [(String, Vec<u8>)],
+pub(crate) struct TarHeader<'a> {
+    pub(crate) path: &'a str,
+    pub(crate) kind: &'a TarKind,
+    pub(crate) mode: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) mtime: u64,
+    pub(crate) xattrs: &'a [(String, Vec<u8>)],
 }
 
 const MAX_OCTAL_7: u64 = 0o7777777;
 const MAX_OCTAL_11: u64 = 0o77777777777;
 
 /// Writes the header block(s) for one entry (a PAX header first if needed).
-pub fn write_header(w: &mut impl Write, h: &TarHeader<'_>) -> io::Result<()> {
+pub(crate) fn write_header(w: &mut impl Write, h: &TarHeader<'_>) -> io::Result<()> {
     let mut name = h.path.to_string();
     if matches!(h.kind, TarKind::Dir) {
         name.push('/');
@@ -111,7 +111,7 @@ pub fn write_header(w: &mut impl Write, h: &TarHeader<'_>) -> io::Result<()> {
 }
 
 /// Zero bytes up to the next 512-byte boundary after `len` bytes of data.
-pub fn pad(w: &mut impl Write, len: u64) -> io::Result<()> {
+pub(crate) fn pad(w: &mut impl Write, len: u64) -> io::Result<()> {
     let rem = (len % BLOCK as u64) as usize;
     if rem != 0 {
         w.write_all(&[0u8; BLOCK][..BLOCK - rem])?;
@@ -120,7 +120,7 @@ pub fn pad(w: &mut impl Write, len: u64) -> io::Result<()> {
 }
 
 /// The two zero blocks that end an archive.
-pub fn write_trailer(w: &mut impl Write) -> io::Result<()> {
+pub(crate) fn write_trailer(w: &mut impl Write) -> io::Result<()> {
     w.write_all(&[0u8; BLOCK * 2])
 }
 

@@ -194,7 +194,7 @@ impl Materializer {
 
     /// After a pooled file's content is written: `got` is what it hashed to.
     /// A file that does not match never enters the pool.
-    pub fn file_done(&mut self, got: &Digest) -> io::Result<()> {
+    pub(crate) fn file_done(&mut self, got: &Digest) -> io::Result<()> {
         let Some(p) = self.pending.take() else { return Ok(()) };
         if *got != p.expect {
             let _ = fs::remove_file(&p.tmp);
@@ -324,14 +324,15 @@ pub fn adopt(root: &Path, dest: &Path) -> Result<(), BuildError> {
 
 /// Unpacks a stored layer into `dest` (a new folder), streaming its tar
 /// through kiln's walker.
-pub fn unpack_blob(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(), BuildError> {
+#[cfg(test)]
+pub(crate) fn unpack_blob(store: &Store, layer: &ImageLayer, dest: &Path) -> Result<(), BuildError> {
     unpack_blob_styled(store, layer, dest, pool_dir(store), OPAQUE_TRUSTED).map(drop)
 }
 
 /// [`unpack_blob`] with its own file pool and opaque marker (rootless
 /// folders carry other owners and `user.overlay.opaque`). Returns the
 /// layer's listing, which it reads anyway (for the folder's seal).
-pub fn unpack_blob_styled(
+pub(crate) fn unpack_blob_styled(
     store: &Store,
     layer: &ImageLayer,
     dest: &Path,
@@ -380,7 +381,7 @@ pub fn unpack_blob_styled(
 /// its layer says; one that does not is re-hashed, and rebuilt if wrong,
 /// like a blob of the store ([`kiln_cache::Store::verify_blob`]).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct Seal {
+pub(crate) struct Seal {
     files: Vec<Sealed>,
 }
 
@@ -435,7 +436,7 @@ pub fn seal(store: &Store, folder: &Path, listing: &crate::listing::ListingFile)
 /// changed are hashed again: a right one gets a new stamp; a wrong one
 /// (a flipped byte in the shared file pool) is removed from the pool with
 /// every link to it, and `false` says the folder must be made again.
-pub fn check_seal(store: &Store, folder: &Path, pool: &Path) -> bool {
+pub(crate) fn check_seal(store: &Store, folder: &Path, pool: &Path) -> bool {
     let name = seal_name(folder);
     let Some(mut seal) = store.read_record::<Seal>(kiln_cache::RecordKind::Seal, &name) else { return false };
     let mut changed = false;

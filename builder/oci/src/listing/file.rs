@@ -173,7 +173,7 @@ impl<R: BufRead> Decoder<R> {
 
 /// Writes a listing from entries in any order: of a path given twice, the
 /// later entry is kept. Memory is bounded by one run ([`RUN_ENTRIES`]).
-pub struct ListingWriter {
+pub(crate) struct ListingWriter {
     tmp_dir: std::path::PathBuf,
     run: Vec<ListEntry>,
     run_bytes: usize,
@@ -183,11 +183,11 @@ pub struct ListingWriter {
 
 impl ListingWriter {
     /// A writer whose spilled runs go to unnamed files in `tmp_dir`.
-    pub fn new(tmp_dir: &Path) -> ListingWriter {
+    pub(crate) fn new(tmp_dir: &Path) -> ListingWriter {
         ListingWriter { tmp_dir: tmp_dir.to_path_buf(), run: Vec::new(), run_bytes: 0, spilled: Vec::new() }
     }
 
-    pub fn push(&mut self, e: ListEntry) -> io::Result<()> {
+    pub(crate) fn push(&mut self, e: ListEntry) -> io::Result<()> {
         self.run_bytes += e.path.len() + 96;
         self.run.push(e);
         if self.run.len() >= RUN_ENTRIES || self.run_bytes >= RUN_BYTES {
@@ -209,7 +209,7 @@ impl ListingWriter {
 
     /// Writes the sorted listing of the layer `diff_id` to `out` (a new
     /// file); returns the entry count.
-    pub fn finish(mut self, out: File, diff_id: &Digest) -> io::Result<u64> {
+    pub(crate) fn finish(mut self, out: File, diff_id: &Digest) -> io::Result<u64> {
         let last = sort_run(std::mem::take(&mut self.run));
         let mut w = FileWriter::new(out, diff_id)?;
         if self.spilled.is_empty() {
@@ -372,7 +372,7 @@ impl ListingFile {
     /// Opens the listing of the layer `diff_id`, checking its frame, that
     /// it is that layer's, and its sparse index (whose size is bounded by
     /// the entry count before anything is read).
-    pub fn open(path: &Path, diff_id: &Digest) -> io::Result<ListingFile> {
+    pub(crate) fn open(path: &Path, diff_id: &Digest) -> io::Result<ListingFile> {
         let file = open_regular(path)?;
         let len = file.metadata()?.len();
         if len < HEAD + TAIL {
@@ -430,7 +430,7 @@ impl ListingFile {
 
     /// Checks every block against its checksum (one sequential read, no
     /// decoding), so that later lookups do not meet damage half-way.
-    pub fn verify(&self) -> io::Result<()> {
+    pub(crate) fn verify(&self) -> io::Result<()> {
         let file = open_regular(&self.path)?;
         let mut buf = Vec::new();
         for (i, (_, start, crc)) in self.keys.iter().enumerate() {
@@ -444,12 +444,9 @@ impl ListingFile {
         Ok(())
     }
 
-    pub fn len(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> u64 {
         self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
     }
 
     /// Reads and checks block `i`.
@@ -490,7 +487,7 @@ impl ListingFile {
     }
 
     /// The entry at `path`, if the layer holds it.
-    pub fn get(&self, path: &str) -> io::Result<Option<ListEntry>> {
+    pub(crate) fn get(&self, path: &str) -> io::Result<Option<ListEntry>> {
         let i = self.keys.partition_point(|(k, ..)| k.as_str() <= path);
         if i == 0 {
             return Ok(None);
@@ -501,7 +498,7 @@ impl ListingFile {
 
     /// Every entry whose path is `from` or sorts after it, in order, read
     /// block by block (each checked).
-    pub fn iter_from(&self, from: &str) -> io::Result<impl Iterator<Item = io::Result<ListEntry>> + '_> {
+    pub(crate) fn iter_from(&self, from: &str) -> io::Result<impl Iterator<Item = io::Result<ListEntry>> + '_> {
         let mut i = self.keys.partition_point(|(k, ..)| k.as_str() <= from).saturating_sub(1);
         let from = from.to_string();
         let mut block = Vec::<ListEntry>::new().into_iter();

@@ -8,7 +8,8 @@ mod file;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 
-pub use file::{ListingFile, ListingWriter};
+pub use file::ListingFile;
+pub(crate) use file::ListingWriter;
 
 use serde::{Deserialize, Serialize};
 
@@ -32,7 +33,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn from_tar(k: &TarKind, sha256: Option<Digest>) -> Kind {
+    pub(crate) fn from_tar(k: &TarKind, sha256: Option<Digest>) -> Kind {
         match k {
             TarKind::File { size } => {
                 Kind::File { size: *size, sha256: sha256.expect("files carry a digest") }
@@ -63,7 +64,7 @@ pub struct ListEntry {
 
 /// The extended attributes layers carry, as the engine's archiver keeps
 /// them: file capabilities (`setcap`). Others are dropped.
-pub const KEPT_XATTRS: &[&str] = &["security.capability"];
+pub(crate) const KEPT_XATTRS: &[&str] = &["security.capability"];
 
 impl ListEntry {
     /// The kept xattrs as (name, bytes), for a tar header.
@@ -79,7 +80,7 @@ pub struct Listing {
 
 impl Listing {
     /// Stores this listing (sorted, one entry per path) for the layer `diff_id`.
-    pub fn save(&self, store: &Store, diff_id: &Digest) -> Result<ListingFile, BuildError> {
+    pub(crate) fn save(&self, store: &Store, diff_id: &Digest) -> Result<ListingFile, BuildError> {
         let mut w = ListingWriter::new(&store.tmp_dir());
         for e in &self.entries {
             w.push(e.clone()).map_err(BuildError::io_write(store.tmp_dir()))?;
@@ -193,7 +194,7 @@ pub fn walk_layer(
 }
 
 /// [`scan_layer`], also giving where each regular file's data starts in the tar.
-pub fn scan_layer_with_offsets(
+pub(crate) fn scan_layer_with_offsets(
     r: impl Read,
     layer: &Digest,
 ) -> Result<(Listing, Digest, BTreeMap<String, u64>), BuildError> {
@@ -610,7 +611,7 @@ fn parse_pax(mut body: &[u8], p: &mut Pending) -> Result<(), &'static str> {
 
 /// A tar path made relative and clean; `None` for the root. Refuses `..`,
 /// absolute paths, NUL and non-UTF-8.
-pub fn clean_path(raw: &[u8]) -> Result<Option<String>, &'static str> {
+pub(crate) fn clean_path(raw: &[u8]) -> Result<Option<String>, &'static str> {
     let s = std::str::from_utf8(raw).map_err(|_| "is not UTF-8")?;
     if s.len() > MAX_PATH_BYTES {
         return Err("is longer than 4096 bytes");
