@@ -17,17 +17,17 @@ use super::deb822::{self, Paragraph};
 use crate::error::BuildError;
 
 /// Where the Debian archive keyring lives on Debian and Ubuntu hosts.
-pub const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+pub(crate) const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// A mirror URL: `http://`, `https://` or `file://`.
 #[derive(Debug, Clone)]
-pub struct Mirror {
-    pub url: String,
+pub(crate) struct Mirror {
+    pub(crate) url: String,
     client: Option<reqwest::Client>,
 }
 
 impl Mirror {
-    pub fn new(url: &str) -> Result<Mirror, BuildError> {
+    pub(crate) fn new(url: &str) -> Result<Mirror, BuildError> {
         let url = url.trim_end_matches('/').to_string();
         let client = if url.starts_with("http://") || url.starts_with("https://") {
             install_crypto_provider();
@@ -53,7 +53,7 @@ impl Mirror {
     }
 
     /// Fetches `path` (relative to the mirror) whole.
-    pub async fn get(&self, path: &str) -> Result<Vec<u8>, FetchError> {
+    pub(crate) async fn get(&self, path: &str) -> Result<Vec<u8>, FetchError> {
         let mut out = Vec::new();
         self.get_into(path, &mut |chunk| {
             out.extend_from_slice(chunk);
@@ -64,7 +64,7 @@ impl Mirror {
     }
 
     /// Streams `path` to `sink`, chunk by chunk.
-    pub async fn get_into(
+    pub(crate) async fn get_into(
         &self,
         path: &str,
         sink: &mut (dyn FnMut(&[u8]) -> std::io::Result<()> + Send),
@@ -128,7 +128,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 #[derive(Debug)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     NotFound {
         url: String,
     },
@@ -143,7 +143,7 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    pub fn into_build_error(self, what: &str) -> BuildError {
+    pub(crate) fn into_build_error(self, what: &str) -> BuildError {
         match self {
             FetchError::NotFound { url } => BuildError::usage(
                 format!("The mirror has no {what}: {url} was not found"),
@@ -162,7 +162,7 @@ impl FetchError {
 }
 
 /// Reads every OpenPGP public key in `paths` (binary or armored keyrings).
-pub fn load_keyring(paths: &[PathBuf]) -> Result<Vec<SignedPublicKey>, BuildError> {
+pub(crate) fn load_keyring(paths: &[PathBuf]) -> Result<Vec<SignedPublicKey>, BuildError> {
     let mut keys = Vec::new();
     for p in paths {
         let bytes = std::fs::read(p).map_err(|e| BuildError::Environment {
@@ -202,7 +202,11 @@ pub fn load_keyring(paths: &[PathBuf]) -> Result<Vec<SignedPublicKey>, BuildErro
 
 /// Verifies a clearsigned `InRelease` against `keys` and returns the signed
 /// text (with `\n` line ends). Nothing outside the signature is returned.
-pub fn verify_inrelease(data: &[u8], keys: &[SignedPublicKey], url: &str) -> Result<String, BuildError> {
+pub(crate) fn verify_inrelease(
+    data: &[u8],
+    keys: &[SignedPublicKey],
+    url: &str,
+) -> Result<String, BuildError> {
     let refused = |why: String| {
         BuildError::Integrity {
             message: format!("The archive's signature is refused: {url}: {why}"),
@@ -235,15 +239,15 @@ pub fn verify_inrelease(data: &[u8], keys: &[SignedPublicKey], url: &str) -> Res
 
 /// The verified `InRelease` fields kiln uses.
 #[derive(Debug, Clone)]
-pub struct Release {
-    pub date: String,
-    pub components: Vec<String>,
+pub(crate) struct Release {
+    pub(crate) date: String,
+    pub(crate) components: Vec<String>,
     /// `path → (size, sha256)` for each file listed under `SHA256:`.
-    pub sha256: Vec<(String, u64, String)>,
+    pub(crate) sha256: Vec<(String, u64, String)>,
 }
 
 impl Release {
-    pub fn parse(text: &str) -> Result<Release, BuildError> {
+    pub(crate) fn parse(text: &str) -> Result<Release, BuildError> {
         let bad = |why: String| BuildError::Integrity {
             message: format!("The archive's InRelease is malformed: {why}"),
             hint: "check `mirror`; it should point at a Debian archive root (the folder holding `dists/`)"
@@ -275,32 +279,30 @@ impl Release {
         })
     }
 
-    pub fn entry(&self, path: &str) -> Option<(u64, &str)> {
+    pub(crate) fn entry(&self, path: &str) -> Option<(u64, &str)> {
         self.sha256.iter().find(|(p, _, _)| p == path).map(|(_, s, h)| (*s, h.as_str()))
     }
 }
 
 /// One binary package of a `Packages` index.
 #[derive(Debug, Clone)]
-pub struct IndexEntry {
-    pub name: String,
-    pub version: String,
-    pub architecture: String,
-    pub filename: String,
-    pub size: u64,
-    pub sha256: String,
-    pub depends: String,
-    pub pre_depends: String,
-    pub provides: String,
-    pub conflicts: String,
-    pub breaks: String,
-    pub essential: bool,
-    pub component: String,
+pub(crate) struct IndexEntry {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) architecture: String,
+    pub(crate) filename: String,
+    pub(crate) size: u64,
+    pub(crate) sha256: String,
+    pub(crate) depends: String,
+    pub(crate) pre_depends: String,
+    pub(crate) provides: String,
+    pub(crate) conflicts: String,
+    pub(crate) breaks: String,
 }
 
 /// Fetches the `Packages` index of `component`/`arch`, checks it against the
 /// verified release, and parses it.
-pub async fn fetch_packages(
+pub(crate) async fn fetch_packages(
     mirror: &Mirror,
     suite: &str,
     release: &Release,
@@ -343,7 +345,7 @@ pub async fn fetch_packages(
         message: format!("Cannot decompress `{path}`: {e}"),
         hint: String::new(),
     })?;
-    parse_index(&text, component).map_err(|e| BuildError::Integrity {
+    parse_index(&text).map_err(|e| BuildError::Integrity {
         message: format!("`{path}` is malformed: {e}"),
         hint: "check `mirror`".into(),
     })
@@ -365,7 +367,7 @@ fn decompress(name: &str, bytes: &[u8]) -> std::io::Result<String> {
 /// need. A hand-rolled pass over borrowed lines: the general deb822 parser
 /// would allocate every field of 60,000 paragraphs. Continuation lines
 /// only occur in fields kiln does not read (Description), so they are skipped.
-pub fn parse_index(text: &str, component: &str) -> Result<Vec<IndexEntry>, String> {
+pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
     #[derive(Default)]
     struct Fields<'t> {
         package: Option<&'t str>,
@@ -379,10 +381,9 @@ pub fn parse_index(text: &str, component: &str) -> Result<Vec<IndexEntry>, Strin
         provides: &'t str,
         conflicts: &'t str,
         breaks: &'t str,
-        essential: bool,
         any: bool,
     }
-    fn finish(f: Fields<'_>, component: &str, line: usize) -> Result<IndexEntry, String> {
+    fn finish(f: Fields<'_>, line: usize) -> Result<IndexEntry, String> {
         let name =
             f.package.ok_or_else(|| format!("the paragraph ending at line {line} has no `Package` field"))?;
         let need = |v: Option<&str>, field: &str| {
@@ -401,8 +402,6 @@ pub fn parse_index(text: &str, component: &str) -> Result<Vec<IndexEntry>, Strin
             provides: f.provides.to_string(),
             conflicts: f.conflicts.to_string(),
             breaks: f.breaks.to_string(),
-            essential: f.essential,
-            component: component.to_string(),
         })
     }
     let mut out = Vec::new();
@@ -410,7 +409,7 @@ pub fn parse_index(text: &str, component: &str) -> Result<Vec<IndexEntry>, Strin
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             if cur.any {
-                out.push(finish(std::mem::take(&mut cur), component, n + 1)?);
+                out.push(finish(std::mem::take(&mut cur), n + 1)?);
             }
             continue;
         }
@@ -434,18 +433,17 @@ pub fn parse_index(text: &str, component: &str) -> Result<Vec<IndexEntry>, Strin
             "Provides" => cur.provides = v,
             "Conflicts" => cur.conflicts = v,
             "Breaks" => cur.breaks = v,
-            "Essential" => cur.essential = v == "yes",
             _ => {}
         }
     }
     if cur.any {
-        out.push(finish(cur, component, text.lines().count())?);
+        out.push(finish(cur, text.lines().count())?);
     }
     Ok(out)
 }
 
 /// The first Debian archive URI in the host's apt sources, if any.
-pub fn host_default_mirror() -> Option<String> {
+pub(crate) fn host_default_mirror() -> Option<String> {
     host_mirror_from(Path::new("/etc/apt"))
 }
 
@@ -513,14 +511,11 @@ mod tests {
     #[test]
     fn index_keeps_what_resolution_needs() {
         let text = "Package: a\nVersion: 1\nArchitecture: all\nDepends: b (>= 2), c | d\nDescription: x\n more\nFilename: pool/a.deb\nSize: 10\nSHA256: AB\n\nPackage: b\nVersion: 2\nArchitecture: amd64\nFilename: pool/b.deb\nSize: 3\nSHA256: cd\nEssential: yes\n";
-        let e = parse_index(text, "main").unwrap();
+        let e = parse_index(text).unwrap();
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].depends, "b (>= 2), c | d");
         assert_eq!(e[0].sha256, "ab");
-        assert!(e[1].essential && !e[0].essential);
-        assert!(parse_index("Package: a\nVersion: 1\n", "main")
-            .unwrap_err()
-            .contains("`a` has no `Size` field"));
+        assert!(parse_index("Package: a\nVersion: 1\n").unwrap_err().contains("`a` has no `Size` field"));
     }
 
     #[test]

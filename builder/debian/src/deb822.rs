@@ -5,27 +5,18 @@ use std::cmp::Ordering;
 
 /// One paragraph: fields in file order, with continuation lines joined by `\n`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Paragraph {
-    pub fields: Vec<(String, String)>,
+pub(crate) struct Paragraph {
+    pub(crate) fields: Vec<(String, String)>,
 }
 
 impl Paragraph {
     /// The value of `name` (field names are case-insensitive).
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.fields.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
-    /// Sets `name`, replacing it in place or appending it.
-    pub fn set(&mut self, name: &str, value: impl Into<String>) {
-        let value = value.into();
-        match self.fields.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
-            Some((_, v)) => *v = value,
-            None => self.fields.push((name.to_string(), value)),
-        }
-    }
-
     /// The paragraph as deb822 text, ending with a newline.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut s = String::new();
         for (k, v) in &self.fields {
             s.push_str(k);
@@ -49,9 +40,9 @@ impl Paragraph {
 
 /// A line of deb822 input that is not a field, a continuation or a blank line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyntaxError {
-    pub line: usize,
-    pub text: String,
+pub(crate) struct SyntaxError {
+    pub(crate) line: usize,
+    pub(crate) text: String,
 }
 
 impl std::fmt::Display for SyntaxError {
@@ -61,7 +52,7 @@ impl std::fmt::Display for SyntaxError {
 }
 
 /// Every paragraph of `text`. `#` comment lines are skipped.
-pub fn parse(text: &str) -> Result<Vec<Paragraph>, SyntaxError> {
+pub(crate) fn parse(text: &str) -> Result<Vec<Paragraph>, SyntaxError> {
     let mut out = Vec::new();
     let mut cur = Paragraph::default();
     for (i, line) in text.lines().enumerate() {
@@ -165,7 +156,7 @@ fn compare_part(a: &str, b: &str) -> Ordering {
 
 /// A version relation of a dependency (`<<`, `<=`, `=`, `>=`, `>>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     Lt,
     Le,
     Eq,
@@ -185,7 +176,7 @@ impl Op {
         })
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Op::Lt => "<<",
             Op::Le => "<=",
@@ -196,7 +187,7 @@ impl Op {
     }
 
     /// Whether `version` satisfies `self against`.
-    pub fn matches(self, version: &str, against: &str) -> bool {
+    pub(crate) fn matches(self, version: &str, against: &str) -> bool {
         let c = compare_versions(version, against);
         match self {
             Op::Lt => c == Ordering::Less,
@@ -210,11 +201,11 @@ impl Op {
 
 /// One alternative of a relation: `name[:arch] [(op version)]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Dep {
-    pub name: String,
+pub(crate) struct Dep {
+    pub(crate) name: String,
     /// An architecture qualifier such as `any` or `native`, if written.
-    pub arch: Option<String>,
-    pub version: Option<(Op, String)>,
+    pub(crate) arch: Option<String>,
+    pub(crate) version: Option<(Op, String)>,
 }
 
 impl std::fmt::Display for Dep {
@@ -232,7 +223,7 @@ impl std::fmt::Display for Dep {
 
 /// A relation field (Depends, Pre-Depends, Conflicts, Provides...): a list of
 /// clauses, each a list of alternatives separated by `|`.
-pub fn parse_relations(field: &str) -> Result<Vec<Vec<Dep>>, String> {
+pub(crate) fn parse_relations(field: &str) -> Result<Vec<Vec<Dep>>, String> {
     let mut out = Vec::new();
     for clause in field.split(',') {
         let clause = clause.trim();

@@ -32,7 +32,7 @@ use crate::listing::walk_layer;
 use crate::tarball::TarKind;
 
 /// Bump when the layer a package set makes changes for the same `.deb`s.
-pub const INSTALL_SCHEMA: u32 = 2;
+pub(crate) const INSTALL_SCHEMA: u32 = 2;
 
 /// What the layers below the packages hold, where it matters.
 pub struct Below<'a> {
@@ -47,28 +47,28 @@ pub struct Below<'a> {
 }
 
 /// One package, read from its `.deb`.
-pub struct Unpacked {
-    pub name: String,
-    pub arch: String,
-    pub multi_arch_same: bool,
-    pub control: Paragraph,
-    pub md5sums: Option<Vec<u8>>,
-    pub conffiles: Option<Vec<u8>>,
+pub(crate) struct Unpacked {
+    pub(crate) name: String,
+    pub(crate) arch: String,
+    pub(crate) multi_arch_same: bool,
+    pub(crate) control: Paragraph,
+    pub(crate) md5sums: Option<Vec<u8>>,
+    pub(crate) conffiles: Option<Vec<u8>>,
     /// Entries in archive order (paths as the package ships them).
-    pub entries: Vec<DebEntry>,
+    pub(crate) entries: Vec<DebEntry>,
     /// The scratch file that holds the file data.
-    pub data: PathBuf,
+    pub(crate) data: PathBuf,
 }
 
-pub struct DebEntry {
-    pub path: String,
-    pub kind: TarKind,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub xattrs: Vec<(String, Vec<u8>)>,
+pub(crate) struct DebEntry {
+    pub(crate) path: String,
+    pub(crate) kind: TarKind,
+    pub(crate) mode: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) xattrs: Vec<(String, Vec<u8>)>,
     /// Where a regular file's bytes start in [`Unpacked::data`].
-    pub offset: u64,
+    pub(crate) offset: u64,
 }
 
 fn refused(package: &str, why: impl std::fmt::Display) -> BuildError {
@@ -123,7 +123,7 @@ fn decoder<'a>(name: &str, r: impl Read + 'a, package: &str) -> Result<Box<dyn R
 
 /// Reads one `.deb` (already checked against its sha256): its control
 /// files, and its data walked into `scratch`.
-pub fn unpack_deb(
+pub(crate) fn unpack_deb(
     deb: &Path,
     package: &str,
     sha256: &Digest,
@@ -233,7 +233,7 @@ fn merged_path(path: &str, merged: &[&str]) -> String {
 
 /// The layer of `packages` (in name order): their files, the dpkg
 /// database, and the fixups, as entries. `sbom` is written into the image.
-pub fn layer_entries(
+pub(crate) fn layer_entries(
     packages: &[Unpacked],
     sbom: &[u8],
     below: &Below<'_>,

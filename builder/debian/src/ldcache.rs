@@ -16,7 +16,7 @@ use crate::tarball::TarKind;
 type Tree = BTreeMap<String, LayerEntry>;
 
 /// The cache for `tree`, or `None` when the tree has no glibc configuration.
-pub fn build(
+pub(crate) fn build(
     tree: &Tree,
     read: impl Fn(&LayerEntry) -> std::io::Result<Vec<u8>>,
 ) -> std::io::Result<Option<Vec<u8>>> {
@@ -123,7 +123,7 @@ pub fn build(
 }
 
 /// Follows symlinks (in any component) to a path in the tree, relative.
-pub fn resolve(tree: &Tree, path: &str) -> Option<String> {
+pub(crate) fn resolve(tree: &Tree, path: &str) -> Option<String> {
     let mut todo: Vec<String> = path.split('/').filter(|c| !c.is_empty()).map(str::to_string).rev().collect();
     let mut cur: Vec<String> = Vec::new();
     let mut hops = 0;

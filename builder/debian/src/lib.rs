@@ -46,7 +46,7 @@ pub fn of(recipe: &Recipe) -> Option<&Packages> {
 }
 
 /// The Debian architecture packages are installed for.
-pub fn architecture(p: &Packages, platform: &Platform) -> Result<String, BuildError> {
+pub(crate) fn architecture(p: &Packages, platform: &Platform) -> Result<String, BuildError> {
     match &p.architecture {
         Some(a) => Ok(a.clone()),
         None => debian_architecture(platform).map(str::to_string).ok_or_else(|| {

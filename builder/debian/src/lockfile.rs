@@ -9,8 +9,8 @@ use kiln_recipes::Packages;
 
 use crate::error::BuildError;
 
-pub const LOCK_VERSION: u32 = 1;
-pub const FILE_NAME: &str = "kiln.lock";
+pub(crate) const LOCK_VERSION: u32 = 1;
+pub(crate) const FILE_NAME: &str = "kiln.lock";
 
 /// The part of `[packages]` a lockfile answers. The mirror and keyring are
 /// not in it: the same packages come from any mirror of the archive.
@@ -18,14 +18,14 @@ pub const FILE_NAME: &str = "kiln.lock";
 #[serde(deny_unknown_fields)]
 pub struct LockRequest {
     pub suite: String,
-    pub components: Vec<String>,
-    pub architecture: String,
+    pub(crate) components: Vec<String>,
+    pub(crate) architecture: String,
     pub include: Vec<String>,
-    pub exclude: Vec<String>,
+    pub(crate) exclude: Vec<String>,
 }
 
 impl LockRequest {
-    pub fn new(p: &Packages, architecture: &str) -> LockRequest {
+    pub(crate) fn new(p: &Packages, architecture: &str) -> LockRequest {
         let mut include = p.include.clone();
         include.sort();
         let mut exclude = p.exclude.clone();
@@ -46,8 +46,8 @@ impl LockRequest {
 pub struct LockSource {
     pub mirror: String,
     /// The `Date` of the InRelease that was verified.
-    pub date: String,
-    pub inrelease_sha256: String,
+    pub(crate) date: String,
+    pub(crate) inrelease_sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,9 +56,9 @@ pub struct LockedPackage {
     pub name: String,
     pub version: String,
     pub architecture: String,
-    pub filename: String,
+    pub(crate) filename: String,
     pub size: u64,
-    pub sha256: String,
+    pub(crate) sha256: String,
 }
 
 /// A `registry:` base with a tag, pinned to the digest the tag named when
@@ -76,13 +76,13 @@ pub struct BasePin {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Lockfile {
-    pub version: u32,
+    pub(crate) version: u32,
     pub request: LockRequest,
     pub source: LockSource,
     #[serde(rename = "package")]
     pub packages: Vec<LockedPackage>,
     #[serde(default, rename = "base", skip_serializing_if = "Vec::is_empty")]
-    pub bases: Vec<BasePin>,
+    pub(crate) bases: Vec<BasePin>,
 }
 
 /// A lockfile of a recipe without `[packages]`: only base pins.
@@ -157,13 +157,13 @@ impl Lockfile {
         recipe_dir.join(FILE_NAME)
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let body = toml::to_string(self).expect("a lockfile serializes");
         format!("{HEADER}\n{body}")
     }
 
     /// Reads the lockfile at `path`; `None` when there is none.
-    pub fn load(path: &Path) -> Result<Option<Lockfile>, BuildError> {
+    pub(crate) fn load(path: &Path) -> Result<Option<Lockfile>, BuildError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -196,7 +196,7 @@ impl Lockfile {
     }
 
     /// The differences between what the recipe asks and what this lock answers.
-    pub fn mismatch(&self, want: &LockRequest) -> Vec<String> {
+    pub(crate) fn mismatch(&self, want: &LockRequest) -> Vec<String> {
         let r = &self.request;
         let mut out = Vec::new();
         if r.suite != want.suite {

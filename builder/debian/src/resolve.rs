@@ -33,7 +33,7 @@ use super::deb822::{compare_versions, parse_relations, Dep, Op};
 
 /// A resolution failure, worded for the user.
 #[derive(Debug)]
-pub enum ResolveError {
+pub(crate) enum ResolveError {
     /// Names in `include` that no package has or provides, with close names.
     Unknown(Vec<(String, Vec<String>)>),
     /// An `include` entry that is not `NAME` or `NAME=VERSION`.
@@ -44,13 +44,13 @@ pub enum ResolveError {
 
 /// One `include` entry: a name, optionally pinned to a version.
 #[derive(Debug, Clone)]
-pub struct Request {
-    pub name: String,
-    pub version: Option<String>,
+pub(crate) struct Request {
+    pub(crate) name: String,
+    pub(crate) version: Option<String>,
 }
 
 impl Request {
-    pub fn parse(s: &str) -> Result<Request, ResolveError> {
+    pub(crate) fn parse(s: &str) -> Result<Request, ResolveError> {
         let (name, version) = match s.split_once('=') {
             Some((n, v)) => (n.trim(), Some(v.trim().to_string())),
             None => (s.trim(), None),
@@ -400,7 +400,7 @@ impl DependencyProvider for Provider<'_> {
 
 /// Resolves `include` minus `exclude` over `pkgs`; returns the chosen
 /// packages (indexes into `pkgs`), sorted by name.
-pub fn resolve(
+pub(crate) fn resolve(
     pkgs: &[IndexEntry],
     include: &[Request],
     exclude: &[String],
@@ -502,8 +502,6 @@ mod tests {
             provides: provides.into(),
             conflicts: conflicts.into(),
             breaks: String::new(),
-            essential: false,
-            component: "main".into(),
         }
     }
 

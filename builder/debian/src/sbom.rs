@@ -13,7 +13,7 @@ use super::lockfile::Lockfile;
 use crate::image::rfc3339;
 
 /// Where the SBOM sits in the image.
-pub const PATH: &str = "var/lib/kiln/sbom.spdx.json";
+pub(crate) const PATH: &str = "var/lib/kiln/sbom.spdx.json";
 
 fn spdx_id(name: &str, arch: &str) -> String {
     let clean = |s: &str| {
@@ -23,7 +23,7 @@ fn spdx_id(name: &str, arch: &str) -> String {
 }
 
 /// The document; `controls` are the packages' control paragraphs, in lock order.
-pub fn document(lock: &Lockfile, controls: &[&Paragraph], epoch: u64) -> Vec<u8> {
+pub(crate) fn document(lock: &Lockfile, controls: &[&Paragraph], epoch: u64) -> Vec<u8> {
     let ids: Vec<String> = lock
         .packages
         .iter()

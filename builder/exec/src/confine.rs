@@ -15,7 +15,7 @@ use nix::mount::{mount, MsFlags};
 /// Docker's default capabilities: CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
 /// KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT,
 /// MKNOD, AUDIT_WRITE, SETFCAP (`CapBnd: 00000000a80425fb`).
-pub const DEFAULT_CAPS: u64 = (1 << 0)
+pub(crate) const DEFAULT_CAPS: u64 = (1 << 0)
     | (1 << 1)
     | (1 << 3)
     | (1 << 4)
@@ -31,7 +31,7 @@ pub const DEFAULT_CAPS: u64 = (1 << 0)
     | (1 << 31);
 
 /// Paths of /proc (and /sys) hidden from the command, as the engine hides them.
-pub const MASKED_PATHS: &[&str] = &[
+pub(crate) const MASKED_PATHS: &[&str] = &[
     "proc/asound",
     "proc/acpi",
     "proc/kcore",
@@ -46,13 +46,14 @@ pub const MASKED_PATHS: &[&str] = &[
 ];
 
 /// Paths of /proc the command may read but not write.
-pub const READONLY_PATHS: &[&str] = &["proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger"];
+pub(crate) const READONLY_PATHS: &[&str] =
+    &["proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger"];
 
 /// Masks and write-protects the paths above under `root` (the new root,
 /// before pivot_root; /proc and /sys are kiln's own mounts there, so no
 /// path here goes through anything the image made). A path the kernel
 /// does not have is skipped.
-pub fn mask_paths(root: &Path) -> Result<(), String> {
+pub(crate) fn mask_paths(root: &Path) -> Result<(), String> {
     for rel in MASKED_PATHS {
         let p = root.join(rel);
         let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
@@ -98,7 +99,7 @@ pub fn mask_paths(root: &Path) -> Result<(), String> {
 /// and keeps only the default ones in the permitted and effective sets.
 /// A switch to a non-root user afterwards clears those too, as for a
 /// non-root `USER` under the engine.
-pub fn drop_capabilities() -> Result<(), String> {
+pub(crate) fn drop_capabilities() -> Result<(), String> {
     use rustix::thread::{CapabilitySet, CapabilitySets};
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -131,7 +132,7 @@ pub fn drop_capabilities() -> Result<(), String> {
 /// Every signal back to its default action and none blocked: kiln (Rust)
 /// ignores SIGPIPE, and an ignored signal stays ignored across exec, so
 /// `yes | head` would never end.
-pub fn reset_signals() {
+pub(crate) fn reset_signals() {
     /// The kernel's `struct sigaction` (not libc's: glibc refuses to touch
     /// signals 32 and 33, which it reserves, yet they may arrive ignored).
     #[repr(C)]

@@ -36,10 +36,10 @@ use crate::fstree::FsTree;
 use crate::image::ImageLayer;
 
 /// The hostname every `run` command sees, on both backends.
-pub const HOSTNAME: &str = "kiln";
+pub(crate) const HOSTNAME: &str = "kiln";
 
 /// The /etc/hosts a command sees on the local backend (the engine writes its own).
-pub const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+pub(crate) const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
 /// Where the Docker backend's secret files live: memory (/dev/shm) where
 /// there is one, so a secret never lands on disk. The local backend needs
@@ -95,9 +95,9 @@ pub fn sweep_secret_folders() -> usize {
 
 /// The secrets as files (id, path), in a private folder that lives as long
 /// as the returned guard; no folder when there are none.
-pub type SecretFiles = (Option<tempfile::TempDir>, Vec<(String, std::path::PathBuf)>);
+pub(crate) type SecretFiles = (Option<tempfile::TempDir>, Vec<(String, std::path::PathBuf)>);
 
-pub fn write_secrets(secrets: &[(String, Vec<u8>)]) -> Result<SecretFiles, crate::BuildError> {
+pub(crate) fn write_secrets(secrets: &[(String, Vec<u8>)]) -> Result<SecretFiles, crate::BuildError> {
     if secrets.is_empty() {
         return Ok((None, Vec::new()));
     }
@@ -171,7 +171,7 @@ fn binfmt_runs_in_sandbox(text: &str) -> bool {
 }
 
 /// How many lines of a failed command's output the error shows.
-pub const TAIL_LINES: usize = 20;
+pub(crate) const TAIL_LINES: usize = 20;
 
 /// Where `run` steps execute: the one seam between the build and a backend.
 pub trait Executor: Send + Sync + std::fmt::Debug {
@@ -283,7 +283,7 @@ pub fn command_env(
 
 /// How much of one output line is shown; the rest is cut (a command that
 /// prints gigabytes without a newline must not make kiln hold them).
-pub const MAX_LINE: usize = 16 * 1024;
+pub(crate) const MAX_LINE: usize = 16 * 1024;
 /// Kept past [`MAX_LINE`] until the line is masked, so a secret of up to
 /// this size that starts before the cut is masked whole, never shown in part.
 const LINE_SLACK: usize = 64 * 1024;
@@ -292,14 +292,14 @@ const LINE_SLACK: usize = 64 * 1024;
 /// [`TAIL_LINES`] for the error if the command fails. A line holds at most
 /// [`MAX_LINE`] + 64 KiB bytes; what is past that is counted, not kept.
 #[derive(Default)]
-pub struct Lines {
+pub(crate) struct Lines {
     tail: VecDeque<String>,
     partial: Vec<u8>,
     dropped: usize,
 }
 
 impl Lines {
-    pub fn feed(&mut self, mut bytes: &[u8], on_line: &mut dyn FnMut(&str)) {
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], on_line: &mut dyn FnMut(&str)) {
         while let Some(i) = bytes.iter().position(|b| *b == b'\n') {
             self.keep(&bytes[..i]);
             self.emit(on_line);
@@ -329,7 +329,7 @@ impl Lines {
         self.tail.push_back(line);
     }
 
-    pub fn finish(mut self, on_line: &mut dyn FnMut(&str)) -> Vec<String> {
+    pub(crate) fn finish(mut self, on_line: &mut dyn FnMut(&str)) -> Vec<String> {
         if !self.partial.is_empty() || self.dropped > 0 {
             self.emit(on_line);
         }
@@ -350,7 +350,7 @@ pub fn cut_line(line: String) -> String {
 }
 
 /// Reads `r` to its end through [`Lines`], returning the last lines.
-pub fn pump_lines(mut r: impl Read, on_line: &mut dyn FnMut(&str)) -> Vec<String> {
+pub(crate) fn pump_lines(mut r: impl Read, on_line: &mut dyn FnMut(&str)) -> Vec<String> {
     let mut lines = Lines::default();
     let mut buf = vec![0u8; 64 * 1024];
     loop {

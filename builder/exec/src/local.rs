@@ -20,7 +20,7 @@ use crate::listing::Kind;
 
 /// How the local backend runs here.
 #[derive(Debug, Clone)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// As root: namespaces, overlay and owners directly.
     Root,
     /// As another user, in a user namespace mapping the user's subordinate ids.
@@ -28,7 +28,7 @@ pub enum Mode {
 }
 
 /// Whether this process can run the local backend, and how.
-pub fn available() -> Result<Mode, String> {
+pub(crate) fn available() -> Result<Mode, String> {
     if rustix::process::geteuid().is_root() {
         return Ok(Mode::Root);
     }
@@ -39,8 +39,8 @@ pub fn available() -> Result<Mode, String> {
 
 /// The local backend as an [`Executor`](super::Executor).
 #[derive(Debug)]
-pub struct Local {
-    pub mode: Mode,
+pub(crate) struct Local {
+    pub(crate) mode: Mode,
 }
 
 impl super::Executor for Local {
@@ -326,18 +326,18 @@ fn map_user_namespace(
 }
 
 /// Unpacked layers for a rootless mapping: their owners are that mapping's ids.
-pub fn rootless_unpacked_dir(store: &Store, m: &Mapping) -> PathBuf {
+pub(crate) fn rootless_unpacked_dir(store: &Store, m: &Mapping) -> PathBuf {
     store.unpacked_dir(Some(&m.tag()))
 }
 
-pub fn unpacked_dir(store: &Store) -> PathBuf {
+pub(crate) fn unpacked_dir(store: &Store) -> PathBuf {
     store.unpacked_dir(None)
 }
 
 /// Each layer unpacked once into `unpacked/DIFF_ID` (returned as relative
 /// names, bottom first, a layer repeated kept at its topmost place only:
 /// applying a layer again on top makes the lower copy invisible).
-pub fn unpack_layers(store: &Store, layers: &[ImageLayer]) -> Result<Vec<PathBuf>, BuildError> {
+pub(crate) fn unpack_layers(store: &Store, layers: &[ImageLayer]) -> Result<Vec<PathBuf>, BuildError> {
     let dir = unpacked_dir(store);
     for l in layers {
         crate::unpack::unpack_into(
@@ -353,7 +353,7 @@ pub fn unpack_layers(store: &Store, layers: &[ImageLayer]) -> Result<Vec<PathBuf
 
 /// The layers' folder names, bottom first, a layer repeated kept at its
 /// topmost place only.
-pub fn stack_names(layers: &[ImageLayer]) -> Vec<PathBuf> {
+pub(crate) fn stack_names(layers: &[ImageLayer]) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
     for l in layers {
         let name = PathBuf::from(l.diff_id.hex());

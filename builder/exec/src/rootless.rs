@@ -9,18 +9,18 @@ use std::process::Command;
 
 /// The user namespace's id maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mapping {
-    pub uid: u32,
-    pub gid: u32,
-    pub sub_uid: (u32, u32),
-    pub sub_gid: (u32, u32),
+pub(crate) struct Mapping {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) sub_uid: (u32, u32),
+    pub(crate) sub_gid: (u32, u32),
     newuidmap: PathBuf,
     newgidmap: PathBuf,
 }
 
 impl Mapping {
     /// This user's maps, or why there are none.
-    pub fn detect() -> Result<Mapping, String> {
+    pub(crate) fn detect() -> Result<Mapping, String> {
         let uid = rustix::process::getuid().as_raw();
         let gid = rustix::process::getgid().as_raw();
         let name = user_name(uid);
@@ -39,7 +39,7 @@ impl Mapping {
     }
 
     /// Writes the maps of the process `pid` (which has unshared its user namespace).
-    pub fn apply(&self, pid: u32) -> Result<(), String> {
+    pub(crate) fn apply(&self, pid: u32) -> Result<(), String> {
         let run = |tool: &Path, own: u32, (start, count): (u32, u32)| -> Result<(), String> {
             let out = Command::new(tool)
                 .arg(pid.to_string())
@@ -60,7 +60,7 @@ impl Mapping {
     }
 
     /// A name for what this mapping puts on disk (unpacked layers differ by mapping).
-    pub fn tag(&self) -> String {
+    pub(crate) fn tag(&self) -> String {
         format!("userns-{}-{}-{}", self.uid, self.sub_uid.0, self.sub_uid.1)
     }
 }

@@ -28,52 +28,52 @@ use serde::{Deserialize, Serialize};
 
 /// The line the helper prints once its user namespace exists (rootless),
 /// before it waits for kiln to write the id maps.
-pub const USERNS_READY: &str = "kiln sandbox: user namespace ready";
+pub(crate) const USERNS_READY: &str = "kiln sandbox: user namespace ready";
 
 /// Exit status of the helper when the sandbox could not be set up (as
 /// `docker run` uses 125 for its own failures). The reason is on stderr.
-pub const SETUP_FAILED: i32 = 125;
+pub(crate) const SETUP_FAILED: i32 = 125;
 
 /// What the helper needs, written by the builder as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SandboxSpec {
+pub(crate) struct SandboxSpec {
     /// Lower folders, topmost first. Relative ones are relative to `layers_dir`.
-    pub lowers: Vec<PathBuf>,
-    pub layers_dir: PathBuf,
-    pub upper: PathBuf,
-    pub work: PathBuf,
-    pub merged: PathBuf,
-    pub argv: Vec<String>,
-    pub env: Vec<String>,
+    pub(crate) lowers: Vec<PathBuf>,
+    pub(crate) layers_dir: PathBuf,
+    pub(crate) upper: PathBuf,
+    pub(crate) work: PathBuf,
+    pub(crate) merged: PathBuf,
+    pub(crate) argv: Vec<String>,
+    pub(crate) env: Vec<String>,
     /// `uid[:gid]` or names from the image's /etc/passwd and /etc/group.
-    pub user: String,
-    pub workdir: String,
-    pub network: bool,
-    pub hostname: String,
+    pub(crate) user: String,
+    pub(crate) workdir: String,
+    pub(crate) network: bool,
+    pub(crate) hostname: String,
     /// (id, descriptor of a memory file the helper inherits), mounted
     /// read-only at /run/secrets/ID.
-    pub secrets: Vec<(String, i32)>,
+    pub(crate) secrets: Vec<(String, i32)>,
     /// An empty folder the command's private tmpfs for the secrets is
     /// mounted on (only in its mount namespace, so it dies with it).
-    pub secret_dir: PathBuf,
+    pub(crate) secret_dir: PathBuf,
     /// (name, file) bound over /etc/NAME: hosts, hostname, resolv.conf.
-    pub etc_files: Vec<(String, PathBuf)>,
+    pub(crate) etc_files: Vec<(String, PathBuf)>,
     /// Set when kiln is not root: the helper works in a user namespace.
-    pub rootless: Option<RootlessPlan>,
+    pub(crate) rootless: Option<RootlessPlan>,
 }
 
 /// What the helper does inside its user namespace when rootless.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct RootlessPlan {
+pub(crate) struct RootlessPlan {
     /// The cache folder (the store is reopened in the helper).
-    pub cache_dir: PathBuf,
+    pub(crate) cache_dir: PathBuf,
     /// (digest, diff_id, media type, size) of each layer, bottom first.
-    pub layers: Vec<(String, String, String, u64)>,
+    pub(crate) layers: Vec<(String, String, String, u64)>,
     /// The file pool of this mapping's unpacked layers.
-    pub pool: PathBuf,
-    pub init: InitPlan,
+    pub(crate) pool: PathBuf,
+    pub(crate) init: InitPlan,
     /// Where the helper writes the changes as a tar.
-    pub diff_out: PathBuf,
+    pub(crate) diff_out: PathBuf,
 }
 
 /// The per-run folder above the image, as Docker's "init layer": the
@@ -81,7 +81,7 @@ pub struct RootlessPlan {
 /// them in the layer), and the secrets' mount points. Made by kiln as root,
 /// or by the helper inside its user namespace when rootless.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct InitPlan {
+pub(crate) struct InitPlan {
     /// (path, mode, uid, gid), parents first.
     pub(crate) dirs: Vec<(String, u32, u32, u32)>,
     /// (path, mode): empty files.
@@ -91,7 +91,7 @@ pub struct InitPlan {
 }
 
 /// Makes the init folder at `init` (which exists).
-pub fn make_init(init: &Path, plan: &InitPlan) -> std::io::Result<()> {
+pub(crate) fn make_init(init: &Path, plan: &InitPlan) -> std::io::Result<()> {
     for (rel, mode, uid, gid) in &plan.dirs {
         let p = init.join(rel);
         if !p.is_dir() {

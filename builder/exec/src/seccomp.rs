@@ -640,7 +640,7 @@ fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 }
 
 /// The filter as a BPF program.
-pub fn program() -> Vec<libc::sock_filter> {
+pub(crate) fn program() -> Vec<libc::sock_filter> {
     let mut rules: Vec<(u32, Rule)> = ALLOWED.iter().map(|(_, nr)| (*nr, Rule::Allow)).collect();
     rules.extend(SPECIAL.iter().map(|(_, nr, r)| (*nr, *r)));
     rules.sort_by_key(|(nr, _)| *nr);
@@ -704,7 +704,7 @@ fn rule_body(rule: Rule) -> Vec<libc::sock_filter> {
 /// Without `no_new_privs` (so setuid programs in the image keep working,
 /// as under the engine), the caller needs CAP_SYS_ADMIN in its user
 /// namespace: call it before the capabilities are dropped.
-pub fn install() -> std::io::Result<()> {
+pub(crate) fn install() -> std::io::Result<()> {
     let mut p = program();
     let prog = libc::sock_fprog { len: p.len() as u16, filter: p.as_mut_ptr() };
     // SAFETY: `prog` points at `p`, which outlives the call; the kernel copies it.

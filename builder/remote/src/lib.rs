@@ -37,13 +37,13 @@ use kiln_oci::image::{self, canonical_json, ImageLayer, StoredImage};
 use kiln_oci::import;
 use kiln_oci::reporter::Reporter;
 
-pub const CACHE_TAG: &str = "kiln-cache";
-pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.cache.index.v1";
+pub(crate) const CACHE_TAG: &str = "kiln-cache";
+pub(crate) const ARTIFACT_TYPE: &str = "application/vnd.kiln.cache.index.v1";
 const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 const STEP_PREFIX: &str = "dev.kiln.cache.step.";
 const DIFF_ID: &str = "dev.kiln.cache.diff-id";
 /// Steps kept in one index: about 1.5 MB of JSON, well under registries' manifest limits.
-pub const MAX_ENTRIES: usize = 4000;
+pub(crate) const MAX_ENTRIES: usize = 4000;
 
 /// Parses the part after `registry:`.
 pub fn remote(text: &str) -> Result<Remote, BuildError> {
@@ -200,7 +200,7 @@ pub struct CacheIndex {
 
 impl CacheIndex {
     /// Reads an index manifest; entries that do not parse are skipped.
-    pub fn parse(bytes: &[u8]) -> Result<CacheIndex, String> {
+    pub(crate) fn parse(bytes: &[u8]) -> Result<CacheIndex, String> {
         let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
         if v["artifactType"] != ARTIFACT_TYPE {
             return Err(format!("its artifactType is {}, not {ARTIFACT_TYPE}", v["artifactType"]));
@@ -253,7 +253,7 @@ impl CacheIndex {
     }
 
     /// The manifest bytes (canonical JSON).
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut layers = Vec::new();
         let mut listed = std::collections::HashSet::new();
         let mut annotations = BTreeMap::new();

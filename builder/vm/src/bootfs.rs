@@ -13,29 +13,29 @@ use crate::error::BuildError;
 use crate::tools::{self, Tool};
 
 /// FAT cannot hold times before 1980: earlier epochs are written as this.
-pub const FAT_EPOCH_MIN: u64 = 315_532_800;
+pub(crate) const FAT_EPOCH_MIN: u64 = 315_532_800;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Firmware {
+pub(crate) enum Firmware {
     Bios,
     Uefi,
 }
 
-pub struct BootFs<'a> {
-    pub firmware: Firmware,
-    pub kernel: &'a [u8],
-    pub initrd: &'a [u8],
-    pub cmdline: &'a str,
+pub(crate) struct BootFs<'a> {
+    pub(crate) firmware: Firmware,
+    pub(crate) kernel: &'a [u8],
+    pub(crate) initrd: &'a [u8],
+    pub(crate) cmdline: &'a str,
     /// Bytes, a multiple of 1 MiB.
-    pub size: u64,
+    pub(crate) size: u64,
     /// 8 hex digits.
-    pub volume_id: &'a str,
-    pub epoch: u64,
+    pub(crate) volume_id: &'a str,
+    pub(crate) epoch: u64,
 }
 
 /// The partition size for a kernel and initramfs: both, plus the loader
 /// and room; an EFI system partition is FAT32, so at least 64 MiB.
-pub fn size_for(firmware: Firmware, kernel: usize, initrd: usize) -> u64 {
+pub(crate) fn size_for(firmware: Firmware, kernel: usize, initrd: usize) -> u64 {
     let bytes = (kernel + initrd) as u64 * 11 / 10 + (4 << 20);
     let min = match firmware {
         Firmware::Bios => 32 << 20,
@@ -45,10 +45,10 @@ pub fn size_for(firmware: Firmware, kernel: usize, initrd: usize) -> u64 {
 }
 
 /// Where Debian's systemd-boot-efi puts the loader.
-pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+pub(crate) const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 
 /// systemd-boot's loader, read from the host.
-pub fn systemd_boot() -> Result<Vec<u8>, BuildError> {
+pub(crate) fn systemd_boot() -> Result<Vec<u8>, BuildError> {
     fs::read(SYSTEMD_BOOT).map_err(|_| BuildError::Environment {
         message: format!(
             "systemd-boot is not installed (`{SYSTEMD_BOOT}`); kiln needs it for a UEFI-bootable disk"
@@ -57,22 +57,22 @@ pub fn systemd_boot() -> Result<Vec<u8>, BuildError> {
     })
 }
 
-pub fn loader_conf() -> &'static str {
+pub(crate) fn loader_conf() -> &'static str {
     "default kiln.conf\ntimeout 0\neditor no\n"
 }
 
-pub fn loader_entry(cmdline: &str) -> String {
+pub(crate) fn loader_entry(cmdline: &str) -> String {
     format!("title kiln\nlinux /vmlinuz\ninitrd /initrd.img\noptions {cmdline}\n")
 }
 
-pub fn syslinux_cfg(cmdline: &str) -> String {
+pub(crate) fn syslinux_cfg(cmdline: &str) -> String {
     format!(
         "SERIAL 0 115200\nDEFAULT kiln\nPROMPT 0\nTIMEOUT 0\nLABEL kiln\n  LINUX /vmlinuz\n  INITRD /initrd.img\n  APPEND {cmdline}\n"
     )
 }
 
 /// Writes the partition to `out`, using `scratch` for its input files.
-pub fn make(b: &BootFs<'_>, out: &Path, scratch: &Path) -> Result<(), BuildError> {
+pub(crate) fn make(b: &BootFs<'_>, out: &Path, scratch: &Path) -> Result<(), BuildError> {
     let file = fs::File::create(out).map_err(BuildError::io_write(out))?;
     file.set_len(b.size).map_err(BuildError::io_write(out))?;
     drop(file);
@@ -128,7 +128,7 @@ fn check(c: &mut Command, tool: Tool) -> Result<(), BuildError> {
 }
 
 /// syslinux's master boot record code (the first 440 bytes of the disk).
-pub fn mbr_code() -> Result<Vec<u8>, BuildError> {
+pub(crate) fn mbr_code() -> Result<Vec<u8>, BuildError> {
     for p in ["/usr/lib/syslinux/mbr/mbr.bin", "/usr/lib/SYSLINUX/mbr.bin", "/usr/share/syslinux/mbr.bin"] {
         if let Ok(b) = fs::read(p) {
             if b.len() <= 440 {

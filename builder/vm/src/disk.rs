@@ -12,24 +12,24 @@ use std::process::{Command, Stdio};
 use crate::error::BuildError;
 use crate::tools::{self, Tool};
 
-pub const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 /// Where the first partition starts (1 MiB, the usual alignment).
-pub const FIRST: u64 = MIB;
+pub(crate) const FIRST: u64 = MIB;
 
-pub struct Partition {
-    pub file: PathBuf,
-    pub size: u64,
+pub(crate) struct Partition {
+    pub(crate) file: PathBuf,
+    pub(crate) size: u64,
     /// An MBR type byte, e.g. `c` (FAT32 LBA) or `83` (Linux); or a GPT
     /// type GUID.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// MBR: the active flag. GPT: ignored.
-    pub bootable: bool,
+    pub(crate) bootable: bool,
     /// GPT: the partition's GUID.
-    pub uuid: Option<String>,
+    pub(crate) uuid: Option<String>,
 }
 
 #[derive(Debug, Clone)]
-pub enum Table {
+pub(crate) enum Table {
     /// MBR with this disk id (partition ids are `ID-NN`).
     Dos(u32),
     /// GPT with this disk GUID.
@@ -37,11 +37,11 @@ pub enum Table {
 }
 
 /// GPT partition types.
-pub const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
-pub const GPT_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+pub(crate) const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+pub(crate) const GPT_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 
 /// The sfdisk script for `parts`, laid out one after another from 1 MiB.
-pub fn script(table: &Table, parts: &[Partition]) -> String {
+pub(crate) fn script(table: &Table, parts: &[Partition]) -> String {
     let mut s = match table {
         Table::Dos(id) => format!("label: dos\nlabel-id: 0x{id:08x}\nunit: sectors\n\n"),
         Table::Gpt(id) => format!("label: gpt\nlabel-id: {id}\nunit: sectors\nfirst-lba: 2048\n\n"),
@@ -66,7 +66,7 @@ pub fn script(table: &Table, parts: &[Partition]) -> String {
 
 impl Table {
     /// What the table needs after the last partition: GPT's backup, 1 MiB.
-    pub fn tail(&self) -> u64 {
+    pub(crate) fn tail(&self) -> u64 {
         match self {
             Table::Dos(_) => 0,
             Table::Gpt(_) => MIB,
@@ -75,12 +75,12 @@ impl Table {
 }
 
 /// The disk's size: 1 MiB before the partitions, them, and the table's tail.
-pub fn total_size(table: &Table, parts: &[Partition]) -> u64 {
+pub(crate) fn total_size(table: &Table, parts: &[Partition]) -> u64 {
     FIRST + parts.iter().map(|p| p.size).sum::<u64>() + table.tail()
 }
 
 /// Writes the raw disk to `out`.
-pub fn assemble(
+pub(crate) fn assemble(
     out: &Path,
     table: &Table,
     parts: &[Partition],
@@ -166,7 +166,7 @@ fn copy_sparse(src: &fs::File, dst: &fs::File, offset: u64, len: u64) -> io::Res
 
 /// Converts the raw disk to qcow2 (in-order writes, so the same raw disk
 /// always gives the same file).
-pub fn to_qcow2(raw: &Path, out: &Path) -> Result<(), BuildError> {
+pub(crate) fn to_qcow2(raw: &Path, out: &Path) -> Result<(), BuildError> {
     let mut c = Command::new(tools::path(Tool::QemuImg));
     c.args(["convert", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1,lazy_refcounts=off"]).arg(raw).arg(out);
     let o = tools::run(&mut c, Tool::QemuImg)?;

@@ -49,13 +49,13 @@ const MKE2FS_CONF: &str = "[defaults]
 /// What the root needs: its data, folders and inodes (bytes, rounded up),
 /// and how many inodes to make.
 #[derive(Debug, Clone, Copy)]
-pub struct Needs {
-    pub bytes: u64,
-    pub inodes: u64,
+pub(crate) struct Needs {
+    pub(crate) bytes: u64,
+    pub(crate) inodes: u64,
 }
 
 /// An estimate of the smallest ext4 that holds `flat`, metadata included.
-pub fn needs(tree: &crate::fstree::TreeMap) -> Needs {
+pub(crate) fn needs(tree: &crate::fstree::TreeMap) -> Needs {
     let mut data = 0u64;
     let mut dir_bytes: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
     for e in tree.entries.values() {
@@ -95,18 +95,18 @@ fn journal_blocks(blocks: u64) -> u64 {
 }
 
 /// Parameters of one root filesystem.
-pub struct Ext4<'a> {
-    pub flat: &'a Flattened,
-    pub dir: &'a Path,
-    pub size: u64,
-    pub inodes: u64,
-    pub uuid: &'a str,
-    pub epoch: u64,
-    pub label: &'a str,
+pub(crate) struct Ext4<'a> {
+    pub(crate) flat: &'a Flattened,
+    pub(crate) dir: &'a Path,
+    pub(crate) size: u64,
+    pub(crate) inodes: u64,
+    pub(crate) uuid: &'a str,
+    pub(crate) epoch: u64,
+    pub(crate) label: &'a str,
 }
 
 /// Why making the filesystem failed.
-pub enum Ext4Error {
+pub(crate) enum Ext4Error {
     /// It did not fit.
     NoSpace(String),
     Other(BuildError),
@@ -120,7 +120,7 @@ impl From<BuildError> for Ext4Error {
 
 /// Writes the filesystem to `out` (a new file in a temp folder, `scratch`
 /// beside it for the scripts).
-pub fn make(p: &Ext4<'_>, out: &Path, scratch: &Path) -> Result<(), Ext4Error> {
+pub(crate) fn make(p: &Ext4<'_>, out: &Path, scratch: &Path) -> Result<(), Ext4Error> {
     let conf = scratch.join("mke2fs.conf");
     fs::write(&conf, MKE2FS_CONF).map_err(BuildError::io_write(&conf))?;
     let fake_time = p.epoch.max(1).to_string();

@@ -25,15 +25,15 @@ use crate::tarball::TarKind;
 use kiln_oci::whiteout::{OPAQUE, WHITEOUT};
 
 /// The flattened root: the merged tree (metadata) and each path's mtime.
-pub struct Flattened {
-    pub tree: TreeMap,
-    pub mtimes: HashMap<String, u64>,
+pub(crate) struct Flattened {
+    pub(crate) tree: TreeMap,
+    pub(crate) mtimes: HashMap<String, u64>,
 }
 
 /// Unpacks `layers` in order into `root` (an empty folder). `tree` is
 /// their merged tree ([`kiln_oci::fstree::FsTree::of_layers`]): making it refused layers that
 /// write through symlinks, so the unpacking never leaves `root`.
-pub fn flatten(
+pub(crate) fn flatten(
     store: &Store,
     layers: &[ImageLayer],
     tree: &TreeMap,
@@ -134,7 +134,7 @@ pub fn flatten(
 
 /// The folders the init mounts /proc, /sys and /dev on, made when the image
 /// lacks them (as container engines make them at run time).
-pub const MOUNT_POINTS: &[&str] = &["dev", "proc", "sys"];
+pub(crate) const MOUNT_POINTS: &[&str] = &["dev", "proc", "sys"];
 
 fn add_mount_points(tree: &mut TreeMap, root: &Path) -> io::Result<()> {
     for d in MOUNT_POINTS {

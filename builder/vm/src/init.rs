@@ -17,7 +17,7 @@
 
 /// What the init does after the root is mounted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Run {
+pub(crate) enum Run {
     /// Exec `path` as PID 1 (e.g. systemd).
     Exec { path: String },
     /// Run a command and power off when it exits.
@@ -33,12 +33,12 @@ pub enum Run {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InitPlan {
+pub(crate) struct InitPlan {
     /// Module files in the initramfs, in load order.
-    pub modules: Vec<String>,
-    pub root_device: String,
-    pub root_fstype: String,
-    pub run: Run,
+    pub(crate) modules: Vec<String>,
+    pub(crate) root_device: String,
+    pub(crate) root_fstype: String,
+    pub(crate) run: Run,
 }
 
 // x86-64 Linux system call numbers.
@@ -67,7 +67,7 @@ const EEXIST: i8 = 17;
 const ECHILD: i8 = 10;
 
 /// The init program for `plan`, as a static ELF executable.
-pub fn build(plan: &InitPlan) -> Vec<u8> {
+pub(crate) fn build(plan: &InitPlan) -> Vec<u8> {
     let mut a = Asm::default();
     let devtmpfs = a.string("devtmpfs");
     let dev = a.string("/dev");

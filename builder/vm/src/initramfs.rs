@@ -13,21 +13,21 @@ use kiln_debian::deb822::compare_versions;
 /// The modules a root on a virtio disk with ext4 needs, by module name.
 /// `crc32c_generic` because ext4's metadata checksums ask the crypto API for
 /// crc32c, which would otherwise take a modprobe the initramfs does not have.
-pub const ROOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
+pub(crate) const ROOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
 
 /// A kernel found in the image.
 #[derive(Debug, Clone)]
-pub struct Kernel {
-    pub version: String,
+pub(crate) struct Kernel {
+    pub(crate) version: String,
     /// `boot/vmlinuz-VERSION`, relative to the root.
-    pub image: String,
+    pub(crate) image: String,
     /// The modules folder, symlinks resolved (e.g. `usr/lib/modules/VERSION`).
-    pub modules: String,
+    pub(crate) modules: String,
 }
 
 /// The newest kernel in the image: `/boot/vmlinuz-VERSION` with
 /// `/lib/modules/VERSION/kernel` beside it.
-pub fn find_kernel(tree: &TreeMap) -> Option<Kernel> {
+pub(crate) fn find_kernel(tree: &TreeMap) -> Option<Kernel> {
     let mut found: Vec<Kernel> = Vec::new();
     for e in tree.entries.values() {
         let Some(version) = e.path.strip_prefix("boot/vmlinuz-") else { continue };
@@ -46,7 +46,7 @@ pub fn find_kernel(tree: &TreeMap) -> Option<Kernel> {
 }
 
 /// The module files of `kernel` in the tree, by module name.
-pub fn module_files(tree: &TreeMap, kernel: &Kernel) -> HashMap<String, String> {
+pub(crate) fn module_files(tree: &TreeMap, kernel: &Kernel) -> HashMap<String, String> {
     let prefix = format!("{}/", kernel.modules);
     tree.entries
         .range(prefix.clone()..)
@@ -60,14 +60,14 @@ pub fn module_files(tree: &TreeMap, kernel: &Kernel) -> HashMap<String, String> 
 }
 
 /// The names in `modules.builtin` (modules compiled into the kernel).
-pub fn builtin_names(text: &str) -> HashSet<String> {
+pub(crate) fn builtin_names(text: &str) -> HashSet<String> {
     text.lines().filter(|l| !l.trim().is_empty()).map(module_name).collect()
 }
 
 /// The modules a module needs loaded first: the `depends=` of its `.modinfo`
 /// section (what depmod reads; Debian's packages leave depmod to a
 /// maintainer script, so there is no modules.dep to read).
-pub fn modinfo_depends(elf: &[u8]) -> Result<Vec<String>, String> {
+pub(crate) fn modinfo_depends(elf: &[u8]) -> Result<Vec<String>, String> {
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
     let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4")) as usize);
     let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8")) as usize);
@@ -105,7 +105,7 @@ pub fn modinfo_depends(elf: &[u8]) -> Result<Vec<String>, String> {
 }
 
 /// `names` in load order: each after the modules it depends on.
-pub fn load_order(names: &[String], depends: &HashMap<String, Vec<String>>) -> Vec<String> {
+pub(crate) fn load_order(names: &[String], depends: &HashMap<String, Vec<String>>) -> Vec<String> {
     fn visit(
         n: &str,
         depends: &HashMap<String, Vec<String>>,
@@ -132,13 +132,13 @@ pub fn load_order(names: &[String], depends: &HashMap<String, Vec<String>>) -> V
 
 /// A module's name from its file path (`kernel/fs/ext4/ext4.ko.xz` → `ext4`),
 /// with `-` read as `_`, as the kernel does.
-pub fn module_name(path: &str) -> String {
+pub(crate) fn module_name(path: &str) -> String {
     let base = path.rsplit('/').next().unwrap_or(path);
     base.split(".ko").next().unwrap_or(base).replace('-', "_")
 }
 
 /// A module file's bytes, uncompressed (`.ko.xz`, `.ko.zst`, `.ko.gz`).
-pub fn decompress_module(file: &str, raw: Vec<u8>) -> std::io::Result<Vec<u8>> {
+pub(crate) fn decompress_module(file: &str, raw: Vec<u8>) -> std::io::Result<Vec<u8>> {
     decompress(file, raw)
 }
 
@@ -157,7 +157,7 @@ fn decompress(file: &str, raw: Vec<u8>) -> std::io::Result<Vec<u8>> {
 }
 
 /// One entry of a cpio archive.
-pub enum CpioEntry {
+pub(crate) enum CpioEntry {
     Dir,
     File { mode: u32, bytes: Vec<u8> },
     CharDev { major: u32, minor: u32 },
@@ -165,7 +165,7 @@ pub enum CpioEntry {
 
 /// A `newc` cpio of `entries` (paths relative, no leading `/`), in path
 /// order with parents first, every time `mtime`.
-pub fn cpio(entries: &BTreeMap<String, CpioEntry>, mtime: u64) -> Vec<u8> {
+pub(crate) fn cpio(entries: &BTreeMap<String, CpioEntry>, mtime: u64) -> Vec<u8> {
     let mut out = Vec::new();
     let mut ino = 1u32;
     let mut header = |out: &mut Vec<u8>, name: &str, mode: u32, nlink: u32, size: usize, rdev: (u32, u32)| {

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use crate::error::BuildError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tool {
+pub(crate) enum Tool {
     Mke2fs,
     Debugfs,
     Sfdisk,
@@ -16,11 +16,10 @@ pub enum Tool {
     Mmd,
     Syslinux,
     QemuImg,
-    Objcopy,
 }
 
 impl Tool {
-    pub fn command(self) -> &'static str {
+    pub(crate) fn command(self) -> &'static str {
         match self {
             Tool::Mke2fs => "mke2fs",
             Tool::Debugfs => "debugfs",
@@ -30,12 +29,11 @@ impl Tool {
             Tool::Mmd => "mmd",
             Tool::Syslinux => "syslinux",
             Tool::QemuImg => "qemu-img",
-            Tool::Objcopy => "objcopy",
         }
     }
 
     /// The Debian package that has it.
-    pub fn package(self) -> &'static str {
+    pub(crate) fn package(self) -> &'static str {
         match self {
             Tool::Mke2fs | Tool::Debugfs => "e2fsprogs",
             Tool::Sfdisk => "fdisk",
@@ -43,14 +41,13 @@ impl Tool {
             Tool::Mcopy | Tool::Mmd => "mtools",
             Tool::Syslinux => "syslinux",
             Tool::QemuImg => "qemu-utils",
-            Tool::Objcopy => "binutils",
         }
     }
 }
 
 /// Where the tool is: found on PATH, or in the sbin folders an ordinary
 /// user's PATH may lack.
-pub fn path(tool: Tool) -> std::path::PathBuf {
+pub(crate) fn path(tool: Tool) -> std::path::PathBuf {
     let name = tool.command();
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]) {
@@ -71,7 +68,7 @@ fn missing(tool: Tool) -> BuildError {
 
 /// Runs `cmd` (made from [`path`]) and collects its output; a tool that is
 /// not there is an environment error naming its package.
-pub fn run(cmd: &mut Command, tool: Tool) -> Result<Output, BuildError> {
+pub(crate) fn run(cmd: &mut Command, tool: Tool) -> Result<Output, BuildError> {
     tracing::debug!(?cmd, "vm tool");
     cmd.stdin(Stdio::null()).output().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => missing(tool),
@@ -83,7 +80,7 @@ pub fn run(cmd: &mut Command, tool: Tool) -> Result<Output, BuildError> {
 }
 
 /// The error for a tool that ran and failed, with what it printed.
-pub fn failed(tool: Tool, o: &Output) -> BuildError {
+pub(crate) fn failed(tool: Tool, o: &Output) -> BuildError {
     let mut text = String::from_utf8_lossy(&o.stderr).trim().to_string();
     if text.is_empty() {
         text = String::from_utf8_lossy(&o.stdout).trim().to_string();
@@ -100,7 +97,7 @@ pub fn failed(tool: Tool, o: &Output) -> BuildError {
 }
 
 /// The tool's version line, for cache keys.
-pub fn version(tool: Tool) -> Result<String, BuildError> {
+pub(crate) fn version(tool: Tool) -> Result<String, BuildError> {
     let arg = match tool {
         Tool::Mke2fs | Tool::Debugfs => "-V",
         Tool::MkfsFat => "--help",

@@ -498,7 +498,10 @@ impl ListingFile {
 
     /// Every entry whose path is `from` or sorts after it, in order, read
     /// block by block (each checked).
-    pub(crate) fn iter_from(&self, from: &str) -> io::Result<impl Iterator<Item = io::Result<ListEntry>> + '_> {
+    pub(crate) fn iter_from(
+        &self,
+        from: &str,
+    ) -> io::Result<impl Iterator<Item = io::Result<ListEntry>> + '_> {
         let mut i = self.keys.partition_point(|(k, ..)| k.as_str() <= from).saturating_sub(1);
         let from = from.to_string();
         let mut block = Vec::<ListEntry>::new().into_iter();
