@@ -98,17 +98,8 @@ impl<W: Write> HashingWriter<W> {
     }
 
     /// The digest of what was written so far.
-    pub fn hasher_clone(&self) -> Sha256 {
+    pub(crate) fn hasher_clone(&self) -> Sha256 {
         self.hasher.clone()
-    }
-
-    /// How many bytes were written so far.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 

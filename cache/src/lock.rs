@@ -19,7 +19,7 @@ impl StoreLock {
     }
 
     /// Blocks until a shared lock is held.
-    pub fn shared(path: &Path) -> io::Result<StoreLock> {
+    pub(crate) fn shared(path: &Path) -> io::Result<StoreLock> {
         let file = Self::open(path)?;
         flock(&file, FlockOperation::LockShared)?;
         Ok(StoreLock { _file: file })
@@ -27,7 +27,7 @@ impl StoreLock {
 
     /// Blocks until an exclusive lock is held; calls `waiting` first when
     /// the lock is taken (a build is running).
-    pub fn exclusive(path: &Path, waiting: &dyn Fn()) -> io::Result<StoreLock> {
+    pub(crate) fn exclusive(path: &Path, waiting: &dyn Fn()) -> io::Result<StoreLock> {
         let file = Self::open(path)?;
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => return Ok(StoreLock { _file: file }),

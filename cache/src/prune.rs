@@ -53,9 +53,9 @@ pub struct Entry {
     pub kind: RecordKind,
     pub name: String,
     #[serde(skip)]
-    pub used: SystemTime,
+    pub(crate) used: SystemTime,
     pub used_unix: u64,
-    pub blobs: Vec<Digest>,
+    pub(crate) blobs: Vec<Digest>,
     pub label: String,
 }
 

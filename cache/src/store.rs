@@ -11,7 +11,7 @@ use crate::digest::Digest;
 use crate::lock::StoreLock;
 
 /// The schema version of the on-disk layout; a new layout gets a new folder.
-pub const SCHEMA: &str = "v1";
+pub(crate) const SCHEMA: &str = "v1";
 
 /// The kinds of records kept beside the blobs, each in its own folder
 /// (named by [`RecordKind::dir`], which is also how `kiln cache ls` shows it).
@@ -38,7 +38,7 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 9] = [
+    pub(crate) const ALL: [RecordKind; 9] = [
         RecordKind::Step,
         RecordKind::Image,
         RecordKind::Base,
@@ -51,11 +51,11 @@ impl RecordKind {
     ];
 
     /// The kinds that keep blobs alive: what prune evicts and gc follows.
-    pub const LIVE: [RecordKind; 5] =
+    pub(crate) const LIVE: [RecordKind; 5] =
         [RecordKind::Step, RecordKind::Image, RecordKind::Base, RecordKind::Deb, RecordKind::Disk];
 
     /// The kind's folder under the store root.
-    pub fn dir(self) -> &'static str {
+    pub(crate) fn dir(self) -> &'static str {
         match self {
             RecordKind::Step => "steps",
             RecordKind::Image => "images",
@@ -115,7 +115,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
         let path = path.into();
         move |source| StoreError::Io { path, source }
     }
@@ -183,7 +183,7 @@ impl Store {
         StoreLock::exclusive(&p, waiting).map_err(StoreError::io(&p))
     }
 
-    pub fn blobs_dir(&self) -> PathBuf {
+    pub(crate) fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs/sha256")
     }
 
@@ -271,7 +271,7 @@ impl Store {
     }
 
     /// Writes a file through a temp file and a rename, so readers see all of it or none.
-    pub fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    pub(crate) fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         write_atomic_in(&self.tmp_dir(), path, bytes).map_err(StoreError::io(path))
     }
 

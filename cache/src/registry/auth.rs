@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 /// How kiln authenticates to one registry.
 #[derive(Clone, PartialEq, Eq)]
-pub enum Credential {
+pub(crate) enum Credential {
     Anonymous,
     /// A user and password, sent as HTTP basic auth or to the token server.
     Basic {
@@ -41,9 +41,9 @@ impl std::fmt::Debug for Credential {
 
 /// A credential and where it was found, for error messages.
 #[derive(Debug, Clone)]
-pub struct Found {
-    pub credential: Credential,
-    pub from: String,
+pub(crate) struct Found {
+    pub(crate) credential: Credential,
+    pub(crate) from: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +191,7 @@ fn docker_config_path() -> Option<PathBuf> {
 }
 
 /// The credential for `host` (`HOST[:PORT]`), from the places listed above.
-pub fn lookup(host: &str) -> Result<Found, AuthError> {
+pub(crate) fn lookup(host: &str) -> Result<Found, AuthError> {
     if let Ok(text) = std::env::var("KILN_REGISTRY_AUTH") {
         if !text.trim().is_empty() {
             let cfg = DockerConfig::parse(&text, "KILN_REGISTRY_AUTH")?;

@@ -28,7 +28,7 @@ use oci_client::{Reference, RegistryOperation};
 use crate::digest::Digest;
 use crate::store::{Store, StoreError};
 use crate::BlobWriter;
-pub use auth::{Credential, Found};
+pub(crate) use auth::{Credential, Found};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -112,7 +112,7 @@ impl Remote {
     }
 
     /// Whether plain HTTP is allowed without being asked: loopback hosts.
-    pub fn is_loopback(&self) -> bool {
+    pub(crate) fn is_loopback(&self) -> bool {
         let name = match self.host.strip_prefix('[') {
             Some(v6) => v6.split(']').next().unwrap_or(""),
             None => self.host.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.host),
@@ -432,7 +432,7 @@ impl Registry {
     }
 
     /// Whether repository `r` has blob `d`.
-    pub fn has_blob(&self, r: &Remote, d: &Digest) -> Result<bool, RegistryError> {
+    pub(crate) fn has_blob(&self, r: &Remote, d: &Digest) -> Result<bool, RegistryError> {
         self.retrying(&r.host, || {
             self.rt.block_on(async {
                 self.authenticate(r, false).await?;
