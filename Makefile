@@ -4,7 +4,7 @@
 CARGO ?= cargo
 KILN  := target/release/kiln
 
-.PHONY: all build demo test lint bench bench-baseline fuzz deps clean
+.PHONY: all build demo test lint bench bench-baseline bench-before14 fuzz deps clean
 
 all: build
 

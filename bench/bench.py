@@ -35,6 +35,11 @@ headers); kiln imports it and adds one `write` step, cold, then with the
 write changed; `kiln diff` of the two. Peak RSS of this checkout against the
 code before issue 13 (BASELINE), in the same run, and the stored listing's size.
 
+W1-W5 before and after issue 14 (the engine split into crates behind an
+Executor trait): the same workloads with this checkout and with the release
+build of the commit before issue 14's first change (BEFORE14, `make
+bench-before14`), alternating run by run, each binary with its own caches.
+
 W5: the remote cache. Runner A builds W1 with `--cache-to` a loopback
 `docker-registry`; runner B (a fresh cache, another folder) builds it with
 `--cache-from`. Measures B's time to a full cache hit and the bytes it
@@ -60,6 +65,9 @@ KILN = os.path.join(ROOT, "target", "release", "kiln")
 # The code before issue 13's confinement (`make bench` builds it; see the Makefile's
 # bench-baseline), for W2's confinement-cost comparison in the same run.
 BASELINE = os.environ.get("KILN_BASELINE", os.path.join(ROOT, "target", "baseline", "release", "kiln"))
+# The code before issue 14 (`make bench-before14`), for the before/after comparison of W1-W5.
+BEFORE14 = os.environ.get("KILN_BEFORE14", os.path.join(ROOT, "target", "before14", "release", "kiln"))
+BEFORE14_REV = "c963289"
 # Debian's docker.io client has BuildKit built in; a newer client on PATH may need buildx.
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
 
@@ -514,6 +522,147 @@ def w5_lines(r):
     ]
 
 
+def alternate(names, reps, measure):
+    """Medians of `measure(name, i)` over `reps` rounds, the order of `names` flipped every round."""
+    times = {n: [] for n in names}
+    for i in range(reps):
+        for n in (names if i % 2 == 0 else names[::-1]):
+            times[n].append(measure(n, i))
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def w14(w1ctx):
+    """W1-W5 with BEFORE14 ("before") and this checkout ("now"), alternating."""
+    if not os.path.exists(BEFORE14):
+        return None
+    bins = {"before": BEFORE14, "now": KILN}
+    names = ["before", "now"]
+    res = {}
+
+    def build(n, recipe, cache, out, *extra):
+        return run([bins[n], "build", recipe, "--cache-dir", cache, "-o", out, "--progress", "plain", *extra])[0]
+
+    def cold_noop_changed(key, ctx, extra, colds, noops, changes, first):
+        recipe = os.path.join(ctx, "kiln.toml")
+        out = lambda n: f"oci:{os.path.join(WORK, f'out14-{key}-{n}')}"
+        cache = lambda n, i: os.path.join(WORK, f"cache14-{key}-{n}-{i}")
+        r = {"cold": alternate(names, colds, lambda n, i: build(n, recipe, cache(n, i), out(n), *extra))}
+        time.sleep(2.5)
+        for n in names:
+            build(n, recipe, cache(n, 0), out(n), *extra)
+        r["noop"] = alternate(names, noops, lambda n, i: build(n, recipe, cache(n, 0), out(n), *extra))
+        changed = {n: [] for n in names}
+        for i in range(changes):
+            change_one(ctx, first + i)
+            for n in (names if i % 2 == 0 else names[::-1]):
+                changed[n].append(build(n, recipe, cache(n, 0), out(n), *extra))
+        r["changed"] = {n: statistics.median(v) for n, v in changed.items()}
+        return r
+
+    res["W1"] = cold_noop_changed("w1", w1ctx, [], 5, 10, 6, 900)
+    w2ctx = os.path.join(WORK, "w14-w2")
+    os.makedirs(w2ctx)
+    make_w2(w2ctx, w1ctx, os.path.join(WORK, "cache14-w2-base"))
+    res["W2"] = cold_noop_changed("w2", w2ctx, ["--backend", "local"], 5, 10, 6, 900)
+
+    # W3: the python example's packages layer, every .deb in the store.
+    ctx = os.path.join(WORK, "w14-w3")
+    shutil.copytree(os.path.join(ROOT, "recipes", "examples", "python"), ctx)
+    recipe = os.path.join(ctx, "kiln.toml")
+    for n in names:
+        build(n, recipe, os.path.join(WORK, f"cache14-w3-{n}"), f"oci:{os.path.join(WORK, 'out14-w3-' + n)}")
+    w3 = lambda n, i, *x: build(n, recipe, os.path.join(WORK, f"cache14-w3-{n}"),
+                                f"oci:{os.path.join(WORK, 'out14-w3-' + n)}", *x)
+    res["W3"] = {"warm": alternate(names, 6, lambda n, i: w3(n, i, "--no-cache")),
+                 "noop": alternate(names, 10, lambda n, i: w3(n, i))}
+
+    # W4: the VM example, warm with the entrypoint changed.
+    ctx = os.path.join(WORK, "w14-w4")
+    shutil.copytree(os.path.join(ROOT, "recipes", "examples", "vm-hello"), ctx)
+    recipe = os.path.join(ctx, "kiln.toml")
+    with open(recipe) as f:
+        text = f.read()
+    vm = lambda n: ["vm:" + os.path.join(WORK, f"w14-{n}.qcow2")]
+    for n in names:
+        run([bins[n], "build", recipe, "--cache-dir", os.path.join(WORK, f"cache14-w4-{n}"), "-o", *vm(n),
+             "--progress", "plain"])
+    warm = {n: [] for n in names}
+    for i in range(4):
+        with open(recipe, "w") as f:
+            f.write(text.replace("KILN-VM-HELLO: ", f"KILN-VM-HELLO: (change {i}) "))
+        for n in (names if i % 2 == 0 else names[::-1]):
+            warm[n].append(run([bins[n], "build", recipe, "--cache-dir", os.path.join(WORK, f"cache14-w4-{n}"),
+                                "-o", *vm(n), "--progress", "plain"])[0])
+    res["W4"] = {"warm": {n: statistics.median(v) for n, v in warm.items()}}
+
+    # W5: runner B's full hit from a registry runner A (this checkout) filled.
+    if shutil.which("docker-registry"):
+        regdir = os.path.join(WORK, "w14-registry")
+        os.makedirs(regdir)
+        port = free_port()
+        conf = os.path.join(regdir, "config.yml")
+        with open(conf, "w") as f:
+            f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+                    f"    rootdirectory: {regdir}/data\nhttp:\n  addr: 127.0.0.1:{port}\n")
+        reg = subprocess.Popen(["docker-registry", "serve", conf], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            ref = f"registry:127.0.0.1:{port}/bench/w14"
+            recipe = os.path.join(w1ctx, "kiln.toml")
+            build("now", recipe, os.path.join(WORK, "cache14-w5-a"), f"oci:{os.path.join(WORK, 'out14-w5-a')}",
+                  "--cache-to", ref)
+
+            def runner_b(n, i):
+                bctx = os.path.join(WORK, f"w14-w5-b-{n}-{i}")
+                shutil.copytree(w1ctx, bctx)
+                t = build(n, os.path.join(bctx, "kiln.toml"), os.path.join(WORK, f"cache14-w5-b-{n}-{i}"),
+                          f"oci:{os.path.join(WORK, 'out14-w5-b')}", "--cache-from", ref)
+                shutil.rmtree(bctx)
+                return t
+            res["W5"] = {"hit": alternate(names, 6, runner_b)}
+        finally:
+            reg.terminate()
+            reg.wait()
+    return res
+
+
+def w14_lines(res):
+    if res is None:
+        return ["## W1-W5 before and after issue 14", "",
+                f"Not measured: no binary of the code before issue 14 at `{BEFORE14}` (`make bench` builds it).", ""]
+    lines = [
+        "## W1-W5 before and after issue 14 (the engine as a crate DAG), same machine, same run",
+        "",
+        "| workload | measure | before | now | now/before | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    labels = {"cold": "cold build", "noop": "no-op rebuild", "changed": "one file changed",
+              "warm": "warm rebuild", "hit": "runner B's full hit"}
+    for w, measures in res.items():
+        for m, v in measures.items():
+            ratio = v["now"] / v["before"]
+            # "No slower": within the run-to-run noise of these medians (5%).
+            met = "yes" if ratio <= 1.05 else "NO"
+            lines.append(f"| {w} | {labels[m]} | {v['before'] * 1000:.0f} ms | {v['now'] * 1000:.0f} ms | "
+                         f"{ratio:.3f} | <= 1.05 | {met} |")
+    lines += ["", f"\"Before\" is the release build of commit {BEFORE14_REV} (`make bench-before14`): issue 13's "
+              "listings on disk, before issue 14's first change; \"now\" is this checkout. The two binaries "
+              "alternate run by run, each with its own caches, so drift on the machine hits both. Medians: W1 and "
+              "W2 of 5 cold builds, 10 no-op rebuilds and 6 one-file-changed rebuilds each (W2 on the local "
+              "backend); W3 (the python example) of 6 warm rebuilds of the packages' layer (`--no-cache`, every "
+              ".deb in the store) and 10 no-op rebuilds; W4 (the VM example) of 4 warm builds with the entrypoint "
+              "changed; W5 of 6 runner-B full hits of W1 from a loopback registry that this checkout filled. "
+              "A ratio up to 1.05 is counted as no slower: that is the spread of these medians between two runs "
+              "of one binary on this machine.", ""]
+    return lines
+
+
 def make_w6(d, n=1_000_000):
     """An OCI layout of one gzip layer: n empty files in 1,000 folders."""
     import gzip
@@ -660,6 +809,10 @@ def main():
     }
 
     have_docker = bool(docker_ok())
+    w14res = w14(ctx) if only in (None, "w14") else None
+    if only == "w14":
+        print("\n".join(w14_lines(w14res)))
+        return
     w6res = w6() if only in (None, "w6") else None
     if only == "w6":
         print("\n".join(w6_lines(w6res)))
@@ -731,6 +884,7 @@ def main():
     lines += w4_lines(w4res)
     lines += w5_lines(w5res)
     lines += w6_lines(w6res)
+    lines += w14_lines(w14res)
     out = "\n".join(lines)
     with open(os.path.join(ROOT, "bench", "RESULTS.md"), "w") as f:
         f.write(out)

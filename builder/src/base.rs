@@ -18,28 +18,29 @@ use kiln_recipes::ImageRef;
 
 /// A base ready to build on: every blob is in the store.
 #[derive(Debug, Clone)]
-pub struct BaseImage {
+pub(crate) struct BaseImage {
     /// What the first step's key builds on: `scratch` or the manifest digest.
-    pub id: String,
-    pub config: ImageConfiguration,
-    pub layers: Vec<ImageLayer>,
+    pub(crate) id: String,
+    pub(crate) config: ImageConfiguration,
+    pub(crate) layers: Vec<ImageLayer>,
     /// For a `registry:` base, the repository its blobs can be mounted from.
-    pub source: Option<Remote>,
+    pub(crate) source: Option<Remote>,
 }
 
 /// What `registry:` bases need: a client, kiln.lock's pins, and where to
 /// report downloads and a pinned tag that moved.
-pub struct Remotes<'a> {
+pub(crate) struct Remotes<'a> {
     /// The client, made on first use.
-    pub registry: &'a dyn Fn() -> &'a Registry,
-    pub pins: &'a [BasePin],
-    pub reporter: &'a dyn crate::Reporter,
+    pub(crate) registry: &'a dyn Fn() -> &'a Registry,
+    pub(crate) pins: &'a [BasePin],
+    pub(crate) reporter: &'a dyn crate::Reporter,
 }
 
 /// Connects to the engine, for `docker:REF` bases.
-pub type Engine<'a> = &'a dyn Fn() -> Result<std::sync::Arc<crate::exec::docker::DockerEngine>, BuildError>;
+pub(crate) type Engine<'a> =
+    &'a dyn Fn() -> Result<std::sync::Arc<crate::exec::docker::DockerEngine>, BuildError>;
 
-pub fn load_base(
+pub(crate) fn load_base(
     store: &Store,
     recipe: &Recipe,
     base: &Base,
@@ -183,13 +184,17 @@ fn resolve_registry_tag(
 /// local layouts and archives through `kiln_oci::import`, `docker:REF` from
 /// the engine at DOCKER_HOST, `registry:` pulled (for `inspect`, `diff`,
 /// `sbom` and bases).
-pub fn open_image(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
+pub(crate) fn open_image(store: &Store, r: &ImageRef) -> Result<StoredImage, BuildError> {
     open_image_for(store, r, &Platform::host())
 }
 
 /// [`open_image`], taking the image for `platform` from a multi-platform
 /// layout or archive (a base, for the build's platform).
-pub fn open_image_for(store: &Store, r: &ImageRef, platform: &Platform) -> Result<StoredImage, BuildError> {
+pub(crate) fn open_image_for(
+    store: &Store,
+    r: &ImageRef,
+    platform: &Platform,
+) -> Result<StoredImage, BuildError> {
     if let ImageRef::Docker(reference) = r {
         let rt = crate::runtime::runtime()?;
         let engine = crate::exec::docker::DockerEngine::connect(rt.handle().clone())?;

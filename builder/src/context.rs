@@ -13,12 +13,12 @@ use crate::error::BuildError;
 
 /// A context folder, canonicalized.
 #[derive(Debug, Clone)]
-pub struct Context {
-    pub root: PathBuf,
+pub(crate) struct Context {
+    pub(crate) root: PathBuf,
 }
 
 impl Context {
-    pub fn open(dir: &Path) -> Result<Context, BuildError> {
+    pub(crate) fn open(dir: &Path) -> Result<Context, BuildError> {
         let root = fs::canonicalize(dir).map_err(|e| {
             BuildError::usage(
                 format!("The context folder `{}` cannot be opened: {e}", dir.display()),
@@ -33,7 +33,7 @@ impl Context {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SourceKind {
+pub(crate) enum SourceKind {
     Dir,
     File { size: u64, sha256: Digest },
     Symlink(String),
@@ -42,28 +42,28 @@ pub enum SourceKind {
 /// One file or folder of a copy source; `rel` is relative to the source
 /// (empty for the source itself).
 #[derive(Debug, Clone)]
-pub struct SourceEntry {
-    pub rel: String,
-    pub abs: PathBuf,
-    pub kind: SourceKind,
+pub(crate) struct SourceEntry {
+    pub(crate) rel: String,
+    pub(crate) abs: PathBuf,
+    pub(crate) kind: SourceKind,
     /// Normalized: git semantics, or the step's `mode` for files.
-    pub mode: u32,
+    pub(crate) mode: u32,
     /// A file's stat when its digest was taken (see [`kiln_oci::layer::Content::Path`]).
-    pub stamp: Option<crate::layer::Stamp>,
+    pub(crate) stamp: Option<crate::layer::Stamp>,
 }
 
 #[derive(Debug, Clone)]
-pub struct CopySource {
+pub(crate) struct CopySource {
     /// The source itself first, then its contents in path order.
-    pub entries: Vec<SourceEntry>,
+    pub(crate) entries: Vec<SourceEntry>,
     /// The Merkle digest of every entry's path, kind, mode and content.
-    pub inputs: Digest,
+    pub(crate) inputs: Digest,
     /// The last path component of the source (`None` for the context root).
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 /// Lists and hashes the source of a copy step.
-pub fn scan_copy(
+pub(crate) fn scan_copy(
     ctx: &Context,
     recipe: &Recipe,
     step: &CopyStep,

@@ -20,7 +20,7 @@ pub enum Change {
 }
 
 /// The merged file tree of an image.
-pub fn image_tree(store: &Store, r: &ImageRef) -> Result<FsTree, BuildError> {
+pub(crate) fn image_tree(store: &Store, r: &ImageRef) -> Result<FsTree, BuildError> {
     let img = import(store, r)?;
     FsTree::of_layers(store, &img.layers)
 }
@@ -31,7 +31,7 @@ pub fn diff(store: &Store, a: &ImageRef, b: &ImageRef) -> Result<Vec<Change>, Bu
 
 /// The changes from `a` to `b`, in path order: one walk over both merged
 /// trees side by side.
-pub fn diff_trees(a: &FsTree, b: &FsTree) -> Result<Vec<Change>, BuildError> {
+pub(crate) fn diff_trees(a: &FsTree, b: &FsTree) -> Result<Vec<Change>, BuildError> {
     let mut out = Vec::new();
     let mut ia = a.iter()?;
     let mut ib = b.iter()?;

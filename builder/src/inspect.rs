@@ -10,7 +10,7 @@ use crate::error::BuildError;
 
 #[derive(Debug, Serialize)]
 pub struct Inspection {
-    pub reference: String,
+    pub(crate) reference: String,
     pub manifest: Digest,
     pub config: Digest,
     pub architecture: String,
@@ -23,9 +23,9 @@ pub struct Inspection {
 #[derive(Debug, Serialize)]
 pub struct LayerInfo {
     pub digest: Digest,
-    pub diff_id: Digest,
+    pub(crate) diff_id: Digest,
     pub size: u64,
-    pub media_type: String,
+    pub(crate) media_type: String,
     pub created_by: Option<String>,
 }
 

@@ -20,7 +20,7 @@
 
 pub mod base;
 pub mod build;
-pub mod context;
+mod context;
 pub mod diff;
 pub mod gc;
 pub mod inspect;
@@ -32,11 +32,9 @@ pub mod verify;
 // The formats, under the names the engine's modules use.
 pub use kiln_debian as packages;
 pub use kiln_exec as exec;
-pub(crate) use kiln_oci::{
-    changes, error, export, extract, fstree, image, import, layer, listing, tarball, unpack,
-};
+pub use kiln_oci::{changes, error, export, extract, fstree, image, import, layer, listing, tarball, unpack};
 pub use kiln_remote as registry;
-pub use kiln_vm as vm;
+pub(crate) use kiln_vm as vm;
 
 pub use build::{build, plan, BuildOptions, BuildOutcome, PlannedStep};
 pub use exec::BackendChoice;

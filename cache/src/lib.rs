@@ -13,9 +13,18 @@
 //! v1/listings/HEX.list    a layer's file list (by diff_id), sorted and indexed, for diffs and parent lookups
 //! v1/index/HEX.json       stat index of one context folder (path, size, mtime, inode -> sha256)
 //! v1/verified/HEX         when a blob was last hashed (inode, size, mtime, ctime)
+//! v1/debs/HEX.json        a Debian package file kept for `[packages]`
+//! v1/disks/HEX.json       a partition image kept for `-o vm:`
+//! v1/seals/NAME.json      what an unpacked layer folder held when it was made
+//! v1/unpacked/DIFFID/     layers unpacked for the local backend (derived; prune removes them first)
+//! v1/files/SHA256-MODE-UID-GID-MTIME   the pool of unpacked files those folders hard-link to
+//! v1/unpacked-TAG/, v1/files-TAG/   the same for one rootless id mapping (files of subordinate ids)
 //! v1/tmp/                 writes in progress, renamed into place when complete
 //! v1/store.lock           shared by builds, exclusive for prune and gc
 //! ```
+//!
+//! Each record kind is a [`RecordKind`]; [`Store`] names every folder, and
+//! no other crate spells one.
 //!
 //! Modules: [`digest`] (the `sha256:` digest type and hashing writers),
 //! [`store`] (opening, records, atomic writes), [`blob`] (writing and checking

@@ -26,7 +26,7 @@ pub struct RecipeError {
 
 impl RecipeError {
     /// An error at `span` (byte range) of `source`, which was read from `file`.
-    pub fn new(
+    pub(crate) fn new(
         file: &str,
         source: &Arc<String>,
         span: Option<std::ops::Range<usize>>,
@@ -76,7 +76,8 @@ impl RecipeError {
     }
 
     /// The message without its location.
-    pub fn message(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn message(&self) -> &str {
         &self.message
     }
 

@@ -13,7 +13,7 @@
 
 pub mod diagnostic;
 pub mod parse;
-pub mod raw;
+mod raw;
 pub mod recipe;
 pub mod reference;
 

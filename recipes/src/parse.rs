@@ -66,8 +66,7 @@ impl Parser {
         // Stages may use only the stages before them, so there are no cycles.
         let mut stages: Vec<Stage> = Vec::with_capacity(raw.stages.len());
         for st in raw.stages {
-            let span = st.span();
-            let stage = self.stage(st.into_inner(), span, &stages, dir)?;
+            let stage = self.stage(st.into_inner(), &stages, dir)?;
             stages.push(stage);
         }
         let image = self.image(image.into_inner(), dir, &stages)?;
@@ -115,7 +114,7 @@ impl Parser {
         err
     }
 
-    fn stage(&self, raw: RawStage, span: Span, before: &[Stage], dir: &Path) -> Result<Stage, RecipeError> {
+    fn stage(&self, raw: RawStage, before: &[Stage], dir: &Path) -> Result<Stage, RecipeError> {
         let name = raw.name.get_ref();
         if !is_valid_name(name) {
             return Err(self.err(raw.name.span(), format!("`{name}` is not a valid stage name")).with_hint(
@@ -132,7 +131,7 @@ impl Parser {
             Some(b) => (self.base(b, dir, before)?, Some(b.span())),
         };
         let steps = self.steps(raw.steps, before)?;
-        Ok(Stage { name: name.clone(), span, base, base_span, steps })
+        Ok(Stage { name: name.clone(), base, base_span, steps })
     }
 
     fn steps(&self, raw: Vec<Spanned<RawStep>>, stages: &[Stage]) -> Result<Vec<Step>, RecipeError> {
@@ -766,7 +765,7 @@ fn is_valid_name(name: &str) -> bool {
 }
 
 /// A path in the context: relative, no `..`; `""` and `.` mean the whole context.
-pub fn normalize_context_path(p: &str) -> Result<String, String> {
+pub(crate) fn normalize_context_path(p: &str) -> Result<String, String> {
     if p.is_empty() {
         return Err("`copy` is empty; write `.` to copy the whole context".into());
     }
@@ -824,7 +823,7 @@ fn is_signal(s: &str) -> bool {
 }
 
 /// An absolute path in the image, normalized; also whether it ended in `/`.
-pub fn normalize_image_path(p: &str) -> Result<(String, bool), String> {
+pub(crate) fn normalize_image_path(p: &str) -> Result<(String, bool), String> {
     if !p.starts_with('/') {
         return Err(format!("`{p}` is not an absolute path"));
     }

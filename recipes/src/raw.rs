@@ -10,92 +10,92 @@ use toml::Spanned;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRecipe {
-    pub image: Option<Spanned<RawImage>>,
-    pub packages: Option<Spanned<RawPackages>>,
+pub(crate) struct RawRecipe {
+    pub(crate) image: Option<Spanned<RawImage>>,
+    pub(crate) packages: Option<Spanned<RawPackages>>,
     #[serde(default, rename = "step")]
-    pub steps: Vec<Spanned<RawStep>>,
+    pub(crate) steps: Vec<Spanned<RawStep>>,
     #[serde(default, rename = "stage")]
-    pub stages: Vec<Spanned<RawStage>>,
-    pub config: Option<Spanned<RawConfig>>,
-    pub vm: Option<Spanned<RawVm>>,
+    pub(crate) stages: Vec<Spanned<RawStage>>,
+    pub(crate) config: Option<Spanned<RawConfig>>,
+    pub(crate) vm: Option<Spanned<RawVm>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawVm {
-    pub size: Option<Spanned<toml::Value>>,
-    pub filesystem: Option<Spanned<String>>,
-    pub cmdline: Option<Spanned<String>>,
-    pub boot: Option<Spanned<String>>,
-    pub init: Option<Spanned<String>>,
+pub(crate) struct RawVm {
+    pub(crate) size: Option<Spanned<toml::Value>>,
+    pub(crate) filesystem: Option<Spanned<String>>,
+    pub(crate) cmdline: Option<Spanned<String>>,
+    pub(crate) boot: Option<Spanned<String>>,
+    pub(crate) init: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawImage {
-    pub name: Spanned<String>,
-    pub base: Option<Spanned<String>>,
-    pub epoch: Option<Spanned<i64>>,
-    pub platform: Option<Spanned<String>>,
+pub(crate) struct RawImage {
+    pub(crate) name: Spanned<String>,
+    pub(crate) base: Option<Spanned<String>>,
+    pub(crate) epoch: Option<Spanned<i64>>,
+    pub(crate) platform: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPackages {
-    pub suite: Option<Spanned<String>>,
+pub(crate) struct RawPackages {
+    pub(crate) suite: Option<Spanned<String>>,
     #[serde(default)]
-    pub include: Vec<Spanned<String>>,
+    pub(crate) include: Vec<Spanned<String>>,
     #[serde(default)]
-    pub exclude: Vec<Spanned<String>>,
+    pub(crate) exclude: Vec<Spanned<String>>,
     #[serde(default)]
-    pub components: Vec<Spanned<String>>,
-    pub architecture: Option<Spanned<String>>,
-    pub mirror: Option<Spanned<String>>,
-    pub keyring: Option<Spanned<String>>,
+    pub(crate) components: Vec<Spanned<String>>,
+    pub(crate) architecture: Option<Spanned<String>>,
+    pub(crate) mirror: Option<Spanned<String>>,
+    pub(crate) keyring: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawStage {
-    pub name: Spanned<String>,
-    pub base: Option<Spanned<String>>,
+pub(crate) struct RawStage {
+    pub(crate) name: Spanned<String>,
+    pub(crate) base: Option<Spanned<String>>,
     #[serde(default, rename = "step")]
-    pub steps: Vec<Spanned<RawStep>>,
+    pub(crate) steps: Vec<Spanned<RawStep>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawStep {
-    pub copy: Option<Spanned<String>>,
-    pub from: Option<Spanned<String>>,
-    pub to: Option<Spanned<String>>,
-    pub write: Option<Spanned<String>>,
-    pub content: Option<Spanned<String>>,
-    pub run: Option<Spanned<toml::Value>>,
-    pub env: Option<Spanned<BTreeMap<String, String>>>,
-    pub network: Option<Spanned<bool>>,
-    pub secrets: Option<Spanned<Vec<String>>>,
-    pub owner: Option<Spanned<String>>,
-    pub mode: Option<Spanned<toml::Value>>,
-    pub user: Option<Spanned<String>>,
-    pub workdir: Option<Spanned<String>>,
+pub(crate) struct RawStep {
+    pub(crate) copy: Option<Spanned<String>>,
+    pub(crate) from: Option<Spanned<String>>,
+    pub(crate) to: Option<Spanned<String>>,
+    pub(crate) write: Option<Spanned<String>>,
+    pub(crate) content: Option<Spanned<String>>,
+    pub(crate) run: Option<Spanned<toml::Value>>,
+    pub(crate) env: Option<Spanned<BTreeMap<String, String>>>,
+    pub(crate) network: Option<Spanned<bool>>,
+    pub(crate) secrets: Option<Spanned<Vec<String>>>,
+    pub(crate) owner: Option<Spanned<String>>,
+    pub(crate) mode: Option<Spanned<toml::Value>>,
+    pub(crate) user: Option<Spanned<String>>,
+    pub(crate) workdir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    pub entrypoint: Option<Spanned<toml::Value>>,
-    pub cmd: Option<Spanned<toml::Value>>,
+pub(crate) struct RawConfig {
+    pub(crate) entrypoint: Option<Spanned<toml::Value>>,
+    pub(crate) cmd: Option<Spanned<toml::Value>>,
     #[serde(default)]
-    pub env: BTreeMap<String, Spanned<String>>,
-    pub workdir: Option<Spanned<String>>,
-    pub user: Option<Spanned<String>>,
+    pub(crate) env: BTreeMap<String, Spanned<String>>,
+    pub(crate) workdir: Option<Spanned<String>>,
+    pub(crate) user: Option<Spanned<String>>,
     #[serde(default)]
-    pub labels: BTreeMap<String, Spanned<String>>,
+    pub(crate) labels: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
-    pub ports: Vec<Spanned<String>>,
+    pub(crate) ports: Vec<Spanned<String>>,
     #[serde(default)]
-    pub volumes: Vec<Spanned<String>>,
-    pub stop_signal: Option<Spanned<String>>,
+    pub(crate) volumes: Vec<Spanned<String>>,
+    pub(crate) stop_signal: Option<Spanned<String>>,
 }

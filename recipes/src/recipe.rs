@@ -35,7 +35,7 @@ pub struct Vm {
     /// content plus headroom.
     pub size: Option<u64>,
     pub size_span: Option<Span>,
-    pub filesystem: VmFilesystem,
+    pub(crate) filesystem: VmFilesystem,
     /// Kernel command line arguments, after the ones kiln sets (`root=`, `rw`, `panic=-1`).
     pub cmdline: String,
     pub boot: VmBoot,
@@ -58,7 +58,7 @@ impl Default for Vm {
 }
 
 /// The kernel arguments when `[vm]` sets no `cmdline`: the serial console.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0,115200";
+pub(crate) const DEFAULT_CMDLINE: &str = "console=ttyS0,115200";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmFilesystem {
@@ -90,7 +90,6 @@ impl std::fmt::Display for VmBoot {
 #[derive(Debug, Clone)]
 pub struct Stage {
     pub name: String,
-    pub span: Span,
     pub base: Base,
     pub base_span: Option<Span>,
     pub steps: Vec<Step>,

@@ -11,12 +11,12 @@
 //! - [`sbom`]: the SPDX document written into the image.
 //! - [`deb822`]: Debian's control format, versions and relations.
 
-pub mod archive;
+mod archive;
 pub mod deb822;
 pub mod install;
-pub mod ldcache;
+mod ldcache;
 pub mod lockfile;
-pub mod resolve;
+mod resolve;
 pub mod sbom;
 
 // The formats this crate writes, under the names its modules use.

@@ -14,12 +14,12 @@
 //! The build sees a backend only through [`Executor`], chosen once by
 //! [`choose`]; tests give the build their own.
 
-pub mod confine;
+mod confine;
 pub mod docker;
 pub mod local;
-pub mod rootless;
+mod rootless;
 pub mod sandbox;
-pub mod seccomp;
+mod seccomp;
 
 // The formats this crate reads and writes, under the names its modules use.
 pub(crate) use kiln_oci::{

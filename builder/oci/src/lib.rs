@@ -21,7 +21,7 @@ pub mod error;
 pub mod export;
 pub mod extract;
 pub mod fstree;
-pub mod gzip;
+mod gzip;
 pub mod image;
 pub mod import;
 pub mod layer;

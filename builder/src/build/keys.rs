@@ -19,7 +19,7 @@ use crate::exec;
 
 /// Bump when anything that decides a layer's bytes changes, so old cache
 /// entries are never taken for new ones.
-pub const KEY_SCHEMA: u32 = 3;
+pub(crate) const KEY_SCHEMA: u32 = 3;
 
 /// What a step needs to write its layer on a miss.
 pub(super) enum Prepared {

@@ -37,7 +37,6 @@ use crate::error::BuildError;
 use crate::exec::{self, BackendChoice, Executor};
 use crate::image::{self, ImageLayer, StoredImage};
 use crate::reporter::{Reporter, StepInfo};
-pub use keys::KEY_SCHEMA;
 use session::Session;
 
 #[derive(Debug, Clone)]
@@ -81,13 +80,13 @@ pub struct BuildOutcome {
 
 /// A target built (or, for `plan`, keyed): what the next targets build on.
 #[derive(Debug, Clone)]
-pub struct Built {
+pub(crate) struct Built {
     /// The key of its last step, or its base's id when it has no steps.
-    pub id: String,
-    pub layers: Vec<ImageLayer>,
+    pub(crate) id: String,
+    pub(crate) layers: Vec<ImageLayer>,
     /// The base's config with the steps' history: what `stage:NAME` starts from.
-    pub config: ImageConfiguration,
-    pub steps: Vec<PlannedStep>,
+    pub(crate) config: ImageConfiguration,
+    pub(crate) steps: Vec<PlannedStep>,
 }
 
 /// One image of the recipe: a stage, or the final image (`stage: None`).

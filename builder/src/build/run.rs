@@ -20,20 +20,20 @@ use super::step_label;
 
 /// Where a `run` step runs and what it may read.
 pub(super) struct RunEnv<'a> {
-    pub recipe: &'a Recipe,
-    pub store: &'a Store,
-    pub platform: &'a Platform,
-    pub executor: &'a dyn Executor,
-    pub reporter: &'a dyn Reporter,
+    pub(crate) recipe: &'a Recipe,
+    pub(crate) store: &'a Store,
+    pub(crate) platform: &'a Platform,
+    pub(crate) executor: &'a dyn Executor,
+    pub(crate) reporter: &'a dyn Reporter,
     /// Every secret given to the build (`--secret`); a step gets those it names.
-    pub secrets: &'a [(String, Vec<u8>)],
+    pub(crate) secrets: &'a [(String, Vec<u8>)],
 }
 
 /// The parent image a step runs on.
 pub(super) struct Parent<'a> {
-    pub layers: &'a [ImageLayer],
-    pub tree: &'a FsTree,
-    pub config: &'a ImageConfiguration,
+    pub(crate) layers: &'a [ImageLayer],
+    pub(crate) tree: &'a FsTree,
+    pub(crate) config: &'a ImageConfiguration,
 }
 
 /// Runs the command; its changes, and what must live until they are written.

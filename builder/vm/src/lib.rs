@@ -19,13 +19,13 @@
 //! root; the kernel, initramfs and command line for the boot partition. A
 //! change to the entrypoint alone remakes the small boot partition only.
 
-pub mod bootfs;
-pub mod disk;
-pub mod ext4;
-pub mod flatten;
-pub mod init;
-pub mod initramfs;
-pub mod tools;
+mod bootfs;
+mod disk;
+mod ext4;
+mod flatten;
+mod init;
+mod initramfs;
+mod tools;
 
 // The formats this crate reads, under the names its modules use.
 pub(crate) use kiln_oci::{
