@@ -62,7 +62,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 ## Benchmarks; results go to bench/RESULTS.md.
-bench: build deps bench-baseline
+bench: build deps bench-baseline bench-before14
 	python3 bench/bench.py
 
 clean:
@@ -78,4 +78,15 @@ bench-baseline:
 		git archive $(BASELINE_REV) | tar -x -C target/baseline-src && \
 		CARGO_TARGET_DIR=$(CURDIR)/target/baseline $(CARGO) build --release --locked \
 			--manifest-path target/baseline-src/Cargo.toml; \
+	fi
+
+## The code before issue 14 (the engine split into crates), built once:
+## W1-W5 run with it and with this checkout, alternating, in the same run.
+BEFORE14_REV ?= c963289
+bench-before14:
+	@if [ ! -x target/before14/release/kiln ]; then \
+		rm -rf target/before14-src && mkdir -p target/before14-src && \
+		git archive $(BEFORE14_REV) | tar -x -C target/before14-src && \
+		CARGO_TARGET_DIR=$(CURDIR)/target/before14 $(CARGO) build --release --locked \
+			--manifest-path target/before14-src/Cargo.toml; \
 	fi

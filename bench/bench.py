@@ -141,15 +141,15 @@ W2_RUN = ("mkdir -p /gen && i=0 && while [ $i -lt 50 ]; do "
           "rm /data/dir00/* /data/dir01/*")
 
 
-def make_w2(ctx, w1ctx, cache):
-    """W1's data plus the busybox base; returns the base's docker-archive."""
-    base = os.path.join(WORK, "w2-base")
+def make_w2(ctx, w1ctx, cache, name="w2-base"):
+    """W1's data plus the busybox base (made in WORK/NAME); returns the base's docker-archive."""
+    base = os.path.join(WORK, name)
     os.makedirs(base)
     shutil.copy("/bin/busybox", os.path.join(base, "busybox"))
     with open(os.path.join(base, "kiln.toml"), "w") as f:
         f.write('[image]\nname = "w2-base"\n\n[[step]]\ncopy = "busybox"\nto = "/bin/busybox"\nmode = "0755"\n\n'
                 '[[step]]\nrun = ["/bin/busybox", "--install", "-s", "/bin"]\n')
-    archive = os.path.join(WORK, "w2-base.tar")
+    archive = os.path.join(WORK, f"{name}.tar")
     run([KILN, "build", os.path.join(base, "kiln.toml"), "--cache-dir", cache, "-o", f"docker-archive:{archive}"])
     shutil.copytree(os.path.join(w1ctx, "data"), os.path.join(ctx, "data"))
     with open(os.path.join(ctx, "kiln.toml"), "w") as f:
@@ -559,11 +559,18 @@ def w14(w1ctx):
         r["changed"] = {n: statistics.median(v) for n, v in changed.items()}
         return r
 
+    def drop(prefix):
+        for d in os.listdir(WORK):
+            if d.startswith(prefix):
+                shutil.rmtree(os.path.join(WORK, d), ignore_errors=True)
+
     res["W1"] = cold_noop_changed("w1", w1ctx, [], 5, 10, 6, 900)
+    drop("cache14-w1-")
     w2ctx = os.path.join(WORK, "w14-w2")
     os.makedirs(w2ctx)
-    make_w2(w2ctx, w1ctx, os.path.join(WORK, "cache14-w2-base"))
+    make_w2(w2ctx, w1ctx, os.path.join(WORK, "cache14-w2-base"), "w14-w2-base")
     res["W2"] = cold_noop_changed("w2", w2ctx, ["--backend", "local"], 5, 10, 6, 900)
+    drop("cache14-w2-")
 
     # W3: the python example's packages layer, every .deb in the store.
     ctx = os.path.join(WORK, "w14-w3")
@@ -575,6 +582,7 @@ def w14(w1ctx):
                                 f"oci:{os.path.join(WORK, 'out14-w3-' + n)}", *x)
     res["W3"] = {"warm": alternate(names, 6, lambda n, i: w3(n, i, "--no-cache")),
                  "noop": alternate(names, 10, lambda n, i: w3(n, i))}
+    drop("cache14-w3-")
 
     # W4: the VM example, warm with the entrypoint changed.
     ctx = os.path.join(WORK, "w14-w4")
@@ -594,6 +602,7 @@ def w14(w1ctx):
             warm[n].append(run([bins[n], "build", recipe, "--cache-dir", os.path.join(WORK, f"cache14-w4-{n}"),
                                 "-o", *vm(n), "--progress", "plain"])[0])
     res["W4"] = {"warm": {n: statistics.median(v) for n, v in warm.items()}}
+    drop("cache14-w4-")
 
     # W5: runner B's full hit from a registry runner A (this checkout) filled.
     if shutil.which("docker-registry"):
@@ -618,13 +627,29 @@ def w14(w1ctx):
             build("now", recipe, os.path.join(WORK, "cache14-w5-a"), f"oci:{os.path.join(WORK, 'out14-w5-a')}",
                   "--cache-to", ref)
 
+            a_digest = json.load(open(os.path.join(WORK, "out14-w5-a", "index.json")))["manifests"][0]["digest"]
+
             def runner_b(n, i):
+                # Timed as `run` times every build; then checked to have been a full hit of A's image.
                 bctx = os.path.join(WORK, f"w14-w5-b-{n}-{i}")
                 shutil.copytree(w1ctx, bctx)
-                t = build(n, os.path.join(bctx, "kiln.toml"), os.path.join(WORK, f"cache14-w5-b-{n}-{i}"),
-                          f"oci:{os.path.join(WORK, 'out14-w5-b')}", "--cache-from", ref)
+                cache = os.path.join(WORK, f"cache14-w5-b-{n}-{i}")
+                out = os.path.join(WORK, f"out14-w5-b-{n}")
+                quiesce()
+                t = time.perf_counter()
+                p = subprocess.run([bins[n], "build", os.path.join(bctx, "kiln.toml"), "--cache-dir", cache, "-o",
+                                    f"oci:{out}", "--progress", "json", "--cache-from", ref],
+                                   capture_output=True, text=True)
+                wall = time.perf_counter() - t
+                if p.returncode != 0:
+                    sys.exit(f"W5 runner B ({n}) failed:\n{p.stderr}")
+                events = [json.loads(l) for l in p.stderr.splitlines() if l.startswith("{")]
+                steps = [e for e in events if e["event"] == "step_finished"]
+                if not steps or not all(e["cached"] for e in steps) or p.stdout.split()[-1] != a_digest:
+                    sys.exit(f"W5 runner B ({n}) did not get a full hit of runner A's image")
                 shutil.rmtree(bctx)
-                return t
+                shutil.rmtree(cache)
+                return wall
             res["W5"] = {"hit": alternate(names, 6, runner_b)}
         finally:
             reg.terminate()

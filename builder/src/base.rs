@@ -4,8 +4,8 @@
 
 use oci_spec::image::ImageConfiguration;
 
-use kiln_cache::registry::Registry;
-use kiln_cache::registry::{RegistryError, Remote};
+use crate::registry::client::Registry;
+use crate::registry::client::{RegistryError, Remote};
 use kiln_cache::{Digest, Store};
 use kiln_recipes::recipe::Platform;
 use kiln_recipes::{Base, Recipe};
@@ -62,12 +62,12 @@ pub(crate) fn load_base(
         Base::Registry(text) => {
             let r =
                 Remote::parse(text).map_err(|e| at(e.to_string(), "e.g. `registry:ghcr.io/org/app:1.0`"))?;
-            let not_found = |e: BuildError| match e {
-                BuildError::Registry(RegistryError::NotFound { reference }) => at(
+            let not_found = |e: BuildError| match crate::registry::client::registry_error(&e) {
+                Some(RegistryError::NotFound { reference }) => at(
                     format!("{reference} is not in the registry"),
                     "check the repository and tag, e.g. `skopeo list-tags docker://HOST/REPO`",
                 ),
-                e => e,
+                _ => e,
             };
             let pinned = match r.digest {
                 Some(_) => r.clone(),
@@ -214,7 +214,7 @@ pub(crate) fn open_image_for(
 /// `registry:HOST/REPO:TAG|@DIGEST` (for `inspect`, `diff`, `sbom`): what
 /// the reference names now, for the host's platform, pulled and checked.
 fn pull_registry(store: &Store, text: &str) -> Result<StoredImage, BuildError> {
-    use kiln_cache::registry::{Registry, Remote};
+    use crate::registry::client::{Registry, Remote};
     let rt = crate::runtime::runtime()?;
     let remote = Remote::parse(text)?;
     let reg = Registry::new(rt.handle().clone(), std::slice::from_ref(&remote), &Default::default());

@@ -8,17 +8,26 @@ use kiln_cache::{PruneReport, Store};
 use crate::exec;
 use crate::BuildError;
 
-/// Evicts least-recently-used records until the blobs take at most `max_bytes`.
-pub fn prune(store: &Store, max_bytes: u64, waiting: &dyn Fn()) -> Result<PruneReport, BuildError> {
-    let report = store.prune(max_bytes, waiting)?;
-    exec::local::remove_rootless_garbage(store, waiting)?;
-    Ok(report)
+/// Evicts least-recently-used records until the blobs take at most
+/// `max_bytes`; `report` gets the store's report before the rootless cleanup.
+pub fn prune(
+    store: &Store,
+    max_bytes: u64,
+    waiting: &dyn Fn(),
+    report: &mut dyn FnMut(&PruneReport),
+) -> Result<(), BuildError> {
+    report(&store.prune(max_bytes, waiting)?);
+    exec::local::remove_rootless_garbage(store, waiting)
 }
 
-/// Removes what no record needs; returns the report and how many leftover
-/// secret folders were removed.
-pub fn gc(store: &Store, waiting: &dyn Fn()) -> Result<(PruneReport, usize), BuildError> {
-    let report = store.gc(waiting)?;
+/// Removes what no record needs; `report` gets the store's report before
+/// the rootless cleanup. Returns how many leftover secret folders it removed.
+pub fn gc(
+    store: &Store,
+    waiting: &dyn Fn(),
+    report: &mut dyn FnMut(&PruneReport),
+) -> Result<usize, BuildError> {
+    report(&store.gc(waiting)?);
     exec::local::remove_rootless_garbage(store, waiting)?;
-    Ok((report, exec::sweep_secret_folders()))
+    Ok(exec::sweep_secret_folders())
 }

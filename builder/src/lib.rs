@@ -5,7 +5,7 @@
 //! - [`mod@build`]: the plan (one cache key per step) and the build itself.
 //! - [`base`]: where an image starts: any image reference opened (layouts
 //!   and archives through `kiln_oci::import`, `docker:`, `registry:`).
-//! - [`context`]: copy sources inside the context, hashed through the stat index.
+//! - `context`: copy sources inside the context, hashed through the stat index.
 //! - [`inspect`], [`diff`]: reading images back.
 //! - `exec` (the `kiln-exec` crate, `builder/exec`): where `run` steps
 //!   execute ([`exec::Executor`]: the local sandbox, the Docker engine).
@@ -15,7 +15,9 @@
 //!   a bootable, reproducible VM disk.
 //! - `registry` (the `kiln-remote` crate, `builder/remote`): `registry:`
 //!   bases and outputs, the remote step cache.
-//! - [`lock`], [`sbom`]: `kiln lock` (base pins, packages) and `kiln sbom`.
+//! - [`lock`], [`sbom`], [`verify`], [`gc`]: `kiln lock` (base pins,
+//!   packages), `kiln sbom`, `kiln verify` (two builds compared) and
+//!   `kiln cache prune|gc` (the store's, then the executor's leftovers).
 //! - `runtime`: the async runtime registry and engine calls run on.
 
 pub mod base;
@@ -32,12 +34,13 @@ pub mod verify;
 // The formats, under the names the engine's modules use.
 pub use kiln_debian as packages;
 pub use kiln_exec as exec;
-pub use kiln_oci::{changes, error, export, extract, fstree, image, import, layer, listing, tarball, unpack};
+pub(crate) use kiln_oci::{changes, error, export, extract, fstree, image, import, layer, listing, tarball};
 pub use kiln_remote as registry;
 pub(crate) use kiln_vm as vm;
 
 pub use build::{build, plan, BuildOptions, BuildOutcome, PlannedStep};
 pub use exec::BackendChoice;
 pub use kiln_oci::layer::LayerBlob;
-pub use kiln_oci::reporter::{self, NullReporter, Reporter, StepInfo};
+pub(crate) use kiln_oci::reporter;
+pub use kiln_oci::reporter::{NullReporter, Reporter, StepInfo};
 pub use kiln_oci::BuildError;

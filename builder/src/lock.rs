@@ -2,7 +2,7 @@
 //! digests its tagged `registry:` bases name now, and its `[packages]`
 //! resolved against a Debian mirror.
 
-use kiln_cache::registry::{Registry, RegistryError, RegistryOptions, Remote};
+use crate::registry::client::{Registry, RegistryError, RegistryOptions, Remote};
 use kiln_recipes::recipe::Platform;
 use kiln_recipes::Recipe;
 

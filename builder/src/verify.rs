@@ -78,6 +78,7 @@ pub fn verify(recipe: &Path, opts: &VerifyOptions, note: &dyn Fn(&str)) -> Resul
     if first == second {
         return Ok(Verdict::Reproducible(first));
     }
+    note(&format!("NOT reproducible: {first} != {second}"));
     let store = Store::open(&work.path().join("diff-cache"))?;
     let changes = crate::diff::diff(
         &store,

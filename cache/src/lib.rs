@@ -29,15 +29,15 @@
 //! Modules: [`digest`] (the `sha256:` digest type and hashing writers),
 //! [`store`] (opening, records, atomic writes), [`blob`] (writing and checking
 //! blobs), [`index`] (the stat index), [`lock`] (file locks), [`prune`] (size
-//! accounting, LRU eviction and garbage collection), [`registry`] (the remote
-//! side: OCI registries, blobs streamed into and out of the store).
+//! accounting, LRU eviction and garbage collection). The store speaks no
+//! network: registries are `kiln-remote`'s, which streams their blobs in and
+//! out through [`BlobWriter`] and [`Store`].
 
 pub mod blob;
 pub mod digest;
 pub mod index;
 pub mod lock;
 pub mod prune;
-pub mod registry;
 pub mod store;
 
 pub use blob::BlobWriter;

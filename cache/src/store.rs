@@ -94,9 +94,11 @@ impl Serialize for RecordKind {
 /// Folders of data derived from blobs, which prune may remove and builds
 /// make again: layers unpacked for the local backend, and the pool of
 /// unpacked files they hard-link to. A rootless id mapping gets its own
-/// (`unpacked-TAG`, `files-TAG`), as its files belong to subordinate ids.
+/// (`unpacked-userns-ID`, `files-userns-ID`), as its files belong to
+/// subordinate ids.
 const UNPACKED: &str = "unpacked";
 const FILE_POOL: &str = "files";
+const MAPPING: &str = "-userns-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -115,7 +117,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
         let path = path.into();
         move |source| StoreError::Io { path, source }
     }
@@ -192,7 +194,8 @@ impl Store {
     }
 
     /// Where layers are unpacked for the local backend, by diff_id: for
-    /// root, or (with its tag) for one rootless id mapping.
+    /// root, or for one rootless id mapping (named by an id made of
+    /// letters, digits and `-`).
     pub fn unpacked_dir(&self, mapping: Option<&str>) -> PathBuf {
         self.derived_dir(UNPACKED, mapping)
     }
@@ -205,7 +208,7 @@ impl Store {
     fn derived_dir(&self, kind: &str, mapping: Option<&str>) -> PathBuf {
         match mapping {
             None => self.root.join(kind),
-            Some(tag) => self.root.join(format!("{kind}-{tag}")),
+            Some(id) => self.root.join(format!("{kind}{MAPPING}{id}")),
         }
     }
 
@@ -213,7 +216,9 @@ impl Store {
     /// mapping's derived folders: `Some(true)` for unpacked layers,
     /// `Some(false)` for a file pool.
     pub(crate) fn mapping_folder(name: &str) -> Option<bool> {
-        let rest = |kind: &str| name.strip_prefix(kind).and_then(|r| r.strip_prefix('-')).is_some();
+        let rest = |kind: &str| {
+            name.strip_prefix(kind).and_then(|r| r.strip_prefix(MAPPING)).is_some_and(|id| !id.is_empty())
+        };
         if rest(UNPACKED) {
             Some(true)
         } else if rest(FILE_POOL) {
@@ -344,4 +349,24 @@ pub fn write_atomic_in(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_stores_own_mapping_folders_are_taken_for_them() {
+        let store = Store { root: PathBuf::from("/c/v1") };
+        assert_eq!(
+            store.unpacked_dir(Some("1000-100000-65536")),
+            PathBuf::from("/c/v1/unpacked-userns-1000-100000-65536")
+        );
+        assert_eq!(store.file_pool_dir(None), PathBuf::from("/c/v1/files"));
+        assert_eq!(Store::mapping_folder("unpacked-userns-1000-100000-65536"), Some(true));
+        assert_eq!(Store::mapping_folder("files-userns-1000-100000-65536"), Some(false));
+        for other in ["unpacked", "files", "unpacked-userns-", "files-other", "unpacked-x", "steps", "tmp"] {
+            assert_eq!(Store::mapping_folder(other), None, "{other}");
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The kiln recipe language: the TOML schema, parsing with source spans, and
 //! validation into a typed [`Recipe`] that the builder compiles.
 //!
-//! - [`raw`]: the serde shape of the file, exactly as written (unknown keys are errors).
+//! - `raw`: the serde shape of the file, exactly as written (unknown keys are errors).
 //! - [`recipe`]: the validated, normalized recipe the rest of kiln uses.
 //! - [`parse`]: turns text into a [`Recipe`], checking every value.
 //! - [`diagnostic`]: [`RecipeError`], an error that points at the recipe text.

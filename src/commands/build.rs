@@ -3,7 +3,7 @@
 use kiln_builder::BuildError;
 use kiln_recipes::ImageRef;
 
-use super::{load, options, parse_cache_ref, parse_ref, parse_secret};
+use super::common::{load, options, parse_cache_ref, parse_ref, parse_secret};
 use crate::args::BuildArgs;
 
 pub(super) fn run(a: BuildArgs) -> Result<u8, BuildError> {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use kiln_builder::BuildError;
 use kiln_cache::prune::parse_size;
 
-use super::open_store;
+use super::common::open_store;
 use crate::args::CacheAction;
 
 pub(super) fn run(action: CacheAction, cache_dir: Option<PathBuf>) -> Result<u8, BuildError> {
@@ -51,11 +51,10 @@ pub(super) fn run(action: CacheAction, cache_dir: Option<PathBuf>) -> Result<u8,
                     Some("write sizes like `500M`, `2G` or `1048576`"),
                 )
             })?;
-            print_prune(&mut out, &kiln_builder::gc::prune(&store, max, &wait_note)?);
+            kiln_builder::gc::prune(&store, max, &wait_note, &mut |r| print_prune(&mut out, r))?;
         }
         CacheAction::Gc => {
-            let (report, swept) = kiln_builder::gc::gc(&store, &wait_note)?;
-            print_prune(&mut out, &report);
+            let swept = kiln_builder::gc::gc(&store, &wait_note, &mut |r| print_prune(&mut out, r))?;
             if swept > 0 {
                 eprintln!("kiln cache: removed {swept} secret folder(s) a killed kiln left");
             }

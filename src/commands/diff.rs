@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use kiln_builder::BuildError;
 
-use super::{open_store, parse_ref};
+use super::common::{open_store, parse_ref};
 
 pub(super) fn run(a: &str, b: &str, cache_dir: Option<PathBuf>, json: bool) -> Result<u8, BuildError> {
     let store = open_store(cache_dir)?;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use kiln_builder::BuildError;
 
-use super::{load, parse_platform};
+use super::common::{load, parse_platform};
 
 pub(super) fn run(recipe: &Path, platform: Option<String>, insecure: Vec<String>) -> Result<u8, BuildError> {
     let recipe = load(recipe)?;
@@ -15,7 +15,7 @@ pub(super) fn run(recipe: &Path, platform: Option<String>, insecure: Vec<String>
     let tagged = kiln_builder::base::tagged_bases(&recipe)?;
     let has_packages = kiln_builder::packages::of(&recipe).is_some();
     if !tagged.is_empty() {
-        let opts = kiln_cache::registry::RegistryOptions { insecure, monolithic: false };
+        let opts = kiln_builder::registry::client::RegistryOptions { insecure, monolithic: false };
         let (pins, changed) = kiln_builder::lock::bases(&recipe, &opts)?;
         let mut out = std::io::stdout().lock();
         for p in &pins {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use kiln_builder::BuildError;
 
-use super::{load, options};
+use super::common::{load, options};
 use crate::args::Common;
 
 pub(super) fn run(recipe: &Path, common: &Common, json: bool) -> Result<u8, BuildError> {

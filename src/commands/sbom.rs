@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use kiln_builder::BuildError;
 
-use super::{open_store, parse_ref};
+use super::common::{open_store, parse_ref};
 
 pub(super) fn run(target: &str, cache_dir: Option<PathBuf>) -> Result<u8, BuildError> {
     let store = open_store(cache_dir)?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use kiln_builder::verify::{Verdict, VerifyOptions};
 use kiln_builder::BuildError;
 
-use super::{load, parse_secret};
+use super::common::{load, parse_secret};
 use crate::args::Backend;
 
 pub(super) fn run(
@@ -43,8 +43,7 @@ pub(super) fn run(
             std::io::stderr().write_all(&stderr).ok();
             Ok(code)
         }
-        Verdict::Differs { first, second, changes } => {
-            eprintln!("verify: NOT reproducible: {first} != {second}");
+        Verdict::Differs { changes, .. } => {
             let mut out = std::io::stdout().lock();
             if changes.is_empty() {
                 let _ = writeln!(

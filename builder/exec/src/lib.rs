@@ -5,9 +5,9 @@
 //! (the store, the recipe types) only.
 //!
 //! - [`local`]: namespaces and overlayfs, no daemon (the default);
-//!   [`rootless`]: the user namespace and id mapping when kiln is not root.
+//!   `rootless`: the user namespace and id mapping when kiln is not root.
 //! - [`sandbox`]: the helper process the local backend re-executes;
-//!   [`confine`] and [`seccomp`]: what it takes away from a step (the
+//!   `confine` and `seccomp`: what it takes away from a step (the
 //!   engine's default capabilities, seccomp profile, masked /proc).
 //! - [`docker`]: a container in the engine at DOCKER_HOST, through bollard.
 //!
@@ -184,6 +184,19 @@ pub trait Executor: Send + Sync + std::fmt::Debug {
     /// itself.
     fn unpack_dir(&self, _store: &kiln_cache::Store) -> Option<std::path::PathBuf> {
         None
+    }
+
+    /// Takes the layer `diff_id`, unpacked at `staged` (in the store's
+    /// tmp folder) while it was written, with its stored listing, into the
+    /// folder [`Executor::unpack_dir`] named. Only called when that is `Some`.
+    fn adopt_unpacked(
+        &self,
+        _store: &kiln_cache::Store,
+        _staged: &std::path::Path,
+        _diff_id: &kiln_cache::Digest,
+        _listing: &kiln_oci::listing::ListingFile,
+    ) -> Result<(), crate::BuildError> {
+        Ok(())
     }
 
     /// Runs one command on top of the request's parent image, sending each

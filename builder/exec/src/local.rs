@@ -54,6 +54,21 @@ impl super::Executor for Local {
         matches!(self.mode, Mode::Root).then(|| unpacked_dir(store))
     }
 
+    /// Moved into `unpacked/DIFF_ID` and sealed, as if unpacked there.
+    fn adopt_unpacked(
+        &self,
+        store: &Store,
+        staged: &std::path::Path,
+        diff_id: &kiln_cache::Digest,
+        listing: &crate::listing::ListingFile,
+    ) -> Result<(), BuildError> {
+        let Some(dir) = self.unpack_dir(store) else { return Ok(()) };
+        fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
+        let dest = dir.join(diff_id.hex());
+        crate::unpack::adopt(staged, &dest)?;
+        crate::unpack::seal(store, &dest, listing)
+    }
+
     fn run(
         &self,
         store: &Store,

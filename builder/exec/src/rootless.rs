@@ -61,7 +61,7 @@ impl Mapping {
 
     /// A name for what this mapping puts on disk (unpacked layers differ by mapping).
     pub(crate) fn tag(&self) -> String {
-        format!("userns-{}-{}-{}", self.uid, self.sub_uid.0, self.sub_uid.1)
+        format!("{}-{}-{}", self.uid, self.sub_uid.0, self.sub_uid.1)
     }
 }
 

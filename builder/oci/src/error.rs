@@ -3,7 +3,6 @@
 use std::io;
 use std::path::PathBuf;
 
-use kiln_cache::registry::RegistryError;
 use kiln_cache::{Digest, StoreError};
 use kiln_recipes::RecipeError;
 
@@ -16,9 +15,10 @@ pub enum BuildError {
     #[error(transparent)]
     Store(#[from] StoreError),
 
-    /// A registry refused, could not be reached, or lacks what was asked.
+    /// A registry refused, could not be reached, or lacks what was asked
+    /// (the registry client, `kiln-remote`, says which exit code and hint).
     #[error("{0}")]
-    Registry(RegistryError),
+    Registry(Box<dyn RegistryFailure>),
 
     #[error("Cannot read `{}`", path.display())]
     Read {
@@ -77,12 +77,15 @@ fn tail_text(tail: &[String]) -> String {
     s
 }
 
-// By hand, not `#[from]`: that would make the registry error the source
-// too, and the message would print twice.
-impl From<RegistryError> for BuildError {
-    fn from(e: RegistryError) -> Self {
-        BuildError::Registry(e)
-    }
+/// A registry client's error, as [`BuildError::Registry`] carries it. The
+/// client lives above this crate (`kiln-remote`), so it says itself what
+/// its failures mean; `as_any` lets the engine tell them apart. Its
+/// message is shown as the error's (not as a source, which would print it twice).
+pub trait RegistryFailure: std::error::Error + Send + Sync + 'static {
+    /// 2 when the reference or what it names is wrong, else 3.
+    fn exit_code(&self) -> i32;
+    fn hint(&self) -> Option<String>;
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 impl From<RecipeError> for BuildError {
@@ -118,9 +121,7 @@ impl BuildError {
             | BuildError::NotReproducible(_)
             | BuildError::CommandFailed { .. } => 1,
             BuildError::Environment { .. } => 3,
-            BuildError::Registry(RegistryError::NotFound { .. } | RegistryError::BadReference { .. }) => 2,
-            BuildError::Registry(RegistryError::Store(StoreError::DigestMismatch { .. })) => 2,
-            BuildError::Registry(_) => 3,
+            BuildError::Registry(e) => e.exit_code(),
             BuildError::Store(StoreError::DigestMismatch { .. }) => 2,
             BuildError::Store(_) | BuildError::Read { .. } | BuildError::Write { .. } => 3,
         }
@@ -138,21 +139,7 @@ impl BuildError {
             BuildError::Write { .. } => Some("check the folder's permissions and free space".into()),
             BuildError::Changed { .. } => Some("something modified the context during the build; run the build again".into()),
             BuildError::Usage { hint, .. } => hint.clone(),
-            BuildError::Registry(RegistryError::Refused { host, .. }) => Some(format!(
-                "check the credentials for {host}: `docker login {host}`, or KILN_REGISTRY_AUTH with a Docker config"
-            )),
-            BuildError::Registry(RegistryError::Unreachable { host, .. }) => Some(format!(
-                "nothing half-transferred was kept; check that {host} is up and reachable and run the command again (a registry that speaks plain HTTP needs `--insecure-registry {host}`)"
-            )),
-            BuildError::Registry(RegistryError::NotFound { .. }) => {
-                Some("check the repository, tag or digest, e.g. `skopeo list-tags docker://HOST/REPO`".into())
-            }
-            BuildError::Registry(RegistryError::Auth(_)) => {
-                Some("fix the Docker config (or KILN_REGISTRY_AUTH) it names".into())
-            }
-            BuildError::Registry(RegistryError::Protocol { .. }) => {
-                Some("nothing was kept from this transfer; try again, and if it persists check the registry".into())
-            }
+            BuildError::Registry(e) => e.hint(),
             BuildError::Environment { hint, .. } => Some(hint.clone()),
             BuildError::Integrity { hint, .. } if !hint.is_empty() => Some(hint.clone()),
             BuildError::CommandFailed { .. } => Some(

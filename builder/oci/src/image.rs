@@ -15,7 +15,13 @@ use kiln_recipes::recipe::Platform;
 
 use crate::error::BuildError;
 
-pub const MANIFEST_MEDIA_TYPE: &str = kiln_cache::registry::OCI_MANIFEST;
+pub const MANIFEST_MEDIA_TYPE: &str = OCI_MANIFEST;
+/// The manifest and index media types kiln reads, OCI's and Docker's
+/// (the one place they are spelled; the registry client asks for these).
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub(crate) const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 
 /// One layer of an image.

@@ -22,7 +22,7 @@ use crate::image::{json_error, ImageLayer, StoredImage, CONFIG_MEDIA_TYPE, MAX_D
 use crate::listing::Listing;
 
 // The media types the registry client also speaks, defined once there.
-use kiln_cache::registry::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
+use crate::image::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
 use kiln_recipes::recipe::Platform;
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const LAYER_TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";

@@ -1,7 +1,7 @@
 //! kiln's image formats, with no knowledge of recipes' steps, backends or
 //! registries: what the other engine crates build on.
 //!
-//! - [`tarball`], [`gzip`], [`layer`]: reproducible layers (headers written
+//! - [`tarball`], `gzip`, [`layer`]: reproducible layers (headers written
 //!   by hand, one compressor, entries sorted).
 //! - [`listing`]: a layer's entries, checked as its tar is read, stored
 //!   sorted on disk; [`fstree`]: the merged tree of a stack of layers.

@@ -12,6 +12,9 @@ pub fn of_env(env: &[String]) -> &str {
 /// `name` found through `path`: a name with a `/` is taken as it is; else
 /// the first `DIR/name` of PATH's non-empty entries, in order, that
 /// `is_program` accepts (the caller knows where the image's files are).
+/// A trailing `/` of an entry is dropped (`/opt/bin/` gives `/opt/bin/x`),
+/// as runc's lookup does, so the local sandbox executes the same path the
+/// Docker engine would (a shebang script sees it as `$0`).
 pub fn lookup(name: &str, path: &str, is_program: impl Fn(&str) -> bool) -> Option<String> {
     if name.contains('/') {
         return Some(name.to_string());

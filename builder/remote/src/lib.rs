@@ -1,7 +1,11 @@
 //! kiln-remote: images in registries: `registry:` bases pulled into the
 //! store and checked like any imported image, `-o registry:` pushes, and
 //! the remote step cache (`--cache-from` / `--cache-to`). Depends on the
-//! formats (`kiln-oci`) and the store (whose registry client it drives).
+//! formats (`kiln-oci`) and the store.
+//!
+//! - [`client`]: the OCI distribution client (on `oci-client`): manifests
+//!   and blobs streamed into and out of the store; `client::auth`:
+//!   credentials from KILN_REGISTRY_AUTH, a Docker config, helpers.
 //!
 //! The remote cache is one OCI artifact manifest per cache reference
 //! (default tag `kiln-cache`):
@@ -22,11 +26,13 @@
 //! `--cache-to` merges with the index already there (this build's entries
 //! first), keeping at most [`MAX_ENTRIES`] steps.
 
+pub mod client;
+
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::json;
 
-use kiln_cache::registry::{
+use crate::client::{
     Manifest, Pushed, Registry, RegistryError, Remote, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
 use kiln_cache::{Digest, Store};
@@ -56,7 +62,7 @@ fn manifest_by_digest(store: &Store, reg: &Registry, r: &Remote) -> Result<Manif
     let d = r.digest.expect("a digest reference");
     if store.verify_blob(&d)? {
         let bytes = store.read_blob(&d)?;
-        if let Some(media_type) = kiln_cache::registry::media_type_of(&bytes) {
+        if let Some(media_type) = crate::client::media_type_of(&bytes) {
             return Ok(Manifest { bytes, digest: d, media_type });
         }
     }

@@ -6,11 +6,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use kiln_cache::registry::{Registry, RegistryError, Remote};
+use crate::registry::client::{Registry, RegistryError, Remote};
 use kiln_cache::{Digest, Store, StoreError};
 use kiln_recipes::{Base, Recipe};
 
-use super::{BuildOptions, PlannedStep};
+use super::model::{BuildOptions, PlannedStep};
 use crate::error::BuildError;
 use crate::image::ImageLayer;
 use crate::listing::Listing;
@@ -31,7 +31,7 @@ pub(super) struct StepCache {
     store: Store,
     rt: tokio::runtime::Handle,
     reporter: Arc<dyn Reporter>,
-    registry_opts: kiln_cache::registry::RegistryOptions,
+    registry_opts: crate::registry::client::RegistryOptions,
     /// Made on first use: building a TLS client costs a few milliseconds.
     registry: OnceLock<Registry>,
     /// Every registry reference of the build (for the client's plain-HTTP list).
@@ -176,7 +176,12 @@ impl StepCache {
             };
             skipped += match push() {
                 // A remote hit this build never needed, and no mount from where it is: fetch it, push it.
-                Err(BuildError::Registry(RegistryError::Store(StoreError::Missing(_)))) => {
+                Err(e)
+                    if matches!(
+                        crate::registry::client::registry_error(&e),
+                        Some(RegistryError::Store(StoreError::Missing(_)))
+                    ) =>
+                {
                     self.materialize(std::slice::from_ref(l))?;
                     push()?
                 }

@@ -12,7 +12,7 @@ use kiln_cache::{Digest, StatIndex};
 use kiln_recipes::recipe::Platform;
 use kiln_recipes::{Recipe, RunStep, Step, StepKind};
 
-use super::Built;
+use super::model::Built;
 use crate::context::{scan_copy, Context, CopySource};
 use crate::error::BuildError;
 use crate::exec;

@@ -2,6 +2,8 @@
 //! made, its output masked and cut before anything shows it, and a failed
 //! command turned into the error that names the step.
 
+use std::sync::Arc;
+
 use oci_spec::image::ImageConfiguration;
 
 use kiln_cache::Store;
@@ -16,24 +18,25 @@ use crate::image::ImageLayer;
 use crate::reporter::{Reporter, StepInfo};
 
 use super::keys::RunPlan;
-use super::step_label;
+use super::model::step_label;
 
 /// Where a `run` step runs and what it may read.
 pub(super) struct RunEnv<'a> {
-    pub(crate) recipe: &'a Recipe,
-    pub(crate) store: &'a Store,
-    pub(crate) platform: &'a Platform,
-    pub(crate) executor: &'a dyn Executor,
-    pub(crate) reporter: &'a dyn Reporter,
+    pub(super) recipe: &'a Recipe,
+    pub(super) store: &'a Store,
+    pub(super) platform: &'a Platform,
+    /// The executor, connected only once the step's own checks passed.
+    pub(super) executor: &'a dyn Fn() -> Result<Arc<dyn Executor>, BuildError>,
+    pub(super) reporter: &'a dyn Reporter,
     /// Every secret given to the build (`--secret`); a step gets those it names.
-    pub(crate) secrets: &'a [(String, Vec<u8>)],
+    pub(super) secrets: &'a [(String, Vec<u8>)],
 }
 
 /// The parent image a step runs on.
 pub(super) struct Parent<'a> {
-    pub(crate) layers: &'a [ImageLayer],
-    pub(crate) tree: &'a FsTree,
-    pub(crate) config: &'a ImageConfiguration,
+    pub(super) layers: &'a [ImageLayer],
+    pub(super) tree: &'a FsTree,
+    pub(super) config: &'a ImageConfiguration,
 }
 
 /// Runs the command; its changes, and what must live until they are written.
@@ -60,7 +63,7 @@ pub(super) fn run_step(
     };
     let values: Vec<&[u8]> = secrets.iter().map(|(_, v)| v.as_slice()).filter(|v| !v.is_empty()).collect();
     let mut on_line = |line: &str| env.reporter.on_step_output(info, &exec::cut_line(redact(line, &values)));
-    match env.executor.run(env.store, &req, &mut on_line)? {
+    match (env.executor)()?.run(env.store, &req, &mut on_line)? {
         RunResult::Changed { changes, keep } => Ok((changes, keep)),
         RunResult::Failed { code, tail } => Err(BuildError::CommandFailed {
             location: format!("{}:{}", env.recipe.file.display(), info.line),

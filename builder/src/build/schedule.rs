@@ -9,9 +9,9 @@ use std::sync::Arc;
 use kiln_recipes::recipe::Stage;
 use kiln_recipes::Recipe;
 
+use super::model::{Built, Target};
 use super::session::Session;
 use super::target::build_target;
-use super::{Built, Target};
 
 type Slot = tokio::sync::watch::Receiver<Option<Option<Arc<Built>>>>;
 

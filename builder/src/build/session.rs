@@ -20,7 +20,7 @@ use crate::reporter::{Reporter, StepInfo};
 use super::backends::Backends;
 use super::cache::StepCache;
 use super::keys::Planner;
-use super::{describe, BuildOptions, Built, PlannedStep, Target};
+use super::model::{describe, BuildOptions, Built, PlannedStep, Target};
 
 pub(super) struct Session {
     pub(super) recipe: Recipe,

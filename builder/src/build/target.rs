@@ -14,6 +14,7 @@ use kiln_recipes::{Step, StepKind};
 use crate::base::BaseImage;
 use crate::changes;
 use crate::error::BuildError;
+use crate::exec::Executor;
 use crate::fstree::FsTree;
 use crate::image::{history, ImageLayer};
 use crate::layer;
@@ -22,10 +23,10 @@ use crate::reporter::StepInfo;
 
 use super::cache::Cached;
 use super::keys::Prepared;
+use super::model::{history_text, step_label, Built, PlannedStep, Target};
 use super::run::{run_step, Parent, RunEnv};
 use super::session::Session;
 use super::steps::{copy_entries, copy_from_entries, package_entries, write_entries};
-use super::{history_text, step_label, Built, PlannedStep, Target};
 
 type Done = HashMap<String, Arc<Built>>;
 
@@ -162,12 +163,11 @@ impl TargetBuild<'_> {
                 entries
             }
             (StepKind::Run(run), Prepared::Run(plan)) => {
-                let executor = s.backends.executor()?;
                 let env = RunEnv {
                     recipe,
                     store: &s.store,
                     platform: &s.platform,
-                    executor: executor.as_ref(),
+                    executor: &|| s.backends.executor(),
                     reporter: s.reporter.as_ref(),
                     secrets: &s.opts.secrets,
                 };
@@ -194,11 +194,11 @@ impl TargetBuild<'_> {
     ) -> Result<(ImageLayer, ListingFile), BuildError> {
         let s = self.s;
         let timer = Instant::now();
-        let unpack_dir = match next {
-            Some(next) => self.unpack_dir_for(next, &key),
+        let executor = match next {
+            Some(next) => self.unpacks_for(next, &key),
             None => None,
         };
-        let staging = match unpack_dir {
+        let staging = match executor {
             Some(_) => Some(
                 tempfile::Builder::new()
                     .prefix("unpack-")
@@ -209,11 +209,8 @@ impl TargetBuild<'_> {
         };
         let folder = staging.as_ref().map(|d| d.path().join("root"));
         let (blob, listing) = layer::write_layer_unpacking(&s.store, entries, s.epoch, folder.as_deref())?;
-        if let (Some(f), Some(dir)) = (&folder, &unpack_dir) {
-            let dest = dir.join(blob.diff_id.hex());
-            std::fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
-            crate::unpack::adopt(f, &dest)?;
-            crate::unpack::seal(&s.store, &dest, &listing)?;
+        if let (Some(f), Some(e)) = (&folder, &executor) {
+            e.adopt_unpacked(&s.store, f, &blob.diff_id, &listing)?;
         }
         tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, unpacked = folder.is_some(), "layer written");
         s.reporter.on_layer_written(info, &blob);
@@ -227,19 +224,20 @@ impl TargetBuild<'_> {
         Ok((layer, listing))
     }
 
-    /// Where to unpack the layer being written: the executor's folder of
-    /// unpacked layers, when `next` is a `run` step that will miss and the
-    /// executor runs on unpacked folders (never for a step no `run` follows).
-    fn unpack_dir_for(&self, next: &Step, key: &Digest) -> Option<std::path::PathBuf> {
+    /// The executor to hand the layer being written to, unpacked: when
+    /// `next` is a `run` step that will miss and the executor runs on
+    /// unpacked folders (never for a step no `run` follows).
+    fn unpacks_for(&self, next: &Step, key: &Digest) -> Option<Arc<dyn Executor>> {
         let s = self.s;
         if !matches!(next.kind, StepKind::Run(_)) {
             return None;
         }
-        let dir = s.backends.executor().ok().and_then(|e| e.unpack_dir(&s.store))?;
+        let executor = s.backends.executor().ok()?;
+        executor.unpack_dir(&s.store)?;
         let (k, _) = s.planner().key(&key.to_string(), next, &self.run_config, self.done).ok()?;
         let misses =
             s.opts.no_cache || !matches!(s.cache.lookup(&k), Ok(Cached::Hit(_) | Cached::Remote(..)));
-        misses.then_some(dir)
+        misses.then_some(executor)
     }
 }
 

@@ -3,16 +3,16 @@
 //! no root. Depends on the formats (`kiln-oci`) and the store; it takes
 //! Debian's version order from `kiln-debian` to pick the newest kernel.
 //!
-//! - [`flatten`]: the layers unpacked into one folder, whiteouts applied.
-//! - [`ext4`]: that folder as a reproducible ext4 image.
-//! - [`initramfs`] and [`init`]: the kernel the image holds, the modules its
+//! - `flatten`: the layers unpacked into one folder, whiteouts applied.
+//! - `ext4`: that folder as a reproducible ext4 image.
+//! - `initramfs` and `init`: the kernel the image holds, the modules its
 //!   root needs, and kiln's own `/init` that mounts the root and runs the
 //!   image's entrypoint.
-//! - [`bootfs`]: the boot partition: FAT with syslinux (BIOS) or an EFI
+//! - `bootfs`: the boot partition: FAT with syslinux (BIOS) or an EFI
 //!   system partition with systemd-boot (UEFI).
-//! - [`disk`]: the partition table (MBR or GPT) and the partitions put
+//! - `disk`: the partition table (MBR or GPT) and the partitions put
 //!   together; qcow2.
-//! - [`tools`]: the host tools used, and their versions.
+//! - `tools`: the host tools used, and their versions.
 //!
 //! Each partition file is kept in the store (`disks/KEY` records), keyed by
 //! what it is made from: its layers, sizes, epoch and tool versions for the

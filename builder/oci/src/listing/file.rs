@@ -29,7 +29,7 @@ use std::sync::Mutex;
 
 use kiln_cache::Digest;
 
-use super::{Kind, ListEntry};
+use super::entry::{Kind, ListEntry};
 use crate::image::open_regular;
 
 const MAGIC: &[u8; 8] = b"KLST\x02\n\0\0";

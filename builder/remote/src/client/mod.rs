@@ -25,15 +25,10 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::{Reference, RegistryOperation};
 
-use crate::digest::Digest;
-use crate::store::{Store, StoreError};
-use crate::BlobWriter;
 pub(crate) use auth::{Credential, Found};
+use kiln_cache::{BlobWriter, Digest, Store, StoreError};
+pub(crate) use kiln_oci::image::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 /// Manifests larger than this are refused (distribution's own limit is 4 MiB).
 const MANIFEST_MAX: usize = 4 << 20;
@@ -59,12 +54,59 @@ pub enum RegistryError {
     Store(#[from] StoreError),
 }
 
+impl kiln_oci::error::RegistryFailure for RegistryError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            RegistryError::NotFound { .. } | RegistryError::BadReference { .. } => 2,
+            RegistryError::Store(StoreError::DigestMismatch { .. }) => 2,
+            _ => 3,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            RegistryError::Refused { host, .. } => Some(format!(
+                "check the credentials for {host}: `docker login {host}`, or KILN_REGISTRY_AUTH with a Docker config"
+            )),
+            RegistryError::Unreachable { host, .. } => Some(format!(
+                "nothing half-transferred was kept; check that {host} is up and reachable and run the command again (a registry that speaks plain HTTP needs `--insecure-registry {host}`)"
+            )),
+            RegistryError::NotFound { .. } => {
+                Some("check the repository, tag or digest, e.g. `skopeo list-tags docker://HOST/REPO`".into())
+            }
+            RegistryError::Auth(_) => Some("fix the Docker config (or KILN_REGISTRY_AUTH) it names".into()),
+            RegistryError::Protocol { .. } => {
+                Some("nothing was kept from this transfer; try again, and if it persists check the registry".into())
+            }
+            RegistryError::BadReference { .. } | RegistryError::Store(_) => None,
+        }
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl From<RegistryError> for kiln_oci::BuildError {
+    fn from(e: RegistryError) -> Self {
+        kiln_oci::BuildError::Registry(Box::new(e))
+    }
+}
+
+/// What a [`kiln_oci::BuildError`] says of a registry, when it is one.
+pub fn registry_error(e: &kiln_oci::BuildError) -> Option<&RegistryError> {
+    match e {
+        kiln_oci::BuildError::Registry(r) => r.as_any().downcast_ref(),
+        _ => None,
+    }
+}
+
 /// A repository in a registry, with a tag or a digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Remote {
     pub host: String,
     pub repo: String,
-    pub tag: Option<String>,
+    pub(crate) tag: Option<String>,
     pub digest: Option<Digest>,
 }
 
@@ -77,7 +119,7 @@ impl Remote {
 
     /// [`Remote::parse`], with `default_tag` when the text names neither a
     /// tag nor a digest (e.g. a cache's `kiln-cache`).
-    pub fn parse_with_default_tag(s: &str, default_tag: &str) -> Result<Remote, RegistryError> {
+    pub(crate) fn parse_with_default_tag(s: &str, default_tag: &str) -> Result<Remote, RegistryError> {
         let bad = |reason: String| RegistryError::BadReference { reference: s.to_string(), reason };
         let r: Reference = s.parse().map_err(|e: oci_client::ParseError| bad(e.to_string()))?;
         let digest = match r.digest() {
@@ -144,7 +186,7 @@ pub struct RegistryOptions {
 
 /// What pushing one blob did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pushed {
+pub(crate) enum Pushed {
     /// The repository had it.
     Present,
     /// Mounted from another repository of the same registry.
@@ -156,14 +198,14 @@ pub enum Pushed {
 /// A manifest (or index) as the registry holds it.
 #[derive(Debug, Clone)]
 pub struct Manifest {
-    pub bytes: Vec<u8>,
+    pub(crate) bytes: Vec<u8>,
     pub digest: Digest,
-    pub media_type: String,
+    pub(crate) media_type: String,
 }
 
 /// A manifest's media type: its `mediaType`, else guessed from its shape
 /// (an index lists `manifests`). `None` when it is not a JSON object.
-pub fn media_type_of(bytes: &[u8]) -> Option<String> {
+pub(crate) fn media_type_of(bytes: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Head {
         #[serde(default, rename = "mediaType")]
@@ -351,7 +393,7 @@ impl Registry {
 
     /// [`Registry::manifest`] in one attempt, for checks that may fail
     /// quietly (whether a pinned tag has moved, when offline).
-    pub fn manifest_once(&self, r: &Remote) -> Result<Option<Manifest>, RegistryError> {
+    pub(crate) fn manifest_once(&self, r: &Remote) -> Result<Option<Manifest>, RegistryError> {
         self.rt.block_on(async {
             self.authenticate(r, false).await?;
             let res = self
@@ -444,7 +486,7 @@ impl Registry {
     /// Puts the store's blob `d` into repository `r`: skipped when it is
     /// there, mounted from `mount_from` (same registry) when that works,
     /// else uploaded from the file.
-    pub fn push_blob(
+    pub(crate) fn push_blob(
         &self,
         store: &Store,
         r: &Remote,
@@ -498,7 +540,7 @@ impl Registry {
     }
 
     /// Puts a manifest under `r`'s tag (or digest); returns its digest.
-    pub fn push_manifest(&self, r: &Remote, bytes: &[u8], media_type: &str) -> Result<Digest, RegistryError> {
+    pub(crate) fn push_manifest(&self, r: &Remote, bytes: &[u8], media_type: &str) -> Result<Digest, RegistryError> {
         self.retrying(&r.host, || {
             self.rt.block_on(async {
                 self.authenticate(r, true).await?;
