@@ -69,24 +69,25 @@ clean:
 	$(CARGO) clean
 	rm -rf out bench/work
 
-## The code before issue 13 (run steps unconfined), built once: W2 measures
-## what confinement costs against it, in the same run.
+# An older commit's release build, made once: $(1) the commit, $(2) the
+# folder under target/ (its sources in target/$(2)-src).
+define build_rev
+	@if [ ! -x target/$(2)/release/kiln ]; then \
+		rm -rf target/$(2)-src && mkdir -p target/$(2)-src && \
+		git archive $(1) | tar -x -C target/$(2)-src && \
+		CARGO_TARGET_DIR=$(CURDIR)/target/$(2) $(CARGO) build --release --locked \
+			--manifest-path target/$(2)-src/Cargo.toml; \
+	fi
+endef
+
+## The code before issue 13 (run steps unconfined): W2 measures what
+## confinement costs against it, in the same run.
 BASELINE_REV ?= fcd90fd
 bench-baseline:
-	@if [ ! -x target/baseline/release/kiln ]; then \
-		rm -rf target/baseline-src && mkdir -p target/baseline-src && \
-		git archive $(BASELINE_REV) | tar -x -C target/baseline-src && \
-		CARGO_TARGET_DIR=$(CURDIR)/target/baseline $(CARGO) build --release --locked \
-			--manifest-path target/baseline-src/Cargo.toml; \
-	fi
+	$(call build_rev,$(BASELINE_REV),baseline)
 
-## The code before issue 14 (the engine split into crates), built once:
-## W1-W5 run with it and with this checkout, alternating, in the same run.
+## The code before issue 14 (the engine split into crates): W1-W5 run with
+## it and with this checkout, alternating, in the same run.
 BEFORE14_REV ?= c963289
 bench-before14:
-	@if [ ! -x target/before14/release/kiln ]; then \
-		rm -rf target/before14-src && mkdir -p target/before14-src && \
-		git archive $(BEFORE14_REV) | tar -x -C target/before14-src && \
-		CARGO_TARGET_DIR=$(CURDIR)/target/before14 $(CARGO) build --release --locked \
-			--manifest-path target/before14-src/Cargo.toml; \
-	fi
+	$(call build_rev,$(BEFORE14_REV),before14)

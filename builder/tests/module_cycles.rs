@@ -2,7 +2,7 @@
 //! reads every `crate::NAME` a source file names and looks for a cycle among
 //! each crate's top-level modules; and inside every folder module, the
 //! children its `mod.rs` names against the siblings or parent each child
-//! names through `super::`. (Cargo already refuses cycles between crates.)
+//! names (through `super::` or the folder's `crate::` path). (Cargo already refuses cycles between crates.)
 //! Run alone: `cargo nextest run -p kiln-builder --test module_cycles`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -91,23 +91,60 @@ fn cycle(g: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     g.keys().find_map(|n| visit(g, n, &mut Vec::new(), &mut done))
 }
 
-/// The source of a file without its `#[cfg(test)]` module (last, by
-/// clippy's rule), whose `super::` is the file itself.
-fn without_tests(text: &str) -> &str {
-    text.find("#[cfg(test)]").map_or(text, |i| &text[..i])
+/// The source of a file without its line comments and its trailing
+/// `#[cfg(test)] mod tests` (whose `super::` is the file itself).
+fn code_of(text: &str) -> String {
+    let text = match text.find("#[cfg(test)]\nmod tests") {
+        Some(i) => &text[..i],
+        None => text,
+    };
+    text.lines().map(|l| l.find("//").map_or(l, |i| &l[..i])).collect::<Vec<_>>().join("\n")
 }
 
-/// Whether `text` names `name::` as a path (not `other_name::` or `x::name::`).
-fn names_path(text: &str, name: &str) -> bool {
-    let pat = format!("{name}::");
-    text.match_indices(&pat)
-        .any(|(i, _)| !text[..i].chars().last().is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':'))
+/// The names a path continuing at `rest` (just after `PREFIX::`) reaches
+/// first: `a::b` gives `a`; `{a, b::{c, d}}` gives `a` and `b`; `*` gives `*`.
+fn first_names(rest: &str) -> Vec<String> {
+    let ident = |t: &str| -> String {
+        t.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '*').collect()
+    };
+    let Some(group) = rest.strip_prefix('{') else { return vec![ident(rest)] };
+    let (mut depth, mut start, mut out) = (0, 0, Vec::new());
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                out.push(ident(group[start..i].trim()));
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(ident(group[start..i].trim()));
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
-/// Inside the folder module `dir`: `mod` (its mod.rs) -> the children it
-/// names; each child -> the siblings it names through `super::NAME`, or
+/// Where `text` names a path through `prefix` (`super::`, `crate::build::`,
+/// `self::`), not as the tail of a longer path or name: the names it reaches.
+fn paths_through(text: &str, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, _) in text.match_indices(prefix) {
+        if text[..i].chars().last().is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+            continue;
+        }
+        out.extend(first_names(&text[i + prefix.len()..]));
+    }
+    out
+}
+
+/// Inside the folder module `dir` (whose path in its crate is `path`, e.g.
+/// `build`): `mod` (its mod.rs) -> the children it names; each child -> the
+/// siblings it names through `super::` or the folder's `crate::` path, or
 /// `mod` for anything else it takes from its parent.
-fn folder_graph(dir: &Path) -> BTreeMap<String, BTreeSet<String>> {
+fn folder_graph(dir: &Path, path: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut children = BTreeMap::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
@@ -118,28 +155,31 @@ fn folder_graph(dir: &Path) -> BTreeMap<String, BTreeSet<String>> {
             children.insert(name, p);
         }
     }
+    let through_folder = format!("crate::{path}::");
     let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let parent = std::fs::read_to_string(dir.join("mod.rs")).unwrap();
-    let parent = without_tests(&parent);
-    let uses = g.entry("mod".into()).or_default();
-    uses.extend(children.keys().filter(|c| names_path(parent, c)).cloned());
-    for (name, path) in &children {
-        let text = std::fs::read_to_string(path).unwrap();
-        let text = without_tests(&text);
+    let parent = code_of(&std::fs::read_to_string(dir.join("mod.rs")).unwrap());
+    let mut named: Vec<String> = Vec::new();
+    for prefix in ["self::", through_folder.as_str()] {
+        named.extend(paths_through(&parent, prefix));
+    }
+    for c in children.keys() {
+        // A plain `child::` path (what `use child::X` and `child::f()` write).
+        if !paths_through(&parent, &format!("{c}::")).is_empty() {
+            named.push(c.clone());
+        }
+    }
+    g.entry("mod".into()).or_default().extend(named.into_iter().filter(|n| children.contains_key(n)));
+    for (name, file) in &children {
+        let text = code_of(&std::fs::read_to_string(file).unwrap());
         let uses = g.entry(name.clone()).or_default();
-        for (i, _) in text.match_indices("super::") {
-            let rest = &text[i + 7..];
-            let named: Vec<String> = match rest.strip_prefix('{') {
-                // `super::{a, b::c}`: the first name of each part.
-                Some(group) => group[..group.find('}').unwrap_or(group.len())]
-                    .split(',')
-                    .map(|part| part.trim().split("::").next().unwrap_or("").to_string())
-                    .collect(),
-                None => vec![rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect()],
-            };
-            for n in named.into_iter().filter(|n| !n.is_empty()) {
-                uses.insert(if children.contains_key(&n) { n } else { "mod".into() });
+        for n in paths_through(&text, "super::").into_iter().chain(paths_through(&text, &through_folder)) {
+            if n.is_empty() {
+                continue;
             }
+            uses.insert(if children.contains_key(&n) { n } else { "mod".into() });
+        }
+        if text.contains(&format!("crate::{path};")) || text.contains(&format!("crate::{path} as")) {
+            uses.insert("mod".into());
         }
         uses.remove(name);
     }
@@ -168,8 +208,15 @@ fn folder_modules(src: &Path) -> Vec<PathBuf> {
 fn no_folder_module_has_a_cycle_between_its_parent_and_children() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     for c in CRATES {
-        for dir in folder_modules(&root.join(c)) {
-            let g = folder_graph(&dir);
+        let src = root.join(c);
+        for dir in folder_modules(&src) {
+            let path: Vec<String> = dir
+                .strip_prefix(&src)
+                .unwrap()
+                .components()
+                .map(|p| p.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            let g = folder_graph(&dir, &path.join("::"));
             if let Some(cyc) = cycle(&g) {
                 panic!("{}: the modules {} import each other in a circle", dir.display(), cyc.join(" -> "));
             }
@@ -181,14 +228,21 @@ fn no_folder_module_has_a_cycle_between_its_parent_and_children() {
 fn the_folder_checker_sees_super_paths() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    std::fs::write(dir.join("mod.rs"), "mod a;\nmod b;\npub use a::A;\n").unwrap();
-    std::fs::write(dir.join("a.rs"), "use super::{b::B, Shared};\n").unwrap();
-    std::fs::write(dir.join("b.rs"), "pub struct B;\n#[cfg(test)]\nmod tests { use super::*; }\n").unwrap();
-    let g = folder_graph(&dir);
-    assert_eq!(g["mod"], ["a".to_string()].into());
+    let write = |f: &str, t: &str| std::fs::write(dir.join(f), t).unwrap();
+    write("mod.rs", "mod a;\nmod b;\nmod c;\nmod d;\npub use a::A; // c::nothing\npub use self::d::D;\n");
+    write("a.rs", "use super::{b::{B, C}, Shared};\n");
+    write("b.rs", "pub struct B;\n#[cfg(test)]\nfn only_in_tests() {}\nuse super::c::X;\n#[cfg(test)]\nmod tests { use super::*; }\n");
+    write("c.rs", "use super::*;\n");
+    write("d.rs", "use crate::folder::{b::B, Thing};\n");
+    let g = folder_graph(&dir, "folder");
+    assert_eq!(g["mod"], ["a".to_string(), "d".to_string()].into(), "a comment names nothing");
     assert_eq!(g["a"], ["b".to_string(), "mod".to_string()].into());
-    assert!(g["b"].is_empty(), "a test module's `super::` is its own file");
-    assert_eq!(cycle(&g).unwrap(), ["a", "mod", "a"]);
+    assert_eq!(g["b"], ["c".to_string()].into(), "after a test-only item, and not from the tests module");
+    assert_eq!(g["c"], ["mod".to_string()].into(), "a glob takes from the parent");
+    assert_eq!(g["d"], ["b".to_string(), "mod".to_string()].into(), "the folder's crate:: path");
+    let cyc = cycle(&g).expect("mod -> a -> mod");
+    assert_eq!((cyc.first(), cyc.last()), (Some(&"a".to_string()), Some(&"a".to_string())));
+    assert!(cyc.contains(&"mod".to_string()), "{cyc:?}");
 }
 
 #[test]

@@ -18,7 +18,8 @@
 //! v1/seals/NAME.json      what an unpacked layer folder held when it was made
 //! v1/unpacked/DIFFID/     layers unpacked for the local backend (derived; prune removes them first)
 //! v1/files/SHA256-MODE-UID-GID-MTIME   the pool of unpacked files those folders hard-link to
-//! v1/unpacked-TAG/, v1/files-TAG/   the same for one rootless id mapping (files of subordinate ids)
+//! v1/unpacked-userns-UID-SUBUID-COUNT/, v1/files-userns-UID-SUBUID-COUNT/
+//!                         the same for one rootless id mapping (files of subordinate ids)
 //! v1/tmp/                 writes in progress, renamed into place when complete
 //! v1/store.lock           shared by builds, exclusive for prune and gc
 //! ```

@@ -21,7 +21,7 @@ use crate::fstree::FsTree;
 use crate::image::{json_error, ImageLayer, StoredImage, CONFIG_MEDIA_TYPE, MAX_DOCUMENT};
 use crate::listing::Listing;
 
-// The media types the registry client also speaks, defined once there.
+// The media types the registry client also asks for, defined once in image.rs.
 use crate::image::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
 use kiln_recipes::recipe::Platform;
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";

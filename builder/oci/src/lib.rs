@@ -1,5 +1,8 @@
 //! kiln's image formats, with no knowledge of recipes' steps, backends or
-//! registries: what the other engine crates build on.
+//! the registry protocol: what the other engine crates build on. (The
+//! manifest media types live here; a registry's failures reach
+//! [`BuildError`] through the [`error::RegistryFailure`] trait the client
+//! in `kiln-remote` implements.)
 //!
 //! - [`tarball`], `gzip`, [`layer`]: reproducible layers (headers written
 //!   by hand, one compressor, entries sorted).
@@ -15,6 +18,7 @@
 //!   [`whiteout`]: the names that say what a layer removes.
 //! - [`reporter`]: the progress trait the engine reports through;
 //!   [`error`]: [`BuildError`], with exit codes and hints.
+//! - [`pathvar`]: the default PATH, and programs looked up through it.
 
 pub mod changes;
 pub mod error;

@@ -1,7 +1,7 @@
 //! kiln-remote: images in registries: `registry:` bases pulled into the
 //! store and checked like any imported image, `-o registry:` pushes, and
 //! the remote step cache (`--cache-from` / `--cache-to`). Depends on the
-//! formats (`kiln-oci`) and the store.
+//! formats (`kiln-oci`), the store, and the recipes' platform type.
 //!
 //! - [`client`]: the OCI distribution client (on `oci-client`): manifests
 //!   and blobs streamed into and out of the store; `client::auth`:

@@ -540,7 +540,12 @@ impl Registry {
     }
 
     /// Puts a manifest under `r`'s tag (or digest); returns its digest.
-    pub(crate) fn push_manifest(&self, r: &Remote, bytes: &[u8], media_type: &str) -> Result<Digest, RegistryError> {
+    pub(crate) fn push_manifest(
+        &self,
+        r: &Remote,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<Digest, RegistryError> {
         self.retrying(&r.host, || {
             self.rt.block_on(async {
                 self.authenticate(r, true).await?;
@@ -561,6 +566,30 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registry_errors_keep_their_exit_codes_and_hints_through_build_error() {
+        use kiln_oci::BuildError;
+        let not_found: BuildError = RegistryError::NotFound { reference: "r/x:1".into() }.into();
+        assert_eq!(not_found.exit_code(), 2);
+        assert!(not_found.hint().unwrap().contains("skopeo list-tags"));
+        assert!(matches!(registry_error(&not_found), Some(RegistryError::NotFound { .. })));
+        let d = Digest::of(b"x");
+        let missing: BuildError = RegistryError::Store(StoreError::Missing(d)).into();
+        assert_eq!(missing.exit_code(), 3);
+        assert!(matches!(registry_error(&missing), Some(RegistryError::Store(StoreError::Missing(_)))));
+        let mismatch: BuildError =
+            RegistryError::Store(StoreError::DigestMismatch { expected: d, actual: Digest::of(b"y") }).into();
+        assert_eq!(mismatch.exit_code(), 2);
+        let refused: BuildError =
+            RegistryError::Refused { host: "h".into(), who: "kiln".into(), detail: String::new() }.into();
+        assert_eq!(
+            (refused.exit_code(), refused.to_string()),
+            (3, "The registry h refused kiln".to_string())
+        );
+        assert!(refused.hint().unwrap().contains("docker login h"));
+        assert!(registry_error(&BuildError::usage("x", None)).is_none());
+    }
 
     #[test]
     fn parses_references() {
