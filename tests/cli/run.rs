@@ -746,3 +746,42 @@ fn run_steps_for_a_platform_the_host_cannot_execute_are_refused() {
         serde_json::from_str(&q.kiln(&["inspect", "oci:out", "--json"]).stdout).unwrap();
     assert_eq!(v["architecture"], other.split('/').nth(1).unwrap(), "{v}");
 }
+
+#[test]
+fn run_steps_see_the_builds_epoch_as_source_date_epoch_unless_they_set_it() {
+    let Some(p) = project(
+        r#"
+[image]
+name = "sde"
+base = "stage:base"
+epoch = 1700000000
+
+[[step]]
+run = "echo \"$SOURCE_DATE_EPOCH\" > /sde"
+
+[[step]]
+run = "echo \"$SOURCE_DATE_EPOCH\" > /sde-set"
+env = { SOURCE_DATE_EPOCH = "7" }
+"#,
+    ) else {
+        return;
+    };
+    let r = p.build(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let root = unpack(&p, "out");
+    assert_eq!(fs::read_to_string(root.join("sde")).unwrap(), "1700000000\n");
+    assert_eq!(fs::read_to_string(root.join("sde-set")).unwrap(), "7\n", "the step's own value wins");
+    // Only the commands get it: the image's runtime config does not.
+    let v: serde_json::Value =
+        serde_json::from_str(&p.kiln(&["inspect", "oci:out", "--json"]).stdout).unwrap();
+    let env = v["config_json"]["Env"].as_array().unwrap();
+    assert!(!env.iter().any(|e| e.as_str().unwrap().starts_with("SOURCE_DATE_EPOCH=")), "{env:?}");
+
+    // kiln's own SOURCE_DATE_EPOCH overrides the recipe's epoch, for the steps too.
+    let other = p.kiln_with(&["build", "kiln.toml", "--progress", "json", "-o", "oci:out2"], |c| {
+        c.env("SOURCE_DATE_EPOCH", "5");
+    });
+    assert_eq!(other.code, 0, "{}", other.stderr);
+    let root = unpack(&p, "out2");
+    assert_eq!(fs::read_to_string(root.join("sde")).unwrap(), "5\n");
+}

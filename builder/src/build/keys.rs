@@ -95,7 +95,7 @@ impl Planner<'_> {
                 )
             }
             StepKind::Run(r) => {
-                let plan = run_plan(r, run_config);
+                let plan = run_plan(r, run_config, self.epoch);
                 let p = json!({
                     "run": plan.argv, "env": plan.env, "user": plan.user, "workdir": plan.workdir,
                     "network": r.network, "secrets": r.secrets,
@@ -113,7 +113,12 @@ impl Planner<'_> {
 
 /// A `run` step against its image's runtime config: the engine's view of
 /// env, user and working folder, which both backends are given as is.
-pub(super) fn run_plan(r: &RunStep, config: &oci_spec::image::Config) -> RunPlan {
+/// The command also gets `SOURCE_DATE_EPOCH` (the build's epoch), which
+/// tools that write timestamps (pip's `.pyc` files, gzip, tar, man-db)
+/// use instead of the clock, as in Debian's package builds; a value the
+/// image or the step sets wins. It is in the key (as the epoch already
+/// was), and never in the image's config.
+pub(super) fn run_plan(r: &RunStep, config: &oci_spec::image::Config, epoch: u64) -> RunPlan {
     let image_env = config.env().clone().unwrap_or_default();
     let user = r
         .user
@@ -127,5 +132,9 @@ pub(super) fn run_plan(r: &RunStep, config: &oci_spec::image::Config) -> RunPlan
         .or_else(|| config.working_dir().clone())
         .filter(|w| !w.is_empty())
         .unwrap_or_else(|| "/".into());
-    RunPlan { argv: r.command.argv(), env: exec::command_env(&image_env, &r.env), user, workdir }
+    let mut env = exec::command_env(&image_env, &r.env);
+    if !env.iter().any(|e| e.starts_with("SOURCE_DATE_EPOCH=")) {
+        env.push(format!("SOURCE_DATE_EPOCH={epoch}"));
+    }
+    RunPlan { argv: r.command.argv(), env, user, workdir }
 }
