@@ -425,27 +425,33 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_registry(regdir, log):
+    """A loopback `docker-registry` storing under `regdir`, its log (requests included) to `log`; (process, port)."""
+    port = free_port()
+    conf = os.path.join(regdir, "config.yml")
+    with open(conf, "w") as f:
+        f.write(f"version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
+                f"    rootdirectory: {regdir}/data\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    reg = subprocess.Popen(["docker-registry", "serve", conf], stdout=log, stderr=log)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return reg, port
+
+
 def w5(w1ctx):
     """Runner A pushes W1's cache; runner B (fresh cache, other folder) gets a full hit from it."""
     if not shutil.which("docker-registry"):
         return None
     regdir = os.path.join(WORK, "registry")
     os.makedirs(regdir)
-    port = free_port()
-    conf = os.path.join(regdir, "config.yml")
-    with open(conf, "w") as f:
-        f.write(f"version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
-                f"    rootdirectory: {regdir}/data\nhttp:\n  addr: 127.0.0.1:{port}\n")
     log_path = os.path.join(regdir, "log")
     log = open(log_path, "w")
-    reg = subprocess.Popen(["docker-registry", "serve", conf], stdout=log, stderr=log)
+    reg, port = start_registry(regdir, log)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         cache_ref = f"registry:127.0.0.1:{port}/bench/w1"
         a_out = os.path.join(WORK, "w5-a-out")
         push = run([KILN, "build", os.path.join(w1ctx, "kiln.toml"), "--cache-dir", os.path.join(WORK, "w5-cache-a"),
@@ -608,20 +614,8 @@ def w14(w1ctx):
     if shutil.which("docker-registry"):
         regdir = os.path.join(WORK, "w14-registry")
         os.makedirs(regdir)
-        port = free_port()
-        conf = os.path.join(regdir, "config.yml")
-        with open(conf, "w") as f:
-            f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-                    f"    rootdirectory: {regdir}/data\nhttp:\n  addr: 127.0.0.1:{port}\n")
-        reg = subprocess.Popen(["docker-registry", "serve", conf], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+        reg, port = start_registry(regdir, subprocess.DEVNULL)
         try:
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
             ref = f"registry:127.0.0.1:{port}/bench/w14"
             recipe = os.path.join(w1ctx, "kiln.toml")
             build("now", recipe, os.path.join(WORK, "cache14-w5-a"), f"oci:{os.path.join(WORK, 'out14-w5-a')}",
