@@ -785,3 +785,26 @@ env = { SOURCE_DATE_EPOCH = "7" }
     let root = unpack(&p, "out2");
     assert_eq!(fs::read_to_string(root.join("sde")).unwrap(), "5\n");
 }
+
+#[test]
+fn a_missing_secret_is_reported_before_any_backend_is_reached() {
+    // No engine answers here: the step's own check must come first (exit 2 at its line), not the backend's (3).
+    let p = Project::new();
+    p.recipe(
+        r#"
+[image]
+name = "no-secret"
+base = "scratch"
+
+[[step]]
+run = "true"
+secrets = ["token"]
+"#,
+    );
+    let r = p.kiln_with(&["build", "kiln.toml", "--backend", "docker", "-o", "oci:out"], |c| {
+        c.env("DOCKER_HOST", "unix:///nonexistent/kiln-no-engine.sock");
+    });
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("needs the secret `token`"), "{}", r.stderr);
+    assert!(r.stderr.contains("kiln.toml:"), "the error names the recipe line: {}", r.stderr);
+}
