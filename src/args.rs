@@ -77,11 +77,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Resolve the recipe's `[packages]` against the signed Debian archive, and pin its tagged
-    /// `registry:` bases to digests, into kiln.lock (beside the recipe).
+    /// Resolve the recipe's `[packages]` against the signed Debian archives, and pin its tagged
+    /// `registry:` bases to digests, into kiln.lock (beside the recipe); what kiln.lock already
+    /// answers is kept.
     Lock {
         /// The recipe, a TOML file (e.g. recipes/examples/hello/kiln.toml).
         recipe: PathBuf,
+        /// Resolve every set of packages again, taking the newest versions (security updates among them).
+        #[arg(long, conflicts_with = "check")]
+        update: bool,
+        /// For CI: write nothing; exit 1, naming the packages, when kiln.lock is missing, does not
+        /// answer the recipe, or a newer version of a locked package is in the archives.
+        #[arg(long)]
+        check: bool,
         /// The target platform, which picks the Debian architecture (default: the recipe's, else the host's).
         #[arg(long, value_name = "P")]
         platform: Option<String>,

@@ -8,7 +8,7 @@ use kiln_recipes::Recipe;
 
 use crate::base::tagged_bases;
 use crate::packages::lockfile::{BasePin, Lockfile};
-use crate::packages::LockOutcome;
+use crate::packages::{LockMode, LockOutcome};
 use crate::BuildError;
 
 /// `kiln lock` for bases: resolves every tagged `registry:` base of the
@@ -30,8 +30,13 @@ pub fn bases(recipe: &Recipe, opts: &RegistryOptions) -> Result<(Vec<BasePin>, b
     Ok((pins, changed))
 }
 
-/// `kiln lock` for `[packages]`: resolves them and writes kiln.lock.
-pub fn packages(recipe: &Recipe, platform: Option<Platform>) -> Result<LockOutcome, BuildError> {
+/// `kiln lock` for `[packages]` (the image's and each stage's): resolves
+/// them and writes kiln.lock, as `mode` says.
+pub fn packages(
+    recipe: &Recipe,
+    platform: Option<Platform>,
+    mode: LockMode,
+) -> Result<LockOutcome, BuildError> {
     let rt = crate::runtime::runtime()?;
-    crate::packages::lock(rt.handle(), recipe, platform)
+    crate::packages::lock(rt.handle(), recipe, platform, mode)
 }

@@ -21,6 +21,6 @@ pub use diagnostic::RecipeError;
 pub use parse::{parse_file, parse_str};
 pub use recipe::{
     Base, Command, Config, CopyStep, FileMode, Image, Owner, Packages, Recipe, RunStep, Span, Stage, Step,
-    StepKind, Vm, VmBoot, VmFilesystem, WriteStep,
+    StepKind, Suite, Vm, VmBoot, VmFilesystem, WriteStep,
 };
 pub use reference::{ImageRef, RefError};

@@ -10,7 +10,7 @@ use crate::diagnostic::RecipeError;
 use crate::raw::{RawConfig, RawImage, RawPackages, RawRecipe, RawStage, RawStep, RawVm};
 use crate::recipe::{
     debian_architecture, Base, Command, Config, CopyStep, FileMode, Image, Owner, Packages, Platform, Recipe,
-    RunStep, Span, Stage, Step, StepKind, Vm, VmBoot, VmFilesystem, WriteStep,
+    RunStep, Span, Stage, Step, StepKind, Suite, Vm, VmBoot, VmFilesystem, WriteStep,
 };
 use crate::reference::ImageRef;
 
@@ -65,19 +65,26 @@ impl Parser {
 
         // Stages may use only the stages before them, so there are no cycles.
         let mut stages: Vec<Stage> = Vec::with_capacity(raw.stages.len());
+        let mut stage_packages = Vec::with_capacity(raw.stages.len());
         for st in raw.stages {
-            let stage = self.stage(st.into_inner(), &stages, dir)?;
+            let mut st = st.into_inner();
+            stage_packages.push(st.packages.take());
+            let stage = self.stage(st, &stages, dir)?;
             stages.push(stage);
         }
         let image = self.image(image.into_inner(), dir, &stages)?;
+        for (stage, pk) in stages.iter_mut().zip(stage_packages) {
+            if let Some(pk) = pk {
+                let span = pk.span();
+                let p = self.packages(pk.into_inner(), span.clone(), dir, &image, Some(&stage.name))?;
+                put_packages(&mut stage.steps, p, span);
+            }
+        }
         let mut steps = self.steps(raw.steps, &stages)?;
         if let Some(pk) = raw.packages {
             let span = pk.span();
-            let packages = self.packages(pk.into_inner(), span.clone(), dir, &image)?;
-            for s in &mut steps {
-                s.index += 1;
-            }
-            steps.insert(0, Step { index: 0, span, kind: StepKind::Packages(packages) });
+            let packages = self.packages(pk.into_inner(), span.clone(), dir, &image, None)?;
+            put_packages(&mut steps, packages, span);
         }
 
         let config = match raw.config {
@@ -266,19 +273,42 @@ impl Parser {
         span: Span,
         dir: &Path,
         image: &Image,
+        stage: Option<&str>,
     ) -> Result<Packages, RecipeError> {
-        let suite = raw.suite.ok_or_else(|| {
-            self.err(span.clone(), "`[packages]` has no `suite`")
-                .with_hint("name a Debian suite, e.g. `suite = \"bookworm\"`")
-        })?;
-        if !is_debian_word(suite.get_ref()) {
-            return Err(self
-                .err(suite.span(), format!("`{}` is not a suite name", suite.get_ref()))
-                .with_hint("e.g. `suite = \"bookworm\"` or `\"trixie\"`"));
-        }
+        let table = match stage {
+            Some(_) => "`[stage.packages]`",
+            None => "`[packages]`",
+        };
+        let suites = match (&raw.suite, &raw.suites) {
+            (Some(_), Some(list)) => {
+                return Err(self
+                    .err(list.span(), format!("{table} has both `suite` and `suites`"))
+                    .with_hint("`suite = \"bookworm\"` reads bookworm with its -updates and -security suites; `suites = [...]` lists exactly the ones to read; keep one"))
+            }
+            (None, None) => {
+                return Err(self
+                    .err(span.clone(), format!("{table} has no `suite`"))
+                    .with_hint("name a Debian suite, e.g. `suite = \"bookworm\"`"))
+            }
+            (Some(suite), None) => {
+                let name = suite.get_ref();
+                if !is_debian_word(name) {
+                    return Err(self
+                        .err(suite.span(), format!("`{name}` is not a suite name"))
+                        .with_hint("e.g. `suite = \"bookworm\"` or `\"trixie\"`"));
+                }
+                let mut v = vec![Suite { name: name.clone(), mirror: None, optional: false }];
+                for extra in ["updates", "security"] {
+                    v.push(Suite { name: format!("{name}-{extra}"), mirror: None, optional: true });
+                }
+                v
+            }
+            (None, Some(list)) => self.suites(list)?,
+        };
+        let scripts = raw.scripts.as_ref().map(|s| *s.get_ref()).unwrap_or(true);
         if raw.include.is_empty() {
             return Err(self
-                .err(span, "`[packages]` has no `include`")
+                .err(span, format!("{table} has no `include`"))
                 .with_hint("list the packages to install, e.g. `include = [\"busybox-static\"]`"));
         }
         let mut include = Vec::new();
@@ -342,15 +372,7 @@ impl Parser {
             }
         };
         let mirror = match &raw.mirror {
-            Some(m) => {
-                let u = m.get_ref();
-                if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("file://")) {
-                    return Err(self
-                        .err(m.span(), format!("`{u}` is not an http://, https:// or file:// URL"))
-                        .with_hint("e.g. `mirror = \"http://deb.debian.org/debian\"`"));
-                }
-                Some(u.trim_end_matches('/').to_string())
-            }
+            Some(m) => Some(self.mirror_url(m.get_ref(), m.span())?),
             None => None,
         };
         let keyring = raw.keyring.as_ref().map(|k| {
@@ -362,14 +384,81 @@ impl Parser {
             }
         });
         Ok(Packages {
-            suite: suite.into_inner(),
+            stage: stage.map(str::to_string),
+            suites,
             include,
             exclude,
             components,
             architecture,
             mirror,
             keyring,
+            scripts,
         })
+    }
+
+    /// `suites = ["bookworm", { name = "bookworm-security", mirror = "..." }]`.
+    fn suites(&self, list: &Spanned<Vec<Spanned<toml::Value>>>) -> Result<Vec<Suite>, RecipeError> {
+        const HINT: &str = "write each suite as a name, or as `{ name = \"bookworm-security\", mirror = \"URL\" }` when it has its own mirror";
+        let mut out: Vec<Suite> = Vec::new();
+        for item in list.get_ref() {
+            let (name, mirror) = match item.get_ref() {
+                toml::Value::String(n) => (n.clone(), None),
+                toml::Value::Table(t) => {
+                    if let Some(k) = t.keys().find(|k| *k != "name" && *k != "mirror") {
+                        return Err(self
+                            .err(item.span(), format!("a suite has the unknown key `{k}`"))
+                            .with_hint(HINT));
+                    }
+                    let name = match t.get("name") {
+                        Some(toml::Value::String(n)) => n.clone(),
+                        _ => {
+                            return Err(self.err(item.span(), "a suite has no `name` string").with_hint(HINT))
+                        }
+                    };
+                    let mirror = match t.get("mirror") {
+                        None => None,
+                        Some(toml::Value::String(m)) => Some(self.mirror_url(m, item.span())?),
+                        Some(_) => {
+                            return Err(self
+                                .err(item.span(), "a suite's `mirror` is not a string")
+                                .with_hint(HINT))
+                        }
+                    };
+                    (name, mirror)
+                }
+                _ => {
+                    return Err(self
+                        .err(item.span(), "a suite is neither a name nor a table")
+                        .with_hint(HINT))
+                }
+            };
+            if !is_debian_word(&name) {
+                return Err(self
+                    .err(item.span(), format!("`{name}` is not a suite name"))
+                    .with_hint("e.g. `\"bookworm\"`, `\"bookworm-security\"`"));
+            }
+            if out.iter().any(|s| s.name == name) {
+                return Err(self
+                    .err(item.span(), format!("the suite `{name}` is listed twice"))
+                    .with_hint("list each suite once"));
+            }
+            out.push(Suite { name, mirror, optional: false });
+        }
+        if out.is_empty() {
+            return Err(self
+                .err(list.span(), "`suites` is empty")
+                .with_hint("list the release first, e.g. `suites = [\"bookworm\", \"bookworm-security\"]`"));
+        }
+        Ok(out)
+    }
+
+    fn mirror_url(&self, u: &str, span: Span) -> Result<String, RecipeError> {
+        if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("file://")) {
+            return Err(self
+                .err(span, format!("`{u}` is not an http://, https:// or file:// URL"))
+                .with_hint("give the URL of a Debian mirror, e.g. `http://HOST/debian`"));
+        }
+        Ok(u.trim_end_matches('/').to_string())
     }
 
     fn base(&self, b: &Spanned<String>, dir: &Path, stages: &[Stage]) -> Result<Base, RecipeError> {
@@ -749,6 +838,19 @@ fn is_package_name(name: &str) -> bool {
 }
 
 /// A suite, component or architecture: one word that is safe in a URL path.
+/// Puts `[packages]` (and its maintainer scripts, unless `scripts = false`)
+/// below a target's steps.
+fn put_packages(steps: &mut Vec<Step>, p: Packages, span: Span) {
+    let mut first = vec![Step { index: 0, span: span.clone(), kind: StepKind::Packages(p.clone()) }];
+    if p.scripts {
+        first.push(Step { index: 1, span, kind: StepKind::Configure(p) });
+    }
+    for s in steps.iter_mut() {
+        s.index += first.len();
+    }
+    steps.splice(0..0, first);
+}
+
 fn is_debian_word(w: &str) -> bool {
     !w.is_empty()
         && w.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
@@ -999,6 +1101,16 @@ ports = ["8080", "53/udp"]
             ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"ab\"]\nmirror = \"ftp://x\"\n", "not an http://"),
             ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"ab\"]\nexclude = [\"a b\"]\n", "not a Debian package name"),
             ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"ab\"]\nsuit = \"s\"\n", "unknown field"),
+            ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\nsuites = [\"s\"]\ninclude = [\"ab\"]\n", "both `suite` and `suites`"),
+            ("[image]\nname = \"x\"\n[packages]\nsuites = []\ninclude = [\"ab\"]\n", "`suites` is empty"),
+            ("[image]\nname = \"x\"\n[packages]\nsuites = [\"s\", \"s\"]\ninclude = [\"ab\"]\n", "listed twice"),
+            ("[image]\nname = \"x\"\n[packages]\nsuites = [\"s/../../x\"]\ninclude = [\"ab\"]\n", "not a suite name"),
+            ("[image]\nname = \"x\"\n[packages]\nsuites = [1]\ninclude = [\"ab\"]\n", "neither a name nor a table"),
+            ("[image]\nname = \"x\"\n[packages]\nsuites = [{ mirror = \"http://m\" }]\ninclude = [\"ab\"]\n", "no `name`"),
+            ("[image]\nname = \"x\"\n[packages]\nsuites = [{ name = \"s\", mirorr = \"http://m\" }]\ninclude = [\"ab\"]\n", "unknown key `mirorr`"),
+            ("[image]\nname = \"x\"\n[packages]\nsuites = [{ name = \"s\", mirror = \"ftp://m\" }]\ninclude = [\"ab\"]\n", "not an http://"),
+            ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"ab\"]\nscripts = \"no\"\n", "invalid type"),
+            ("[[stage]]\nname = \"b\"\n[stage.packages]\nsuite = \"s\"\n[image]\nname = \"x\"\n", "`[stage.packages]` has no `include`"),
         ];
         for (text, want) in cases {
             let e = parse(text).unwrap_err();
@@ -1054,17 +1166,41 @@ workdir = "/tmp/"
     }
 
     #[test]
-    fn packages_become_the_first_step() {
+    fn packages_become_the_first_steps() {
         let r = parse(
             "[image]\nname = \"x\"\n[packages]\nsuite = \"bookworm\"\ninclude = [\"busybox-static\", \"python3-minimal=3.11.2-1+b1\"]\nkeyring = \"k.gpg\"\n[[step]]\nwrite = \"/a\"\ncontent = \"\"\n",
         )
         .unwrap();
-        assert_eq!(r.steps.len(), 2);
+        assert_eq!(r.steps.len(), 3);
         let StepKind::Packages(p) = &r.steps[0].kind else { panic!("packages first") };
+        assert!(matches!(&r.steps[1].kind, StepKind::Configure(q) if q == p), "then their scripts");
         assert_eq!(p.components, ["main"]);
         assert_eq!(p.include[1], "python3-minimal=3.11.2-1+b1");
         assert_eq!(p.keyring.as_deref(), Some(Path::new("/ctx/k.gpg")));
-        assert_eq!((r.steps[0].index, r.steps[1].index), (0, 1));
+        assert!(p.scripts && p.stage.is_none());
+        // `suite` implies the -updates and -security suites, which may be missing.
+        let names: Vec<(&str, bool)> = p.suites.iter().map(|s| (s.name.as_str(), s.optional)).collect();
+        assert_eq!(names, [("bookworm", false), ("bookworm-updates", true), ("bookworm-security", true)]);
+        assert_eq!((r.steps[0].index, r.steps[1].index, r.steps[2].index), (0, 1, 2));
+    }
+
+    #[test]
+    fn suites_scripts_and_stage_packages() {
+        let r = parse(
+            "[[stage]]\nname = \"build\"\n[stage.packages]\nsuites = [\"bookworm\", { name = \"bookworm-security\", mirror = \"http://security.example/debian-security/\" }]\ninclude = [\"gcc\"]\n[[stage.step]]\nrun = \"true\"\n[image]\nname = \"x\"\n[packages]\nsuite = \"bookworm\"\ninclude = [\"libc6\"]\nscripts = false\n",
+        )
+        .unwrap();
+        assert_eq!(r.steps.len(), 1, "no scripts step with scripts = false");
+        let StepKind::Packages(p) = &r.steps[0].kind else { panic!() };
+        assert!(!p.scripts);
+        let st = &r.stages[0];
+        assert_eq!(st.steps.len(), 3);
+        let StepKind::Packages(sp) = &st.steps[0].kind else { panic!() };
+        assert_eq!(sp.stage.as_deref(), Some("build"));
+        assert_eq!(sp.suites[1].mirror.as_deref(), Some("http://security.example/debian-security"));
+        assert!(!sp.suites[1].optional);
+        assert!(matches!(st.steps[2].kind, StepKind::Run(_)));
+        assert_eq!(st.steps[2].index, 2);
     }
 
     #[test]

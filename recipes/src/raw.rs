@@ -44,6 +44,8 @@ pub(crate) struct RawImage {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPackages {
     pub(crate) suite: Option<Spanned<String>>,
+    pub(crate) suites: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    pub(crate) scripts: Option<Spanned<bool>>,
     #[serde(default)]
     pub(crate) include: Vec<Spanned<String>>,
     #[serde(default)]
@@ -60,6 +62,7 @@ pub(crate) struct RawPackages {
 pub(crate) struct RawStage {
     pub(crate) name: Spanned<String>,
     pub(crate) base: Option<Spanned<String>>,
+    pub(crate) packages: Option<Spanned<RawPackages>>,
     #[serde(default, rename = "step")]
     pub(crate) steps: Vec<Spanned<RawStep>>,
 }

@@ -21,7 +21,8 @@ pub struct Recipe {
     pub stages: Vec<Stage>,
     pub image: Image,
     /// The final image's steps. With `[packages]`, the first is
-    /// [`StepKind::Packages`]: the packages' layer sits below the others.
+    /// [`StepKind::Packages`] (then [`StepKind::Configure`] unless
+    /// `scripts = false`): the packages' layers sit below the others.
     pub steps: Vec<Step>,
     pub config: Config,
     /// `[vm]`: how `-o vm:FILE` makes the disk (defaults when absent).
@@ -240,23 +241,54 @@ pub enum StepKind {
     Run(RunStep),
     /// The `[packages]` table: Debian packages installed from `kiln.lock`.
     Packages(Packages),
+    /// Right after [`StepKind::Packages`] when `scripts` is on: the
+    /// packages' maintainer scripts, run in the sandbox.
+    Configure(Packages),
 }
 
 /// `[packages]`: Debian packages, resolved by `kiln lock` into `kiln.lock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packages {
-    pub suite: String,
+    /// The stage these packages are for (`[stage.packages]`); `None` for
+    /// the image's `[packages]`. Names the section of kiln.lock.
+    pub stage: Option<String>,
+    /// The archives read, the release first. `suite = "bookworm"` gives
+    /// `bookworm` and, where the archive has them, `bookworm-updates` and
+    /// `bookworm-security`; `suites = [...]` lists them exactly.
+    pub suites: Vec<Suite>,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
     /// Default: `["main"]`.
     pub components: Vec<String>,
     /// Default: from the image's platform (see `debian_architecture`).
     pub architecture: Option<String>,
-    /// Default: the host's apt sources, else the mirror kiln.lock records.
+    /// The main archive's mirror. Default: the host's apt sources.
     pub mirror: Option<String>,
     /// An OpenPGP keyring (resolved against the recipe's folder);
     /// default: the Debian archive keyring.
     pub keyring: Option<PathBuf>,
+    /// `true` (the default): the packages' maintainer scripts run in the
+    /// sandbox, as on a real install, and Debian's `Essential` packages
+    /// come too. `false`: files only, no shell needed (distroless images).
+    pub scripts: bool,
+}
+
+impl Packages {
+    /// The release: the first suite (`bookworm`).
+    pub fn release(&self) -> &str {
+        &self.suites[0].name
+    }
+}
+
+/// One archive `[packages]` reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suite {
+    pub name: String,
+    /// Its own mirror (the security archive lives apart from the main one).
+    pub mirror: Option<String>,
+    /// Implied by `suite = "..."` rather than listed: skipped, with a
+    /// notice, when the archive does not have it.
+    pub optional: bool,
 }
 
 /// Debian's name for a platform's architecture, if Debian has one.

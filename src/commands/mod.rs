@@ -20,8 +20,13 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
     match cli.command {
         Command::Build(args) => build::run(args),
         Command::Plan { recipe, common, json } => plan::run(&recipe, &common, json),
-        Command::Lock { recipe, platform, insecure_registry } => {
-            lock::run(&recipe, platform, insecure_registry)
+        Command::Lock { recipe, update, check, platform, insecure_registry } => {
+            let mode = match (update, check) {
+                (_, true) => kiln_builder::packages::LockMode::Check,
+                (true, _) => kiln_builder::packages::LockMode::Update,
+                _ => kiln_builder::packages::LockMode::Keep,
+            };
+            lock::run(&recipe, mode, platform, insecure_registry)
         }
         Command::Sbom { target, cache_dir } => sbom::run(&target, cache_dir),
         Command::Inspect { target, cache_dir, json } => inspect::run(&target, cache_dir, json),

@@ -129,36 +129,14 @@ impl Repo {
 
         let mut index = String::new();
         for d in PACKAGES {
-            let build = p.path(&format!("debs/{}_{}", d.name, d.version));
-            fs::create_dir_all(build.join("DEBIAN")).unwrap();
-            let control = format!(
-                "Package: {}\nVersion: {}\nArchitecture: amd64\nMaintainer: Test <test@kiln.invalid>\n{}Description: {} for kiln's tests\n",
-                d.name, d.version, d.fields, d.name
-            );
-            fs::write(build.join("DEBIAN/control"), &control).unwrap();
-            let mut md5 = String::new();
-            for (path, content, mode) in d.files {
-                let f = build.join(path);
-                fs::create_dir_all(f.parent().unwrap()).unwrap();
-                fs::write(&f, content).unwrap();
-                fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(*mode)).unwrap();
-                md5.push_str(&format!("{:x}  {path}\n", md5_of(content.as_bytes())));
-            }
-            fs::write(build.join("DEBIAN/md5sums"), md5).unwrap();
-            let rel = format!("pool/main/{}_{}_amd64.deb", d.name, d.version);
-            fs::create_dir_all(root.join("pool/main")).unwrap();
-            run(Command::new("dpkg-deb")
-                .args(["--root-owner-group", "-Z", d.compression, "--build"])
-                .arg(&build)
-                .arg(root.join(&rel))
-                .env("SOURCE_DATE_EPOCH", "1700000000"));
-            let bytes = fs::read(root.join(&rel)).unwrap();
-            index.push_str(&control);
-            index.push_str(&format!(
-                "Filename: {rel}\nSize: {}\nSHA256: {}\n\n",
-                bytes.len(),
-                hex::encode(sha2::Sha256::digest(&bytes))
-            ));
+            let files: Vec<(String, DebFile)> = d
+                .files
+                .iter()
+                .map(|(path, content, mode)| {
+                    (path.to_string(), DebFile::Data(content.as_bytes().to_vec(), *mode))
+                })
+                .collect();
+            index.push_str(&build_deb(p, &root, d.name, d.version, d.fields, &files, &[], d.compression));
         }
         let repo = Repo { root, gnupg };
         repo.publish(&index);
@@ -167,13 +145,18 @@ impl Repo {
 
     /// Writes the index (plain and gzip) and a signed InRelease for it.
     fn publish(&self, index: &str) {
-        let dists = self.root.join("dists/testing");
+        self.publish_suite(&self.root, "testing", index)
+    }
+
+    /// The same for `suite` of the archive at `root`, signed with this repo's key.
+    fn publish_suite(&self, root: &Path, suite: &str, index: &str) {
+        let dists = root.join("dists").join(suite);
         fs::create_dir_all(dists.join("main/binary-amd64")).unwrap();
         fs::write(dists.join("main/binary-amd64/Packages"), index).unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut gz, index.as_bytes()).unwrap();
         fs::write(dists.join("main/binary-amd64/Packages.gz"), gz.finish().unwrap()).unwrap();
-        let mut release = String::from("Origin: kiln-test\nSuite: testing\nCodename: testing\nDate: Tue, 14 Nov 2023 22:13:20 UTC\nArchitectures: amd64\nComponents: main\nSHA256:\n");
+        let mut release = format!("Origin: kiln-test\nSuite: {suite}\nCodename: {suite}\nDate: Tue, 14 Nov 2023 22:13:20 UTC\nArchitectures: amd64\nComponents: main\nSHA256:\n");
         for f in ["main/binary-amd64/Packages", "main/binary-amd64/Packages.gz"] {
             let b = fs::read(dists.join(f)).unwrap();
             release.push_str(&format!(" {} {} {f}\n", hex::encode(sha2::Sha256::digest(&b)), b.len()));
@@ -190,6 +173,68 @@ impl Repo {
     fn url(&self) -> String {
         format!("file://{}", self.root.display())
     }
+}
+
+/// A file a test package ships.
+enum DebFile {
+    Data(Vec<u8>, u32),
+    Link(String),
+}
+
+/// Builds `NAME_VERSION_amd64.deb` into `root`'s pool with dpkg-deb;
+/// returns its paragraph for the Packages index. `control` holds extra
+/// control members (maintainer scripts, `conffiles`, `triggers`).
+#[allow(clippy::too_many_arguments)]
+fn build_deb(
+    p: &Project,
+    root: &Path,
+    name: &str,
+    version: &str,
+    fields: &str,
+    files: &[(String, DebFile)],
+    control: &[(&str, &str)],
+    compression: &str,
+) -> String {
+    let build = p.path(&format!("debs/{name}_{version}"));
+    let _ = fs::remove_dir_all(&build);
+    fs::create_dir_all(build.join("DEBIAN")).unwrap();
+    let text = format!(
+        "Package: {name}\nVersion: {version}\nArchitecture: amd64\nMaintainer: Test <test@kiln.invalid>\n{fields}Description: {name} for kiln's tests\n"
+    );
+    fs::write(build.join("DEBIAN/control"), &text).unwrap();
+    let mut md5 = String::new();
+    for (path, f) in files {
+        let dest = build.join(path);
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        match f {
+            DebFile::Data(content, mode) => {
+                fs::write(&dest, content).unwrap();
+                fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(*mode)).unwrap();
+                md5.push_str(&format!("{:x}  {path}\n", md5_of(content)));
+            }
+            DebFile::Link(target) => std::os::unix::fs::symlink(target, &dest).unwrap(),
+        }
+    }
+    fs::write(build.join("DEBIAN/md5sums"), md5).unwrap();
+    for (member, content) in control {
+        let f = build.join("DEBIAN").join(member);
+        fs::write(&f, content).unwrap();
+        let mode = if ["preinst", "postinst", "prerm", "postrm"].contains(member) { 0o755 } else { 0o644 };
+        fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let rel = format!("pool/main/{name}_{version}_amd64.deb");
+    fs::create_dir_all(root.join("pool/main")).unwrap();
+    run(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Z", compression, "--build"])
+        .arg(&build)
+        .arg(root.join(&rel))
+        .env("SOURCE_DATE_EPOCH", "1700000000"));
+    let bytes = fs::read(root.join(&rel)).unwrap();
+    format!(
+        "{text}Filename: {rel}\nSize: {}\nSHA256: {}\n\n",
+        bytes.len(),
+        hex::encode(sha2::Sha256::digest(&bytes))
+    )
 }
 
 fn md5_of(b: &[u8]) -> u128 {
@@ -218,6 +263,7 @@ include = [{include}]
 architecture = "amd64"
 mirror = "{}"
 keyring = "repo/key.gpg"
+scripts = false
 {extra}
 [[step]]
 write = "/etc/motd"
@@ -491,6 +537,275 @@ fn bad_input_is_refused_with_what_to_do() {
     assert!(!p.path("out").exists());
 }
 
+/// The archive for the maintainer-script tests: `testing` at
+/// `archive/debian` and `testing-security` at `archive/debian-security`
+/// (where kiln finds it from `mirror` alone), signed with `repo`'s key.
+/// `shell` (Essential) is the host's busybox as /bin/sh and the tools the
+/// scripts use; `greeter` has every kind of script, a conffile and a
+/// Depends on `libgreet`, whose trigger it activates; the security suite
+/// has a newer `libgreet`; `broken`'s postinst fails.
+fn scripts_archive(p: &Project, repo: &Repo, libgreet_security: &str) {
+    let main = p.path("archive/debian");
+    let security = p.path("archive/debian-security");
+    let busybox = fs::read(busybox().unwrap()).unwrap();
+    let mut shell = vec![("bin/busybox".to_string(), DebFile::Data(busybox, 0o755))];
+    for tool in ["sh", "mkdir", "chmod", "rm", "cat", "echo", "grep", "ln"] {
+        shell.push((format!("bin/{tool}"), DebFile::Link("busybox".into())));
+    }
+    let mut index = build_deb(p, &main, "shell", "1", "Essential: yes\n", &shell, &[], "xz");
+    let log = "/var/lib/greeter.log";
+    let greeter_files = vec![
+        ("etc/greeter.conf".to_string(), DebFile::Data(b"greeting = hello\n".to_vec(), 0o644)),
+        ("usr/share/greet-plugins/default".to_string(), DebFile::Data(b"plugin\n".to_vec(), 0o644)),
+    ];
+    let preinst = format!("#!/bin/sh\necho \"preinst $1 of $DPKG_MAINTSCRIPT_PACKAGE\" >> {log}\n");
+    let postinst = format!(
+        "#!/bin/sh\nset -e\necho \"postinst $1 of $DPKG_MAINTSCRIPT_PACKAGE ($DPKG_MAINTSCRIPT_NAME, $DPKG_MAINTSCRIPT_ARCH) epoch=$SOURCE_DATE_EPOCH frontend=$DEBIAN_FRONTEND\" >> {log}\n\
+         /usr/sbin/policy-rc.d greeter start || echo \"service start refused: $?\" >> {log}\n\
+         grep -q '^greeter:' /etc/passwd 2>/dev/null || echo 'greeter:x:101:101::/nonexistent:/bin/false' >> /etc/passwd\n\
+         echo leftover > /etc/passwd-\nmkdir -p /var/log && echo noise > /var/log/dpkg.log\nmkdir -p /tmp && echo temp > /tmp/greeter.tmp\n"
+    );
+    index.push_str(&build_deb(
+        p,
+        &main,
+        "greeter",
+        "1.0",
+        "Depends: libgreet (>= 1.0), shell\n",
+        &greeter_files,
+        &[
+            ("preinst", &preinst),
+            ("postinst", &postinst),
+            ("prerm", "#!/bin/sh\nexit 0\n"),
+            ("conffiles", "/etc/greeter.conf\n"),
+        ],
+        "xz",
+    ));
+    let libgreet = |version: &str| {
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\n  configure) echo \"postinst configure of libgreet {version}\" >> {log} ;;\n  triggered) echo \"libgreet triggered by $2\" >> {log} ;;\nesac\n"
+        )
+    };
+    let lib_files = |v: &str| {
+        vec![("usr/lib/libgreet.txt".to_string(), DebFile::Data(format!("greet {v}\n").into_bytes(), 0o644))]
+    };
+    index.push_str(&build_deb(
+        p,
+        &main,
+        "libgreet",
+        "1.0",
+        "Depends: shell\n",
+        &lib_files("1.0"),
+        &[("postinst", &libgreet("1.0")), ("triggers", "interest-noawait /usr/share/greet-plugins\n")],
+        "xz",
+    ));
+    index.push_str(&build_deb(
+        p,
+        &main,
+        "broken",
+        "1",
+        "",
+        &[],
+        &[("postinst", "#!/bin/sh\necho 'broken: cannot configure the frobnicator' >&2\nexit 3\n")],
+        "xz",
+    ));
+    repo.publish_suite(&main, "testing", &index);
+    let sec = build_deb(
+        p,
+        &security,
+        "libgreet",
+        libgreet_security,
+        "Depends: shell\n",
+        &lib_files(libgreet_security),
+        &[
+            ("postinst", &libgreet(libgreet_security)),
+            ("triggers", "interest-noawait /usr/share/greet-plugins\n"),
+        ],
+        "xz",
+    );
+    repo.publish_suite(&security, "testing-security", &sec);
+}
+
+fn scripts_recipe(include: &str) -> String {
+    format!(
+        r#"[image]
+name = "scripts"
+
+[packages]
+suite = "testing"
+include = [{include}]
+architecture = "amd64"
+mirror = "file://{{ARCHIVE}}/debian"
+keyring = "repo/key.gpg"
+
+[[step]]
+run = "cat /var/lib/greeter.log > /greeter.log"
+"#
+    )
+}
+
+#[test]
+fn maintainer_scripts_run_in_the_sandbox_and_security_updates_are_taken() {
+    if !require_root() {
+        return;
+    }
+    let p = Project::new();
+    let Some(repo) = Repo::new(&p) else { return };
+    if busybox().is_none() {
+        return;
+    }
+    scripts_archive(&p, &repo, "1.0+sec1");
+    let archive = p.path("archive").display().to_string();
+    p.recipe(&scripts_recipe(r#""greeter""#).replace("{ARCHIVE}", &archive));
+
+    // The lock: the union of both suites, the newest libgreet from the
+    // security suite (found beside the main archive), and the Essential
+    // `shell` the scripts need although nothing asked for it.
+    let r = p.kiln(&["lock", "kiln.toml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("libgreet\t1.0+sec1\tamd64\ttesting-security"), "{}", r.stdout);
+    assert!(r.stdout.contains("shell\t1\tamd64\ttesting"), "{}", r.stdout);
+    assert!(r.stderr.contains("the suite `testing-updates` is not in the archive; skipped"), "{}", r.stderr);
+    let lock = lock_text(&p);
+    assert!(lock.contains("[[image.source]]\nsuite = \"testing-security\""), "{lock}");
+    assert!(!lock.contains("file://"), "no mirror in the lock: {lock}");
+
+    let r = p.build(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let first = r.digest();
+    let files = image_files(&p.path("out"));
+    let log = String::from_utf8(files["greeter.log"].1.clone()).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "preinst install of greeter",
+            "postinst configure of libgreet 1.0+sec1",
+            "postinst configure of greeter (postinst, amd64) epoch=0 frontend=noninteractive",
+            "service start refused: 101",
+            "libgreet triggered by /usr/share/greet-plugins",
+        ],
+        "dependencies first, dpkg's environment, policy-rc.d, the trigger once"
+    );
+    let passwd = String::from_utf8(files["etc/passwd"].1.clone()).unwrap();
+    assert!(passwd.contains("greeter:x:101:101"), "{passwd}");
+    // Left out as debuerreotype does: backups, logs, temp files, the policy.
+    for gone in ["etc/passwd-", "var/log/dpkg.log", "tmp/greeter.tmp", "usr/sbin/policy-rc.d"] {
+        assert!(!files.contains_key(gone), "{gone} is in the image");
+    }
+    let status = String::from_utf8(files["var/lib/dpkg/status"].1.clone()).unwrap();
+    let conf = format!("Conffiles:\n /etc/greeter.conf {:032x}\n", md5_of(b"greeting = hello\n"));
+    assert!(status.contains(&conf), "{status}");
+    assert!(files.contains_key("var/lib/dpkg/info/greeter.prerm"), "scripts are kept for dpkg");
+    assert_eq!(
+        String::from_utf8_lossy(&files["var/lib/dpkg/triggers/File"].1),
+        "/usr/share/greet-plugins libgreet/noawait\n"
+    );
+
+    // Rebuilt: both packages steps HIT; reproducible across caches.
+    let r = p.build(&[]);
+    assert_eq!(r.count("cache_hit"), 3, "{}", r.stdout);
+    let fresh = p.kiln_with(&["build", "kiln.toml", "-o", "oci:fresh"], |c| {
+        c.env("KILN_CACHE_DIR", p.path("cache-fresh"));
+    });
+    assert_eq!(fresh.digest(), first);
+    let r = p.kiln(&["verify", "kiln.toml"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+
+    // `--check`: current, then a newer security update appears: exit 1,
+    // naming it, and nothing written; `lock` keeps, `--update` takes it.
+    let r = p.kiln(&["lock", "--check", "kiln.toml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    scripts_archive(&p, &repo, "1.0+sec2");
+    let before = lock_text(&p);
+    let r = p.kiln(&["lock", "--check", "kiln.toml"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("libgreet 1.0+sec1 -> 1.0+sec2 (testing-security)"), "{}", r.stderr);
+    assert_eq!(lock_text(&p), before);
+    let r = p.kiln(&["lock", "kiln.toml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("kept"), "{}", r.stderr);
+    assert_eq!(lock_text(&p), before);
+    let r = p.kiln(&["lock", "--update", "kiln.toml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(lock_text(&p).contains("version = \"1.0+sec2\""));
+    assert_eq!(p.kiln(&["lock", "--check", "kiln.toml"]).code, 0);
+
+    // A failing script: exit 1 naming the package, the script and its
+    // output; nothing cached, so it runs (and fails) again.
+    p.recipe(&scripts_recipe(r#""greeter", "broken""#).replace("{ARCHIVE}", &archive));
+    assert_eq!(p.kiln(&["lock", "kiln.toml"]).code, 0);
+    for _ in 0..2 {
+        let r = p.build(&[]);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("/var/lib/dpkg/info/broken.postinst configure")
+                && r.stderr.contains("exited with code 3")
+                && r.stderr.contains("broken: cannot configure the frobnicator"),
+            "{}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn packages_in_a_stage_have_their_own_lock_section() {
+    if !require_root() {
+        return;
+    }
+    let p = Project::new();
+    let Some(repo) = Repo::new(&p) else { return };
+    if busybox().is_none() {
+        return;
+    }
+    scripts_archive(&p, &repo, "1.0+sec1");
+    let archive = p.path("archive").display().to_string();
+    p.recipe(&format!(
+        r#"[[stage]]
+name = "build"
+
+[stage.packages]
+suites = ["testing", {{ name = "testing-security", mirror = "file://{archive}/debian-security" }}]
+include = ["greeter"]
+architecture = "amd64"
+mirror = "file://{archive}/debian"
+keyring = "repo/key.gpg"
+
+[[stage.step]]
+run = "grep greet /usr/lib/libgreet.txt > /out.txt"
+
+[image]
+name = "final"
+
+[packages]
+suite = "testing"
+include = ["libgreet=1.0"]
+architecture = "amd64"
+mirror = "file://{archive}/debian"
+keyring = "repo/key.gpg"
+scripts = false
+
+[[step]]
+copy = "/out.txt"
+from = "build"
+to = "/out.txt"
+"#
+    ));
+    // Without a lock: exit 2, naming the stage's section.
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = p.kiln(&["lock", "kiln.toml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lock = lock_text(&p);
+    assert!(lock.contains("[stage.build.request]") && lock.contains("[image.request]"), "{lock}");
+    assert!(lock.contains("scripts = false"), "{lock}");
+    let r = p.build(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let files = image_files(&p.path("out"));
+    assert_eq!(files["out.txt"].1, b"greet 1.0+sec1\n", "the stage took the security update");
+    assert_eq!(files["usr/lib/libgreet.txt"].1, b"greet 1.0\n", "the image its pinned version");
+    assert!(!files.contains_key("var/lib/greeter.log"), "the stage's packages stay in the stage");
+}
+
 fn example(name: &str) -> Project {
     let p = Project::new();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/examples").join(name);
@@ -541,6 +856,125 @@ fn the_examples_lock_and_build_from_the_real_mirror_and_run() {
     }
 }
 
+/// Runs `docker run ARGS`, returning stdout (asserting success).
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What a server in a container says first on its published port
+/// (`PORT/tcp`): an HTTP GET's answer, or the greeting it sends by itself.
+fn answer(container: &str, port: &str, request: &[u8]) -> String {
+    use std::io::Write as _;
+    let mapped = docker(&["port", container, port]);
+    let addr = mapped
+        .lines()
+        .find(|l| l.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("{mapped}"))
+        .to_string();
+    for _ in 0..100 {
+        if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+            let _ = s.write_all(request);
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                if request.is_empty() && got.contains(&b'\n') {
+                    break;
+                }
+            }
+            if !got.is_empty() {
+                return String::from_utf8_lossy(&got).into_owned();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let logs = Command::new("docker").args(["logs", container]).output().unwrap();
+    panic!("{container} never answered on {port}: {}", String::from_utf8_lossy(&logs.stderr));
+}
+
+#[test]
+fn the_real_install_examples_build_reproducibly_and_answer() {
+    if !debian_mirror() || !require_docker() || !require_root() {
+        return;
+    }
+    for name in ["nginx", "sshd", "c-app"] {
+        let p = example(name);
+        let tag = format!("kiln-test-{name}:1");
+        let r = p.kiln(&["verify", "ex/kiln.toml"]);
+        assert_eq!(r.code, 0, "{name}: kiln verify: {}{}", r.stdout, r.stderr);
+        let built =
+            p.kiln(&["build", "ex/kiln.toml", "-o", &format!("docker:{tag}"), "-o", "oci:img"]).digest();
+        assert!(r.stdout.contains(&built), "{name}: verify's digest is the build's: {}", r.stdout);
+        let files = image_files(&p.path("img"));
+        for gone in
+            ["var/log/dpkg.log", "var/cache/ldconfig/aux-cache", "etc/passwd-", "usr/sbin/policy-rc.d"]
+        {
+            assert!(!files.contains_key(gone), "{name}: {gone} is in the image");
+        }
+        match name {
+            "nginx" => {
+                let passwd = String::from_utf8_lossy(&files["etc/passwd"].1).into_owned();
+                assert!(
+                    passwd.contains("\nwww-data:") && passwd.contains(":33:33:www-data:/var/www:"),
+                    "{passwd}"
+                );
+                assert!(
+                    files.contains_key("etc/nginx/sites-enabled/default"),
+                    "the postinst enabled the site"
+                );
+                let c = docker(&["run", "-d", "--rm", "-p", "127.0.0.1::80", &tag]);
+                let c = c.trim();
+                let page = answer(c, "80/tcp", b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
+                let _ = Command::new("docker").args(["rm", "-f", c]).output();
+                assert!(page.starts_with("HTTP/1.1 200") && page.contains("Welcome to nginx"), "{page}");
+            }
+            "sshd" => {
+                assert!(
+                    !files.keys().any(|k| k.starts_with("etc/ssh/ssh_host_")),
+                    "no host key is made at build time"
+                );
+                assert!(
+                    files.contains_key("etc/ssh/sshd_config") && files.contains_key("etc/pam.d/common-auth")
+                );
+                let passwd = String::from_utf8_lossy(&files["etc/passwd"].1).into_owned();
+                assert!(passwd.contains("\nsshd:"), "{passwd}");
+                let out = docker(&[
+                    "run",
+                    "--rm",
+                    "--entrypoint",
+                    "/bin/sh",
+                    &tag,
+                    "-c",
+                    "ssh-keygen -A >/dev/null && mkdir -p /run/sshd && /usr/sbin/sshd -t && echo sshd-t-ok",
+                ]);
+                assert_eq!(out, "sshd-t-ok\n");
+                let c = docker(&["run", "-d", "--rm", "-p", "127.0.0.1::22", &tag]);
+                let c = c.trim();
+                let banner = answer(c, "22/tcp", b"");
+                let _ = Command::new("docker").args(["rm", "-f", c]).output();
+                assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner}");
+            }
+            _ => {
+                assert_eq!(
+                    files.keys().filter(|k| !k.is_empty()).count(),
+                    1,
+                    "only the program: {:?}",
+                    files.keys()
+                );
+                let out = docker(&["run", "--rm", "--network", "none", &tag]);
+                assert!(out.starts_with("hello from a static C program built by kiln"), "{out}");
+            }
+        }
+        let _ = Command::new("docker").args(["rmi", "-f", &tag]).output();
+    }
+}
+
 #[test]
 fn trixie_packages_run_with_their_usr_only_layout() {
     if !debian_mirror() || !require_docker() {
@@ -557,7 +991,7 @@ name = "trixie-python"
 suite = "trixie"
 include = ["python3-minimal"]
 exclude = ["dpkg"]
-mirror = "http://deb.debian.org/debian"
+scripts = false
 
 [config]
 entrypoint = ["/usr/bin/python3", "-c", "import sys; print('python', sys.version_info[0])"]

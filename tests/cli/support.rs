@@ -171,24 +171,41 @@ pub fn require_docker() -> bool {
 
 /// Whether deb.debian.org answers (the `[packages]` examples need it); in CI it must.
 pub fn debian_mirror() -> bool {
-    let ok = Command::new("curl")
-        .args([
-            "-sf",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            "20",
-            "http://deb.debian.org/debian/dists/bookworm/InRelease",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
+    let ok = host_debian_mirror().is_some_and(|m| {
+        Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "--max-time", "20"])
+            .arg(format!("{m}/dists/bookworm/InRelease"))
+            .status()
+            .is_ok_and(|s| s.success())
+    });
     if !ok {
         if std::env::var_os("CI").is_some() {
-            panic!("http://deb.debian.org is unreachable; the [packages] examples need it");
+            panic!(
+                "the Debian mirror of the host's apt sources is unreachable; the [packages] examples need it"
+            );
         }
-        eprintln!("SKIPPED: http://deb.debian.org is unreachable");
+        eprintln!("SKIPPED: no reachable Debian mirror in the host's apt sources");
     }
     ok
+}
+
+/// The main Debian archive the host's apt sources name (a URI ending in
+/// `/debian`), as kiln finds it.
+pub fn host_debian_mirror() -> Option<String> {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
+    }
+    files.iter().filter_map(|f| std::fs::read_to_string(f).ok()).find_map(|text| {
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .flat_map(|l| l.split_whitespace())
+            .map(|w| w.trim_end_matches('/'))
+            .find(|w| (w.starts_with("http://") || w.starts_with("https://")) && w.ends_with("/debian"))
+            .map(str::to_string)
+    })
 }
 
 /// Whether the tests run as root (the local backend needs it); in CI they must.

@@ -298,6 +298,9 @@ pub(crate) struct IndexEntry {
     pub(crate) provides: String,
     pub(crate) conflicts: String,
     pub(crate) breaks: String,
+    pub(crate) essential: bool,
+    /// The suite it was read from (set by the caller).
+    pub(crate) suite: String,
 }
 
 /// Fetches the `Packages` index of `component`/`arch`, checks it against the
@@ -381,6 +384,7 @@ pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
         provides: &'t str,
         conflicts: &'t str,
         breaks: &'t str,
+        essential: bool,
         any: bool,
     }
     fn finish(f: Fields<'_>, line: usize) -> Result<IndexEntry, String> {
@@ -402,6 +406,8 @@ pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
             provides: f.provides.to_string(),
             conflicts: f.conflicts.to_string(),
             breaks: f.breaks.to_string(),
+            essential: f.essential,
+            suite: String::new(),
         })
     }
     let mut out = Vec::new();
@@ -433,6 +439,7 @@ pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
             "Provides" => cur.provides = v,
             "Conflicts" => cur.conflicts = v,
             "Breaks" => cur.breaks = v,
+            "Essential" => cur.essential = v == "yes",
             _ => {}
         }
     }
@@ -442,48 +449,57 @@ pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
     Ok(out)
 }
 
-/// The first Debian archive URI in the host's apt sources, if any.
-pub(crate) fn host_default_mirror() -> Option<String> {
-    host_mirror_from(Path::new("/etc/apt"))
+/// The host's apt sources: each `deb` entry's URI (no trailing `/`) and
+/// suites, in file order.
+pub(crate) fn host_sources() -> Vec<(String, Vec<String>)> {
+    host_sources_from(Path::new("/etc/apt"))
 }
 
-fn host_mirror_from(etc_apt: &Path) -> Option<String> {
+fn host_sources_from(etc_apt: &Path) -> Vec<(String, Vec<String>)> {
     let mut files = vec![etc_apt.join("sources.list")];
     if let Ok(rd) = std::fs::read_dir(etc_apt.join("sources.list.d")) {
         let mut more: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
         more.sort();
         files.extend(more);
     }
+    let mut out = Vec::new();
     for f in files {
         let Ok(text) = std::fs::read_to_string(&f) else { continue };
-        let name = f.to_string_lossy();
-        let uris: Vec<String> = if name.ends_with(".sources") {
-            deb822::parse(&text)
-                .unwrap_or_default()
-                .iter()
-                .filter(|p| p.get("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb")))
-                .flat_map(|p| {
-                    p.get("URIs")
-                        .unwrap_or_default()
-                        .split_whitespace()
-                        .map(str::to_string)
-                        .collect::<Vec<_>>()
-                })
-                .collect()
+        if f.to_string_lossy().ends_with(".sources") {
+            for p in deb822::parse(&text).unwrap_or_default() {
+                if !p.get("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb")) {
+                    continue;
+                }
+                let suites: Vec<String> =
+                    p.get("Suites").unwrap_or_default().split_whitespace().map(str::to_string).collect();
+                for u in p.get("URIs").unwrap_or_default().split_whitespace() {
+                    out.push((u.trim_end_matches('/').to_string(), suites.clone()));
+                }
+            }
         } else {
-            text.lines()
-                .filter_map(|l| {
-                    let mut w = l.split_whitespace().filter(|w| !w.starts_with('['));
-                    (w.next() == Some("deb")).then(|| w.next().map(str::to_string)).flatten()
-                })
-                .collect()
-        };
-        // The main archive, not debian-security or a third-party repository.
-        if let Some(u) = uris.into_iter().find(|u| u.trim_end_matches('/').ends_with("/debian")) {
-            return Some(u.trim_end_matches('/').to_string());
+            for l in text.lines() {
+                let mut w = l.split_whitespace();
+                if w.next() != Some("deb") {
+                    continue;
+                }
+                // `deb [options] URI SUITE COMPONENTS...`; options may hold spaces.
+                let rest: Vec<&str> = w.collect();
+                let rest = match rest.iter().position(|x| x.ends_with(']')) {
+                    Some(i) if rest.first().is_some_and(|x| x.starts_with('[')) => &rest[i + 1..],
+                    _ => &rest[..],
+                };
+                if let [uri, suite, ..] = rest {
+                    out.push((uri.trim_end_matches('/').to_string(), vec![suite.to_string()]));
+                }
+            }
         }
     }
-    None
+    out
+}
+
+/// The main archive: the first source whose URI ends in `/debian`.
+pub(crate) fn main_archive(sources: &[(String, Vec<String>)]) -> Option<String> {
+    sources.iter().map(|(u, _)| u).find(|u| u.ends_with("/debian")).cloned()
 }
 
 #[cfg(test)]
@@ -491,21 +507,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_mirror_reads_deb822_and_one_line_sources() {
+    fn host_sources_read_deb822_and_one_line_sources() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("sources.list.d")).unwrap();
         std::fs::write(
             d.path().join("sources.list.d/debian.sources"),
-            "Types: deb\nURIs: http://security.mirror.example/debian-security\nSuites: x\n\nTypes: deb\nURIs: http://mirror.example/debian/\n",
+            "Types: deb\nURIs: http://security.mirror.example/debian-security\nSuites: x-security\n\nTypes: deb-src\nURIs: http://src.example/debian\nSuites: x\n\nTypes: deb\nURIs: http://mirror.example/debian/\nSuites: x x-updates\n",
         )
         .unwrap();
-        assert_eq!(host_mirror_from(d.path()).as_deref(), Some("http://mirror.example/debian"));
+        let s = host_sources_from(d.path());
+        assert_eq!(
+            s,
+            vec![
+                (
+                    "http://security.mirror.example/debian-security".to_string(),
+                    vec!["x-security".to_string()]
+                ),
+                ("http://mirror.example/debian".to_string(), vec!["x".to_string(), "x-updates".to_string()]),
+            ]
+        );
+        assert_eq!(main_archive(&s).as_deref(), Some("http://mirror.example/debian"));
         std::fs::write(
             d.path().join("sources.list"),
-            "deb [arch=amd64] http://one.example/debian bookworm main\n",
+            "# deb http://commented.example/debian x main\ndeb [arch=amd64 signed-by=/k.gpg] http://one.example/debian bookworm main\n",
         )
         .unwrap();
-        assert_eq!(host_mirror_from(d.path()).as_deref(), Some("http://one.example/debian"));
+        let s = host_sources_from(d.path());
+        assert_eq!(s[0], ("http://one.example/debian".to_string(), vec!["bookworm".to_string()]));
+        assert_eq!(main_archive(&s).as_deref(), Some("http://one.example/debian"));
     }
 
     #[test]
@@ -515,6 +544,7 @@ mod tests {
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].depends, "b (>= 2), c | d");
         assert_eq!(e[0].sha256, "ab");
+        assert!(!e[0].essential && e[1].essential);
         assert!(parse_index("Package: a\nVersion: 1\n").unwrap_err().contains("`a` has no `Size` field"));
     }
 

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_cache::Digest;
 
+use super::configure::CONTROL_MEMBERS;
 use super::deb822::{self, Paragraph};
 use super::ldcache;
 use crate::error::BuildError;
@@ -32,7 +33,7 @@ use crate::listing::walk_layer;
 use crate::tarball::TarKind;
 
 /// Bump when the layer a package set makes changes for the same `.deb`s.
-pub(crate) const INSTALL_SCHEMA: u32 = 2;
+pub(crate) const INSTALL_SCHEMA: u32 = 4;
 
 /// What the layers below the packages hold, where it matters.
 pub struct Below<'a> {
@@ -54,6 +55,9 @@ pub(crate) struct Unpacked {
     pub(crate) control: Paragraph,
     pub(crate) md5sums: Option<Vec<u8>>,
     pub(crate) conffiles: Option<Vec<u8>>,
+    /// The maintainer scripts and other control members dpkg keeps
+    /// (see [`CONTROL_MEMBERS`]): (name, bytes, mode).
+    pub(crate) members: Vec<(String, Vec<u8>, u32)>,
     /// Entries in archive order (paths as the package ships them).
     pub(crate) entries: Vec<DebEntry>,
     /// The scratch file that holds the file data.
@@ -151,11 +155,20 @@ pub(crate) fn unpack_deb(
         BuildError::BadLayer { reason, .. } => refused(package, reason),
         e => e,
     };
+    let mut members = Vec::new();
     walk_layer(decoder(&cname, (&mut f).take(csize), package)?, sha256, &mut |e, r| {
-        if matches!(e.path, "control" | "md5sums" | "conffiles") && matches!(e.kind, TarKind::File { .. }) {
+        let path = e.path.trim_start_matches("./");
+        if !matches!(e.kind, TarKind::File { .. }) {
+            return Ok(());
+        }
+        if matches!(path, "control" | "md5sums" | "conffiles") {
             let mut v = Vec::new();
             r.take(1 << 24).read_to_end(&mut v)?;
-            files.insert(e.path.to_string(), v);
+            files.insert(path.to_string(), v);
+        } else if let Some(m) = CONTROL_MEMBERS.iter().find(|m| **m == path) {
+            let mut v = Vec::new();
+            r.take(1 << 24).read_to_end(&mut v)?;
+            members.push((m.to_string(), v, e.mode & 0o7777));
         }
         Ok(())
     })
@@ -212,6 +225,7 @@ pub(crate) fn unpack_deb(
         control,
         md5sums: files.remove("md5sums"),
         conffiles: files.remove("conffiles"),
+        members,
         entries,
         data: scratch.to_path_buf(),
     })
@@ -232,11 +246,14 @@ fn merged_path(path: &str, merged: &[&str]) -> String {
 }
 
 /// The layer of `packages` (in name order): their files, the dpkg
-/// database, and the fixups, as entries. `sbom` is written into the image.
+/// database, and, when no maintainer scripts run (`scripts` false), the
+/// fixups, as entries. With `scripts`, the scripts are kept in dpkg's
+/// info folder for the next step to run. `sbom` is written into the image.
 pub(crate) fn layer_entries(
     packages: &[Unpacked],
     sbom: &[u8],
     below: &Below<'_>,
+    scripts: bool,
 ) -> Result<Vec<LayerEntry>, BuildError> {
     let mut tree: BTreeMap<String, LayerEntry> = BTreeMap::new();
     let mut merged: Vec<&str> = Vec::new();
@@ -323,8 +340,12 @@ pub(crate) fn layer_entries(
     for p in packages {
         paragraphs.retain(|_, para| para.get("Package") != Some(p.name.as_str()));
         let mut para = p.control.clone();
-        para.fields.retain(|(k, _)| !k.eq_ignore_ascii_case("Status"));
+        para.fields
+            .retain(|(k, _)| !k.eq_ignore_ascii_case("Status") && !k.eq_ignore_ascii_case("Conffiles"));
         para.fields.insert(1.min(para.fields.len()), ("Status".into(), "install ok installed".into()));
+        if let Some(c) = conffiles_field(p, &tree)? {
+            para.fields.push(("Conffiles".into(), c));
+        }
         paragraphs.insert(format!("{}:{}", p.name, p.arch), para);
     }
     let mut status = String::new();
@@ -347,14 +368,61 @@ pub(crate) fn layer_entries(
         if let Some(c) = &p.conffiles {
             put_file(&mut tree, &format!("var/lib/dpkg/info/{info}.conffiles"), c.clone(), 0o644);
         }
+        if scripts {
+            for (name, bytes, mode) in &p.members {
+                put_file(&mut tree, &format!("var/lib/dpkg/info/{info}.{name}"), bytes.clone(), *mode);
+            }
+        }
+    }
+    // dpkg's file-trigger registry, so a later `dpkg -i` in a `run` step
+    // activates the packages' file triggers as on a real system.
+    let mut file_triggers = String::new();
+    for p in packages {
+        let Some((_, bytes, _)) = p.members.iter().find(|(n, _, _)| n == "triggers") else { continue };
+        for line in String::from_utf8_lossy(bytes).lines() {
+            let mut w = line.split_whitespace();
+            let (Some(kw), Some(name)) = (w.next(), w.next()) else { continue };
+            if name.starts_with('/') && kw.starts_with("interest") && !name.contains(char::is_control) {
+                let noawait = if kw == "interest-noawait" { "/noawait" } else { "" };
+                file_triggers.push_str(&format!("{name} {}{noawait}\n", p.name));
+            }
+        }
+    }
+    if scripts && !file_triggers.is_empty() {
+        put_file(&mut tree, "var/lib/dpkg/triggers/File", file_triggers.into_bytes(), 0o644);
     }
     put_file(&mut tree, "var/lib/dpkg/status", status.into_bytes(), 0o644);
+    // The database layout with `NAME:ARCH` info files (multi-arch); without
+    // this file dpkg reads the old layout and finds no `.list` of libc6.
+    put_file(&mut tree, "var/lib/dpkg/info/format", b"1\n".to_vec(), 0o644);
     put_file(&mut tree, "var/lib/dpkg/available", Vec::new(), 0o644);
     ensure_dirs(&mut tree, "var/lib/kiln");
     put_file(&mut tree, "var/lib/kiln/sbom.spdx.json", sbom.to_vec(), 0o644);
 
-    fixups(&mut tree, below)?;
+    if !scripts {
+        fixups(&mut tree, below)?;
+    }
     Ok(tree.into_values().collect())
+}
+
+/// dpkg's `Conffiles` status field: each conffile the package ships with
+/// the md5 of its content, as dpkg records it after configuring.
+fn conffiles_field(p: &Unpacked, tree: &BTreeMap<String, LayerEntry>) -> Result<Option<String>, BuildError> {
+    use md5::Digest as _;
+    let Some(list) = &p.conffiles else { return Ok(None) };
+    let mut out = String::new();
+    for line in String::from_utf8_lossy(list).lines() {
+        let path = line.trim();
+        // `remove-on-upgrade /etc/x` and the like: dpkg keeps only plain entries here.
+        if !path.starts_with('/') || path.contains(char::is_whitespace) || path.contains(char::is_control) {
+            continue;
+        }
+        let rel = path.trim_start_matches('/');
+        let Some(e) = tree.get(rel).filter(|e| matches!(e.kind, TarKind::File { .. })) else { continue };
+        let bytes = read_entry(e).map_err(|err| refused(&p.name, err))?;
+        out.push_str(&format!("\n{path} {}", hex::encode(md5::Md5::digest(&bytes))));
+    }
+    Ok((!out.is_empty()).then_some(out))
 }
 
 fn symlink(path: &str, target: &str) -> LayerEntry {

@@ -12,6 +12,7 @@
 //! - [`deb822`]: Debian's control format, versions and relations.
 
 mod archive;
+pub mod configure;
 pub mod deb822;
 pub mod install;
 mod ldcache;
@@ -29,20 +30,29 @@ use futures_util::StreamExt;
 
 use kiln_cache::{BlobWriter, Digest, ImageRecord, Store};
 use kiln_recipes::recipe::{debian_architecture, Platform};
-use kiln_recipes::{Packages, Recipe, StepKind};
+use kiln_recipes::{Packages, Recipe, StepKind, Suite};
 
 use crate::error::BuildError;
 use crate::layer::LayerEntry;
 use archive::{IndexEntry, Mirror};
-use lockfile::{LockRequest, LockSource, LockedPackage, Lockfile};
+use lockfile::{LockRequest, LockSource, LockedPackage, Lockfile, PackageLock};
 use resolve::{Request, ResolveError};
 
 /// The recipe's `[packages]`, if it has one.
 pub fn of(recipe: &Recipe) -> Option<&Packages> {
-    recipe.steps.first().and_then(|s| match &s.kind {
+    first_packages(&recipe.steps)
+}
+
+fn first_packages(steps: &[kiln_recipes::Step]) -> Option<&Packages> {
+    steps.first().and_then(|s| match &s.kind {
         StepKind::Packages(p) => Some(p),
         _ => None,
     })
+}
+
+/// Every `[packages]` of the recipe: each stage's, then the image's.
+pub fn all(recipe: &Recipe) -> Vec<&Packages> {
+    recipe.stages.iter().filter_map(|st| first_packages(&st.steps)).chain(of(recipe)).collect()
 }
 
 /// The Debian architecture packages are installed for.
@@ -58,90 +68,304 @@ pub(crate) fn architecture(p: &Packages, platform: &Platform) -> Result<String, 
     }
 }
 
-/// The mirror to use: the recipe's, the host's apt sources', or `fallback`.
-pub fn mirror_url(p: &Packages, fallback: Option<&str>) -> Result<String, BuildError> {
-    p.mirror
-        .clone()
-        .or_else(archive::host_default_mirror)
-        .or_else(|| fallback.map(str::to_string))
-        .ok_or_else(|| {
-            BuildError::usage(
-                "No Debian mirror is set, and the host's apt sources name none",
-                Some("set `mirror` in `[packages]` to the URL of a Debian mirror"),
-            )
-        })
+/// Where `suite` is fetched from: its own `mirror` in the recipe; else the
+/// recipe's `mirror` (for a `-security` suite, its `-security` twin:
+/// `.../debian` → `.../debian-security`); else, with no `mirror` in the
+/// recipe, the host's apt source that lists the suite, or the host's main
+/// archive (likewise). `None`: nowhere known.
+pub fn suite_mirror(p: &Packages, suite: &Suite) -> Option<String> {
+    suite_mirror_in(p, suite, &archive::host_sources())
+}
+
+fn suite_mirror_in(p: &Packages, suite: &Suite, host: &[(String, Vec<String>)]) -> Option<String> {
+    if let Some(m) = &suite.mirror {
+        return Some(m.clone());
+    }
+    let security = suite.name.ends_with("-security");
+    let for_suite = |m: &str| match security {
+        true => m.ends_with("/debian").then(|| format!("{m}-security")),
+        false => Some(m.to_string()),
+    };
+    if let Some(m) = &p.mirror {
+        return for_suite(m);
+    }
+    if let Some((u, _)) = host.iter().find(|(_, s)| s.contains(&suite.name)) {
+        return Some(u.clone());
+    }
+    archive::main_archive(host).and_then(|m| for_suite(&m))
+}
+
+fn no_mirror(suite: &str) -> BuildError {
+    BuildError::usage(
+        format!("No Debian mirror is known for the suite `{suite}`: the recipe sets none and the host's apt sources name none"),
+        Some("set `mirror` in `[packages]` to the URL of a Debian mirror, or give the suite its own: `suites = [{ name = \"SUITE\", mirror = \"URL\" }]`"),
+    )
+}
+
+/// How `kiln lock` treats a lock that already answers the recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Keep it; resolve only the sets whose request changed (or are new).
+    Keep,
+    /// Resolve every set again against the archives (`--update`).
+    Update,
+    /// Resolve again but write nothing; report what would change (`--check`).
+    Check,
+}
+
+/// One set of packages `kiln lock` looked at.
+#[derive(Debug)]
+pub struct SetOutcome {
+    /// The stage (`None`: the image).
+    pub stage: Option<String>,
+    pub lock: PackageLock,
+    /// Whether the set differs from what kiln.lock held.
+    pub changed: bool,
+    /// Packages in the indexes read; 0 when the lock was kept unread.
+    pub index_packages: usize,
+    /// Implied suites the archive does not have.
+    pub skipped: Vec<String>,
+    /// What changed against kiln.lock, a line per package
+    /// (`libssl3 3.0.17-1~deb12u2 -> 3.0.18-1~deb12u1 (bookworm-security)`).
+    pub updates: Vec<String>,
 }
 
 /// What `kiln lock` did.
 #[derive(Debug)]
 pub struct LockOutcome {
     pub path: PathBuf,
-    pub lock: Lockfile,
-    /// False when the existing kiln.lock already held this resolution.
-    pub changed: bool,
-    pub index_packages: usize,
+    pub sets: Vec<SetOutcome>,
+    /// Whether kiln.lock was written.
+    pub written: bool,
+    /// `--check`: kiln.lock is missing, or does not answer the recipe.
+    pub stale: Vec<String>,
 }
 
-/// Resolves the recipe's `[packages]` against its mirror and writes
-/// kiln.lock, fetching on `rt`.
+/// Resolves the recipe's `[packages]` (the image's and each stage's)
+/// against their archives and writes kiln.lock, fetching on `rt`.
 pub fn lock(
     rt: &tokio::runtime::Handle,
     recipe: &Recipe,
     platform: Option<Platform>,
+    mode: LockMode,
 ) -> Result<LockOutcome, BuildError> {
-    let p = of(recipe).ok_or_else(|| {
-        BuildError::usage(
+    let sets = all(recipe);
+    if sets.is_empty() {
+        return Err(BuildError::usage(
             format!(
                 "`{}` has no `[packages]` table and no `registry:` base with a tag; there is nothing to lock",
                 recipe.file.display()
             ),
             Some("add `[packages]` with `suite` and `include`"),
-        )
-    })?;
+        ));
+    }
     let platform = platform.or_else(|| recipe.image.platform.clone()).unwrap_or_else(Platform::host);
-    let arch = architecture(p, &platform)?;
-    let mirror = Mirror::new(&mirror_url(p, None)?)?;
+    let path = Lockfile::path_for(&recipe.dir);
+    let old = match Lockfile::load(&path) {
+        Ok(l) => l,
+        // An unreadable lock is resolved again; `--check` says why it is stale.
+        Err(e) if mode != LockMode::Check => {
+            tracing::debug!(error = %e, "the old kiln.lock is not read");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let mut outcome = LockOutcome { path: path.clone(), sets: Vec::new(), written: false, stale: Vec::new() };
+    for p in sets {
+        let arch = architecture(p, &platform)?;
+        let want = LockRequest::new(p, &arch);
+        let previous = old.as_ref().and_then(|o| o.section(p.stage.as_deref()));
+        let label = section_label(p.stage.as_deref());
+        match previous {
+            None => outcome.stale.push(format!("kiln.lock has no section for {label}")),
+            Some(prev) => {
+                let diff = prev.mismatch(&want);
+                if !diff.is_empty() {
+                    outcome.stale.push(format!("{label}: {}", diff.join("; ")));
+                }
+            }
+        }
+        if mode == LockMode::Keep {
+            if let Some(prev) = previous.filter(|prev| prev.mismatch(&want).is_empty()) {
+                outcome.sets.push(SetOutcome {
+                    stage: p.stage.clone(),
+                    lock: prev.clone(),
+                    changed: false,
+                    index_packages: 0,
+                    skipped: Vec::new(),
+                    updates: Vec::new(),
+                });
+                continue;
+            }
+        }
+        let (lock, index_packages, skipped) = resolve_set(rt, recipe, p, want)?;
+        let updates = previous.map(|prev| updates(prev, &lock)).unwrap_or_default();
+        let changed = previous != Some(&lock);
+        outcome.sets.push(SetOutcome {
+            stage: p.stage.clone(),
+            lock,
+            changed,
+            index_packages,
+            skipped,
+            updates,
+        });
+    }
+    let any_changed = outcome.sets.iter().any(|s| s.changed);
+    let dropped = old.as_ref().is_some_and(|o| {
+        o.stage.keys().any(|k| !outcome.sets.iter().any(|s| s.stage.as_deref() == Some(k)))
+            || (o.image.is_some() && !outcome.sets.iter().any(|s| s.stage.is_none()))
+    });
+    if mode != LockMode::Check && (any_changed || dropped || old.is_none()) {
+        let mut file = Lockfile {
+            version: lockfile::LOCK_VERSION,
+            image: None,
+            stage: Default::default(),
+            // Base pins are `kiln lock`'s other half (the build's `lock`); kept as they are.
+            bases: match &old {
+                Some(o) => o.bases.clone(),
+                None => lockfile::load_pins(&path).unwrap_or_default(),
+            },
+        };
+        for s in &outcome.sets {
+            match &s.stage {
+                None => file.image = Some(s.lock.clone()),
+                Some(name) => {
+                    file.stage.insert(name.clone(), s.lock.clone());
+                }
+            }
+        }
+        let tmp = path.with_extension("lock.tmp");
+        std::fs::write(&tmp, file.render()).map_err(BuildError::io_write(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(BuildError::io_write(&path))?;
+        outcome.written = true;
+    }
+    Ok(outcome)
+}
+
+/// `the image's [packages]` or `[stage.packages] of `build``.
+fn section_label(stage: Option<&str>) -> String {
+    match stage {
+        None => "the image's `[packages]`".into(),
+        Some(s) => format!("the `[stage.packages]` of `{s}`"),
+    }
+}
+
+/// The packages whose version or archive differ, a line each.
+fn updates(old: &PackageLock, new: &PackageLock) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in &new.packages {
+        match old.packages.iter().find(|o| o.name == n.name && o.architecture == n.architecture) {
+            Some(o) if o.version == n.version && o.sha256 == n.sha256 => {}
+            Some(o) => out.push(format!("{} {} -> {} ({})", n.name, o.version, n.version, n.suite)),
+            None => out.push(format!("{} (new) {} ({})", n.name, n.version, n.suite)),
+        }
+    }
+    for o in &old.packages {
+        if !new.packages.iter().any(|n| n.name == o.name && n.architecture == o.architecture) {
+            out.push(format!("{} {} -> (removed)", o.name, o.version));
+        }
+    }
+    out
+}
+
+/// Reads every suite of `p` (each InRelease verified, each index checked
+/// against it) and resolves the request over their union.
+fn resolve_set(
+    rt: &tokio::runtime::Handle,
+    recipe: &Recipe,
+    p: &Packages,
+    want: LockRequest,
+) -> Result<(PackageLock, usize, Vec<String>), BuildError> {
+    let arch = want.architecture.clone();
     let keyring = vec![p.keyring.clone().unwrap_or_else(|| PathBuf::from(archive::DEFAULT_KEYRING))];
     let started = std::time::Instant::now();
     let keys = archive::load_keyring(&keyring)?;
+    let mut sources = Vec::new();
+    let mut skipped = Vec::new();
+    let mut pkgs: Vec<IndexEntry> = Vec::new();
+    let mut seen: std::collections::HashSet<(String, String, String)> = Default::default();
+    for suite in &p.suites {
+        let url = suite_mirror(p, suite);
+        let Some(url) = url else {
+            if suite.optional {
+                skipped.push(suite.name.clone());
+                continue;
+            }
+            return Err(no_mirror(&suite.name));
+        };
+        let mirror = Mirror::new(&url)?;
+        let fetched = rt.block_on(async {
+            let path = format!("dists/{}/InRelease", suite.name);
+            let data = match mirror.get(&path).await {
+                Ok(d) => d,
+                Err(archive::FetchError::NotFound { .. }) if suite.optional => return Ok(None),
+                Err(e) => return Err(e.into_build_error(&format!("suite `{}` (InRelease)", suite.name))),
+            };
+            let text = archive::verify_inrelease(&data, &keys, &format!("{}/{path}", mirror.url))?;
+            let release = archive::Release::parse(&text)?;
+            let fetches = p
+                .components
+                .iter()
+                .map(|c| archive::fetch_packages(&mirror, &suite.name, &release, c, &arch));
+            let indexes: Vec<Vec<IndexEntry>> =
+                futures_util::future::join_all(fetches).await.into_iter().collect::<Result<_, _>>()?;
+            Ok::<_, BuildError>(Some((release, Digest::of(&data).hex(), indexes)))
+        })?;
+        let Some((release, inrelease_sha, indexes)) = fetched else {
+            skipped.push(suite.name.clone());
+            continue;
+        };
+        sources.push(LockSource {
+            suite: suite.name.clone(),
+            date: release.date.clone(),
+            inrelease_sha256: inrelease_sha,
+        });
+        // The same file in two suites (a point release took it in) counts
+        // once, from the suite listed first.
+        for mut e in indexes.into_iter().flatten() {
+            if (e.architecture == arch || e.architecture == "all")
+                && seen.insert((e.name.clone(), e.version.clone(), e.architecture.clone()))
+            {
+                e.suite = suite.name.clone();
+                pkgs.push(e);
+            }
+        }
+    }
+    tracing::debug!(elapsed = ?started.elapsed(), suites = sources.len(), "indexes fetched and parsed");
 
-    let (release, inrelease_sha, indexes) = rt.block_on(async {
-        let path = format!("dists/{}/InRelease", p.suite);
-        let data = mirror
-            .get(&path)
-            .await
-            .map_err(|e| e.into_build_error(&format!("suite `{}` (InRelease)", p.suite)))?;
-        let text = archive::verify_inrelease(&data, &keys, &format!("{}/{path}", mirror.url))?;
-        let release = archive::Release::parse(&text)?;
-        let fetches =
-            p.components.iter().map(|c| archive::fetch_packages(&mirror, &p.suite, &release, c, &arch));
-        let indexes: Vec<Vec<IndexEntry>> =
-            futures_util::future::join_all(fetches).await.into_iter().collect::<Result<_, _>>()?;
-        Ok::<_, BuildError>((release, Digest::of(&data).hex(), indexes))
-    })?;
-    tracing::debug!(elapsed = ?started.elapsed(), "indexes fetched and parsed");
-
-    let pkgs: Vec<IndexEntry> =
-        indexes.into_iter().flatten().filter(|e| e.architecture == arch || e.architecture == "all").collect();
-    let include: Vec<Request> = p
+    let mut include: Vec<Request> = p
         .include
         .iter()
         .map(|i| Request::parse(i))
         .collect::<Result<_, _>>()
         .map_err(|e| resolve_error(e, recipe))?;
+    if p.scripts {
+        // As apt: the Essential packages are on every system, and the
+        // maintainer scripts count on them (a shell, dpkg's tools).
+        let mut essential: Vec<&str> = pkgs
+            .iter()
+            .filter(|e| e.essential && !p.exclude.contains(&e.name))
+            .map(|e| e.name.as_str())
+            .collect();
+        essential.sort();
+        essential.dedup();
+        // kiln lays out merged /usr itself, as debootstrap does: the
+        // marker package says so, so `usrmerge | usr-is-merged` (bookworm's
+        // init-system-helpers) takes it and not the converter and perl.
+        if pkgs.iter().any(|e| e.name == "usr-is-merged") && !p.exclude.iter().any(|x| x == "usr-is-merged") {
+            essential.push("usr-is-merged");
+        }
+        for name in essential {
+            if !include.iter().any(|r| r.name == name) {
+                include.push(Request::parse(name).map_err(|e| resolve_error(e, recipe))?);
+            }
+        }
+    }
     let chosen = resolve::resolve(&pkgs, &include, &p.exclude).map_err(|e| resolve_error(e, recipe))?;
     tracing::debug!(elapsed = ?started.elapsed(), chosen = chosen.len(), "resolved");
-
-    let path = Lockfile::path_for(&recipe.dir);
-    let old = Lockfile::load(&path).ok().flatten();
-    let lock = Lockfile {
-        version: lockfile::LOCK_VERSION,
-        request: LockRequest::new(p, &arch),
-        source: LockSource {
-            mirror: mirror.url.clone(),
-            date: release.date.clone(),
-            inrelease_sha256: inrelease_sha,
-        },
+    let lock = PackageLock {
+        request: want,
+        sources,
         packages: chosen
             .iter()
             .map(|i| {
@@ -150,32 +374,15 @@ pub fn lock(
                     name: e.name.clone(),
                     version: e.version.clone(),
                     architecture: e.architecture.clone(),
+                    suite: e.suite.clone(),
                     filename: e.filename.clone(),
                     size: e.size,
                     sha256: e.sha256.clone(),
                 }
             })
             .collect(),
-        // Base pins are `kiln lock`'s other half (the build's `lock`); kept as they are.
-        bases: match &old {
-            Some(o) => o.bases.clone(),
-            None => lockfile::load_pins(&path).unwrap_or_default(),
-        },
     };
-    // The same packages from the same request: keep the file as it is, so
-    // re-locking an unchanged archive is not a diff.
-    let same = old.as_ref().is_some_and(|o| o.request == lock.request && o.packages == lock.packages);
-    if !same {
-        let tmp = path.with_extension("lock.tmp");
-        std::fs::write(&tmp, lock.render()).map_err(BuildError::io_write(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(BuildError::io_write(&path))?;
-    }
-    Ok(LockOutcome {
-        path,
-        lock: if same { old.expect("checked") } else { lock },
-        changed: !same,
-        index_packages: pkgs.len(),
-    })
+    Ok((lock, pkgs.len(), skipped))
 }
 
 fn resolve_error(e: ResolveError, recipe: &Recipe) -> BuildError {
@@ -213,40 +420,41 @@ fn resolve_error(e: ResolveError, recipe: &Recipe) -> BuildError {
     }
 }
 
-/// The recipe's kiln.lock, checked against `[packages]`: exit 2 with the
-/// hint `kiln lock` when it is missing or out of date.
-pub fn load_lock(recipe: &Recipe, p: &Packages, platform: &Platform) -> Result<Lockfile, BuildError> {
+/// The section of the recipe's kiln.lock for `p`, checked against it:
+/// exit 2 with the hint `kiln lock` when it is missing or out of date.
+pub fn load_lock(recipe: &Recipe, p: &Packages, platform: &Platform) -> Result<PackageLock, BuildError> {
     let path = Lockfile::path_for(&recipe.dir);
     let arch = architecture(p, platform)?;
     let want = LockRequest::new(p, &arch);
     let hint = format!("run `kiln lock {}` to resolve the packages again", recipe.file.display());
+    let label = section_label(p.stage.as_deref());
     let lock = Lockfile::load(&path)?.ok_or_else(|| {
         BuildError::usage(
-            format!(
-                "`{}` has `[packages]` but there is no `{}` beside it",
-                recipe.file.display(),
-                path.display()
-            ),
+            format!("`{}` has {label} but there is no `{}` beside it", recipe.file.display(), path.display()),
             Some(&hint),
         )
     })?;
-    let diff = lock.mismatch(&want);
+    let section = lock.section(p.stage.as_deref()).ok_or_else(|| {
+        BuildError::usage(format!("`{}` has no section for {label}", path.display()), Some(&hint))
+    })?;
+    let diff = section.mismatch(&want);
     if !diff.is_empty() {
         return Err(BuildError::usage(
-            format!("`{}` is out of date with the recipe: {}", path.display(), diff.join("; ")),
+            format!("`{}` is out of date with {label}: {}", path.display(), diff.join("; ")),
             Some(&hint),
         ));
     }
-    Ok(lock)
+    Ok(section.clone())
 }
 
-/// What decides the packages' layer: the locked files, the mirror named in
-/// the SBOM, and how kiln installs.
-pub fn key_params(lock: &Lockfile) -> serde_json::Value {
+/// What decides the packages' layer: the locked files, the release (named
+/// in the SBOM), and how kiln installs. Not the mirror: the same files
+/// come from any mirror of the archive.
+pub fn key_params(lock: &PackageLock) -> serde_json::Value {
     serde_json::json!({
-        "packages": lock.packages.iter().map(|p| format!("{} {} {} {}", p.name, p.version, p.architecture, p.sha256)).collect::<Vec<_>>(),
-        "mirror": lock.source.mirror,
-        "suite": lock.request.suite,
+        "packages": lock.packages.iter().map(|p| format!("{} {} {} {} {}", p.name, p.version, p.architecture, p.suite, p.sha256)).collect::<Vec<_>>(),
+        "suites": lock.request.suites,
+        "scripts": lock.request.scripts,
         "install": install::INSTALL_SCHEMA,
     })
 }
@@ -256,12 +464,13 @@ fn deb_digest(p: &LockedPackage) -> Digest {
 }
 
 /// Downloads the locked `.deb`s the store lacks, several at a time, each
-/// checked against its sha256 before it is kept. `on_notice` hears one line.
+/// from its suite's mirror and checked against its sha256 before it is
+/// kept. `on_notice` hears one line.
 pub fn fetch(
     store: &Store,
     rt: &tokio::runtime::Handle,
-    lock: &Lockfile,
-    mirror: &str,
+    p: &Packages,
+    lock: &PackageLock,
     on_notice: &dyn Fn(&str),
 ) -> Result<(), BuildError> {
     let missing: Vec<&LockedPackage> =
@@ -279,18 +488,33 @@ pub fn fetch(
     if missing.is_empty() {
         return Ok(());
     }
+    // Each suite's mirror, for the suites the missing files come from.
+    let mut mirrors: std::collections::BTreeMap<&str, Arc<Mirror>> = Default::default();
+    for d in &missing {
+        if mirrors.contains_key(d.suite.as_str()) {
+            continue;
+        }
+        let suite = p.suites.iter().find(|s| s.name == d.suite).cloned().unwrap_or(Suite {
+            name: d.suite.clone(),
+            mirror: None,
+            optional: false,
+        });
+        let url = suite_mirror(p, &suite).ok_or_else(|| no_mirror(&suite.name))?;
+        mirrors.insert(d.suite.as_str(), Arc::new(Mirror::new(&url)?));
+    }
     let bytes: u64 = missing.iter().map(|p| p.size).sum();
+    let from: Vec<&str> = mirrors.values().map(|m| m.url.as_str()).collect();
     on_notice(&format!(
-        "packages: downloading {} .deb file(s), {:.1} MB, from {mirror}",
+        "packages: downloading {} .deb file(s), {:.1} MB, from {}",
         missing.len(),
-        bytes as f64 / 1e6
+        bytes as f64 / 1e6,
+        from.join(" and ")
     ));
-    let mirror = Arc::new(Mirror::new(mirror)?);
     let store = Arc::new(store.clone());
     rt.block_on(async {
         let results: Vec<Result<(), BuildError>> = futures_util::stream::iter(missing.into_iter().cloned())
             .map(|p| {
-                let mirror = mirror.clone();
+                let mirror = mirrors[p.suite.as_str()].clone();
                 let store = store.clone();
                 async move { download(&store, &mirror, &p).await }
             })
@@ -346,7 +570,7 @@ fn tampered(p: &LockedPackage, what: &str) -> BuildError {
 /// data sits in `scratch` until the layer is written.
 pub fn layer_entries(
     store: &Store,
-    lock: &Lockfile,
+    lock: &PackageLock,
     epoch: u64,
     scratch: &Path,
     below: &install::Below<'_>,
@@ -388,5 +612,5 @@ pub fn layer_entries(
     }
     let controls: Vec<&deb822::Paragraph> = unpacked.iter().map(|u| &u.control).collect();
     let doc = sbom::document(lock, &controls, epoch);
-    install::layer_entries(&unpacked, &doc, below)
+    install::layer_entries(&unpacked, &doc, below, lock.request.scripts)
 }

@@ -1,6 +1,7 @@
 //! `kiln.lock`: what `kiln lock` resolved, so every build installs exactly
 //! those files. TOML, sorted by package name, written beside the recipe.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -9,19 +10,22 @@ use kiln_recipes::Packages;
 
 use crate::error::BuildError;
 
-pub(crate) const LOCK_VERSION: u32 = 1;
+pub(crate) const LOCK_VERSION: u32 = 2;
 pub(crate) const FILE_NAME: &str = "kiln.lock";
 
-/// The part of `[packages]` a lockfile answers. The mirror and keyring are
-/// not in it: the same packages come from any mirror of the archive.
+/// The part of `[packages]` a lockfile answers. Mirrors and the keyring
+/// are not in it: the same packages come from any mirror of the archive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockRequest {
-    pub suite: String,
+    /// Every suite asked for, the release first (implied ones included).
+    pub suites: Vec<String>,
     pub(crate) components: Vec<String>,
     pub(crate) architecture: String,
     pub include: Vec<String>,
     pub(crate) exclude: Vec<String>,
+    /// Maintainer scripts run, so the `Essential` packages are in the set.
+    pub scripts: bool,
 }
 
 impl LockRequest {
@@ -31,20 +35,21 @@ impl LockRequest {
         let mut exclude = p.exclude.clone();
         exclude.sort();
         LockRequest {
-            suite: p.suite.clone(),
+            suites: p.suites.iter().map(|s| s.name.clone()).collect(),
             components: p.components.clone(),
             architecture: architecture.to_string(),
             include,
             exclude,
+            scripts: p.scripts,
         }
     }
 }
 
-/// Where the packages were resolved from.
+/// One suite the packages were resolved from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockSource {
-    pub mirror: String,
+    pub suite: String,
     /// The `Date` of the InRelease that was verified.
     pub(crate) date: String,
     pub(crate) inrelease_sha256: String,
@@ -56,9 +61,24 @@ pub struct LockedPackage {
     pub name: String,
     pub version: String,
     pub architecture: String,
+    /// The suite (archive) the file comes from, e.g. `bookworm-security`.
+    pub suite: String,
     pub(crate) filename: String,
     pub size: u64,
     pub(crate) sha256: String,
+}
+
+/// One target's packages: the image's `[packages]` or a stage's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageLock {
+    pub request: LockRequest,
+    /// The suites read, in request order; an implied suite the archive
+    /// lacks is not here.
+    #[serde(rename = "source")]
+    pub sources: Vec<LockSource>,
+    #[serde(rename = "package")]
+    pub packages: Vec<LockedPackage>,
 }
 
 /// A `registry:` base with a tag, pinned to the digest the tag named when
@@ -77,21 +97,24 @@ pub struct BasePin {
 #[serde(deny_unknown_fields)]
 pub struct Lockfile {
     pub(crate) version: u32,
-    pub request: LockRequest,
-    pub source: LockSource,
-    #[serde(rename = "package")]
-    pub packages: Vec<LockedPackage>,
+    /// The image's `[packages]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PackageLock>,
+    /// Each stage's `[stage.packages]`, by stage name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stage: BTreeMap<String, PackageLock>,
     #[serde(default, rename = "base", skip_serializing_if = "Vec::is_empty")]
     pub(crate) bases: Vec<BasePin>,
 }
 
-/// A lockfile of a recipe without `[packages]`: only base pins.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PinsOnly {
-    version: u32,
-    #[serde(default, rename = "base")]
-    bases: Vec<BasePin>,
+impl Lockfile {
+    /// The section for `stage` (`None`: the image's).
+    pub fn section(&self, stage: Option<&str>) -> Option<&PackageLock> {
+        match stage {
+            None => self.image.as_ref(),
+            Some(s) => self.stage.get(s),
+        }
+    }
 }
 
 /// The base pins in the lockfile at `path` (none when there is no file).
@@ -127,8 +150,7 @@ pub fn save_pins(path: &Path, mut pins: Vec<BasePin>) -> Result<bool, BuildError
             if load_pins(path).ok() == Some(pins.clone()) {
                 return Ok(false);
             }
-            let body = toml::to_string(&PinsOnly { version: LOCK_VERSION, bases: pins }).expect("serializes");
-            format!("{HEADER}\n{body}")
+            Lockfile { version: LOCK_VERSION, image: None, stage: BTreeMap::new(), bases: pins }.render()
         }
     };
     let tmp = path.with_extension("lock.tmp");
@@ -169,18 +191,24 @@ impl Lockfile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(BuildError::Read { path: path.to_path_buf(), source: e }),
         };
-        let lock: Lockfile = toml::from_str(&text).map_err(|e| bad_lockfile(path, &text, &e))?;
-        if lock.version != LOCK_VERSION {
+        // The version first: an older layout would fail on its first key.
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let v: Version = toml::from_str(&text).map_err(|e| bad_lockfile(path, &text, &e))?;
+        if v.version != LOCK_VERSION {
             return Err(BuildError::usage(
                 format!(
                     "`{}` is lockfile version {}; this kiln reads version {LOCK_VERSION}",
                     path.display(),
-                    lock.version
+                    v.version
                 ),
                 Some("run `kiln lock RECIPE` to write it again"),
             ));
         }
-        for p in &lock.packages {
+        let lock: Lockfile = toml::from_str(&text).map_err(|e| bad_lockfile(path, &text, &e))?;
+        for p in lock.image.iter().chain(lock.stage.values()).flat_map(|s| &s.packages) {
             let ok = p.sha256.len() == 64
                 && p.sha256.bytes().all(|b| b.is_ascii_hexdigit())
                 && !p.filename.starts_with('/')
@@ -194,13 +222,18 @@ impl Lockfile {
         }
         Ok(Some(lock))
     }
+}
 
+impl PackageLock {
     /// The differences between what the recipe asks and what this lock answers.
     pub(crate) fn mismatch(&self, want: &LockRequest) -> Vec<String> {
         let r = &self.request;
         let mut out = Vec::new();
-        if r.suite != want.suite {
-            out.push(format!("suite is `{}` in the recipe, `{}` in the lock", want.suite, r.suite));
+        if r.suites != want.suites {
+            out.push(format!("suites are {:?} in the recipe, {:?} in the lock", want.suites, r.suites));
+        }
+        if r.scripts != want.scripts {
+            out.push(format!("scripts is {} in the recipe, {} in the lock", want.scripts, r.scripts));
         }
         if r.components != want.components {
             out.push(format!(

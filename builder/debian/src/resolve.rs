@@ -502,6 +502,8 @@ mod tests {
             provides: provides.into(),
             conflicts: conflicts.into(),
             breaks: String::new(),
+            essential: false,
+            suite: "s".into(),
         }
     }
 

@@ -2,14 +2,14 @@
 //! the packages' layer (`/var/lib/kiln/sbom.spdx.json`) and `kiln sbom`
 //! reads it back. Everything in it comes from kiln.lock, the packages'
 //! control files and the image's epoch, so it is as reproducible as the
-//! layer: no wall clock, no host mirror.
+//! layer: no wall clock, no mirror (the files are pinned by sha256).
 
 use serde_json::{json, Value};
 
 use kiln_cache::Digest;
 
 use super::deb822::Paragraph;
-use super::lockfile::Lockfile;
+use super::lockfile::PackageLock;
 use crate::image::rfc3339;
 
 /// Where the SBOM sits in the image.
@@ -23,7 +23,7 @@ fn spdx_id(name: &str, arch: &str) -> String {
 }
 
 /// The document; `controls` are the packages' control paragraphs, in lock order.
-pub(crate) fn document(lock: &Lockfile, controls: &[&Paragraph], epoch: u64) -> Vec<u8> {
+pub(crate) fn document(lock: &PackageLock, controls: &[&Paragraph], epoch: u64) -> Vec<u8> {
     let ids: Vec<String> = lock
         .packages
         .iter()
@@ -41,7 +41,8 @@ pub(crate) fn document(lock: &Lockfile, controls: &[&Paragraph], epoch: u64) -> 
             "SPDXID": id,
             "versionInfo": p.version,
             "supplier": supplier,
-            "downloadLocation": format!("{}/{}", lock.source.mirror, p.filename),
+            // The file is pinned by its sha256; any mirror of the archive has it.
+            "downloadLocation": "NOASSERTION",
             "filesAnalyzed": false,
             "checksums": [{ "algorithm": "SHA256", "checksumValue": p.sha256 }],
             "licenseConcluded": "NOASSERTION",
@@ -52,9 +53,10 @@ pub(crate) fn document(lock: &Lockfile, controls: &[&Paragraph], epoch: u64) -> 
                 "referenceType": "purl",
                 "referenceLocator": format!(
                     "pkg:deb/debian/{}@{}?arch={}&distro={}",
-                    p.name, purl_escape(&p.version), p.architecture, lock.request.suite
+                    p.name, purl_escape(&p.version), p.architecture, lock.request.suites[0]
                 ),
             }],
+            "comment": format!("from the suite {}: {}", p.suite, p.filename),
         });
         if let Some(src) = control.get("Source") {
             pkg["sourceInfo"] = Value::String(format!("built from the Debian source package {src}"));
@@ -76,7 +78,7 @@ pub(crate) fn document(lock: &Lockfile, controls: &[&Paragraph], epoch: u64) -> 
         "spdxVersion": "SPDX-2.3",
         "dataLicense": "CC0-1.0",
         "SPDXID": "SPDXRef-DOCUMENT",
-        "name": format!("debian-packages-{}", lock.request.suite),
+        "name": format!("debian-packages-{}", lock.request.suites[0]),
         "documentNamespace": format!("https://kiln.invalid/spdx/debian-packages/{namespace}"),
         "creationInfo": {
             "created": rfc3339(epoch),

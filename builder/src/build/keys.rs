@@ -27,7 +27,16 @@ pub(super) enum Prepared {
     CopyFrom(Arc<Built>),
     Write,
     Run(RunPlan),
-    Packages(Box<crate::packages::lockfile::Lockfile>),
+    Packages(Box<crate::packages::lockfile::PackageLock>),
+    Configure(Box<ConfigurePlan>),
+}
+
+/// The packages' maintainer scripts: the lock names the packages, the
+/// environment is in the key; the driver is made from the packages'
+/// layer's dpkg status when it runs.
+pub(super) struct ConfigurePlan {
+    pub(super) lock: crate::packages::lockfile::PackageLock,
+    pub(super) env: Vec<String>,
 }
 
 /// A `run` step resolved against its image's config; all of it is in the key.
@@ -92,6 +101,19 @@ impl Planner<'_> {
                 (
                     json!({ "packages": crate::packages::key_params(&lock) }),
                     Prepared::Packages(Box::new(lock)),
+                )
+            }
+            StepKind::Configure(p) => {
+                // The parent's key holds the packages; what the driver
+                // adds is its schema and the image's environment.
+                let lock = crate::packages::load_lock(self.recipe, p, self.platform)?;
+                let env = exec::command_env(
+                    &run_config.env().clone().unwrap_or_default(),
+                    &crate::packages::configure::environment(&lock, self.epoch),
+                );
+                (
+                    json!({ "configure": crate::packages::configure::fingerprint(), "env": env }),
+                    Prepared::Configure(Box::new(ConfigurePlan { lock, env })),
                 )
             }
             StepKind::Run(r) => {

@@ -152,8 +152,9 @@ pub(super) fn describe(step: &Step) -> String {
             if names.len() > 80 {
                 names = format!("{}...", names.chars().take(80).collect::<String>());
             }
-            format!("PACKAGES {} {names} (kiln.lock)", p.suite)
+            format!("PACKAGES {} {names} (kiln.lock)", p.release())
         }
+        StepKind::Configure(p) => format!("CONFIGURE the maintainer scripts of the {} packages", p.release()),
         StepKind::Run(r) => {
             let cmd = r.command.text();
             let one_line: String =

@@ -17,7 +17,7 @@ use crate::fstree::FsTree;
 use crate::image::ImageLayer;
 use crate::reporter::{Reporter, StepInfo};
 
-use super::keys::RunPlan;
+use super::keys::{ConfigurePlan, RunPlan};
 use super::model::step_label;
 
 /// Where a `run` step runs and what it may read.
@@ -73,6 +73,50 @@ pub(super) fn run_step(
             tail: tail.iter().map(|l| exec::cut_line(redact(l, &values))).collect(),
         }),
     }
+}
+
+/// The packages' maintainer scripts (the step after `[packages]`): the
+/// driver made from the packages' dpkg status, run like a `run` step, as
+/// root in `/` with the network off. A failure names the script as dpkg
+/// would have run it.
+pub(super) fn configure_step(
+    env: &RunEnv<'_>,
+    step: &Step,
+    info: &StepInfo,
+    plan: ConfigurePlan,
+    parent: Parent<'_>,
+) -> Result<(Vec<Change>, Box<dyn std::any::Any + Send>), BuildError> {
+    let has = |p: &str| parent.tree.get(p).map(|e| e.is_some());
+    if !(has("bin/sh")? || has("usr/bin/sh")?) {
+        return Err(env
+            .recipe
+            .error_at(step.span.clone(), "the packages' maintainer scripts need /bin/sh, and the image has none")
+            .with_hint("keep `dash` (an Essential package) out of `exclude`, or set `scripts = false` for an image without a shell")
+            .into());
+    }
+    let status = crate::extract::read_file(env.store, parent.layers, parent.tree, "var/lib/dpkg/status")?;
+    let status = String::from_utf8_lossy(status.as_deref().unwrap_or_default()).into_owned();
+    let driver = crate::packages::configure::driver(&status, &plan.lock)?;
+    let run = RunStep {
+        command: kiln_recipes::Command::Exec(driver.argv.clone()),
+        env: Default::default(),
+        network: false,
+        secrets: Vec::new(),
+        user: Some("0".into()),
+        workdir: Some("/".into()),
+    };
+    let rp = RunPlan { argv: driver.argv, env: plan.env, user: "0".into(), workdir: "/".into() };
+    run_step(env, step, info, &run, rp, parent).map_err(|e| match e {
+        BuildError::CommandFailed { location, step, code, tail, .. } => BuildError::CommandFailed {
+            location,
+            step,
+            command: crate::packages::configure::failed(&tail, &driver.order)
+                .unwrap_or_else(|| "the packages' maintainer scripts".into()),
+            code,
+            tail,
+        },
+        e => e,
+    })
 }
 
 /// The secrets the step names, each of which must have been given.

@@ -11,7 +11,7 @@ use crate::fstree::FsTree;
 use crate::image::ImageLayer;
 use crate::layer::{Content, LayerEntry};
 use crate::listing::Kind;
-use crate::packages::lockfile::Lockfile;
+use crate::packages::lockfile::PackageLock;
 use crate::reporter::Reporter;
 use crate::tarball::TarKind;
 
@@ -217,12 +217,11 @@ pub(super) fn package_entries(
     reporter: &dyn Reporter,
     epoch: u64,
     p: &kiln_recipes::Packages,
-    lock: &Lockfile,
+    lock: &PackageLock,
     parent: (&[ImageLayer], &FsTree),
 ) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
     let (layers, tree) = parent;
-    let mirror = crate::packages::mirror_url(p, Some(&lock.source.mirror))?;
-    crate::packages::fetch(store, rt, lock, &mirror, &|m| reporter.on_notice(m))?;
+    crate::packages::fetch(store, rt, p, lock, &|m| reporter.on_notice(m))?;
     let scratch = tempfile::Builder::new()
         .prefix("packages-")
         .tempdir_in(store.tmp_dir())

@@ -24,7 +24,7 @@ use crate::reporter::StepInfo;
 use super::cache::Cached;
 use super::keys::Prepared;
 use super::model::{history_text, step_label, Built, PlannedStep, Target};
-use super::run::{run_step, Parent, RunEnv};
+use super::run::{configure_step, run_step, Parent, RunEnv};
 use super::session::Session;
 use super::steps::{copy_entries, copy_from_entries, package_entries, write_entries};
 
@@ -162,7 +162,7 @@ impl TargetBuild<'_> {
                 keep = Some(Box::new(scratch));
                 entries
             }
-            (StepKind::Run(run), Prepared::Run(plan)) => {
+            (StepKind::Run(_) | StepKind::Configure(_), prepared) => {
                 let env = RunEnv {
                     recipe,
                     store: &s.store,
@@ -172,7 +172,15 @@ impl TargetBuild<'_> {
                     secrets: &s.opts.secrets,
                 };
                 let parent = Parent { layers: &self.layers, tree, config: &self.base.config };
-                let (changes, k) = run_step(&env, step, info, run, plan, parent)?;
+                let (changes, k) = match (&step.kind, prepared) {
+                    (StepKind::Run(run), Prepared::Run(plan)) => {
+                        run_step(&env, step, info, run, plan, parent)?
+                    }
+                    (StepKind::Configure(_), Prepared::Configure(plan)) => {
+                        configure_step(&env, step, info, *plan, parent)?
+                    }
+                    _ => unreachable!("prepared matches the step kind"),
+                };
                 keep = Some(k);
                 changes::to_layer_entries(changes)
             }
@@ -229,7 +237,7 @@ impl TargetBuild<'_> {
     /// unpacked folders (never for a step no `run` follows).
     fn unpacks_for(&self, next: &Step, key: &Digest) -> Option<Arc<dyn Executor>> {
         let s = self.s;
-        if !matches!(next.kind, StepKind::Run(_)) {
+        if !matches!(next.kind, StepKind::Run(_) | StepKind::Configure(_)) {
             return None;
         }
         let executor = s.backends.executor().ok()?;
