@@ -41,6 +41,15 @@ demo: build deps
 	@if docker info >/dev/null 2>&1; then \
 		docker load -i out/python.tar && docker run --rm python:latest; \
 	else echo "(no Docker engine answers: 'docker load -i out/python.tar' later)"; fi
+	@# A real Debian install: nginx, its maintainer scripts run in kiln's sandbox, security updates included.
+	$(KILN) build recipes/examples/nginx/kiln.toml -o oci:out/nginx -o docker-archive:out/nginx.tar
+	@if docker info >/dev/null 2>&1; then \
+		docker load -q -i out/nginx.tar && \
+		docker run -d --rm --name kiln-demo-nginx -p 127.0.0.1:8089:80 kiln-example-nginx:latest >/dev/null && \
+		for i in 1 2 3 4 5 6 7 8 9 10; do curl -sf http://127.0.0.1:8089/ >/dev/null && break; sleep 0.5; done; \
+		echo "nginx answers on http://127.0.0.1:8089/: $$(curl -s http://127.0.0.1:8089/ | grep -o '<title>.*</title>')"; \
+		docker rm -f kiln-demo-nginx >/dev/null; \
+	else echo "(no Docker engine answers: 'docker load -i out/nginx.tar' later)"; fi
 	@# The same kind of recipe as a VM disk: Debian's kernel, kiln's initramfs, syslinux; booted under qemu.
 	$(KILN) build recipes/examples/vm-hello/kiln.toml -o vm:out/vm-hello.qcow2
 	timeout 300 qemu-system-x86_64 -m 512 -nographic -no-reboot -accel tcg \

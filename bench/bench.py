@@ -35,6 +35,12 @@ headers); kiln imports it and adds one `write` step, cold, then with the
 write changed; `kiln diff` of the two. Peak RSS of this checkout against the
 code before issue 13 (BASELINE), in the same run, and the stored listing's size.
 
+W9: the nginx example (`recipes/examples/nginx`: nginx-light with its
+maintainer scripts run, bookworm with its security updates), cold (the
+.debs downloaded, and cached), no-op, and after a `[config]` change; against
+BuildKit building `FROM` an mmdebstrap `--variant=apt` base with `RUN
+apt-get update && apt-get install -y nginx-light`, and a `LABEL` changed.
+
 W1-W5 before and after issue 14 (the engine split into crates behind an
 Executor trait): the same workloads with this checkout and with the release
 build of the commit before issue 14's first change (BEFORE14, `make
@@ -318,7 +324,7 @@ def w3():
             for _ in range(5)]
     noop = [run([KILN, "build", recipe, "--cache-dir", cache, "-o", out, "--progress", "plain"])[0] for _ in range(5)]
     with open(os.path.join(ctx, "kiln.lock")) as f:
-        n = f.read().count("[[package]]")
+        n = f.read().count("package]]")
     return {"lock": statistics.median(locks), "cold": statistics.median(w for w, _ in colds),
             "warm": statistics.median(w for w, _ in warm), "noop": statistics.median(noop),
             "rss": max(r for _, r in colds + warm), "packages": n}
@@ -682,6 +688,123 @@ def w14_lines(res):
     return lines
 
 
+def host_debian_sources():
+    """The host's deb822 sources file that names the Debian archive (for mmdebstrap)."""
+    d = "/etc/apt/sources.list.d"
+    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        path = os.path.join(d, name)
+        if name.endswith(".sources"):
+            with open(path) as f:
+                text = f.read()
+            if "/debian" in text and "bookworm" in text:
+                return path
+    return None
+
+
+def w9(have_docker):
+    """The nginx example: kiln cold (debs downloaded / cached), no-op, [config] change; BuildKit alike."""
+    src = os.path.join(ROOT, "recipes", "examples", "nginx")
+    ctx = os.path.join(WORK, "w9")
+    shutil.copytree(src, ctx)
+    recipe = os.path.join(ctx, "kiln.toml")
+    with open(recipe) as f:
+        text = f.read()
+    out = f"oci:{os.path.join(WORK, 'out-w9')}"
+
+    def build(cache, *extra):
+        return run([KILN, "build", recipe, "--cache-dir", cache, "-o", out, "--progress", "plain", *extra])[0]
+
+    def set_label(n):
+        with open(recipe, "w") as f:
+            f.write(text.replace("[config]\n", f'[config]\nlabels = {{ "bench.n" = "{n}" }}\n'))
+
+    cold = [build(os.path.join(WORK, f"cache-w9-{i}")) for i in range(3)]
+    cache = os.path.join(WORK, "cache-w9-0")
+    cached = [build(cache, "--no-cache") for _ in range(3)]
+    noop = [build(cache) for _ in range(5)]
+    config = []
+    for n in range(3):
+        set_label(n)
+        config.append(build(cache))
+    with open(os.path.join(ctx, "kiln.lock")) as f:
+        packages = f.read().count("package]]")
+    r = {"packages": packages, "cold": statistics.median(cold), "cached": statistics.median(cached),
+         "noop": statistics.median(noop), "config": statistics.median(config)}
+
+    sources = host_debian_sources()
+    if not have_docker or not shutil.which("mmdebstrap") or sources is None:
+        r["why_no_buildkit"] = "no Docker engine, mmdebstrap or deb822 Debian sources on this machine"
+        return r
+    base = os.path.join(WORK, "w9-base.tar")
+    subprocess.run(["mmdebstrap", "--quiet", "--variant=apt", "bookworm", base, sources], check=True)
+    subprocess.run([DOCKER, "import", base, "kiln-bench-w9-base"], check=True, capture_output=True)
+    bctx = os.path.join(WORK, "w9-docker")
+    os.makedirs(bctx)
+
+    def dockerfile(n):
+        with open(os.path.join(bctx, "Dockerfile"), "w") as f:
+            f.write("FROM kiln-bench-w9-base\n"
+                    "RUN apt-get update && apt-get install -y nginx-light\n"
+                    f"LABEL bench.n={n}\n"
+                    'ENTRYPOINT ["/usr/sbin/nginx", "-g", "daemon off;"]\n')
+
+    env = dict(os.environ, DOCKER_BUILDKIT="1")
+
+    def bk():
+        return run([DOCKER, "build", "-q", "-t", "kiln-bench-w9", bctx], env=env)[0]
+
+    bk_cold = []
+    for _ in range(3):
+        dockerfile("x")
+        subprocess.run([DOCKER, "builder", "prune", "-af"], capture_output=True)
+        bk_cold.append(bk())
+    bk_noop = [bk() for _ in range(5)]
+    bk_config = []
+    for n in range(3):
+        dockerfile(n)
+        bk_config.append(bk())
+    r["buildkit"] = {"cold": statistics.median(bk_cold), "noop": statistics.median(bk_noop),
+                     "config": statistics.median(bk_config)}
+    subprocess.run([DOCKER, "rmi", "-f", "kiln-bench-w9", "kiln-bench-w9-base"], capture_output=True)
+    return r
+
+
+def w9_lines(r):
+    if r is None:
+        return []
+    b = r.get("buildkit")
+    lines = [
+        f"## W9: the nginx example, {r['packages']} Debian packages with their maintainer scripts",
+        "",
+        "| measure | kiln | BuildKit | kiln/BuildKit | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def row(label, k, bkey, target=None):
+        if b:
+            ratio = k / b[bkey]
+            met = "" if target is None else ("yes" if ratio <= target else "NO")
+            return (f"| {label} | {k * 1000:.0f} ms | {b[bkey] * 1000:.0f} ms | {ratio:.2f} | "
+                    f"{'' if target is None else f'<= {target}x'} | {met} |")
+        return f"| {label} | {k * 1000:.0f} ms | | | | |"
+
+    lines.append(row("cold, empty cache: .debs downloaded (median of 3)", r["cold"], "cold", 0.5))
+    lines.append(row("cold, .debs cached (`--no-cache`, median of 3)", r["cached"], "cold"))
+    lines.append(row("no-op rebuild (median of 5)", r["noop"], "noop", 0.1))
+    lines.append(row("`[config]` / `LABEL` changed (median of 3)", r["config"], "config"))
+    lines.append("")
+    if b:
+        lines.append("BuildKit: `DOCKER_BUILDKIT=1 docker build` on the same machine, `FROM` an mmdebstrap "
+                     "`--variant=apt` bookworm base (from the host's Debian sources, imported with `docker import`), "
+                     "`RUN apt-get update && apt-get install -y nginx-light`, a `LABEL`; cold after "
+                     "`docker builder prune -af`. Both download from the same Debian mirror; kiln's cold build "
+                     "includes the maintainer scripts (the `CONFIGURE` step).")
+    else:
+        lines.append(f"BuildKit: not measured ({r['why_no_buildkit']}).")
+    lines.append("")
+    return lines
+
+
 def make_w6(d, n=1_000_000):
     """An OCI layout of one gzip layer: n empty files in 1,000 folders."""
     import gzip
@@ -832,6 +955,10 @@ def main():
     if only == "w14":
         print("\n".join(w14_lines(w14res)))
         return
+    w9res = w9(have_docker) if only in (None, "w9") else None
+    if only == "w9":
+        print("\n".join(w9_lines(w9res)))
+        return
     w6res = w6() if only in (None, "w6") else None
     if only == "w6":
         print("\n".join(w6_lines(w6res)))
@@ -903,6 +1030,7 @@ def main():
     lines += w4_lines(w4res)
     lines += w5_lines(w5res)
     lines += w6_lines(w6res)
+    lines += w9_lines(w9res)
     lines += w14_lines(w14res)
     out = "\n".join(lines)
     with open(os.path.join(ROOT, "bench", "RESULTS.md"), "w") as f:

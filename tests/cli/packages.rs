@@ -761,7 +761,15 @@ fn packages_in_a_stage_have_their_own_lock_section() {
     let archive = p.path("archive").display().to_string();
     p.recipe(&format!(
         r#"[[stage]]
+name = "settings"
+
+[[stage.step]]
+write = "/etc/greeter.conf"
+content = "greeting = configured by the recipe\n"
+
+[[stage]]
 name = "build"
+base = "stage:settings"
 
 [stage.packages]
 suites = ["testing", {{ name = "testing-security", mirror = "file://{archive}/debian-security" }}]
@@ -771,7 +779,7 @@ mirror = "file://{archive}/debian"
 keyring = "repo/key.gpg"
 
 [[stage.step]]
-run = "grep greet /usr/lib/libgreet.txt > /out.txt"
+run = "grep greet /usr/lib/libgreet.txt > /out.txt && cat /etc/greeter.conf /etc/greeter.conf.dpkg-dist >> /out.txt"
 
 [image]
 name = "final"
@@ -801,7 +809,11 @@ to = "/out.txt"
     let r = p.build(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let files = image_files(&p.path("out"));
-    assert_eq!(files["out.txt"].1, b"greet 1.0+sec1\n", "the stage took the security update");
+    assert_eq!(
+        String::from_utf8_lossy(&files["out.txt"].1),
+        "greet 1.0+sec1\ngreeting = configured by the recipe\ngreeting = hello\n",
+        "the stage took the security update; a conffile its base has is kept, the package's beside it"
+    );
     assert_eq!(files["usr/lib/libgreet.txt"].1, b"greet 1.0\n", "the image its pinned version");
     assert!(!files.contains_key("var/lib/greeter.log"), "the stage's packages stay in the stage");
 }
@@ -898,81 +910,235 @@ fn answer(container: &str, port: &str, request: &[u8]) -> String {
     panic!("{container} never answered on {port}: {}", String::from_utf8_lossy(&logs.stderr));
 }
 
-#[test]
-fn the_real_install_examples_build_reproducibly_and_answer() {
-    if !debian_mirror() || !require_docker() || !require_root() {
+/// Builds a real-install example with `kiln verify` and as a docker image,
+/// checks what its maintainer scripts left and what they must not, and
+/// has it answer.
+fn real_install_example(name: &str) {
+    if !debian_mirror() || !require_docker() || !require_root() || (name == "postgres" && !require("psql")) {
         return;
     }
-    for name in ["nginx", "sshd", "c-app"] {
-        let p = example(name);
-        let tag = format!("kiln-test-{name}:1");
-        let r = p.kiln(&["verify", "ex/kiln.toml"]);
-        assert_eq!(r.code, 0, "{name}: kiln verify: {}{}", r.stdout, r.stderr);
-        let built =
-            p.kiln(&["build", "ex/kiln.toml", "-o", &format!("docker:{tag}"), "-o", "oci:img"]).digest();
-        assert!(r.stdout.contains(&built), "{name}: verify's digest is the build's: {}", r.stdout);
-        let files = image_files(&p.path("img"));
-        for gone in
-            ["var/log/dpkg.log", "var/cache/ldconfig/aux-cache", "etc/passwd-", "usr/sbin/policy-rc.d"]
-        {
-            assert!(!files.contains_key(gone), "{name}: {gone} is in the image");
-        }
-        match name {
-            "nginx" => {
-                let passwd = String::from_utf8_lossy(&files["etc/passwd"].1).into_owned();
-                assert!(
-                    passwd.contains("\nwww-data:") && passwd.contains(":33:33:www-data:/var/www:"),
-                    "{passwd}"
-                );
-                assert!(
-                    files.contains_key("etc/nginx/sites-enabled/default"),
-                    "the postinst enabled the site"
-                );
-                let c = docker(&["run", "-d", "--rm", "-p", "127.0.0.1::80", &tag]);
-                let c = c.trim();
-                let page = answer(c, "80/tcp", b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
-                let _ = Command::new("docker").args(["rm", "-f", c]).output();
-                assert!(page.starts_with("HTTP/1.1 200") && page.contains("Welcome to nginx"), "{page}");
-            }
-            "sshd" => {
-                assert!(
-                    !files.keys().any(|k| k.starts_with("etc/ssh/ssh_host_")),
-                    "no host key is made at build time"
-                );
-                assert!(
-                    files.contains_key("etc/ssh/sshd_config") && files.contains_key("etc/pam.d/common-auth")
-                );
-                let passwd = String::from_utf8_lossy(&files["etc/passwd"].1).into_owned();
-                assert!(passwd.contains("\nsshd:"), "{passwd}");
-                let out = docker(&[
-                    "run",
-                    "--rm",
-                    "--entrypoint",
-                    "/bin/sh",
-                    &tag,
-                    "-c",
-                    "ssh-keygen -A >/dev/null && mkdir -p /run/sshd && /usr/sbin/sshd -t && echo sshd-t-ok",
-                ]);
-                assert_eq!(out, "sshd-t-ok\n");
-                let c = docker(&["run", "-d", "--rm", "-p", "127.0.0.1::22", &tag]);
-                let c = c.trim();
-                let banner = answer(c, "22/tcp", b"");
-                let _ = Command::new("docker").args(["rm", "-f", c]).output();
-                assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner}");
-            }
-            _ => {
-                assert_eq!(
-                    files.keys().filter(|k| !k.is_empty()).count(),
-                    1,
-                    "only the program: {:?}",
-                    files.keys()
-                );
-                let out = docker(&["run", "--rm", "--network", "none", &tag]);
-                assert!(out.starts_with("hello from a static C program built by kiln"), "{out}");
-            }
-        }
-        let _ = Command::new("docker").args(["rmi", "-f", &tag]).output();
+    let p = example(name);
+    let tag = format!("kiln-test-{name}:1");
+    let r = p.kiln(&["verify", "ex/kiln.toml"]);
+    assert_eq!(r.code, 0, "{name}: kiln verify: {}{}", r.stdout, r.stderr);
+    let built = p.kiln(&["build", "ex/kiln.toml", "-o", &format!("docker:{tag}"), "-o", "oci:img"]).digest();
+    assert!(r.stdout.contains(&built), "{name}: verify's digest is the build's: {}", r.stdout);
+    let files = image_files(&p.path("img"));
+    for gone in ["var/log/dpkg.log", "var/cache/ldconfig/aux-cache", "etc/passwd-", "usr/sbin/policy-rc.d"] {
+        assert!(!files.contains_key(gone), "{name}: {gone} is in the image");
     }
+    match name {
+        "nginx" => {
+            let passwd = String::from_utf8_lossy(&files["etc/passwd"].1).into_owned();
+            assert!(
+                passwd.contains("\nwww-data:") && passwd.contains(":33:33:www-data:/var/www:"),
+                "{passwd}"
+            );
+            assert!(files.contains_key("etc/nginx/sites-enabled/default"), "the postinst enabled the site");
+            let c = docker(&["run", "-d", "--rm", "-p", "127.0.0.1::80", &tag]);
+            let c = c.trim();
+            let page = answer(c, "80/tcp", b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
+            let _ = Command::new("docker").args(["rm", "-f", c]).output();
+            assert!(page.starts_with("HTTP/1.1 200") && page.contains("Welcome to nginx"), "{page}");
+        }
+        "sshd" => {
+            assert!(
+                !files.keys().any(|k| k.starts_with("etc/ssh/ssh_host_")),
+                "no host key is made at build time"
+            );
+            assert!(files.contains_key("etc/ssh/sshd_config") && files.contains_key("etc/pam.d/common-auth"));
+            let passwd = String::from_utf8_lossy(&files["etc/passwd"].1).into_owned();
+            assert!(passwd.contains("\nsshd:"), "{passwd}");
+            let out = docker(&[
+                "run",
+                "--rm",
+                "--entrypoint",
+                "/bin/sh",
+                &tag,
+                "-c",
+                "ssh-keygen -A >/dev/null && mkdir -p /run/sshd && /usr/sbin/sshd -t && echo sshd-t-ok",
+            ]);
+            assert_eq!(out, "sshd-t-ok\n");
+            let c = docker(&["run", "-d", "--rm", "-p", "127.0.0.1::22", &tag]);
+            let c = c.trim();
+            let banner = answer(c, "22/tcp", b"");
+            let _ = Command::new("docker").args(["rm", "-f", c]).output();
+            assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner}");
+        }
+        "postgres" => {
+            assert!(
+                !files.keys().any(|k| k.starts_with("var/lib/postgresql/15/main")),
+                "no cluster at build time"
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&files["etc/postgresql-common/createcluster.conf"].1).lines().last(),
+                Some("create_main_cluster = false"),
+                "the recipe's file is kept (postgresql-common's ucf keeps a changed file)"
+            );
+            let c = docker(&[
+                "run",
+                "-d",
+                "--rm",
+                "-e",
+                "POSTGRES_PASSWORD=kiln-test",
+                "-p",
+                "127.0.0.1::5432",
+                &tag,
+            ]);
+            let c = c.trim();
+            let mapped = docker(&["port", c, "5432/tcp"]);
+            let (host, port) = mapped.lines().find_map(|l| l.split_once(':')).unwrap();
+            let mut last = String::new();
+            for _ in 0..100 {
+                let out = Command::new("psql")
+                    .args(["-h", host, "-p", port, "-U", "postgres", "-tAc", "select 1"])
+                    .env("PGPASSWORD", "kiln-test")
+                    .output()
+                    .unwrap();
+                last = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                if out.status.success() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            let _ = Command::new("docker").args(["rm", "-f", c]).output();
+            assert_eq!(last, "1\n", "psql on loopback");
+        }
+        _ => {
+            assert_eq!(
+                files.keys().filter(|k| !k.is_empty()).count(),
+                1,
+                "only the program: {:?}",
+                files.keys()
+            );
+            let out = docker(&["run", "--rm", "--network", "none", &tag]);
+            assert!(out.starts_with("hello from a static C program built by kiln"), "{out}");
+        }
+    }
+    let _ = Command::new("docker").args(["rmi", "-f", &tag]).output();
+}
+
+#[test]
+fn the_nginx_example_builds_reproducibly_and_answers() {
+    real_install_example("nginx");
+}
+
+#[test]
+fn the_sshd_example_builds_reproducibly_and_answers() {
+    real_install_example("sshd");
+}
+
+#[test]
+fn the_c_app_example_builds_reproducibly_and_answers() {
+    real_install_example("c-app");
+}
+
+#[test]
+fn the_postgres_example_builds_reproducibly_and_answers() {
+    real_install_example("postgres");
+}
+
+/// Users, groups, alternatives and conffiles of an install: what the
+/// maintainer scripts make.
+fn install_facts(files: &std::collections::BTreeMap<String, (char, Vec<u8>)>) -> Vec<String> {
+    let mut facts = Vec::new();
+    for (file, kind) in [("etc/passwd", "user"), ("etc/group", "group")] {
+        for line in String::from_utf8_lossy(&files[file].1).lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            facts.push(format!("{kind} {} {}", f[0], f[2]));
+        }
+    }
+    for (path, (kind, data)) in files {
+        if let Some(name) = path.strip_prefix("etc/alternatives/") {
+            if *kind == '2' {
+                facts.push(format!("alternative {name} -> {}", String::from_utf8_lossy(data)));
+            }
+        }
+    }
+    let status = String::from_utf8_lossy(&files["var/lib/dpkg/status"].1).into_owned();
+    let mut in_conffiles = false;
+    for line in status.lines() {
+        if line.starts_with("Conffiles:") {
+            in_conffiles = true;
+        } else if in_conffiles && line.starts_with(' ') {
+            facts.push(format!("conffile {}", line.split_whitespace().next().unwrap_or("")));
+        } else {
+            in_conffiles = false;
+        }
+    }
+    facts.sort();
+    facts
+}
+
+#[test]
+fn the_scripts_make_what_mmdebstrap_makes() {
+    if !debian_mirror() || !require_root() || !require("mmdebstrap") {
+        return;
+    }
+    // The host's Debian sources, for mmdebstrap (which reads such a file).
+    let sources = fs::read_dir("/etc/apt/sources.list.d")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sources"))
+        .find(|p| fs::read_to_string(p).is_ok_and(|t| t.contains("/debian") && t.contains("bookworm")));
+    let Some(sources) = sources else {
+        assert!(std::env::var_os("CI").is_none(), "no deb822 Debian sources on this host");
+        return;
+    };
+    let p = Project::new();
+    // apt (mmdebstrap) takes usrmerge for init-system-helpers' `usrmerge |
+    // usr-is-merged`, kiln takes usr-is-merged as debootstrap does (no perl):
+    // named here, so both installs hold the same packages' scripts.
+    p.recipe("[image]\nname = \"nginx-apt\"\n\n[packages]\nsuite = \"bookworm\"\ninclude = [\"nginx-light\", \"apt\", \"usrmerge\"]\n");
+    assert_eq!(p.kiln(&["lock", "kiln.toml"]).code, 0);
+    let r = p.build(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let kiln = install_facts(&image_files(&p.path("out")));
+
+    let tar = p.path("mmdebstrap.tar");
+    let out = Command::new("mmdebstrap")
+        .args(["--quiet", "--variant=apt", "--include=nginx-light", "bookworm"])
+        .arg(&tar)
+        .arg(&sources)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mmdebstrap: {}", String::from_utf8_lossy(&out.stderr));
+    let mut files = std::collections::BTreeMap::new();
+    let mut ar = tar::Archive::new(fs::File::open(&tar).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path =
+            e.path().unwrap().to_string_lossy().trim_start_matches("./").trim_end_matches('/').to_string();
+        let kind = e.header().entry_type().as_byte() as char;
+        let keep = path == "etc/passwd"
+            || path == "etc/group"
+            || path == "var/lib/dpkg/status"
+            || path.starts_with("etc/alternatives/");
+        if !keep {
+            continue;
+        }
+        let mut data = Vec::new();
+        if kind == '2' {
+            data = e.link_name_bytes().unwrap().into_owned();
+        } else {
+            e.read_to_end(&mut data).unwrap();
+        }
+        files.insert(path, (kind, data));
+    }
+    let debian = install_facts(&files);
+    let only_kiln: Vec<&String> = kiln.iter().filter(|f| !debian.contains(f)).collect();
+    let only_debian: Vec<&String> = debian.iter().filter(|f| !kiln.contains(f)).collect();
+    assert!(
+        only_kiln.is_empty() && only_debian.is_empty(),
+        "kiln and mmdebstrap differ:\nonly kiln: {only_kiln:#?}\nonly mmdebstrap: {only_debian:#?}"
+    );
+    assert!(kiln.iter().any(|f| f.starts_with("user www-data")));
+    assert!(kiln.iter().any(|f| f.starts_with("conffile /etc/nginx/")));
 }
 
 #[test]

@@ -299,6 +299,10 @@ pub(crate) struct IndexEntry {
     pub(crate) conflicts: String,
     pub(crate) breaks: String,
     pub(crate) essential: bool,
+    /// `Priority`, as a rank: 0 required, 1 important, 2 standard, 3
+    /// optional, 4 extra or none. apt prefers the higher of the packages
+    /// that provide a virtual name (mawk, required, over gawk for `awk`).
+    pub(crate) priority: u8,
     /// The suite it was read from (set by the caller).
     pub(crate) suite: String,
 }
@@ -385,6 +389,7 @@ pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
         conflicts: &'t str,
         breaks: &'t str,
         essential: bool,
+        priority: Option<u8>,
         any: bool,
     }
     fn finish(f: Fields<'_>, line: usize) -> Result<IndexEntry, String> {
@@ -407,6 +412,7 @@ pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
             conflicts: f.conflicts.to_string(),
             breaks: f.breaks.to_string(),
             essential: f.essential,
+            priority: f.priority.unwrap_or(4),
             suite: String::new(),
         })
     }
@@ -440,6 +446,15 @@ pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
             "Conflicts" => cur.conflicts = v,
             "Breaks" => cur.breaks = v,
             "Essential" => cur.essential = v == "yes",
+            "Priority" => {
+                cur.priority = Some(match v {
+                    "required" => 0,
+                    "important" => 1,
+                    "standard" => 2,
+                    "optional" => 3,
+                    _ => 4,
+                })
+            }
             _ => {}
         }
     }
@@ -539,12 +554,13 @@ mod tests {
 
     #[test]
     fn index_keeps_what_resolution_needs() {
-        let text = "Package: a\nVersion: 1\nArchitecture: all\nDepends: b (>= 2), c | d\nDescription: x\n more\nFilename: pool/a.deb\nSize: 10\nSHA256: AB\n\nPackage: b\nVersion: 2\nArchitecture: amd64\nFilename: pool/b.deb\nSize: 3\nSHA256: cd\nEssential: yes\n";
+        let text = "Package: a\nVersion: 1\nArchitecture: all\nDepends: b (>= 2), c | d\nDescription: x\n more\nFilename: pool/a.deb\nSize: 10\nSHA256: AB\n\nPackage: b\nVersion: 2\nArchitecture: amd64\nFilename: pool/b.deb\nSize: 3\nSHA256: cd\nEssential: yes\nPriority: required\n";
         let e = parse_index(text).unwrap();
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].depends, "b (>= 2), c | d");
         assert_eq!(e[0].sha256, "ab");
         assert!(!e[0].essential && e[1].essential);
+        assert_eq!((e[0].priority, e[1].priority), (4, 0));
         assert!(parse_index("Package: a\nVersion: 1\n").unwrap_err().contains("`a` has no `Size` field"));
     }
 

@@ -19,7 +19,7 @@ use crate::error::BuildError;
 
 /// Bump when the order of the scripts changes (the driver's text is in
 /// [`fingerprint`] already).
-const SCHEMA: u32 = 3;
+const SCHEMA: u32 = 4;
 
 /// What the step's key takes from the driver: its schema, the packages
 /// run first, and the driver's shell text, so a change to any of them
@@ -78,17 +78,40 @@ pub fn driver(status: &str, lock: &PackageLock) -> Result<Driver, BuildError> {
     let script = script(&order);
     Ok(Driver {
         argv: vec!["/bin/sh".into(), "-c".into(), script, "kiln-maintainer-scripts".into()],
-        order: order.into_iter().map(|(info, _, _)| info).collect(),
+        order: order.into_iter().map(|o| o.info).collect(),
     })
 }
 
 /// The packages whose scripts run first, as debootstrap installs them.
 const FIRST: &[&str] = &["base-passwd", "base-files"];
 
-/// (info name, package, architecture) of each package, dependencies
-/// first (after [`FIRST`]); a cycle is broken at the name that sorts first, so the order is
-/// the same on every machine.
-fn dependency_order(paragraphs: &[&Paragraph]) -> Vec<(String, String, String)> {
+/// One package in the order its scripts run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ordered {
+    /// dpkg's info name: `NAME`, or `NAME:ARCH` for `Multi-Arch: same`.
+    info: String,
+    name: String,
+    arch: String,
+    group: Group,
+}
+
+/// The three groups the driver installs one after the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Group {
+    /// [`FIRST`]: whole, before anything (as debootstrap).
+    First,
+    /// The `Essential: yes` packages and what they depend on (mawk for
+    /// base-files' `awk`): scripts of other packages use them undeclared,
+    /// as Debian policy allows, so they are configured before those.
+    Essential,
+    Rest,
+}
+
+/// Each package in the order its scripts run: [`FIRST`], then the
+/// Essential packages and their dependencies, then the rest; within a
+/// group dependencies first, and a cycle broken at the name that sorts
+/// first, so the order is the same on every machine.
+fn dependency_order(paragraphs: &[&Paragraph]) -> Vec<Ordered> {
     // Who answers a name: the package itself or a package providing it.
     let mut answers: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for p in paragraphs {
@@ -141,23 +164,34 @@ fn dependency_order(paragraphs: &[&Paragraph]) -> Vec<(String, String, String)> 
         state.insert(n, true);
         out.push(n);
     }
-    let mut names: Vec<&str> = Vec::new();
+    let mut names: Vec<(&str, Group)> = Vec::new();
     // As debootstrap: the users and groups, and the base layout, before
     // anything (debconf looks up root's home; adduser needs the groups).
     // Their files are all unpacked already, so (as debootstrap's
     // `--force-depends`) they go before their own dependencies.
     for n in FIRST.iter().filter(|n| by_name.contains_key(*n)) {
         state.insert(n, true);
-        names.push(n);
+        names.push((n, Group::First));
     }
-    for n in by_name.keys() {
-        visit(n, &deps, &mut state, &mut names);
+    for (group, only_essential) in [(Group::Essential, true), (Group::Rest, false)] {
+        let mut visited = Vec::new();
+        for (n, p) in &by_name {
+            if FIRST.contains(n) && only_essential {
+                // Done already; what they need is as essential as they are.
+                for d in &deps[n] {
+                    visit(d, &deps, &mut state, &mut visited);
+                }
+            } else if !only_essential || p.get("Essential") == Some("yes") {
+                visit(n, &deps, &mut state, &mut visited);
+            }
+        }
+        names.extend(visited.into_iter().map(|n| (n, group)));
     }
-    for n in names {
+    for (n, group) in names {
         let p = by_name[n];
         let arch = p.get("Architecture").unwrap_or_default().to_string();
         let info = if p.get("Multi-Arch") == Some("same") { format!("{n}:{arch}") } else { n.to_string() };
-        out.push((info, n.to_string(), arch));
+        out.push(Ordered { info, name: n.to_string(), arch, group });
     }
     out
 }
@@ -171,7 +205,7 @@ fn quote(s: &str) -> String {
 /// How the driver's last line starts when a script fails; `failed` reads it.
 const FAILED: &str = "kiln: maintainer script failed:";
 
-fn script(order: &[(String, String, String)]) -> String {
+fn script(order: &[Ordered]) -> String {
     let mut s = String::from(
         &r#"set -u
 info=/var/lib/dpkg/info
@@ -212,33 +246,40 @@ triggers() {
 "#
         .replace("@FAILED@", FAILED),
     );
-    // The packages of FIRST (at the head of `order`) are installed whole,
-    // preinst and postinst, before the others, as debootstrap does; then
-    // every preinst, every postinst, every package's triggers.
-    let first = order.iter().take_while(|(_, name, _)| FIRST.contains(&name.as_str())).count();
-    let (head, rest) = order.split_at(first);
-    let who = |(info, name, arch): &(String, String, String)| {
-        format!("{} {} {}", quote(info), quote(name), quote(arch))
-    };
-    for phase in [
-        (
-            "the users, groups and base layout first, whole",
-            head,
-            &["run {} preinst install", "run {} postinst configure"][..],
-        ),
-        ("preinst install, dependencies first", rest, &["run {} preinst install"][..]),
-        ("postinst configure, dependencies first", rest, &["run {} postinst configure"][..]),
-        ("each package's triggers, once", order, &["triggers {}"][..]),
-    ] {
-        let (what, list, calls) = phase;
+    // The packages of FIRST are installed whole, preinst and postinst,
+    // before the others, as debootstrap does; then the Essential group's
+    // preinsts and postinsts, then the rest's; then every package's triggers.
+    let who = |o: &Ordered| format!("{} {} {}", quote(&o.info), quote(&o.name), quote(&o.arch));
+    let of = |g: Group| order.iter().filter(move |o| o.group == g);
+    let mut put = |what: &str, list: Vec<&Ordered>, calls: &[&str]| {
         s.push_str(&format!("# {what}\n"));
-        for p in list {
+        for o in list {
             for call in calls {
-                s.push_str(&call.replace("{}", &who(p)));
+                s.push_str(&call.replace("{}", &who(o)));
                 s.push('\n');
             }
         }
+    };
+    put(
+        "the users, groups and base layout first, whole",
+        of(Group::First).collect(),
+        &["run {} preinst install", "run {} postinst configure"],
+    );
+    for (g, what) in
+        [(Group::Essential, "the Essential packages and what they need"), (Group::Rest, "the others")]
+    {
+        put(
+            &format!("{what}: preinst install, dependencies first"),
+            of(g).collect(),
+            &["run {} preinst install"],
+        );
+        put(
+            &format!("{what}: postinst configure, dependencies first"),
+            of(g).collect(),
+            &["run {} postinst configure"],
+        );
     }
+    put("each package's triggers, once", order.iter().collect(), &["triggers {}"]);
     s.push_str(
         r#"# What would differ between two builds, removed as debuerreotype does.
 rm -f /usr/sbin/policy-rc.d
@@ -246,6 +287,11 @@ rm -f /var/log/dpkg.log /var/log/alternatives.log /var/log/bootstrap.log /var/lo
 rm -f /var/cache/ldconfig/aux-cache
 rm -f /etc/passwd- /etc/group- /etc/shadow- /etc/gshadow- /etc/subuid- /etc/subgid-
 rm -f /var/cache/debconf/*-old /var/lib/dpkg/*-old
+# Temporary file names debconf keeps in its database (ucf's prompt
+# variables) differ on every build: made stable.
+if [ -f /var/cache/debconf/config.dat ] && command -v sed >/dev/null; then
+    sed -i -E 's#^( [A-Za-z0-9_]+ = )(/tmp|/var/tmp)/[^[:space:]]+$#\1\2/kiln-tmp#' /var/cache/debconf/config.dat
+fi
 rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
 rm -f /etc/ssl/private/ssl-cert-snakeoil.key /etc/ssl/certs/ssl-cert-snakeoil.pem
 for l in /etc/ssl/certs/*; do [ -L "$l" ] && [ ! -e "$l" ] && rm -f "$l"; done
@@ -288,7 +334,7 @@ mod tests {
             "Package: app\nArchitecture: amd64\nDepends: libx (>= 1), awk | gawk\nPre-Depends: base\n\nPackage: libx\nArchitecture: amd64\nMulti-Arch: same\nDepends: base\n\nPackage: mawk\nArchitecture: amd64\nProvides: awk\n\nPackage: base\nArchitecture: all\n\nPackage: a\nArchitecture: all\nDepends: b\n\nPackage: b\nArchitecture: all\nDepends: a\n",
         );
         let refs: Vec<&Paragraph> = ps.iter().collect();
-        let order: Vec<String> = dependency_order(&refs).into_iter().map(|o| o.0).collect();
+        let order: Vec<String> = dependency_order(&refs).into_iter().map(|o| o.info).collect();
         let pos = |n: &str| order.iter().position(|o| o == n).unwrap();
         assert!(pos("base") < pos("libx:amd64") && pos("libx:amd64") < pos("app"), "{order:?}");
         assert!(pos("mawk") < pos("app"), "a provider counts: {order:?}");
@@ -298,13 +344,39 @@ mod tests {
 
         let mut rev = refs.clone();
         rev.reverse();
-        let again: Vec<String> = dependency_order(&rev).into_iter().map(|o| o.0).collect();
+        let again: Vec<String> = dependency_order(&rev).into_iter().map(|o| o.info).collect();
         assert_eq!(order, again, "the order does not depend on the status file's order");
         // base-passwd first, before its own dependencies, as debootstrap.
         let ps = paragraphs("Package: adduser\nArchitecture: all\n\nPackage: base-passwd\nArchitecture: amd64\nDepends: libc6\n\nPackage: libc6\nArchitecture: amd64\n");
         let refs: Vec<&Paragraph> = ps.iter().collect();
-        let order: Vec<String> = dependency_order(&refs).into_iter().map(|o| o.0).collect();
-        assert_eq!(order, ["base-passwd", "adduser", "libc6"]);
+        let order: Vec<String> = dependency_order(&refs).into_iter().map(|o| o.info).collect();
+        assert_eq!(
+            order,
+            ["base-passwd", "libc6", "adduser"],
+            "what base-passwd needs comes with the Essential group"
+        );
+        // Essential packages and what they need (mawk, for base-files' awk)
+        // before the others, whatever the names.
+        let ps = paragraphs("Package: a-user-of-awk\nArchitecture: all\n\nPackage: base-files\nArchitecture: amd64\nEssential: yes\nPre-Depends: awk\n\nPackage: mawk\nArchitecture: amd64\nProvides: awk\n\nPackage: sed\nArchitecture: amd64\nEssential: yes\n");
+        let refs: Vec<&Paragraph> = ps.iter().collect();
+        let order = dependency_order(&refs);
+        let got: Vec<(&str, Group)> = order.iter().map(|o| (o.info.as_str(), o.group)).collect();
+        assert_eq!(
+            got,
+            [
+                ("base-files", Group::First),
+                ("mawk", Group::Essential),
+                ("sed", Group::Essential),
+                ("a-user-of-awk", Group::Rest)
+            ]
+        );
+        let s = script(&order);
+        let configure =
+            |n: &str| s.find(&format!("run '{n}' '{n}' 'amd64' postinst configure")).unwrap_or(usize::MAX);
+        assert!(
+            configure("mawk") < s.find("run 'a-user-of-awk' 'a-user-of-awk' 'all' preinst install").unwrap()
+        );
+        assert!(configure("base-files") < configure("mawk"));
     }
 
     #[test]
@@ -327,7 +399,12 @@ mod tests {
 
     #[test]
     fn the_driver_quotes_and_orders() {
-        let s = script(&[("it's".into(), "x".into(), "all".into())]);
+        let s = script(&[Ordered {
+            info: "it's".into(),
+            name: "x".into(),
+            arch: "all".into(),
+            group: Group::Rest,
+        }]);
         assert!(s.contains("run 'it'\\''s' 'x' 'all' preinst install\n"), "{s}");
         let pre = s.find("preinst install").unwrap();
         let post = s.find("postinst configure\n").unwrap();

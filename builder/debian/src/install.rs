@@ -391,6 +391,23 @@ pub(crate) fn layer_entries(
     if scripts && !file_triggers.is_empty() {
         put_file(&mut tree, "var/lib/dpkg/triggers/File", file_triggers.into_bytes(), 0o644);
     }
+    // A conffile the layers below already have is kept, and the package's
+    // version goes beside it as `FILE.dpkg-dist`, as dpkg does with
+    // `--force-confold`: a recipe configures a package before its scripts
+    // run (`create_main_cluster = false` for postgresql) by writing the
+    // file in its base. The status keeps the package's md5, as dpkg does.
+    for p in packages {
+        for path in conffile_paths(p) {
+            let rel = path.trim_start_matches('/');
+            if !(below.exists)(rel)? {
+                continue;
+            }
+            if let Some(mut e) = tree.remove(rel) {
+                e.path = format!("{rel}.dpkg-dist");
+                tree.insert(e.path.clone(), e);
+            }
+        }
+    }
     put_file(&mut tree, "var/lib/dpkg/status", status.into_bytes(), 0o644);
     // The database layout with `NAME:ARCH` info files (multi-arch); without
     // this file dpkg reads the old layout and finds no `.list` of libc6.
@@ -405,18 +422,25 @@ pub(crate) fn layer_entries(
     Ok(tree.into_values().collect())
 }
 
+/// The package's conffiles: absolute paths, one per plain line of its
+/// `conffiles` (`remove-on-upgrade /etc/x` and the like are not files it ships).
+fn conffile_paths(p: &Unpacked) -> Vec<String> {
+    let Some(list) = &p.conffiles else { return Vec::new() };
+    String::from_utf8_lossy(list)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('/') && !l.contains(char::is_whitespace) && !l.contains(char::is_control))
+        .filter(|l| !l.split('/').any(|c| c == ".." || c == "."))
+        .map(str::to_string)
+        .collect()
+}
+
 /// dpkg's `Conffiles` status field: each conffile the package ships with
 /// the md5 of its content, as dpkg records it after configuring.
 fn conffiles_field(p: &Unpacked, tree: &BTreeMap<String, LayerEntry>) -> Result<Option<String>, BuildError> {
     use md5::Digest as _;
-    let Some(list) = &p.conffiles else { return Ok(None) };
     let mut out = String::new();
-    for line in String::from_utf8_lossy(list).lines() {
-        let path = line.trim();
-        // `remove-on-upgrade /etc/x` and the like: dpkg keeps only plain entries here.
-        if !path.starts_with('/') || path.contains(char::is_whitespace) || path.contains(char::is_control) {
-            continue;
-        }
+    for path in conffile_paths(p) {
         let rel = path.trim_start_matches('/');
         let Some(e) = tree.get(rel).filter(|e| matches!(e.kind, TarKind::File { .. })) else { continue };
         let bytes = read_entry(e).map_err(|err| refused(&p.name, err))?;

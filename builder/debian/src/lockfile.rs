@@ -208,16 +208,37 @@ impl Lockfile {
             ));
         }
         let lock: Lockfile = toml::from_str(&text).map_err(|e| bad_lockfile(path, &text, &e))?;
-        for p in lock.image.iter().chain(lock.stage.values()).flat_map(|s| &s.packages) {
-            let ok = p.sha256.len() == 64
-                && p.sha256.bytes().all(|b| b.is_ascii_hexdigit())
-                && !p.filename.starts_with('/')
-                && !p.filename.split('/').any(|c| c == ".." || c.is_empty());
-            if !ok {
-                return Err(BuildError::usage(
-                    format!("`{}`: the entry for `{}` has a bad sha256 or filename", path.display(), p.name),
-                    Some("run `kiln lock RECIPE` to write it again"),
-                ));
+        // A lockfile comes with the recipe, from whoever wrote it: every
+        // field a path, a URL or a shell word is made of is checked, and
+        // an error names the entry only by what passed the check.
+        let plain = |w: &str| {
+            !w.is_empty()
+                && w.len() <= 200
+                && w.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'_' | b':' | b'~')
+                })
+        };
+        for set in lock.image.iter().chain(lock.stage.values()) {
+            for p in &set.packages {
+                let ok = p.sha256.len() == 64
+                    && p.sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !p.filename.starts_with('/')
+                    && !p.filename.split('/').any(|c| c == ".." || c.is_empty())
+                    && !p.filename.contains(|c: char| c.is_control() || c == '?' || c == '#')
+                    && plain(&p.name)
+                    && plain(&p.version)
+                    && plain(&p.architecture)
+                    && set.request.suites.contains(&p.suite);
+                if !ok {
+                    let name = if plain(&p.name) { p.name.as_str() } else { "?" };
+                    return Err(BuildError::usage(
+                        format!(
+                            "`{}`: the entry for the package `{name}` is malformed (its name, version, architecture, suite, sha256 or filename)",
+                            path.display()
+                        ),
+                        Some("run `kiln lock RECIPE` to write it again"),
+                    ));
+                }
             }
         }
         Ok(Some(lock))
@@ -264,4 +285,40 @@ impl PackageLock {
 
 fn quoted(v: &[&String]) -> String {
     v.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "version = 2\n[image.request]\nsuites = [\"s\"]\ncomponents = [\"main\"]\narchitecture = \"amd64\"\ninclude = [\"a\"]\nexclude = []\nscripts = true\n[[image.source]]\nsuite = \"s\"\ndate = \"d\"\ninrelease_sha256 = \"00\"\n[[image.package]]\nname = \"a\"\nversion = \"1.0-1\"\narchitecture = \"amd64\"\nsuite = \"s\"\nfilename = \"pool/a.deb\"\nsize = 1\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n";
+
+    fn load(text: &str) -> Result<Option<Lockfile>, BuildError> {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("kiln.lock");
+        std::fs::write(&path, text).unwrap();
+        Lockfile::load(&path)
+    }
+
+    #[test]
+    fn a_hostile_lockfile_is_refused_without_echoing_it() {
+        assert!(load(GOOD).unwrap().unwrap().section(None).is_some());
+        for (from, to) in [
+            ("filename = \"pool/a.deb\"", "filename = \"../../etc/shadow\""),
+            ("filename = \"pool/a.deb\"", "filename = \"pool/a.deb?x=1\""),
+            ("name = \"a\"", "name = \"a; rm -rf /\""),
+            ("name = \"a\"", "name = \"\\u001b[31mred\""),
+            ("version = \"1.0-1\"", "version = \"1 2\""),
+            ("suite = \"s\"\nfilename", "suite = \"other\"\nfilename"),
+        ] {
+            let text = GOOD.replace(from, to);
+            assert_ne!(text, GOOD);
+            let e = load(&text).unwrap_err().to_string();
+            assert!(e.contains("malformed"), "{to}: {e}");
+            assert!(!e.contains("rm -rf") && !e.contains('\u{1b}') && !e.contains("shadow"), "{e}");
+        }
+        // An older layout: named by its version, not by a parse error.
+        let e = load("version = 1\n[request]\nsuite = \"s\"\n").unwrap_err().to_string();
+        assert!(e.contains("lockfile version 1"), "{e}");
+    }
 }

@@ -189,7 +189,7 @@ impl<'u> Provider<'u> {
             out.push(self.set(&dep.name, matching, constraint(dep)));
         }
         if let Some(list) = providers {
-            let mut by_provider: Vec<(String, Vec<SolvableId>)> = Vec::new();
+            let mut by_provider: Vec<(String, u8, Vec<SolvableId>)> = Vec::new();
             for (s, pv) in list {
                 let ok = match (&dep.version, pv) {
                     (None, _) => true,
@@ -199,14 +199,15 @@ impl<'u> Provider<'u> {
                 if !ok {
                     continue;
                 }
-                let pname = &self.entry(*s).name;
-                match by_provider.iter_mut().find(|(n, _)| n == pname) {
-                    Some((_, v)) => v.push(*s),
-                    None => by_provider.push((pname.clone(), vec![*s])),
+                let e = self.entry(*s);
+                match by_provider.iter_mut().find(|(n, _, _)| *n == e.name) {
+                    Some((_, _, v)) => v.push(*s),
+                    None => by_provider.push((e.name.clone(), e.priority, vec![*s])),
                 }
             }
-            by_provider.sort_by(|a, b| a.0.cmp(&b.0));
-            for (pname, members) in by_provider {
+            // As apt: the provider of the highest priority first, then by name.
+            by_provider.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+            for (pname, _, members) in by_provider {
                 out.push(self.set(
                     &pname,
                     members,
@@ -503,6 +504,7 @@ mod tests {
             conflicts: conflicts.into(),
             breaks: String::new(),
             essential: false,
+            priority: 3,
             suite: "s".into(),
         }
     }
@@ -531,6 +533,15 @@ mod tests {
         assert!(got.contains(&"libc=3".to_string()), "{got:?}");
         assert_eq!(got.iter().filter(|n| n.contains("awk")).count(), 1, "{got:?}");
         assert_eq!(got.iter().filter(|n| n.starts_with("exim") || n.starts_with("postfix")).count(), 1);
+    }
+
+    #[test]
+    fn a_virtual_name_takes_the_provider_of_highest_priority_as_apt_does() {
+        let mut mawk = pkg("mawk", "1.3", "", "awk", "");
+        mawk.priority = 0; // required
+        let pkgs = vec![pkg("base", "1", "awk", "", ""), pkg("gawk", "5", "", "awk", ""), mawk];
+        let chosen = resolve(&pkgs, &[req("base")], &[]).unwrap();
+        assert_eq!(names(&pkgs, &chosen), ["base=1", "mawk=1.3"]);
     }
 
     #[test]
