@@ -86,8 +86,8 @@ pub enum Command {
         /// Resolve every set of packages again, taking the newest versions (security updates among them).
         #[arg(long, conflicts_with = "check")]
         update: bool,
-        /// For CI: write nothing; exit 1, naming the packages, when kiln.lock is missing, does not
-        /// answer the recipe, or a newer version of a locked package is in the archives.
+        /// For CI: write nothing; exit 1, naming them, when locked packages have newer versions in
+        /// the archives (exit 2 when kiln.lock is missing or does not answer the recipe).
         #[arg(long)]
         check: bool,
         /// The target platform, which picks the Debian architecture (default: the recipe's, else the host's).

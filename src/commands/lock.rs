@@ -58,7 +58,13 @@ pub(super) fn run(
             set.lock.request.include.len(),
         );
         for s in &set.skipped {
-            eprintln!("kiln lock: {what}: the suite `{s}` is not in the archive; skipped");
+            if s.ends_with("-security") {
+                eprintln!(
+                    "kiln lock: {what}: WARNING: the suite `{s}` is not in the archive (or no mirror for it is known): skipped, so no security updates are locked; list it in `suites` with its `mirror`"
+                );
+            } else {
+                eprintln!("kiln lock: {what}: the suite `{s}` is not in the archive; skipped");
+            }
         }
         for u in &set.updates {
             eprintln!("kiln lock: {what}: {u}");
@@ -71,19 +77,27 @@ pub(super) fn run(
     }
     let took = started.elapsed().as_secs_f64();
     if mode == LockMode::Check {
-        for s in &o.stale {
-            eprintln!("kiln lock --check: {s}");
+        // The recipe's own mistake (no lock, or one for another request) is
+        // bad input, as for `kiln build` (exit 2); newer packages in the
+        // archives are exit 1, so a job tells the two apart.
+        if !o.stale.is_empty() {
+            return Err(BuildError::usage(
+                format!(
+                    "kiln lock --check: {} does not answer the recipe: {}",
+                    o.path.display(),
+                    o.stale.join("; ")
+                ),
+                Some(&format!("run `kiln lock {}` and commit kiln.lock", recipe.file.display())),
+            ));
         }
         let newer: usize = o.sets.iter().map(|s| s.updates.len()).sum();
-        if o.stale.is_empty() && newer == 0 {
+        if newer == 0 {
             eprintln!("kiln lock --check: {} is current with the archives ({took:.1}s)", o.path.display());
             return Ok(0);
         }
         eprintln!(
-            "kiln lock --check: {} is out of date: {} package(s) differ from the archives{} ({took:.1}s); run `kiln lock --update {}`",
+            "kiln lock --check: {} is behind the archives: {newer} package(s) have newer versions ({took:.1}s); run `kiln lock --update {}`",
             o.path.display(),
-            newer,
-            if o.stale.is_empty() { "" } else { ", and it does not answer the recipe" },
             recipe.file.display()
         );
         return Ok(1);

@@ -434,6 +434,61 @@ fn a_signed_local_repository_is_locked_built_and_stable() {
 }
 
 #[test]
+fn a_deb_whose_control_disagrees_with_the_index_or_hoards_memory_is_refused() {
+    let p = Project::new();
+    let Some(repo) = Repo::new(&p) else { return };
+    // The index says `all`; the .deb's control says amd64 (an Architecture
+    // names dpkg's info files, so it must be the locked one).
+    let main = p.path("archive/debian");
+    let mut index = build_deb(&p, &main, "tool", "1", "", &[], &[], "xz");
+    index = index.replace("Architecture: amd64", "Architecture: all");
+    // A control.tar with one postinst repeated 40 times, 1 MiB each: more
+    // than kiln keeps of a package's control files.
+    let big = "#!/bin/sh\n".to_string() + &"#".repeat(1 << 20) + "\n";
+    let hoard = build_deb(&p, &main, "hoard", "1", "", &[], &[("postinst", &big)], "xz");
+    let deb = main.join("pool/main/hoard_1_amd64.deb");
+    let dir = p.path("hoard-ctl");
+    fs::create_dir_all(&dir).unwrap();
+    run(Command::new("sh").current_dir(&dir).arg("-c").arg(format!(
+        "ar x {deb} && mkdir c && tar -xf control.tar.* -C c && rm control.tar.* && \
+         for i in $(seq 40); do tar -rf control.tar -C c ./postinst; done && tar -rf control.tar -C c ./control && \
+         xz control.tar && rm {deb} && ar rc {deb} debian-binary control.tar.xz data.tar.*",
+        deb = deb.display()
+    )));
+    let bytes = fs::read(&deb).unwrap();
+    let hoard = hoard
+        .lines()
+        .map(|l| {
+            if l.starts_with("Size: ") {
+                format!("Size: {}", bytes.len())
+            } else if l.starts_with("SHA256: ") {
+                format!("SHA256: {}", hex::encode(sha2::Sha256::digest(&bytes)))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    index.push_str(&hoard);
+    index.push_str("\n\n");
+    repo.publish_suite(&main, "testing", &index);
+    let archive = p.path("archive").display().to_string();
+    for (pkg, want) in
+        [("tool", "Architecture or Multi-Arch"), ("hoard", "more than 32 MiB of control files")]
+    {
+        p.recipe(&format!(
+            "[image]\nname = \"x\"\n[packages]\nsuite = \"testing\"\ninclude = [\"{pkg}\"]\narchitecture = \"amd64\"\nmirror = \"file://{archive}/debian\"\nkeyring = \"repo/key.gpg\"\nscripts = false\n"
+        ));
+        let r = p.kiln(&["lock", "kiln.toml"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let r = p.build(&[]);
+        assert_eq!(r.code, 2, "{pkg}: {}", r.stderr);
+        assert!(r.stderr.contains("refused") && r.stderr.contains(want), "{pkg}: {}", r.stderr);
+        assert!(!p.path("out").exists());
+    }
+}
+
+#[test]
 fn bad_input_is_refused_with_what_to_do() {
     let p = Project::new();
     let Some(repo) = Repo::new(&p) else { return };
@@ -729,6 +784,34 @@ fn maintainer_scripts_run_in_the_sandbox_and_security_updates_are_taken() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(lock_text(&p).contains("version = \"1.0+sec2\""));
     assert_eq!(p.kiln(&["lock", "--check", "kiln.toml"]).code, 0);
+    // The archive signed again with the same packages (a new InRelease):
+    // `--update` leaves the file as it is.
+    let updated = lock_text(&p);
+    scripts_archive(&p, &repo, "1.0+sec2");
+    let r = p.kiln(&["lock", "--update", "kiln.toml"]);
+    assert!(r.stderr.contains("is up to date"), "{}", r.stderr);
+    assert_eq!(lock_text(&p), updated);
+    // `--check` on a lock that does not answer the recipe: exit 2 (the
+    // recipe's mistake, as for a build), not 1 (updates in the archive).
+    p.recipe(&scripts_recipe(r#""greeter", "libgreet""#).replace("{ARCHIVE}", &archive));
+    let r = p.kiln(&["lock", "--check", "kiln.toml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("does not answer the recipe") && r.stderr.contains("`libgreet`"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(lock_text(&p), updated);
+    // A lock holds one architecture: another platform is told to lock for it.
+    p.recipe(
+        &scripts_recipe(r#""greeter""#)
+            .replace("{ARCHIVE}", &archive)
+            .replace("architecture = \"amd64\"\n", ""),
+    );
+    assert_eq!(p.kiln(&["lock", "kiln.toml"]).code, 0);
+    let r = p.kiln(&["plan", "kiln.toml", "--platform", "linux/arm64"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("kiln lock --platform linux/arm64 kiln.toml"), "{}", r.stderr);
 
     // A failing script: exit 1 naming the package, the script and its
     // output; nothing cached, so it runs (and fails) again.

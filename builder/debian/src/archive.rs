@@ -77,6 +77,12 @@ impl Mirror {
                     std::io::ErrorKind::NotFound => FetchError::NotFound { url: url.clone() },
                     _ => FetchError::Unreachable { url: url.clone(), reason: e.to_string() },
                 })?;
+                // Only regular files: not a device (`/dev/zero`), a FIFO or /proc's endless files.
+                let regular =
+                    f.metadata().map(|m| m.is_file() && !file.starts_with("/proc")).unwrap_or(false);
+                if !regular {
+                    return Err(FetchError::Unreachable { url, reason: "not a regular file".into() });
+                }
                 let mut buf = vec![0u8; 1 << 20];
                 loop {
                     let n = f
@@ -395,15 +401,40 @@ pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
     fn finish(f: Fields<'_>, line: usize) -> Result<IndexEntry, String> {
         let name =
             f.package.ok_or_else(|| format!("the paragraph ending at line {line} has no `Package` field"))?;
+        // Names and versions become words of kiln.lock, file names and
+        // messages: a paragraph with anything else in them is refused
+        // (without repeating it).
+        let plain = |v: &str| {
+            !v.is_empty()
+                && v.len() <= 200
+                && v.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'_' | b':' | b'~')
+                })
+        };
+        let malformed = || {
+            format!("the paragraph ending at line {line} has a malformed Package, Version, Architecture or Filename")
+        };
+        if !plain(name) {
+            return Err(malformed());
+        }
         let need = |v: Option<&str>, field: &str| {
             v.map(str::to_string).ok_or_else(|| format!("the paragraph of `{name}` has no `{field}` field"))
         };
         let size = need(f.size, "Size")?;
+        let filename = need(f.filename, "Filename")?;
+        let bad = !f.version.is_some_and(plain)
+            || !f.architecture.is_some_and(plain)
+            || filename.contains(|c: char| c.is_control() || c == '?' || c == '#')
+            || filename.starts_with('/')
+            || filename.split('/').any(|c| c == ".." || c.is_empty());
+        if bad {
+            return Err(malformed());
+        }
         Ok(IndexEntry {
             name: name.to_string(),
             version: need(f.version, "Version")?,
             architecture: need(f.architecture, "Architecture")?,
-            filename: need(f.filename, "Filename")?,
+            filename,
             size: size.parse().map_err(|_| format!("`Size: {size}` of `{name}` is not a number"))?,
             sha256: need(f.sha256, "SHA256")?.to_ascii_lowercase(),
             depends: f.depends.to_string(),
@@ -562,6 +593,16 @@ mod tests {
         assert!(!e[0].essential && e[1].essential);
         assert_eq!((e[0].priority, e[1].priority), (4, 0));
         assert!(parse_index("Package: a\nVersion: 1\n").unwrap_err().contains("`a` has no `Size` field"));
+        // Hostile names, versions and file names: refused, not repeated.
+        for bad in [
+            "Package: a\u{1b}[31m\nVersion: 1\nArchitecture: all\nFilename: p/a.deb\nSize: 1\nSHA256: 00\n",
+            "Package: a\nVersion: 1 2\nArchitecture: all\nFilename: p/a.deb\nSize: 1\nSHA256: 00\n",
+            "Package: a\nVersion: 1\nArchitecture: x/../../etc\nFilename: p/a.deb\nSize: 1\nSHA256: 00\n",
+            "Package: a\nVersion: 1\nArchitecture: all\nFilename: ../../etc/shadow\nSize: 1\nSHA256: 00\n",
+        ] {
+            let e = parse_index(bad).unwrap_err();
+            assert!(e.contains("malformed") && !e.contains('\u{1b}') && !e.contains("etc"), "{e}");
+        }
     }
 
     #[test]

@@ -155,24 +155,38 @@ pub(crate) fn unpack_deb(
         BuildError::BadLayer { reason, .. } => refused(package, reason),
         e => e,
     };
-    let mut members = Vec::new();
+    // Each member once (the last copy wins, as tar extraction would), and
+    // at most 32 MiB of them in all: a control.tar of repeated or huge
+    // members cannot hold kiln's memory.
+    let mut members: BTreeMap<String, (Vec<u8>, u32)> = BTreeMap::new();
+    let mut kept = 0u64;
     walk_layer(decoder(&cname, (&mut f).take(csize), package)?, sha256, &mut |e, r| {
         let path = e.path.trim_start_matches("./");
         if !matches!(e.kind, TarKind::File { .. }) {
             return Ok(());
         }
-        if matches!(path, "control" | "md5sums" | "conffiles") {
-            let mut v = Vec::new();
-            r.take(1 << 24).read_to_end(&mut v)?;
-            files.insert(path.to_string(), v);
-        } else if let Some(m) = CONTROL_MEMBERS.iter().find(|m| **m == path) {
-            let mut v = Vec::new();
-            r.take(1 << 24).read_to_end(&mut v)?;
-            members.push((m.to_string(), v, e.mode & 0o7777));
+        let wanted = matches!(path, "control" | "md5sums" | "conffiles") || CONTROL_MEMBERS.contains(&path);
+        if !wanted {
+            return Ok(());
+        }
+        let mut v = Vec::new();
+        r.take(1 << 24).read_to_end(&mut v)?;
+        kept += v.len() as u64;
+        if kept > 32 << 20 {
+            return Err(std::io::Error::other("its control.tar holds more than 32 MiB of control files"));
+        }
+        match path {
+            "control" | "md5sums" | "conffiles" => {
+                files.insert(path.to_string(), v);
+            }
+            _ => {
+                members.insert(path.to_string(), (v, e.mode & 0o7777));
+            }
         }
         Ok(())
     })
     .map_err(bad_tar)?;
+    let members: Vec<(String, Vec<u8>, u32)> = members.into_iter().map(|(k, (v, m))| (k, v, m)).collect();
     let control_text = files
         .get("control")
         .and_then(|c| String::from_utf8(c.clone()).ok())

@@ -198,9 +198,18 @@ pub fn lock(
                 continue;
             }
         }
-        let (lock, index_packages, skipped) = resolve_set(rt, recipe, p, want)?;
+        let (mut lock, index_packages, skipped) = resolve_set(rt, recipe, p, want)?;
         let updates = previous.map(|prev| updates(prev, &lock)).unwrap_or_default();
-        let changed = previous != Some(&lock);
+        // The same packages for the same request: the section stays as it
+        // is (its InRelease dates too), so an archive that only published
+        // again is not a diff.
+        let changed = match previous {
+            Some(prev) if prev.request == lock.request && prev.packages == lock.packages => {
+                lock = prev.clone();
+                false
+            }
+            _ => true,
+        };
         outcome.sets.push(SetOutcome {
             stage: p.stage.clone(),
             lock,
@@ -439,6 +448,14 @@ pub fn load_lock(recipe: &Recipe, p: &Packages, platform: &Platform) -> Result<P
     })?;
     let diff = section.mismatch(&want);
     if !diff.is_empty() {
+        // A lock holds one architecture: for another platform, lock for it.
+        let hint = match section.request.architecture != want.architecture {
+            true => format!(
+                "kiln.lock holds one architecture per target: run `kiln lock --platform {platform} {}`, or keep a recipe (or `architecture`) per platform",
+                recipe.file.display()
+            ),
+            false => hint,
+        };
         return Err(BuildError::usage(
             format!("`{}` is out of date with {label}: {}", path.display(), diff.join("; ")),
             Some(&hint),
@@ -541,12 +558,15 @@ async fn download(store: &Store, mirror: &Mirror, p: &LockedPackage) -> Result<(
         .map_err(|e| e.into_build_error(&format!("`{}` {}", p.name, p.version)))?;
     let expected = deb_digest(p);
     if size != p.size {
-        return Err(tampered(p, &format!("{size} bytes where kiln.lock says {}", p.size)));
+        // What was read is never shown (a `file://` mirror can name any
+        // file of the host): only that it is not the locked file.
+        return Err(tampered(p, "its size differs from kiln.lock's"));
     }
     match w.commit_expecting(&expected) {
         Ok(_) => {}
         Err(kiln_cache::StoreError::DigestMismatch { actual, .. }) => {
-            return Err(tampered(p, &format!("sha256 {} where kiln.lock says {}", actual.hex(), p.sha256)))
+            tracing::debug!(package = %p.name, actual = %actual, "sha256 differs from kiln.lock");
+            return Err(tampered(p, &format!("its sha256 is not kiln.lock's {}", p.sha256)));
         }
         Err(e) => return Err(e.into()),
     }
@@ -598,12 +618,26 @@ pub fn layer_entries(
         .map(|s| s.into_inner().expect("slot").expect("every package was unpacked"))
         .collect::<Result<_, _>>()?;
     for (u, p) in unpacked.iter().zip(&lock.packages) {
+        // The architecture names dpkg's info files (`NAME:ARCH`): it must be
+        // the locked one, and Multi-Arch one of dpkg's words.
+        let multi_arch = u.control.get("Multi-Arch");
+        if u.arch != p.architecture
+            || !matches!(multi_arch, None | Some("same" | "foreign" | "allowed" | "no"))
+        {
+            return Err(BuildError::Integrity {
+                message: format!(
+                    "The package `{}` is refused: its Architecture or Multi-Arch field is not what kiln.lock locked ({})",
+                    p.name, p.architecture
+                ),
+                hint: "the .deb is not the one the archive's index described; run `kiln lock` again".into(),
+            });
+        }
         if u.control.get("Version") != Some(p.version.as_str()) {
             return Err(BuildError::Integrity {
                 message: format!(
                     "The package `{}` says it is version `{}`, kiln.lock says `{}`",
                     p.name,
-                    u.control.get("Version").unwrap_or(""),
+                    crate::error::shown(u.control.get("Version").unwrap_or("")),
                     p.version
                 ),
                 hint: "run `kiln lock` again".into(),

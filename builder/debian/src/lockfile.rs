@@ -168,7 +168,8 @@ fn bad_lockfile(path: &Path, text: &str, e: &toml::de::Error) -> BuildError {
             "`{}`{} is not a valid lockfile: {}",
             path.display(),
             line.map(|l| format!(" line {l}")).unwrap_or_default(),
-            e.message().trim()
+            // toml quotes what it read (an unknown key): shown escaped and cut.
+            crate::error::shown(e.message().trim())
         ),
         Some("run `kiln lock RECIPE` to write it again"),
     )
@@ -218,7 +219,26 @@ impl Lockfile {
                     b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'_' | b':' | b'~')
                 })
         };
+        let request_words = |r: &LockRequest| {
+            r.suites.iter().chain(&r.components).chain(&r.exclude).all(|w| plain(w))
+                && plain(&r.architecture)
+                && r.include.iter().all(|i| match i.split_once('=') {
+                    Some((n, v)) => plain(n) && plain(v),
+                    None => plain(i),
+                })
+        };
         for set in lock.image.iter().chain(lock.stage.values()) {
+            let sources_ok = set.sources.iter().all(|s| {
+                plain(&s.suite)
+                    && s.inrelease_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !s.date.contains(char::is_control)
+            });
+            if !request_words(&set.request) || !sources_ok {
+                return Err(BuildError::usage(
+                    format!("`{}`: a `request` or `source` table is malformed", path.display()),
+                    Some("run `kiln lock RECIPE` to write it again"),
+                ));
+            }
             for p in &set.packages {
                 let ok = p.sha256.len() == 64
                     && p.sha256.bytes().all(|b| b.is_ascii_hexdigit())
@@ -317,6 +337,18 @@ mod tests {
             assert!(e.contains("malformed"), "{to}: {e}");
             assert!(!e.contains("rm -rf") && !e.contains('\u{1b}') && !e.contains("shadow"), "{e}");
         }
+        // A request or an unknown key with terminal escapes: refused, never printed raw.
+        let e = load(&GOOD.replace(
+            "architecture = \"amd64\"\ninclude",
+            "architecture = \"\\u001b]0;pwned\\u0007\"\ninclude",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("malformed") && !e.contains('\u{1b}'), "{e}");
+        let e = load(&GOOD.replace("[image.request]", "[image]\n\"\\u001b[31mx\" = 1\n[image.request]"))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\u{1b}'), "{e}");
         // An older layout: named by its version, not by a parse error.
         let e = load("version = 1\n[request]\nsuite = \"s\"\n").unwrap_err().to_string();
         assert!(e.contains("lockfile version 1"), "{e}");
