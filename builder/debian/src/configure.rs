@@ -19,7 +19,7 @@ use crate::error::BuildError;
 
 /// Bump when the order of the scripts changes (the driver's text is in
 /// [`fingerprint`] already).
-const SCHEMA: u32 = 4;
+const SCHEMA: u32 = 5;
 
 /// What the step's key takes from the driver: its schema, the packages
 /// run first, and the driver's shell text, so a change to any of them
@@ -213,6 +213,15 @@ info=/var/lib/dpkg/info
 mkdir -p /usr/sbin
 printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
 chmod 755 /usr/sbin/policy-rc.d
+# The scripts run as in debootstrap's chroot: `ischroot` says so (libc6's
+# postinst otherwise tries `telinit u` and sleeps a second). The shim lives
+# in /tmp, which is emptied below, so it is in no layer.
+[ -d /tmp ] || { mkdir -m 1777 /tmp; made_tmp=1; }
+mkdir -p /tmp/kiln-shims
+printf '#!/bin/sh\nexit 0\n' > /tmp/kiln-shims/ischroot
+chmod 755 /tmp/kiln-shims/ischroot
+PATH="/tmp/kiln-shims:$PATH"
+export PATH
 # run INFO PACKAGE ARCH SCRIPT ARGS...: one maintainer script, as dpkg runs it.
 run() {
     f="$info/$1.$4"
@@ -298,6 +307,7 @@ for l in /etc/ssl/certs/*; do [ -L "$l" ] && [ ! -e "$l" ] && rm -f "$l"; done
 rm -f /var/lib/dbus/machine-id
 if [ -e /etc/machine-id ]; then : > /etc/machine-id; fi
 rm -rf /tmp/* /var/tmp/*
+if [ -n "${made_tmp:-}" ]; then rmdir /tmp; fi
 exit 0
 "#,
     );

@@ -37,6 +37,9 @@ pub(super) enum Prepared {
 pub(super) struct ConfigurePlan {
     pub(super) lock: crate::packages::lockfile::PackageLock,
     pub(super) env: Vec<String>,
+    /// The packages' `/var/lib/dpkg/status` when the step before made it
+    /// in this build (else it is read back from the layer).
+    pub(super) status: Option<String>,
 }
 
 /// A `run` step resolved against its image's config; all of it is in the key.
@@ -113,7 +116,7 @@ impl Planner<'_> {
                 );
                 (
                     json!({ "configure": crate::packages::configure::fingerprint(), "env": env }),
-                    Prepared::Configure(Box::new(ConfigurePlan { lock, env })),
+                    Prepared::Configure(Box::new(ConfigurePlan { lock, env, status: None })),
                 )
             }
             StepKind::Run(r) => {

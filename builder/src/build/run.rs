@@ -94,8 +94,17 @@ pub(super) fn configure_step(
             .with_hint("keep `dash` (an Essential package) out of `exclude`, or set `scripts = false` for an image without a shell")
             .into());
     }
-    let status = crate::extract::read_file(env.store, parent.layers, parent.tree, "var/lib/dpkg/status")?;
-    let status = String::from_utf8_lossy(status.as_deref().unwrap_or_default()).into_owned();
+    let status = match plan.status {
+        Some(s) => s,
+        None => {
+            // The packages' layer came from the cache: read it back (all of
+            // it is decompressed to reach /var, so not when it was just made).
+            let started = std::time::Instant::now();
+            let b = crate::extract::read_file(env.store, parent.layers, parent.tree, "var/lib/dpkg/status")?;
+            tracing::debug!(elapsed = ?started.elapsed(), "the packages' dpkg status read back");
+            String::from_utf8_lossy(b.as_deref().unwrap_or_default()).into_owned()
+        }
+    };
     let driver = crate::packages::configure::driver(&status, &plan.lock)?;
     let run = RunStep {
         command: kiln_recipes::Command::Exec(driver.argv.clone()),

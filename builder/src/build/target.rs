@@ -55,6 +55,7 @@ pub(super) fn build_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bu
         run_config: s.run_config(t, &base),
         layers: base.layers.clone(),
         lower: None,
+        packages_status: None,
         base,
     };
     let mut history_entries: Vec<History> = b.base.config.history().clone().unwrap_or_default();
@@ -86,13 +87,24 @@ struct TargetBuild<'a> {
     layers: Vec<ImageLayer>,
     /// The merged tree of `layers`, made on the first miss (hits need none).
     lower: Option<FsTree>,
+    /// The dpkg status a `[packages]` step made in this build, with its
+    /// key: the `CONFIGURE` step after it needs it, and reading it back
+    /// would decompress the whole layer.
+    packages_status: Option<(Digest, String)>,
 }
 
 impl TargetBuild<'_> {
     /// One step: its key, and whether a cache tier had its layer.
     fn step(&mut self, step: &Step, info: &StepInfo, parent: &str) -> Result<(Digest, bool), BuildError> {
         let s = self.s;
-        let (key, prepared) = s.planner().key(parent, step, &self.run_config, self.done)?;
+        let (key, mut prepared) = s.planner().key(parent, step, &self.run_config, self.done)?;
+        if let (Prepared::Configure(plan), Some((made, status))) =
+            (&mut prepared, self.packages_status.take())
+        {
+            if made.to_string() == parent {
+                plan.status = Some(status);
+            }
+        }
         let cached = if s.opts.no_cache { Cached::Miss } else { s.cache.lookup(&key)? };
         let hit = matches!(cached, Cached::Hit(_) | Cached::Remote(..));
         let (layer, written) = match cached {
@@ -137,7 +149,7 @@ impl TargetBuild<'_> {
     /// Makes a step's layer on a miss: its entries, written (and unpacked
     /// for the executor when a `run` step that misses comes next), recorded.
     fn make_layer(
-        &self,
+        &mut self,
         step: &Step,
         info: &StepInfo,
         key: Digest,
@@ -160,6 +172,11 @@ impl TargetBuild<'_> {
                 let (entries, scratch) =
                     package_entries(&s.store, &s.rt, s.reporter.as_ref(), s.epoch, p, &lock, parent)?;
                 keep = Some(Box::new(scratch));
+                self.packages_status =
+                    entries.iter().find(|e| e.path == "var/lib/dpkg/status").and_then(|e| match &e.content {
+                        layer::Content::Bytes(b) => Some((key, String::from_utf8_lossy(b).into_owned())),
+                        _ => None,
+                    });
                 entries
             }
             (StepKind::Run(_) | StepKind::Configure(_), prepared) => {
