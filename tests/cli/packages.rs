@@ -590,6 +590,15 @@ fn bad_input_is_refused_with_what_to_do() {
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(r.stderr.contains("mirror is unreachable") && r.stderr.contains("127.0.0.1:9"), "{}", r.stderr);
     assert!(!p.path("out").exists());
+
+    // Maintainer scripts on, and no shell among the packages: exit 2 at
+    // `[packages]`, saying what to do, before anything runs.
+    p.recipe(&recipe(&repo, r#""hello-app""#, "").replace("scripts = false", "scripts = true"));
+    assert_eq!(p.kiln(&["lock", "kiln.toml"]).code, 0);
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("need /bin/sh") && r.stderr.contains("set `scripts ="), "{}", r.stderr);
+    assert!(!p.path("out").exists());
 }
 
 /// The archive for the maintainer-script tests: `testing` at
