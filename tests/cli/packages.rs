@@ -1021,6 +1021,14 @@ fn real_install_example(name: &str) {
     }
     match name {
         "nginx" => {
+            // The security archive's fixes are in: at least one package comes
+            // from bookworm-security at a `+debNNuN` version.
+            let lock = fs::read_to_string(p.path("ex/kiln.lock")).unwrap();
+            let from_security = lock
+                .split("[[image.package]]")
+                .filter(|e| e.contains("suite = \"bookworm-security\"") && e.contains("+deb12u"))
+                .count();
+            assert!(from_security > 0, "no package from bookworm-security:\n{lock}");
             let passwd = String::from_utf8_lossy(&files["etc/passwd"].1).into_owned();
             assert!(
                 passwd.contains("\nwww-data:") && passwd.contains(":33:33:www-data:/var/www:"),
