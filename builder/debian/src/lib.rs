@@ -3,11 +3,14 @@
 //! Depends on the formats (`kiln-oci`) and the leaves (the store, the
 //! recipe types) only; the caller passes the async runtime.
 //!
-//! - `archive`: the mirror, the signed InRelease, the Packages indexes.
+//! - `archive`: the mirrors, the signed InRelease, the Packages indexes.
 //! - `resolve`: the dependency closure, with resolvo.
 //! - [`lockfile`]: the `kiln.lock` file.
-//! - [`install`]: `.deb` files → one layer, dpkg's database and the fixups
-//!   maintainer scripts would have made; `ldcache`: `/etc/ld.so.cache`.
+//! - [`install`]: `.deb` files → one layer, dpkg's database, and (with
+//!   `scripts = false`) the fixups maintainer scripts would have made;
+//!   `ldcache`: `/etc/ld.so.cache`.
+//! - [`configure`]: the driver that runs the maintainer scripts in the
+//!   sandbox (the CONFIGURE step).
 //! - [`sbom`]: the SPDX document written into the image.
 //! - [`deb822`]: Debian's control format, versions and relations.
 
