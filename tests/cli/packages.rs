@@ -707,18 +707,23 @@ run = "cat /var/lib/greeter.log > /greeter.log"
     )
 }
 
-#[test]
-fn maintainer_scripts_run_in_the_sandbox_and_security_updates_are_taken() {
+/// A project with the scripts archive (libgreet 1.0+sec1 in the security
+/// suite) and its path; `None` (skipped) without root or busybox.
+fn scripts_project() -> Option<(Project, Repo, String)> {
     if !require_root() {
-        return;
+        return None;
     }
     let p = Project::new();
-    let Some(repo) = Repo::new(&p) else { return };
-    if busybox().is_none() {
-        return;
-    }
+    let repo = Repo::new(&p)?;
+    busybox()?;
     scripts_archive(&p, &repo, "1.0+sec1");
     let archive = p.path("archive").display().to_string();
+    Some((p, repo, archive))
+}
+
+#[test]
+fn maintainer_scripts_run_in_the_sandbox_and_security_updates_are_taken() {
+    let Some((p, repo, archive)) = scripts_project() else { return };
     p.recipe(&scripts_recipe(r#""greeter""#).replace("{ARCHIVE}", &archive));
 
     // The lock: the union of both suites, the newest libgreet from the
@@ -841,16 +846,7 @@ fn maintainer_scripts_run_in_the_sandbox_and_security_updates_are_taken() {
 
 #[test]
 fn packages_in_a_stage_have_their_own_lock_section() {
-    if !require_root() {
-        return;
-    }
-    let p = Project::new();
-    let Some(repo) = Repo::new(&p) else { return };
-    if busybox().is_none() {
-        return;
-    }
-    scripts_archive(&p, &repo, "1.0+sec1");
-    let archive = p.path("archive").display().to_string();
+    let Some((p, _repo, archive)) = scripts_project() else { return };
     p.recipe(&format!(
         r#"[[stage]]
 name = "settings"

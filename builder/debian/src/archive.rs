@@ -404,13 +404,7 @@ pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
         // Names and versions become words of kiln.lock, file names and
         // messages: a paragraph with anything else in them is refused
         // (without repeating it).
-        let plain = |v: &str| {
-            !v.is_empty()
-                && v.len() <= 200
-                && v.bytes().all(|b| {
-                    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'_' | b':' | b'~')
-                })
-        };
+        let plain = deb822::is_plain_word;
         let malformed = || {
             format!("the paragraph ending at line {line} has a malformed Package, Version, Architecture or Filename")
         };
@@ -424,9 +418,7 @@ pub(crate) fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
         let filename = need(f.filename, "Filename")?;
         let bad = !f.version.is_some_and(plain)
             || !f.architecture.is_some_and(plain)
-            || filename.contains(|c: char| c.is_control() || c == '?' || c == '#')
-            || filename.starts_with('/')
-            || filename.split('/').any(|c| c == ".." || c.is_empty());
+            || !deb822::is_pool_path(&filename);
         if bad {
             return Err(malformed());
         }

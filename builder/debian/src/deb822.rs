@@ -221,6 +221,24 @@ impl std::fmt::Display for Dep {
     }
 }
 
+/// A word kiln takes from an index or a lockfile into names, versions,
+/// file names and messages: a package name, version, architecture or
+/// suite, in Debian's characters only, at most 200 of them.
+pub(crate) fn is_plain_word(w: &str) -> bool {
+    !w.is_empty()
+        && w.len() <= 200
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'_' | b':' | b'~'))
+}
+
+/// A `Filename` relative to a mirror's root: no absolute path, no `..` or
+/// empty component, no control character, query or fragment.
+pub(crate) fn is_pool_path(f: &str) -> bool {
+    !f.starts_with('/')
+        && !f.split('/').any(|c| c == ".." || c.is_empty())
+        && !f.contains(|c: char| c.is_control() || c == '?' || c == '#')
+}
+
 /// A relation field (Depends, Pre-Depends, Conflicts, Provides...): a list of
 /// clauses, each a list of alternatives separated by `|`.
 pub(crate) fn parse_relations(field: &str) -> Result<Vec<Vec<Dep>>, String> {

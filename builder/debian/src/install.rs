@@ -391,7 +391,7 @@ pub(crate) fn layer_entries(
     // dpkg's file-trigger registry, so a later `dpkg -i` in a `run` step
     // activates the packages' file triggers as on a real system.
     let mut file_triggers = String::new();
-    for p in packages {
+    for p in packages.iter().filter(|_| scripts) {
         let Some((_, bytes, _)) = p.members.iter().find(|(n, _, _)| n == "triggers") else { continue };
         for line in String::from_utf8_lossy(bytes).lines() {
             let mut w = line.split_whitespace();
@@ -402,7 +402,7 @@ pub(crate) fn layer_entries(
             }
         }
     }
-    if scripts && !file_triggers.is_empty() {
+    if !file_triggers.is_empty() {
         put_file(&mut tree, "var/lib/dpkg/triggers/File", file_triggers.into_bytes(), 0o644);
     }
     // A conffile the layers below already have is kept, and the package's

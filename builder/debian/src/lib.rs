@@ -514,12 +514,9 @@ pub fn fetch(
         if mirrors.contains_key(d.suite.as_str()) {
             continue;
         }
-        let suite = p.suites.iter().find(|s| s.name == d.suite).cloned().unwrap_or(Suite {
-            name: d.suite.clone(),
-            mirror: None,
-            optional: false,
-        });
-        let url = suite_mirror(p, &suite).ok_or_else(|| no_mirror(&suite.name))?;
+        // A locked suite is one of the request's, which are the recipe's (load_lock checked both).
+        let suite = p.suites.iter().find(|s| s.name == d.suite).ok_or_else(|| no_mirror(&d.suite))?;
+        let url = suite_mirror(p, suite).ok_or_else(|| no_mirror(&suite.name))?;
         mirrors.insert(d.suite.as_str(), Arc::new(Mirror::new(&url)?));
     }
     let bytes: u64 = missing.iter().map(|p| p.size).sum();

@@ -212,13 +212,7 @@ impl Lockfile {
         // A lockfile comes with the recipe, from whoever wrote it: every
         // field a path, a URL or a shell word is made of is checked, and
         // an error names the entry only by what passed the check.
-        let plain = |w: &str| {
-            !w.is_empty()
-                && w.len() <= 200
-                && w.bytes().all(|b| {
-                    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'_' | b':' | b'~')
-                })
-        };
+        let plain = crate::deb822::is_plain_word;
         let request_words = |r: &LockRequest| {
             r.suites.iter().chain(&r.components).chain(&r.exclude).all(|w| plain(w))
                 && plain(&r.architecture)
@@ -242,9 +236,7 @@ impl Lockfile {
             for p in &set.packages {
                 let ok = p.sha256.len() == 64
                     && p.sha256.bytes().all(|b| b.is_ascii_hexdigit())
-                    && !p.filename.starts_with('/')
-                    && !p.filename.split('/').any(|c| c == ".." || c.is_empty())
-                    && !p.filename.contains(|c: char| c.is_control() || c == '?' || c == '#')
+                    && crate::deb822::is_pool_path(&p.filename)
                     && plain(&p.name)
                     && plain(&p.version)
                     && plain(&p.architecture)
