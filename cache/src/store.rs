@@ -344,6 +344,37 @@ impl Store {
 /// old file or all of the new one.
 pub fn write_atomic_in(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    // A regular file that already holds these bytes is only touched: a
+    // rename over it costs a writeback and freeing the old inode, which is
+    // most of a no-op build's time on some filesystems.
+    // Opened without following a symlink or waiting on a fifo, then
+    // checked as opened: a regular 0644 file of ours with one name.
+    let held = {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+            .open(path)
+            .ok()
+            .filter(|f| {
+                f.metadata().is_ok_and(|m| {
+                    m.file_type().is_file()
+                        && m.len() == bytes.len() as u64
+                        && m.mode() & 0o7777 == 0o644
+                        && m.nlink() == 1
+                        && m.uid() == rustix::process::geteuid().as_raw()
+                })
+            })
+    };
+    if let Some(f) = held {
+        let mut held = Vec::with_capacity(bytes.len());
+        if io::Read::read_to_end(&mut io::Read::take(&f, bytes.len() as u64 + 1), &mut held).is_ok()
+            && held == bytes
+            && f.set_modified(std::time::SystemTime::now()).is_ok()
+        {
+            return Ok(());
+        }
+    }
     let mut tmp = tempfile::NamedTempFile::new_in(tmp_dir)?;
     tmp.write_all(bytes)?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
@@ -354,6 +385,57 @@ pub fn write_atomic_in(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writing_the_bytes_a_file_holds_only_touches_it() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, path) = (dir.path(), dir.path().join("record.json"));
+        write_atomic_in(tmp, &path, b"{\"a\":1}").unwrap();
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        let ino = fs::metadata(&path).unwrap().ino();
+        write_atomic_in(tmp, &path, b"{\"a\":1}").unwrap();
+        let m = fs::metadata(&path).unwrap();
+        assert_eq!(m.ino(), ino, "not replaced");
+        assert!(m.modified().unwrap() > old, "but touched, as a write would");
+        // Other bytes, a longer file, another mode: replaced.
+        let cases: [(&[u8], u32, bool); 4] = [
+            (b"{\"a\":2}", 0o644, false),
+            (b"{\"a\":2}", 0o644, true),
+            (b"{\"a\":2}", 0o600, false),
+            (b"{\"a\":2} ", 0o644, false),
+        ];
+        for (bytes, mode, kept) in cases {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let ino = fs::metadata(&path).unwrap().ino();
+            write_atomic_in(tmp, &path, bytes).unwrap();
+            let m = fs::metadata(&path).unwrap();
+            assert_eq!(fs::read(&path).unwrap(), bytes);
+            assert_eq!(m.mode() & 0o777, 0o644);
+            assert_eq!(m.ino() == ino, kept, "{bytes:?} {mode:o}");
+        }
+        // A symlink to a file with the same bytes is replaced, not followed.
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, b"same").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        write_atomic_in(tmp, &path, b"same").unwrap();
+        assert!(fs::symlink_metadata(&path).unwrap().file_type().is_file());
+        // A fifo is replaced without waiting for a writer.
+        fs::remove_file(&path).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        write_atomic_in(tmp, &path, b"same").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"same");
+    }
 
     #[test]
     fn only_the_stores_own_mapping_folders_are_taken_for_them() {

@@ -29,7 +29,7 @@ use super::deb822::{self, Paragraph};
 use super::ldcache;
 use crate::error::BuildError;
 use crate::layer::{Content, LayerEntry};
-use crate::listing::walk_layer;
+use crate::listing::{walk_layer, walk_layer_listed};
 use crate::tarball::TarKind;
 
 /// Bump when the layer a package set makes changes for the same `.deb`s.
@@ -73,6 +73,8 @@ pub(crate) struct DebEntry {
     pub(crate) xattrs: Vec<(String, Vec<u8>)>,
     /// Where a regular file's bytes start in [`Unpacked::data`].
     pub(crate) offset: u64,
+    /// A regular file's digest, taken as its bytes were written there.
+    pub(crate) sha256: Option<Digest>,
 }
 
 fn refused(package: &str, why: impl std::fmt::Display) -> BuildError {
@@ -210,27 +212,53 @@ pub(crate) fn unpack_deb(
         BufWriter::with_capacity(1 << 20, File::create(scratch).map_err(BuildError::io_write(scratch))?);
     let mut written = 0u64;
     let mut entries = Vec::new();
-    walk_layer(decoder(&dname, (&mut f).take(dsize), package)?, sha256, &mut |e, r| {
-        let offset = written;
-        if let TarKind::File { .. } = e.kind {
-            written += std::io::copy(r, &mut out)?;
-        }
-        if e.path.split('/').any(|c| c.starts_with(kiln_oci::whiteout::WHITEOUT)) {
-            return Err(std::io::Error::other(format!("`{}` is a whiteout name", e.path)));
-        }
-        let xattrs = e.xattrs.iter().map(|(k, v)| (k.clone(), hex::decode(v).unwrap_or_default())).collect();
-        entries.push(DebEntry {
-            path: e.path.to_string(),
-            kind: e.kind.clone(),
-            mode: e.mode,
-            uid: e.uid,
-            gid: e.gid,
-            xattrs,
-            offset,
+    let mut shas = Vec::new();
+    let mut listed = |l: crate::listing::ListEntry| {
+        shas.push(match l.kind {
+            crate::listing::Kind::File { sha256, .. } => Some(sha256),
+            _ => None,
         });
         Ok(())
-    })
+    };
+    walk_layer_listed(
+        decoder(&dname, (&mut f).take(dsize), package)?,
+        sha256,
+        &mut |e, r| {
+            let offset = written;
+            if let TarKind::File { .. } = e.kind {
+                written += std::io::copy(r, &mut out)?;
+            }
+            if e.path.split('/').any(|c| c.starts_with(kiln_oci::whiteout::WHITEOUT)) {
+                return Err(std::io::Error::other(format!("`{}` is a whiteout name", e.path)));
+            }
+            let xattrs =
+                e.xattrs.iter().map(|(k, v)| (k.clone(), hex::decode(v).unwrap_or_default())).collect();
+            entries.push(DebEntry {
+                path: e.path.to_string(),
+                kind: e.kind.clone(),
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                xattrs,
+                offset,
+                sha256: None,
+            });
+            Ok(())
+        },
+        &mut listed,
+    )
     .map_err(bad_tar)?;
+    // One listed entry follows each visit, in order, with the digest of
+    // the bytes the visit wrote: they are not hashed again (and go into
+    // the shared file pool under it), so the pairing is checked.
+    if entries.len() != shas.len()
+        || entries.iter().zip(&shas).any(|(e, s)| matches!(e.kind, TarKind::File { .. }) != s.is_some())
+    {
+        return Err(refused(package, "its data.tar could not be listed entry by entry"));
+    }
+    for (e, sha) in entries.iter_mut().zip(shas) {
+        e.sha256 = sha;
+    }
     out.flush().map_err(BuildError::io_write(scratch))?;
     Ok(Unpacked {
         name: package.to_string(),
@@ -293,7 +321,7 @@ pub(crate) fn layer_entries(
             };
             let content = match kind {
                 TarKind::File { .. } => {
-                    Content::Slice { path: p.data.clone(), offset: e.offset, whole: false }
+                    Content::Slice { path: p.data.clone(), offset: e.offset, whole: false, sha256: e.sha256 }
                 }
                 _ => Content::None,
             };

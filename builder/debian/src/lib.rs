@@ -595,16 +595,20 @@ pub fn layer_entries(
     scratch: &Path,
     below: &install::Below<'_>,
 ) -> Result<Vec<LayerEntry>, BuildError> {
-    // Unpack on every core: xz decoding is most of the time.
+    // Unpack on every core: xz decoding is most of the time. The biggest
+    // .debs go first, so no core is left with a big one at the end.
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut order: Vec<usize> = (0..lock.packages.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lock.packages[i].size));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let slots: Vec<std::sync::Mutex<Option<Result<install::Unpacked, BuildError>>>> =
         lock.packages.iter().map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..threads.min(lock.packages.len()) {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(p) = lock.packages.get(i) else { break };
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&i) = order.get(n) else { break };
+                let p = &lock.packages[i];
                 let d = deb_digest(p);
                 let r = store.open_blob(&d).map_err(BuildError::from).and_then(|_| {
                     install::unpack_deb(&store.blob_path(&d), &p.name, &d, &scratch.join(format!("{i}.data")))

@@ -188,15 +188,19 @@ pub trait Executor: Send + Sync + std::fmt::Debug {
 
     /// Takes the layer `diff_id`, unpacked at `staged` (in the store's
     /// tmp folder) while it was written, with its stored listing, into the
-    /// folder [`Executor::unpack_dir`] named. Only called when that is `Some`.
+    /// folder [`Executor::unpack_dir`] named. Only called when that is
+    /// `Some`. `true` when the executor's folder for the layer is sound
+    /// (the staged one, or an earlier one that still holds its seal): a
+    /// step can then run on it before the layer's blob exists; `false`
+    /// when the executor would have to make it again from the blob.
     fn adopt_unpacked(
         &self,
         _store: &kiln_cache::Store,
         _staged: &std::path::Path,
         _diff_id: &kiln_cache::Digest,
         _listing: &kiln_oci::listing::ListingFile,
-    ) -> Result<(), crate::BuildError> {
-        Ok(())
+    ) -> Result<bool, crate::BuildError> {
+        Ok(false)
     }
 
     /// Runs one command on top of the request's parent image, sending each

@@ -55,18 +55,25 @@ impl super::Executor for Local {
     }
 
     /// Moved into `unpacked/DIFF_ID` and sealed, as if unpacked there.
+    /// When an earlier build's folder is there, it is kept if it still
+    /// holds its seal (the staged one is removed first: unlinking its
+    /// files touches the inodes they share with it through the pool).
     fn adopt_unpacked(
         &self,
         store: &Store,
         staged: &std::path::Path,
         diff_id: &kiln_cache::Digest,
         listing: &crate::listing::ListingFile,
-    ) -> Result<(), BuildError> {
-        let Some(dir) = self.unpack_dir(store) else { return Ok(()) };
+    ) -> Result<bool, BuildError> {
+        let Some(dir) = self.unpack_dir(store) else { return Ok(false) };
         fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
         let dest = dir.join(diff_id.hex());
-        crate::unpack::adopt(staged, &dest)?;
-        crate::unpack::seal(store, &dest, listing)
+        if crate::unpack::adopt(staged, &dest)? {
+            crate::unpack::seal(store, &dest, listing)?;
+            return Ok(true);
+        }
+        let _ = fs::remove_dir_all(staged);
+        Ok(crate::unpack::check_seal(store, &dest, &crate::unpack::pool_dir(store)))
     }
 
     fn run(

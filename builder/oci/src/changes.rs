@@ -142,7 +142,7 @@ pub fn from_upper(upper: &Path, opaque_xattr: &str) -> Result<Vec<Change>, Build
             let link = (md.nlink() > 1).then_some(md.ino());
             ChangeKind::File {
                 size: md.len(),
-                content: Content::Slice { path: path.to_path_buf(), offset: 0, whole: true },
+                content: Content::Slice { path: path.to_path_buf(), offset: 0, whole: true, sha256: None },
                 link,
             }
         } else if ft.is_char_device() {
@@ -226,6 +226,7 @@ pub(crate) fn from_layer_listing(
                             path: tar.to_path_buf(),
                             offset: base + offset,
                             whole: false,
+                            sha256: None,
                         },
                         link: None,
                     }

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use kiln_cache::{BlobWriter, Digest, HashingWriter, Store};
 
@@ -35,11 +36,14 @@ pub enum Content {
     /// The entry's `size` bytes at `offset` of a file kiln made itself (a
     /// sandbox's upper folder, an engine's layer tar): nothing to check
     /// them against; their digest goes into the listing. With `whole`, the
-    /// slice is the whole file, which must not have grown.
+    /// slice is the whole file, which must not have grown. With `sha256`,
+    /// the digest kiln took of the bytes as it wrote them (a .deb's files):
+    /// they are not hashed again, and go through the file pool.
     Slice {
         path: PathBuf,
         offset: u64,
         whole: bool,
+        sha256: Option<Digest>,
     },
 }
 
@@ -85,39 +89,21 @@ pub struct LayerBlob {
     pub size: u64,
 }
 
-/// Writes `entries` as a layer into the store, with every timestamp `epoch`.
-/// Also stores the layer's listing, and returns it.
-#[cfg(test)]
-pub(crate) fn write_layer(
-    store: &Store,
-    entries: Vec<LayerEntry>,
-    epoch: u64,
-) -> Result<(LayerBlob, ListingFile), BuildError> {
-    write_layer_unpacking(store, entries, epoch, None)
-}
-
 /// Writes `entries` as a layer into the store, with every timestamp
-/// `epoch`, and stores its listing. With `unpack`, also makes the layer as
-/// a folder there (which must not exist) while its content streams by, for
-/// a `run` step that needs it next: the layer is never read back.
-pub fn write_layer_unpacking(
+/// `epoch`, and stores its listing. ([`write_layer_staged`] also makes the
+/// layer as a folder, for a `run` step that needs it next.)
+pub fn write_layer(
     store: &Store,
     mut entries: Vec<LayerEntry>,
     epoch: u64,
-    unpack: Option<&std::path::Path>,
 ) -> Result<(LayerBlob, ListingFile), BuildError> {
-    entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
-    if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
-        return Err(BuildError::usage(format!("The layer would hold `/{}` twice", w[0].path), None));
-    }
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    sort_entries(&mut entries)?;
     let blob = BlobWriter::new(store)?;
     let tmp_dir = store.tmp_dir();
     let mut failure: Option<BuildError> = None;
-    let result = gzip::compress(blob, threads, |w| {
+    let result = gzip::compress(blob, threads(), |w| {
         let mut tar = HashingWriter::new(BufWriter::with_capacity(256 * 1024, w));
-        let folder = unpack.map(|p| (p, crate::unpack::pool_dir(store)));
-        match write_entries(&mut tar, &entries, epoch, folder) {
+        match write_entries(&mut tar, &entries, epoch, None) {
             Ok(listing) => {
                 let (buf, diff_id, _) = tar.finish();
                 buf.into_inner().map_err(|e| io::Error::new(e.error().kind(), e.error().to_string()))?;
@@ -130,13 +116,208 @@ pub fn write_layer_unpacking(
         }
     });
     let (blob, (listing, diff_id)) = match (result, failure) {
-        (_, Some(e)) => return Err(name_write_target(e, &tmp_dir, unpack)),
+        (_, Some(e)) => return Err(name_write_target(e, &tmp_dir, None)),
         (Err(e), None) => return Err(BuildError::Write { path: tmp_dir, source: e }),
         (Ok(v), None) => v,
     };
     let (digest, size) = blob.commit()?;
     let listing = listing.save(store, &diff_id)?;
     Ok((LayerBlob { diff_id, digest, size }, listing))
+}
+
+/// A layer whose tar is written (to a file in the store's tmp folder) and
+/// made as a folder, its gzip blob still being made on a thread of its own:
+/// the folder is in use while [`StagedLayer::finish`] waits for the blob.
+/// The blob's bytes are the ones [`write_layer`] gives for the
+/// same entries.
+#[derive(Debug)]
+pub struct StagedLayer {
+    pub diff_id: Digest,
+    /// Taken by [`StagedLayer::finish`]; a layer dropped unfinished (its
+    /// build failed) still waits for it, so no thread writes into the
+    /// store after the build let go of it.
+    compressor: Option<Compressor>,
+}
+
+type Compressor = std::thread::JoinHandle<Result<(Digest, u64), BuildError>>;
+
+impl StagedLayer {
+    /// Waits for the blob.
+    pub fn finish(mut self) -> Result<LayerBlob, BuildError> {
+        let (digest, size) = join(self.compressor.take().expect("finished once"))?;
+        Ok(LayerBlob { diff_id: self.diff_id, digest, size })
+    }
+}
+
+impl Drop for StagedLayer {
+    fn drop(&mut self) {
+        if let Some(c) = self.compressor.take() {
+            let _ = join(c);
+        }
+    }
+}
+
+fn join(c: Compressor) -> Result<(Digest, u64), BuildError> {
+    c.join().unwrap_or_else(|_| {
+        Err(BuildError::Environment {
+            message: "The thread compressing a layer stopped without finishing it".into(),
+            hint: "this is a bug in kiln; build again, and report it if it repeats".into(),
+        })
+    })
+}
+
+/// Writes `entries` as a tar into the store's tmp folder and makes them as
+/// the folder `unpack` (which must not exist), storing the listing. The
+/// gzip blob is made from the tar file as it grows, by threads at a low
+/// priority: they take the cores the writing leaves idle, then run on
+/// while the caller goes on.
+pub fn write_layer_staged(
+    store: &Store,
+    mut entries: Vec<LayerEntry>,
+    epoch: u64,
+    unpack: &std::path::Path,
+) -> Result<(StagedLayer, ListingFile), BuildError> {
+    sort_entries(&mut entries)?;
+    let tmp_dir = store.tmp_dir();
+    let (file, tar_path) = tempfile::Builder::new()
+        .prefix("layer-")
+        .suffix(".tar")
+        .tempfile_in(&tmp_dir)
+        .map_err(BuildError::io_write(&tmp_dir))?
+        .into_parts();
+    let reader = File::open(&tar_path).map_err(BuildError::io_write(&*tar_path))?;
+    let progress = Arc::new(Progress::default());
+    let compressor = {
+        let (store, progress) = (store.clone(), Arc::clone(&progress));
+        std::thread::Builder::new()
+            .name("layer-gzip".into())
+            .spawn(move || {
+                // Lower this thread (and the compressor threads it starts,
+                // which inherit it): the step that needs the folder comes first.
+                let _ = rustix::process::setpriority_process(None, 10);
+                let (blob, ()) =
+                    gzip::compress(BlobWriter::new(&store)?, threads(), |w| follow(reader, &progress, w))
+                        .map_err(BuildError::io_write(&*tar_path))?;
+                drop(tar_path);
+                Ok(blob.commit()?)
+            })
+            .map_err(|e| BuildError::Environment {
+                message: format!("Cannot start a thread to compress a layer: {e}"),
+                hint: "the machine is out of threads or memory".into(),
+            })?
+    };
+    let mut abandon = Abandon(Some(&progress));
+    let mut tar =
+        HashingWriter::new(BufWriter::with_capacity(1 << 20, Announcing { file, progress: &progress }));
+    let written = write_entries(&mut tar, &entries, epoch, Some((unpack, crate::unpack::pool_dir(store))))
+        .and_then(|listing| {
+            let (buf, diff_id, _) = tar.finish();
+            buf.into_inner().map_err(|e| BuildError::Write {
+                path: PathBuf::from("<layer>"),
+                source: io::Error::new(e.error().kind(), e.error().to_string()),
+            })?;
+            Ok((listing, diff_id))
+        });
+    let (listing, diff_id) = match written {
+        Ok(v) => v,
+        Err(e) => {
+            drop(abandon);
+            let _ = join(compressor);
+            return Err(name_write_target(e, &tmp_dir, Some(unpack)));
+        }
+    };
+    abandon.0.take().expect("set above").end(true);
+    let listing = match listing.save(store, &diff_id) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = join(compressor);
+            return Err(e);
+        }
+    };
+    Ok((StagedLayer { diff_id, compressor: Some(compressor) }, listing))
+}
+
+/// How much of a tar file is written, and whether its writer is done
+/// (`Some(true)`) or gave up (`Some(false)`).
+#[derive(Default)]
+struct Progress {
+    state: std::sync::Mutex<(u64, Option<bool>)>,
+    moved: std::sync::Condvar,
+}
+
+impl Progress {
+    fn end(&self, done: bool) {
+        self.state.lock().expect("progress lock").1 = Some(done);
+        self.moved.notify_all();
+    }
+}
+
+/// Ends the writing as given up unless it was ended before.
+struct Abandon<'a>(Option<&'a Progress>);
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.end(false);
+        }
+    }
+}
+
+/// A file whose writes are announced to the thread following it.
+struct Announcing<'a> {
+    file: File,
+    progress: &'a Progress,
+}
+
+impl Write for Announcing<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.progress.state.lock().expect("progress lock").0 += n as u64;
+        self.progress.moved.notify_all();
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Copies the file `r` to `w` as its writer writes it, to its end.
+fn follow(mut r: File, progress: &Progress, w: &mut dyn Write) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    loop {
+        let (written, end) = {
+            let mut st = progress.state.lock().expect("progress lock");
+            while st.0 == pos && st.1.is_none() {
+                st = progress.moved.wait(st).expect("progress lock");
+            }
+            *st
+        };
+        if written > pos {
+            let n = (written - pos).min(buf.len() as u64) as usize;
+            r.read_exact(&mut buf[..n])?;
+            w.write_all(&buf[..n])?;
+            pos += n as u64;
+        } else if end == Some(true) {
+            return Ok(());
+        } else {
+            return Err(io::Error::other("the layer's tar was not finished"));
+        }
+    }
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Sorts entries by path bytes (parents first); a path twice is refused.
+fn sort_entries(entries: &mut [LayerEntry]) -> Result<(), BuildError> {
+    entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+    match entries.windows(2).find(|w| w[0].path == w[1].path) {
+        Some(w) => Err(BuildError::usage(format!("The layer would hold `/{}` twice", w[0].path), None)),
+        None => Ok(()),
+    }
 }
 
 /// Writes sorted `entries` as a tar to `w`; with `unpack` (folder, file
@@ -167,6 +348,7 @@ fn write_entries(
             Some(m) => {
                 let sha = match &e.content {
                     Content::Path { sha256, .. } => Some(*sha256),
+                    Content::Slice { sha256, .. } => *sha256,
                     _ => bytes_sha,
                 };
                 let we = crate::listing::WalkEntry {
@@ -209,8 +391,8 @@ fn write_entries(
                     }
                     got
                 }
-                Content::Slice { path, offset, whole } => {
-                    copy_slice(path, *offset, size, *whole, w, &mut buf, tee.as_mut())?
+                Content::Slice { path, offset, whole, sha256 } => {
+                    copy_slice(path, (*offset, size, *whole, *sha256), w, &mut buf, tee.as_mut())?
                 }
                 Content::None => unreachable!("regular files carry content"),
             };
@@ -239,9 +421,7 @@ fn write_entries(
 
 fn copy_slice(
     path: &PathBuf,
-    offset: u64,
-    size: u64,
-    whole: bool,
+    (offset, size, whole, known): (u64, u64, bool, Option<Digest>),
     w: &mut impl Write,
     buf: &mut [u8],
     tee: Option<&mut File>,
@@ -249,7 +429,10 @@ fn copy_slice(
     use std::io::{Seek, SeekFrom};
     let mut f = File::open(path).map_err(BuildError::io_read(path))?;
     f.seek(SeekFrom::Start(offset)).map_err(BuildError::io_read(path))?;
-    copy_n(f, path, size, w, buf, whole, tee)
+    match known {
+        Some(sha) if !whole => copy_unhashed(&f, path, size, w, buf, tee).map(|()| sha),
+        _ => copy_n(f, path, size, w, buf, whole, tee),
+    }
 }
 
 /// Copies exactly `size` bytes of `path` to `w`, hashing them; a file that
@@ -359,4 +542,129 @@ pub fn write_plain_tar(entries: &[LayerEntry], path: &std::path::Path) -> Result
     sorted.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     write_entries(&mut w, &sorted, 0, None).map_err(|e| name_write_target(e, path, None))?;
     w.flush().map_err(BuildError::io_write(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder, a 3 MiB file (three gzip chunks), a small file and a
+    /// symlink; the files as slices of one scratch file, as a .deb's are.
+    fn entries(scratch: &std::path::Path, known: bool) -> Vec<LayerEntry> {
+        let big: Vec<u8> = (0..3 * 1024 * 1024 + 77u32).map(|i| (i % 251) as u8).collect();
+        let small = b"hello\n".to_vec();
+        let mut data = big.clone();
+        data.extend_from_slice(&small);
+        std::fs::write(scratch, &data).unwrap();
+        let slice = |offset: u64, bytes: &[u8]| Content::Slice {
+            path: scratch.to_path_buf(),
+            offset,
+            whole: false,
+            sha256: known.then(|| Digest::of(bytes)),
+        };
+        let entry = |path: &str, kind: TarKind, content: Content| LayerEntry {
+            path: path.into(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            content,
+            xattrs: Vec::new(),
+        };
+        vec![
+            entry("usr/bin/big", TarKind::File { size: big.len() as u64 }, slice(0, &big)),
+            entry("usr", TarKind::Dir, Content::None),
+            entry("usr/bin", TarKind::Dir, Content::None),
+            entry(
+                "usr/bin/small",
+                TarKind::File { size: small.len() as u64 },
+                slice(big.len() as u64, &small),
+            ),
+            entry("usr/bin/link", TarKind::Symlink("small".into()), Content::None),
+        ]
+    }
+
+    /// The folder's files are owned by root: these tests need it (CI has it).
+    fn as_root() -> bool {
+        let root = rustix::process::geteuid().is_root();
+        if !root {
+            eprintln!("SKIPPED: the folder's files are owned by root");
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        }
+        root
+    }
+
+    fn leftovers(store: &Store) -> Vec<String> {
+        std::fs::read_dir(store.tmp_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("layer-"))
+            .collect()
+    }
+
+    #[test]
+    fn a_staged_layer_is_the_layer_written_at_once_and_its_folder() {
+        if !as_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        let scratch = dir.path().join("data");
+        let (blob, listing) = write_layer(&store, entries(&scratch, false), 7).unwrap();
+        // Twice: the second time every file is already in the pool.
+        for (n, known) in [(0, true), (1, true), (2, false)] {
+            let folder = dir.path().join(format!("root{n}"));
+            let (staged, staged_listing) =
+                write_layer_staged(&store, entries(&scratch, known), 7, &folder).unwrap();
+            assert_eq!(staged.diff_id, blob.diff_id);
+            assert_eq!(staged.finish().unwrap(), blob, "the same blob, byte for byte");
+            let rows = |l: &ListingFile| l.iter().unwrap().map(|e| e.unwrap()).collect::<Vec<_>>();
+            assert_eq!(rows(&staged_listing), rows(&listing));
+            let made = std::fs::read(folder.join("usr/bin/big")).unwrap();
+            assert_eq!(made.len(), 3 * 1024 * 1024 + 77);
+            assert_eq!(std::fs::read(folder.join("usr/bin/small")).unwrap(), b"hello\n");
+            assert_eq!(std::fs::read_link(folder.join("usr/bin/link")).unwrap(), PathBuf::from("small"));
+            // A digest known beforehand sends the file through the pool.
+            let nlink = std::os::unix::fs::MetadataExt::nlink(
+                &std::fs::metadata(folder.join("usr/bin/small")).unwrap(),
+            );
+            assert_eq!(nlink > 1, known, "pass {n}");
+            assert!(leftovers(&store).is_empty(), "the staged tar is removed: {:?}", leftovers(&store));
+        }
+        let out = std::fs::read(store.blob_path(&blob.digest)).unwrap();
+        let mut tar = Vec::new();
+        flate2::read::MultiGzDecoder::new(&out[..]).read_to_end(&mut tar).unwrap();
+        assert_eq!(Digest::of(&tar), blob.diff_id);
+    }
+
+    #[test]
+    fn a_staged_layer_that_fails_midway_stops_its_compressor_and_leaves_nothing() {
+        if !as_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        let scratch = dir.path().join("data");
+        let mut e = entries(&scratch, false);
+        // A context file that no longer has the digest its key was taken from.
+        let changed = dir.path().join("changed");
+        std::fs::write(&changed, b"new bytes").unwrap();
+        e.push(LayerEntry {
+            path: "zz".into(),
+            kind: TarKind::File { size: 9 },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            content: Content::Path { path: changed.clone(), sha256: Digest::of(b"old bytes"), stamp: None },
+            xattrs: Vec::new(),
+        });
+        let blobs_before =
+            std::fs::read_dir(store.root().join("blobs/sha256")).map(|d| d.count()).unwrap_or(0);
+        let err = write_layer_staged(&store, e, 0, &dir.path().join("root")).unwrap_err();
+        assert!(matches!(err, BuildError::Changed { ref path } if *path == changed), "{err:?}");
+        assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
+        let blobs_after =
+            std::fs::read_dir(store.root().join("blobs/sha256")).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(blobs_before, blobs_after, "no blob is committed for a layer that failed");
+    }
 }

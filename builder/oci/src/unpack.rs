@@ -314,10 +314,10 @@ pub fn unpack_into(
 }
 
 /// Moves an unpacked folder into place; another build may have been first.
-pub fn adopt(root: &Path, dest: &Path) -> Result<(), BuildError> {
+pub fn adopt(root: &Path, dest: &Path) -> Result<bool, BuildError> {
     match fs::rename(root, dest) {
-        Ok(()) => Ok(()),
-        Err(_) if dest.is_dir() => Ok(()),
+        Ok(()) => Ok(true),
+        Err(_) if dest.is_dir() => Ok(false),
         Err(e) => Err(BuildError::Write { path: dest.to_path_buf(), source: e }),
     }
 }
@@ -436,7 +436,7 @@ pub fn seal(store: &Store, folder: &Path, listing: &crate::listing::ListingFile)
 /// changed are hashed again: a right one gets a new stamp; a wrong one
 /// (a flipped byte in the shared file pool) is removed from the pool with
 /// every link to it, and `false` says the folder must be made again.
-pub(crate) fn check_seal(store: &Store, folder: &Path, pool: &Path) -> bool {
+pub fn check_seal(store: &Store, folder: &Path, pool: &Path) -> bool {
     let name = seal_name(folder);
     let Some(mut seal) = store.read_record::<Seal>(kiln_cache::RecordKind::Seal, &name) else { return false };
     let mut changed = false;

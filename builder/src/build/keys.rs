@@ -16,6 +16,7 @@ use super::model::Built;
 use crate::context::{scan_copy, Context, CopySource};
 use crate::error::BuildError;
 use crate::exec;
+use crate::packages::lockfile::PackageLock;
 
 /// Bump when anything that decides a layer's bytes changes, so old cache
 /// entries are never taken for new ones.
@@ -27,7 +28,7 @@ pub(super) enum Prepared {
     CopyFrom(Arc<Built>),
     Write,
     Run(RunPlan),
-    Packages(Box<crate::packages::lockfile::PackageLock>),
+    Packages(Box<PackageLock>),
     Configure(Box<ConfigurePlan>),
 }
 
@@ -35,7 +36,7 @@ pub(super) enum Prepared {
 /// environment is in the key; the driver is made from the packages'
 /// layer's dpkg status when it runs.
 pub(super) struct ConfigurePlan {
-    pub(super) lock: crate::packages::lockfile::PackageLock,
+    pub(super) lock: PackageLock,
     pub(super) env: Vec<String>,
     /// The packages' `/var/lib/dpkg/status` when the step before made it
     /// in this build (else it is read back from the layer).
@@ -56,11 +57,23 @@ pub(super) struct Planner<'a> {
     pub(super) recipe: &'a Recipe,
     pub(super) ctx: &'a Context,
     pub(super) index: &'a Mutex<StatIndex>,
+    pub(super) locks: &'a Mutex<HashMap<Option<String>, PackageLock>>,
     pub(super) platform: &'a Platform,
     pub(super) epoch: u64,
 }
 
 impl Planner<'_> {
+    /// The packages' section of kiln.lock, read and checked once a build.
+    fn lock(&self, p: &kiln_recipes::recipe::Packages) -> Result<PackageLock, BuildError> {
+        let mut locks = self.locks.lock().expect("locks");
+        if let Some(l) = locks.get(&p.stage) {
+            return Ok(l.clone());
+        }
+        let lock = crate::packages::load_lock(self.recipe, p, self.platform)?;
+        locks.insert(p.stage.clone(), lock.clone());
+        Ok(lock)
+    }
+
     /// The step's key, and what making its layer needs.
     pub(super) fn key(
         &self,
@@ -100,7 +113,7 @@ impl Planner<'_> {
                 (p, Prepared::Write)
             }
             StepKind::Packages(p) => {
-                let lock = crate::packages::load_lock(self.recipe, p, self.platform)?;
+                let lock = self.lock(p)?;
                 (
                     json!({ "packages": crate::packages::key_params(&lock) }),
                     Prepared::Packages(Box::new(lock)),
@@ -109,7 +122,7 @@ impl Planner<'_> {
             StepKind::Configure(p) => {
                 // The parent's key holds the packages; what the driver
                 // adds is its schema and the image's environment.
-                let lock = crate::packages::load_lock(self.recipe, p, self.platform)?;
+                let lock = self.lock(p)?;
                 let env = exec::command_env(
                     &run_config.env().clone().unwrap_or_default(),
                     &crate::packages::configure::environment(&lock, self.epoch),

@@ -30,6 +30,8 @@ pub(super) struct Session {
     pub(super) platform: Platform,
     pub(super) epoch: u64,
     pub(super) index: Mutex<StatIndex>,
+    /// Each target's kiln.lock section, read once (by stage; `None` for the image).
+    locks: Mutex<HashMap<Option<String>, crate::packages::lockfile::PackageLock>>,
     pub(super) reporter: Arc<dyn Reporter>,
     pub(super) rt: tokio::runtime::Handle,
     pub(super) backends: Backends,
@@ -71,6 +73,7 @@ impl Session {
             platform,
             epoch: opts.epoch_override.or(recipe.image.epoch).unwrap_or(0),
             index,
+            locks: Mutex::default(),
             reporter,
             rt,
             pins,
@@ -95,6 +98,7 @@ impl Session {
             recipe: &self.recipe,
             ctx: &self.ctx,
             index: &self.index,
+            locks: &self.locks,
             platform: &self.platform,
             epoch: self.epoch,
         }

@@ -56,6 +56,7 @@ pub(super) fn build_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bu
         layers: base.layers.clone(),
         lower: None,
         packages_status: None,
+        compressing: None,
         base,
     };
     let mut history_entries: Vec<History> = b.base.config.history().clone().unwrap_or_default();
@@ -65,12 +66,20 @@ pub(super) fn build_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bu
         let started = Instant::now();
         let info = s.info(t, step);
         s.reporter.on_step_start(&info);
-        let (key, hit) = b.step(step, &info, &parent)?;
+        // The layer the step before left compressing is finished once this
+        // step is done, whether it succeeded or not.
+        let before = b.compressing.take();
+        let stepped = b.step(step, &info, &parent);
+        let finished = b.finish_compressing(before);
+        let (key, hit) = stepped?;
+        finished?;
         history_entries.push(history(s.epoch, &format!("kiln: {}", history_text(step, &info)), false));
         s.reporter.on_step_finish(&info, hit, started.elapsed());
         planned.push(PlannedStep { info, key, hit });
         parent = key.to_string();
     }
+    let last = b.compressing.take();
+    b.finish_compressing(last)?;
     let mut config = b.base.config.clone();
     config.set_history(Some(history_entries));
     s.record_steps(&planned);
@@ -91,6 +100,20 @@ struct TargetBuild<'a> {
     /// key: the `CONFIGURE` step after it needs it, and reading it back
     /// would decompress the whole layer.
     packages_status: Option<(Digest, String)>,
+    /// The layer whose gzip blob is being made while the next step runs on
+    /// its unpacked folder (see [`TargetBuild::write`]).
+    compressing: Option<Compressing>,
+}
+
+/// A layer's blob being compressed on its own thread. Until it is done,
+/// `layers[index]` has the layer's diff_id in place of its digest, which
+/// only the executor that ran on its unpacked folder sees.
+struct Compressing {
+    index: usize,
+    key: Digest,
+    info: StepInfo,
+    started: Instant,
+    staged: layer::StagedLayer,
 }
 
 impl TargetBuild<'_> {
@@ -203,50 +226,75 @@ impl TargetBuild<'_> {
             }
             _ => unreachable!("prepared matches the step kind"),
         };
-        let layer = self.write(entries, info, key, &t_steps(self.t, step).first())?;
+        let layer = self.write(entries, info, key, t_steps(self.t, step).first())?;
         drop(keep);
         Ok(layer)
     }
 
-    /// Writes the layer, unpacked too when `next` is a `run` that will miss
-    /// on an executor that runs on unpacked folders.
-    fn write(
-        &self,
-        entries: Vec<layer::LayerEntry>,
-        info: &StepInfo,
-        key: Digest,
-        next: &Option<&Step>,
-    ) -> Result<(ImageLayer, ListingFile), BuildError> {
-        let s = self.s;
-        let timer = Instant::now();
-        let executor = match next {
-            Some(next) => self.unpacks_for(next, &key),
-            None => None,
-        };
-        let staging = match executor {
-            Some(_) => Some(
-                tempfile::Builder::new()
-                    .prefix("unpack-")
-                    .tempdir_in(s.store.tmp_dir())
-                    .map_err(BuildError::io_write(s.store.tmp_dir()))?,
-            ),
-            None => None,
-        };
-        let folder = staging.as_ref().map(|d| d.path().join("root"));
-        let (blob, listing) = layer::write_layer_unpacking(&s.store, entries, s.epoch, folder.as_deref())?;
-        if let (Some(f), Some(e)) = (&folder, &executor) {
-            e.adopt_unpacked(&s.store, f, &blob.diff_id, &listing)?;
-        }
-        tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, unpacked = folder.is_some(), "layer written");
-        s.reporter.on_layer_written(info, &blob);
+    /// Waits for a layer's blob, then records it as a step written then.
+    fn finish_compressing(&mut self, c: Option<Compressing>) -> Result<(), BuildError> {
+        let Some(c) = c else { return Ok(()) };
+        let blob = c.staged.finish()?;
+        tracing::debug!(elapsed = ?c.started.elapsed(), size = blob.size, "layer compressed");
+        let layer = self.record(&c.info, c.key, blob)?;
+        self.layers[c.index] = layer;
+        Ok(())
+    }
+
+    /// The layer of `blob`, stored as the step's.
+    fn record(&self, info: &StepInfo, key: Digest, blob: layer::LayerBlob) -> Result<ImageLayer, BuildError> {
+        self.s.reporter.on_layer_written(info, &blob);
         let layer = ImageLayer {
             diff_id: blob.diff_id,
             digest: blob.digest,
             size: blob.size,
             media_type: layer::MEDIA_TYPE.to_string(),
         };
-        s.store.put_step(&key, &layer.step_record())?;
-        Ok((layer, listing))
+        self.s.store.put_step(&key, &layer.step_record())?;
+        Ok(layer)
+    }
+
+    /// Writes the layer. When `next` is a `run` that will miss on an
+    /// executor that runs on unpacked folders, the layer is made as that
+    /// folder while its tar is written, and its gzip blob is made on
+    /// another thread while the `run` step runs (the step needs only the
+    /// folder; no key depends on the blob's digest).
+    fn write(
+        &mut self,
+        entries: Vec<layer::LayerEntry>,
+        info: &StepInfo,
+        key: Digest,
+        next: Option<&Step>,
+    ) -> Result<(ImageLayer, ListingFile), BuildError> {
+        let s = self.s;
+        let timer = Instant::now();
+        let Some(executor) = next.and_then(|n| self.unpacks_for(n, &key)) else {
+            let (blob, listing) = layer::write_layer(&s.store, entries, s.epoch)?;
+            tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, "layer written");
+            return Ok((self.record(info, key, blob)?, listing));
+        };
+        let staging = tempfile::Builder::new()
+            .prefix("unpack-")
+            .tempdir_in(s.store.tmp_dir())
+            .map_err(BuildError::io_write(s.store.tmp_dir()))?;
+        let folder = staging.path().join("root");
+        let (staged, listing) = layer::write_layer_staged(&s.store, entries, s.epoch, &folder)?;
+        match executor.adopt_unpacked(&s.store, &folder, &staged.diff_id, &listing) {
+            Ok(true) => {}
+            // The executor would make the folder again from the blob.
+            Ok(false) => return Ok((self.record(info, key, staged.finish()?)?, listing)),
+            Err(e) => {
+                let _ = staged.finish();
+                return Err(e);
+            }
+        }
+        tracing::debug!(elapsed = ?timer.elapsed(), "layer unpacked, its tar written");
+        let diff_id = staged.diff_id;
+        self.compressing =
+            Some(Compressing { index: self.layers.len(), key, info: info.clone(), started: timer, staged });
+        let placeholder =
+            ImageLayer { diff_id, digest: diff_id, size: 0, media_type: layer::MEDIA_TYPE.to_string() };
+        Ok((placeholder, listing))
     }
 
     /// The executor to hand the layer being written to, unpacked: when

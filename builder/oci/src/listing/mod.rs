@@ -143,6 +143,17 @@ pub fn walk_layer(
     scan(r, layer, None, visit, &mut |_| Ok(()))
 }
 
+/// [`walk_layer`], also giving each entry as listed (a file with the
+/// digest of the bytes its visit read) right after its visit.
+pub fn walk_layer_listed(
+    r: impl Read,
+    layer: &Digest,
+    visit: &mut dyn FnMut(&WalkEntry<'_>, &mut dyn Read) -> std::io::Result<()>,
+    listed: &mut dyn FnMut(ListEntry) -> Result<(), BuildError>,
+) -> Result<Digest, BuildError> {
+    scan(r, layer, None, visit, listed)
+}
+
 /// [`scan_layer`], also giving where each regular file's data starts in the tar.
 pub(crate) fn scan_layer_with_offsets(
     r: impl Read,
