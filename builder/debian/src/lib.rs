@@ -483,34 +483,43 @@ fn deb_digest(p: &LockedPackage) -> Digest {
     Digest::from_hex(&p.sha256).expect("lockfile sha256s are checked on load")
 }
 
-/// Downloads the locked `.deb`s the store lacks, several at a time, each
-/// from its suite's mirror and checked against its sha256 before it is
-/// kept. `on_notice` hears one line.
-pub fn fetch(
+/// Hands each locked `.deb` to `on_each` (by its index in the lock) once
+/// it is in the store: those already there first, biggest first, then
+/// each download as it lands. A download comes from its suite's mirror,
+/// several at a time, and is checked against its sha256 before it is
+/// kept. `on_notice` hears one line. The first error is returned once
+/// every download has ended.
+fn fetch_each(
     store: &Store,
     rt: &tokio::runtime::Handle,
     p: &Packages,
     lock: &PackageLock,
     on_notice: &dyn Fn(&str),
+    on_each: &(dyn Fn(usize) + Sync),
 ) -> Result<(), BuildError> {
-    let missing: Vec<&LockedPackage> =
-        lock.packages.iter().filter(|p| !store.has_blob(&deb_digest(p))).collect();
-    for p in &lock.packages {
-        if store.has_blob(&deb_digest(p)) {
-            let record = ImageRecord {
-                name: format!("deb {} {}", p.name, p.version),
-                manifest: deb_digest(p),
-                blobs: vec![deb_digest(p)],
-            };
-            let _ = store.write_record(kiln_cache::RecordKind::Deb, &p.sha256, &record);
+    let mut order: Vec<usize> = (0..lock.packages.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lock.packages[i].size));
+    let mut missing: Vec<(usize, &LockedPackage)> = Vec::new();
+    for i in order {
+        let p = &lock.packages[i];
+        if !store.has_blob(&deb_digest(p)) {
+            missing.push((i, p));
+            continue;
         }
+        let record = ImageRecord {
+            name: format!("deb {} {}", p.name, p.version),
+            manifest: deb_digest(p),
+            blobs: vec![deb_digest(p)],
+        };
+        let _ = store.write_record(kiln_cache::RecordKind::Deb, &p.sha256, &record);
+        on_each(i);
     }
     if missing.is_empty() {
         return Ok(());
     }
     // Each suite's mirror, for the suites the missing files come from.
     let mut mirrors: std::collections::BTreeMap<&str, Arc<Mirror>> = Default::default();
-    for d in &missing {
+    for (_, d) in &missing {
         if mirrors.contains_key(d.suite.as_str()) {
             continue;
         }
@@ -519,7 +528,7 @@ pub fn fetch(
         let url = suite_mirror(p, suite).ok_or_else(|| no_mirror(&suite.name))?;
         mirrors.insert(d.suite.as_str(), Arc::new(Mirror::new(&url)?));
     }
-    let bytes: u64 = missing.iter().map(|p| p.size).sum();
+    let bytes: u64 = missing.iter().map(|(_, p)| p.size).sum();
     let from: Vec<&str> = mirrors.values().map(|m| m.url.as_str()).collect();
     on_notice(&format!(
         "packages: downloading {} .deb file(s), {:.1} MB, from {}",
@@ -529,16 +538,21 @@ pub fn fetch(
     ));
     let store = Arc::new(store.clone());
     rt.block_on(async {
-        let results: Vec<Result<(), BuildError>> = futures_util::stream::iter(missing.into_iter().cloned())
-            .map(|p| {
+        let mut first: Option<BuildError> = None;
+        let mut done = futures_util::stream::iter(missing.into_iter().map(|(i, p)| (i, p.clone())))
+            .map(|(i, p)| {
                 let mirror = mirrors[p.suite.as_str()].clone();
                 let store = store.clone();
-                async move { download(&store, &mirror, &p).await }
+                async move { (i, download(&store, &mirror, &p).await) }
             })
-            .buffer_unordered(6)
-            .collect()
-            .await;
-        results.into_iter().collect::<Result<Vec<()>, _>>().map(|_| ())
+            .buffer_unordered(6);
+        while let Some((i, r)) = done.next().await {
+            match r {
+                Ok(()) => on_each(i),
+                Err(e) => first = first.or(Some(e)),
+            }
+        }
+        first.map_or(Ok(()), Err)
     })
 }
 
@@ -586,28 +600,31 @@ fn tampered(p: &LockedPackage, what: &str) -> BuildError {
     }
 }
 
-/// The packages' layer entries, read from the store's `.deb`s; the file
-/// data sits in `scratch` until the layer is written.
-pub fn layer_entries(
+/// The packages' layer entries, from the store's `.deb`s, the missing ones
+/// downloaded first: each `.deb` is unpacked (on every core: xz decoding
+/// is most of the time) as soon as it is in the store, while the rest
+/// download. The file data sits in `scratch` until the layer is written.
+#[allow(clippy::too_many_arguments)]
+pub fn fetch_and_unpack(
     store: &Store,
+    rt: &tokio::runtime::Handle,
+    p: &Packages,
     lock: &PackageLock,
     epoch: u64,
     scratch: &Path,
     below: &install::Below<'_>,
+    on_notice: &dyn Fn(&str),
 ) -> Result<Vec<LayerEntry>, BuildError> {
-    // Unpack on every core: xz decoding is most of the time. The biggest
-    // .debs go first, so no core is left with a big one at the end.
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut order: Vec<usize> = (0..lock.packages.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(lock.packages[i].size));
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let slots: Vec<std::sync::Mutex<Option<Result<install::Unpacked, BuildError>>>> =
         lock.packages.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|s| {
+    let (ready, queue) = std::sync::mpsc::channel::<usize>();
+    let queue = std::sync::Mutex::new(queue);
+    let fetched = std::thread::scope(|s| {
         for _ in 0..threads.min(lock.packages.len()) {
             s.spawn(|| loop {
-                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&i) = order.get(n) else { break };
+                let next = queue.lock().expect("queue").recv();
+                let Ok(i) = next else { break }; // every .deb was handed out
                 let p = &lock.packages[i];
                 let d = deb_digest(p);
                 let r = store.open_blob(&d).map_err(BuildError::from).and_then(|_| {
@@ -616,10 +633,16 @@ pub fn layer_entries(
                 *slots[i].lock().expect("slot") = Some(r);
             });
         }
+        let fetched = fetch_each(store, rt, p, lock, on_notice, &|i| {
+            let _ = ready.send(i);
+        });
+        drop(ready); // the workers end once the queue is empty
+        fetched
     });
+    fetched?;
     let unpacked: Vec<install::Unpacked> = slots
         .into_iter()
-        .map(|s| s.into_inner().expect("slot").expect("every package was unpacked"))
+        .map(|s| s.into_inner().expect("slot").expect("every package was fetched, so unpacked"))
         .collect::<Result<_, _>>()?;
     for (u, p) in unpacked.iter().zip(&lock.packages) {
         // The architecture names dpkg's info files (`NAME:ARCH`): it must be

@@ -221,7 +221,6 @@ pub(super) fn package_entries(
     parent: (&[ImageLayer], &FsTree),
 ) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
     let (layers, tree) = parent;
-    crate::packages::fetch(store, rt, p, lock, &|m| reporter.on_notice(m))?;
     let scratch = tempfile::Builder::new()
         .prefix("packages-")
         .tempdir_in(store.tmp_dir())
@@ -232,6 +231,9 @@ pub(super) fn package_entries(
         exists: &|path| Ok(tree.get(path)?.is_some()),
         is_dir: &|path| Ok(matches!(tree.kind(path)?, Some(Kind::Dir))),
     };
-    let entries = crate::packages::layer_entries(store, lock, epoch, scratch.path(), &below)?;
+    let entries =
+        crate::packages::fetch_and_unpack(store, rt, p, lock, epoch, scratch.path(), &below, &|m| {
+            reporter.on_notice(m)
+        })?;
     Ok((entries, scratch))
 }
