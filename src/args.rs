@@ -61,6 +61,10 @@ pub struct Common {
     /// A registry host (HOST[:PORT]) to speak plain HTTP to (repeatable); loopback hosts always are.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registry: Vec<String>,
+    /// How long a `run` step may run when it sets no `timeout` of its own, e.g. 30m or 1h30m;
+    /// past it, its whole process tree is killed and the build fails (default: no limit).
+    #[arg(long = "step-timeout", value_name = "DURATION")]
+    pub step_timeout: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

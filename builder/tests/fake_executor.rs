@@ -71,6 +71,7 @@ impl Executor for FakeExecutor {
 
 fn options(cache: &std::path::Path, executor: Arc<FakeExecutor>) -> BuildOptions {
     BuildOptions {
+        step_timeout: None,
         context: None,
         cache_dir: cache.to_path_buf(),
         no_cache: false,

@@ -507,6 +507,7 @@ impl Parser {
             ("secrets", s.secrets.as_ref().map(|v| v.span())),
             ("user", s.user.as_ref().map(|v| v.span())),
             ("workdir", s.workdir.as_ref().map(|v| v.span())),
+            ("timeout", s.timeout.as_ref().map(|v| v.span())),
         ] {
             if let Some(sp) = sp {
                 return Err(self
@@ -670,6 +671,14 @@ impl Parser {
                     .0,
             ),
         };
+        let timeout = match s.timeout {
+            None => None,
+            Some(t) => Some(crate::recipe::parse_duration(t.get_ref()).ok_or_else(|| {
+                self.err(t.span(), "`timeout` is not a duration kiln reads").with_hint(
+                    "a whole number and a unit (`ms`, `s`, `m`, `h`), or several: `timeout = \"90s\"`, `\"10m\"`, `\"1h30m\"` (at most a week)",
+                )
+            })?),
+        };
         Ok(StepKind::Run(RunStep {
             command,
             env,
@@ -677,6 +686,7 @@ impl Parser {
             secrets,
             user,
             workdir,
+            timeout,
         }))
     }
 
@@ -1054,10 +1064,26 @@ ports = ["8080", "53/udp"]
     }
 
     #[test]
+    fn durations_read_as_written() {
+        use crate::recipe::parse_duration;
+        use std::time::Duration;
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        for bad in ["", "soon", "10", "m", "1.5h", "-1s", "0s", "8d", "169h", "1 h", "9999999999s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         let cases = [
             ("[image]\nname = \"Hello\"\n", "not a valid image name"),
             ("[image]\nname = \"x\"\nepoch = -1\n", "negative"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"true\"\ntimeout = \"soon\"\n", "`timeout` is not a duration"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"true\"\ntimeout = \"0s\"\n", "`timeout` is not a duration"),
+            ("[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"\"\ntimeout = \"1s\"\n", "`timeout` only applies to `run` steps"),
             ("[image]\nname = \"x\"\nepoch = 253402300800\n", "past the year 9999"),
             ("[image]\nname = \"x\"\n[[step]]\ncopy = \"\"\nto = \"/a\"\n", "`copy` is empty"),
             ("[image]\nname = \"x\"\n[config]\nstop_signal = \"SIGFOO\"\n", "`SIGFOO` is not a signal"),

@@ -83,6 +83,7 @@ pub(crate) struct RawStep {
     pub(crate) mode: Option<Spanned<toml::Value>>,
     pub(crate) user: Option<Spanned<String>>,
     pub(crate) workdir: Option<Spanned<String>>,
+    pub(crate) timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

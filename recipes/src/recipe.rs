@@ -321,6 +321,40 @@ pub struct RunStep {
     pub user: Option<String>,
     /// Overrides the image's `workdir` for this command (kiln extension).
     pub workdir: Option<String>,
+    /// How long the command may run (`timeout = "10m"`); past it, its
+    /// whole process tree is killed and the step fails. Not in the step's
+    /// key: a command that finishes in time makes the same layer.
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// A duration as recipes and flags write it: a whole number and a unit
+/// (`ms`, `s`, `m`, `h`), or several (`1h30m`), greater than zero and at
+/// most a week.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let mut total: u128 = 0;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 || digits > 9 {
+            return None;
+        }
+        let n: u128 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let millis = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return None,
+        };
+        total += n * millis;
+        rest = &rest[unit_len..];
+    }
+    (total > 0 && total <= 7 * 24 * 3_600_000).then(|| std::time::Duration::from_millis(total as u64))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -48,7 +48,17 @@ pub(super) fn options(common: &Common) -> Result<BuildOptions, BuildError> {
         ),
         _ => None,
     };
+    let step_timeout = match &common.step_timeout {
+        None => None,
+        Some(t) => Some(kiln_recipes::recipe::parse_duration(t).ok_or_else(|| {
+            BuildError::usage(
+                "Bad --step-timeout: not a duration kiln reads".to_string(),
+                Some("a whole number and a unit (`ms`, `s`, `m`, `h`), or several: `--step-timeout 30m`, `1h30m` (at most a week)"),
+            )
+        })?),
+    };
     Ok(BuildOptions {
+        step_timeout,
         context: common.context.clone(),
         cache_dir: common.cache_dir.clone().unwrap_or_else(Store::default_dir),
         no_cache: false,

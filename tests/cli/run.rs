@@ -808,3 +808,54 @@ secrets = ["token"]
     assert!(r.stderr.contains("needs the secret `token`"), "{}", r.stderr);
     assert!(r.stderr.contains("kiln.toml:"), "the error names the recipe line: {}", r.stderr);
 }
+
+/// Whether any process runs `sleep` with this argument (a marker).
+fn sleeping(marker: &str) -> bool {
+    fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        fs::read(e.path().join("cmdline"))
+            .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == marker.as_bytes()) && c.starts_with(b"sleep"))
+    })
+}
+
+#[test]
+fn a_step_past_its_timeout_is_killed_with_every_process_it_started_and_not_cached() {
+    let Some(p) = project(
+        "[image]\nname = \"slow\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"echo starting; sleep 47.25 & sleep 47.25; echo never\"\ntimeout = \"1500ms\"\n",
+    ) else {
+        return;
+    };
+    let text = fs::read_to_string(p.path("kiln.toml")).unwrap();
+    // A step is named by the line of its `[[step]]` header, the one above `run`.
+    let line = text.lines().position(|l| l.starts_with("run = \"echo starting")).unwrap();
+    let mut backends = vec!["local"];
+    if require_docker() {
+        backends.push("docker");
+    }
+    for backend in backends {
+        for round in 0..2 {
+            let started = std::time::Instant::now();
+            let r = p.build(&["--backend", backend]);
+            assert_eq!(r.code, 1, "{backend}: {}", r.stderr);
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "{backend}: not stopped in time");
+            let failed = r.stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default().to_string();
+            assert!(
+                failed.contains(&format!("kiln.toml:{}", line))
+                    && failed.contains("ran past its time limit of 1500ms"),
+                "{backend}: line {line}: {failed}"
+            );
+            // Nothing cached: the second round runs the step again.
+            let printed = |l: &str| r.events().iter().any(|e| e["event"] == "output" && e["line"] == l);
+            assert!(printed("starting"), "{backend} round {round}: the step did not run");
+            assert!(!printed("never"), "{backend}: the command went on past its limit");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert!(!sleeping("47.25"), "{backend}: a process of the step outlived its time limit");
+        }
+    }
+    // A limit from the command line, for steps that set none.
+    p.recipe(&text.replace("timeout = \"1500ms\"\n", ""));
+    let r = p.build(&["--step-timeout", "1s"]);
+    assert!(r.stderr.contains("ran past its time limit of 1s"), "{}", r.stderr);
+    let bad = p.build(&["--step-timeout", "soon"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("--step-timeout"), "{}", bad.stderr);
+}

@@ -215,12 +215,13 @@ impl DockerEngine {
             .block_on(c.create_container(Some(CreateContainerOptionsBuilder::default().build()), body))
             .map_err(engine_error)?;
         let id = created.id;
-        let outcome = self.run_container(&id, on_line);
+        let outcome = self.run_container(&id, req.timeout, on_line);
         let result = match outcome {
-            Ok((0, _)) => {
+            Ok((None, tail)) => Ok(RunResult::TimedOut { tail }),
+            Ok((Some(0), _)) => {
                 self.collect(&id, req, work).map(|(changes, keep)| RunResult::Changed { changes, keep })
             }
-            Ok((code, tail)) => Ok(RunResult::Failed { code, tail }),
+            Ok((Some(code), tail)) => Ok(RunResult::Failed { code, tail }),
             Err(e) => Err(e),
         };
         let _ = self.rt.block_on(c.remove_container(
@@ -230,39 +231,62 @@ impl DockerEngine {
         result
     }
 
+    /// Starts the container and follows its output to its end; its exit
+    /// code, or `None` when it ran past `timeout` and was killed (the
+    /// container's PID namespace, every process in it, dies with it).
     fn run_container(
         &self,
         id: &str,
+        timeout: Option<std::time::Duration>,
         on_line: &mut dyn FnMut(&str),
-    ) -> Result<(i32, Vec<String>), BuildError> {
+    ) -> Result<(Option<i32>, Vec<String>), BuildError> {
         let c = &self.client;
         match self.rt.block_on(c.start_container(id, None)) {
             Ok(()) => {}
             // The engine refuses to start a program that is not there: that is the command failing.
             Err(bollard::errors::Error::DockerResponseServerError { message, .. }) => {
                 on_line(&message);
-                return Ok((127, vec![message]));
+                return Ok((Some(127), vec![message]));
             }
             Err(e) => return Err(engine_error(e)),
         }
         let mut lines = super::Lines::default();
-        self.rt.block_on(async {
+        let followed = self.rt.block_on(async {
             let opts = LogsOptionsBuilder::default().follow(true).stdout(true).stderr(true).build();
             let mut logs = c.logs(id, Some(opts));
-            while let Some(chunk) = logs.next().await {
-                match chunk {
-                    Ok(out) => lines.feed(&out.into_bytes(), on_line),
-                    Err(e) => return Err(engine_error(e)),
+            let follow = async {
+                while let Some(chunk) = logs.next().await {
+                    match chunk {
+                        Ok(out) => lines.feed(&out.into_bytes(), on_line),
+                        Err(e) => return Err(engine_error(e)),
+                    }
                 }
+                Ok(())
+            };
+            match timeout {
+                None => follow.await.map(|()| true),
+                Some(t) => match tokio::time::timeout(t, follow).await {
+                    Ok(r) => r.map(|()| true),
+                    Err(_) => Ok(false),
+                },
             }
-            Ok(())
         })?;
+        if !followed {
+            let kill =
+                bollard::query_parameters::KillContainerOptionsBuilder::default().signal("SIGKILL").build();
+            // It may have ended meanwhile; either way it is stopped now.
+            let _ = self.rt.block_on(c.kill_container(id, Some(kill)));
+            let _ = self.rt.block_on(async { c.wait_container(id, None).next().await });
+            return Ok((None, lines.finish(on_line)));
+        }
         let tail = lines.finish(on_line);
         let code = self.rt.block_on(async {
             let mut w = c.wait_container(id, None);
             match w.next().await {
-                Some(Ok(r)) => Ok(r.status_code as i32),
-                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code as i32),
+                Some(Ok(r)) => Ok(Some(r.status_code as i32)),
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                    Ok(Some(code as i32))
+                }
                 Some(Err(e)) => Err(engine_error(e)),
                 None => Err(engine_error("the wait ended without a status")),
             }

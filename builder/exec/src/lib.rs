@@ -260,6 +260,8 @@ pub struct RunRequest<'a> {
     pub network: bool,
     /// (id, value); mounted read-only at /run/secrets/ID.
     pub secrets: &'a [(String, Vec<u8>)],
+    /// Past it, the command and every process it started are killed.
+    pub timeout: Option<std::time::Duration>,
     /// The parent image: its layers, merged tree and config.
     pub layers: &'a [ImageLayer],
     pub tree: &'a FsTree,
@@ -271,6 +273,9 @@ pub enum RunResult {
     Changed { changes: Vec<Change>, keep: Box<dyn std::any::Any + Send> },
     /// The command exited non-zero (or was killed: 128 + signal).
     Failed { code: i32, tail: Vec<String> },
+    /// The command ran past the request's timeout and was killed, with
+    /// every process it started.
+    TimedOut { tail: Vec<String> },
 }
 
 /// The command's environment, built as the engine builds it (moby's

@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 use kiln_cache::Store;
 
 use super::rootless::Mapping;
-use super::sandbox::{make_init, InitPlan, RootlessPlan, SandboxSpec, SETUP_FAILED};
+use super::sandbox::{
+    make_init, InitPlan, RootlessPlan, SandboxSpec, SETUP_FAILED, TIMED_OUT, TIMED_OUT_LINE,
+};
 use super::{RunRequest, RunResult};
 use crate::changes;
 use crate::error::BuildError;
@@ -174,6 +176,7 @@ fn run(
         secret_dir: w.join("secrets"),
         etc_files,
         rootless: rootless.clone(),
+        timeout_ms: req.timeout.map(|t| t.as_millis().max(1) as u64),
     };
     let spec_path = w.join("spec.json");
     fs::write(&spec_path, serde_json::to_vec(&spec).expect("json"))
@@ -232,6 +235,14 @@ fn run(
             hint: "the local backend needs root (or subordinate ids) and overlayfs; `--backend docker` runs steps in a Docker engine instead"
                 .into(),
         });
+    }
+    // The helper's own last word, and the time: a command cannot fake it
+    // before its limit.
+    let limit_passed = req.timeout.is_some_and(|limit| t.elapsed() >= limit);
+    if code == TIMED_OUT && limit_passed && tail.last().is_some_and(|l| l == TIMED_OUT_LINE) {
+        let mut tail = tail;
+        tail.pop();
+        return Ok(RunResult::TimedOut { tail });
     }
     if !status.success() {
         return Ok(RunResult::Failed { code, tail });

@@ -60,6 +60,35 @@ pub(crate) struct SandboxSpec {
     pub(crate) etc_files: Vec<(String, PathBuf)>,
     /// Set when kiln is not root: the helper works in a user namespace.
     pub(crate) rootless: Option<RootlessPlan>,
+    /// The command's time limit: past it, the helper kills the command,
+    /// PID 1 of its namespace, so the kernel kills every process in it.
+    pub(crate) timeout_ms: Option<u64>,
+}
+
+/// The helper's exit code when the command ran past its time limit, with
+/// [`TIMED_OUT_LINE`] as its last line of output.
+pub(crate) const TIMED_OUT: i32 = 124;
+pub(crate) const TIMED_OUT_LINE: &str = "kiln sandbox: the command ran past its time limit";
+
+extern "C" fn on_alarm(_: libc::c_int) {}
+
+/// Interrupts the helper's wait (SIGALRM, no restart) once `ms` have passed.
+fn arm_alarm(ms: u64) {
+    // SAFETY: a handler that does nothing, installed in a single-threaded
+    // process; setitimer with a valid, zeroed-then-filled struct.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_alarm as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = 0;
+        libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
+        let mut it: libc::itimerval = std::mem::zeroed();
+        it.it_value.tv_sec = (ms / 1000) as libc::time_t;
+        it.it_value.tv_usec = ((ms % 1000) * 1000) as libc::suseconds_t;
+        // Again every 100 ms, should the first land before the wait.
+        it.it_interval.tv_usec = 100_000;
+        libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut());
+    }
 }
 
 /// What the helper does inside its user namespace when rootless.
@@ -161,15 +190,31 @@ pub fn main(spec_path: &Path) -> ! {
         Err(e) => fail(&format!("cannot fork: {e}")),
         Ok(ForkResult::Child) => child(&spec),
         Ok(ForkResult::Parent { child }) => {
+            let deadline = spec.timeout_ms.map(|ms| {
+                arm_alarm(ms);
+                std::time::Instant::now() + std::time::Duration::from_millis(ms)
+            });
+            let mut timed_out = false;
             let code = loop {
                 match waitpid(child, None) {
                     Ok(WaitStatus::Exited(_, code)) => break code,
                     Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
                     Ok(_) => continue,
-                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::EINTR) => {
+                        if !timed_out && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                            // PID 1 of the namespace: the kernel kills the rest.
+                            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                            timed_out = true;
+                        }
+                        continue;
+                    }
                     Err(e) => fail(&format!("cannot wait for the command: {e}")),
                 }
             };
+            if timed_out {
+                eprintln!("{TIMED_OUT_LINE}");
+                std::process::exit(TIMED_OUT);
+            }
             if let Some(plan) = &spec.rootless {
                 finish_rootless(&spec, plan, code == 0);
             }

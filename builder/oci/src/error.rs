@@ -63,6 +63,10 @@ pub enum BuildError {
     /// A `run` step's command exited non-zero.
     #[error("{location}: step {step} failed: `{command}` exited with code {code}{}", tail_text(tail))]
     CommandFailed { location: String, step: String, command: String, code: i32, tail: Vec<String> },
+
+    /// A `run` step's command ran past its time limit and was killed.
+    #[error("{location}: step {step} failed: `{command}` ran past its time limit of {limit} and was stopped, with every process it started{}", tail_text(tail))]
+    TimedOut { location: String, step: String, command: String, limit: String, tail: Vec<String> },
 }
 
 fn tail_text(tail: &[String]) -> String {
@@ -119,7 +123,8 @@ impl BuildError {
             | BuildError::Integrity { .. } => 2,
             BuildError::Changed { .. }
             | BuildError::NotReproducible(_)
-            | BuildError::CommandFailed { .. } => 1,
+            | BuildError::CommandFailed { .. }
+            | BuildError::TimedOut { .. } => 1,
             BuildError::Environment { .. } => 3,
             BuildError::Registry(e) => e.exit_code(),
             BuildError::Store(StoreError::DigestMismatch { .. }) => 2,
@@ -144,6 +149,9 @@ impl BuildError {
             BuildError::Integrity { hint, .. } if !hint.is_empty() => Some(hint.clone()),
             BuildError::CommandFailed { .. } => Some(
                 "fix the command; the steps before it stay cached, so the next build starts here".into(),
+            ),
+            BuildError::TimedOut { .. } => Some(
+                "raise the step's `timeout` (or `--step-timeout`), or find what it waits for; nothing of it was cached, and the steps before it stay cached".into(),
             ),
             _ => None,
         }

@@ -34,6 +34,8 @@ pub struct BuildOptions {
     pub executor: Option<Arc<dyn Executor>>,
     /// Secret values by id (from `--secret`); never in a key, a layer or a log.
     pub secrets: Vec<(String, Vec<u8>)>,
+    /// `--step-timeout`: the time limit of a `run` step that sets none.
+    pub step_timeout: Option<std::time::Duration>,
     /// `--cache-from`: registries whose step indexes are tried, in order.
     pub cache_from: Vec<Remote>,
     /// `--cache-to`: where this build's steps and their layers are pushed.

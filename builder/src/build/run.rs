@@ -30,6 +30,8 @@ pub(super) struct RunEnv<'a> {
     pub(super) reporter: &'a dyn Reporter,
     /// Every secret given to the build (`--secret`); a step gets those it names.
     pub(super) secrets: &'a [(String, Vec<u8>)],
+    /// `--step-timeout`: the limit of a step that sets none.
+    pub(super) step_timeout: Option<std::time::Duration>,
 }
 
 /// The parent image a step runs on.
@@ -57,14 +59,23 @@ pub(super) fn run_step(
         workdir: plan.workdir,
         network: run.network,
         secrets: &secrets,
+        timeout: run.timeout.or(env.step_timeout),
         layers: parent.layers,
         tree: parent.tree,
         config: parent.config,
     };
     let values: Vec<&[u8]> = secrets.iter().map(|(_, v)| v.as_slice()).filter(|v| !v.is_empty()).collect();
     let mut on_line = |line: &str| env.reporter.on_step_output(info, &exec::cut_line(redact(line, &values)));
+    let limit = req.timeout;
     match (env.executor)()?.run(env.store, &req, &mut on_line)? {
         RunResult::Changed { changes, keep } => Ok((changes, keep)),
+        RunResult::TimedOut { tail } => Err(BuildError::TimedOut {
+            location: format!("{}:{}", env.recipe.file.display(), info.line),
+            step: step_label(info),
+            command: run.command.text(),
+            limit: limit.map(show_duration).unwrap_or_default(),
+            tail: tail.iter().map(|l| exec::cut_line(redact(l, &values))).collect(),
+        }),
         RunResult::Failed { code, tail } => Err(BuildError::CommandFailed {
             location: format!("{}:{}", env.recipe.file.display(), info.line),
             step: step_label(info),
@@ -113,6 +124,7 @@ pub(super) fn configure_step(
         secrets: Vec::new(),
         user: Some("0".into()),
         workdir: Some("/".into()),
+        timeout: env.step_timeout,
     };
     let rp = RunPlan { argv: driver.argv, env: plan.env, user: "0".into(), workdir: "/".into() };
     run_step(env, step, info, &run, rp, parent).map_err(|e| match e {
@@ -126,6 +138,22 @@ pub(super) fn configure_step(
         },
         e => e,
     })
+}
+
+/// A time limit as a recipe would write it (`90s`, `10m`, `1h30m`, `250ms`).
+fn show_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let (h, m, s) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    out
 }
 
 /// The secrets the step names, each of which must have been given.
@@ -178,7 +206,18 @@ fn redact(line: &str, secrets: &[&[u8]]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{redact, show_duration};
+
+    #[test]
+    fn limits_are_shown_as_a_recipe_writes_them() {
+        use std::time::Duration;
+        for (d, shown) in
+            [(1500, "1500ms"), (1000, "1s"), (90_000, "1m30s"), (5_400_000, "1h30m"), (3_600_000, "1h")]
+        {
+            assert_eq!(show_duration(Duration::from_millis(d)), shown);
+            assert_eq!(kiln_recipes::recipe::parse_duration(shown), Some(Duration::from_millis(d)));
+        }
+    }
 
     #[test]
     fn every_line_of_a_multi_line_secret_is_masked() {

@@ -210,6 +210,7 @@ impl TargetBuild<'_> {
                     executor: &|| s.backends.executor(),
                     reporter: s.reporter.as_ref(),
                     secrets: &s.opts.secrets,
+                    step_timeout: s.opts.step_timeout,
                 };
                 let parent = Parent { layers: &self.layers, tree, config: &self.base.config };
                 let (changes, k) = match (&step.kind, prepared) {
