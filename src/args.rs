@@ -215,4 +215,8 @@ pub struct BuildArgs {
     /// Upload each blob in one request, for registries that refuse chunked uploads.
     #[arg(long)]
     pub monolithic_upload: bool,
+    /// Write what CI needs to know as JSON to FILE once the build succeeds: the manifest and config
+    /// digests, each output, each step (key, HIT/MISS, seconds, layer) and the bytes pushed and pulled.
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
 }

@@ -4,6 +4,7 @@
 
 mod args;
 mod commands;
+mod metadata;
 mod progress;
 
 use std::process::ExitCode;

@@ -873,3 +873,75 @@ fn prune_to_a_budget_waits_for_a_running_build_which_succeeds() {
     assert_eq!(build.digest(), before, "the running build succeeds: {}", build.stderr);
     assert_layout_blobs_valid(&p.path("out"));
 }
+
+#[test]
+fn the_metadata_file_tells_ci_the_digests_steps_outputs_and_bytes_moved() {
+    let Some(reg) = TestRegistry::start(None) else { return };
+    let Some(p) = app("hello, metadata") else { return };
+    let target = format!("{}/kiln/meta:v1", reg.host());
+    let args = |meta: &str| -> Vec<String> {
+        ["build", "kiln.toml", "-o", &format!("registry:{target}"), "-o", "oci:out", "--progress", "json"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--metadata-file".to_string(), meta.to_string()])
+            .collect()
+    };
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&fs::read(p.path(name)).unwrap()).unwrap()
+    };
+    let first = isolated(&p, &args("meta.json").iter().map(String::as_str).collect::<Vec<_>>());
+    let digest = first.digest();
+    let m = read("meta.json");
+    assert_eq!(m["manifest_digest"], digest.as_str());
+    assert_eq!(m["image"], "app");
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(p.path("out/index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], digest.as_str());
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(p.path(&format!("out/blobs/sha256/{}", &digest["sha256:".len()..]))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["config_digest"], manifest["config"]["digest"]);
+    let kinds: Vec<&str> =
+        m["outputs"].as_array().unwrap().iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["registry", "oci"]);
+    assert!(m["outputs"].as_array().unwrap().iter().all(|o| o["digest"] == digest.as_str()));
+    // Every step, MISS, with the layer it wrote; the image's layers are those.
+    let steps = m["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), first.count("step_started"));
+    assert!(steps.iter().all(|s| s["cache"] == "MISS" && s["seconds"].as_f64().is_some()));
+    let layers: Vec<&serde_json::Value> = steps.iter().map(|s| &s["layer"]["digest"]).collect();
+    let in_manifest: Vec<&serde_json::Value> =
+        manifest["layers"].as_array().unwrap().iter().map(|l| &l["digest"]).collect();
+    assert_eq!(layers, in_manifest);
+    let pushed: u64 = first
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "blob" && e["action"] == "pushed")
+        .map(|e| e["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(pushed > 0);
+    assert_eq!(m["bytes_pushed"].as_u64(), Some(pushed));
+    assert_eq!(m["bytes_pulled"].as_u64(), Some(0));
+
+    // Again: every step a HIT with the same layers, nothing pushed.
+    let second = isolated(&p, &args("again.json").iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(second.digest(), digest);
+    let again = read("again.json");
+    let steps2 = again["steps"].as_array().unwrap();
+    assert!(steps2.iter().all(|s| s["cache"] == "HIT"), "{again}");
+    let keys = |v: &[serde_json::Value]| {
+        v.iter().map(|s| (s["key"].clone(), s["layer"].clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(keys(steps2), keys(steps));
+    assert_eq!(again["bytes_pushed"].as_u64(), Some(0));
+
+    // A file that can never be written is refused before any step runs.
+    fs::create_dir(p.path("a-folder")).unwrap();
+    for bad in ["a-folder", "missing/dir/meta.json"] {
+        let r = isolated(&p, &args(bad).iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert_eq!(r.count("step_started"), 0, "{}", r.stderr);
+        assert!(r.stderr.contains("--metadata-file"), "{}", r.stderr);
+    }
+}

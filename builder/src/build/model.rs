@@ -50,6 +50,8 @@ pub struct PlannedStep {
     pub info: StepInfo,
     pub key: Digest,
     pub hit: bool,
+    /// Once built: how long the step took, and its layer (digest, size).
+    pub built: Option<(std::time::Duration, Digest, u64)>,
 }
 
 #[derive(Debug, Clone)]

@@ -39,7 +39,7 @@ pub(super) fn plan_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bui
     for step in t.steps() {
         let (key, _) = s.planner().key(&parent, step, &run_config, done)?;
         let hit = !s.opts.no_cache && matches!(s.cache.lookup(&key)?, Cached::Hit(_) | Cached::Remote(..));
-        steps.push(PlannedStep { info: s.info(t, step), key, hit });
+        steps.push(PlannedStep { info: s.info(t, step), key, hit, built: None });
         parent = key.to_string();
     }
     Ok(Built { id: parent, layers: Vec::new(), config: base.config, steps })
@@ -75,11 +75,18 @@ pub(super) fn build_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bu
         finished?;
         history_entries.push(history(s.epoch, &format!("kiln: {}", history_text(step, &info)), false));
         s.reporter.on_step_finish(&info, hit, started.elapsed());
-        planned.push(PlannedStep { info, key, hit });
+        planned.push(PlannedStep { info, key, hit, built: Some((started.elapsed(), key, 0)) });
         parent = key.to_string();
     }
     let last = b.compressing.take();
     b.finish_compressing(last)?;
+    // Each step's layer, now that every blob is made.
+    let first = b.layers.len() - planned.len();
+    for (p, l) in planned.iter_mut().zip(&b.layers[first..]) {
+        if let Some(built) = p.built.as_mut() {
+            (built.1, built.2) = (l.digest, l.size);
+        }
+    }
     let mut config = b.base.config.clone();
     config.set_history(Some(history_entries));
     s.record_steps(&planned);
