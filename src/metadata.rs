@@ -12,7 +12,6 @@ use serde_json::json;
 
 use kiln_builder::{BuildError, BuildOutcome, LayerBlob, Reporter, StepInfo};
 use kiln_cache::Digest;
-use kiln_recipes::ImageRef;
 
 /// Passes every event on, counting the bytes registries moved.
 pub struct Counting {
@@ -65,27 +64,41 @@ impl Reporter for Counting {
     }
 }
 
-/// Refused before the build: a file that can never be written.
+/// Refused before the build: anything but a new or regular file (the
+/// document replaces it whole, so a device, a fifo or a symlink would be
+/// replaced, not written) in a folder kiln can write.
 pub fn check(path: &Path) -> Result<(), BuildError> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if path.is_dir() || !parent.is_dir() {
+    let parent = folder(path);
+    let hint =
+        Some("name a new or regular file in a folder you can write, e.g. `--metadata-file build.json`");
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_file()) {
         return Err(BuildError::usage(
-            format!("--metadata-file `{}` is a folder, or its folder does not exist", path.display()),
-            Some("name a file in an existing folder, e.g. `--metadata-file build.json`"),
+            format!("--metadata-file `{}` exists and is not a regular file", path.display()),
+            hint,
         ));
     }
-    Ok(())
+    let probe = parent.join(format!(".kiln-metadata-{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(BuildError::usage(
+            format!("--metadata-file `{}` cannot be written in `{}`: {e}", path.display(), parent.display()),
+            hint,
+        )),
+    }
+}
+
+fn folder(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 /// The document, for a build that succeeded.
-pub fn document(
-    name: &str,
-    outcome: &BuildOutcome,
-    outputs: &[ImageRef],
-    counts: &Counting,
-) -> serde_json::Value {
+pub fn document(name: &str, outcome: &BuildOutcome, counts: &Counting) -> serde_json::Value {
     let manifest = outcome.image.manifest.to_string();
-    let outputs: Vec<_> = outputs
+    let outputs: Vec<_> = outcome
+        .outputs
         .iter()
         .map(|o| {
             let reference = o.to_string();
@@ -123,7 +136,7 @@ pub fn document(
 
 /// Written whole or not at all (a temp file renamed over it).
 pub fn write(path: &Path, doc: &serde_json::Value) -> Result<(), BuildError> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = folder(path);
     let mut bytes = serde_json::to_vec_pretty(doc).expect("json");
     bytes.push(b'\n');
     kiln_cache::store::write_atomic_in(parent, path, &bytes).map_err(BuildError::io_write(path))

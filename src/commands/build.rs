@@ -32,7 +32,7 @@ pub(super) fn run(a: BuildArgs) -> Result<u8, BuildError> {
     let reporter = crate::metadata::Counting::new(crate::progress::reporter(a.progress));
     let outcome = kiln_builder::build(&recipe, &opts, reporter.clone())?;
     if let Some(f) = &a.metadata_file {
-        let doc = crate::metadata::document(&recipe.image.name, &outcome, &opts.outputs, &reporter);
+        let doc = crate::metadata::document(&recipe.image.name, &outcome, &reporter);
         crate::metadata::write(f, &doc)?;
     }
     println!("{}", outcome.image.manifest);

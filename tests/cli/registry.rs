@@ -938,7 +938,7 @@ fn the_metadata_file_tells_ci_the_digests_steps_outputs_and_bytes_moved() {
 
     // A file that can never be written is refused before any step runs.
     fs::create_dir(p.path("a-folder")).unwrap();
-    for bad in ["a-folder", "missing/dir/meta.json"] {
+    for bad in ["a-folder", "missing/dir/meta.json", "/dev/null"] {
         let r = isolated(&p, &args(bad).iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(r.code, 2, "{}", r.stderr);
         assert_eq!(r.count("step_started"), 0, "{}", r.stderr);

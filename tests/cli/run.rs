@@ -851,6 +851,19 @@ fn a_step_past_its_timeout_is_killed_with_every_process_it_started_and_not_cache
             assert!(!sleeping("47.25"), "{backend}: a process of the step outlived its time limit");
         }
     }
+    // Rootless too, and the step's folders (owned by subordinate ids, which
+    // kiln cannot remove) are cleaned up by the helper.
+    if let Some(user) = rootless_user() {
+        let r = p.kiln_as(user, "rootless-cache", &["build", "kiln.toml", "--backend", "local"], |_| {});
+        assert_eq!(r.code, 1, "rootless: {}", r.stderr);
+        assert!(r.stderr.contains("ran past its time limit of 1500ms"), "rootless: {}", r.stderr);
+        let tmp = p.path("rootless-cache/v1/tmp");
+        let left: Vec<_> = fs::read_dir(&tmp)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        assert!(left.iter().all(|n| !n.starts_with("run-")), "rootless leftovers: {left:?}");
+        assert!(!sleeping("47.25"), "rootless: a process of the step outlived its time limit");
+    }
     // A limit from the command line, for steps that set none.
     p.recipe(&text.replace("timeout = \"1500ms\"\n", ""));
     let r = p.build(&["--step-timeout", "1s"]);
@@ -858,4 +871,14 @@ fn a_step_past_its_timeout_is_killed_with_every_process_it_started_and_not_cache
     let bad = p.build(&["--step-timeout", "soon"]);
     assert_eq!(bad.code, 2, "{}", bad.stderr);
     assert!(bad.stderr.contains("--step-timeout"), "{}", bad.stderr);
+    // A command cannot pass its own failure off as a timeout (the helper's
+    // exit code, and output that looks like kiln's).
+    p.recipe(&text.replace(
+        "echo starting; sleep 47.25 & sleep 47.25; echo never",
+        "echo 'kiln sandbox: the command ran past its time limit'; exit 124",
+    ));
+    let r = p.build(&["--step-timeout", "30s"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let failed = r.stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    assert!(failed.contains("exited with code 124") && !failed.contains("time limit of"), "{}", r.stderr);
 }

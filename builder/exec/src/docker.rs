@@ -271,18 +271,36 @@ impl DockerEngine {
                 },
             }
         })?;
-        if !followed {
+        // Past the limit: killed (it may have ended meanwhile), and waited
+        // for a while at most; the caller force-removes it either way.
+        let killed = |lines: super::Lines, on_line: &mut dyn FnMut(&str)| {
             let kill =
                 bollard::query_parameters::KillContainerOptionsBuilder::default().signal("SIGKILL").build();
-            // It may have ended meanwhile; either way it is stopped now.
             let _ = self.rt.block_on(c.kill_container(id, Some(kill)));
-            let _ = self.rt.block_on(async { c.wait_container(id, None).next().await });
-            return Ok((None, lines.finish(on_line)));
+            let _ = self.rt.block_on(tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                c.wait_container(id, None).next(),
+            ));
+            (None, lines.finish(on_line))
+        };
+        if !followed {
+            return Ok(killed(lines, on_line));
         }
+        // Its output ended: it has exited or is about to (with a limit, the
+        // wait is bounded too, should the engine never answer).
+        let waited = self.rt.block_on(async {
+            let wait = c.wait_container(id, None).into_future();
+            match timeout {
+                None => Ok(wait.await.0),
+                Some(_) => tokio::time::timeout(std::time::Duration::from_secs(10), wait).await.map(|w| w.0),
+            }
+        });
+        let Ok(status) = waited else {
+            return Ok(killed(lines, on_line));
+        };
         let tail = lines.finish(on_line);
-        let code = self.rt.block_on(async {
-            let mut w = c.wait_container(id, None);
-            match w.next().await {
+        let code = {
+            match status {
                 Some(Ok(r)) => Ok(Some(r.status_code as i32)),
                 Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
                     Ok(Some(code as i32))
@@ -290,7 +308,7 @@ impl DockerEngine {
                 Some(Err(e)) => Err(engine_error(e)),
                 None => Err(engine_error("the wait ended without a status")),
             }
-        })?;
+        }?;
         Ok((code, tail))
     }
 

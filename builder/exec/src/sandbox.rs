@@ -61,18 +61,20 @@ pub(crate) struct SandboxSpec {
     /// Set when kiln is not root: the helper works in a user namespace.
     pub(crate) rootless: Option<RootlessPlan>,
     /// The command's time limit: past it, the helper kills the command,
-    /// PID 1 of its namespace, so the kernel kills every process in it.
+    /// PID 1 of its namespace, so the kernel kills every process in it,
+    /// and makes `timed_out` (a file the command cannot reach).
     pub(crate) timeout_ms: Option<u64>,
+    pub(crate) timed_out: PathBuf,
 }
 
-/// The helper's exit code when the command ran past its time limit, with
-/// [`TIMED_OUT_LINE`] as its last line of output.
+/// The helper's exit code when the command ran past its time limit (and
+/// the spec's `timed_out` file exists).
 pub(crate) const TIMED_OUT: i32 = 124;
-pub(crate) const TIMED_OUT_LINE: &str = "kiln sandbox: the command ran past its time limit";
 
 extern "C" fn on_alarm(_: libc::c_int) {}
 
-/// Interrupts the helper's wait (SIGALRM, no restart) once `ms` have passed.
+/// Interrupts the helper's wait (SIGALRM, no restart) once `ms` have
+/// passed, then every 100 ms; `arm_alarm(0)` turns it off.
 fn arm_alarm(ms: u64) {
     // SAFETY: a handler that does nothing, installed in a single-threaded
     // process; setitimer with a valid, zeroed-then-filled struct.
@@ -86,7 +88,9 @@ fn arm_alarm(ms: u64) {
         it.it_value.tv_sec = (ms / 1000) as libc::time_t;
         it.it_value.tv_usec = ((ms % 1000) * 1000) as libc::suseconds_t;
         // Again every 100 ms, should the first land before the wait.
-        it.it_interval.tv_usec = 100_000;
+        if ms > 0 {
+            it.it_interval.tv_usec = 100_000;
+        }
         libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut());
     }
 }
@@ -191,8 +195,9 @@ pub fn main(spec_path: &Path) -> ! {
         Ok(ForkResult::Child) => child(&spec),
         Ok(ForkResult::Parent { child }) => {
             let deadline = spec.timeout_ms.map(|ms| {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
                 arm_alarm(ms);
-                std::time::Instant::now() + std::time::Duration::from_millis(ms)
+                deadline
             });
             let mut timed_out = false;
             let code = loop {
@@ -211,8 +216,16 @@ pub fn main(spec_path: &Path) -> ! {
                     Err(e) => fail(&format!("cannot wait for the command: {e}")),
                 }
             };
+            if deadline.is_some() {
+                arm_alarm(0);
+            }
             if timed_out {
-                eprintln!("{TIMED_OUT_LINE}");
+                if let Some(plan) = &spec.rootless {
+                    finish_rootless(&spec, plan, false);
+                }
+                if std::fs::write(&spec.timed_out, b"").is_err() {
+                    fail("cannot record that the command ran past its time limit");
+                }
                 std::process::exit(TIMED_OUT);
             }
             if let Some(plan) = &spec.rootless {

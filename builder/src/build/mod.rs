@@ -63,7 +63,7 @@ fn write_outputs(
     recipe: &Recipe,
     opts: &BuildOptions,
     reporter: &dyn Reporter,
-) -> Result<(), BuildError> {
+) -> Result<Vec<ImageRef>, BuildError> {
     let outputs = if opts.outputs.is_empty() {
         vec![crate::export::default_output(&recipe.image.name)]
     } else {
@@ -85,7 +85,7 @@ fn write_outputs(
         }
         reporter.on_output_written(&out.to_string());
     }
-    Ok(())
+    Ok(outputs)
 }
 
 /// Builds the recipe into the store and writes every output.
@@ -123,11 +123,11 @@ pub fn build(
     let image = image::store_image(&s.store, config, built.layers.clone(), s.epoch, BTreeMap::new())?;
     image.record(&s.store, RecordKind::Image, &image.manifest.hex(), &recipe.image.name)?;
 
-    write_outputs(&s, &image, recipe, opts, reporter.as_ref())?;
+    let outputs = write_outputs(&s, &image, recipe, opts, reporter.as_ref())?;
     let steps = s.take_steps();
     for to in &opts.cache_to {
         s.cache.push(to, &steps)?;
     }
     reporter.on_build_finish(&image.manifest, started.elapsed());
-    Ok(BuildOutcome { image, steps })
+    Ok(BuildOutcome { image, steps, outputs })
 }

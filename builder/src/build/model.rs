@@ -58,6 +58,8 @@ pub struct PlannedStep {
 pub struct BuildOutcome {
     pub image: StoredImage,
     pub steps: Vec<PlannedStep>,
+    /// The outputs written (the default one when none was asked for).
+    pub outputs: Vec<ImageRef>,
 }
 
 /// A target built (or, for `plan`, keyed): what the next targets build on.
