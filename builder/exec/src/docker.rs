@@ -299,17 +299,14 @@ impl DockerEngine {
             return Ok(killed(lines, on_line));
         };
         let tail = lines.finish(on_line);
-        let code = {
-            match status {
-                Some(Ok(r)) => Ok(Some(r.status_code as i32)),
-                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
-                    Ok(Some(code as i32))
-                }
-                Some(Err(e)) => Err(engine_error(e)),
-                None => Err(engine_error("the wait ended without a status")),
+        match status {
+            Some(Ok(r)) => Ok((Some(r.status_code as i32), tail)),
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                Ok((Some(code as i32), tail))
             }
-        }?;
-        Ok((code, tail))
+            Some(Err(e)) => Err(engine_error(e)),
+            None => Err(engine_error("the wait ended without a status")),
+        }
     }
 
     /// Commits the container, reads the new layer from `GET /images/ID/get`.

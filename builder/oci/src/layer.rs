@@ -594,6 +594,14 @@ mod tests {
         root
     }
 
+    /// A folder, a store in it, and where the entries' data goes.
+    fn setup() -> (tempfile::TempDir, Store, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        let scratch = dir.path().join("data");
+        (dir, store, scratch)
+    }
+
     fn leftovers(store: &Store) -> Vec<String> {
         std::fs::read_dir(store.tmp_dir())
             .unwrap()
@@ -607,9 +615,7 @@ mod tests {
         if !as_root() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("cache")).unwrap();
-        let scratch = dir.path().join("data");
+        let (dir, store, scratch) = setup();
         let (blob, listing) = write_layer(&store, entries(&scratch, false), 7).unwrap();
         // Twice: the second time every file is already in the pool.
         for (n, known) in [(0, true), (1, true), (2, false)] {
@@ -642,9 +648,7 @@ mod tests {
         if !as_root() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("cache")).unwrap();
-        let scratch = dir.path().join("data");
+        let (dir, store, scratch) = setup();
         let mut e = entries(&scratch, false);
         // A context file that no longer has the digest its key was taken from.
         let changed = dir.path().join("changed");

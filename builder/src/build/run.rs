@@ -67,22 +67,22 @@ pub(super) fn run_step(
     let values: Vec<&[u8]> = secrets.iter().map(|(_, v)| v.as_slice()).filter(|v| !v.is_empty()).collect();
     let mut on_line = |line: &str| env.reporter.on_step_output(info, &exec::cut_line(redact(line, &values)));
     let limit = req.timeout;
-    match (env.executor)()?.run(env.store, &req, &mut on_line)? {
+    let result = (env.executor)()?.run(env.store, &req, &mut on_line)?;
+    let (location, step, command) =
+        (format!("{}:{}", env.recipe.file.display(), info.line), step_label(info), run.command.text());
+    let shown = |tail: Vec<String>| tail.iter().map(|l| exec::cut_line(redact(l, &values))).collect();
+    match result {
         RunResult::Changed { changes, keep } => Ok((changes, keep)),
         RunResult::TimedOut { tail } => Err(BuildError::TimedOut {
-            location: format!("{}:{}", env.recipe.file.display(), info.line),
-            step: step_label(info),
-            command: run.command.text(),
+            location,
+            step,
+            command,
             limit: limit.map(show_duration).unwrap_or_default(),
-            tail: tail.iter().map(|l| exec::cut_line(redact(l, &values))).collect(),
+            tail: shown(tail),
         }),
-        RunResult::Failed { code, tail } => Err(BuildError::CommandFailed {
-            location: format!("{}:{}", env.recipe.file.display(), info.line),
-            step: step_label(info),
-            command: run.command.text(),
-            code,
-            tail: tail.iter().map(|l| exec::cut_line(redact(l, &values))).collect(),
-        }),
+        RunResult::Failed { code, tail } => {
+            Err(BuildError::CommandFailed { location, step, command, code, tail: shown(tail) })
+        }
     }
 }
 
@@ -124,7 +124,7 @@ pub(super) fn configure_step(
         secrets: Vec::new(),
         user: Some("0".into()),
         workdir: Some("/".into()),
-        timeout: env.step_timeout,
+        timeout: None, // `--step-timeout` applies, as to any step without its own
     };
     let rp = RunPlan { argv: driver.argv, env: plan.env, user: "0".into(), workdir: "/".into() };
     run_step(env, step, info, &run, rp, parent).map_err(|e| match e {

@@ -62,6 +62,7 @@ pub(super) fn build_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bu
     let mut history_entries: Vec<History> = b.base.config.history().clone().unwrap_or_default();
     let mut parent = b.base.id.clone();
     let mut planned = Vec::new();
+    let mut took = Vec::new();
     for step in t.steps() {
         let started = Instant::now();
         let info = s.info(t, step);
@@ -75,17 +76,17 @@ pub(super) fn build_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bu
         finished?;
         history_entries.push(history(s.epoch, &format!("kiln: {}", history_text(step, &info)), false));
         s.reporter.on_step_finish(&info, hit, started.elapsed());
-        planned.push(PlannedStep { info, key, hit, built: Some((started.elapsed(), key, 0)) });
+        took.push(started.elapsed());
+        planned.push(PlannedStep { info, key, hit, built: None });
         parent = key.to_string();
     }
     let last = b.compressing.take();
     b.finish_compressing(last)?;
-    // Each step's layer, now that every blob is made.
+    // Each step's time and layer (one a step, after the base's), now that
+    // every blob is made.
     let first = b.layers.len() - planned.len();
-    for (p, l) in planned.iter_mut().zip(&b.layers[first..]) {
-        if let Some(built) = p.built.as_mut() {
-            (built.1, built.2) = (l.digest, l.size);
-        }
+    for ((p, t), l) in planned.iter_mut().zip(took).zip(&b.layers[first..]) {
+        p.built = Some((t, l.digest, l.size));
     }
     let mut config = b.base.config.clone();
     config.set_history(Some(history_entries));
