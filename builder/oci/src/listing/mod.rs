@@ -63,9 +63,9 @@ impl Listing {
     pub fn scan(store: &Store, layer: &ImageLayer) -> Result<ListingFile, BuildError> {
         let tmp = store.tmp_dir();
         let mut w = ListingWriter::new(&tmp);
-        let actual = scan(layer.open_tar(store)?, &layer.digest, None, &mut |_, _| Ok(()), &mut |e| {
-            w.push(e).map_err(BuildError::io_write(&tmp))
-        })?;
+        let mut push = |e| w.push(e).map_err(BuildError::io_write(&tmp));
+        let actual = scan(layer.open_tar(store)?, &layer.digest, None, &mut |_, _| Ok(()), Some(&mut push), true)?
+            .expect("hashed");
         if actual != layer.diff_id {
             return Err(BuildError::BadLayer {
                 layer: layer.digest,
@@ -134,24 +134,25 @@ pub struct WalkEntry<'a> {
 
 /// The checks of [`scan_layer`], calling `visit` with every entry and a
 /// reader of its data (regular files; empty for the rest). Holds no
-/// listing; returns the diff_id.
+/// listing and hashes nothing.
 pub fn walk_layer(
     r: impl Read,
     layer: &Digest,
     visit: &mut dyn FnMut(&WalkEntry<'_>, &mut dyn Read) -> std::io::Result<()>,
-) -> Result<Digest, BuildError> {
-    scan(r, layer, None, visit, &mut |_| Ok(()))
+) -> Result<(), BuildError> {
+    scan(r, layer, None, visit, None, false).map(drop)
 }
 
 /// [`walk_layer`], also giving each entry as listed (a file with the
-/// digest of the bytes its visit read) right after its visit.
+/// digest of the bytes its visit read) right after its visit. The tar as
+/// a whole is not hashed.
 pub fn walk_layer_listed(
     r: impl Read,
     layer: &Digest,
     visit: &mut dyn FnMut(&WalkEntry<'_>, &mut dyn Read) -> std::io::Result<()>,
     listed: &mut dyn FnMut(ListEntry) -> Result<(), BuildError>,
-) -> Result<Digest, BuildError> {
-    scan(r, layer, None, visit, listed)
+) -> Result<(), BuildError> {
+    scan(r, layer, None, visit, Some(listed), false).map(drop)
 }
 
 /// [`scan_layer`], also giving where each regular file's data starts in the tar.
@@ -174,10 +175,11 @@ fn collect(
     visit: &mut Visit<'_>,
 ) -> Result<(Listing, Digest), BuildError> {
     let mut entries = Vec::new();
-    let diff_id = scan(r, layer, offsets, visit, &mut |e| {
+    let mut push = |e| {
         entries.push(e);
         Ok(())
-    })?;
+    };
+    let diff_id = scan(r, layer, offsets, visit, Some(&mut push), true)?.expect("hashed");
     // Stable: of a path given twice, the later entry is what the layer holds.
     entries.sort_by(|a: &ListEntry, b| a.path.cmp(&b.path));
     entries.dedup_by(|later, kept| {
@@ -191,16 +193,19 @@ fn collect(
     Ok((Listing { entries }, diff_id))
 }
 
-/// Walks the tar, checking every entry; hands each entry to `sink` in tar
-/// order (a path may come more than once) and returns the diff_id.
+/// Walks the tar, checking every entry; hands each entry, with its file's
+/// digest, to `sink` in tar order (a path may come more than once) and
+/// returns the diff_id if `diff_id` asks for it. Nothing is hashed that
+/// no one asked for.
 fn scan(
     r: impl Read,
     layer: &Digest,
     mut offsets: Option<&mut BTreeMap<String, u64>>,
     visit: &mut Visit<'_>,
-    sink: &mut dyn FnMut(ListEntry) -> Result<(), BuildError>,
-) -> Result<Digest, BuildError> {
-    let mut r = HashingReader { inner: r, hasher: sha2::Sha256::default(), pos: 0 };
+    mut sink: Option<&mut dyn FnMut(ListEntry) -> Result<(), BuildError>>,
+    diff_id: bool,
+) -> Result<Option<Digest>, BuildError> {
+    let mut r = HashingReader::new(r, diff_id);
     let bad = |reason: String| BuildError::BadLayer { layer: *layer, reason };
     let io_bad = |e: std::io::Error| bad(format!("unreadable ({e})"));
     // What the checks need of each path seen so far is its type, kept by
@@ -302,28 +307,29 @@ fn scan(
             if let Some(o) = offsets.as_deref_mut() {
                 o.insert(path.clone(), r.pos);
             }
-            let mut data =
-                HashingReader { inner: (&mut r).take(size), hasher: sha2::Sha256::default(), pos: 0 };
+            let mut data = HashingReader::new((&mut r).take(size), sink.is_some());
             visit(&entry, &mut data).map_err(|e| visit_error(e, &path, io_bad))?;
             std::io::copy(&mut data, &mut std::io::sink()).map_err(io_bad)?;
             if data.pos != size {
                 return Err(bad(format!("entry `{path}` is truncated")));
             }
-            let sha = Digest::from_hasher(data.hasher);
+            let sha = data.hasher.map(Digest::from_hasher);
             skip(&mut r, padding(size)).map_err(io_bad)?;
-            Some(sha)
+            sha
         } else {
             visit(&entry, &mut std::io::empty()).map_err(|e| visit_error(e, &path, io_bad))?;
             skip(&mut r, size + padding(size)).map_err(io_bad)?;
             None
         };
-        let kind = Kind::from_tar(&tar_kind, sha);
         seen.insert(&path, &tar_kind);
-        sink(ListEntry { path, kind, mode, uid, gid, xattrs: p.xattrs })?;
+        if let Some(sink) = sink.as_deref_mut() {
+            let kind = Kind::from_tar(&tar_kind, sha);
+            sink(ListEntry { path, kind, mode, uid, gid, xattrs: p.xattrs })?;
+        }
     }
     // Whatever follows the end marker still counts toward the digest.
     std::io::copy(&mut r, &mut std::io::sink()).map_err(io_bad)?;
-    Ok(Digest::from_hasher(r.hasher))
+    Ok(r.hasher.map(Digest::from_hasher))
 }
 
 /// Refuses an entry that goes through something this layer makes a symlink
@@ -591,18 +597,27 @@ pub(crate) fn clean_path(raw: &[u8]) -> Result<Option<String>, &'static str> {
     Ok((!parts.is_empty()).then(|| parts.join("/")))
 }
 
+/// Counts what is read and, if asked, hashes it.
 struct HashingReader<R> {
     inner: R,
-    hasher: sha2::Sha256,
+    hasher: Option<sha2::Sha256>,
     /// Bytes read so far.
     pos: u64,
+}
+
+impl<R> HashingReader<R> {
+    fn new(inner: R, hash: bool) -> Self {
+        HashingReader { inner, hasher: hash.then(sha2::Sha256::default), pos: 0 }
+    }
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use sha2::Digest as _;
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         self.pos += n as u64;
         Ok(n)
     }
