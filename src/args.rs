@@ -43,8 +43,23 @@ impl Backend {
     }
 }
 
+/// Values for the recipe's `[args]`.
+#[derive(Debug, Args, Default, Clone)]
+pub struct RecipeArgs {
+    /// Set an argument the recipe declares in `[args]` (repeatable): `${NAME}` in the recipe
+    /// becomes VALUE. Later values win; an argument the recipe does not declare is an error.
+    #[arg(long = "arg", value_name = "NAME=VALUE")]
+    pub arg: Vec<String>,
+    /// Read arguments from FILE, one NAME=VALUE per line (blank lines and `#` comments skipped;
+    /// the value is the rest of the line, unquoted); `--arg` wins over it.
+    #[arg(long = "arg-file", value_name = "FILE")]
+    pub arg_file: Vec<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct Common {
+    #[command(flatten)]
+    pub args: RecipeArgs,
     /// The context folder `copy` reads from (default: the recipe's folder).
     #[arg(long, value_name = "DIR")]
     pub context: Option<PathBuf>,
@@ -100,6 +115,8 @@ pub enum Command {
         /// A registry host (HOST[:PORT]) to speak plain HTTP to (repeatable); loopback hosts always are.
         #[arg(long = "insecure-registry", value_name = "HOST")]
         insecure_registry: Vec<String>,
+        #[command(flatten)]
+        args: RecipeArgs,
     },
     /// Print the SPDX 2.3 SBOM (JSON) of the Debian packages in an image.
     Sbom {
@@ -149,6 +166,8 @@ pub enum Command {
         /// As for `build`; both builds get it.
         #[arg(long = "secret", value_name = "SPEC")]
         secrets: Vec<String>,
+        #[command(flatten)]
+        args: RecipeArgs,
     },
     /// Look after the cache.
     Cache {

@@ -6,15 +6,21 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use kiln_cache::{Digest, StatIndex};
 use kiln_recipes::{CopyStep, Recipe};
 
 use crate::error::BuildError;
 
-/// A context folder, canonicalized.
+/// The most bytes a `.kilnignore` may hold.
+const MAX_KILNIGNORE: u64 = 1 << 20;
+
+/// A context folder, canonicalized, and what no `copy` reads from it.
 #[derive(Debug, Clone)]
 pub(crate) struct Context {
     pub(crate) root: PathBuf,
+    /// `.git` (by default) and the patterns of the root's `.kilnignore`.
+    ignore: Gitignore,
 }
 
 impl Context {
@@ -28,8 +34,85 @@ impl Context {
         if !root.is_dir() {
             return Err(BuildError::usage(format!("The context `{}` is not a folder", dir.display()), None));
         }
-        Ok(Context { root })
+        let ignore = load_kilnignore(&root)?;
+        Ok(Context { root, ignore })
     }
+
+    /// Whether `rel` (relative to the root) or a folder above it is excluded.
+    fn excluded(&self, rel: &Path, is_dir: bool) -> bool {
+        !rel.as_os_str().is_empty() && self.ignore.matched_path_or_any_parents(rel, is_dir).is_ignore()
+    }
+}
+
+/// `.git`, then the lines of `ROOT/.kilnignore` (gitignore syntax; `!.git`
+/// takes the default back). The file must be a regular file in the context:
+/// a symlink is refused, so it can never make kiln read outside it. Errors name
+/// the line, never its text.
+fn load_kilnignore(root: &Path) -> Result<Gitignore, BuildError> {
+    let mut b = GitignoreBuilder::new(root);
+    b.add_line(None, ".git").expect("a valid pattern");
+    let path = root.join(".kilnignore");
+    let hint =
+        "`.kilnignore` holds gitignore patterns, one per line, relative to the context, e.g. `target/`";
+    let meta = match fs::symlink_metadata(&path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(BuildError::io_read(&path)(e)),
+    };
+    if let Some(meta) = meta {
+        if !meta.is_file() {
+            return Err(BuildError::usage(
+                format!("`{}` is not a regular file (a symlink, folder or device)", path.display()),
+                Some("make `.kilnignore` a plain file in the context's root"),
+            ));
+        }
+        if meta.len() > MAX_KILNIGNORE {
+            return Err(BuildError::usage(format!("`{}` is larger than 1 MiB", path.display()), Some(hint)));
+        }
+        let bytes = read_same_file(&path, &meta).map_err(BuildError::io_read(&path))?;
+        for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+            let bad =
+                |what: &str| BuildError::usage(format!("{}:{}: {what}", path.display(), i + 1), Some(hint));
+            let line = std::str::from_utf8(line).map_err(|_| bad("the line is not UTF-8 text"))?;
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            b.add_line(Some(path.clone()), line).map_err(|_| bad("the line is not a pattern kiln reads"))?;
+        }
+    }
+    b.build().map_err(|_| {
+        BuildError::usage(format!("`{}` cannot be read as patterns", path.display()), Some(hint))
+    })
+}
+
+/// The file at `path`, if it is still the one `meta` described (a swap for a
+/// symlink between the check and the open is refused), at most 1 MiB.
+fn read_same_file(path: &Path, meta: &fs::Metadata) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let f = fs::File::open(path)?;
+    let now = f.metadata()?;
+    if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) || !now.is_file() {
+        return Err(std::io::Error::other("the file changed while kiln read it"));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_KILNIGNORE).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The patterns of a `copy` step's `exclude`, rooted at the copied folder.
+fn step_excludes(base: &Path, step: &CopyStep) -> Result<Option<Gitignore>, BuildError> {
+    if step.exclude.is_empty() {
+        return Ok(None);
+    }
+    let mut b = GitignoreBuilder::new(base);
+    for p in &step.exclude {
+        b.add_line(None, p).map_err(|e| {
+            BuildError::usage(
+                format!("`exclude` pattern `{}` is not a pattern kiln reads: {e}", crate::error::shown(p)),
+                Some("patterns are gitignore lines, e.g. `target/`, `*.log`, `!keep.log`"),
+            )
+        })?;
+    }
+    Ok(Some(b.build().map_err(|e| BuildError::usage(format!("`exclude` cannot be read: {e}"), None))?))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +166,16 @@ pub(crate) fn scan_copy(
             .into());
     }
     let canon = fs::canonicalize(&joined).map_err(BuildError::io_read(&joined))?;
+    if canon.starts_with(&ctx.root) {
+        let rel = canon.strip_prefix(&ctx.root).expect("checked");
+        if ctx.excluded(rel, canon.is_dir()) || ctx.excluded(Path::new(&step.src), canon.is_dir()) {
+            return Err(recipe
+                .error_at(step.src_span.clone(), format!("`{}` is excluded from the context", step.src))
+                .with_label("excluded by `.kilnignore` (or `.git`, excluded by default)")
+                .with_hint("take the pattern that matches it out of `.kilnignore`, or add a `!` line for it (`!.git` for `.git`)")
+                .into());
+        }
+    }
     if !canon.starts_with(&ctx.root) {
         return Err(recipe
             .error_at(
@@ -96,8 +189,25 @@ pub(crate) fn scan_copy(
     let file_mode = step.mode.map(|m| m.0);
     let mut entries = Vec::new();
     let mut to_hash: Vec<usize> = Vec::new();
-    let walker =
-        walkdir::WalkDir::new(&canon).follow_links(false).sort_by(|a, b| a.file_name().cmp(b.file_name()));
+    let excludes = step_excludes(&canon, step)?;
+    // Excluded entries are pruned as the walk meets them: never stat-ed, read or hashed,
+    // and nothing below an excluded folder is visited.
+    let walker = walkdir::WalkDir::new(&canon)
+        .follow_links(false)
+        .sort_by(|a, b| a.file_name().cmp(b.file_name()))
+        .into_iter()
+        .filter_entry(|e| {
+            if e.depth() == 0 {
+                return true;
+            }
+            let is_dir = e.file_type().is_dir();
+            let in_ctx = e.path().strip_prefix(&ctx.root).expect("the walk stays in the context");
+            if ctx.ignore.matched(in_ctx, is_dir).is_ignore() {
+                return false;
+            }
+            let in_src = e.path().strip_prefix(&canon).expect("the walk stays under its root");
+            !excludes.as_ref().is_some_and(|x| x.matched(in_src, is_dir).is_ignore())
+        });
     for item in walker {
         let item = item.map_err(|e| {
             let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| canon.clone());

@@ -1,6 +1,7 @@
 //! The kiln recipe language: the TOML schema, parsing with source spans, and
 //! validation into a typed [`Recipe`] that the builder compiles.
 //!
+//! - [`args`]: `[args]`, `--arg` values and `${NAME}` substitution.
 //! - `raw`: the serde shape of the file, exactly as written (unknown keys are errors).
 //! - [`recipe`]: the validated, normalized recipe the rest of kiln uses.
 //! - [`parse`]: turns text into a [`Recipe`], checking every value.
@@ -11,14 +12,16 @@
 // size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod args;
 pub mod diagnostic;
 pub mod parse;
 mod raw;
 pub mod recipe;
 pub mod reference;
 
+pub use args::{Arg, ArgValue};
 pub use diagnostic::RecipeError;
-pub use parse::{parse_file, parse_str};
+pub use parse::{parse_file, parse_file_with_args, parse_str, parse_str_with_args};
 pub use recipe::{
     Base, Command, Config, CopyStep, FileMode, Image, Owner, Packages, Recipe, RunStep, Span, Stage, Step,
     StepKind, Suite, Vm, VmBoot, VmFilesystem, WriteStep,

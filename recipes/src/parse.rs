@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use toml::Spanned;
 
+use crate::args::{expand, is_arg_name, Arg, ArgValue, ExpandError};
 use crate::diagnostic::RecipeError;
 use crate::raw::{RawConfig, RawImage, RawPackages, RawRecipe, RawStage, RawStep, RawVm};
 use crate::recipe::{
@@ -14,8 +15,14 @@ use crate::recipe::{
 };
 use crate::reference::ImageRef;
 
-/// Reads and validates the recipe at `path`.
+/// Reads and validates the recipe at `path`, its `[args]` at their defaults.
 pub fn parse_file(path: &Path) -> Result<Recipe, RecipeError> {
+    parse_file_with_args(path, &[])
+}
+
+/// Reads and validates the recipe at `path`, with `values` (from `--arg` and
+/// `--arg-file`, later ones winning) for the arguments its `[args]` declares.
+pub fn parse_file_with_args(path: &Path, values: &[ArgValue]) -> Result<Recipe, RecipeError> {
     let display = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| {
         RecipeError::new(&display, &Arc::new(String::new()), None, format!("cannot read the recipe: {e}"))
@@ -32,12 +39,22 @@ pub fn parse_file(path: &Path) -> Result<Recipe, RecipeError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    parse_str(&display, text, &dir)
+    parse_str_with_args(&display, text, &dir, values)
 }
 
 /// Validates recipe `text`, read from `file`, whose relative paths start at `dir`.
 pub fn parse_str(file: &str, text: String, dir: &Path) -> Result<Recipe, RecipeError> {
-    let p = Parser { file: file.to_string(), source: Arc::new(text) };
+    parse_str_with_args(file, text, dir, &[])
+}
+
+/// [`parse_str`] with values for the recipe's `[args]`.
+pub fn parse_str_with_args(
+    file: &str,
+    text: String,
+    dir: &Path,
+    values: &[ArgValue],
+) -> Result<Recipe, RecipeError> {
+    let p = Parser { file: file.to_string(), source: Arc::new(text), values: values.to_vec() };
     p.parse(dir)
 }
 
@@ -48,6 +65,8 @@ pub const MAX_EPOCH: i64 = 253_402_300_799;
 struct Parser {
     file: String,
     source: Arc<String>,
+    /// Values for `[args]` from the command line.
+    values: Vec<ArgValue>,
 }
 
 impl Parser {
@@ -56,7 +75,9 @@ impl Parser {
     }
 
     fn parse(&self, dir: &Path) -> Result<Recipe, RecipeError> {
-        let raw: RawRecipe = toml::from_str(&self.source).map_err(|e| self.toml_error(e))?;
+        let mut raw: RawRecipe = toml::from_str(&self.source).map_err(|e| self.toml_error(e))?;
+        let (args, values) = self.args(raw.args.take())?;
+        self.substitute(&mut raw, &values)?;
 
         let image = raw.image.ok_or_else(|| {
             RecipeError::new(&self.file, &self.source, Some(0..0), "the recipe has no `[image]` table")
@@ -106,7 +127,190 @@ impl Parser {
             steps,
             config,
             vm,
+            args,
         })
+    }
+
+    /// `[args]` with the command line's values in: each argument, and the map
+    /// `${NAME}` is replaced from.
+    #[allow(clippy::type_complexity)]
+    fn args(
+        &self,
+        raw: Option<Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
+    ) -> Result<(Vec<Arg>, BTreeMap<String, String>), RecipeError> {
+        let table = raw.as_ref().map(|t| t.span());
+        let mut args = Vec::new();
+        for (name, default) in raw.map(Spanned::into_inner).unwrap_or_default() {
+            if !is_arg_name(name.get_ref()) {
+                return Err(self
+                    .err(name.span(), format!("`{}` is not an argument name", name.get_ref().escape_debug()))
+                    .with_hint(
+                        "argument names are a letter or `_`, then letters, digits and `_`, e.g. `VERSION`",
+                    ));
+            }
+            let toml::Value::String(value) = default.get_ref() else {
+                return Err(self
+                    .err(default.span(), format!("the default of `{}` is not a string", name.get_ref()))
+                    .with_hint(format!(
+                        "arguments are text: write `{} = \"...\"` (quoted, e.g. `\"1.0\"`)",
+                        name.get_ref()
+                    )));
+            };
+            args.push(Arg { name: name.into_inner(), value: value.clone(), origin: "default".into() });
+        }
+        for v in &self.values {
+            let Some(arg) = args.iter_mut().find(|a| a.name == v.name) else {
+                let mut e = RecipeError::new(
+                    &self.file,
+                    &self.source,
+                    table.clone(),
+                    format!("`{}` ({}) is not declared in the recipe's `[args]`", v.name, v.origin),
+                )
+                .with_hint(format!(
+                    "declare it with a default: `[args]` then `{} = \"...\"`; or do not pass it",
+                    v.name
+                ));
+                if table.is_some() {
+                    e = e.with_label("the arguments this recipe takes");
+                }
+                return Err(e);
+            };
+            arg.value = v.value.clone();
+            arg.origin = v.origin.clone();
+        }
+        let values = args.iter().map(|a| (a.name.clone(), a.value.clone())).collect();
+        Ok((args, values))
+    }
+
+    /// Replaces `${NAME}` in the string values arguments may appear in: all of
+    /// `[image]`, `[[stage]]` bases, steps (not `from` or `secrets`), `[config]`
+    /// and `[vm]`; not in `[packages]` (kiln.lock answers the recipe as written),
+    /// not in names of stages, tables' keys or `[args]` itself.
+    fn substitute(&self, raw: &mut RawRecipe, a: &BTreeMap<String, String>) -> Result<(), RecipeError> {
+        if let Some(image) = &mut raw.image {
+            let image = image.get_mut();
+            self.sub(&mut image.name, a)?;
+            self.sub_opt(&mut image.base, a)?;
+            self.sub_opt(&mut image.platform, a)?;
+        }
+        for stage in &mut raw.stages {
+            let stage = stage.get_mut();
+            self.sub_opt(&mut stage.base, a)?;
+            self.sub_steps(&mut stage.steps, a)?;
+        }
+        self.sub_steps(&mut raw.steps, a)?;
+        if let Some(c) = &mut raw.config {
+            let c = c.get_mut();
+            self.sub_value(&mut c.entrypoint, a)?;
+            self.sub_value(&mut c.cmd, a)?;
+            for v in c.env.values_mut().chain(c.labels.values_mut()) {
+                self.sub(v, a)?;
+            }
+            for v in c.ports.iter_mut().chain(c.volumes.iter_mut()) {
+                self.sub(v, a)?;
+            }
+            self.sub_opt(&mut c.workdir, a)?;
+            self.sub_opt(&mut c.user, a)?;
+            self.sub_opt(&mut c.stop_signal, a)?;
+        }
+        if let Some(vm) = &mut raw.vm {
+            let vm = vm.get_mut();
+            self.sub_value(&mut vm.size, a)?;
+            for v in [&mut vm.filesystem, &mut vm.cmdline, &mut vm.boot, &mut vm.init] {
+                self.sub_opt(v, a)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn sub_steps(
+        &self,
+        steps: &mut [Spanned<RawStep>],
+        a: &BTreeMap<String, String>,
+    ) -> Result<(), RecipeError> {
+        for s in steps {
+            let s = s.get_mut();
+            for v in [
+                &mut s.copy,
+                &mut s.to,
+                &mut s.write,
+                &mut s.content,
+                &mut s.owner,
+                &mut s.user,
+                &mut s.workdir,
+                &mut s.timeout,
+            ] {
+                self.sub_opt(v, a)?;
+            }
+            self.sub_value(&mut s.run, a)?;
+            self.sub_value(&mut s.mode, a)?;
+            if let Some(env) = &mut s.env {
+                let span = env.span();
+                for v in env.get_mut().values_mut() {
+                    if let Some(new) = expand(v, a).map_err(|e| self.expand_error(span.clone(), v, e))? {
+                        *v = new;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sub_opt(
+        &self,
+        v: &mut Option<Spanned<String>>,
+        a: &BTreeMap<String, String>,
+    ) -> Result<(), RecipeError> {
+        match v {
+            Some(v) => self.sub(v, a),
+            None => Ok(()),
+        }
+    }
+
+    fn sub(&self, v: &mut Spanned<String>, a: &BTreeMap<String, String>) -> Result<(), RecipeError> {
+        let span = v.span();
+        if let Some(new) = expand(v.get_ref(), a).map_err(|e| self.expand_error(span, v.get_ref(), e))? {
+            *v.get_mut() = new;
+        }
+        Ok(())
+    }
+
+    /// Every string in a value (a string, or an array's strings).
+    fn sub_value(
+        &self,
+        v: &mut Option<Spanned<toml::Value>>,
+        a: &BTreeMap<String, String>,
+    ) -> Result<(), RecipeError> {
+        let Some(v) = v else { return Ok(()) };
+        let span = v.span();
+        let mut strings: Vec<&mut String> = Vec::new();
+        match v.get_mut() {
+            toml::Value::String(s) => strings.push(s),
+            toml::Value::Array(items) => strings.extend(items.iter_mut().filter_map(|i| match i {
+                toml::Value::String(s) => Some(s),
+                _ => None,
+            })),
+            _ => {}
+        }
+        for s in strings {
+            if let Some(new) = expand(s, a).map_err(|e| self.expand_error(span.clone(), s, e))? {
+                *s = new;
+            }
+        }
+        Ok(())
+    }
+
+    /// An error in `${...}` within the value at `span`: the reference's own place
+    /// when the recipe holds it as written, else the whole value.
+    fn expand_error(&self, span: Span, value: &str, e: ExpandError) -> RecipeError {
+        let needle = &value[e.at.clone()];
+        let at = self
+            .source
+            .get(span.clone())
+            .and_then(|text| text.find(needle))
+            .map(|i| span.start + i..span.start + i + needle.len())
+            .unwrap_or(span);
+        self.err(at, e.message).with_hint(e.hint)
     }
 
     fn toml_error(&self, e: toml::de::Error) -> RecipeError {
@@ -497,6 +701,11 @@ impl Parser {
                     .with_hint("split it into one `[[step]]` per action"))
             }
         }
+        if let (None, Some(ex)) = (&s.copy, &s.exclude) {
+            return Err(self
+                .err(ex.span(), "`exclude` only applies to `copy` steps")
+                .with_hint("remove `exclude` from this step"));
+        }
         if s.run.is_some() {
             return self.run_step(s);
         }
@@ -550,6 +759,25 @@ impl Parser {
             let (dest, to_is_dir) = normalize_image_path(to.get_ref()).map_err(|m| {
                 self.err(to.span(), m).with_hint("`to` is an absolute path in the image, e.g. `/app`")
             })?;
+            let mut exclude = Vec::new();
+            if let Some(list) = &s.exclude {
+                if from.is_some() {
+                    return Err(self
+                        .err(list.span(), "`exclude` applies to copies from the context")
+                        .with_hint(
+                        "copy the files you want out of the stage, or leave them out of the stage's image",
+                    ));
+                }
+                for pat in list.get_ref() {
+                    let why = exclude_problem(pat.get_ref());
+                    if let Some(why) = why {
+                        return Err(self.err(pat.span(), why).with_hint(
+                            "patterns are gitignore lines relative to the copied folder, e.g. `\"target/\"`, `\"*.log\"`, `\"!keep.log\"`",
+                        ));
+                    }
+                    exclude.push(pat.get_ref().clone());
+                }
+            }
             return Ok(StepKind::Copy(CopyStep {
                 src,
                 from,
@@ -558,6 +786,7 @@ impl Parser {
                 to_is_dir,
                 owner,
                 mode,
+                exclude,
             }));
         }
 
@@ -898,6 +1127,27 @@ pub(crate) fn normalize_context_path(p: &str) -> Result<String, String> {
     Ok(if parts.is_empty() { ".".into() } else { parts.join("/") })
 }
 
+/// What is wrong with an `exclude` pattern, if anything: it must be a
+/// gitignore line that matches inside the copied folder.
+fn exclude_problem(p: &str) -> Option<String> {
+    let body = p.strip_prefix('!').unwrap_or(p);
+    if body.trim().is_empty() {
+        Some("an `exclude` pattern is empty".into())
+    } else if p.contains(['\0', '\n', '\r']) {
+        Some("an `exclude` pattern holds a NUL byte or a line break".into())
+    } else if p.starts_with('#') {
+        Some(format!(
+            "`{p}` would be a comment in gitignore syntax; write `\\#` for a name starting with `#`"
+        ))
+    } else if p.len() > 4096 {
+        Some("an `exclude` pattern is longer than 4096 bytes".into())
+    } else if body.split('/').any(|c| c == "..") {
+        Some(format!("`{p}` leaves the copied folder through `..`; patterns match inside it"))
+    } else {
+        None
+    }
+}
+
 /// What is wrong with an environment variable, if anything (the engine and
 /// the kernel refuse a NUL byte; a name cannot hold `=`).
 fn env_problem(name: &str, value: &str) -> Option<String> {
@@ -1142,6 +1392,138 @@ ports = ["8080", "53/udp"]
             let e = parse(text).unwrap_err();
             assert!(e.message().contains(want), "{text:?}: got {:?}", e.message());
         }
+    }
+
+    const ARGS_RECIPE: &str = r#"
+[args]
+VERSION = "1.0"
+BASE = "stage:tools"
+_empty = ""
+
+[[stage]]
+name = "tools"
+[[stage.step]]
+write = "/v"
+content = "${VERSION}"
+
+[image]
+name = "app-${VERSION}"
+base = "${BASE}"
+
+[[step]]
+run = ["/bin/sh", "-c", "echo ${VERSION} $HOME $$ $${HOME}"]
+env = { V = "v${VERSION}${_empty}" }
+workdir = "/opt/${VERSION}"
+
+[[step]]
+copy = "src-${VERSION}"
+to = "/app/"
+
+[config]
+labels = { "org.opencontainers.image.version" = "${VERSION}" }
+cmd = ["/app/run", "--version=${VERSION}"]
+"#;
+
+    fn val(name: &str, value: &str) -> ArgValue {
+        ArgValue { name: name.into(), value: value.into(), origin: "--arg".into() }
+    }
+
+    #[test]
+    fn args_are_substituted_where_documented() {
+        let r = parse(ARGS_RECIPE).unwrap();
+        assert_eq!(r.image.name, "app-1.0");
+        assert_eq!(r.image.base, Base::Stage("tools".into()));
+        let StepKind::Write(w) = &r.stages[0].steps[0].kind else { panic!() };
+        assert_eq!(w.content, "1.0");
+        let StepKind::Run(run) = &r.steps[0].kind else { panic!() };
+        assert_eq!(
+            run.command,
+            Command::Exec(vec!["/bin/sh".into(), "-c".into(), "echo 1.0 $HOME $$ ${HOME}".into()])
+        );
+        assert_eq!(run.env["V"], "v1.0");
+        assert_eq!(run.workdir.as_deref(), Some("/opt/1.0"));
+        let StepKind::Copy(c) = &r.steps[1].kind else { panic!() };
+        assert_eq!(c.src, "src-1.0");
+        assert_eq!(r.config.labels["org.opencontainers.image.version"], "1.0");
+        assert_eq!(r.config.cmd.as_ref().unwrap()[1], "--version=1.0");
+        let shown: Vec<_> =
+            r.args.iter().map(|a| (a.name.as_str(), a.value.as_str(), a.origin.as_str())).collect();
+        assert_eq!(
+            shown,
+            [("BASE", "stage:tools", "default"), ("VERSION", "1.0", "default"), ("_empty", "", "default")]
+        );
+
+        // Command-line values win, the last one given first.
+        let r = parse_str_with_args(
+            "kiln.toml",
+            ARGS_RECIPE.into(),
+            Path::new("/ctx"),
+            &[val("VERSION", "2"), val("VERSION", "3"), val("_empty", "-${X}")],
+        )
+        .unwrap();
+        assert_eq!(r.image.name, "app-3");
+        let StepKind::Run(run) = &r.steps[0].kind else { panic!() };
+        assert_eq!(run.env["V"], "v3-${X}", "a value is not expanded again");
+        assert_eq!(r.args[1].origin, "--arg");
+    }
+
+    #[test]
+    fn bad_args_are_refused_at_their_place() {
+        let at = |text: &str, values: &[ArgValue]| {
+            parse_str_with_args("kiln.toml", text.to_string(), Path::new("/ctx"), values).unwrap_err()
+        };
+        // An undefined `${X}` points at the reference itself.
+        let e = at("[image]\nname = \"x\"\n[[step]]\nrun = \"echo ${NOPE}\"\n", &[]);
+        assert_eq!(e.location(), "kiln.toml:4:13");
+        assert!(e.message().contains("`NOPE` is not declared in `[args]`"), "{}", e.message());
+        assert!(e.hint().unwrap().contains("$${NOPE}"), "{:?}", e.hint());
+        // In an array, in a label, in a step's env.
+        for (text, place) in [
+            ("[image]\nname = \"x\"\n[config]\ncmd = [\"a\", \"${NOPE}\"]\n", "kiln.toml:4:14"),
+            ("[image]\nname = \"x\"\n[config]\nlabels = { a = \"${NOPE}\" }\n", "kiln.toml:4:17"),
+            (
+                "[image]\nname = \"x\"\n[[step]]\nrun = \"true\"\nenv = { A = \"${NOPE}\" }\n",
+                "kiln.toml:5:14",
+            ),
+        ] {
+            let e = at(text, &[]);
+            assert_eq!(e.location(), place, "{text}");
+            assert!(e.message().contains("`NOPE` is not declared"), "{text}: {}", e.message());
+        }
+        let e = at("[image]\nname = \"x-${A}\"\n", &[]);
+        assert_eq!(e.location(), "kiln.toml:2:11");
+        // The shell's own expansions are left alone.
+        let r = parse("[image]\nname = \"x\"\n[[step]]\nrun = \"echo ${A:-x} ${#A} ${10}\"\n").unwrap();
+        let StepKind::Run(run) = &r.steps[0].kind else { panic!() };
+        assert_eq!(run.command, Command::Shell("echo ${A:-x} ${#A} ${10}".into()));
+        // Bad names and defaults in `[args]`.
+        let e = at("[args]\n\"A-B\" = \"1\"\n[image]\nname = \"x\"\n", &[]);
+        assert_eq!(e.location(), "kiln.toml:2:1");
+        assert!(e.message().contains("not an argument name"), "{}", e.message());
+        let e = at("[args]\nV = 1.0\n[image]\nname = \"x\"\n", &[]);
+        assert_eq!(e.location(), "kiln.toml:2:5");
+        assert!(e.message().contains("default of `V` is not a string"), "{}", e.message());
+        // A value for an argument the recipe does not declare: at `[args]`, or the file.
+        let e = at("[args]\nA = \"1\"\n[image]\nname = \"x\"\n", &[val("B", "2")]);
+        assert!(e.location().starts_with("kiln.toml:1:"), "{}", e.location());
+        assert!(e.message().contains("`B` (--arg) is not declared"), "{}", e.message());
+        let e = at("[image]\nname = \"x\"\n", &[val("B", "2")]);
+        assert_eq!(e.location(), "kiln.toml");
+        // `[packages]` and a step's `from` and `secrets` are not substituted.
+        let e = at(
+            "[args]\nP = \"ab\"\n[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"${P}\"]\n",
+            &[],
+        );
+        assert!(e.message().contains("not a Debian package name"), "{}", e.message());
+        // A value is checked like the text it replaces.
+        let e =
+            at("[args]\nD = \"/x\"\n[image]\nname = \"x\"\n[[step]]\ncopy = \"..${D}\"\nto = \"/\"\n", &[]);
+        assert!(e.message().contains("leaves the context"), "{}", e.message());
+        let e = at(
+            "[args]\nT = \"soon\"\n[image]\nname = \"x\"\n[[step]]\nrun = \"true\"\ntimeout = \"${T}\"\n",
+            &[],
+        );
+        assert!(e.message().contains("`timeout` is not a duration"), "{}", e.message());
     }
 
     #[test]

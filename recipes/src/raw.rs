@@ -11,6 +11,8 @@ use toml::Spanned;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRecipe {
+    /// `[args]`: names and their default values (checked in `parse.rs`).
+    pub(crate) args: Option<Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
     pub(crate) image: Option<Spanned<RawImage>>,
     pub(crate) packages: Option<Spanned<RawPackages>>,
     #[serde(default, rename = "step")]
@@ -84,6 +86,7 @@ pub(crate) struct RawStep {
     pub(crate) user: Option<Spanned<String>>,
     pub(crate) workdir: Option<Spanned<String>>,
     pub(crate) timeout: Option<Spanned<String>>,
+    pub(crate) exclude: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -27,6 +27,8 @@ pub struct Recipe {
     pub config: Config,
     /// `[vm]`: how `-o vm:FILE` makes the disk (defaults when absent).
     pub vm: Vm,
+    /// `[args]` as resolved (defaults and the command line's values), in name order.
+    pub args: Vec<crate::args::Arg>,
 }
 
 /// `[vm]`: the disk `-o vm:FILE.raw|FILE.qcow2` writes.
@@ -398,6 +400,9 @@ pub struct CopyStep {
     pub owner: Owner,
     /// `None`: git semantics (0644, or 0755 when the owner may execute; folders 0755).
     pub mode: Option<FileMode>,
+    /// `exclude`: gitignore patterns, matched against paths relative to the
+    /// source; what they match is never read. Only for copies from the context.
+    pub exclude: Vec<String>,
 }
 
 /// Writes a file with inline content.

@@ -7,7 +7,7 @@ use super::common::{load, options, parse_cache_ref, parse_ref, parse_secret};
 use crate::args::BuildArgs;
 
 pub(super) fn run(a: BuildArgs) -> Result<u8, BuildError> {
-    let recipe = load(&a.recipe)?;
+    let recipe = load(&a.recipe, &a.common.args)?;
     let mut opts = options(&a.common)?;
     opts.cache_to = a.cache_to.iter().map(|c| parse_cache_ref(c, "--cache-to")).collect::<Result<_, _>>()?;
     opts.registry.monolithic = a.monolithic_upload;

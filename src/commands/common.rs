@@ -8,12 +8,27 @@ use kiln_builder::BuildError;
 use kiln_builder::BuildOptions;
 use kiln_cache::Store;
 use kiln_recipes::recipe::Platform;
-use kiln_recipes::{ImageRef, Recipe};
+use kiln_recipes::{ArgValue, ImageRef, Recipe};
 
-use crate::args::Common;
+use crate::args::{Common, RecipeArgs};
 
-pub(super) fn load(path: &Path) -> Result<Recipe, BuildError> {
-    Ok(kiln_recipes::parse_file(path)?)
+/// The recipe at `path`, its `[args]` set from `--arg-file`s, then `--arg`s.
+pub(super) fn load(path: &Path, args: &RecipeArgs) -> Result<Recipe, BuildError> {
+    let values = arg_values(args)?;
+    Ok(kiln_recipes::parse_file_with_args(path, &values)?)
+}
+
+/// The values `--arg-file` and `--arg` give, in the order they apply.
+pub(super) fn arg_values(args: &RecipeArgs) -> Result<Vec<ArgValue>, BuildError> {
+    let hint = "write NAME=VALUE, e.g. `--arg VERSION=1.2`; the recipe declares NAME in `[args]`";
+    let mut values = Vec::new();
+    for f in &args.arg_file {
+        values.extend(kiln_recipes::args::read_arg_file(f).map_err(|m| BuildError::usage(m, Some(hint)))?);
+    }
+    for a in &args.arg {
+        values.push(kiln_recipes::args::parse_arg(a).map_err(|m| BuildError::usage(m, Some(hint)))?);
+    }
+    Ok(values)
 }
 
 pub(super) fn parse_ref(s: &str, what: &str) -> Result<ImageRef, BuildError> {

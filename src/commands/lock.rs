@@ -8,14 +8,16 @@ use kiln_builder::packages::LockMode;
 use kiln_builder::BuildError;
 
 use super::common::{load, parse_platform};
+use crate::args::RecipeArgs;
 
 pub(super) fn run(
     recipe: &Path,
+    args: &RecipeArgs,
     mode: LockMode,
     platform: Option<String>,
     insecure: Vec<String>,
 ) -> Result<u8, BuildError> {
-    let recipe = load(recipe)?;
+    let recipe = load(recipe, args)?;
     let platform = parse_platform(platform.as_deref())?;
     let started = std::time::Instant::now();
     let tagged = kiln_builder::base::tagged_bases(&recipe)?;

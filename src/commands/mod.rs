@@ -20,19 +20,19 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
     match cli.command {
         Command::Build(args) => build::run(args),
         Command::Plan { recipe, common, json } => plan::run(&recipe, &common, json),
-        Command::Lock { recipe, update, check, platform, insecure_registry } => {
+        Command::Lock { recipe, update, check, platform, insecure_registry, args } => {
             let mode = match (update, check) {
                 (_, true) => kiln_builder::packages::LockMode::Check,
                 (true, _) => kiln_builder::packages::LockMode::Update,
                 _ => kiln_builder::packages::LockMode::Keep,
             };
-            lock::run(&recipe, mode, platform, insecure_registry)
+            lock::run(&recipe, &args, mode, platform, insecure_registry)
         }
         Command::Sbom { target, cache_dir } => sbom::run(&target, cache_dir),
         Command::Inspect { target, cache_dir, json } => inspect::run(&target, cache_dir, json),
         Command::Diff { a, b, cache_dir, json } => diff::run(&a, &b, cache_dir, json),
-        Command::Verify { recipe, context, platform, backend, secrets } => {
-            verify::run(&recipe, context, platform, backend, &secrets)
+        Command::Verify { recipe, context, platform, backend, secrets, args } => {
+            verify::run(&recipe, &args, context, platform, backend, &secrets)
         }
         Command::Cache { action, cache_dir } => cache::run(action, cache_dir),
     }

@@ -9,7 +9,7 @@ use super::common::{load, options};
 use crate::args::Common;
 
 pub(super) fn run(recipe: &Path, common: &Common, json: bool) -> Result<u8, BuildError> {
-    let recipe = load(recipe)?;
+    let recipe = load(recipe, &common.args)?;
     let opts = options(common)?;
     let steps = kiln_builder::plan(&recipe, &opts)?;
     let mut out = std::io::stdout().lock();
@@ -23,6 +23,10 @@ pub(super) fn run(recipe: &Path, common: &Common, json: bool) -> Result<u8, Buil
             .collect();
         let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v).expect("json"));
     } else {
+        // The arguments as resolved: what `${NAME}` became in the steps below.
+        for a in &recipe.args {
+            let _ = writeln!(out, "arg  {}={}  ({})", a.name, a.value.escape_debug(), a.origin);
+        }
         for s in &steps {
             let hit = if s.hit { "HIT " } else { "MISS" };
             let place = match &s.info.stage {

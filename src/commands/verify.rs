@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use kiln_builder::verify::{Verdict, VerifyOptions};
 use kiln_builder::BuildError;
 
-use super::common::{load, parse_secret};
-use crate::args::Backend;
+use super::common::{arg_values, load, parse_secret};
+use crate::args::{Backend, RecipeArgs};
 
 pub(super) fn run(
     recipe_path: &Path,
+    args: &RecipeArgs,
     context: Option<PathBuf>,
     platform: Option<String>,
     backend: Backend,
@@ -19,8 +20,12 @@ pub(super) fn run(
     for s in secrets {
         parse_secret(s)?; // fail early, before two builds
     }
-    let recipe = load(recipe_path)?;
+    let recipe = load(recipe_path, args)?;
     let mut build_args = vec!["--backend".to_string(), backend.as_str().to_string()];
+    // The values as read here, so both builds see the same ones wherever they run.
+    for v in arg_values(args)? {
+        build_args.extend(["--arg".to_string(), format!("{}={}", v.name, v.value)]);
+    }
     for s in secrets {
         build_args.extend(["--secret".to_string(), s.clone()]);
     }

@@ -30,23 +30,15 @@ fn project() -> Project {
     p
 }
 
-fn cached_steps(r: &Run) -> Vec<bool> {
-    r.events()
-        .iter()
-        .filter(|e| e["event"] == "step_finished")
-        .map(|e| e["cached"].as_bool().unwrap())
-        .collect()
-}
-
 #[test]
 fn a_second_build_hits_every_step_and_writes_no_layer() {
     let p = project();
     let first = p.build(&[]);
     let d = first.digest();
-    assert_eq!(cached_steps(&first), vec![false, false, false]);
+    assert_eq!(first.cached(), vec![false, false, false]);
     let second = p.build(&[]);
     assert_eq!(second.digest(), d);
-    assert_eq!(cached_steps(&second), vec![true, true, true]);
+    assert_eq!(second.cached(), vec![true, true, true]);
     assert_eq!(second.count("layer_written"), 0, "no layer rewritten");
 }
 
@@ -58,12 +50,12 @@ fn touching_mtime_keeps_hits_and_changing_content_misses_from_there() {
     fs::File::options().write(true).open(p.path("one/f3")).unwrap().set_modified(later).unwrap();
     let r = p.build(&[]);
     assert_eq!(r.digest(), d, "mtime is not content");
-    assert_eq!(cached_steps(&r), vec![true, true, true]);
+    assert_eq!(r.cached(), vec![true, true, true]);
 
     p.file("two/f7", "changed");
     let r = p.build(&[]);
     assert_ne!(r.digest(), d);
-    assert_eq!(cached_steps(&r), vec![true, false, false], "only the changed copy and what follows miss");
+    assert_eq!(r.cached(), vec![true, false, false], "only the changed copy and what follows miss");
 }
 
 #[test]

@@ -2,8 +2,10 @@
 
 mod support;
 
+mod args;
 mod build;
 mod cache;
+mod context;
 mod crash;
 mod errors;
 mod fuzz;

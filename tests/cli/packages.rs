@@ -273,34 +273,6 @@ content = "on top of the packages\n"
     )
 }
 
-/// Every file of the image's layers, merged: path → (kind char, content or link target).
-fn image_files(layout: &Path) -> std::collections::BTreeMap<String, (char, Vec<u8>)> {
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap())
-            .unwrap();
-    let mut out = std::collections::BTreeMap::new();
-    for l in manifest["layers"].as_array().unwrap() {
-        let f = fs::File::open(blob(l["digest"].as_str().unwrap())).unwrap();
-        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
-        for e in ar.entries().unwrap() {
-            let mut e = e.unwrap();
-            let path = e.path().unwrap().to_string_lossy().trim_end_matches('/').to_string();
-            let kind = e.header().entry_type().as_byte() as char;
-            let mut data = Vec::new();
-            if kind == '2' {
-                data = e.link_name_bytes().unwrap().into_owned();
-            } else {
-                e.read_to_end(&mut data).unwrap();
-            }
-            out.insert(path, (kind, data));
-        }
-    }
-    out
-}
-
 fn lock_text(p: &Project) -> String {
     fs::read_to_string(p.path("kiln.lock")).unwrap()
 }

@@ -32,6 +32,15 @@ impl Run {
         self.stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
+    /// Each step's `cached` (HIT) from its `step_finished` event, in order.
+    pub fn cached(&self) -> Vec<bool> {
+        self.events()
+            .iter()
+            .filter(|e| e["event"] == "step_finished")
+            .map(|e| e["cached"].as_bool().unwrap())
+            .collect()
+    }
+
     pub fn count(&self, event: &str) -> usize {
         self.events().iter().filter(|e| e["event"] == event).count()
     }
@@ -340,4 +349,32 @@ pub fn hostile_archive(p: &Project, file: &str, entries: &[RawEntry]) {
     add(&format!("blobs/sha256/{config_d}"), config.as_bytes());
     add(&format!("blobs/sha256/{layer_d}"), &layer);
     b.finish().unwrap();
+}
+
+/// Every file of the image's layers, merged: path → (kind char, content or link target).
+pub fn image_files(layout: &Path) -> std::collections::BTreeMap<String, (char, Vec<u8>)> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap())
+            .unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for l in manifest["layers"].as_array().unwrap() {
+        let f = fs::File::open(blob(l["digest"].as_str().unwrap())).unwrap();
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().trim_end_matches('/').to_string();
+            let kind = e.header().entry_type().as_byte() as char;
+            let mut data = Vec::new();
+            if kind == '2' {
+                data = e.link_name_bytes().unwrap().into_owned();
+            } else {
+                std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            }
+            out.insert(path, (kind, data));
+        }
+    }
+    out
 }

@@ -64,8 +64,9 @@ impl Listing {
         let tmp = store.tmp_dir();
         let mut w = ListingWriter::new(&tmp);
         let mut push = |e| w.push(e).map_err(BuildError::io_write(&tmp));
-        let actual = scan(layer.open_tar(store)?, &layer.digest, None, &mut |_, _| Ok(()), Some(&mut push), true)?
-            .expect("hashed");
+        let actual =
+            scan(layer.open_tar(store)?, &layer.digest, None, &mut |_, _| Ok(()), Some(&mut push), true)?
+                .expect("hashed");
         if actual != layer.diff_id {
             return Err(BuildError::BadLayer {
                 layer: layer.digest,
