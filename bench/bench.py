@@ -41,6 +41,12 @@ maintainer scripts run, bookworm with its security updates), cold (the
 BuildKit building `FROM` an mmdebstrap `--variant=apt` base with `RUN
 apt-get update && apt-get install -y nginx-light`, and a `LABEL` changed.
 
+W10 (issue 16's "W6"; W6 above was taken): a context of 20,000 small files,
+18,000 of them in a `target/` folder that `.kilnignore` (and, for BuildKit,
+`.dockerignore`) excludes; one `copy = "."`. Measures the no-op rebuild and
+the rebuild after one excluded file changed, against BuildKit with the same
+ignore file.
+
 W1-W5 before and after issue 14 (the engine split into crates behind an
 Executor trait): the same workloads with this checkout and with the release
 build of the commit before issue 14's first change (BEFORE14, `make
@@ -782,6 +788,90 @@ def w9(have_docker):
     return r
 
 
+def w10(have_docker):
+    """Context excludes: 18,000 of 20,000 files in an excluded target/; no-op and excluded-change rebuilds."""
+    ctx = os.path.join(WORK, "w10")
+    rng = random.Random(20261203)
+    for i in range(20_000):
+        where = os.path.join("target", "debug", f"deps{i % 90:02d}") if i < 18_000 else os.path.join("src", f"mod{i % 20:02d}")
+        d = os.path.join(ctx, where)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i:05d}.rs"), "wb") as f:
+            f.write(rng.randbytes(rng.randint(200, 4000)))
+    ignore = "target/\nkiln.toml\nDockerfile\n"
+    for name in (".kilnignore", ".dockerignore"):
+        with open(os.path.join(ctx, name), "w") as f:
+            f.write(ignore)
+    with open(os.path.join(ctx, "kiln.toml"), "w") as f:
+        f.write('[image]\nname = "w10"\n\n[[step]]\ncopy = "."\nto = "/src"\n')
+    with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+        f.write("FROM scratch\nCOPY . /src\n")
+    cache = os.path.join(WORK, "cache-w10")
+    out = f"oci:{os.path.join(WORK, 'out-w10')}"
+    build = lambda: run([KILN, "build", os.path.join(ctx, "kiln.toml"), "--cache-dir", cache, "-o", out,
+                         "--progress", "plain"])[0]
+    excluded = os.path.join(ctx, "target", "debug", "deps07", "f00007.rs")
+
+    def touch_excluded(n):
+        with open(excluded, "ab") as f:
+            f.write(f"change {n}\n".encode())
+
+    cold = build()
+    time.sleep(2.5)  # the stat index's racy window
+    build()
+    noop = [build() for _ in range(10)]
+    changed = []
+    for n in range(10):
+        touch_excluded(n)
+        changed.append(build())
+    r = {"files": 20_000, "excluded": 18_000, "cold": cold,
+         "noop": statistics.median(noop), "changed": statistics.median(changed)}
+    if have_docker:
+        env = dict(os.environ, DOCKER_BUILDKIT="1")
+        bk = lambda: run([DOCKER, "build", "-q", "-t", "kiln-bench-w10", ctx], env=env)[0]
+        subprocess.run([DOCKER, "builder", "prune", "-af"], capture_output=True)
+        bk_cold = bk()
+        bk()
+        bk_noop = [bk() for _ in range(5)]
+        bk_changed = []
+        for n in range(10, 15):
+            touch_excluded(n)
+            bk_changed.append(bk())
+        r["buildkit"] = {"cold": bk_cold, "noop": statistics.median(bk_noop), "changed": statistics.median(bk_changed)}
+        subprocess.run([DOCKER, "rmi", "-f", "kiln-bench-w10"], capture_output=True)
+    return r
+
+
+def w10_lines(r):
+    if r is None:
+        return []
+    b = r.get("buildkit")
+    ms = lambda v: f"{v * 1000:.0f} ms"
+    lines = [
+        f"## W10 (issue 16's W6): a context of {r['files']:,} files, {r['excluded']:,} of them in an excluded `target/`",
+        "",
+        "| measure | kiln | BuildKit | kiln/BuildKit | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label, target in [("cold", "cold build", None), ("noop", "no-op rebuild (median of 10 / 5)", 0.030),
+                               ("changed", "one excluded file changed (median of 10 / 5)", None)]:
+        kb = b[key] if b else None
+        ratio = f"{r[key] / kb:.2f}" if kb else ""
+        if key == "noop":
+            t = "<= 30 ms and <= 0.2x"
+            met = "yes" if r[key] <= target and (kb is None or r[key] <= 0.2 * kb) else "NO"
+        elif key == "changed":
+            t = "what a no-op costs"
+            met = "yes" if r[key] <= r["noop"] * 1.2 + 0.002 else "NO"
+        else:
+            t, met = "", ""
+        lines.append(f"| {label} | {ms(r[key])} | {ms(kb) if kb else '-'} | {ratio} | {t} | {met} |")
+    lines += ["", "Both read the same ignore file (`target/`); kiln's walk never enters `target/`, so a change there "
+              "is not even seen. BuildKit: `DOCKER_BUILDKIT=1 docker build` (`FROM scratch`, `COPY . /src`), "
+              "cold after `docker builder prune -af`."]
+    return lines
+
+
 def w9_lines(r):
     if r is None:
         return []
@@ -975,6 +1065,10 @@ def main():
     if only == "w14":
         print("\n".join(w14_lines(w14res)))
         return
+    w10res = w10(have_docker) if only in (None, "w10") else None
+    if only == "w10":
+        print("\n".join(w10_lines(w10res)))
+        return
     w9res = w9(have_docker) if only in (None, "w9") else None
     if only == "w9":
         print("\n".join(w9_lines(w9res)))
@@ -1051,6 +1145,7 @@ def main():
     lines += w5_lines(w5res)
     lines += w6_lines(w6res)
     lines += w9_lines(w9res)
+    lines += w10_lines(w10res)
     lines += w14_lines(w14res)
     out = "\n".join(lines)
     with open(os.path.join(ROOT, "bench", "RESULTS.md"), "w") as f:

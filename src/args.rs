@@ -56,6 +56,18 @@ pub struct RecipeArgs {
     pub arg_file: Vec<PathBuf>,
 }
 
+/// Labels and annotations given on the command line, over the recipe's.
+#[derive(Debug, Args, Default, Clone)]
+pub struct Stamps {
+    /// Add or replace a label of the image config (repeatable): KEY=VALUE, over `[config] labels`.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub label: Vec<String>,
+    /// Add or replace a manifest annotation (repeatable): KEY=VALUE, over `[image] annotations`;
+    /// also on the OCI index entry of `oci:` outputs.
+    #[arg(long = "annotation", value_name = "KEY=VALUE")]
+    pub annotation: Vec<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct Common {
     #[command(flatten)]
@@ -168,6 +180,8 @@ pub enum Command {
         secrets: Vec<String>,
         #[command(flatten)]
         args: RecipeArgs,
+        #[command(flatten)]
+        stamps: Stamps,
     },
     /// Look after the cache.
     Cache {
@@ -238,4 +252,6 @@ pub struct BuildArgs {
     /// digests, each output, each step (key, HIT/MISS, seconds, layer) and the bytes pushed and pulled.
     #[arg(long = "metadata-file", value_name = "FILE")]
     pub metadata_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub stamps: Stamps,
 }

@@ -22,6 +22,8 @@ pub(crate) struct BaseImage {
     /// What the first step's key builds on: `scratch` or the manifest digest.
     pub(crate) id: String,
     pub(crate) config: ImageConfiguration,
+    /// The base's `Healthcheck` and `Shell`, which OCI's config type does not hold.
+    pub(crate) docker_config: kiln_oci::image::DockerConfig,
     pub(crate) layers: Vec<ImageLayer>,
     /// For a `registry:` base, the repository its blobs can be mounted from.
     pub(crate) source: Option<Remote>,
@@ -56,6 +58,7 @@ pub(crate) fn load_base(
         Base::Scratch => Ok(BaseImage {
             id: "scratch".into(),
             config: scratch_config(platform),
+            docker_config: Default::default(),
             layers: Vec::new(),
             source: None,
         }),
@@ -80,6 +83,7 @@ pub(crate) fn load_base(
             Ok(BaseImage {
                 id: img.manifest.to_string(),
                 config: img.config_json,
+                docker_config: img.docker_config,
                 layers: img.layers,
                 source: Some(source),
             })
@@ -119,6 +123,7 @@ pub(crate) fn load_base(
             Ok(BaseImage {
                 id: img.manifest.to_string(),
                 config: img.config_json,
+                docker_config: img.docker_config,
                 layers: img.layers,
                 source: None,
             })

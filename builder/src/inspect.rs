@@ -17,6 +17,9 @@ pub struct Inspection {
     pub os: String,
     pub created: Option<String>,
     pub layers: Vec<LayerInfo>,
+    /// The manifest's annotations.
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// The config's `config` object as stored (with Docker's `Healthcheck` and `Shell`).
     pub config_json: serde_json::Value,
 }
 
@@ -59,6 +62,18 @@ pub fn inspect(store: &Store, target: &ImageRef) -> Result<Inspection, BuildErro
         os: img.config_json.os().to_string(),
         created: img.config_json.created().clone(),
         layers,
-        config_json: serde_json::to_value(img.config_json.config()).unwrap_or_default(),
+        config_json: {
+            let mut c = serde_json::to_value(img.config_json.config()).unwrap_or_default();
+            if !img.docker_config.is_empty() {
+                if c.is_null() {
+                    c = serde_json::Value::Object(Default::default());
+                }
+                if let Some(obj) = c.as_object_mut() {
+                    obj.extend(img.docker_config.clone());
+                }
+            }
+            c
+        },
+        annotations: img.annotations,
     })
 }

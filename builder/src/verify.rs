@@ -1,7 +1,9 @@
 //! `kiln verify`: the recipe built twice, each time by a separate kiln
 //! process from a fresh copy of the context made under a different umask,
 //! with a fresh cache, another TZ, at another second; the two manifest
-//! digests compared and, when they differ, the two images' files.
+//! digests compared and, when they differ, the two images' files. The
+//! first build's cache mounts start empty and the second's hold what the
+//! first left, so a recipe whose image depends on them is caught.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,12 @@ pub fn verify(recipe: &Path, opts: &VerifyOptions, note: &dyn Fn(&str)) -> Resul
         let run = work.path().join(format!("build-{}", i + 1));
         let ctx = run.join("context");
         copy_tree(&opts.context, &ctx, umask)?;
+        if i > 0 {
+            // The first build ran with empty cache mounts; the second gets what
+            // it left in them, so an image that depends on their contents differs.
+            let first = Store::open(&work.path().join("build-1").join("cache"))?;
+            first.hand_mounts_to(&Store::open(&run.join("cache"))?)?;
+        }
         let out = run.join("image");
         let mut cmd = Command::new("sh");
         cmd.arg("-c")

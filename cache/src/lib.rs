@@ -20,6 +20,7 @@
 //! v1/files/SHA256-MODE-UID-GID-MTIME   the pool of unpacked files those folders hard-link to
 //! v1/unpacked-userns-UID-SUBUID-COUNT/, v1/files-userns-UID-SUBUID-COUNT/
 //!                         the same for one rootless id mapping (files of subordinate ids)
+//! v1/mounts/HEX/          a `run` step's cache mount (by the sha256 of its id): `id`, `lock`, `data/`
 //! v1/tmp/                 writes in progress, renamed into place when complete
 //! v1/store.lock           shared by builds, exclusive for prune and gc
 //! ```
@@ -29,7 +30,7 @@
 //!
 //! Modules: [`digest`] (the `sha256:` digest type and hashing writers),
 //! [`store`] (opening, records, atomic writes), [`blob`] (writing and checking
-//! blobs), [`index`] (the stat index), [`lock`] (file locks), [`prune`] (size
+//! blobs), [`index`] (the stat index), [`lock`] (file locks), [`mounts`] (cache mounts), [`prune`] (size
 //! accounting, LRU eviction and garbage collection). The store speaks no
 //! network: registries are `kiln-remote`'s, which streams their blobs in and
 //! out through [`BlobWriter`] and [`Store`].
@@ -38,6 +39,7 @@ pub mod blob;
 pub mod digest;
 pub mod index;
 pub mod lock;
+pub mod mounts;
 pub mod prune;
 pub mod store;
 
@@ -45,5 +47,6 @@ pub use blob::BlobWriter;
 pub use digest::{Digest, HashingWriter};
 pub use index::StatIndex;
 pub use lock::StoreLock;
+pub use mounts::{CacheMountInfo, MountLease, Take};
 pub use prune::{PruneReport, StoreUsage};
 pub use store::{ImageRecord, RecordKind, StepRecord, Store, StoreError};

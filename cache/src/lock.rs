@@ -25,6 +25,16 @@ impl StoreLock {
         Ok(StoreLock { _file: file })
     }
 
+    /// An exclusive lock if no one holds the lock now.
+    pub(crate) fn try_exclusive(path: &Path) -> io::Result<Option<StoreLock>> {
+        let file = Self::open(path)?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(StoreLock { _file: file })),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Blocks until an exclusive lock is held; calls `waiting` first when
     /// the lock is taken (a build is running).
     pub(crate) fn exclusive(path: &Path, waiting: &dyn Fn()) -> io::Result<StoreLock> {

@@ -31,6 +31,9 @@ pub struct StoreUsage {
     pub debs: u64,
     /// Partition images kept for `-o vm:` (root filesystems, boot partitions).
     pub disks: u64,
+    /// `run` steps' cache mounts, and the bytes of their files.
+    pub mounts: u64,
+    pub mount_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -38,6 +41,8 @@ pub struct PruneReport {
     pub removed_blobs: u64,
     pub removed_bytes: u64,
     pub removed_records: u64,
+    /// Cache mounts removed (their bytes are in `removed_bytes`).
+    pub removed_mounts: u64,
     pub remaining_bytes: u64,
 }
 
@@ -106,6 +111,7 @@ impl Store {
         let entries = self.entries()?;
         let count = |k: RecordKind| entries.iter().filter(|e| e.kind == k).count() as u64;
         let unpacked = self.unpacked()?;
+        let mounts = self.cache_mounts()?;
         Ok(StoreUsage {
             root: self.root().to_path_buf(),
             blobs: sizes.len() as u64,
@@ -117,6 +123,8 @@ impl Store {
             bases: count(RecordKind::Base),
             debs: count(RecordKind::Deb),
             disks: count(RecordKind::Disk),
+            mounts: mounts.len() as u64,
+            mount_bytes: mounts.iter().map(|m| m.bytes).sum(),
         })
     }
 
@@ -132,8 +140,12 @@ impl Store {
         let mut unpacked = self.unpacked()?;
         unpacked.sort_by_key(|u| u.modified);
         let mut unpacked_total: u64 = unpacked.iter().map(|u| u.bytes).sum();
+        // Cache mounts count toward the budget and go, oldest first, after the
+        // unpacked folders (derived data) and before any record.
+        let mounts = self.cache_mounts()?;
+        let mut mount_total: u64 = mounts.iter().map(|m| m.bytes).sum();
         for u in unpacked {
-            if blob_total + unpacked_total <= max_bytes {
+            if blob_total + unpacked_total + mount_total <= max_bytes {
                 break;
             }
             let _ = fs::remove_dir_all(&u.path);
@@ -141,7 +153,16 @@ impl Store {
             report.removed_bytes += u.bytes;
         }
         self.sweep_file_pool(&mut report);
-        let max_bytes = max_bytes.saturating_sub(unpacked_total);
+        for m in &mounts {
+            if blob_total + unpacked_total + mount_total <= max_bytes {
+                break;
+            }
+            self.remove_mount(m);
+            mount_total -= m.bytes;
+            report.removed_bytes += m.bytes;
+            report.removed_mounts += 1;
+        }
+        let max_bytes = max_bytes.saturating_sub(unpacked_total + mount_total);
         let entries = self.entries()?;
         let mut refcount: HashMap<Digest, usize> = HashMap::new();
         for e in &entries {

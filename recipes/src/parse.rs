@@ -10,8 +10,9 @@ use crate::args::{expand, is_arg_name, Arg, ArgValue, ExpandError};
 use crate::diagnostic::RecipeError;
 use crate::raw::{RawConfig, RawImage, RawPackages, RawRecipe, RawStage, RawStep, RawVm};
 use crate::recipe::{
-    debian_architecture, Base, Command, Config, CopyStep, FileMode, Image, Owner, Packages, Platform, Recipe,
-    RunStep, Span, Stage, Step, StepKind, Suite, Vm, VmBoot, VmFilesystem, WriteStep,
+    debian_architecture, Base, CacheMount, Command, Config, CopyStep, FileMode, Healthcheck, Image, Owner,
+    Packages, Platform, Recipe, RunStep, Sharing, Span, Stage, Step, StepKind, Suite, Vm, VmBoot,
+    VmFilesystem, WriteStep,
 };
 use crate::reference::ImageRef;
 
@@ -192,6 +193,9 @@ impl Parser {
             self.sub(&mut image.name, a)?;
             self.sub_opt(&mut image.base, a)?;
             self.sub_opt(&mut image.platform, a)?;
+            for v in image.annotations.values_mut() {
+                self.sub(v, a)?;
+            }
         }
         for stage in &mut raw.stages {
             let stage = stage.get_mut();
@@ -201,8 +205,16 @@ impl Parser {
         self.sub_steps(&mut raw.steps, a)?;
         if let Some(c) = &mut raw.config {
             let c = c.get_mut();
-            self.sub_value(&mut c.entrypoint, a)?;
-            self.sub_value(&mut c.cmd, a)?;
+            self.sub_value_opt(&mut c.entrypoint, a)?;
+            self.sub_value_opt(&mut c.cmd, a)?;
+            self.sub_value_opt(&mut c.shell, a)?;
+            if let Some(h) = &mut c.healthcheck {
+                let h = h.get_mut();
+                self.sub_value(&mut h.test, a)?;
+                for v in [&mut h.interval, &mut h.timeout, &mut h.start_period, &mut h.start_interval] {
+                    self.sub_opt(v, a)?;
+                }
+            }
             for v in c.env.values_mut().chain(c.labels.values_mut()) {
                 self.sub(v, a)?;
             }
@@ -215,7 +227,7 @@ impl Parser {
         }
         if let Some(vm) = &mut raw.vm {
             let vm = vm.get_mut();
-            self.sub_value(&mut vm.size, a)?;
+            self.sub_value_opt(&mut vm.size, a)?;
             for v in [&mut vm.filesystem, &mut vm.cmdline, &mut vm.boot, &mut vm.init] {
                 self.sub_opt(v, a)?;
             }
@@ -242,8 +254,15 @@ impl Parser {
             ] {
                 self.sub_opt(v, a)?;
             }
-            self.sub_value(&mut s.run, a)?;
-            self.sub_value(&mut s.mode, a)?;
+            self.sub_value_opt(&mut s.run, a)?;
+            if let Some(list) = &mut s.cache {
+                for m in list.get_mut() {
+                    let m = m.get_mut();
+                    self.sub(&mut m.target, a)?;
+                    self.sub_opt(&mut m.id, a)?;
+                }
+            }
+            self.sub_value_opt(&mut s.mode, a)?;
             if let Some(env) = &mut s.env {
                 let span = env.span();
                 for v in env.get_mut().values_mut() {
@@ -275,13 +294,23 @@ impl Parser {
         Ok(())
     }
 
-    /// Every string in a value (a string, or an array's strings).
-    fn sub_value(
+    fn sub_value_opt(
         &self,
         v: &mut Option<Spanned<toml::Value>>,
         a: &BTreeMap<String, String>,
     ) -> Result<(), RecipeError> {
-        let Some(v) = v else { return Ok(()) };
+        match v {
+            Some(v) => self.sub_value(v, a),
+            None => Ok(()),
+        }
+    }
+
+    /// Every string in a value (a string, or an array's strings).
+    fn sub_value(
+        &self,
+        v: &mut Spanned<toml::Value>,
+        a: &BTreeMap<String, String>,
+    ) -> Result<(), RecipeError> {
         let span = v.span();
         let mut strings: Vec<&mut String> = Vec::new();
         match v.get_mut() {
@@ -405,7 +434,14 @@ impl Parser {
                     .map_err(|m| self.err(p.span(), m).with_hint("e.g. `platform = \"linux/amd64\"`"))?,
             ),
         };
-        Ok(Image { name: name.clone(), base, base_span, epoch, platform })
+        let mut annotations = BTreeMap::new();
+        for (k, v) in raw.annotations {
+            if let Some(why) = annotation_problem(k.get_ref(), v.get_ref()) {
+                return Err(self.err(k.span(), why).with_hint(ANNOTATION_HINT));
+            }
+            annotations.insert(k.into_inner(), v.into_inner());
+        }
+        Ok(Image { name: name.clone(), base, base_span, epoch, platform, annotations })
     }
 
     fn vm(&self, raw: RawVm) -> Result<Vm, RecipeError> {
@@ -717,6 +753,7 @@ impl Parser {
             ("user", s.user.as_ref().map(|v| v.span())),
             ("workdir", s.workdir.as_ref().map(|v| v.span())),
             ("timeout", s.timeout.as_ref().map(|v| v.span())),
+            ("cache", s.cache.as_ref().map(|v| v.span())),
         ] {
             if let Some(sp) = sp {
                 return Err(self
@@ -908,6 +945,10 @@ impl Parser {
                 )
             })?),
         };
+        let cache = match s.cache {
+            None => Vec::new(),
+            Some(list) => self.cache_mounts(list.into_inner())?,
+        };
         Ok(StepKind::Run(RunStep {
             command,
             env,
@@ -916,7 +957,63 @@ impl Parser {
             user,
             workdir,
             timeout,
+            cache,
         }))
+    }
+
+    /// A `run` step's `cache = [...]`.
+    fn cache_mounts(
+        &self,
+        list: Vec<Spanned<crate::raw::RawCacheMount>>,
+    ) -> Result<Vec<CacheMount>, RecipeError> {
+        let mut out: Vec<CacheMount> = Vec::new();
+        for m in list {
+            let m = m.into_inner();
+            let (target, _) = normalize_image_path(m.target.get_ref()).map_err(|why| {
+                self.err(m.target.span(), format!("the cache mount's `target`: {why}")).with_hint(
+                    "`target` is an absolute path in the image, e.g. `target = \"/root/.cache/pip\"`",
+                )
+            })?;
+            let reserved = ["/proc", "/sys", "/dev", "/run/secrets"];
+            if target == "/" || reserved.iter().any(|r| target == *r || target.starts_with(&format!("{r}/")))
+            {
+                return Err(self
+                    .err(m.target.span(), format!("`{target}` cannot be a cache mount"))
+                    .with_hint("mount a cache on a folder of its own, e.g. `/root/.cache/pip` or `/var/cache/apt`; not `/`, `/proc`, `/sys`, `/dev` or `/run/secrets`"));
+            }
+            if out.iter().any(|o| o.target == target) {
+                return Err(self
+                    .err(m.target.span(), format!("two cache mounts have the target `{target}`"))
+                    .with_hint("mount each folder once"));
+            }
+            let id = match &m.id {
+                None => target.clone(),
+                Some(id) => {
+                    let v = id.get_ref();
+                    if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
+                        return Err(self
+                            .err(id.span(), "a cache mount's `id` must be 1 to 256 characters, none of them control characters")
+                            .with_hint("e.g. `id = \"pip\"`; steps with the same id share the cache"));
+                    }
+                    v.clone()
+                }
+            };
+            let sharing = match &m.sharing {
+                None => Sharing::Shared,
+                Some(s) => match s.get_ref().as_str() {
+                    "shared" => Sharing::Shared,
+                    "locked" => Sharing::Locked,
+                    "private" => Sharing::Private,
+                    other => {
+                        return Err(self.err(s.span(), format!("`{other}` is not a sharing mode")).with_hint(
+                            "`sharing` is `shared` (the default), `locked` or `private`, as in BuildKit",
+                        ))
+                    }
+                },
+            };
+            out.push(CacheMount { target, id, sharing });
+        }
+        Ok(out)
     }
 
     fn owner(&self, o: &Spanned<String>) -> Result<Owner, RecipeError> {
@@ -968,6 +1065,15 @@ impl Parser {
         };
         let entrypoint = argv(&c.entrypoint, "entrypoint")?;
         let cmd = argv(&c.cmd, "cmd")?;
+        let shell = argv(&c.shell, "shell")?;
+        if let (Some(sh), Some(span)) = (&shell, c.shell.as_ref().map(|s| s.span())) {
+            if sh.is_empty() || sh[0].is_empty() {
+                return Err(self
+                    .err(span, "`shell` names no program")
+                    .with_hint("e.g. `shell = [\"/bin/bash\", \"-c\"]`"));
+            }
+        }
+        let healthcheck = c.healthcheck.map(|h| self.healthcheck(h)).transpose()?;
 
         let mut env = BTreeMap::new();
         for (k, v) in c.env {
@@ -1027,6 +1133,8 @@ impl Parser {
             labels: c.labels.into_iter().map(|(k, v)| (k, v.into_inner())).collect(),
             ports,
             volumes,
+            healthcheck,
+            shell,
             stop_signal: match c.stop_signal {
                 Some(sig) if !is_signal(sig.get_ref()) => {
                     return Err(self
@@ -1037,6 +1145,91 @@ impl Parser {
                 }
                 s => s.map(|s| s.into_inner()),
             },
+        })
+    }
+}
+
+const ANNOTATION_HINT: &str = "annotation keys are reverse-DNS names such as `org.opencontainers.image.source`; kiln sets `org.opencontainers.image.created` itself (the epoch)";
+
+/// What is wrong with a manifest annotation, if anything.
+pub fn annotation_problem(key: &str, value: &str) -> Option<String> {
+    let key_ok = !key.is_empty()
+        && key.len() <= 256
+        && key.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_' | b'/'));
+    if !key_ok {
+        Some(format!("`{}` is not an annotation key", key.escape_debug()))
+    } else if key == "org.opencontainers.image.created" {
+        Some("`org.opencontainers.image.created` is the image's epoch; kiln writes it".into())
+    } else if key == "org.opencontainers.image.ref.name" {
+        Some(
+            "`org.opencontainers.image.ref.name` is the tag of an `oci:DIR:TAG` output; kiln writes it"
+                .into(),
+        )
+    } else if value.contains('\0') {
+        Some(format!("the value of `{key}` contains a NUL byte"))
+    } else {
+        None
+    }
+}
+
+impl Parser {
+    /// `healthcheck = { test = [...], interval = "30s", ... }`, as `HEALTHCHECK` takes it.
+    fn healthcheck(&self, h: Spanned<crate::raw::RawHealthcheck>) -> Result<Healthcheck, RecipeError> {
+        let span = h.span();
+        let h = h.into_inner();
+        let hint = "write `test = [\"CMD\", \"/bin/check\", \"--quick\"]`, `[\"CMD-SHELL\", \"curl -f http://localhost/ || exit 1\"]`, a string (run with the image's shell), or `[\"NONE\"]` to turn off the base's";
+        let test = match h.test.get_ref() {
+            toml::Value::String(s) if !s.trim().is_empty() => vec!["CMD-SHELL".to_string(), s.clone()],
+            toml::Value::Array(items) => {
+                let v: Option<Vec<String>> = items.iter().map(|i| i.as_str().map(str::to_string)).collect();
+                let Some(v) = v else {
+                    return Err(self.err(h.test.span(), "`test` must hold only strings").with_hint(hint));
+                };
+                let ok = match v.first().map(String::as_str) {
+                    Some("NONE") => v.len() == 1,
+                    Some("CMD") => v.len() >= 2 && !v[1].is_empty(),
+                    Some("CMD-SHELL") => v.len() == 2 && !v[1].trim().is_empty(),
+                    _ => false,
+                };
+                if !ok {
+                    return Err(self
+                        .err(h.test.span(), "`test` is not a health check command")
+                        .with_hint(hint));
+                }
+                v
+            }
+            _ => return Err(self.err(h.test.span(), "`test` is empty or not a command").with_hint(hint)),
+        };
+        let duration = |d: &Option<Spanned<String>>, key: &str| -> Result<_, RecipeError> {
+            d.as_ref()
+                .map(|d| {
+                    crate::recipe::parse_duration(d.get_ref()).ok_or_else(|| {
+                        self.err(d.span(), format!("`{key}` is not a duration kiln reads")).with_hint(
+                            "a whole number and a unit (`ms`, `s`, `m`, `h`), e.g. `\"30s\"` or `\"1m30s\"`",
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let retries = match &h.retries {
+            None => None,
+            Some(r) => Some(u32::try_from(*r.get_ref()).ok().filter(|n| *n <= 1000).ok_or_else(|| {
+                self.err(r.span(), "`retries` must be a whole number from 0 to 1000")
+                    .with_hint("e.g. `retries = 3`")
+            })?),
+        };
+        if test == ["NONE"] && (h.interval.is_some() || h.timeout.is_some() || h.retries.is_some()) {
+            return Err(self
+                .err(span, "a `[\"NONE\"]` health check takes no other keys")
+                .with_hint("`[\"NONE\"]` turns the base's check off; remove the other keys"));
+        }
+        Ok(Healthcheck {
+            test,
+            interval: duration(&h.interval, "interval")?,
+            timeout: duration(&h.timeout, "timeout")?,
+            start_period: duration(&h.start_period, "start_period")?,
+            start_interval: duration(&h.start_interval, "start_interval")?,
+            retries,
         })
     }
 }
@@ -1392,6 +1585,98 @@ ports = ["8080", "53/udp"]
             let e = parse(text).unwrap_err();
             assert!(e.message().contains(want), "{text:?}: got {:?}", e.message());
         }
+    }
+
+    #[test]
+    fn healthcheck_shell_and_annotations() {
+        let r = parse(
+            r#"
+[image]
+name = "x"
+annotations = { "org.opencontainers.image.source" = "https://example.invalid/app" }
+[config]
+healthcheck = { test = ["CMD", "/bin/check", "--quick"], interval = "30s", timeout = "5s", retries = 3, start_period = "1m" }
+shell = ["/bin/bash", "-c"]
+"#,
+        )
+        .unwrap();
+        let h = r.config.healthcheck.unwrap();
+        assert_eq!(h.test, ["CMD", "/bin/check", "--quick"]);
+        assert_eq!(h.interval, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(h.start_period, Some(std::time::Duration::from_secs(60)));
+        assert_eq!((h.retries, h.start_interval), (Some(3), None));
+        assert_eq!(r.config.shell.unwrap(), ["/bin/bash", "-c"]);
+        assert_eq!(r.image.annotations["org.opencontainers.image.source"], "https://example.invalid/app");
+        let r = parse("[image]\nname = \"x\"\n[config]\nhealthcheck = { test = \"curl -f localhost\" }\n")
+            .unwrap();
+        assert_eq!(r.config.healthcheck.unwrap().test, ["CMD-SHELL", "curl -f localhost"]);
+
+        let head = "[image]\nname = \"x\"\n[config]\n";
+        for (body, want) in [
+            ("healthcheck = { test = [\"curl\"] }", "not a health check command"),
+            ("healthcheck = { test = [\"CMD\"] }", "not a health check command"),
+            ("healthcheck = { test = [\"NONE\", \"x\"] }", "not a health check command"),
+            ("healthcheck = { test = [\"CMD\", 1] }", "must hold only strings"),
+            ("healthcheck = { test = \"\" }", "`test` is empty"),
+            ("healthcheck = { test = \"true\", interval = \"soon\" }", "`interval` is not a duration"),
+            ("healthcheck = { test = \"true\", retries = -1 }", "`retries` must be"),
+            ("healthcheck = { test = [\"NONE\"], retries = 1 }", "takes no other keys"),
+            ("healthcheck = { test = \"true\", intervall = \"1s\" }", "unknown field"),
+            ("healthcheck = { interval = \"1s\" }", "missing field `test`"),
+            ("shell = []", "names no program"),
+            ("shell = \"/bin/bash\"", "must be an array"),
+        ] {
+            let e = parse(&format!("{head}{body}\n")).unwrap_err();
+            assert!(e.message().contains(want), "{body}: {}", e.message());
+        }
+        for (body, want) in [
+            ("annotations = { \"a b\" = \"1\" }", "not an annotation key"),
+            ("annotations = { \"org.opencontainers.image.created\" = \"2024\" }", "kiln writes it"),
+            ("annotations = { \"org.opencontainers.image.ref.name\" = \"v1\" }", "kiln writes it"),
+            ("annotations = { a = 1 }", "invalid type"),
+        ] {
+            let e = parse(&format!("[image]\nname = \"x\"\n{body}\n")).unwrap_err();
+            assert!(e.message().contains(want), "{body}: {}", e.message());
+        }
+    }
+
+    #[test]
+    fn cache_mounts_parse_and_bad_ones_are_refused() {
+        let r = parse(
+            "[image]\nname = \"x\"\n[[step]]\nrun = \"true\"\ncache = [{ target = \"/root/.cache/pip/\" }, { id = \"apt\", target = \"/var/cache/apt\", sharing = \"locked\" }]\n",
+        )
+        .unwrap();
+        let StepKind::Run(run) = &r.steps[0].kind else { panic!() };
+        assert_eq!(
+            run.cache,
+            [
+                CacheMount {
+                    target: "/root/.cache/pip".into(),
+                    id: "/root/.cache/pip".into(),
+                    sharing: Sharing::Shared
+                },
+                CacheMount { target: "/var/cache/apt".into(), id: "apt".into(), sharing: Sharing::Locked },
+            ]
+        );
+        let head = "[image]\nname = \"x\"\n[[step]]\nrun = \"true\"\n";
+        for (body, want) in [
+            ("cache = [{ target = \"root/.cache\" }]", "not an absolute path"),
+            ("cache = [{ target = \"/a/../b\" }]", "contains `..`"),
+            ("cache = [{ target = \"/\" }]", "cannot be a cache mount"),
+            ("cache = [{ target = \"/proc/x\" }]", "cannot be a cache mount"),
+            ("cache = [{ target = \"/run/secrets\" }]", "cannot be a cache mount"),
+            ("cache = [{ target = \"/a\" }, { target = \"/a/\" }]", "two cache mounts"),
+            ("cache = [{ target = \"/a\", sharing = \"exclusive\" }]", "not a sharing mode"),
+            ("cache = [{ target = \"/a\", id = \"\" }]", "`id` must be"),
+            ("cache = [{ target = \"/a\", id = \"a\\nb\" }]", "`id` must be"),
+            ("cache = [{ target = \"/a\", uid = 1 }]", "unknown field"),
+            ("cache = [{ id = \"a\" }]", "missing field `target`"),
+        ] {
+            let e = parse(&format!("{head}{body}\n")).unwrap_err();
+            assert!(e.message().contains(want), "{body}: {}", e.message());
+        }
+        let e = parse("[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"\"\ncache = [{ target = \"/a\" }]\n").unwrap_err();
+        assert!(e.message().contains("`cache` only applies to `run` steps"), "{}", e.message());
     }
 
     const ARGS_RECIPE: &str = r#"

@@ -40,6 +40,8 @@ pub(crate) struct RawImage {
     pub(crate) base: Option<Spanned<String>>,
     pub(crate) epoch: Option<Spanned<i64>>,
     pub(crate) platform: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) annotations: BTreeMap<Spanned<String>, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +89,16 @@ pub(crate) struct RawStep {
     pub(crate) workdir: Option<Spanned<String>>,
     pub(crate) timeout: Option<Spanned<String>>,
     pub(crate) exclude: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) cache: Option<Spanned<Vec<Spanned<RawCacheMount>>>>,
+}
+
+/// `cache = [{ target = "/root/.cache/pip", id = "pip", sharing = "locked" }]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCacheMount {
+    pub(crate) target: Spanned<String>,
+    pub(crate) id: Option<Spanned<String>>,
+    pub(crate) sharing: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,4 +117,18 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) volumes: Vec<Spanned<String>>,
     pub(crate) stop_signal: Option<Spanned<String>>,
+    pub(crate) healthcheck: Option<Spanned<RawHealthcheck>>,
+    pub(crate) shell: Option<Spanned<toml::Value>>,
+}
+
+/// `[config] healthcheck = { test = [...], interval = "30s", ... }`: Docker's `Healthcheck`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealthcheck {
+    pub(crate) test: Spanned<toml::Value>,
+    pub(crate) interval: Option<Spanned<String>>,
+    pub(crate) timeout: Option<Spanned<String>>,
+    pub(crate) start_period: Option<Spanned<String>>,
+    pub(crate) start_interval: Option<Spanned<String>>,
+    pub(crate) retries: Option<Spanned<i64>>,
 }

@@ -113,6 +113,8 @@ pub struct Image {
     /// `epoch` as written; `None` means the default (0, or SOURCE_DATE_EPOCH).
     pub epoch: Option<u64>,
     pub platform: Option<Platform>,
+    /// `[image] annotations`: written into the manifest and the OCI index entry.
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// An OS/architecture pair such as `linux/amd64` or `linux/arm/v7`.
@@ -327,6 +329,41 @@ pub struct RunStep {
     /// whole process tree is killed and the step fails. Not in the step's
     /// key: a command that finishes in time makes the same layer.
     pub timeout: Option<std::time::Duration>,
+    /// `cache = [{ target = "/root/.cache/pip" }, ...]`: folders kept in the
+    /// store across builds, mounted read-write; never in a layer or a key
+    /// (the mounts' targets, ids and sharing are in the key, not their contents).
+    pub cache: Vec<CacheMount>,
+}
+
+/// One of a `run` step's cache mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheMount {
+    /// An absolute path in the image, normalized.
+    pub target: String,
+    /// Which cache (default: the target): steps with the same id share it.
+    pub id: String,
+    pub sharing: Sharing,
+}
+
+/// How steps running at once use one cache mount, as BuildKit's `sharing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// Every step uses it at once (the default).
+    Shared,
+    /// One step at a time; the others wait.
+    Locked,
+    /// A step that finds it in use gets a new, empty one for itself.
+    Private,
+}
+
+impl Sharing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sharing::Shared => "shared",
+            Sharing::Locked => "locked",
+            Sharing::Private => "private",
+        }
+    }
 }
 
 /// A duration as recipes and flags write it: a whole number and a unit
@@ -448,4 +485,19 @@ pub struct Config {
     pub ports: Vec<String>,
     pub volumes: Vec<String>,
     pub stop_signal: Option<String>,
+    pub healthcheck: Option<Healthcheck>,
+    /// Docker's `Shell`: the shell of shell-form commands in images built on this one.
+    pub shell: Option<Vec<String>>,
+}
+
+/// Docker's `Healthcheck` (what `docker inspect` shows and the engine runs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Healthcheck {
+    /// `["CMD", ...]`, `["CMD-SHELL", "..."]` or `["NONE"]` (turns off a base's).
+    pub test: Vec<String>,
+    pub interval: Option<std::time::Duration>,
+    pub timeout: Option<std::time::Duration>,
+    pub start_period: Option<std::time::Duration>,
+    pub start_interval: Option<std::time::Duration>,
+    pub retries: Option<u32>,
 }

@@ -3,11 +3,12 @@
 use kiln_builder::BuildError;
 use kiln_recipes::ImageRef;
 
-use super::common::{load, options, parse_cache_ref, parse_ref, parse_secret};
+use super::common::{apply_stamps, load, options, parse_cache_ref, parse_ref, parse_secret};
 use crate::args::BuildArgs;
 
 pub(super) fn run(a: BuildArgs) -> Result<u8, BuildError> {
-    let recipe = load(&a.recipe, &a.common.args)?;
+    let mut recipe = load(&a.recipe, &a.common.args)?;
+    apply_stamps(&mut recipe, &a.stamps)?;
     let mut opts = options(&a.common)?;
     opts.cache_to = a.cache_to.iter().map(|c| parse_cache_ref(c, "--cache-to")).collect::<Result<_, _>>()?;
     opts.registry.monolithic = a.monolithic_upload;

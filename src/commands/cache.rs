@@ -20,7 +20,7 @@ pub(super) fn run(action: CacheAction, cache_dir: Option<PathBuf>) -> Result<u8,
             } else {
                 let _ = writeln!(
                     out,
-                    "{}\t{} blobs\t{} steps\t{} images\t{} bases\t{} debs\t{} disks\t{} unpacked ({})\t{}",
+                    "{}\t{} blobs\t{} steps\t{} images\t{} bases\t{} debs\t{} disks\t{} unpacked ({})\t{} cache mounts ({})\t{}",
                     human(u.blob_bytes),
                     u.blobs,
                     u.steps,
@@ -30,17 +30,38 @@ pub(super) fn run(action: CacheAction, cache_dir: Option<PathBuf>) -> Result<u8,
                     u.disks,
                     u.unpacked,
                     human(u.unpacked_bytes),
+                    u.mounts,
+                    human(u.mount_bytes),
                     u.root.display()
                 );
             }
         }
         CacheAction::Ls { json } => {
             let entries = store.entries()?;
+            let mounts = store.cache_mounts()?;
             if json {
-                let _ = writeln!(out, "{}", serde_json::to_string_pretty(&entries).expect("json"));
+                // One list: the records, then the cache mounts (`kind` "mount", `name` its id).
+                let mut v = serde_json::to_value(&entries).expect("json");
+                let list = v.as_array_mut().expect("a list");
+                for m in &mounts {
+                    list.push(serde_json::json!({"kind": "mount", "name": m.id, "used_unix": m.used_unix,
+                        "label": format!("{} in {} files", human(m.bytes), m.files), "bytes": m.bytes, "files": m.files}));
+                }
+                let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v).expect("json"));
             } else {
                 for e in entries {
                     let _ = writeln!(out, "{}\t{}\t{}\t{}", e.used_unix, e.kind, e.name, e.label);
+                }
+                for m in mounts {
+                    // The id is the recipe's text: shown escaped, so it cannot drive the terminal.
+                    let _ = writeln!(
+                        out,
+                        "{}\tmount\t{}\t{} in {} files",
+                        m.used_unix,
+                        m.id.escape_debug(),
+                        human(m.bytes),
+                        m.files
+                    );
                 }
             }
         }
@@ -71,10 +92,11 @@ fn wait_note() {
 fn print_prune(out: &mut impl Write, r: &kiln_cache::PruneReport) {
     let _ = writeln!(
         out,
-        "removed {} blobs ({}), {} records; {} left",
+        "removed {} blobs ({}), {} records, {} cache mounts; {} left",
         r.removed_blobs,
         human(r.removed_bytes),
         r.removed_records,
+        r.removed_mounts,
         human(r.remaining_bytes)
     );
 }

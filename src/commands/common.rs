@@ -10,12 +10,45 @@ use kiln_cache::Store;
 use kiln_recipes::recipe::Platform;
 use kiln_recipes::{ArgValue, ImageRef, Recipe};
 
-use crate::args::{Common, RecipeArgs};
+use crate::args::{Common, RecipeArgs, Stamps};
 
 /// The recipe at `path`, its `[args]` set from `--arg-file`s, then `--arg`s.
 pub(super) fn load(path: &Path, args: &RecipeArgs) -> Result<Recipe, BuildError> {
     let values = arg_values(args)?;
     Ok(kiln_recipes::parse_file_with_args(path, &values)?)
+}
+
+/// `--label` and `--annotation` over the recipe's `[config] labels` and
+/// `[image] annotations`. A bad one is exit 2, before any step.
+pub(super) fn apply_stamps(recipe: &mut Recipe, stamps: &Stamps) -> Result<(), BuildError> {
+    for l in &stamps.label {
+        let (k, v) = l.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| {
+            BuildError::usage(
+                "`--label` takes KEY=VALUE".to_string(),
+                Some("e.g. `--label org.opencontainers.image.revision=$GIT_SHA`"),
+            )
+        })?;
+        if k.contains('\0') || v.contains('\0') {
+            return Err(BuildError::usage("a `--label` holds a NUL byte".to_string(), None));
+        }
+        recipe.config.labels.insert(k.to_string(), v.to_string());
+    }
+    for a in &stamps.annotation {
+        let (k, v) = a.split_once('=').ok_or_else(|| {
+            BuildError::usage(
+                "`--annotation` takes KEY=VALUE".to_string(),
+                Some("e.g. `--annotation org.opencontainers.image.source=https://...`"),
+            )
+        })?;
+        if let Some(why) = kiln_recipes::parse::annotation_problem(k, v) {
+            return Err(BuildError::usage(
+                format!("Bad --annotation: {why}"),
+                Some("annotation keys are reverse-DNS names such as `org.opencontainers.image.source`"),
+            ));
+        }
+        recipe.image.annotations.insert(k.to_string(), v.to_string());
+    }
+    Ok(())
 }
 
 /// The values `--arg-file` and `--arg` give, in the order they apply.

@@ -25,5 +25,9 @@ pub(super) fn run(target: &str, cache_dir: Option<PathBuf>, json: bool) -> Resul
         let _ = writeln!(out, "  {}  {:>12}  {}", l.digest, l.size, l.created_by.as_deref().unwrap_or(""));
     }
     let _ = writeln!(out, "runtime   {}", i.config_json);
+    if !i.annotations.is_empty() {
+        // As JSON: the values are the image's, escaped for the terminal.
+        let _ = writeln!(out, "annotations {}", serde_json::to_string(&i.annotations).expect("json"));
+    }
     Ok(0)
 }

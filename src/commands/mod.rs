@@ -31,8 +31,8 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
         Command::Sbom { target, cache_dir } => sbom::run(&target, cache_dir),
         Command::Inspect { target, cache_dir, json } => inspect::run(&target, cache_dir, json),
         Command::Diff { a, b, cache_dir, json } => diff::run(&a, &b, cache_dir, json),
-        Command::Verify { recipe, context, platform, backend, secrets, args } => {
-            verify::run(&recipe, &args, context, platform, backend, &secrets)
+        Command::Verify { recipe, context, platform, backend, secrets, args, stamps } => {
+            verify::run(&recipe, &args, &stamps, context, platform, backend, &secrets)
         }
         Command::Cache { action, cache_dir } => cache::run(action, cache_dir),
     }

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use kiln_builder::verify::{Verdict, VerifyOptions};
 use kiln_builder::BuildError;
 
-use super::common::{arg_values, load, parse_secret};
-use crate::args::{Backend, RecipeArgs};
+use super::common::{apply_stamps, arg_values, load, parse_secret};
+use crate::args::{Backend, RecipeArgs, Stamps};
 
 pub(super) fn run(
     recipe_path: &Path,
     args: &RecipeArgs,
+    stamps: &Stamps,
     context: Option<PathBuf>,
     platform: Option<String>,
     backend: Backend,
@@ -20,11 +21,18 @@ pub(super) fn run(
     for s in secrets {
         parse_secret(s)?; // fail early, before two builds
     }
-    let recipe = load(recipe_path, args)?;
+    let mut recipe = load(recipe_path, args)?;
+    apply_stamps(&mut recipe, stamps)?; // checked before two builds
     let mut build_args = vec!["--backend".to_string(), backend.as_str().to_string()];
     // The values as read here, so both builds see the same ones wherever they run.
     for v in arg_values(args)? {
         build_args.extend(["--arg".to_string(), format!("{}={}", v.name, v.value)]);
+    }
+    for l in &stamps.label {
+        build_args.extend(["--label".to_string(), l.clone()]);
+    }
+    for a in &stamps.annotation {
+        build_args.extend(["--annotation".to_string(), a.clone()]);
     }
     for s in secrets {
         build_args.extend(["--secret".to_string(), s.clone()]);

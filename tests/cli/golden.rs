@@ -38,7 +38,8 @@ const KEYS: &[&str] = &[
     "sha256:dd7db04e3c4fac86ef24c78be45eea40623030c5e3dbe16df9f38c285f4fab45",
     "sha256:d0ac2929fb9522ba4c9b49f2b8cdc527b858bc2159a2a622edbcf9a7fab093ac",
 ];
-const MANIFEST: &str = "sha256:815871ffa139d67e2492b4d77cf43e22fb366c706bb90a9eec166356f27ef5f9";
+/// Since issue 16 the manifest carries `org.opencontainers.image.created` (the epoch).
+const MANIFEST: &str = "sha256:08178560491952797ac7b2532ca6a2ed10da6268eca1cf6c6d198af3b137c30f";
 const CONFIG: &str = concat!(
     r#"{"architecture":"amd64","config":{"Entrypoint":["/srv/bin/tool"],"#,
     r#""Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin","LANG=C.UTF-8"],"#,

@@ -42,6 +42,12 @@ pub(crate) fn project(rest: &str) -> Option<Project> {
     Some(p)
 }
 
+/// `kiln build --backend docker -o OUT` with a cache of its own (`cache-docker`).
+pub(crate) fn build_on_docker(p: &Project, out: &str) -> Run {
+    let cache = p.path("cache-docker");
+    p.kiln(&["build", "kiln.toml", "--backend", "docker", "-o", out, "--cache-dir", cache.to_str().unwrap()])
+}
+
 /// `umoci unpack` of an OCI layout; returns the rootfs path.
 pub(crate) fn unpack(p: &Project, layout: &str) -> std::path::PathBuf {
     let dest = p.path(&format!("{layout}-unpacked"));
@@ -114,16 +120,7 @@ fn local_and_docker_backends_give_identical_layers_and_verify_passes() {
     }
     let local = p.build(&["--backend", "local", "-o", "oci:local"]);
     let d_local = local.digest();
-    let docker = p.kiln(&[
-        "build",
-        "kiln.toml",
-        "--backend",
-        "docker",
-        "-o",
-        "oci:docker",
-        "--cache-dir",
-        p.path("cache-docker").to_str().unwrap(),
-    ]);
+    let docker = build_on_docker(&p, "oci:docker");
     assert_eq!(docker.digest(), d_local, "the backends disagree:\n{}", docker.stderr);
     assert_eq!(layer_digests(&p, "local"), layer_digests(&p, "docker"));
     for backend in ["local", "docker"] {

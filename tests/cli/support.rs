@@ -178,7 +178,7 @@ pub fn require_docker() -> bool {
     ok
 }
 
-/// Whether deb.debian.org answers (the `[packages]` examples need it); in CI it must.
+/// Whether the Debian mirror of the host's apt sources answers (the `[packages]` examples need it); in CI it must.
 pub fn debian_mirror() -> bool {
     let ok = host_debian_mirror().is_some_and(|m| {
         Command::new("curl")

@@ -187,8 +187,27 @@ impl DockerEngine {
             .tempdir_in(&tmp)
             .map_err(BuildError::io_write(&tmp))?;
         let (_secret_dir, secrets) = super::write_secrets(req.secrets)?;
-        let binds: Vec<String> =
+        let mut binds: Vec<String> =
             secrets.iter().map(|(id, p)| format!("{}:/run/secrets/{id}:ro", p.display())).collect();
+        // Cache mounts: the store's folders, bound read-write. The engine
+        // runs on this machine (DOCKER_HOST is local for bind mounts); a new
+        // folder is given to the step's user here.
+        for m in req.cache_mounts {
+            // A root step writes whoever owns it (the engine's default
+            // capabilities), so kiln not being root only matters for others.
+            let we_are_root = rustix::process::geteuid().is_root();
+            match m.owner {
+                Some((0, 0)) if !we_are_root => {}
+                Some((uid, gid)) => std::os::unix::fs::lchown(&m.host, Some(uid), Some(gid)).map_err(|e| {
+                    BuildError::Environment {
+                        message: format!("Cannot give the cache mount `/{}` to {uid}:{gid}: {e}", m.target),
+                        hint: "with the docker backend, kiln gives a new cache mount's folder to a non-root step's user itself, which needs kiln to run as root".into(),
+                    }
+                })?,
+                None => {}
+            }
+            binds.push(format!("{}:/{}:rw", m.host.display(), m.target));
+        }
         let labels = std::collections::HashMap::from([
             (LABEL_PID.to_string(), std::process::id().to_string()),
             (LABEL_BOOT.to_string(), boot_id()),
@@ -354,7 +373,7 @@ impl DockerEngine {
             },
             e => e,
         })?;
-        drop_secret_mounts(&mut changes, req)?;
+        drop_mount_points(&mut changes, req)?;
         Ok((changes, Box::new(work)))
     }
 
@@ -369,7 +388,7 @@ impl DockerEngine {
             .config(ConfigBuilder::default().build().expect("config"))
             .build()
             .expect("config");
-        image::store_image(store, config, req.layers.to_vec(), 0, BTreeMap::new())
+        image::store_image(store, config, req.layers.to_vec(), 0, &Default::default())
     }
 
     /// An image of the engine as a base: exported once (`GET /images/REF/get`),
@@ -467,17 +486,33 @@ fn last_layer(spool: &Path, work: &Path) -> Result<(std::path::PathBuf, u64, u64
     Ok((spool.to_path_buf(), offset, size))
 }
 
-/// The engine creates bind-mount points (a secret's file, and its folders
-/// when the image lacks them) in the container's own layer; the local
-/// sandbox keeps them below. Drop them, unless the command changed more
-/// under those folders.
-fn drop_secret_mounts(changes: &mut Vec<Change>, req: &RunRequest<'_>) -> Result<(), BuildError> {
-    if req.secrets.is_empty() {
-        return Ok(());
-    }
+/// The engine creates bind-mount points (a secret's file, a cache mount's
+/// folder, and the folders above them when the image lacks them) in the
+/// container's own layer; the local sandbox keeps them below. Drop them,
+/// unless the command changed more under those folders.
+fn drop_mount_points(changes: &mut Vec<Change>, req: &RunRequest<'_>) -> Result<(), BuildError> {
     let files: Vec<String> = req.secrets.iter().map(|(id, _)| format!("run/secrets/{id}")).collect();
     changes.retain(|c| !(files.contains(&c.path) && matches!(c.kind, ChangeKind::File { size: 0, .. })));
-    for dir in ["run/secrets", "run"] {
+    // Deepest first, so a folder is judged after what is below it.
+    let mut dirs: Vec<String> = Vec::new();
+    if !req.secrets.is_empty() {
+        dirs.extend(["run/secrets".to_string(), "run".to_string()]);
+    }
+    for m in req.cache_mounts {
+        let mut at = m.target.as_str();
+        loop {
+            if !dirs.iter().any(|d| d == at) {
+                dirs.push(at.to_string());
+            }
+            match at.rfind('/') {
+                Some(i) => at = &at[..i],
+                None => break,
+            }
+        }
+    }
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+    for dir in &dirs {
+        let dir = dir.as_str();
         let prefix = format!("{dir}/");
         let has_children = changes.iter().any(|c| c.path.starts_with(&prefix));
         let below = req.tree.get(dir)?;

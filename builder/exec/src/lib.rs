@@ -28,6 +28,7 @@ pub(crate) use kiln_oci::{
 
 use std::collections::VecDeque;
 use std::io::Read;
+use std::path::PathBuf;
 
 use oci_spec::image::ImageConfiguration;
 
@@ -260,12 +261,26 @@ pub struct RunRequest<'a> {
     pub network: bool,
     /// (id, value); mounted read-only at /run/secrets/ID.
     pub secrets: &'a [(String, Vec<u8>)],
+    /// Folders of the store mounted read-write over paths in the image.
+    pub cache_mounts: &'a [CacheMountRequest],
     /// Past it, the command and every process it started are killed.
     pub timeout: Option<std::time::Duration>,
     /// The parent image: its layers, merged tree and config.
     pub layers: &'a [ImageLayer],
     pub tree: &'a FsTree,
     pub config: &'a ImageConfiguration,
+}
+
+/// A cache mount as a backend mounts it: never part of the changes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CacheMountRequest {
+    /// The path in the image, relative (`root/.cache/pip`); it and the folders
+    /// above it are folders or absent in the image (checked by the builder).
+    pub target: String,
+    /// The store's folder.
+    pub host: PathBuf,
+    /// For a folder just made: the numeric owner to give it (the step's user).
+    pub owner: Option<(u32, u32)>,
 }
 
 pub enum RunResult {

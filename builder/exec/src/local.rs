@@ -172,6 +172,7 @@ fn run(
         hostname: super::HOSTNAME.into(),
         secrets: secrets.clone(),
         secret_dir: w.join("secrets"),
+        cache_mounts: req.cache_mounts.to_vec(),
         etc_files,
         rootless: rootless.clone(),
         timeout_ms: req.timeout.map(|t| t.as_millis().max(1) as u64),
@@ -414,6 +415,26 @@ fn init_plan(req: &RunRequest<'_>) -> Result<InitPlan, BuildError> {
         }
         for (id, _) in req.secrets {
             plan.files.push((format!("run/secrets/{id}"), 0o400));
+        }
+    }
+    // Cache mounts' points and the folders above them, in this folder below
+    // the command's, so none of them is a change; a folder the image has
+    // keeps its metadata.
+    for m in req.cache_mounts {
+        let mut at = String::new();
+        for part in m.target.split('/') {
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(part);
+            if plan.dirs.iter().any(|(d, ..)| *d == at) {
+                continue;
+            }
+            let (mode, uid, gid) = match req.tree.get(&at)? {
+                Some(e) if matches!(e.kind, Kind::Dir) => (e.mode, e.uid, e.gid),
+                _ => (0o755, 0, 0),
+            };
+            plan.dirs.push((at.clone(), mode, uid, gid));
         }
     }
     Ok(plan)

@@ -58,6 +58,9 @@ pub(crate) struct SandboxSpec {
     pub(crate) secret_dir: PathBuf,
     /// (name, file) bound over /etc/NAME: hosts, hostname, resolv.conf.
     pub(crate) etc_files: Vec<(String, PathBuf)>,
+    /// The store's folders bound read-write (nosuid, nodev) over their
+    /// targets; a new one is given to its owner once the user is known.
+    pub(crate) cache_mounts: Vec<crate::CacheMountRequest>,
     /// Set when kiln is not root: the helper works in a user namespace.
     pub(crate) rootless: Option<RootlessPlan>,
     /// The command's time limit: past it, the helper kills the command,
@@ -432,6 +435,23 @@ fn child(spec: &SandboxSpec) -> ! {
             &format!("mount /etc/{name}"),
         );
     }
+    for m in &spec.cache_mounts {
+        let target = root.join(&m.target);
+        check(
+            mount(Some(&m.host), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+            &format!("mount the cache `/{}`", m.target),
+        );
+        check(
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                None::<&str>,
+            ),
+            &format!("make the cache `/{}` nosuid", m.target),
+        );
+    }
     if !spec.secrets.is_empty() {
         // A tmpfs that exists only in this mount namespace: nothing of a
         // secret outlives the step, whatever happens to kiln.
@@ -484,6 +504,16 @@ fn child(spec: &SandboxSpec) -> ! {
     }
 
     let user = resolve_user(&spec.user).unwrap_or_else(|e| fail(&e));
+    // A cache mount made for this step belongs to its user (in a user
+    // namespace, to the id the namespace maps it to).
+    for m in &spec.cache_mounts {
+        if let Some((uid, gid)) = m.owner {
+            let p = Path::new("/").join(&m.target);
+            if let Err(e) = std::os::unix::fs::lchown(&p, Some(uid), Some(gid)) {
+                fail(&format!("cannot give the cache `/{}` to {uid}:{gid}: {e}", m.target));
+            }
+        }
+    }
     let mut env = spec.env.clone();
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={}", user.home));

@@ -47,8 +47,11 @@ fn index_json(image: &StoredImage, tag: &str, mut others: Vec<oci_spec::image::D
         .digest(oci_digest(&image.manifest))
         .size(image.manifest_size)
         .annotations(
-            [(REF_NAME.to_string(), tag.to_string())]
-                .into_iter()
+            image
+                .annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .chain([(REF_NAME.to_string(), tag.to_string())])
                 .collect::<std::collections::HashMap<_, _>>(),
         )
         .build()

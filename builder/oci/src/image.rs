@@ -77,7 +77,51 @@ pub struct StoredImage {
     pub config: Digest,
     pub config_json: ImageConfiguration,
     pub layers: Vec<ImageLayer>,
+    /// The manifest's annotations (also put on an OCI index entry for it).
+    pub annotations: BTreeMap<String, String>,
+    /// What the config's `config` holds that OCI does not model and Docker
+    /// does: `Healthcheck` and `Shell`, kept so images built on this one
+    /// inherit them.
+    pub docker_config: DockerConfig,
 }
+
+/// `Healthcheck` and `Shell` of a config's `config` object, as JSON.
+pub type DockerConfig = serde_json::Map<String, serde_json::Value>;
+
+/// The keys of [`DockerConfig`].
+const DOCKER_CONFIG_KEYS: [&str; 2] = ["Healthcheck", "Shell"];
+
+/// [`DockerConfig`] of a config's JSON: `Healthcheck` when it is an object,
+/// `Shell` when it is an array of strings; anything else is dropped.
+pub(crate) fn docker_config_of(config: &[u8]) -> DockerConfig {
+    let mut out = DockerConfig::new();
+    let Ok(serde_json::Value::Object(mut top)) = serde_json::from_slice(config) else { return out };
+    let Some(serde_json::Value::Object(mut c)) = top.remove("config") else { return out };
+    for key in DOCKER_CONFIG_KEYS {
+        match c.remove(key) {
+            Some(v @ serde_json::Value::Object(_)) if key == "Healthcheck" => {
+                out.insert(key.into(), v);
+            }
+            Some(serde_json::Value::Array(a)) if key == "Shell" && a.iter().all(|x| x.is_string()) => {
+                out.insert(key.into(), serde_json::Value::Array(a));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What a new image adds beyond its config and layers.
+#[derive(Debug, Clone, Default)]
+pub struct ImageExtras {
+    /// The manifest's annotations; `org.opencontainers.image.created` (the epoch) is added.
+    pub annotations: BTreeMap<String, String>,
+    /// Put into the config's `config` object.
+    pub docker_config: DockerConfig,
+}
+
+/// The annotation kiln gives every manifest it writes: the epoch.
+pub const CREATED_ANNOTATION: &str = "org.opencontainers.image.created";
 
 impl StoredImage {
     pub(crate) fn blobs(&self) -> Vec<Digest> {
@@ -215,12 +259,20 @@ pub fn store_image(
     mut config: ImageConfiguration,
     layers: Vec<ImageLayer>,
     epoch: u64,
-    annotations: BTreeMap<String, String>,
+    extras: &ImageExtras,
 ) -> Result<StoredImage, BuildError> {
     config.set_created(Some(rfc3339(epoch)));
     let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.to_string()).collect();
     config.set_rootfs(RootFsBuilder::default().typ("layers").diff_ids(diff_ids).build().expect("rootfs"));
-    let config_bytes = canonical_json(&config);
+    let mut value = serde_json::to_value(&config).expect("OCI types serialize");
+    if !extras.docker_config.is_empty() {
+        let top = value.as_object_mut().expect("a config is an object");
+        let inner = top.entry("config").or_insert_with(|| serde_json::Value::Object(Default::default()));
+        if let Some(inner) = inner.as_object_mut() {
+            inner.extend(extras.docker_config.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    let config_bytes = serde_json::to_vec(&value).expect("JSON values serialize");
     let config_digest = store.put_blob(&config_bytes)?;
 
     let layer_descs = layers
@@ -248,9 +300,9 @@ pub fn store_image(
         .layers(layer_descs)
         .build()
         .expect("manifest");
-    if !annotations.is_empty() {
-        manifest.set_annotations(Some(annotations.into_iter().collect()));
-    }
+    let mut annotations = extras.annotations.clone();
+    annotations.insert(CREATED_ANNOTATION.into(), rfc3339(epoch));
+    manifest.set_annotations(Some(annotations.clone().into_iter().collect()));
     let manifest_bytes = canonical_json(&manifest);
     let manifest_digest = store.put_blob(&manifest_bytes)?;
     Ok(StoredImage {
@@ -259,6 +311,8 @@ pub fn store_image(
         config: config_digest,
         config_json: config,
         layers,
+        annotations,
+        docker_config: extras.docker_config.clone(),
     })
 }
 

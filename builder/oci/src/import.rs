@@ -116,7 +116,11 @@ pub fn import_archive(
             Err(bad(format!("the archive lacks blob {d}")))
         }
     };
-    if let (true, Some(m)) = (docker, members.get("manifest.json")) {
+    // A docker-archive that is also an OCI layout (kiln's own, Docker 25's
+    // `docker save`) is read through its index: that has the manifest as
+    // written, annotations and all. An older one only has `manifest.json`.
+    if let (true, Some(m), false) = (docker, members.get("manifest.json"), members.contains_key("index.json"))
+    {
         let m = docker_manifest(store, &members, m).map_err(bad)?;
         return finish(store, name, m, &have);
     }
@@ -365,6 +369,8 @@ pub(crate) fn stored_image(store: &Store, manifest: &Digest) -> Result<StoredIma
         config,
         config_json: cj,
         layers,
+        annotations: m.annotations().clone().unwrap_or_default().into_iter().collect(),
+        docker_config: crate::image::docker_config_of(&cbytes),
     })
 }
 

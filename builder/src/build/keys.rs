@@ -134,10 +134,19 @@ impl Planner<'_> {
             }
             StepKind::Run(r) => {
                 let plan = run_plan(r, run_config, self.epoch);
-                let p = json!({
+                let mut p = json!({
                     "run": plan.argv, "env": plan.env, "user": plan.user, "workdir": plan.workdir,
                     "network": r.network, "secrets": r.secrets,
                 });
+                // The mounts (where, which, how shared), never what they hold; absent
+                // when there are none, so keys of steps without them stay as they were.
+                if !r.cache.is_empty() {
+                    p["cache"] = r
+                        .cache
+                        .iter()
+                        .map(|m| json!({"target": m.target, "id": m.id, "sharing": m.sharing.as_str()}))
+                        .collect();
+                }
                 (p, Prepared::Run(plan))
             }
         };

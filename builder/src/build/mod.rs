@@ -24,7 +24,7 @@ mod session;
 mod steps;
 mod target;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -120,7 +120,11 @@ pub fn build(
     config.set_architecture(s.platform.architecture.as_str().into());
     config.set_os(s.platform.os.as_str().into());
     config.set_variant(s.platform.variant.clone());
-    let image = image::store_image(&s.store, config, built.layers.clone(), s.epoch, BTreeMap::new())?;
+    let extras = image::ImageExtras {
+        annotations: recipe.image.annotations.clone(),
+        docker_config: docker_config(&built.docker_config, &recipe.config),
+    };
+    let image = image::store_image(&s.store, config, built.layers.clone(), s.epoch, &extras)?;
     image.record(&s.store, RecordKind::Image, &image.manifest.hex(), &recipe.image.name)?;
 
     let outputs = write_outputs(&s, &image, recipe, opts, reporter.as_ref())?;
@@ -130,4 +134,33 @@ pub fn build(
     }
     reporter.on_build_finish(&image.manifest, started.elapsed());
     Ok(BuildOutcome { image, steps, outputs })
+}
+
+/// The base's `Healthcheck` and `Shell` with the recipe's over them, as
+/// Docker writes them (durations in nanoseconds; a `["NONE"]` test kept, so
+/// the base's check stays off).
+fn docker_config(base: &image::DockerConfig, c: &kiln_recipes::Config) -> image::DockerConfig {
+    let mut out = base.clone();
+    if let Some(h) = &c.healthcheck {
+        let mut v = serde_json::Map::new();
+        v.insert("Test".into(), serde_json::json!(h.test));
+        for (key, d) in [
+            ("Interval", h.interval),
+            ("Timeout", h.timeout),
+            ("StartPeriod", h.start_period),
+            ("StartInterval", h.start_interval),
+        ] {
+            if let Some(d) = d {
+                v.insert(key.into(), serde_json::json!(d.as_nanos() as u64));
+            }
+        }
+        if let Some(r) = h.retries {
+            v.insert("Retries".into(), serde_json::json!(r));
+        }
+        out.insert("Healthcheck".into(), serde_json::Value::Object(v));
+    }
+    if let Some(sh) = &c.shell {
+        out.insert("Shell".into(), serde_json::json!(sh));
+    }
+    out
 }

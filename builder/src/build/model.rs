@@ -70,6 +70,8 @@ pub(crate) struct Built {
     pub(crate) layers: Vec<ImageLayer>,
     /// The base's config with the steps' history: what `stage:NAME` starts from.
     pub(crate) config: ImageConfiguration,
+    /// The base's `Healthcheck` and `Shell` (see [`kiln_oci::image::DockerConfig`]).
+    pub(crate) docker_config: kiln_oci::image::DockerConfig,
     pub(crate) steps: Vec<PlannedStep>,
 }
 

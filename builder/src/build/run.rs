@@ -52,6 +52,8 @@ pub(super) fn run_step(
 ) -> Result<(Vec<Change>, Box<dyn std::any::Any + Send>), BuildError> {
     let secrets = step_secrets(env, step, run)?;
     exec::check_platform(env.platform)?;
+    // Held until the command is done: a `locked` mount's lock, a private instance.
+    let (cache_mounts, _leases) = take_cache_mounts(env, step, run, &plan.user, &parent)?;
     let req = RunRequest {
         argv: plan.argv.clone(),
         env: plan.env,
@@ -59,6 +61,7 @@ pub(super) fn run_step(
         workdir: plan.workdir,
         network: run.network,
         secrets: &secrets,
+        cache_mounts: &cache_mounts,
         timeout: run.timeout.or(env.step_timeout),
         layers: parent.layers,
         tree: parent.tree,
@@ -84,6 +87,91 @@ pub(super) fn run_step(
             Err(BuildError::CommandFailed { location, step, command, code, tail: shown(tail) })
         }
     }
+}
+
+/// The step's cache mounts from the store, each checked against the image
+/// (its target and the folders above it are folders or absent there, never a
+/// symlink or a file), and, for one just made, the numeric owner the step's
+/// user has in the image.
+fn take_cache_mounts(
+    env: &RunEnv<'_>,
+    step: &Step,
+    run: &RunStep,
+    user: &str,
+    parent: &Parent<'_>,
+) -> Result<(Vec<exec::CacheMountRequest>, Vec<kiln_cache::MountLease>), BuildError> {
+    let mut mounts = Vec::new();
+    let mut leases = Vec::new();
+    for m in &run.cache {
+        let rel = m.target.trim_start_matches('/');
+        let mut at = String::new();
+        for part in rel.split('/') {
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(part);
+            match parent.tree.kind(&at)? {
+                None => break,
+                Some(crate::listing::Kind::Dir) => {}
+                Some(_) => {
+                    return Err(env
+                        .recipe
+                        .error_at(step.span.clone(), format!("the cache mount `{}` would cover `/{at}`, which is not a folder in the image", m.target))
+                        .with_hint("mount the cache on a folder (or a path the image does not have); a symlink on the way is not followed")
+                        .into())
+                }
+            }
+        }
+        let how = match m.sharing {
+            kiln_recipes::Sharing::Shared => kiln_cache::Take::Shared,
+            kiln_recipes::Sharing::Locked => kiln_cache::Take::Locked,
+            kiln_recipes::Sharing::Private => kiln_cache::Take::Private,
+        };
+        let waiting = || tracing::info!(id = %m.id.escape_debug(), "waiting for a locked cache mount another step is using");
+        let lease = env.store.take_mount(&m.id, how, &waiting)?;
+        let owner = if lease.fresh { Some(mount_owner(env, step, user, parent)?) } else { None };
+        mounts.push(exec::CacheMountRequest { target: rel.to_string(), host: lease.data.clone(), owner });
+        leases.push(lease);
+    }
+    Ok((mounts, leases))
+}
+
+/// The step's user as numbers, from the image's /etc/passwd and /etc/group
+/// unless it is written `UID:GID` (as the sandbox resolves it).
+fn mount_owner(
+    env: &RunEnv<'_>,
+    step: &Step,
+    user: &str,
+    parent: &Parent<'_>,
+) -> Result<(u32, u32), BuildError> {
+    if let Some((u, g)) = user.split_once(':') {
+        if let (Ok(uid), Ok(gid)) = (u.parse::<u32>(), g.parse::<u32>()) {
+            return Ok((uid, gid));
+        }
+    }
+    let (passwd, group) = account_files(env, parent)?;
+    let found =
+        kiln_oci::passwd::resolve_user_in(user, &passwd, &group).map_err(|why| {
+            BuildError::from(env.recipe.error_at(step.span.clone(), why).with_hint(
+                "use numeric ids, e.g. `user = \"1000:1000\"`, or add the user in an earlier step",
+            ))
+        })?;
+    Ok((found.uid, found.gid))
+}
+
+/// The image's /etc/passwd and /etc/group (empty when missing or over 1 MiB).
+fn account_files(env: &RunEnv<'_>, parent: &Parent<'_>) -> Result<(String, String), BuildError> {
+    let mut out = [String::new(), String::new()];
+    for (slot, path) in out.iter_mut().zip(["etc/passwd", "etc/group"]) {
+        if let Some(crate::listing::Kind::File { size, .. }) = parent.tree.kind(path)? {
+            if size <= 1 << 20 {
+                let bytes = crate::extract::read_file(env.store, parent.layers, parent.tree, path)?;
+                *slot = String::from_utf8_lossy(bytes.as_deref().unwrap_or_default()).into_owned();
+            }
+        }
+    }
+    let [p, g] = out;
+    Ok((p, g))
 }
 
 /// The packages' maintainer scripts (the step after `[packages]`): the
@@ -125,6 +213,7 @@ pub(super) fn configure_step(
         user: Some("0".into()),
         workdir: Some("/".into()),
         timeout: None, // `--step-timeout` applies, as to any step without its own
+        cache: Vec::new(),
     };
     let rp = RunPlan { argv: driver.argv, env: plan.env, user: "0".into(), workdir: "/".into() };
     run_step(env, step, info, &run, rp, parent).map_err(|e| match e {

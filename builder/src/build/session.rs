@@ -116,6 +116,7 @@ impl Session {
             return Ok(BaseImage {
                 id: b.id.clone(),
                 config: b.config.clone(),
+                docker_config: b.docker_config.clone(),
                 layers: b.layers.clone(),
                 source: None,
             });

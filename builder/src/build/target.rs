@@ -42,7 +42,13 @@ pub(super) fn plan_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bui
         steps.push(PlannedStep { info: s.info(t, step), key, hit, built: None });
         parent = key.to_string();
     }
-    Ok(Built { id: parent, layers: Vec::new(), config: base.config, steps })
+    Ok(Built {
+        id: parent,
+        layers: Vec::new(),
+        config: base.config,
+        docker_config: base.docker_config,
+        steps,
+    })
 }
 
 /// Builds one target's steps into the store.
@@ -91,7 +97,8 @@ pub(super) fn build_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bu
     let mut config = b.base.config.clone();
     config.set_history(Some(history_entries));
     s.record_steps(&planned);
-    Ok(Built { id: parent, layers: b.layers, config, steps: planned })
+    let docker_config = b.base.docker_config.clone();
+    Ok(Built { id: parent, layers: b.layers, config, docker_config, steps: planned })
 }
 
 /// A target being built: its base, and the image so far.
