@@ -39,7 +39,7 @@ impl Context {
     }
 
     /// Whether `rel` (relative to the root) or a folder above it is excluded.
-    fn excluded(&self, rel: &Path, is_dir: bool) -> bool {
+    pub(crate) fn excluded(&self, rel: &Path, is_dir: bool) -> bool {
         !rel.as_os_str().is_empty() && self.ignore.matched_path_or_any_parents(rel, is_dir).is_ignore()
     }
 }
@@ -88,7 +88,8 @@ fn load_kilnignore(root: &Path) -> Result<Gitignore, BuildError> {
 fn read_same_file(path: &Path, meta: &fs::Metadata) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
-    let f = fs::File::open(path)?;
+    // Never through a symlink, never blocking on a fifo swapped in.
+    let f = kiln_oci::image::open_regular(path)?;
     let now = f.metadata()?;
     if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) || !now.is_file() {
         return Err(std::io::Error::other("the file changed while kiln read it"));

@@ -97,9 +97,18 @@ pub fn verify(recipe: &Path, opts: &VerifyOptions, note: &dyn Fn(&str)) -> Resul
 }
 
 /// Copies a folder as a fresh checkout would: new files, modes masked by `umask`.
+/// What `.kilnignore` excludes (and `.git`) is not copied: no `copy` reads
+/// it, and a secret there (a token in `.git/config`) must not land in a
+/// temporary folder a killed verify would leave behind.
 fn copy_tree(src: &Path, dst: &Path, umask: u32) -> Result<(), BuildError> {
     use std::os::unix::fs::PermissionsExt;
-    for e in walkdir::WalkDir::new(src).follow_links(false) {
+    let ctx = crate::context::Context::open(src)?;
+    let walk = walkdir::WalkDir::new(&ctx.root).follow_links(false).into_iter().filter_entry(|e| {
+        let rel = e.path().strip_prefix(&ctx.root).unwrap_or(e.path());
+        !ctx.excluded(rel, e.file_type().is_dir())
+    });
+    let src = ctx.root.as_path();
+    for e in walk {
         let e = e.map_err(|e| BuildError::Read { path: src.to_path_buf(), source: e.into() })?;
         let rel = e.path().strip_prefix(src).expect("under src");
         let to = dst.join(rel);
@@ -120,4 +129,31 @@ fn copy_tree(src: &Path, dst: &Path, umask: u32) -> Result<(), BuildError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_copied_context_leaves_out_what_no_copy_reads() {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        let files = [
+            (".kilnignore", "secret/\n"),
+            (".git/config", "extraheader = AUTHORIZATION: basic TOKEN\n"),
+            ("secret/key", "k\n"),
+            ("src/main.rs", "fn main() {}\n"),
+        ];
+        for (path, text) in files {
+            let p = src.path().join(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+        }
+        copy_tree(src.path(), &dst.path().join("ctx"), 0o022).unwrap();
+        let ctx = dst.path().join("ctx");
+        assert!(ctx.join("src/main.rs").is_file() && ctx.join(".kilnignore").is_file());
+        assert!(!ctx.join(".git").exists(), ".git is not copied");
+        assert!(!ctx.join("secret").exists(), "what .kilnignore excludes is not copied");
+    }
 }

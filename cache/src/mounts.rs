@@ -71,10 +71,32 @@ impl Store {
         self.mounts_dir().join(Digest::of(id.as_bytes()).hex())
     }
 
+    /// `mounts/`, 0700: what steps leave in a cache mount (device nodes,
+    /// setuid programs they made as root in their sandbox) is reachable on
+    /// the host by kiln's own user only.
+    fn private_mounts_dir(&self) -> Result<PathBuf, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = self.mounts_dir();
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StoreError::io(&dir)(e)),
+        }
+        let meta = fs::symlink_metadata(&dir).map_err(StoreError::io(&dir))?;
+        if !meta.is_dir() {
+            return Err(StoreError::io(&dir)(std::io::Error::other("it is not a folder")));
+        }
+        if meta.permissions().mode() & 0o777 != 0o700 {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(StoreError::io(&dir))?;
+        }
+        Ok(dir)
+    }
+
     /// Takes the cache mount `id`, making it (0755, owned by kiln) when it is
     /// new. `locked` waits for the step using it (calling `waiting` first);
     /// `private` gets an empty folder of its own when another step has it.
     pub fn take_mount(&self, id: &str, how: Take, waiting: &dyn Fn()) -> Result<MountLease, StoreError> {
+        self.private_mounts_dir()?;
         let dir = self.mount_dir(id);
         let data = dir.join("data");
         let mut fresh = false;
@@ -101,7 +123,9 @@ impl Store {
             .map_err(StoreError::io(dir.join("id")))?;
         let lock_path = dir.join("lock");
         let (lock, private) = match how {
-            Take::Shared => (None, None),
+            // Shared: with the other shared steps, so a `locked` step waits for them
+            // and a `private` one sees them.
+            Take::Shared => (Some(StoreLock::shared(&lock_path).map_err(StoreError::io(&lock_path))?), None),
             Take::Locked => {
                 (Some(StoreLock::exclusive(&lock_path, waiting).map_err(StoreError::io(&lock_path))?), None)
             }
@@ -189,20 +213,23 @@ impl Store {
     }
 }
 
-/// Bytes (of regular files, by their length) and entries under `dir`,
-/// never following a symlink.
+/// Bytes on disk (blocks, as `du` counts them: each inode once, a sparse
+/// file by what it holds) and entries under `dir`, never following a symlink.
 fn tree_size(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
     let (mut bytes, mut files) = (0, 0);
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = fs::read_dir(&d) else { continue };
         for e in rd.flatten() {
             let Ok(m) = e.path().symlink_metadata() else { continue };
             files += 1;
+            if seen.insert((m.dev(), m.ino())) {
+                bytes += m.blocks() * 512;
+            }
             if m.is_dir() {
                 stack.push(e.path());
-            } else if m.is_file() {
-                bytes += m.len();
             }
         }
     }
@@ -211,6 +238,8 @@ fn tree_size(dir: &Path) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -224,6 +253,12 @@ mod tests {
         let b = store.take_mount("pip", Take::Shared, &|| {}).unwrap();
         assert!(!b.fresh);
         assert_eq!(fs::read(b.data.join("wheel")).unwrap(), b"12345");
+        // A shared user counts: a private step gets a folder of its own.
+        let private = store.take_mount("pip", Take::Private, &|| {}).unwrap();
+        assert_ne!(private.data, b.data);
+        drop(private);
+        let shared_data = b.data.clone();
+        drop(b);
 
         let locked = store.take_mount("pip", Take::Locked, &|| {}).unwrap();
         // A private step finds it taken: it gets an empty folder of its own, gone after.
@@ -235,11 +270,15 @@ mod tests {
         assert!(!gone.exists());
         drop(locked);
         let private = store.take_mount("pip", Take::Private, &|| {}).unwrap();
-        assert_eq!(private.data, b.data, "free again: the shared folder itself");
+        assert_eq!(private.data, shared_data, "free again: the shared folder itself");
 
+        drop(private);
         let list = store.cache_mounts().unwrap();
         assert_eq!(list.len(), 1);
-        assert_eq!((list[0].id.as_str(), list[0].bytes, list[0].files), ("pip", 5, 1));
+        assert_eq!((list[0].id.as_str(), list[0].files), ("pip", 1));
+        assert!(list[0].bytes >= 5, "{}", list[0].bytes);
+        let mode = fs::metadata(dir.path().join("v1/mounts")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "what steps leave there is kiln's user's alone");
         store.remove_mount(&list[0]);
         assert!(store.cache_mounts().unwrap().is_empty());
     }
@@ -252,8 +291,13 @@ mod tests {
         std::os::unix::fs::symlink("/", m.data.join("root")).unwrap();
         fs::create_dir(m.data.join("d")).unwrap();
         fs::write(m.data.join("d/f"), b"abc").unwrap();
+        // A hard link counts once; a sparse file by its blocks.
+        fs::hard_link(m.data.join("d/f"), m.data.join("d/g")).unwrap();
+        let sparse = fs::File::create(m.data.join("sparse")).unwrap();
+        sparse.set_len(1 << 30).unwrap();
         let list = store.cache_mounts().unwrap();
-        assert_eq!((list[0].bytes, list[0].files), (3, 3));
+        assert_eq!(list[0].files, 5);
+        assert!(list[0].bytes < 1 << 20, "on disk, not lengths: {}", list[0].bytes);
         store.remove_mount(&list[0]);
         assert!(Path::new("/").join("etc").exists(), "removal did not follow the link");
     }

@@ -61,18 +61,14 @@ pub fn parse_arg(s: &str) -> Result<ArgValue, String> {
 /// line, never the line's bytes.
 pub fn read_arg_file(path: &Path) -> Result<Vec<ArgValue>, String> {
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read the argument file {shown}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("the argument file {shown} is not a regular file"));
-    }
-    if meta.len() > MAX_ARG_FILE {
-        return Err(format!("the argument file {shown} is larger than 1 MiB"));
-    }
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read the argument file {shown}: {e}"))?;
+    let bytes = read_plain_file(path).map_err(|e| format!("cannot read the argument file {shown}: {e}"))?;
     let mut out = Vec::new();
     for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
         let at = format!("{shown}:{}", i + 1);
         let line = std::str::from_utf8(line).map_err(|_| format!("{at}: the line is not UTF-8 text"))?;
+        if line.contains('\0') {
+            return Err(format!("{at}: the line holds a NUL byte (an argument file is text)"));
+        }
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
             continue;
@@ -88,6 +84,48 @@ pub fn read_arg_file(path: &Path) -> Result<Vec<ArgValue>, String> {
         out.push(ArgValue { name: name.into(), value: value.into(), origin: at });
     }
     Ok(out)
+}
+
+/// The bytes of a regular file the command line named, which may come from a
+/// pull request: reached through no symlink (a link could point at
+/// `/proc/self/environ` or a secret of the runner), not on procfs or sysfs,
+/// never blocking on a fifo, at most [`MAX_ARG_FILE`] bytes.
+fn read_plain_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
+    use std::io::Read;
+    const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+    const SYSFS_MAGIC: i64 = 0x6265_6572;
+    let fd = rustix::fs::openat2(
+        CWD,
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
+            std::io::Error::other("its path goes through a symlink, which kiln does not follow here")
+        }
+        e => e.into(),
+    })?;
+    let st = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    let fs_type = rustix::fs::fstatfs(&fd)?.f_type as i64;
+    if fs_type == PROC_SUPER_MAGIC || fs_type == SYSFS_MAGIC {
+        return Err(std::io::Error::other("it is a file of the kernel's, not a file of arguments"));
+    }
+    if st.st_size as u64 > MAX_ARG_FILE {
+        return Err(std::io::Error::other("it is larger than 1 MiB"));
+    }
+    rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd).take(MAX_ARG_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_ARG_FILE {
+        return Err(std::io::Error::other("it is larger than 1 MiB"));
+    }
+    Ok(bytes)
 }
 
 /// Why a string could not be expanded, with the byte range in the string.
@@ -215,6 +253,18 @@ mod tests {
         std::fs::write(&f, b"A=\xff\n").unwrap();
         assert!(read_arg_file(&f).unwrap_err().contains("args:1: the line is not UTF-8"));
         assert!(read_arg_file(dir.path()).unwrap_err().contains("not a regular file"));
+        assert!(read_arg_file(&dir.path().join("missing")).unwrap_err().contains("cannot read"));
+        // Hostile: a link to the process's environment, through a file or a folder; procfs itself; NUL.
+        let link = dir.path().join("env.args");
+        std::os::unix::fs::symlink("/proc/self/environ", &link).unwrap();
+        assert!(read_arg_file(&link).unwrap_err().contains("through a symlink"));
+        std::os::unix::fs::symlink("/proc/self", dir.path().join("self")).unwrap();
+        assert!(read_arg_file(&dir.path().join("self/environ")).unwrap_err().contains("through a symlink"));
+        assert!(read_arg_file(Path::new("/proc/self/environ")).unwrap_err().contains("through a symlink"));
+        let environ = format!("/proc/{}/environ", std::process::id());
+        assert!(read_arg_file(Path::new(&environ)).unwrap_err().contains("kernel's"));
+        std::fs::write(&f, b"A=1\0B=2\n").unwrap();
+        assert!(read_arg_file(&f).unwrap_err().contains("args:1: the line holds a NUL byte"));
         assert!(read_arg_file(&dir.path().join("missing")).unwrap_err().contains("cannot read"));
     }
 }

@@ -986,6 +986,15 @@ impl Parser {
                     .err(m.target.span(), format!("two cache mounts have the target `{target}`"))
                     .with_hint("mount each folder once"));
             }
+            let inside = |a: &str, b: &str| a.strip_prefix(b).is_some_and(|r| r.starts_with('/'));
+            if let Some(o) = out.iter().find(|o| inside(&target, &o.target) || inside(&o.target, &target)) {
+                return Err(self
+                    .err(
+                        m.target.span(),
+                        format!("the cache mounts `{target}` and `{}` are one inside the other", o.target),
+                    )
+                    .with_hint("give each cache mount a folder of its own, side by side"));
+            }
             let id = match &m.id {
                 None => target.clone(),
                 Some(id) => {
@@ -1011,6 +1020,12 @@ impl Parser {
                     }
                 },
             };
+            if out.iter().any(|o| o.id == id) {
+                let at = m.id.as_ref().map(|i| i.span()).unwrap_or_else(|| m.target.span());
+                return Err(self
+                    .err(at, format!("two cache mounts of this step are the cache `{}`", id.escape_debug()))
+                    .with_hint("a step mounts each cache once; give the other its own `id`"));
+            }
             out.push(CacheMount { target, id, sharing });
         }
         Ok(out)
@@ -1671,6 +1686,12 @@ shell = ["/bin/bash", "-c"]
             ("cache = [{ target = \"/a\", id = \"a\\nb\" }]", "`id` must be"),
             ("cache = [{ target = \"/a\", uid = 1 }]", "unknown field"),
             ("cache = [{ id = \"a\" }]", "missing field `target`"),
+            ("cache = [{ target = \"/a\" }, { target = \"/a/b\" }]", "one inside the other"),
+            ("cache = [{ target = \"/a/b\" }, { target = \"/a\" }]", "one inside the other"),
+            (
+                "cache = [{ id = \"s\", target = \"/a\" }, { id = \"s\", target = \"/b\" }]",
+                "are the cache `s`",
+            ),
         ] {
             let e = parse(&format!("{head}{body}\n")).unwrap_err();
             assert!(e.message().contains(want), "{body}: {}", e.message());

@@ -49,19 +49,29 @@ pub(super) fn run(action: CacheAction, cache_dir: Option<PathBuf>) -> Result<u8,
                 }
                 let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v).expect("json"));
             } else {
-                for e in entries {
-                    let _ = writeln!(out, "{}\t{}\t{}\t{}", e.used_unix, e.kind, e.name, e.label);
-                }
-                for m in mounts {
-                    // The id is the recipe's text: shown escaped, so it cannot drive the terminal.
-                    let _ = writeln!(
-                        out,
-                        "{}\tmount\t{}\t{} in {} files",
+                // (last use, kind, name, what); a mount's id is the recipe's text,
+                // shown escaped so it cannot drive the terminal.
+                let mut rows: Vec<(u64, String, String, String)> =
+                    entries.into_iter().map(|e| (e.used_unix, e.kind.to_string(), e.name, e.label)).collect();
+                rows.extend(mounts.into_iter().map(|m| {
+                    (
                         m.used_unix,
-                        m.id.escape_debug(),
-                        human(m.bytes),
-                        m.files
-                    );
+                        "mount".into(),
+                        m.id.escape_debug().to_string(),
+                        format!("{} in {} files", human(m.bytes), m.files),
+                    )
+                }));
+                let kind_w = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(4);
+                let name_w = rows.iter().map(|r| r.2.chars().count()).max().unwrap_or(0).max(4);
+                let _ = writeln!(
+                    out,
+                    "{:<19}  {:<kind_w$}  {:<name_w$}  WHAT",
+                    "LAST USED (UTC)", "KIND", "NAME"
+                );
+                for (used, kind, name, what) in rows {
+                    let when =
+                        kiln_builder::rfc3339(used).replace('T', " ").trim_end_matches('Z').to_string();
+                    let _ = writeln!(out, "{when:<19}  {kind:<kind_w$}  {name:<name_w$}  {what}");
                 }
             }
         }

@@ -27,13 +27,15 @@ pub(super) fn run(recipe: &Path, common: &Common, json: bool) -> Result<u8, Buil
         for a in &recipe.args {
             let _ = writeln!(out, "arg  {}={}  ({})", a.name, a.value.escape_debug(), a.origin);
         }
+        let place = |s: &kiln_builder::PlannedStep| match &s.info.stage {
+            Some(st) => format!("{st} {}", s.info.index + 1),
+            None => format!("{}", s.info.index + 1),
+        };
+        // One column width for every stage name's length.
+        let width = steps.iter().map(|s| place(s).chars().count()).max().unwrap_or(0).max(3);
         for s in &steps {
             let hit = if s.hit { "HIT " } else { "MISS" };
-            let place = match &s.info.stage {
-                Some(st) => format!("{st} {}", s.info.index + 1),
-                None => format!("{}", s.info.index + 1),
-            };
-            let _ = writeln!(out, "{place:>3}  {hit}  {}  {}", s.key, s.info.description);
+            let _ = writeln!(out, "{:>width$}  {hit}  {}  {}", place(s), s.key, s.info.description);
         }
     }
     Ok(0)

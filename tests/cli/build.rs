@@ -123,7 +123,10 @@ fn cache_commands_report_and_prune() {
     assert!(v["blob_bytes"].as_u64().unwrap() > 0);
     assert_eq!(v["steps"], 2);
     let r = p.kiln(&["cache", "ls"]);
-    assert_eq!(r.stdout.lines().count(), 3, "two steps and one image: {}", r.stdout);
+    assert_eq!(r.stdout.lines().count(), 4, "a header, two steps and one image: {}", r.stdout);
+    assert!(r.stdout.starts_with("LAST USED (UTC)"), "{}", r.stdout);
+    let year = r.stdout.lines().nth(1).unwrap().get(..4).unwrap().parse::<u32>().unwrap();
+    assert!(year >= 2024, "a human date: {}", r.stdout);
     let r = p.kiln(&["cache", "prune", "--max-size", "0"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&p.kiln(&["cache", "du", "--json"]).stdout).unwrap();
@@ -384,4 +387,18 @@ fn a_multi_platform_base_gives_the_image_for_the_build_platform() {
             r.stderr
         );
     }
+}
+
+#[test]
+fn plan_columns_line_up_whatever_the_stage_names() {
+    let p = Project::new();
+    p.recipe(
+        "[[stage]]\nname = \"a-rather-long-stage-name\"\n[[stage.step]]\nwrite = \"/a\"\ncontent = \"a\"\n\n\
+         [image]\nname = \"x\"\nbase = \"stage:a-rather-long-stage-name\"\n[[step]]\nwrite = \"/b\"\ncontent = \"b\"\n",
+    );
+    let r = p.kiln(&["plan", "kiln.toml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let columns: Vec<usize> = r.stdout.lines().map(|l| l.find("MISS").expect("a MISS column")).collect();
+    assert_eq!(columns.len(), 2, "{}", r.stdout);
+    assert!(columns.windows(2).all(|w| w[0] == w[1]), "{}", r.stdout);
 }

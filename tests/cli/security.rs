@@ -873,3 +873,40 @@ fn a_wrong_or_oversized_stored_listing_is_made_again_from_its_layer() {
     let r = p.build(&["--no-cache"]);
     assert_eq!(r.digest(), first);
 }
+
+/// A docker-archive whose `index.json` and `manifest.json` name different
+/// images would be one image to kiln and another to `docker load`: refused.
+#[test]
+fn a_docker_archive_whose_index_and_manifest_json_disagree_is_refused() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"a\"\n[[step]]\nwrite = \"/a\"\ncontent = \"a\"\n");
+    p.build(&["-o", "docker-archive:a.tar"]).digest();
+    p.recipe("[image]\nname = \"b\"\n[[step]]\nwrite = \"/b\"\ncontent = \"b\"\n");
+    p.build(&["-o", "docker-archive:b.tar"]).digest();
+    // a's index.json and blobs, b's manifest.json and blobs.
+    let mut out = tar::Builder::new(fs::File::create(p.path("mixed.tar")).unwrap());
+    let mut seen = std::collections::HashSet::new();
+    for (file, keep) in [("a.tar", "index.json"), ("b.tar", "manifest.json")] {
+        let mut ar = tar::Archive::new(fs::File::open(p.path(file)).unwrap());
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            let wanted = path == keep || path.starts_with("blobs/") || path == "oci-layout";
+            if wanted && seen.insert(path.clone()) {
+                let mut h = e.header().clone();
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+                out.append_data(&mut h, &path, data.as_slice()).unwrap();
+            }
+        }
+    }
+    out.finish().unwrap();
+    drop(out);
+    p.recipe("[image]\nname = \"c\"\nbase = \"docker-archive:mixed.tar\"\n");
+    let r = p.build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("describe different images"), "{}", r.stderr);
+    // Each archive alone is fine.
+    p.recipe("[image]\nname = \"c\"\nbase = \"docker-archive:a.tar\"\n");
+    p.build(&["-o", "oci:from-a"]).digest();
+}

@@ -344,6 +344,23 @@ fn child(spec: &SandboxSpec) -> ! {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // A mount namespace of its own, so pivot_root leaves the helper's view alone.
     check(unshare(CloneFlags::CLONE_NEWNS), "create the command's mount namespace");
+    // The cache mounts' folders, opened now, before any mount of this
+    // namespace: nothing a step left anywhere can redirect them later.
+    let cache_sources: Vec<rustix::fd::OwnedFd> = spec
+        .cache_mounts
+        .iter()
+        .map(|m| {
+            rustix::fs::open(
+                &m.host,
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap_or_else(|e| fail(&format!("cannot open the cache for `/{}`: {e}", m.target)))
+        })
+        .collect();
     // The engine's umask, whatever kiln's caller had: a command's files do not depend on it.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     check(chdir(&spec.layers_dir), "enter the unpacked layers folder");
@@ -435,12 +452,44 @@ fn child(spec: &SandboxSpec) -> ! {
             &format!("mount /etc/{name}"),
         );
     }
-    for m in &spec.cache_mounts {
-        let target = root.join(&m.target);
+    let root_fd = rustix::fs::open(
+        root,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap_or_else(|e| fail(&format!("cannot open the new root: {e}")));
+    for (m, src) in spec.cache_mounts.iter().zip(&cache_sources) {
+        // The target, on the overlay itself: through no symlink and no other
+        // mount (an earlier cache mount, /proc), never out of the root.
+        let at = rustix::fs::openat2(
+            &root_fd,
+            m.target.as_str(),
+            rustix::fs::OFlags::PATH
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+            rustix::fs::ResolveFlags::BENEATH
+                | rustix::fs::ResolveFlags::NO_SYMLINKS
+                | rustix::fs::ResolveFlags::NO_MAGICLINKS
+                | rustix::fs::ResolveFlags::NO_XDEV,
+        )
+        .unwrap_or_else(|e| fail(&format!("the cache mount's target `/{}` cannot be used: {e}", m.target)));
+        let fd_path =
+            |fd: &rustix::fd::OwnedFd| format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd));
         check(
-            mount(Some(&m.host), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+            mount(
+                Some(fd_path(src).as_str()),
+                fd_path(&at).as_str(),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            ),
             &format!("mount the cache `/{}`", m.target),
         );
+        drop(at);
+        // The path now ends on the bind mount (its folders were just checked).
+        let target = root.join(&m.target);
         check(
             mount(
                 None::<&str>,

@@ -88,25 +88,35 @@ pub struct StoredImage {
 /// `Healthcheck` and `Shell` of a config's `config` object, as JSON.
 pub type DockerConfig = serde_json::Map<String, serde_json::Value>;
 
-/// The keys of [`DockerConfig`].
-const DOCKER_CONFIG_KEYS: [&str; 2] = ["Healthcheck", "Shell"];
-
-/// [`DockerConfig`] of a config's JSON: `Healthcheck` when it is an object,
-/// `Shell` when it is an array of strings; anything else is dropped.
+/// [`DockerConfig`] of a config's JSON (a base's: another builder's word),
+/// kept only in the shapes Docker writes: `Healthcheck` with a `Test` of
+/// strings, durations as whole nanoseconds and a `Retries` count (other
+/// keys dropped); `Shell` as strings. Anything else is dropped whole.
 pub(crate) fn docker_config_of(config: &[u8]) -> DockerConfig {
+    use serde_json::Value;
+    const MAX_ITEMS: usize = 256;
+    let strings = |v: &Value| {
+        v.as_array()
+            .filter(|a| !a.is_empty() && a.len() <= MAX_ITEMS && a.iter().all(Value::is_string))
+            .cloned()
+    };
     let mut out = DockerConfig::new();
-    let Ok(serde_json::Value::Object(mut top)) = serde_json::from_slice(config) else { return out };
-    let Some(serde_json::Value::Object(mut c)) = top.remove("config") else { return out };
-    for key in DOCKER_CONFIG_KEYS {
-        match c.remove(key) {
-            Some(v @ serde_json::Value::Object(_)) if key == "Healthcheck" => {
-                out.insert(key.into(), v);
+    let Ok(Value::Object(mut top)) = serde_json::from_slice(config) else { return out };
+    let Some(Value::Object(c)) = top.remove("config") else { return out };
+    if let Some(Value::Object(h)) = c.get("Healthcheck") {
+        if let Some(test) = h.get("Test").and_then(strings) {
+            let mut kept = serde_json::Map::new();
+            kept.insert("Test".into(), Value::Array(test));
+            for key in ["Interval", "Timeout", "StartPeriod", "StartInterval", "Retries"] {
+                if let Some(n) = h.get(key).filter(|v| v.is_u64()) {
+                    kept.insert(key.into(), n.clone());
+                }
             }
-            Some(serde_json::Value::Array(a)) if key == "Shell" && a.iter().all(|x| x.is_string()) => {
-                out.insert(key.into(), serde_json::Value::Array(a));
-            }
-            _ => {}
+            out.insert("Healthcheck".into(), Value::Object(kept));
         }
+    }
+    if let Some(shell) = c.get("Shell").and_then(strings) {
+        out.insert("Shell".into(), Value::Array(shell));
     }
     out
 }
@@ -142,6 +152,34 @@ impl StoredImage {
         let rec = ImageRecord { name: name.to_string(), manifest: self.manifest, blobs: self.blobs() };
         store.write_record(kind, key, &rec)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod docker_config_tests {
+    use super::docker_config_of;
+
+    #[test]
+    fn a_bases_docker_fields_are_kept_only_in_dockers_shapes() {
+        let good = br#"{"config":{"Healthcheck":{"Test":["CMD","x"],"Interval":30000000000,"Retries":3,"Evil":{"a":1}},"Shell":["/bin/bash","-c"]}}"#;
+        let c = docker_config_of(good);
+        assert_eq!(
+            serde_json::Value::Object(c),
+            serde_json::json!({"Healthcheck": {"Test": ["CMD", "x"], "Interval": 30000000000u64, "Retries": 3}, "Shell": ["/bin/bash", "-c"]})
+        );
+        for bad in [
+            br#"{"config":{"Healthcheck":{"Test":"CMD x"},"Shell":"/bin/sh"}}"#.as_slice(),
+            br#"{"config":{"Healthcheck":{"Test":[1]},"Shell":[]}}"#,
+            br#"{"config":{"Healthcheck":[],"Shell":[{"a":1}]}}"#,
+            br#"not json"#,
+        ] {
+            assert!(docker_config_of(bad).is_empty(), "{}", String::from_utf8_lossy(bad));
+        }
+        let big = format!(r#"{{"config":{{"Shell":[{}]}}}}"#, vec!["\"x\""; 300].join(","));
+        assert!(docker_config_of(big.as_bytes()).is_empty());
+        let c =
+            docker_config_of(br#"{"config":{"Healthcheck":{"Test":["NONE"],"Interval":-5,"Timeout":1.5}}}"#);
+        assert_eq!(serde_json::Value::Object(c), serde_json::json!({"Healthcheck": {"Test": ["NONE"]}}));
     }
 }
 
@@ -329,7 +367,7 @@ pub(crate) const MAX_DOCUMENT: u64 = 16 << 20;
 /// reading: never through a symlink in its last component, and only a
 /// regular file (a fifo would hang, `/dev/zero` would never end). The
 /// errors are `InvalidData` for what is there but not a file.
-pub(crate) fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+pub fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     use rustix::fs::{Mode, OFlags};
     let fd = rustix::fs::open(
         path,

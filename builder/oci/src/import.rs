@@ -127,6 +127,21 @@ pub fn import_archive(
     let index = members.get("index.json").ok_or_else(|| bad("the archive has no `index.json`".into()))?;
     let index = read_document_blob(store, index).map_err(bad)?;
     let m = resolve_index(&index, None, &have, store, platform).map_err(bad)?;
+    if let (true, Some(mj)) = (docker, members.get("manifest.json")) {
+        // `docker load` reads `manifest.json`: both must be the same image.
+        let (config, layers) = docker_manifest_parts(store, &members, mj).map_err(bad)?;
+        let theirs: ImageManifest = serde_json::from_slice(&read_document_blob(store, &m).map_err(bad)?)
+            .map_err(|e| bad(format!("its manifest is malformed ({})", json_error(&e))))?;
+        let same = theirs.config().digest().to_string() == config.to_string()
+            && theirs
+                .layers()
+                .iter()
+                .map(|l| l.digest().to_string())
+                .eq(layers.iter().map(|d| d.to_string()));
+        if !same {
+            return Err(bad("its `index.json` and `manifest.json` describe different images".into()));
+        }
+    }
     finish(store, name, m, &have)
 }
 
@@ -221,12 +236,13 @@ fn resolve_index(
     Ok(digest)
 }
 
-/// Builds a manifest for a docker-archive's `manifest.json` entry.
-fn docker_manifest(
+/// The config and layers (as the archive's members) of a docker-archive's
+/// one `manifest.json` entry.
+fn docker_manifest_parts(
     store: &Store,
     members: &HashMap<String, Digest>,
     manifest_json: &Digest,
-) -> Result<Digest, String> {
+) -> Result<(Digest, Vec<Digest>), String> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "PascalCase")]
     struct Entry {
@@ -242,11 +258,20 @@ fn docker_manifest(
     let member = |name: &str| {
         members.get(name.trim_start_matches("./")).copied().ok_or_else(|| format!("it lacks `{name}`"))
     };
-    let config = member(&entry.config)?;
+    let layers = entry.layers.iter().map(|l| member(l)).collect::<Result<_, _>>()?;
+    Ok((member(&entry.config)?, layers))
+}
+
+/// Builds a manifest for a docker-archive's `manifest.json` entry.
+fn docker_manifest(
+    store: &Store,
+    members: &HashMap<String, Digest>,
+    manifest_json: &Digest,
+) -> Result<Digest, String> {
+    let (config, layer_digests) = docker_manifest_parts(store, members, manifest_json)?;
     let config_size = fs::metadata(store.blob_path(&config)).map(|m| m.len()).unwrap_or(0);
     let mut layers = Vec::new();
-    for l in &entry.layers {
-        let d = member(l)?;
+    for d in layer_digests {
         let size = fs::metadata(store.blob_path(&d)).map(|m| m.len()).unwrap_or(0);
         // `docker save` names no media types: the blob's magic number says.
         let mt = match magic(store, &d) {

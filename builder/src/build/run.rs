@@ -102,7 +102,11 @@ fn take_cache_mounts(
 ) -> Result<(Vec<exec::CacheMountRequest>, Vec<kiln_cache::MountLease>), BuildError> {
     let mut mounts = Vec::new();
     let mut leases = Vec::new();
-    for m in &run.cache {
+    // Taken in the order of their ids, so two steps that lock the same two
+    // caches never wait for each other.
+    let mut order: Vec<&kiln_recipes::CacheMount> = run.cache.iter().collect();
+    order.sort_by(|a, b| a.id.cmp(&b.id));
+    for m in order {
         let rel = m.target.trim_start_matches('/');
         let mut at = String::new();
         for part in rel.split('/') {
