@@ -18,6 +18,19 @@ impl StoreLock {
         OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)
     }
 
+    /// Blocks until a shared lock is held; calls `waiting` first when
+    /// someone holds it exclusively.
+    pub(crate) fn shared_waiting(path: &Path, waiting: &dyn Fn()) -> io::Result<StoreLock> {
+        let file = Self::open(path)?;
+        match flock(&file, FlockOperation::NonBlockingLockShared) {
+            Ok(()) => return Ok(StoreLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => waiting(),
+            Err(e) => return Err(e.into()),
+        }
+        flock(&file, FlockOperation::LockShared)?;
+        Ok(StoreLock { _file: file })
+    }
+
     /// Blocks until a shared lock is held.
     pub(crate) fn shared(path: &Path) -> io::Result<StoreLock> {
         let file = Self::open(path)?;

@@ -125,7 +125,10 @@ impl Store {
         let (lock, private) = match how {
             // Shared: with the other shared steps, so a `locked` step waits for them
             // and a `private` one sees them.
-            Take::Shared => (Some(StoreLock::shared(&lock_path).map_err(StoreError::io(&lock_path))?), None),
+            Take::Shared => (
+                Some(StoreLock::shared_waiting(&lock_path, waiting).map_err(StoreError::io(&lock_path))?),
+                None,
+            ),
             Take::Locked => {
                 (Some(StoreLock::exclusive(&lock_path, waiting).map_err(StoreError::io(&lock_path))?), None)
             }

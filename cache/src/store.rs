@@ -160,8 +160,19 @@ impl Store {
     }
 
     /// Opens (creating if needed) the store under `cache_dir`.
+    ///
+    /// The store's folder is 0700: layers unpacked for the sandbox, cache
+    /// mounts and steps' working folders hold what steps made as root
+    /// (setuid programs, device nodes), which no other user of the machine
+    /// may reach.
     pub fn open(cache_dir: &Path) -> Result<Store, StoreError> {
+        use std::os::unix::fs::PermissionsExt;
         let root = cache_dir.join(SCHEMA);
+        fs::create_dir_all(&root).map_err(StoreError::io(&root))?;
+        let meta = fs::symlink_metadata(&root).map_err(StoreError::io(&root))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(StoreError::io(&root))?;
+        }
         for sub in ["blobs/sha256", "tmp"].into_iter().chain(RecordKind::ALL.map(RecordKind::dir)) {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(StoreError::io(&p))?;

@@ -61,7 +61,8 @@ pub fn parse_arg(s: &str) -> Result<ArgValue, String> {
 /// line, never the line's bytes.
 pub fn read_arg_file(path: &Path) -> Result<Vec<ArgValue>, String> {
     let shown = path.display();
-    let bytes = read_plain_file(path).map_err(|e| format!("cannot read the argument file {shown}: {e}"))?;
+    let bytes = read_plain_file(path, MAX_ARG_FILE)
+        .map_err(|e| format!("cannot read the argument file {shown}: {e}"))?;
     let mut out = Vec::new();
     for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
         let at = format!("{shown}:{}", i + 1);
@@ -89,8 +90,8 @@ pub fn read_arg_file(path: &Path) -> Result<Vec<ArgValue>, String> {
 /// The bytes of a regular file the command line named, which may come from a
 /// pull request: reached through no symlink (a link could point at
 /// `/proc/self/environ` or a secret of the runner), not on procfs or sysfs,
-/// never blocking on a fifo, at most [`MAX_ARG_FILE`] bytes.
-fn read_plain_file(path: &Path) -> std::io::Result<Vec<u8>> {
+/// never blocking on a fifo, at most `max` bytes. The recipe is read so too.
+pub(crate) fn read_plain_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
     use std::io::Read;
     const PROC_SUPER_MAGIC: i64 = 0x9fa0;
@@ -116,14 +117,14 @@ fn read_plain_file(path: &Path) -> std::io::Result<Vec<u8>> {
     if fs_type == PROC_SUPER_MAGIC || fs_type == SYSFS_MAGIC {
         return Err(std::io::Error::other("it is a file of the kernel's, not a file of arguments"));
     }
-    if st.st_size as u64 > MAX_ARG_FILE {
-        return Err(std::io::Error::other("it is larger than 1 MiB"));
+    if st.st_size as u64 > max {
+        return Err(std::io::Error::other(format!("it is larger than {} MiB", max >> 20)));
     }
     rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
     let mut bytes = Vec::new();
-    std::fs::File::from(fd).take(MAX_ARG_FILE + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_ARG_FILE {
-        return Err(std::io::Error::other("it is larger than 1 MiB"));
+    std::fs::File::from(fd).take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!("it is larger than {} MiB", max >> 20)));
     }
     Ok(bytes)
 }

@@ -25,9 +25,12 @@ pub fn parse_file(path: &Path) -> Result<Recipe, RecipeError> {
 /// `--arg-file`, later ones winning) for the arguments its `[args]` declares.
 pub fn parse_file_with_args(path: &Path, values: &[ArgValue]) -> Result<Recipe, RecipeError> {
     let display = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| {
+    // The recipe may come from a pull request, and an error shows its text:
+    // never a link's (to `/proc/self/environ`, a runner's secret), never a
+    // kernel file, a fifo or a device.
+    let bytes = crate::args::read_plain_file(path, MAX_RECIPE).map_err(|e| {
         RecipeError::new(&display, &Arc::new(String::new()), None, format!("cannot read the recipe: {e}"))
-            .with_hint("check the path; a recipe is a TOML file such as `recipes/examples/hello/kiln.toml`")
+            .with_hint("check the path; a recipe is a TOML file such as `recipes/examples/hello/kiln.toml`, named by a path without symlinks")
     })?;
     let text = String::from_utf8(bytes).map_err(|e| {
         // Where the first bad byte is, counted in the text before it (never the bytes themselves).
@@ -58,6 +61,9 @@ pub fn parse_str_with_args(
     let p = Parser { file: file.to_string(), source: Arc::new(text), values: values.to_vec() };
     p.parse(dir)
 }
+
+/// The largest recipe kiln reads.
+const MAX_RECIPE: u64 = 16 << 20;
 
 /// The last second of the year 9999: later times have no RFC 3339 form,
 /// so no tool could read the image's `created`.
@@ -974,12 +980,15 @@ impl Parser {
                     "`target` is an absolute path in the image, e.g. `target = \"/root/.cache/pip\"`",
                 )
             })?;
-            let reserved = ["/proc", "/sys", "/dev", "/run/secrets"];
-            if target == "/" || reserved.iter().any(|r| target == *r || target.starts_with(&format!("{r}/")))
-            {
+            // What the sandbox mounts itself, and the folders above it: a cache
+            // there would cover it, or steer where it lands.
+            let reserved =
+                ["/proc", "/sys", "/dev", "/run/secrets", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
+            let within = |a: &str, b: &str| a == b || a.strip_prefix(b).is_some_and(|r| r.starts_with('/'));
+            if target == "/" || reserved.iter().any(|r| within(&target, r) || within(r, &target)) {
                 return Err(self
                     .err(m.target.span(), format!("`{target}` cannot be a cache mount"))
-                    .with_hint("mount a cache on a folder of its own, e.g. `/root/.cache/pip` or `/var/cache/apt`; not `/`, `/proc`, `/sys`, `/dev` or `/run/secrets`"));
+                    .with_hint("mount a cache on a folder of its own, e.g. `/root/.cache/pip` or `/var/cache/apt`; not `/`, `/etc`, `/run`, `/proc`, `/sys`, `/dev` or what is in them that the sandbox provides"));
             }
             if out.iter().any(|o| o.target == target) {
                 return Err(self
@@ -1680,6 +1689,8 @@ shell = ["/bin/bash", "-c"]
             ("cache = [{ target = \"/\" }]", "cannot be a cache mount"),
             ("cache = [{ target = \"/proc/x\" }]", "cannot be a cache mount"),
             ("cache = [{ target = \"/run/secrets\" }]", "cannot be a cache mount"),
+            ("cache = [{ target = \"/run\" }]", "cannot be a cache mount"),
+            ("cache = [{ target = \"/etc\" }]", "cannot be a cache mount"),
             ("cache = [{ target = \"/a\" }, { target = \"/a/\" }]", "two cache mounts"),
             ("cache = [{ target = \"/a\", sharing = \"exclusive\" }]", "not a sharing mode"),
             ("cache = [{ target = \"/a\", id = \"\" }]", "`id` must be"),

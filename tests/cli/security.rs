@@ -906,7 +906,68 @@ fn a_docker_archive_whose_index_and_manifest_json_disagree_is_refused() {
     let r = p.build(&[]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("describe different images"), "{}", r.stderr);
+    // A second `manifest.json` under another spelling, or as a link: refused.
+    for (name, link) in
+        [("x/../manifest.json", None), ("./manifest.json", None), ("manifest.json", Some("evil.json"))]
+    {
+        fs::copy(p.path("a.tar"), p.path("twice.tar")).unwrap();
+        let bytes = fs::read(p.path("twice.tar")).unwrap();
+        // Cut the two zero blocks that end the archive, then append.
+        let mut end = bytes.len();
+        while end >= 512 && bytes[end - 512..end].iter().all(|b| *b == 0) {
+            end -= 512;
+        }
+        let mut f = fs::OpenOptions::new().write(true).open(p.path("twice.tar")).unwrap();
+        f.set_len(end as u64).unwrap();
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).unwrap();
+        let mut out = tar::Builder::new(f);
+        let mut h = tar::Header::new_gnu();
+        match link {
+            None => {
+                // Named byte for byte (tar-rs refuses `..` in names it sets).
+                h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+                h.set_size(2);
+                h.set_mode(0o644);
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_cksum();
+                out.append(&h, b"[]".as_slice()).unwrap();
+            }
+            Some(target) => {
+                h.set_size(0);
+                h.set_entry_type(tar::EntryType::Symlink);
+                out.append_link(&mut h, name, target).unwrap();
+            }
+        }
+        out.finish().unwrap();
+        p.recipe("[image]\nname = \"c\"\nbase = \"docker-archive:twice.tar\"\n");
+        let r = p.build(&[]);
+        assert_eq!(r.code, 2, "{name}: {}", r.stderr);
+        assert!(r.stderr.contains("holds the member `manifest.json` twice"), "{name}: {}", r.stderr);
+    }
     // Each archive alone is fine.
     p.recipe("[image]\nname = \"c\"\nbase = \"docker-archive:a.tar\"\n");
     p.build(&["-o", "oci:from-a"]).digest();
+}
+
+/// A recipe is shown in its errors: one that is a link (to the process's
+/// environment, to a runner's file) is not read, so nothing leaks into a log.
+#[test]
+fn a_recipe_behind_a_symlink_is_not_read_and_nothing_of_its_target_is_shown() {
+    let p = Project::new();
+    std::os::unix::fs::symlink("/proc/self/environ", p.path("env.toml")).unwrap();
+    fs::create_dir_all(p.path("real")).unwrap();
+    fs::write(p.path("real/kiln.toml"), "KILN_TEST_SECRET = \"s3cret\"\n").unwrap();
+    std::os::unix::fs::symlink("real", p.path("linked")).unwrap();
+    for recipe in ["env.toml", "linked/kiln.toml"] {
+        let r = p.kiln_with(&["plan", recipe], |c| {
+            c.env("KILN_TEST_SECRET", "s3cret");
+        });
+        assert_eq!(r.code, 2, "{recipe}: {}", r.stderr);
+        assert!(r.stderr.contains("through a symlink"), "{recipe}: {}", r.stderr);
+        assert!(!r.stderr.contains("s3cret"), "{recipe}: {}", r.stderr);
+    }
+    let environ = format!("/proc/{}/environ", std::process::id());
+    let r = p.kiln(&["plan", &environ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("a file of the kernel's"), "{}", r.stderr);
 }

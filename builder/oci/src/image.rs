@@ -108,7 +108,8 @@ pub(crate) fn docker_config_of(config: &[u8]) -> DockerConfig {
             let mut kept = serde_json::Map::new();
             kept.insert("Test".into(), Value::Array(test));
             for key in ["Interval", "Timeout", "StartPeriod", "StartInterval", "Retries"] {
-                if let Some(n) = h.get(key).filter(|v| v.is_u64()) {
+                // Docker's fields are int64.
+                if let Some(n) = h.get(key).filter(|v| v.as_u64().is_some_and(|n| n <= i64::MAX as u64)) {
                     kept.insert(key.into(), n.clone());
                 }
             }
@@ -177,8 +178,9 @@ mod docker_config_tests {
         }
         let big = format!(r#"{{"config":{{"Shell":[{}]}}}}"#, vec!["\"x\""; 300].join(","));
         assert!(docker_config_of(big.as_bytes()).is_empty());
-        let c =
-            docker_config_of(br#"{"config":{"Healthcheck":{"Test":["NONE"],"Interval":-5,"Timeout":1.5}}}"#);
+        let c = docker_config_of(
+            br#"{"config":{"Healthcheck":{"Test":["NONE"],"Interval":-5,"Timeout":1.5,"Retries":18446744073709551615}}}"#,
+        );
         assert_eq!(serde_json::Value::Object(c), serde_json::json!({"Healthcheck": {"Test": ["NONE"]}}));
     }
 }

@@ -167,25 +167,94 @@ fn read_archive(store: &Store, file: &Path) -> Result<HashMap<String, Digest>, S
     let f = std::io::Read::chain(std::io::Cursor::new(first), f);
     let mut a = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
     let mut out = HashMap::new();
+    // Links, resolved once every file is in: (name, target as the archive names it).
+    let mut links: Vec<(String, String)> = Vec::new();
     let mut last = String::from("(the first member)");
     for e in a.entries().map_err(|_| "is not a tar archive".to_string())? {
         let mut e = e.map_err(|_| format!("has a malformed member header after {last}"))?;
-        if !e.header().entry_type().is_file() {
+        let kind = e.header().entry_type();
+        if !(kind.is_file() || kind.is_symlink() || kind.is_hard_link()) {
             continue;
         }
-        let name = String::from_utf8_lossy(&e.path_bytes()).trim_start_matches("./").to_string();
+        // Named as an extracting tool names it (`docker load` cleans each name):
+        // `./a`, `/a` and `x/../a` are all `a`, and may be there only once.
+        let raw = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        let name = clean_member(&raw).ok_or_else(|| {
+            format!("has a member `{}` that leads out of the archive", crate::error::shown(&raw))
+        })?;
         last = format!("`{}`", crate::error::shown(&name));
+        if out.contains_key(&name) || links.iter().any(|(n, _)| *n == name) {
+            return Err(format!("holds the member {last} twice"));
+        }
+        if !kind.is_file() {
+            let target =
+                e.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
+            // A symlink's target is relative to its folder; a hard link's to the archive's root.
+            let joined = match (kind.is_symlink(), name.rfind('/')) {
+                (true, Some(i)) if !target.starts_with('/') => format!("{}/{target}", &name[..i]),
+                _ => target,
+            };
+            let target = clean_member(&joined)
+                .ok_or_else(|| format!("has a link {last} that leads out of the archive"))?;
+            links.push((name, target));
+            continue;
+        }
         let mut w = BlobWriter::new(store).map_err(|e| e.to_string())?;
         std::io::copy(&mut e, &mut w).map_err(|e| format!("member {last} is truncated ({})", e.kind()))?;
         let (d, _) = w.commit().map_err(|e| e.to_string())?;
-        if let Some(hex) = name.strip_prefix("blobs/sha256/") {
-            if hex != d.hex() {
-                return Err(format!("member {last} does not match its digest (it hashes to {d})"));
-            }
-        }
         out.insert(name, d);
     }
+    // A link names another member (through links, a few deep), as extraction would make it.
+    for (name, target) in &links {
+        let mut at = target.clone();
+        let mut hops = 0;
+        let digest = loop {
+            if let Some(d) = out.get(&at) {
+                break *d;
+            }
+            match links.iter().find(|(n, _)| *n == at) {
+                Some((_, next)) if hops < 8 => {
+                    at = next.clone();
+                    hops += 1;
+                }
+                _ => {
+                    return Err(format!(
+                        "has a link `{}` to no file of the archive",
+                        crate::error::shown(name)
+                    ))
+                }
+            }
+        };
+        out.insert(name.clone(), digest);
+    }
+    for (name, d) in &out {
+        if let Some(hex) = name.strip_prefix("blobs/sha256/") {
+            if hex != d.hex() {
+                return Err(format!(
+                    "member `{}` does not match its digest (it hashes to {d})",
+                    crate::error::shown(name)
+                ));
+            }
+        }
+    }
     Ok(out)
+}
+
+/// A member's name as extraction makes it: `.` and empty parts dropped,
+/// `..` taking one back, a leading `/` ignored; `None` when it would leave
+/// the archive's root or names nothing.
+fn clean_member(name: &str) -> Option<String> {
+    let mut parts: Vec<&str> = Vec::new();
+    for p in name.split('/') {
+        match p {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            p => parts.push(p),
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
 }
 
 /// Picks the manifest from an index: by tag, the only one, or (an index of
@@ -418,4 +487,26 @@ fn header_checksum_ok(block: &[u8; 512]) -> bool {
     let Ok(want) = h.cksum() else { return false };
     let sum: u32 = block[..148].iter().chain(&[b' '; 8]).chain(&block[156..]).map(|b| *b as u32).sum();
     sum == want
+}
+
+#[cfg(test)]
+mod member_names {
+    use super::clean_member;
+
+    #[test]
+    fn names_are_cleaned_as_extraction_cleans_them() {
+        for (raw, want) in [
+            ("manifest.json", Some("manifest.json")),
+            ("./manifest.json", Some("manifest.json")),
+            ("/manifest.json", Some("manifest.json")),
+            (".//manifest.json", Some("manifest.json")),
+            ("x/../manifest.json", Some("manifest.json")),
+            ("blobs/sha256/../sha256/ab", Some("blobs/sha256/ab")),
+            ("../manifest.json", None),
+            ("a/../../b", None),
+            ("./", None),
+        ] {
+            assert_eq!(clean_member(raw).as_deref(), want, "{raw}");
+        }
+    }
 }

@@ -131,7 +131,12 @@ fn take_cache_mounts(
             kiln_recipes::Sharing::Locked => kiln_cache::Take::Locked,
             kiln_recipes::Sharing::Private => kiln_cache::Take::Private,
         };
-        let waiting = || tracing::info!(id = %m.id.escape_debug(), "waiting for a locked cache mount another step is using");
+        let waiting = || {
+            env.reporter.on_notice(&format!(
+                "waiting for the cache mount `{}`, which another step holds",
+                m.id.escape_debug()
+            ))
+        };
         let lease = env.store.take_mount(&m.id, how, &waiting)?;
         let owner = if lease.fresh { Some(mount_owner(env, step, user, parent)?) } else { None };
         mounts.push(exec::CacheMountRequest { target: rel.to_string(), host: lease.data.clone(), owner });
