@@ -169,7 +169,10 @@ pub(crate) fn scan_copy(
     let canon = fs::canonicalize(&joined).map_err(BuildError::io_read(&joined))?;
     if canon.starts_with(&ctx.root) {
         let rel = canon.strip_prefix(&ctx.root).expect("checked");
-        if ctx.excluded(rel, canon.is_dir()) || ctx.excluded(Path::new(&step.src), canon.is_dir()) {
+        // The context itself is never excluded (`*` then `!src/` is an allow-list).
+        let as_written = Path::new(&step.src);
+        let named_excluded = step.src != "." && ctx.excluded(as_written, canon.is_dir());
+        if ctx.excluded(rel, canon.is_dir()) || named_excluded {
             return Err(recipe
                 .error_at(step.src_span.clone(), format!("`{}` is excluded from the context", step.src))
                 .with_label("excluded by `.kilnignore` (or `.git`, excluded by default)")

@@ -139,3 +139,20 @@ fn a_hostile_kilnignore_is_refused_without_echo() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains(".kilnignore:2: the line is not UTF-8"), "{}", r.stderr);
 }
+
+#[test]
+fn an_allow_list_kilnignore_copies_only_what_it_lets_in() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n[[step]]\ncopy = \".\"\nto = \"/app\"\n")
+        .file(".kilnignore", "*\n!src/\n!src/**\n")
+        .file("src/main.rs", "fn main() {}\n")
+        .file("other/secret", "s\n");
+    p.build(&["-o", "oci:out"]).digest();
+    let files = image_files(&p.path("out"));
+    let paths: Vec<&str> = files.keys().map(String::as_str).collect();
+    assert!(paths.contains(&"app/src/main.rs"), "{paths:?}");
+    assert!(
+        !paths.iter().any(|p| p.contains("other") || p.contains("kiln.toml") || p.contains("cache")),
+        "{paths:?}"
+    );
+}
