@@ -245,6 +245,10 @@ pub struct BuildArgs {
     /// Push this build's steps and layers to a registry cache (repeatable): registry:HOST/REPO[:TAG].
     #[arg(long = "cache-to", value_name = "REF")]
     pub cache_to: Vec<String>,
+    /// Carry `run` steps' cache mounts with the registry cache: push them with `--cache-to`, and
+    /// make the ones this cache lacks from `--cache-from`.
+    #[arg(long)]
+    pub cache_mounts: bool,
     /// Upload each blob in one request, for registries that refuse chunked uploads.
     #[arg(long)]
     pub monolithic_upload: bool,

@@ -27,6 +27,7 @@ pub mod diff;
 pub mod gc;
 pub mod inspect;
 pub mod lock;
+mod mount_archive;
 mod runtime;
 pub mod sbom;
 pub mod verify;

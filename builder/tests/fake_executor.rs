@@ -83,6 +83,7 @@ fn options(cache: &std::path::Path, executor: Arc<FakeExecutor>) -> BuildOptions
         secrets: Vec::new(),
         cache_from: Vec::new(),
         cache_to: Vec::new(),
+        cache_mounts: false,
         registry: Default::default(),
     }
 }

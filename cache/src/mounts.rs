@@ -161,6 +161,43 @@ impl Store {
         Ok(t)
     }
 
+    /// The folder of the cache mount `id`, when there is one.
+    pub fn mount_data(&self, id: &str) -> Option<PathBuf> {
+        let data = self.mount_dir(id).join("data");
+        fs::symlink_metadata(&data).is_ok_and(|m| m.is_dir()).then_some(data)
+    }
+
+    /// Makes the cache mount `id` from what `fill` puts in an empty folder,
+    /// unless it exists (then `Ok(false)`): `--cache-from` with
+    /// `--cache-mounts` never replaces a local cache.
+    pub fn restore_mount(
+        &self,
+        id: &str,
+        fill: &mut dyn FnMut(&Path) -> Result<(), String>,
+    ) -> Result<Result<bool, String>, StoreError> {
+        if self.mount_data(id).is_some() {
+            return Ok(Ok(false));
+        }
+        self.private_mounts_dir()?;
+        let tmp = self.new_mount_dir("restore-")?;
+        if let Err(why) = fill(tmp.path()) {
+            return Ok(Err(why));
+        }
+        let dir = self.mount_dir(id);
+        fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
+        let data = dir.join("data");
+        match fs::rename(tmp.path(), &data) {
+            Ok(()) => {
+                let _ = tmp.keep();
+            }
+            Err(_) if data.is_dir() => return Ok(Ok(false)), // another build made it first
+            Err(e) => return Err(StoreError::io(&data)(e)),
+        }
+        crate::store::write_atomic_in(&self.tmp_dir(), &dir.join("id"), id.as_bytes())
+            .map_err(StoreError::io(dir.join("id")))?;
+        Ok(Ok(true))
+    }
+
     /// Moves every cache mount of this store into `other` (which has none):
     /// `kiln verify`'s second build starts with what the first left.
     pub fn hand_mounts_to(&self, other: &Store) -> Result<(), StoreError> {

@@ -13,6 +13,13 @@ pub(super) fn run(a: BuildArgs) -> Result<u8, BuildError> {
     opts.cache_to = a.cache_to.iter().map(|c| parse_cache_ref(c, "--cache-to")).collect::<Result<_, _>>()?;
     opts.registry.monolithic = a.monolithic_upload;
     opts.no_cache = a.no_cache;
+    if a.cache_mounts && opts.cache_to.is_empty() && opts.cache_from.is_empty() {
+        return Err(BuildError::usage(
+            "`--cache-mounts` carries cache mounts through a registry cache, and none is given".to_string(),
+            Some("add `--cache-to registry:HOST/REPO` and/or `--cache-from registry:HOST/REPO`"),
+        ));
+    }
+    opts.cache_mounts = a.cache_mounts;
     opts.backend = a.backend.choice();
     opts.secrets = a.secrets.iter().map(|s| parse_secret(s)).collect::<Result<_, _>>()?;
     opts.outputs = a.outputs.iter().map(|o| parse_ref(o, "-o")).collect::<Result<_, _>>()?;

@@ -122,6 +122,7 @@ pub(super) fn options(common: &Common) -> Result<BuildOptions, BuildError> {
             .map(|c| parse_cache_ref(c, "--cache-from"))
             .collect::<Result<_, _>>()?,
         cache_to: Vec::new(),
+        cache_mounts: false,
         registry: kiln_builder::registry::client::RegistryOptions {
             insecure: common.insecure_registry.clone(),
             monolithic: false,

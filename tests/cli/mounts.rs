@@ -193,3 +193,62 @@ cache = [{ target = "/linked/x" }]
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("would cover `/file`"), "{}", r.stderr);
 }
+
+/// `--cache-mounts`: a fresh runner gets the cache mounts another pushed,
+/// and only with the flag; it never replaces a mount it has.
+#[test]
+fn cache_mounts_travel_with_the_registry_cache_when_asked() {
+    let Some(p) = project(PIP) else { return };
+    let Some(reg) = crate::registry::TestRegistry::start(None) else { return };
+    let cache = format!("registry:{}/kiln/mounts-cache", reg.host());
+    p.file("requirements.txt", "flask\n");
+    let r = p.build(&["-o", "oci:a", "--cache-to", &cache, "--cache-mounts"]);
+    r.digest();
+    assert!(r.stderr.contains("1 cache mount(s) of this build"), "{}", r.stderr);
+    // Runner B: a fresh cache, a change that runs the step again.
+    p.file("requirements.txt", "requests\n");
+    let b = p.build(&["-o", "oci:b", "--cache-dir", "runner-b", "--cache-from", &cache, "--cache-mounts"]);
+    b.digest();
+    let files = image_files(&p.path("b"));
+    assert_eq!(files["seen"].1, b"wheels\n", "runner B found runner A's cache mount");
+    assert_eq!(files["installed"].1, b"flask\nrequests\n");
+    // Without the flag, a fresh runner starts empty.
+    let c = p.build(&["-o", "oci:c", "--cache-dir", "runner-c", "--cache-from", &cache]);
+    c.digest();
+    assert_eq!(image_files(&p.path("c"))["seen"].1, b"");
+    // The flag without a registry cache is a usage error.
+    let r = p.kiln(&["build", "kiln.toml", "--cache-mounts"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`--cache-mounts` carries cache mounts through a registry cache"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// A mounts index may name a blob the store already holds (another image's
+/// layer, say): it is read, and never removed.
+#[test]
+fn a_blob_the_store_holds_is_never_removed_by_a_mount_pull() {
+    let Some(p) = project(PIP) else { return };
+    let Some(reg) = crate::registry::TestRegistry::start(None) else { return };
+    let cache = format!("registry:{}/kiln/mounts-held", reg.host());
+    p.file("requirements.txt", "flask\n");
+    p.build(&["-o", "oci:a", "--cache-to", &cache, "--cache-mounts"]).digest();
+    // The same store, its mount folders gone, the packed mount's blob still there.
+    fs::remove_dir_all(p.cache.join("v1/mounts")).unwrap();
+    let blobs = || -> std::collections::BTreeSet<String> {
+        fs::read_dir(p.cache.join("v1/blobs/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    let before = blobs();
+    p.file("requirements.txt", "requests\n");
+    let b = p.build(&["-o", "oci:b", "--cache-from", &cache, "--cache-mounts"]);
+    b.digest();
+    assert_eq!(image_files(&p.path("b"))["seen"].1, b"wheels\n", "the mount came back from the held blob");
+    let after = blobs();
+    let gone: Vec<_> = before.difference(&after).collect();
+    assert!(gone.is_empty(), "blobs the store held were removed: {gone:?}");
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 
 /// A distribution registry on a free loopback port, killed on drop.
-struct TestRegistry {
+pub(crate) struct TestRegistry {
     dir: tempfile::TempDir,
     port: u16,
     child: Arc<Mutex<Option<Child>>>,
@@ -26,7 +26,7 @@ fn free_port() -> u16 {
 
 impl TestRegistry {
     /// `None` (test skipped) without `docker-registry`, except in CI.
-    fn start(htpasswd: Option<(&str, &str)>) -> Option<TestRegistry> {
+    pub(crate) fn start(htpasswd: Option<(&str, &str)>) -> Option<TestRegistry> {
         Self::start_with(htpasswd, None)
     }
 
@@ -85,7 +85,7 @@ impl TestRegistry {
         fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
 
-    fn host(&self) -> String {
+    pub(crate) fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 }

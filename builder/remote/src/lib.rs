@@ -209,7 +209,8 @@ impl CacheIndex {
     pub(crate) fn parse(bytes: &[u8]) -> Result<CacheIndex, String> {
         let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
         if v["artifactType"] != ARTIFACT_TYPE {
-            return Err(format!("its artifactType is {}, not {ARTIFACT_TYPE}", v["artifactType"]));
+            // Not quoted: the value is the registry's.
+            return Err(format!("its artifactType is not {ARTIFACT_TYPE}"));
         }
         let mut layers: HashMap<Digest, ImageLayer> = HashMap::new();
         for l in v["layers"].as_array().into_iter().flatten() {
@@ -288,6 +289,106 @@ pub fn cache_ref(text: &str) -> Result<Remote, BuildError> {
     Ok(Remote::parse_with_default_tag(text, CACHE_TAG)?)
 }
 
+/// The artifact type of a remote cache's mounts (`--cache-mounts`), a
+/// second manifest beside the step index, at the tag `TAG-mounts`: one
+/// layer per cache mount, a gzipped tar of its folder, named by its id.
+const MOUNTS_ARTIFACT: &str = "application/vnd.kiln.cache.mounts.v1";
+const MOUNT_MEDIA_TYPE: &str = "application/vnd.kiln.cache.mount.tar+gzip";
+const MOUNT_ID: &str = "dev.kiln.cache.mount.id";
+/// Cache mounts kept in one remote cache.
+const MAX_MOUNTS: usize = 256;
+
+/// A remote cache's mounts: (id, blob digest, size), newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountsIndex {
+    pub mounts: Vec<(String, Digest, u64)>,
+}
+
+impl MountsIndex {
+    /// Reads a mounts manifest; entries that do not parse are skipped.
+    pub(crate) fn parse(bytes: &[u8]) -> Result<MountsIndex, String> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
+        if v["artifactType"] != MOUNTS_ARTIFACT {
+            // Not quoted: the value is the registry's.
+            return Err(format!("its artifactType is not {MOUNTS_ARTIFACT}"));
+        }
+        let mut mounts: Vec<(String, Digest, u64)> = Vec::new();
+        for l in v["layers"].as_array().into_iter().flatten() {
+            let (Some(id), Some(d), Some(size)) = (
+                l["annotations"][MOUNT_ID].as_str(),
+                l["digest"].as_str().and_then(|s| s.parse::<Digest>().ok()),
+                l["size"].as_u64(),
+            ) else {
+                continue;
+            };
+            let id_ok = !id.is_empty() && id.len() <= 256 && !id.chars().any(char::is_control);
+            if id_ok && !mounts.iter().any(|(i, ..)| i == id) && mounts.len() < MAX_MOUNTS {
+                mounts.push((id.to_string(), d, size));
+            }
+        }
+        Ok(MountsIndex { mounts })
+    }
+
+    /// `newer` first (an id there replaces the older entry), at most [`MAX_MOUNTS`].
+    pub fn merged(newer: &[(String, Digest, u64)], older: &MountsIndex) -> MountsIndex {
+        let mut out: Vec<(String, Digest, u64)> = Vec::new();
+        for m in newer.iter().chain(&older.mounts) {
+            if !out.iter().any(|(i, ..)| *i == m.0) && out.len() < MAX_MOUNTS {
+                out.push(m.clone());
+            }
+        }
+        MountsIndex { mounts: out }
+    }
+
+    pub(crate) fn render(&self) -> Vec<u8> {
+        let layers: Vec<_> = self
+            .mounts
+            .iter()
+            .map(|(id, d, size)| {
+                json!({"mediaType": MOUNT_MEDIA_TYPE, "digest": d.to_string(), "size": size,
+                       "annotations": { MOUNT_ID: id }})
+            })
+            .collect();
+        canonical_json(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": MOUNTS_ARTIFACT,
+            "config": { "mediaType": EMPTY_MEDIA_TYPE, "digest": Digest::of(b"{}").to_string(), "size": 2 },
+            "layers": layers,
+        }))
+    }
+}
+
+/// Where a cache reference keeps its mounts: the same repository, tag `TAG-mounts`.
+pub fn mounts_ref(r: &Remote) -> Remote {
+    let tag = format!("{}-mounts", r.tag.as_deref().unwrap_or(CACHE_TAG));
+    Remote { tag: Some(tag), digest: None, ..r.clone() }
+}
+
+/// The mounts of the cache at `r`; none when it has none.
+pub fn pull_mounts(reg: &Registry, r: &Remote) -> Result<MountsIndex, BuildError> {
+    let at = mounts_ref(r);
+    match reg.manifest(&at)? {
+        None => Ok(MountsIndex::default()),
+        Some(m) => MountsIndex::parse(&m.bytes).map_err(|reason| BuildError::BadImage {
+            image: format!("registry:{at}"),
+            reason: format!("it is not a kiln cache-mounts index: {reason}"),
+        }),
+    }
+}
+
+/// Pushes the mounts index of the cache at `r` (its blobs must be there already).
+pub fn push_mounts(
+    store: &Store,
+    reg: &Registry,
+    r: &Remote,
+    index: &MountsIndex,
+) -> Result<Digest, BuildError> {
+    let empty = store.put_blob(b"{}")?;
+    reg.push_blob(store, r, &empty, None)?;
+    Ok(reg.push_manifest(&mounts_ref(r), &index.render(), OCI_MANIFEST)?)
+}
+
 /// Reads the index at `r`; an absent one is empty.
 pub fn pull_index(reg: &Registry, r: &Remote) -> Result<CacheIndex, BuildError> {
     match reg.manifest(r)? {
@@ -363,6 +464,29 @@ mod tests {
         assert!(back.steps.contains(&(a.0, layer(3))), "this build's entry wins");
         assert!(back.steps.contains(&c) && back.steps.contains(&b));
         assert_eq!(merged.render(), CacheIndex::parse(&merged.render()).unwrap().render(), "stable bytes");
+    }
+
+    #[test]
+    fn a_mounts_index_round_trips_merges_and_skips_bad_ids() {
+        let a = ("pip".to_string(), Digest::of(b"a"), 10);
+        let b = ("/var/cache/apt".to_string(), Digest::of(b"b"), 20);
+        let idx = MountsIndex { mounts: vec![a.clone(), b.clone()] };
+        assert_eq!(MountsIndex::parse(&idx.render()).unwrap(), idx);
+        let newer = ("pip".to_string(), Digest::of(b"c"), 30);
+        let merged = MountsIndex::merged(std::slice::from_ref(&newer), &idx);
+        assert_eq!(merged.mounts, vec![newer, b]);
+        let bad = String::from_utf8(idx.render()).unwrap().replace("\"pip\"", "\"a\\u0007b\"");
+        assert_eq!(
+            MountsIndex::parse(bad.as_bytes()).unwrap().mounts.len(),
+            1,
+            "a control character in an id"
+        );
+        assert!(
+            MountsIndex::parse(&CacheIndex::default().render()).is_err(),
+            "a step index is not a mounts index"
+        );
+        let r = cache_ref("127.0.0.1:5000/c").unwrap();
+        assert_eq!(mounts_ref(&r).tag.as_deref(), Some("kiln-cache-mounts"));
     }
 
     #[test]

@@ -206,6 +206,122 @@ impl StepCache {
     }
 }
 
+impl StepCache {
+    /// `--cache-mounts` with `--cache-to`: each of `ids` that the store has is
+    /// packed, pushed into `to`'s repository, and named in its mounts index
+    /// (merged with what was there).
+    pub(super) fn push_mounts(&self, to: &Remote, ids: &[String]) -> Result<(), BuildError> {
+        let mut pushed = Vec::new();
+        for id in ids {
+            if self.store.mount_data(id).is_none() {
+                continue;
+            }
+            // Locked: no step writes (or swaps a folder for a link) while it is packed.
+            let lease = self.store.take_mount(id, kiln_cache::Take::Locked, &|| {})?;
+            let mut w = kiln_cache::BlobWriter::new(&self.store)?;
+            crate::mount_archive::pack(&lease.data, &mut w).map_err(BuildError::io_read(&lease.data))?;
+            let (digest, size) = w.commit()?;
+            drop(lease);
+            let sources = HashMap::new();
+            crate::registry::push_blobs(
+                &self.store,
+                self.registry(),
+                to,
+                &[digest],
+                &sources,
+                self.reporter.as_ref(),
+            )?;
+            pushed.push((id.clone(), digest, size));
+        }
+        if pushed.is_empty() {
+            return Ok(());
+        }
+        let old = crate::registry::pull_mounts(self.registry(), to).unwrap_or_default();
+        let index = crate::registry::MountsIndex::merged(&pushed, &old);
+        crate::registry::push_mounts(&self.store, self.registry(), to, &index)?;
+        self.reporter.on_notice(&format!(
+            "cache: {} cache mount(s) of this build in registry:{}",
+            pushed.len(),
+            crate::registry::mounts_ref(to)
+        ));
+        Ok(())
+    }
+
+    /// `--cache-mounts` with `--cache-from`: each of `ids` the store lacks is
+    /// made from the first cache that has it. A cache that cannot be read, or
+    /// a mount that does not unpack cleanly, is reported and left out.
+    pub(super) fn pull_mounts(&self, from: &[Remote], ids: &[String]) -> Result<(), BuildError> {
+        let mut wanted: Vec<&String> = ids.iter().filter(|id| self.store.mount_data(id).is_none()).collect();
+        for r in from {
+            if wanted.is_empty() {
+                break;
+            }
+            let index = match crate::registry::pull_mounts(self.registry(), r) {
+                Ok(i) => i,
+                Err(e) => {
+                    self.reporter.on_notice(&format!("cannot read the cache mounts of registry:{r} ({e})"));
+                    continue;
+                }
+            };
+            for (id, digest, _) in &index.mounts {
+                let Some(at) = wanted.iter().position(|w| *w == id) else { continue };
+                // A blob the store already holds (another image's layer, say) is
+                // read, never removed: only what this fetch brought in is discarded.
+                let had = self.store.verify_blob(digest)?;
+                if !had {
+                    match self.registry().fetch_blob(&self.store, r, digest) {
+                        Ok(n) => {
+                            self.reporter.on_blob("pulled", digest, &format!("{}/{}", r.host, r.repo), n)
+                        }
+                        Err(e) => {
+                            self.reporter.on_notice(&format!(
+                                "the cache mount `{}` of registry:{r} cannot be fetched ({e}); it starts empty",
+                                id.escape_debug()
+                            ));
+                            continue;
+                        }
+                    }
+                }
+                let blob = self.store.blob_path(digest);
+                let mut fill = |dir: &std::path::Path| {
+                    let f = std::fs::File::open(&blob).map_err(|e| e.to_string())?;
+                    crate::mount_archive::unpack(std::io::BufReader::new(f), dir)
+                };
+                match self.store.restore_mount(id, &mut fill)? {
+                    Ok(_) => {
+                        wanted.remove(at);
+                    }
+                    Err(why) => self.reporter.on_notice(&format!(
+                        "the cache mount `{}` of registry:{r} is refused ({why}); it starts empty",
+                        id.escape_debug()
+                    )),
+                }
+                // The packed form is not kept: the mount is the folder.
+                if !had {
+                    self.store.discard_blob(digest);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ids of every cache mount a recipe's `run` steps use, each once.
+pub(super) fn mount_ids(recipe: &Recipe) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    let steps = recipe.stages.iter().flat_map(|s| s.steps.iter()).chain(recipe.steps.iter());
+    for step in steps {
+        if let kiln_recipes::StepKind::Run(r) = &step.kind {
+            for m in &r.cache {
+                if !ids.contains(&m.id) {
+                    ids.push(m.id.clone());
+                }
+            }
+        }
+    }
+    ids
+}
+
 /// Every registry reference a build uses (bases, outputs, caches), so the
 /// client knows which loopback hosts speak plain HTTP.
 fn remotes_of(recipe: &Recipe, opts: &BuildOptions) -> Vec<Remote> {

@@ -98,6 +98,10 @@ pub fn build(
     let rt = crate::runtime::runtime()?;
     let (s, _lock) = Session::open(recipe, opts, reporter.clone(), rt.handle().clone())?;
     let s = Arc::new(s);
+    let mount_ids = cache::mount_ids(recipe);
+    if opts.cache_mounts && !opts.cache_from.is_empty() {
+        s.cache.pull_mounts(&opts.cache_from, &mount_ids)?;
+    }
     let stages = needed_stages(recipe);
     let total: usize = recipe.steps.len() + stages.iter().map(|st| st.steps.len()).sum::<usize>();
     reporter.on_build_start(&recipe.image.name, total);
@@ -131,6 +135,9 @@ pub fn build(
     let steps = s.take_steps();
     for to in &opts.cache_to {
         s.cache.push(to, &steps)?;
+        if opts.cache_mounts {
+            s.cache.push_mounts(to, &mount_ids)?;
+        }
     }
     reporter.on_build_finish(&image.manifest, started.elapsed());
     Ok(BuildOutcome { image, steps, outputs })

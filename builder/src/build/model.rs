@@ -40,6 +40,9 @@ pub struct BuildOptions {
     pub cache_from: Vec<Remote>,
     /// `--cache-to`: where this build's steps and their layers are pushed.
     pub cache_to: Vec<Remote>,
+    /// `--cache-mounts`: `run` steps' cache mounts go with the cache
+    /// (pushed to `cache_to`, made from `cache_from` when missing).
+    pub cache_mounts: bool,
     /// Plain-HTTP hosts and the upload mode for every registry the build uses.
     pub registry: RegistryOptions,
 }
