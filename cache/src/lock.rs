@@ -33,9 +33,7 @@ impl StoreLock {
 
     /// Blocks until a shared lock is held.
     pub(crate) fn shared(path: &Path) -> io::Result<StoreLock> {
-        let file = Self::open(path)?;
-        flock(&file, FlockOperation::LockShared)?;
-        Ok(StoreLock { _file: file })
+        Self::shared_waiting(path, &|| {})
     }
 
     /// An exclusive lock if no one holds the lock now.

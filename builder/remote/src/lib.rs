@@ -384,9 +384,14 @@ pub fn push_mounts(
     r: &Remote,
     index: &MountsIndex,
 ) -> Result<Digest, BuildError> {
+    push_artifact(store, reg, &mounts_ref(r), &index.render())
+}
+
+/// An artifact manifest of kiln's at `at`, with the empty config it names.
+fn push_artifact(store: &Store, reg: &Registry, at: &Remote, manifest: &[u8]) -> Result<Digest, BuildError> {
     let empty = store.put_blob(b"{}")?;
-    reg.push_blob(store, r, &empty, None)?;
-    Ok(reg.push_manifest(&mounts_ref(r), &index.render(), OCI_MANIFEST)?)
+    reg.push_blob(store, at, &empty, None)?;
+    Ok(reg.push_manifest(at, manifest, OCI_MANIFEST)?)
 }
 
 /// Reads the index at `r`; an absent one is empty.
@@ -407,9 +412,7 @@ pub fn push_index(
     r: &Remote,
     index: &CacheIndex,
 ) -> Result<Digest, BuildError> {
-    let empty = store.put_blob(b"{}")?;
-    reg.push_blob(store, r, &empty, None)?;
-    Ok(reg.push_manifest(r, &index.render(), OCI_MANIFEST)?)
+    push_artifact(store, reg, r, &index.render())
 }
 
 /// The `--cache-from` indexes, merged: step key → layer and the repository

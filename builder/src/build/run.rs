@@ -168,19 +168,20 @@ fn mount_owner(
     Ok((found.uid, found.gid))
 }
 
-/// The image's /etc/passwd and /etc/group (empty when missing or over 1 MiB).
+/// The image's /etc/passwd and /etc/group (empty when missing or over 1 MiB),
+/// read in one pass over the layers.
 fn account_files(env: &RunEnv<'_>, parent: &Parent<'_>) -> Result<(String, String), BuildError> {
-    let mut out = [String::new(), String::new()];
-    for (slot, path) in out.iter_mut().zip(["etc/passwd", "etc/group"]) {
+    let mut wanted = Vec::new();
+    for path in ["etc/passwd", "etc/group"] {
         if let Some(crate::listing::Kind::File { size, .. }) = parent.tree.kind(path)? {
             if size <= 1 << 20 {
-                let bytes = crate::extract::read_file(env.store, parent.layers, parent.tree, path)?;
-                *slot = String::from_utf8_lossy(bytes.as_deref().unwrap_or_default()).into_owned();
+                wanted.push(path.to_string());
             }
         }
     }
-    let [p, g] = out;
-    Ok((p, g))
+    let mut files = crate::extract::read_files(env.store, parent.layers, parent.tree, &wanted)?;
+    let mut text = |p: &str| String::from_utf8_lossy(&files.remove(p).unwrap_or_default()).into_owned();
+    Ok((text("etc/passwd"), text("etc/group")))
 }
 
 /// The packages' maintainer scripts (the step after `[packages]`): the
