@@ -94,12 +94,39 @@ pub struct LayerBlob {
 /// layer as a folder, for a `run` step that needs it next.)
 pub fn write_layer(
     store: &Store,
-    mut entries: Vec<LayerEntry>,
+    entries: Vec<LayerEntry>,
     epoch: u64,
 ) -> Result<(LayerBlob, ListingFile), BuildError> {
+    write_layer_known(store, entries, epoch, None)
+}
+
+/// [`write_layer`], given the blob this layer had when it was made before
+/// (a step made again under `--no-cache`): the tar is written to a hash
+/// only, and when it is the same tar (its diff_id), that blob is the
+/// layer's and nothing is compressed. The gzip bytes are a function of the
+/// tar's (one backend, one level, fixed chunks), so it is the blob the
+/// compression would give; `known` must be a blob the store holds intact.
+/// A different tar is written again, compressed.
+pub fn write_layer_known(
+    store: &Store,
+    mut entries: Vec<LayerEntry>,
+    epoch: u64,
+    known: Option<LayerBlob>,
+) -> Result<(LayerBlob, ListingFile), BuildError> {
     sort_entries(&mut entries)?;
-    let blob = BlobWriter::new(store)?;
     let tmp_dir = store.tmp_dir();
+    if let Some(known) = known {
+        let mut tar = HashingWriter::new(io::sink());
+        let listing =
+            write_entries(&mut tar, &entries, epoch, None).map_err(|e| name_write_target(e, &tmp_dir, None))?;
+        let (_, diff_id, _) = tar.finish();
+        if diff_id == known.diff_id {
+            let listing = listing.save(store, &diff_id)?;
+            return Ok((known, listing));
+        }
+        tracing::debug!(was = %known.diff_id, now = %diff_id, "the step gave another tar than before");
+    }
+    let blob = BlobWriter::new(store)?;
     let mut failure: Option<BuildError> = None;
     let result = gzip::compress(blob, threads(), |w| {
         let mut tar = HashingWriter::new(BufWriter::with_capacity(256 * 1024, w));
@@ -137,6 +164,8 @@ pub struct StagedLayer {
     /// build failed) still waits for it, so no thread writes into the
     /// store after the build let go of it.
     compressor: Option<Compressor>,
+    /// The blob, when it was known without compressing (see [`write_layer_known`]).
+    known: Option<LayerBlob>,
 }
 
 type Compressor = std::thread::JoinHandle<Result<(Digest, u64), BuildError>>;
@@ -144,6 +173,9 @@ type Compressor = std::thread::JoinHandle<Result<(Digest, u64), BuildError>>;
 impl StagedLayer {
     /// Waits for the blob.
     pub fn finish(mut self) -> Result<LayerBlob, BuildError> {
+        if let Some(known) = self.known {
+            return Ok(known);
+        }
         let (digest, size) = join(self.compressor.take().expect("finished once"))?;
         Ok(LayerBlob { diff_id: self.diff_id, digest, size })
     }
@@ -170,12 +202,15 @@ fn join(c: Compressor) -> Result<(Digest, u64), BuildError> {
 /// the folder `unpack` (which must not exist), storing the listing. The
 /// gzip blob is made from the tar file as it grows, by threads at a low
 /// priority: they take the cores the writing leaves idle, then run on
-/// while the caller goes on.
+/// while the caller goes on. With `known` (as for [`write_layer_known`]),
+/// nothing is compressed until the tar is written, and nothing at all
+/// when it is the tar `known` was made from.
 pub fn write_layer_staged(
     store: &Store,
     mut entries: Vec<LayerEntry>,
     epoch: u64,
     unpack: &std::path::Path,
+    known: Option<LayerBlob>,
 ) -> Result<(StagedLayer, ListingFile), BuildError> {
     sort_entries(&mut entries)?;
     let tmp_dir = store.tmp_dir();
@@ -187,24 +222,18 @@ pub fn write_layer_staged(
         .into_parts();
     let reader = File::open(&tar_path).map_err(BuildError::io_write(&*tar_path))?;
     let progress = Arc::new(Progress::default());
-    let compressor = {
-        let (store, progress) = (store.clone(), Arc::clone(&progress));
-        std::thread::Builder::new()
-            .name("layer-gzip".into())
-            .spawn(move || {
-                // Lower this thread (and the compressor threads it starts,
-                // which inherit it): the step that needs the folder comes first.
-                let _ = rustix::process::setpriority_process(None, 10);
-                let (blob, ()) =
-                    gzip::compress(BlobWriter::new(&store)?, threads(), |w| follow(reader, &progress, w))
-                        .map_err(BuildError::io_write(&*tar_path))?;
-                drop(tar_path);
-                Ok(blob.commit()?)
-            })
-            .map_err(|e| BuildError::Environment {
-                message: format!("Cannot start a thread to compress a layer: {e}"),
-                hint: "the machine is out of threads or memory".into(),
-            })?
+    let mut waiting = Some((reader, tar_path));
+    let mut compressor = match known {
+        Some(_) => None,
+        None => {
+            let (reader, tar_path) = waiting.take().expect("set above");
+            Some(spawn_compressor(store, reader, tar_path, &progress)?)
+        }
+    };
+    let stop = |c: Option<Compressor>| {
+        if let Some(c) = c {
+            let _ = join(c);
+        }
     };
     let mut abandon = Abandon(Some(&progress));
     let mut tar =
@@ -222,19 +251,51 @@ pub fn write_layer_staged(
         Ok(v) => v,
         Err(e) => {
             drop(abandon);
-            let _ = join(compressor);
+            stop(compressor);
             return Err(name_write_target(e, &tmp_dir, Some(unpack)));
         }
     };
     abandon.0.take().expect("set above").end(true);
+    let known = known.filter(|k| k.diff_id == diff_id);
+    if let (None, Some((reader, tar_path))) = (known, waiting) {
+        // Another tar than the known blob's (or none was known): compressed now.
+        compressor = Some(spawn_compressor(store, reader, tar_path, &progress)?);
+    }
     let listing = match listing.save(store, &diff_id) {
         Ok(l) => l,
         Err(e) => {
-            let _ = join(compressor);
+            stop(compressor);
             return Err(e);
         }
     };
-    Ok((StagedLayer { diff_id, compressor: Some(compressor) }, listing))
+    Ok((StagedLayer { diff_id, compressor, known }, listing))
+}
+
+/// Starts the thread that gzips the tar file `reader` as it grows, into a
+/// blob; the file is removed when it is done.
+fn spawn_compressor(
+    store: &Store,
+    reader: File,
+    tar_path: tempfile::TempPath,
+    progress: &Arc<Progress>,
+) -> Result<Compressor, BuildError> {
+    let (store, progress) = (store.clone(), Arc::clone(progress));
+    std::thread::Builder::new()
+        .name("layer-gzip".into())
+        .spawn(move || {
+            // Lower this thread (and the compressor threads it starts,
+            // which inherit it): the step that needs the folder comes first.
+            let _ = rustix::process::setpriority_process(None, 10);
+            let (blob, ()) =
+                gzip::compress(BlobWriter::new(&store)?, threads(), |w| follow(reader, &progress, w))
+                    .map_err(BuildError::io_write(&*tar_path))?;
+            drop(tar_path);
+            Ok(blob.commit()?)
+        })
+        .map_err(|e| BuildError::Environment {
+            message: format!("Cannot start a thread to compress a layer: {e}"),
+            hint: "the machine is out of threads or memory".into(),
+        })
 }
 
 /// How much of a tar file is written, and whether its writer is done
@@ -621,7 +682,7 @@ mod tests {
         for (n, known) in [(0, true), (1, true), (2, false)] {
             let folder = dir.path().join(format!("root{n}"));
             let (staged, staged_listing) =
-                write_layer_staged(&store, entries(&scratch, known), 7, &folder).unwrap();
+                write_layer_staged(&store, entries(&scratch, known), 7, &folder, None).unwrap();
             assert_eq!(staged.diff_id, blob.diff_id);
             assert_eq!(staged.finish().unwrap(), blob, "the same blob, byte for byte");
             let rows = |l: &ListingFile| l.iter().unwrap().map(|e| e.unwrap()).collect::<Vec<_>>();
@@ -641,6 +702,39 @@ mod tests {
         let mut tar = Vec::new();
         flate2::read::MultiGzDecoder::new(&out[..]).read_to_end(&mut tar).unwrap();
         assert_eq!(Digest::of(&tar), blob.diff_id);
+    }
+
+    #[test]
+    fn a_known_blob_of_the_same_tar_is_taken_without_compressing_and_another_tar_is_compressed() {
+        if !as_root() {
+            return;
+        }
+        let (dir, store, scratch) = setup();
+        let (blob, _) = write_layer(&store, entries(&scratch, false), 7).unwrap();
+        let blobs = || std::fs::read_dir(store.root().join("blobs/sha256")).unwrap().count();
+        let before = blobs();
+        // A stand-in digest: had anything been compressed, the real one would come back.
+        let stand_in = LayerBlob { diff_id: blob.diff_id, digest: Digest::of(b"stand-in"), size: 1 };
+        let (got, listing) = write_layer_known(&store, entries(&scratch, false), 7, Some(stand_in)).unwrap();
+        assert_eq!(got, stand_in);
+        assert!(listing.iter().unwrap().count() > 0);
+        let folder = dir.path().join("root-known");
+        let (staged, _) =
+            write_layer_staged(&store, entries(&scratch, false), 7, &folder, Some(stand_in)).unwrap();
+        assert_eq!(staged.finish().unwrap(), stand_in);
+        assert_eq!(std::fs::read(folder.join("usr/bin/small")).unwrap(), b"hello\n");
+        assert_eq!(blobs(), before, "nothing was compressed");
+        assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
+        // Another tar (another epoch): the known blob is not taken.
+        let other = LayerBlob { diff_id: Digest::of(b"another tar"), ..stand_in };
+        let (got, _) = write_layer_known(&store, entries(&scratch, false), 8, Some(other)).unwrap();
+        let (fresh, _) = write_layer(&store, entries(&scratch, false), 8).unwrap();
+        assert_eq!(got, fresh);
+        let (staged, _) =
+            write_layer_staged(&store, entries(&scratch, false), 8, &dir.path().join("root-other"), Some(other))
+                .unwrap();
+        assert_eq!(staged.finish().unwrap(), fresh);
+        assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
     }
 
     #[test]
@@ -664,7 +758,7 @@ mod tests {
         });
         let blobs_before =
             std::fs::read_dir(store.root().join("blobs/sha256")).map(|d| d.count()).unwrap_or(0);
-        let err = write_layer_staged(&store, e, 0, &dir.path().join("root")).unwrap_err();
+        let err = write_layer_staged(&store, e, 0, &dir.path().join("root"), None).unwrap_err();
         assert!(matches!(err, BuildError::Changed { ref path } if *path == changed), "{err:?}");
         assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
         let blobs_after =

@@ -284,8 +284,16 @@ impl TargetBuild<'_> {
     ) -> Result<(ImageLayer, ListingFile), BuildError> {
         let s = self.s;
         let timer = Instant::now();
+        // A step made again (`--no-cache`) that gives the tar it gave
+        // before has the blob it had: it is not compressed again.
+        let known = match s.store.step(&key) {
+            Some(rec) if rec.media_type == layer::MEDIA_TYPE && s.store.verify_blob(&rec.digest)? => {
+                Some(layer::LayerBlob { diff_id: rec.diff_id, digest: rec.digest, size: rec.size })
+            }
+            _ => None,
+        };
         let Some(executor) = next.and_then(|n| self.unpacks_for(n, &key)) else {
-            let (blob, listing) = layer::write_layer(&s.store, entries, s.epoch)?;
+            let (blob, listing) = layer::write_layer_known(&s.store, entries, s.epoch, known)?;
             tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, "layer written");
             return Ok((self.record(info, key, blob)?, listing));
         };
@@ -294,7 +302,7 @@ impl TargetBuild<'_> {
             .tempdir_in(s.store.tmp_dir())
             .map_err(BuildError::io_write(s.store.tmp_dir()))?;
         let folder = staging.path().join("root");
-        let (staged, listing) = layer::write_layer_staged(&s.store, entries, s.epoch, &folder)?;
+        let (staged, listing) = layer::write_layer_staged(&s.store, entries, s.epoch, &folder, known)?;
         match executor.adopt_unpacked(&s.store, &folder, &staged.diff_id, &listing) {
             Ok(true) => {}
             // The executor would make the folder again from the blob.
