@@ -28,9 +28,10 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    // Debug logs on stderr with KILN_LOG=debug (tracing's env-filter syntax).
+    // Logs on stderr with KILN_LOG (see log_filter); colours only on a terminal.
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("KILN_LOG"))
+        .with_env_filter(log_filter(std::env::var("KILN_LOG").ok().as_deref()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     miette::set_hook(Box::new(|_| Box::new(miette::MietteHandlerOpts::new().terminal_links(false).build())))
@@ -43,6 +44,20 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// KILN_LOG: a bare level up to `debug` is kiln's own events at that level
+/// (the libraries it uses stay at warnings: `debug` is not thousands of
+/// lines of OpenPGP and resolver internals); `trace` is everything; any
+/// other value is tracing's env-filter syntax (e.g. `kiln=debug,pgp=trace`).
+fn log_filter(value: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let directives = match value.map(str::trim) {
+        None | Some("") => "error".to_string(),
+        Some(l @ ("off" | "error" | "warn")) => l.to_string(),
+        Some(l @ ("info" | "debug")) => format!("warn,kiln={l}"),
+        Some(other) => other.to_string(),
+    };
+    tracing_subscriber::EnvFilter::builder().parse_lossy(directives)
 }
 
 fn report(e: &BuildError) {

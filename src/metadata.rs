@@ -54,6 +54,12 @@ impl Reporter for Counting {
     fn on_notice(&self, message: &str) {
         self.inner.on_notice(message)
     }
+    fn on_step_failed(&self, step: &StepInfo, elapsed: Duration) {
+        self.inner.on_step_failed(step, elapsed)
+    }
+    fn meter(&self, label: &str, total: Option<u64>) -> Box<dyn kiln_builder::Meter> {
+        self.inner.meter(label, total)
+    }
     fn on_blob(&self, verb: &str, digest: &Digest, repository: &str, bytes: u64) {
         match verb {
             "pushed" => self.pushed.fetch_add(bytes, Ordering::Relaxed),

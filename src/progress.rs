@@ -9,14 +9,14 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use kiln_builder::LayerBlob;
-use kiln_builder::{Reporter, StepInfo};
+use kiln_builder::{Meter, Reporter, StepInfo};
 use kiln_cache::Digest;
 
 use crate::args::Progress;
 
 pub fn reporter(mode: Progress) -> Arc<dyn Reporter> {
     match mode {
-        Progress::Json => Arc::new(JsonReporter),
+        Progress::Json => Arc::new(JsonReporter::default()),
         Progress::Plain => Arc::new(PlainReporter),
         Progress::Auto if std::io::stderr().is_terminal() => Arc::new(TtyReporter::default()),
         Progress::Auto => Arc::new(PlainReporter),
@@ -49,6 +49,9 @@ impl Reporter for PlainReporter {
         let what = if cached { "CACHED" } else { "DONE" };
         eprintln!("{} {what} {}", place(s), secs(elapsed));
     }
+    fn on_step_failed(&self, s: &StepInfo, elapsed: Duration) {
+        eprintln!("{} FAILED {}", place(s), secs(elapsed));
+    }
     fn on_output_written(&self, output: &str) {
         eprintln!("wrote {output}");
     }
@@ -73,8 +76,14 @@ fn blob_line(verb: &str, digest: &Digest, repository: &str, bytes: u64) -> Strin
     format!("{verb} {digest} ({size}) {dir} {repository}")
 }
 
-/// One JSON object per line on stderr.
-pub struct JsonReporter;
+/// One JSON object per line on stderr (every event and its fields are in
+/// the README's "Progress as JSON"); a build that fails ends with one
+/// `build_failed` event and no other text.
+#[derive(Default)]
+pub struct JsonReporter {
+    /// The step that failed, for the `build_failed` event.
+    failed: Mutex<Option<serde_json::Value>>,
+}
 
 impl JsonReporter {
     fn emit(&self, mut v: serde_json::Value) {
@@ -83,6 +92,30 @@ impl JsonReporter {
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err, "{v}");
     }
+
+    /// The last event of a failed command: its exit code, the failed step
+    /// (when a step failed), the message and the hint.
+    pub fn build_failed(&self, e: &kiln_builder::BuildError) {
+        let (message, location) = failure_text(e);
+        let step = self.failed.lock().expect("failed").take();
+        self.emit(json!({"event": "build_failed", "exit_code": e.exit_code(), "step": step,
+            "message": message, "location": location, "hint": e.hint()}));
+    }
+}
+
+/// An error's message with its causes, and for a recipe error where in
+/// the recipe (`FILE:LINE:COLUMN`).
+fn failure_text(e: &kiln_builder::BuildError) -> (String, Option<String>) {
+    if let kiln_builder::BuildError::Recipe(r) = e {
+        return (r.to_string(), Some(r.location().to_string()));
+    }
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    (message, None)
 }
 
 impl Reporter for JsonReporter {
@@ -118,6 +151,13 @@ impl Reporter for JsonReporter {
     }
     fn on_notice(&self, message: &str) {
         self.emit(json!({"event": "notice", "message": message}));
+    }
+    fn on_step_failed(&self, s: &StepInfo, elapsed: Duration) {
+        let step =
+            json!({"stage": s.stage, "step": s.index + 1, "description": s.description, "line": s.line});
+        self.emit(json!({"event": "step_failed", "stage": s.stage, "step": s.index + 1,
+            "duration_ms": elapsed.as_secs_f64() * 1000.0}));
+        *self.failed.lock().expect("failed") = Some(step);
     }
 }
 
@@ -168,5 +208,72 @@ impl Reporter for TtyReporter {
     }
     fn on_notice(&self, message: &str) {
         self.println(&format!("note: {message}"));
+    }
+    fn on_step_failed(&self, s: &StepInfo, elapsed: Duration) {
+        if let Some(bar) = self.running.lock().expect("bars").remove(&(s.stage.clone(), s.index)) {
+            bar.finish_and_clear();
+            self.bars.remove(&bar);
+        }
+        self.println(&format!("{} FAILED {} ({})", place(s), s.description, secs(elapsed)));
+    }
+    fn meter(&self, label: &str, total: Option<u64>) -> Box<dyn Meter> {
+        let bar = match total {
+            Some(n) => {
+                let bar = self.bars.add(ProgressBar::new(n));
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} {msg} {bytes}/{total_bytes} {binary_bytes_per_sec} [{bar:30}] {eta}",
+                    )
+                    .expect("template")
+                    .progress_chars("=> "),
+                );
+                bar
+            }
+            None => {
+                let bar = self.bars.add(ProgressBar::new_spinner());
+                bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("template"));
+                bar
+            }
+        };
+        bar.set_message(label.to_string());
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Box::new(BarMeter { bar, bars: self.bars.clone(), bytes: total.is_some() })
+    }
+}
+
+/// A bar of the terminal display. A finished download leaves its last
+/// state as a line (bytes, rate); a finished phase goes away.
+struct BarMeter {
+    bar: ProgressBar,
+    bars: MultiProgress,
+    bytes: bool,
+}
+
+impl Meter for BarMeter {
+    fn advance(&self, bytes: u64) {
+        self.bar.inc(bytes);
+    }
+    fn finish(&self) {
+        if self.bar.is_finished() {
+            return;
+        }
+        if self.bytes && self.bar.position() > 0 {
+            self.bar.set_style(
+                ProgressStyle::with_template(
+                    "  {msg} {bytes}/{total_bytes} in {elapsed} ({binary_bytes_per_sec})",
+                )
+                .expect("template"),
+            );
+            self.bar.finish();
+        } else {
+            self.bar.finish_and_clear();
+            self.bars.remove(&self.bar);
+        }
+    }
+}
+
+impl Drop for BarMeter {
+    fn drop(&mut self) {
+        self.finish();
     }
 }

@@ -45,5 +45,5 @@ pub use exec::BackendChoice;
 pub use kiln_oci::image::rfc3339;
 pub use kiln_oci::layer::LayerBlob;
 pub(crate) use kiln_oci::reporter;
-pub use kiln_oci::reporter::{NullReporter, Reporter, StepInfo};
+pub use kiln_oci::reporter::{Meter, NullMeter, NullReporter, Reporter, StepInfo};
 pub use kiln_oci::BuildError;

@@ -92,10 +92,6 @@ impl RecipeError {
 }
 
 impl Diagnostic for RecipeError {
-    fn code<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        Some(Box::new("kiln::recipe"))
-    }
-
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
         self.hint.as_ref().map(|h| Box::new(h) as Box<dyn fmt::Display + 'a>)
     }

@@ -24,6 +24,6 @@ pub use diagnostic::RecipeError;
 pub use parse::{parse_file, parse_file_with_args, parse_str, parse_str_with_args};
 pub use recipe::{
     Base, CacheMount, Command, Config, CopyStep, FileMode, Healthcheck, Image, Owner, Packages, Recipe,
-    RunStep, Sharing, Span, Stage, Step, StepKind, Suite, Vm, VmBoot, VmFilesystem, WriteStep,
+    RunStep, SecretUse, Sharing, Span, Stage, Step, StepKind, Suite, Vm, VmBoot, VmFilesystem, WriteStep,
 };
 pub use reference::{ImageRef, RefError};

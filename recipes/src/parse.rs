@@ -11,7 +11,7 @@ use crate::diagnostic::RecipeError;
 use crate::raw::{RawConfig, RawImage, RawPackages, RawRecipe, RawStage, RawStep, RawVm};
 use crate::recipe::{
     debian_architecture, Base, CacheMount, Command, Config, CopyStep, FileMode, Healthcheck, Image, Owner,
-    Packages, Platform, Recipe, RunStep, Sharing, Span, Stage, Step, StepKind, Suite, Vm, VmBoot,
+    Packages, Platform, Recipe, RunStep, SecretUse, Sharing, Span, Stage, Step, StepKind, Suite, Vm, VmBoot,
     VmFilesystem, WriteStep,
 };
 use crate::reference::ImageRef;
@@ -349,12 +349,14 @@ impl Parser {
     }
 
     fn toml_error(&self, e: toml::de::Error) -> RecipeError {
-        let message = e.message().trim().to_string();
+        let raw = e.message().trim();
+        let type_error = raw.starts_with("invalid type");
+        let message = readable_type_error(raw);
         let span = e.span().unwrap_or(0..0);
         let mut err = RecipeError::new(&self.file, &self.source, Some(span), message.clone());
         if let Some(hint) = unknown_field_hint(&message) {
             err = err.with_hint(hint);
-        } else if message.starts_with("invalid type") {
+        } else if type_error {
             err = err.with_hint("see the recipe reference in the README for each key's type");
         }
         err
@@ -909,20 +911,16 @@ impl Parser {
                 e.into_inner()
             }
         };
-        let mut secrets = Vec::new();
+        let mut secrets: Vec<SecretUse> = Vec::new();
         if let Some(list) = &s.secrets {
-            for id in list.get_ref() {
-                if !is_secret_id(id) {
-                    return Err(self.err(list.span(), format!("`{id}` is not a valid secret id")).with_hint(
-                        "secret ids are letters, digits, `.`, `_` and `-`; the secret is mounted at `/run/secrets/ID`",
-                    ));
-                }
-                if secrets.contains(id) {
+            for item in list.get_ref() {
+                let secret = self.secret_use(item)?;
+                if secrets.iter().any(|o| o.id == secret.id) {
                     return Err(self
-                        .err(list.span(), format!("the secret `{id}` is listed twice"))
+                        .err(item.span(), format!("the secret `{}` is listed twice", secret.id))
                         .with_hint("list each secret once"));
                 }
-                secrets.push(id.clone());
+                secrets.push(secret);
             }
         }
         let user = match s.user {
@@ -1036,6 +1034,74 @@ impl Parser {
                     .with_hint("a step mounts each cache once; give the other its own `id`"));
             }
             out.push(CacheMount { target, id, sharing });
+        }
+        Ok(out)
+    }
+
+    /// One of a step's `secrets`: `"ID"`, or `{ id, uid, gid, mode }`.
+    fn secret_use(&self, item: &Spanned<toml::Value>) -> Result<SecretUse, RecipeError> {
+        let form = "write `\"ID\"` or `{ id = \"ID\", uid = 1000, gid = 1000, mode = \"0440\" }` (uid, gid and mode optional: the step's user and 0400 by default)";
+        let bad_id = |id: &str| {
+            // Never echoed when it is not a plain name: the value is the recipe author's.
+            let shown = if id.len() <= 64 && !id.chars().any(char::is_control) { id } else { "..." };
+            self.err(item.span(), format!("`{shown}` is not a valid secret id")).with_hint(
+                "secret ids are letters, digits, `.`, `_` and `-`; the secret is mounted at `/run/secrets/ID`",
+            )
+        };
+        let (id, table) = match item.get_ref() {
+            toml::Value::String(id) => (id.clone(), None),
+            toml::Value::Table(t) => match t.get("id") {
+                Some(toml::Value::String(id)) => (id.clone(), Some(t)),
+                _ => {
+                    return Err(self.err(item.span(), "this secret has no `id` string").with_hint(form));
+                }
+            },
+            _ => return Err(self.err(item.span(), "a secret is an id or a table").with_hint(form)),
+        };
+        if !is_secret_id(&id) {
+            return Err(bad_id(&id));
+        }
+        let mut out = SecretUse { id, uid: None, gid: None, mode: None };
+        for (k, v) in table.into_iter().flatten() {
+            let number = |what: &str| match v {
+                toml::Value::Integer(n) => {
+                    u32::try_from(*n).ok().filter(|n| *n != u32::MAX).ok_or_else(|| {
+                        self.err(item.span(), format!("the secret's `{what}` is not a user or group id"))
+                            .with_hint("ids are whole numbers from 0 to 4294967294")
+                    })
+                }
+                _ => Err(self
+                    .err(item.span(), format!("the secret's `{what}` must be a number"))
+                    .with_hint(format!("e.g. `{what} = 1000`"))),
+            };
+            match k.as_str() {
+                "id" => {}
+                "uid" => out.uid = Some(number("uid")?),
+                "gid" => out.gid = Some(number("gid")?),
+                "mode" => {
+                    let toml::Value::String(text) = v else {
+                        return Err(self
+                            .err(item.span(), "the secret's `mode` must be a string")
+                            .with_hint("write it in octal, e.g. `mode = \"0440\"`"));
+                    };
+                    let digits = text.strip_prefix("0o").unwrap_or(text);
+                    match u32::from_str_radix(digits, 8) {
+                        Ok(m) if m <= 0o777 && !digits.is_empty() => out.mode = Some(m),
+                        _ => {
+                            return Err(self
+                                .err(item.span(), "the secret's `mode` is not a permission mode")
+                                .with_hint("an octal mode up to 0777, e.g. `mode = \"0440\"` (no setuid, setgid or sticky bits)"))
+                        }
+                    }
+                }
+                other => {
+                    let shown =
+                        if other.len() <= 64 && !other.chars().any(char::is_control) { other } else { "..." };
+                    return Err(self
+                        .err(item.span(), format!("a secret has no key `{shown}`"))
+                        .with_hint(form));
+                }
+            }
         }
         Ok(out)
     }
@@ -1275,6 +1341,36 @@ fn parse_disk_size(s: &str) -> Option<u64> {
     let bytes = n * mult as f64;
     (bytes.is_finite() && bytes >= 0.0 && bytes < 2f64.powi(50) && bytes.fract() == 0.0)
         .then_some(bytes as u64)
+}
+
+/// serde's words for types in what a recipe author reads: kiln's own type
+/// names (`struct RawImage`) and Rust's (`i64`) become TOML's.
+fn readable_type_error(message: &str) -> String {
+    let Some((head, expected)) = message.split_once(", expected ") else { return message.to_string() };
+    if !head.starts_with("invalid type") {
+        return message.to_string();
+    }
+    let expected = expected.trim();
+    let toml_word = if expected.starts_with("struct ") || expected == "a map" {
+        "a table"
+    } else if matches!(expected, "i64" | "u64" | "i32" | "u32" | "u16" | "u8" | "usize" | "an integer") {
+        "a whole number"
+    } else if expected == "a sequence" {
+        "an array"
+    } else if expected == "a boolean" {
+        "`true` or `false`"
+    } else if expected.starts_with("a string") {
+        "a string"
+    } else {
+        expected
+    };
+    let head = head
+        .replace("invalid type: map", "invalid type: a table")
+        .replace("invalid type: sequence", "invalid type: an array")
+        .replace("invalid type: integer", "invalid type: a number")
+        .replace("invalid type: string", "invalid type: the string")
+        .replace("invalid type: boolean", "invalid type: a boolean");
+    format!("{}, expected {toml_word}", head.replacen("invalid type: ", "this is ", 1))
 }
 
 /// Secret ids become a file name under `/run/secrets`.
@@ -1574,6 +1670,15 @@ ports = ["8080", "53/udp"]
             ("[image]\nname = \"x\"\n[[step]]\nrun = \"\"\n", "`run` is empty"),
             ("[image]\nname = \"x\"\n[[step]]\nrun = 5\n", "must be a string or an array"),
             ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [\"../a\"]\n", "not a valid secret id"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [{ id = \"../a\" }]\n", "not a valid secret id"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [{ uid = 1 }]\n", "has no `id` string"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [5]\n", "is an id or a table"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [{ id = \"a\", uid = -1 }]\n", "not a user or group id"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [{ id = \"a\", gid = \"x\" }]\n", "must be a number"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [{ id = \"a\", mode = \"4755\" }]\n", "not a permission mode"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [{ id = \"a\", mode = 256 }]\n", "must be a string"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [{ id = \"a\", owner = 1 }]\n", "no key `owner`"),
+            ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nsecrets = [\"a\", { id = \"a\" }]\n", "listed twice"),
             ("[image]\nname = \"x\"\n[[step]]\nrun = \"x\"\nto = \"/a\"\n", "does not apply to `run`"),
             ("[image]\nname = \"x\"\nbase = \"stage:b\"\n", "no stage named `b`"),
             ("[[stage]]\nname = \"a\"\nbase = \"stage:a\"\n[image]\nname = \"x\"\n", "no stage named `a`"),
@@ -1602,7 +1707,7 @@ ports = ["8080", "53/udp"]
             ("[image]\nname = \"x\"\n[packages]\nsuites = [{ mirror = \"http://m\" }]\ninclude = [\"ab\"]\n", "no `name`"),
             ("[image]\nname = \"x\"\n[packages]\nsuites = [{ name = \"s\", mirorr = \"http://m\" }]\ninclude = [\"ab\"]\n", "unknown key `mirorr`"),
             ("[image]\nname = \"x\"\n[packages]\nsuites = [{ name = \"s\", mirror = \"ftp://m\" }]\ninclude = [\"ab\"]\n", "not an http://"),
-            ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"ab\"]\nscripts = \"no\"\n", "invalid type"),
+            ("[image]\nname = \"x\"\n[packages]\nsuite = \"s\"\ninclude = [\"ab\"]\nscripts = \"no\"\n", "expected `true` or `false`"),
             ("[[stage]]\nname = \"b\"\n[stage.packages]\nsuite = \"s\"\n[image]\nname = \"x\"\n", "`[stage.packages]` has no `include`"),
         ];
         for (text, want) in cases {
@@ -1657,7 +1762,7 @@ shell = ["/bin/bash", "-c"]
             ("annotations = { \"a b\" = \"1\" }", "not an annotation key"),
             ("annotations = { \"org.opencontainers.image.created\" = \"2024\" }", "kiln writes it"),
             ("annotations = { \"org.opencontainers.image.ref.name\" = \"v1\" }", "kiln writes it"),
-            ("annotations = { a = 1 }", "invalid type"),
+            ("annotations = { a = 1 }", "expected a string"),
         ] {
             let e = parse(&format!("[image]\nname = \"x\"\n{body}\n")).unwrap_err();
             assert!(e.message().contains(want), "{body}: {}", e.message());
@@ -1853,7 +1958,7 @@ base = "oci:base"
 [[stage.step]]
 run = "make"
 env = { CC = "gcc" }
-secrets = ["npmrc"]
+secrets = ["npmrc", { id = "key", uid = 1000, mode = "0440" }]
 
 [[stage]]
 name = "other"
@@ -1881,7 +1986,13 @@ workdir = "/tmp/"
         assert_eq!(r.image.base, Base::Stage("other".into()));
         let StepKind::Run(run) = &r.stages[0].steps[0].kind else { panic!() };
         assert_eq!(run.command, Command::Shell("make".into()));
-        assert_eq!(run.secrets, vec!["npmrc"]);
+        assert_eq!(
+            run.secrets,
+            vec![
+                SecretUse { id: "npmrc".into(), uid: None, gid: None, mode: None },
+                SecretUse { id: "key".into(), uid: Some(1000), gid: None, mode: Some(0o440) },
+            ]
+        );
         assert!(!run.network);
         let StepKind::Copy(c) = &r.steps[0].kind else { panic!() };
         assert_eq!((c.src.as_str(), c.from.as_deref()), ("/out/app", Some("build")));

@@ -82,7 +82,8 @@ pub(crate) struct RawStep {
     pub(crate) run: Option<Spanned<toml::Value>>,
     pub(crate) env: Option<Spanned<BTreeMap<String, String>>>,
     pub(crate) network: Option<Spanned<bool>>,
-    pub(crate) secrets: Option<Spanned<Vec<String>>>,
+    /// Ids, or `{ id, uid, gid, mode }` tables (read in parse.rs).
+    pub(crate) secrets: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     pub(crate) owner: Option<Spanned<String>>,
     pub(crate) mode: Option<Spanned<toml::Value>>,
     pub(crate) user: Option<Spanned<String>>,

@@ -312,6 +312,24 @@ pub fn debian_architecture(p: &Platform) -> Option<&'static str> {
 }
 
 /// Runs a command in the image being built; its changes become the layer.
+/// A secret a `run` step reads: `"ID"` or `{ id = "ID", uid = 1000, gid = 1000, mode = "0440" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretUse {
+    pub id: String,
+    /// The file's owner; `None`: the step's user (its group for `gid`).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// The file's mode; `None`: 0400.
+    pub mode: Option<u32>,
+}
+
+impl SecretUse {
+    /// Whether anything but the id was written (the step's key then names it).
+    pub fn is_plain(&self) -> bool {
+        self.uid.is_none() && self.gid.is_none() && self.mode.is_none()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RunStep {
     pub command: Command,
@@ -319,8 +337,8 @@ pub struct RunStep {
     pub env: BTreeMap<String, String>,
     /// `false` (the default): the command sees only a loopback interface.
     pub network: bool,
-    /// Secret ids, mounted at `/run/secrets/ID`; their values come from the command line.
-    pub secrets: Vec<String>,
+    /// Secrets, mounted at `/run/secrets/ID`; their values come from the command line.
+    pub secrets: Vec<SecretUse>,
     /// Overrides the image's `user` for this command (kiln extension).
     pub user: Option<String>,
     /// Overrides the image's `workdir` for this command (kiln extension).

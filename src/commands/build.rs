@@ -1,12 +1,30 @@
 //! `kiln build`: the recipe into the store, then every output.
 
+use std::sync::Arc;
+
 use kiln_builder::BuildError;
 use kiln_recipes::ImageRef;
 
 use super::common::{apply_stamps, load, options, parse_cache_ref, parse_ref, parse_secret};
-use crate::args::BuildArgs;
+use crate::args::{BuildArgs, Progress};
 
 pub(super) fn run(a: BuildArgs) -> Result<u8, BuildError> {
+    if a.progress != Progress::Json {
+        let reporter = crate::progress::reporter(a.progress);
+        return build(a, reporter);
+    }
+    // JSON lines to the end: a failure is the `build_failed` event, not text.
+    let json = Arc::new(crate::progress::JsonReporter::default());
+    match build(a, json.clone()) {
+        Err(e) => {
+            json.build_failed(&e);
+            Ok(e.exit_code() as u8)
+        }
+        done => done,
+    }
+}
+
+fn build(a: BuildArgs, reporter: Arc<dyn kiln_builder::Reporter>) -> Result<u8, BuildError> {
     let mut recipe = load(&a.recipe, &a.common.args)?;
     apply_stamps(&mut recipe, &a.stamps)?;
     let mut opts = options(&a.common)?;
@@ -37,7 +55,7 @@ pub(super) fn run(a: BuildArgs) -> Result<u8, BuildError> {
     if let Some(f) = &a.metadata_file {
         crate::metadata::check(f)?;
     }
-    let reporter = crate::metadata::Counting::new(crate::progress::reporter(a.progress));
+    let reporter = crate::metadata::Counting::new(reporter);
     let outcome = kiln_builder::build(&recipe, &opts, reporter.clone())?;
     if let Some(f) = &a.metadata_file {
         let doc = crate::metadata::document(&recipe.image.name, &outcome, &reporter);

@@ -2,7 +2,7 @@ use crate::support::*;
 
 /// A bad input exits 2, names the place, and writes no output.
 fn assert_refused(p: &Project, want_location: &str, want_message: &str) {
-    let r = p.build(&[]);
+    let r = p.kiln(&["build", "kiln.toml", "-o", "oci:out", "--progress", "plain"]);
     assert_eq!(r.code, 2, "exit 2 expected; stderr:\n{}", r.stderr);
     assert!(r.stderr.contains(want_location), "no `{want_location}` in:\n{}", r.stderr);
     assert!(r.stderr.contains(want_message), "no `{want_message}` in:\n{}", r.stderr);
@@ -22,14 +22,32 @@ fn unknown_key_with_a_suggestion() {
     let p = Project::new();
     p.recipe("[image]\nname = \"x\"\n\n[[step]]\ncopy = \"a\"\ntoo = \"/a\"\n").file("a", "a");
     assert_refused(&p, "kiln.toml:6:1", "unknown field `too`");
-    assert!(p.build(&[]).stderr.contains("did you mean `to`?"));
+    let json = p.build(&[]);
+    assert!(json.stderr.contains("did you mean `to`?"), "{}", json.stderr);
 }
 
 #[test]
 fn wrong_type() {
     let p = Project::new();
     p.recipe("[image]\nname = \"x\"\nepoch = \"yesterday\"\n");
-    assert_refused(&p, "kiln.toml:3:9", "invalid type");
+    assert_refused(&p, "kiln.toml:3:9", "this is the string \"yesterday\", expected a whole number");
+    // kiln's and Rust's type names never show.
+    for (recipe, want) in [
+        ("image = 5\n", "this is a number `5`, expected a table"),
+        (
+            "[image]\nname = \"x\"\n[[step]]\nrun = \"true\"\nnetwork = \"yes\"\n",
+            "expected `true` or `false`",
+        ),
+        ("[image]\nname = [\"x\"]\n", "this is an array, expected a string"),
+    ] {
+        p.recipe(recipe);
+        let r = p.kiln(&["build", "kiln.toml", "--progress", "plain"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains(want), "no `{want}` in:\n{}", r.stderr);
+        for internal in ["Raw", "struct", "i64", "kiln::recipe", "sequence"] {
+            assert!(!r.stderr.contains(internal), "`{internal}` shown:\n{}", r.stderr);
+        }
+    }
 }
 
 #[test]

@@ -1258,3 +1258,48 @@ fn lock_unchanged(p: &Project, name: &str) -> bool {
     };
     pkgs(fs::read_to_string(committed).unwrap()) == pkgs(fs::read_to_string(p.path("ex/kiln.lock")).unwrap())
 }
+
+/// Issue 18: on a terminal (here `script`'s), a download shows its bytes
+/// (done / total, and a rate), and a failing step shows a FAILED line.
+#[test]
+fn the_terminal_display_shows_download_bytes_and_a_failed_step() {
+    if !require("script") {
+        return;
+    }
+    let p = Project::new();
+    let Some(repo) = Repo::new(&p) else { return };
+    p.recipe(&recipe(&repo, r#""hello-app""#, ""));
+    let r = p.kiln(&["lock", "kiln.toml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let on_a_terminal = |p: &Project| {
+        let cmd = format!(
+            "{} build kiln.toml -o oci:out --cache-dir {} 2>&1",
+            kiln_bin(),
+            p.path("cache-tty").display()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .current_dir(p.path(""))
+            .env("TERM", "xterm")
+            .output()
+            .unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, shown) = on_a_terminal(&p);
+    assert_eq!(code, 0, "{shown}");
+    assert!(byte_counter(&shown), "no byte counter (`N KiB/N KiB`) in the display:\n{shown:?}");
+    assert!(shown.contains("/s"), "no rate in the display:\n{shown:?}");
+}
+
+/// Whether `s` shows bytes done over a total as indicatif writes them
+/// (`1.20 KiB/1.20 KiB`, `512 B/512 B`): a number, a unit, a slash, a number.
+fn byte_counter(s: &str) -> bool {
+    let words: Vec<&str> = s.split([' ', '\r', '\n']).collect();
+    words.windows(3).any(|w| {
+        let number = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.');
+        number(w[0])
+            && ["B", "KiB", "MiB", "GiB"]
+                .iter()
+                .any(|u| w[1].strip_prefix(u).and_then(|r| r.strip_prefix('/')).is_some_and(number))
+    })
+}

@@ -879,3 +879,173 @@ fn a_step_past_its_timeout_is_killed_with_every_process_it_started_and_not_cache
     let failed = r.stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
     assert!(failed.contains("exited with code 124") && !failed.contains("time limit of"), "{}", r.stderr);
 }
+
+/// Secrets for non-root steps: by default owned by the step's user (a
+/// name from the image's /etc/passwd, or `UID:GID`), 0400; the recipe can
+/// give the owner and mode, as BuildKit's `uid=`, `gid=` and `mode=`. The
+/// same on the local and the docker backend: the owner and mode are what
+/// the command sees, so they are in the step's key only when written.
+#[test]
+fn secrets_belong_to_the_step_user_or_to_the_owner_and_mode_the_recipe_gives() {
+    let Some(p) = project(
+        r#"
+[image]
+name = "secret-owner"
+base = "stage:base"
+
+[[step]]
+run = "mkdir -m 1777 /out"
+
+[[step]]
+run = "cat /run/secrets/tok > /dev/null && stat -c '%u:%g %a' /run/secrets/tok > /out/by-name"
+user = "app"
+secrets = ["tok"]
+
+[[step]]
+run = "stat -c '%u:%g %a' /run/secrets/tok > /out/by-number && cat /run/secrets/tok >/dev/null"
+user = "1000:1000"
+secrets = ["tok"]
+
+[[step]]
+run = "stat -c '%u:%g %a' /run/secrets/tok > /out/given && if cat /run/secrets/tok >/dev/null 2>&1; then echo readable; else echo unreadable; fi >> /out/given"
+user = "1000:1000"
+secrets = [{ id = "tok", uid = 0, gid = 1000, mode = "0400" }]
+
+[[step]]
+run = "stat -c '%u:%g %a' /run/secrets/tok > /out/group && cat /run/secrets/tok > /dev/null && echo readable >> /out/group"
+user = "1000:1000"
+secrets = [{ id = "tok", uid = 0, gid = 1000, mode = "0440" }]
+
+[[step]]
+run = "stat -c '%u:%g %a' /run/secrets/tok > /out/root-owned"
+secrets = ["tok"]
+"#,
+    ) else {
+        return;
+    };
+    p.file("tok.txt", "token-for-app");
+    let r = p.build(&["--secret", "id=tok,src=tok.txt"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let root = unpack(&p, "out");
+    let read = |f: &str| fs::read_to_string(root.join("out").join(f)).unwrap();
+    assert_eq!(read("by-name").trim(), "1000:1000 400");
+    assert_eq!(read("by-number").trim(), "1000:1000 400");
+    assert_eq!(read("given"), "0:1000 400\nunreadable\n");
+    assert_eq!(read("group"), "0:1000 440\nreadable\n");
+    assert_eq!(read("root-owned").trim(), "0:0 400");
+
+    if !require_docker() {
+        return;
+    }
+    let docker = p.kiln(&[
+        "build",
+        "kiln.toml",
+        "--backend",
+        "docker",
+        "-o",
+        "oci:out-docker",
+        "--cache-dir",
+        p.path("cache-docker2").to_str().unwrap(),
+        "--secret",
+        "id=tok,src=tok.txt",
+    ]);
+    assert_eq!(docker.code, 0, "{}", docker.stderr);
+    assert_eq!(docker.digest(), r.digest(), "the same layers on the docker backend");
+}
+
+/// Issue 18: with `--progress json` a failure is the last event,
+/// `build_failed` (exit code, the step, message, hint), and every line on
+/// stderr is JSON; plain progress shows a FAILED line for the step.
+#[test]
+fn a_failed_build_ends_json_progress_with_build_failed_and_plain_with_failed() {
+    let Some(p) = project(
+        r#"
+[image]
+name = "fails"
+base = "stage:base"
+
+[[step]]
+run = "echo before-failing && exit 3"
+"#,
+    ) else {
+        return;
+    };
+    let r = p.build(&[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let lines: Vec<serde_json::Value> = r
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let failed = lines.iter().find(|e| e["event"] == "step_failed").expect("a step_failed event");
+    assert_eq!(failed["step"], 1);
+    assert!(failed["stage"].is_null());
+    let last = lines.last().unwrap();
+    assert_eq!(last["event"], "build_failed", "{last}");
+    assert_eq!(last["exit_code"], 1);
+    assert_eq!(last["step"]["step"], 1);
+    assert!(last["step"]["description"].as_str().unwrap().starts_with("RUN"), "{last}");
+    assert!(last["message"].as_str().unwrap().contains("exit"), "{last}");
+    assert!(last["hint"].is_string(), "{last}");
+
+    // A bad recipe: the same event, with where in the recipe, exit 2.
+    p.recipe("[image]\nname = \"x\"\nepoch = \"soon\"\n");
+    let bad = p.build(&[]);
+    assert_eq!(bad.code, 2);
+    let events: Vec<serde_json::Value> =
+        bad.stderr.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events.len(), 1, "{}", bad.stderr);
+    assert_eq!(events[0]["event"], "build_failed");
+    assert_eq!(events[0]["exit_code"], 2);
+    assert_eq!(events[0]["location"], "kiln.toml:3:9");
+    assert!(events[0]["step"].is_null());
+
+    // Plain progress: the step's FAILED line.
+    p.recipe(&format!(
+        "{BASE}\n[image]\nname = \"fails\"\nbase = \"stage:base\"\n[[step]]\nrun = \"exit 3\"\n"
+    ));
+    let plain = p.kiln(&["build", "kiln.toml", "--progress", "plain"]);
+    assert_eq!(plain.code, 1);
+    assert!(plain.stderr.lines().any(|l| l.starts_with("[1/1] FAILED ")), "{}", plain.stderr);
+}
+
+/// Issue 18: KILN_LOG=debug is kiln's own events, each naming its step, no
+/// colour codes when stderr is not a terminal.
+#[test]
+fn kiln_log_debug_names_steps_and_has_no_colour_off_a_terminal() {
+    let Some(p) = project("[image]\nname = \"log\"\nbase = \"stage:base\"\n[[step]]\nrun = \"true\"\n")
+    else {
+        return;
+    };
+    let r = p.kiln_with(&["build", "kiln.toml", "--progress", "plain"], |c| {
+        c.env("KILN_LOG", "debug");
+    });
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("DEBUG step{step=1/1 RUN"), "{}", r.stderr);
+    assert!(!r.stderr.contains('\u{1b}'), "ANSI escapes off a terminal:\n{}", r.stderr);
+    let foreign: Vec<&str> =
+        r.stderr.lines().filter(|l| l.contains("DEBUG") && !l.contains(" kiln")).collect();
+    assert!(foreign.is_empty(), "debug lines of other crates: {foreign:?}");
+}
+
+/// Issue 18: on a terminal (`script`'s), a failing step shows FAILED.
+#[test]
+fn a_failing_step_shows_failed_on_a_terminal() {
+    if !require("script") {
+        return;
+    }
+    let Some(p) = project("[image]\nname = \"tty\"\nbase = \"stage:base\"\n[[step]]\nrun = \"exit 4\"\n")
+    else {
+        return;
+    };
+    let cmd = format!("{} build kiln.toml -o oci:out --cache-dir {} 2>&1", kiln_bin(), p.cache.display());
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(p.path(""))
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(shown.contains("[1/1] FAILED RUN exit 4"), "{shown:?}");
+}

@@ -38,6 +38,7 @@ use kiln_recipes::{Packages, Recipe, StepKind, Suite};
 use crate::error::BuildError;
 use crate::layer::LayerEntry;
 use archive::{IndexEntry, Mirror};
+use kiln_oci::reporter::{Meter, Reporter};
 use lockfile::{LockRequest, LockSource, LockedPackage, Lockfile, PackageLock};
 use resolve::{Request, ResolveError};
 
@@ -487,14 +488,14 @@ fn deb_digest(p: &LockedPackage) -> Digest {
 /// it is in the store: those already there first, biggest first, then
 /// each download as it lands. A download comes from its suite's mirror,
 /// several at a time, and is checked against its sha256 before it is
-/// kept. `on_notice` hears one line. The first error is returned once
+/// kept. `reporter` hears one line, and a meter counts the bytes. The first error is returned once
 /// every download has ended.
 fn fetch_each(
     store: &Store,
     rt: &tokio::runtime::Handle,
     p: &Packages,
     lock: &PackageLock,
-    on_notice: &dyn Fn(&str),
+    reporter: &dyn Reporter,
     on_each: &(dyn Fn(usize) + Sync),
 ) -> Result<(), BuildError> {
     let mut order: Vec<usize> = (0..lock.packages.len()).collect();
@@ -530,12 +531,14 @@ fn fetch_each(
     }
     let bytes: u64 = missing.iter().map(|(_, p)| p.size).sum();
     let from: Vec<&str> = mirrors.values().map(|m| m.url.as_str()).collect();
-    on_notice(&format!(
+    reporter.on_notice(&format!(
         "packages: downloading {} .deb file(s), {:.1} MB, from {}",
         missing.len(),
         bytes as f64 / 1e6,
         from.join(" and ")
     ));
+    let meter = reporter.meter(&format!("downloading {} .deb file(s)", missing.len()), Some(bytes));
+    let meter = meter.as_ref();
     let store = Arc::new(store.clone());
     rt.block_on(async {
         let mut first: Option<BuildError> = None;
@@ -543,7 +546,7 @@ fn fetch_each(
             .map(|(i, p)| {
                 let mirror = mirrors[p.suite.as_str()].clone();
                 let store = store.clone();
-                async move { (i, download(&store, &mirror, &p).await) }
+                async move { (i, download(&store, &mirror, &p, meter).await) }
             })
             .buffer_unordered(6);
         while let Some((i, r)) = done.next().await {
@@ -552,11 +555,17 @@ fn fetch_each(
                 Err(e) => first = first.or(Some(e)),
             }
         }
+        meter.finish();
         first.map_or(Ok(()), Err)
     })
 }
 
-async fn download(store: &Store, mirror: &Mirror, p: &LockedPackage) -> Result<(), BuildError> {
+async fn download(
+    store: &Store,
+    mirror: &Mirror,
+    p: &LockedPackage,
+    meter: &dyn Meter,
+) -> Result<(), BuildError> {
     let mut w = BlobWriter::new(store)?;
     let mut size = 0u64;
     let limit = p.size;
@@ -566,6 +575,7 @@ async fn download(store: &Store, mirror: &Mirror, p: &LockedPackage) -> Result<(
             if size > limit {
                 return Err(std::io::Error::other("the file is larger than kiln.lock says"));
             }
+            meter.advance(chunk.len() as u64);
             std::io::Write::write_all(&mut w, chunk)
         })
         .await
@@ -613,7 +623,7 @@ pub fn fetch_and_unpack(
     epoch: u64,
     scratch: &Path,
     below: &install::Below<'_>,
-    on_notice: &dyn Fn(&str),
+    reporter: &dyn Reporter,
 ) -> Result<Vec<LayerEntry>, BuildError> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let slots: Vec<std::sync::Mutex<Option<Result<install::Unpacked, BuildError>>>> =
@@ -633,7 +643,7 @@ pub fn fetch_and_unpack(
                 *slots[i].lock().expect("slot") = Some(r);
             });
         }
-        let fetched = fetch_each(store, rt, p, lock, on_notice, &|i| {
+        let fetched = fetch_each(store, rt, p, lock, reporter, &|i| {
             let _ = ready.send(i);
         });
         drop(ready); // the workers end once the queue is empty

@@ -491,7 +491,7 @@ fn last_layer(spool: &Path, work: &Path) -> Result<(std::path::PathBuf, u64, u64
 /// container's own layer; the local sandbox keeps them below. Drop them,
 /// unless the command changed more under those folders.
 fn drop_mount_points(changes: &mut Vec<Change>, req: &RunRequest<'_>) -> Result<(), BuildError> {
-    let files: Vec<String> = req.secrets.iter().map(|(id, _)| format!("run/secrets/{id}")).collect();
+    let files: Vec<String> = req.secrets.iter().map(|s| format!("run/secrets/{}", s.id)).collect();
     changes.retain(|c| !(files.contains(&c.path) && matches!(c.kind, ChangeKind::File { size: 0, .. })));
     // Deepest first, so a folder is judged after what is below it.
     let mut dirs: Vec<String> = Vec::new();

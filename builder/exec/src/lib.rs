@@ -98,35 +98,50 @@ pub fn sweep_secret_folders() -> usize {
 /// as the returned guard; no folder when there are none.
 pub(crate) type SecretFiles = (Option<tempfile::TempDir>, Vec<(String, std::path::PathBuf)>);
 
-pub(crate) fn write_secrets(secrets: &[(String, Vec<u8>)]) -> Result<SecretFiles, crate::BuildError> {
+pub(crate) fn write_secrets(secrets: &[SecretFile]) -> Result<SecretFiles, crate::BuildError> {
     if secrets.is_empty() {
         return Ok((None, Vec::new()));
     }
     let dir = secret_dir()?;
     let mut files = Vec::new();
-    for (id, value) in secrets {
-        files.push((id.clone(), write_secret(dir.path(), id, value)?));
+    for s in secrets {
+        files.push((s.id.clone(), write_secret(dir.path(), s)?));
     }
     Ok((Some(dir), files))
 }
 
-/// Writes one secret, readable by its owner only.
-fn write_secret(
-    dir: &std::path::Path,
-    id: &str,
-    value: &[u8],
-) -> Result<std::path::PathBuf, crate::BuildError> {
+/// Writes one secret in the private folder, with its owner and mode (the
+/// folder, 0700, keeps it from the host's other users whatever the mode).
+fn write_secret(dir: &std::path::Path, s: &SecretFile) -> Result<std::path::PathBuf, crate::BuildError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(id);
-    std::fs::OpenOptions::new()
+    let path = dir.join(&s.id);
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o400)
         .open(&path)
-        .and_then(|mut f| f.write_all(value))
+        .and_then(|mut f| f.write_all(&s.value).map(|()| f))
         .map_err(crate::BuildError::io_write(&path))?;
+    own_secret(&f, s.uid, s.gid, s.mode).map_err(|e| crate::BuildError::Environment {
+        message: format!("Cannot give the secret `{}` to {}:{} with mode {:04o}: {e}", s.id, s.uid, s.gid, s.mode),
+        hint: "kiln gives a secret to another user only when it runs as root; run kiln as root, or let the step read it as kiln's own user".into(),
+    })?;
     Ok(path)
+}
+
+/// Gives a secret's file its owner, then its mode.
+pub(crate) fn own_secret(f: &std::fs::File, uid: u32, gid: u32, mode: u32) -> std::io::Result<()> {
+    let me = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+    if (uid, gid) != me {
+        rustix::fs::fchown(
+            f,
+            Some(rustix::process::Uid::from_raw(uid)),
+            Some(rustix::process::Gid::from_raw(gid)),
+        )?;
+    }
+    rustix::fs::fchmod(f, rustix::fs::Mode::from_raw_mode(mode & 0o777))?;
+    Ok(())
 }
 
 /// Refuses to run a command for a platform this machine cannot execute:
@@ -204,6 +219,13 @@ pub trait Executor: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// Whether the executor holds the layer `diff_id` unpacked, sound (its
+    /// seal intact), so a step can run on it without the layer being
+    /// unpacked again.
+    fn has_unpacked(&self, _store: &kiln_cache::Store, _diff_id: &kiln_cache::Digest) -> bool {
+        false
+    }
+
     /// Runs one command on top of the request's parent image, sending each
     /// output line to `on_line`; on success, the changes it made.
     fn run(
@@ -259,8 +281,8 @@ pub struct RunRequest<'a> {
     pub user: String,
     pub workdir: String,
     pub network: bool,
-    /// (id, value); mounted read-only at /run/secrets/ID.
-    pub secrets: &'a [(String, Vec<u8>)],
+    /// Mounted read-only at /run/secrets/ID.
+    pub secrets: &'a [SecretFile],
     /// Folders of the store mounted read-write over paths in the image.
     pub cache_mounts: &'a [CacheMountRequest],
     /// Past it, the command and every process it started are killed.
@@ -269,6 +291,19 @@ pub struct RunRequest<'a> {
     pub layers: &'a [ImageLayer],
     pub tree: &'a FsTree,
     pub config: &'a ImageConfiguration,
+}
+
+/// A secret as a backend mounts it: a file at /run/secrets/ID, read-only,
+/// with the owner and mode the step asked for (the step's user and 0400
+/// unless the recipe says otherwise), never part of the changes.
+#[derive(Debug, Clone)]
+pub struct SecretFile {
+    pub id: String,
+    pub value: Vec<u8>,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits only (at most 0777).
+    pub mode: u32,
 }
 
 /// A cache mount as a backend mounts it: never part of the changes.

@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 use kiln_cache::Store;
 
 use super::rootless::Mapping;
-use super::sandbox::{make_init, InitPlan, RootlessPlan, SandboxSpec, SETUP_FAILED, TIMED_OUT};
+use super::sandbox::{
+    make_init, InitPlan, RootlessPlan, SandboxSecret, SandboxSpec, SETUP_FAILED, TIMED_OUT,
+};
 use super::{RunRequest, RunResult};
 use crate::changes;
 use crate::error::BuildError;
@@ -76,6 +78,11 @@ impl super::Executor for Local {
         Ok(crate::unpack::check_seal(store, &dest, &crate::unpack::pool_dir(store)))
     }
 
+    fn has_unpacked(&self, store: &Store, diff_id: &kiln_cache::Digest) -> bool {
+        let Some(dir) = self.unpack_dir(store) else { return false };
+        crate::unpack::check_seal(store, &dir.join(diff_id.hex()), &crate::unpack::pool_dir(store))
+    }
+
     fn run(
         &self,
         store: &Store,
@@ -137,8 +144,18 @@ fn run(
     // sandbox: they are never a path on any filesystem, and nothing is left
     // behind whatever happens to kiln.
     let memfds = secret_memfds(req.secrets)?;
-    let secrets: Vec<(String, i32)> =
-        memfds.iter().map(|(id, fd)| (id.clone(), std::os::fd::AsRawFd::as_raw_fd(fd))).collect();
+    let secrets: Vec<SandboxSecret> = req
+        .secrets
+        .iter()
+        .zip(&memfds)
+        .map(|(s, fd)| SandboxSecret {
+            id: s.id.clone(),
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            uid: s.uid,
+            gid: s.gid,
+            mode: s.mode,
+        })
+        .collect();
     // /etc/hosts, /etc/hostname and /etc/resolv.conf as the engine makes them:
     // loopback names, the hostname, and the host's resolvers when the network is on.
     let mut etc_files = Vec::new();
@@ -189,7 +206,7 @@ fn run(
     let (reader, writer) = std::io::pipe().map_err(BuildError::io_write(&tmp))?;
     let mut command = Command::new(exe);
     if !secrets.is_empty() {
-        let fds: Vec<i32> = secrets.iter().map(|(_, fd)| *fd).collect();
+        let fds: Vec<i32> = secrets.iter().map(|s| s.fd).collect();
         // SAFETY: only fcntl between fork and exec (async-signal-safe); the
         // descriptors stay close-on-exec in kiln, so no other child (a
         // step of another stage) ever inherits them.
@@ -253,10 +270,10 @@ fn run(
 }
 
 /// Each secret in a sealed memory file (`memfd`), 0400, close-on-exec.
-fn secret_memfds(secrets: &[(String, Vec<u8>)]) -> Result<Vec<(String, std::os::fd::OwnedFd)>, BuildError> {
+fn secret_memfds(secrets: &[crate::SecretFile]) -> Result<Vec<std::os::fd::OwnedFd>, BuildError> {
     use std::io::Write as _;
     let mut out = Vec::new();
-    for (id, value) in secrets {
+    for crate::SecretFile { id, value, .. } in secrets {
         let err = |e: std::io::Error| BuildError::Environment {
             message: format!("Cannot hold the secret `{id}` in memory: {e}"),
             hint: "the local backend keeps secrets in memfd files (Linux 3.17+)".into(),
@@ -266,7 +283,7 @@ fn secret_memfds(secrets: &[(String, Vec<u8>)]) -> Result<Vec<(String, std::os::
         let mut f = fs::File::from(fd);
         f.write_all(value).map_err(err)?;
         rustix::fs::fchmod(&f, rustix::fs::Mode::from_raw_mode(0o400)).map_err(|e| err(e.into()))?;
-        out.push((id.clone(), std::os::fd::OwnedFd::from(f)));
+        out.push(std::os::fd::OwnedFd::from(f));
     }
     Ok(out)
 }
@@ -413,8 +430,8 @@ fn init_plan(req: &RunRequest<'_>) -> Result<InitPlan, BuildError> {
             };
             plan.dirs.push((dir.into(), mode, uid, gid));
         }
-        for (id, _) in req.secrets {
-            plan.files.push((format!("run/secrets/{id}"), 0o400));
+        for s in req.secrets {
+            plan.files.push((format!("run/secrets/{}", s.id), 0o400));
         }
     }
     // Cache mounts' points and the folders above them, in this folder below

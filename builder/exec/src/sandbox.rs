@@ -50,9 +50,8 @@ pub(crate) struct SandboxSpec {
     pub(crate) workdir: String,
     pub(crate) network: bool,
     pub(crate) hostname: String,
-    /// (id, descriptor of a memory file the helper inherits), mounted
-    /// read-only at /run/secrets/ID.
-    pub(crate) secrets: Vec<(String, i32)>,
+    /// Mounted read-only at /run/secrets/ID.
+    pub(crate) secrets: Vec<SandboxSecret>,
     /// An empty folder the command's private tmpfs for the secrets is
     /// mounted on (only in its mount namespace, so it dies with it).
     pub(crate) secret_dir: PathBuf,
@@ -162,9 +161,9 @@ pub fn main(spec_path: &Path) -> ! {
     // Die with kiln.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // The secrets' memory files are bound into the sandbox, never handed to the command.
-    for (_, fd) in &spec.secrets {
+    for s in &spec.secrets {
         // SAFETY: fcntl on a descriptor number; a bad one fails the mount later.
-        unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        unsafe { libc::fcntl(s.fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     if let Some(plan) = &spec.rootless {
         enter_user_namespace();
@@ -515,11 +514,15 @@ fn child(spec: &SandboxSpec) -> ! {
             "mount the secrets' memory folder",
         );
     }
-    for (id, fd) in &spec.secrets {
+    for s in &spec.secrets {
+        let id = &s.id;
         let target = root.join("run/secrets").join(id);
         let src = spec.secret_dir.join(id);
-        if let Err(e) = copy_secret(*fd, &src) {
-            fail(&format!("cannot hold the secret `{id}`: {e}"));
+        if let Err(e) = copy_secret(s, &src) {
+            fail(&format!(
+                "cannot hold the secret `{id}` for {}:{} (mode {:04o}): {e}",
+                s.uid, s.gid, s.mode
+            ));
         }
         check(
             mount(Some(&src), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>),
@@ -604,12 +607,24 @@ fn child(spec: &SandboxSpec) -> ! {
     std::process::exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 })
 }
 
-/// Copies a secret from the memory file kiln handed over into `dest`, 0400.
-fn copy_secret(fd: i32, dest: &Path) -> std::io::Result<()> {
+/// A secret as the helper gets it: a memory file it inherits.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SandboxSecret {
+    pub(crate) id: String,
+    pub(crate) fd: i32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) mode: u32,
+}
+
+/// Copies a secret from the memory file kiln handed over into `dest`,
+/// then gives it its owner and mode (ids as the sandbox's user namespace
+/// sees them, when kiln is not root).
+fn copy_secret(s: &SandboxSecret, dest: &Path) -> std::io::Result<()> {
     use std::os::fd::FromRawFd;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     // SAFETY: the descriptor was inherited for this and nothing else owns it here.
-    let src = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    let src = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(s.fd) });
     let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(dest)?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut at = 0u64;
@@ -617,7 +632,7 @@ fn copy_secret(fd: i32, dest: &Path) -> std::io::Result<()> {
         // At an offset: kiln shares the descriptor's position.
         let n = src.read_at(&mut buf, at)?;
         if n == 0 {
-            return Ok(());
+            return crate::own_secret(&out, s.uid, s.gid, s.mode);
         }
         std::io::Write::write_all(&mut out, &buf[..n])?;
         at += n as u64;

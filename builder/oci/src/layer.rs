@@ -94,38 +94,11 @@ pub struct LayerBlob {
 /// layer as a folder, for a `run` step that needs it next.)
 pub fn write_layer(
     store: &Store,
-    entries: Vec<LayerEntry>,
-    epoch: u64,
-) -> Result<(LayerBlob, ListingFile), BuildError> {
-    write_layer_known(store, entries, epoch, None)
-}
-
-/// [`write_layer`], given the blob this layer had when it was made before
-/// (a step made again under `--no-cache`): the tar is written to a hash
-/// only, and when it is the same tar (its diff_id), that blob is the
-/// layer's and nothing is compressed. The gzip bytes are a function of the
-/// tar's (one backend, one level, fixed chunks), so it is the blob the
-/// compression would give; `known` must be a blob the store holds intact.
-/// A different tar is written again, compressed.
-pub fn write_layer_known(
-    store: &Store,
     mut entries: Vec<LayerEntry>,
     epoch: u64,
-    known: Option<LayerBlob>,
 ) -> Result<(LayerBlob, ListingFile), BuildError> {
     sort_entries(&mut entries)?;
     let tmp_dir = store.tmp_dir();
-    if let Some(known) = known {
-        let mut tar = HashingWriter::new(io::sink());
-        let listing =
-            write_entries(&mut tar, &entries, epoch, None).map_err(|e| name_write_target(e, &tmp_dir, None))?;
-        let (_, diff_id, _) = tar.finish();
-        if diff_id == known.diff_id {
-            let listing = listing.save(store, &diff_id)?;
-            return Ok((known, listing));
-        }
-        tracing::debug!(was = %known.diff_id, now = %diff_id, "the step gave another tar than before");
-    }
     let blob = BlobWriter::new(store)?;
     let mut failure: Option<BuildError> = None;
     let result = gzip::compress(blob, threads(), |w| {
@@ -152,6 +125,31 @@ pub fn write_layer_known(
     Ok((LayerBlob { diff_id, digest, size }, listing))
 }
 
+/// Whether `entries` make the tar `known` was made from (a step made again
+/// under `--no-cache` usually gives the tar it gave before): the tar is
+/// only hashed, nothing is written; when it is the same (its diff_id), its
+/// listing is stored and returned, and `known` is the layer. The gzip
+/// bytes are a function of the tar's (one backend, one level, fixed
+/// chunks), so `known`, a blob the store holds intact, is the blob the
+/// compression would give.
+pub fn same_layer(
+    store: &Store,
+    entries: &mut [LayerEntry],
+    epoch: u64,
+    known: &LayerBlob,
+) -> Result<Option<ListingFile>, BuildError> {
+    sort_entries(entries)?;
+    let mut tar = HashingWriter::new(io::sink());
+    let listing = write_entries(&mut tar, entries, epoch, None)
+        .map_err(|e| name_write_target(e, &store.tmp_dir(), None))?;
+    let (_, diff_id, _) = tar.finish();
+    if diff_id != known.diff_id {
+        tracing::debug!(was = %known.diff_id, now = %diff_id, "the step gave another tar than before");
+        return Ok(None);
+    }
+    Ok(Some(listing.save(store, &diff_id)?))
+}
+
 /// A layer whose tar is written (to a file in the store's tmp folder) and
 /// made as a folder, its gzip blob still being made on a thread of its own:
 /// the folder is in use while [`StagedLayer::finish`] waits for the blob.
@@ -164,7 +162,7 @@ pub struct StagedLayer {
     /// build failed) still waits for it, so no thread writes into the
     /// store after the build let go of it.
     compressor: Option<Compressor>,
-    /// The blob, when it was known without compressing (see [`write_layer_known`]).
+    /// The blob, when it was known without compressing (see [`same_layer`]).
     known: Option<LayerBlob>,
 }
 
@@ -202,7 +200,7 @@ fn join(c: Compressor) -> Result<(Digest, u64), BuildError> {
 /// the folder `unpack` (which must not exist), storing the listing. The
 /// gzip blob is made from the tar file as it grows, by threads at a low
 /// priority: they take the cores the writing leaves idle, then run on
-/// while the caller goes on. With `known` (as for [`write_layer_known`]),
+/// while the caller goes on. With `known` (as for [`same_layer`]),
 /// nothing is compressed until the tar is written, and nothing at all
 /// when it is the tar `known` was made from.
 pub fn write_layer_staged(
@@ -705,7 +703,7 @@ mod tests {
     }
 
     #[test]
-    fn a_known_blob_of_the_same_tar_is_taken_without_compressing_and_another_tar_is_compressed() {
+    fn a_known_blob_of_the_same_tar_is_taken_without_compressing_and_another_tar_is_not() {
         if !as_root() {
             return;
         }
@@ -715,9 +713,8 @@ mod tests {
         let before = blobs();
         // A stand-in digest: had anything been compressed, the real one would come back.
         let stand_in = LayerBlob { diff_id: blob.diff_id, digest: Digest::of(b"stand-in"), size: 1 };
-        let (got, listing) = write_layer_known(&store, entries(&scratch, false), 7, Some(stand_in)).unwrap();
-        assert_eq!(got, stand_in);
-        assert!(listing.iter().unwrap().count() > 0);
+        let listing = same_layer(&store, &mut entries(&scratch, false), 7, &stand_in).unwrap();
+        assert!(listing.unwrap().iter().unwrap().count() > 0);
         let folder = dir.path().join("root-known");
         let (staged, _) =
             write_layer_staged(&store, entries(&scratch, false), 7, &folder, Some(stand_in)).unwrap();
@@ -727,12 +724,16 @@ mod tests {
         assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
         // Another tar (another epoch): the known blob is not taken.
         let other = LayerBlob { diff_id: Digest::of(b"another tar"), ..stand_in };
-        let (got, _) = write_layer_known(&store, entries(&scratch, false), 8, Some(other)).unwrap();
+        assert!(same_layer(&store, &mut entries(&scratch, false), 8, &other).unwrap().is_none());
         let (fresh, _) = write_layer(&store, entries(&scratch, false), 8).unwrap();
-        assert_eq!(got, fresh);
-        let (staged, _) =
-            write_layer_staged(&store, entries(&scratch, false), 8, &dir.path().join("root-other"), Some(other))
-                .unwrap();
+        let (staged, _) = write_layer_staged(
+            &store,
+            entries(&scratch, false),
+            8,
+            &dir.path().join("root-other"),
+            Some(other),
+        )
+        .unwrap();
         assert_eq!(staged.finish().unwrap(), fresh);
         assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
     }

@@ -36,6 +36,30 @@ pub trait Reporter: Send + Sync {
     /// A blob moved to or from a registry (`verb` is `pulled`, `pushed` or
     /// `mounted`); `bytes` is what crossed the network.
     fn on_blob(&self, _verb: &str, _digest: &Digest, _repository: &str, _bytes: u64) {}
+    /// A step failed after `elapsed`; the error itself comes back to the caller.
+    fn on_step_failed(&self, _step: &StepInfo, _elapsed: Duration) {}
+    /// A long task starts: a download or an upload of `total` bytes, or a
+    /// phase of unknown length (`total` is `None`: making a disk image, waiting
+    /// for a layer's compression). The meter it returns is told how far it got.
+    fn meter(&self, _label: &str, _total: Option<u64>) -> Box<dyn Meter> {
+        Box::new(NullMeter)
+    }
+}
+
+/// How far a long task got (see [`Reporter::meter`]). Shared by the
+/// downloads of one task, which run at once.
+pub trait Meter: Send + Sync {
+    /// `bytes` more are done.
+    fn advance(&self, bytes: u64);
+    /// The task ended (done or not); dropping the meter ends it too.
+    fn finish(&self) {}
+}
+
+/// Measures nothing.
+pub struct NullMeter;
+
+impl Meter for NullMeter {
+    fn advance(&self, _bytes: u64) {}
 }
 
 /// Reports nothing.

@@ -145,8 +145,28 @@ pub fn pull(
     let m = platform_manifest(store, reg, r, top, platform)?;
     let by_digest = r.with_digest(m.digest);
     let repository = format!("{}/{}", r.host, r.repo);
+    // The sizes the manifest gives its config and layers: the bound on each
+    // download, and the total its meter shows.
+    let sizes: HashMap<String, u64> = serde_json::from_slice::<serde_json::Value>(&m.bytes)
+        .ok()
+        .map(|v| {
+            let config = v["config"].clone();
+            v["layers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .chain(std::iter::once(config))
+                .filter_map(|l| Some((l["digest"].as_str()?.to_string(), l["size"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
     let fetch = |d: &Digest| -> Result<(), BuildError> {
-        let n = reg.fetch_blob(store, &by_digest, d)?;
+        let size = sizes.get(&d.to_string()).copied();
+        let short: String = d.hex().chars().take(12).collect();
+        let meter = reporter.meter(&format!("pulling {short}"), size);
+        let n = reg.fetch_blob(store, &by_digest, d, size, meter.as_ref())?;
+        meter.finish();
         if n > 0 {
             reporter.on_blob("pulled", d, &repository, n);
         }
@@ -189,7 +209,12 @@ pub fn push_blobs(
     let repository = format!("{}/{}", r.host, r.repo);
     let mut skipped = 0;
     for d in blobs {
-        match reg.push_blob(store, r, d, sources.get(d))? {
+        let size = std::fs::metadata(store.blob_path(d)).map(|m| m.len()).ok();
+        let short: String = d.hex().chars().take(12).collect();
+        let meter = reporter.meter(&format!("pushing {short}"), size);
+        let pushed = reg.push_blob(store, r, d, sources.get(d), meter.as_ref());
+        meter.finish();
+        match pushed? {
             Pushed::Present => skipped += 1,
             Pushed::Mounted => reporter.on_blob("mounted", d, &repository, 0),
             Pushed::Uploaded(n) => reporter.on_blob("pushed", d, &repository, n),
@@ -390,7 +415,7 @@ pub fn push_mounts(
 /// An artifact manifest of kiln's at `at`, with the empty config it names.
 fn push_artifact(store: &Store, reg: &Registry, at: &Remote, manifest: &[u8]) -> Result<Digest, BuildError> {
     let empty = store.put_blob(b"{}")?;
-    reg.push_blob(store, at, &empty, None)?;
+    reg.push_blob(store, at, &empty, None, &kiln_oci::reporter::NullMeter)?;
     Ok(reg.push_manifest(at, manifest, OCI_MANIFEST)?)
 }
 

@@ -120,7 +120,15 @@ impl StepCache {
             if !self.store.verify_blob(&l.digest)? {
                 let from = self.sources.lock().expect("sources").get(&l.digest).cloned();
                 let from = from.ok_or(StoreError::Missing(l.digest))?;
-                let n = self.registry().fetch_blob(&self.store, &from, &l.digest)?;
+                let meter = self.reporter.meter(&format!("pulling layer {}", short(&l.digest)), Some(l.size));
+                let n = self.registry().fetch_blob(
+                    &self.store,
+                    &from,
+                    &l.digest,
+                    Some(l.size),
+                    meter.as_ref(),
+                )?;
+                meter.finish();
                 // The index is another builder's word: the layer must be a clean
                 // tar that uncompresses to the diff_id it claims.
                 if let Err(e) = Listing::scan(&self.store, l) {
@@ -263,13 +271,18 @@ impl StepCache {
                     continue;
                 }
             };
-            for (id, digest, _) in &index.mounts {
+            for (id, digest, size) in &index.mounts {
                 let Some(at) = wanted.iter().position(|w| *w == id) else { continue };
                 // A blob the store already holds (another image's layer, say) is
                 // read, never removed: only what this fetch brought in is discarded.
                 let had = self.store.verify_blob(digest)?;
                 if !had {
-                    match self.registry().fetch_blob(&self.store, r, digest) {
+                    let meter =
+                        self.reporter.meter(&format!("pulling cache mount {}", short(digest)), Some(*size));
+                    let fetched =
+                        self.registry().fetch_blob(&self.store, r, digest, Some(*size), meter.as_ref());
+                    meter.finish();
+                    match fetched {
                         Ok(n) => {
                             self.reporter.on_blob("pulled", digest, &format!("{}/{}", r.host, r.repo), n)
                         }
@@ -337,4 +350,9 @@ fn remotes_of(recipe: &Recipe, opts: &BuildOptions) -> Vec<Remote> {
         _ => None,
     });
     bases.chain(outputs).chain(opts.cache_from.iter().cloned()).chain(opts.cache_to.iter().cloned()).collect()
+}
+
+/// A digest's first 12 hex digits, for a progress line.
+pub(crate) fn short(d: &Digest) -> String {
+    d.hex().chars().take(12).collect()
 }

@@ -136,8 +136,17 @@ impl Planner<'_> {
                 let plan = run_plan(r, run_config, self.epoch);
                 let mut p = json!({
                     "run": plan.argv, "env": plan.env, "user": plan.user, "workdir": plan.workdir,
-                    "network": r.network, "secrets": r.secrets,
+                    "network": r.network, "secrets": r.secrets.iter().map(|s| &s.id).collect::<Vec<_>>(),
                 });
+                // A secret's owner and mode, where the recipe gives them (what the
+                // command can read); absent otherwise, so keys stay as they were.
+                if r.secrets.iter().any(|s| !s.is_plain()) {
+                    p["secret_files"] = r
+                        .secrets
+                        .iter()
+                        .map(|s| json!({"id": s.id, "uid": s.uid, "gid": s.gid, "mode": s.mode}))
+                        .collect();
+                }
                 // The mounts (where, which, how shared), never what they hold; absent
                 // when there are none, so keys of steps without them stay as they were.
                 if !r.cache.is_empty() {

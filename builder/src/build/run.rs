@@ -50,7 +50,7 @@ pub(super) fn run_step(
     plan: RunPlan,
     parent: Parent<'_>,
 ) -> Result<(Vec<Change>, Box<dyn std::any::Any + Send>), BuildError> {
-    let secrets = step_secrets(env, step, run)?;
+    let secrets = step_secrets(env, step, run, &plan.user, &parent)?;
     exec::check_platform(env.platform)?;
     // Held until the command is done: a `locked` mount's lock, a private instance.
     let (cache_mounts, _leases) = take_cache_mounts(env, step, run, &plan.user, &parent)?;
@@ -67,7 +67,7 @@ pub(super) fn run_step(
         tree: parent.tree,
         config: parent.config,
     };
-    let values: Vec<&[u8]> = secrets.iter().map(|(_, v)| v.as_slice()).filter(|v| !v.is_empty()).collect();
+    let values: Vec<&[u8]> = secrets.iter().map(|s| s.value.as_slice()).filter(|v| !v.is_empty()).collect();
     let mut on_line = |line: &str| env.reporter.on_step_output(info, &exec::cut_line(redact(line, &values)));
     let limit = req.timeout;
     let result = (env.executor)()?.run(env.store, &req, &mut on_line)?;
@@ -255,10 +255,20 @@ fn show_duration(d: std::time::Duration) -> String {
     out
 }
 
-/// The secrets the step names, each of which must have been given.
-fn step_secrets(env: &RunEnv<'_>, step: &Step, run: &RunStep) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+/// The secrets the step names, each of which must have been given, owned
+/// by the step's user (or as the recipe says) and 0400 unless it says
+/// otherwise: BuildKit's `--mount=type=secret,uid=,gid=,mode=`.
+fn step_secrets(
+    env: &RunEnv<'_>,
+    step: &Step,
+    run: &RunStep,
+    user: &str,
+    parent: &Parent<'_>,
+) -> Result<Vec<exec::SecretFile>, BuildError> {
     let mut out = Vec::new();
-    for id in &run.secrets {
+    let mut owner: Option<(u32, u32)> = None;
+    for s in &run.secrets {
+        let id = &s.id;
         let Some((_, v)) = env.secrets.iter().find(|(i, _)| i == id) else {
             return Err(env
                 .recipe
@@ -271,9 +281,39 @@ fn step_secrets(env: &RunEnv<'_>, step: &Step, run: &RunStep) -> Result<Vec<(Str
                 ))
                 .into());
         };
-        out.push((id.clone(), v.clone()));
+        let (uid, gid) = match (s.uid, s.gid) {
+            (Some(u), Some(g)) => (u, g),
+            _ => {
+                let (u, g) = match owner {
+                    Some(o) => o,
+                    None => *owner.insert(step_owner(env, step, user, parent)?),
+                };
+                (s.uid.unwrap_or(u), s.gid.unwrap_or(g))
+            }
+        };
+        out.push(exec::SecretFile {
+            id: id.clone(),
+            value: v.clone(),
+            uid,
+            gid,
+            mode: s.mode.unwrap_or(0o400),
+        });
     }
     Ok(out)
+}
+
+/// The numeric owner of what the step is given: root for root (no
+/// /etc/passwd needed), else the step's user as [`mount_owner`] finds it.
+fn step_owner(
+    env: &RunEnv<'_>,
+    step: &Step,
+    user: &str,
+    parent: &Parent<'_>,
+) -> Result<(u32, u32), BuildError> {
+    if matches!(user, "" | "root" | "0" | "0:0" | "root:root") {
+        return Ok((0, 0));
+    }
+    mount_owner(env, step, user, parent)
 }
 
 /// Replaces secret values in a line of output. A line never holds more

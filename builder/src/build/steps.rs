@@ -232,8 +232,6 @@ pub(super) fn package_entries(
         is_dir: &|path| Ok(matches!(tree.kind(path)?, Some(Kind::Dir))),
     };
     let entries =
-        crate::packages::fetch_and_unpack(store, rt, p, lock, epoch, scratch.path(), &below, &|m| {
-            reporter.on_notice(m)
-        })?;
+        crate::packages::fetch_and_unpack(store, rt, p, lock, epoch, scratch.path(), &below, reporter)?;
     Ok((entries, scratch))
 }

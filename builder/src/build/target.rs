@@ -72,14 +72,23 @@ pub(super) fn build_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bu
     for step in t.steps() {
         let started = Instant::now();
         let info = s.info(t, step);
+        // KILN_LOG=debug: each event of the step names it.
+        let _span =
+            tracing::debug_span!("step", step = %format!("{} {}", step_label(&info), info.description))
+                .entered();
         s.reporter.on_step_start(&info);
         // The layer the step before left compressing is finished once this
         // step is done, whether it succeeded or not.
         let before = b.compressing.take();
         let stepped = b.step(step, &info, &parent);
         let finished = b.finish_compressing(before);
-        let (key, hit) = stepped?;
-        finished?;
+        let (key, hit) = match (stepped, finished) {
+            (Ok(v), Ok(())) => v,
+            (Err(e), _) | (_, Err(e)) => {
+                s.reporter.on_step_failed(&info, started.elapsed());
+                return Err(e);
+            }
+        };
         history_entries.push(history(s.epoch, &format!("kiln: {}", history_text(step, &info)), false));
         s.reporter.on_step_finish(&info, hit, started.elapsed());
         took.push(started.elapsed());
@@ -286,14 +295,27 @@ impl TargetBuild<'_> {
         let timer = Instant::now();
         // A step made again (`--no-cache`) that gives the tar it gave
         // before has the blob it had: it is not compressed again.
-        let known = match s.store.step(&key) {
+        let mut known = match s.store.step(&key) {
             Some(rec) if rec.media_type == layer::MEDIA_TYPE && s.store.verify_blob(&rec.digest)? => {
                 Some(layer::LayerBlob { diff_id: rec.diff_id, digest: rec.digest, size: rec.size })
             }
             _ => None,
         };
-        let Some(executor) = next.and_then(|n| self.unpacks_for(n, &key)) else {
-            let (blob, listing) = layer::write_layer_known(&s.store, entries, s.epoch, known)?;
+        let executor = next.and_then(|n| self.unpacks_for(n, &key));
+        let mut entries = entries;
+        // When no folder is needed, or the executor still holds the known
+        // layer unpacked, the tar is only hashed: nothing is written.
+        if let Some(k) =
+            known.filter(|k| executor.as_ref().is_none_or(|e| e.has_unpacked(&s.store, &k.diff_id)))
+        {
+            if let Some(listing) = layer::same_layer(&s.store, &mut entries, s.epoch, &k)? {
+                tracing::debug!(elapsed = ?timer.elapsed(), "the layer is as before; not written again");
+                return Ok((self.record(info, key, k)?, listing));
+            }
+            known = None; // another tar: written and compressed below
+        }
+        let Some(executor) = executor else {
+            let (blob, listing) = layer::write_layer(&s.store, entries, s.epoch)?;
             tracing::debug!(elapsed = ?timer.elapsed(), size = blob.size, "layer written");
             return Ok((self.record(info, key, blob)?, listing));
         };

@@ -433,8 +433,17 @@ impl Registry {
     }
 
     /// Streams blob `d` of repository `r` into the store, checked against
-    /// its digest. Returns the bytes downloaded (0 when the store had it).
-    pub fn fetch_blob(&self, store: &Store, r: &Remote, d: &Digest) -> Result<u64, RegistryError> {
+    /// its digest, and against `size` when a descriptor gave one (a longer
+    /// answer is cut off there). Returns the bytes downloaded (0 when the
+    /// store had it); `meter` counts them as they come.
+    pub fn fetch_blob(
+        &self,
+        store: &Store,
+        r: &Remote,
+        d: &Digest,
+        size: Option<u64>,
+        meter: &dyn kiln_oci::reporter::Meter,
+    ) -> Result<u64, RegistryError> {
         if store.verify_blob(d)? {
             return Ok(0);
         }
@@ -453,7 +462,14 @@ impl Registry {
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(|e| self.error(r, OciDistributionError::IoError(e)))?;
                     n += chunk.len() as u64;
+                    if size.is_some_and(|s| n > s) {
+                        return Err(RegistryError::Protocol {
+                            host: r.host.clone(),
+                            detail: format!("blob {d} of {} is larger than its descriptor says", r.repo),
+                        });
+                    }
                     w.write_all(&chunk).map_err(StoreError::io(store.tmp_dir()))?;
+                    meter.advance(chunk.len() as u64);
                 }
                 match w.commit_expecting(d) {
                     Ok(_) => {}
@@ -492,6 +508,7 @@ impl Registry {
         r: &Remote,
         d: &Digest,
         mount_from: Option<&Remote>,
+        meter: &dyn kiln_oci::reporter::Meter,
     ) -> Result<Pushed, RegistryError> {
         if self.has_blob(r, d)? {
             return Ok(Pushed::Present);
@@ -513,27 +530,50 @@ impl Registry {
                 }
                 let file = store.open_blob(d)?;
                 let size = file.metadata().map_err(StoreError::io(store.blob_path(d)))?.len();
-                let pieces = futures_util::stream::unfold(Some(file), |f| async move {
-                    let mut f = f?;
-                    let mut buf = vec![0u8; PIECE];
-                    let mut filled = 0;
-                    while filled < PIECE {
-                        match f.read(&mut buf[filled..]) {
-                            Ok(0) => break,
-                            Ok(n) => filled += n,
-                            Err(e) => return Some((Err(OciDistributionError::IoError(e)), None)),
+                // The stream must be 'static: it counts what it hands over, and
+                // the meter is told from here while the upload runs.
+                let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let counter = sent.clone();
+                let pieces = futures_util::stream::unfold(Some(file), move |f| {
+                    let counter = counter.clone();
+                    async move {
+                        let mut f = f?;
+                        let mut buf = vec![0u8; PIECE];
+                        let mut filled = 0;
+                        while filled < PIECE {
+                            match f.read(&mut buf[filled..]) {
+                                Ok(0) => break,
+                                Ok(n) => filled += n,
+                                Err(e) => return Some((Err(OciDistributionError::IoError(e)), None)),
+                            }
                         }
+                        if filled == 0 {
+                            return None;
+                        }
+                        buf.truncate(filled);
+                        counter.fetch_add(filled as u64, std::sync::atomic::Ordering::Relaxed);
+                        Some((Ok(bytes::Bytes::from(buf)), Some(f)))
                     }
-                    if filled == 0 {
-                        return None;
-                    }
-                    buf.truncate(filled);
-                    Some((Ok(bytes::Bytes::from(buf)), Some(f)))
                 });
-                self.client
-                    .push_blob_stream(&r.reference(), pieces, &d.to_string(), Some(size))
-                    .await
-                    .map_err(|e| self.error(r, e))?;
+                let told = std::sync::atomic::AtomicU64::new(0);
+                let tell = || {
+                    let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+                    meter.advance(now.saturating_sub(told.swap(now, std::sync::atomic::Ordering::Relaxed)));
+                };
+                let (reference, digest) = (r.reference(), d.to_string());
+                let upload = self.client.push_blob_stream(&reference, pieces, &digest, Some(size));
+                let ticks = async {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tell();
+                    }
+                };
+                let pushed = tokio::select! {
+                    r = upload => r,
+                    never = ticks => never,
+                };
+                tell();
+                pushed.map_err(|e| self.error(r, e))?;
                 Ok(Pushed::Uploaded(size))
             })
         })
