@@ -4,12 +4,16 @@
 CARGO ?= cargo
 KILN  := target/release/kiln
 
-.PHONY: all build demo test lint bench bench-baseline bench-before14 fuzz deps clean
+.PHONY: all build demo test lint bench bench-baseline bench-before14 fuzz deps clean man
 
 all: build
 
 build:
 	$(CARGO) build --release --locked
+
+## Man pages (kiln.1 and one per command) into target/man: `man -l target/man/kiln-build.1`.
+man: build
+	$(KILN) man --dir target/man
 
 ## System tools the tests and the demo use (Debian packages, dockerd); idempotent.
 deps:
@@ -39,7 +43,7 @@ demo: build deps
 	$(KILN) sbom oci:out/python > out/python.spdx.json
 	@python3 -c 'import json; d = json.load(open("out/python.spdx.json")); print("SBOM (out/python.spdx.json):", ", ".join(p["name"] + " " + p["versionInfo"] for p in d["packages"]))'
 	@if docker info >/dev/null 2>&1; then \
-		docker load -i out/python.tar && docker run --rm python:latest; \
+		docker load -i out/python.tar && docker run --rm kiln-example-python:latest; \
 	else echo "(no Docker engine answers: 'docker load -i out/python.tar' later)"; fi
 	@# A real Debian install: nginx, its maintainer scripts run in kiln's sandbox, security updates included.
 	$(KILN) build recipes/examples/nginx/kiln.toml -o oci:out/nginx -o docker-archive:out/nginx.tar

@@ -183,6 +183,19 @@ pub enum Command {
         #[command(flatten)]
         stamps: Stamps,
     },
+    /// Print a completion script for a shell, e.g. `kiln completions bash > /etc/bash_completion.d/kiln`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print kiln's man page (roff), e.g. `kiln man | man -l -`; with `--dir`, write one page
+    /// per command there instead (kiln.1, kiln-build.1, ...).
+    Man {
+        /// Write kiln.1 and a page for each command into DIR (made if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Look after the cache.
     Cache {
         #[command(subcommand)]

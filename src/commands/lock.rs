@@ -22,6 +22,15 @@ pub(super) fn run(
     let started = std::time::Instant::now();
     let tagged = kiln_builder::base::tagged_bases(&recipe)?;
     let has_packages = !kiln_builder::packages::all(&recipe).is_empty();
+    let lock_path = kiln_builder::packages::lockfile::Lockfile::path_for(&recipe.dir);
+    let existed = lock_path.exists();
+    if tagged.is_empty() && !has_packages {
+        eprintln!(
+            "kiln lock: nothing to lock: {} has no [packages] and no tagged `registry:` base; kiln.lock is not needed",
+            recipe.file.display()
+        );
+        return Ok(0);
+    }
     if !tagged.is_empty() && mode != LockMode::Check {
         let opts = kiln_builder::registry::client::RegistryOptions { insecure, monolithic: false };
         let (pins, changed) = kiln_builder::lock::bases(&recipe, &opts)?;
@@ -29,12 +38,12 @@ pub(super) fn run(
         for p in &pins {
             let _ = writeln!(out, "{}\t{}", p.reference, p.digest);
         }
-        eprintln!(
-            "kiln lock: {} {} base pin(s) in {}",
-            if changed { "wrote" } else { "up to date:" },
-            pins.len(),
-            kiln_builder::packages::lockfile::Lockfile::path_for(&recipe.dir).display()
-        );
+        let state = match (changed, existed) {
+            (false, _) => "up to date",
+            (true, false) => "written to a new kiln.lock",
+            (true, true) => "updated",
+        };
+        eprintln!("kiln lock: {} base pin(s) in {}: {state}", pins.len(), lock_path.display());
         if !has_packages {
             return Ok(0);
         }
@@ -104,7 +113,11 @@ pub(super) fn run(
         );
         return Ok(1);
     }
-    let verb = if o.written { "wrote" } else { "is up to date:" };
-    eprintln!("kiln lock: {verb} {} ({took:.1}s)", o.path.display());
+    let state = match (o.written, existed) {
+        (false, _) => "up to date, nothing changed",
+        (true, false) => "created",
+        (true, true) => "updated",
+    };
+    eprintln!("kiln lock: {} {state} ({took:.1}s)", o.path.display());
     Ok(0)
 }

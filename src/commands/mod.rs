@@ -35,5 +35,27 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
             verify::run(&recipe, &args, &stamps, context, platform, backend, &secrets)
         }
         Command::Cache { action, cache_dir } => cache::run(action, cache_dir),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man { dir } => man(dir),
     }
+}
+
+/// `kiln man`: the page on stdout, or every command's page into a folder.
+fn man(dir: Option<std::path::PathBuf>) -> Result<u8, BuildError> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        None => {
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(cmd).render(&mut out).map_err(BuildError::io_write("<stdout>"))?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
+            clap_mangen::generate_to(cmd, &dir).map_err(BuildError::io_write(&dir))?;
+        }
+    }
+    Ok(0)
 }

@@ -1,3 +1,5 @@
+use std::fs;
+
 use crate::support::*;
 
 /// A bad input exits 2, names the place, and writes no output.
@@ -90,6 +92,35 @@ fn bad_output_and_platform_are_usage_errors() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     let r = p.kiln(&["build"]);
     assert_eq!(r.code, 2, "clap usage errors exit 2");
+}
+
+/// Issue 18: an output kiln would refuse once the image is built is
+/// refused before any step runs.
+#[test]
+fn outputs_kiln_would_refuse_are_refused_before_any_step() {
+    let p = Project::new();
+    p.recipe("[image]\nname = \"x\"\n[[step]]\nwrite = \"/a\"\ncontent = \"a\"\n");
+    p.file("a-file", "x");
+    p.file("full/other", "x");
+    fs::create_dir_all(p.path("a-folder.tar")).unwrap();
+    for (out, want) in [
+        ("vm:disk.img", "names neither a .raw nor a .qcow2 file"),
+        ("vm:a-folder.tar", "names neither a .raw nor a .qcow2 file"),
+        ("docker:Upper-Case:1", "not a reference the engine takes"),
+        ("docker:app:bad tag", "not a reference the engine takes"),
+        ("docker:app:-x", "not a reference the engine takes"),
+        ("oci-archive:a-folder.tar", "is a folder, not a file"),
+        ("docker-archive:a-folder.tar", "is a folder, not a file"),
+        ("oci:a-file", "exists and is not a folder"),
+        ("oci:full", "not an OCI layout"),
+    ] {
+        let r = p.build(&["-o", out]);
+        assert_eq!(r.code, 2, "{out}: {}", r.stderr);
+        assert_eq!(r.count("step_started"), 0, "{out}: a step ran: {}", r.stderr);
+        let last = r.events().pop().unwrap();
+        assert_eq!(last["event"], "build_failed");
+        assert!(last["message"].as_str().unwrap().contains(want), "{out}: {last}");
+    }
 }
 
 #[test]
@@ -202,6 +233,29 @@ fn every_flag_and_argument_in_help_has_a_description() {
         }
     }
     assert!(checked > 40, "only {checked} flags seen");
+}
+
+/// Issue 18: completion scripts and man pages come from the same definitions as `--help`.
+#[test]
+fn completions_and_man_pages_cover_every_command() {
+    let p = Project::new();
+    let bash = p.kiln(&["completions", "bash"]);
+    assert_eq!(bash.code, 0, "{}", bash.stderr);
+    assert!(bash.stdout.contains("_kiln()") && bash.stdout.contains("--no-cache"), "{}", bash.stdout);
+    for shell in ["zsh", "fish"] {
+        let r = p.kiln(&["completions", shell]);
+        assert_eq!(r.code, 0, "{shell}: {}", r.stderr);
+        assert!(r.stdout.contains("cache-dir"), "{shell}");
+    }
+    assert_eq!(p.kiln(&["completions", "tcsh"]).code, 2);
+    let man = p.kiln(&["man"]);
+    assert_eq!(man.code, 0, "{}", man.stderr);
+    assert!(man.stdout.contains(".TH kiln 1") && man.stdout.contains("verify"), "{}", man.stdout);
+    let r = p.kiln(&["man", "--dir", "pages"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let build = std::fs::read_to_string(p.path("pages/kiln-build.1")).unwrap();
+    assert!(build.contains("no\\-cache") || build.contains("no-cache"), "{build}");
+    assert!(p.path("pages/kiln-cache-prune.1").exists());
 }
 
 /// Issue 18: an image that is not there is bad input (exit 2), as the README's table says.

@@ -290,6 +290,7 @@ fn a_signed_local_repository_is_locked_built_and_stable() {
 
     let r = p.kiln(&["lock", "kiln.toml"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("kiln.lock created"), "{}", r.stderr);
     let lock = lock_text(&p);
     // The closure: versions, alternatives through Provides, Pre-Depends;
     // Recommends and Essential packages nobody depends on stay out.
@@ -304,8 +305,15 @@ fn a_signed_local_repository_is_locked_built_and_stable() {
     assert_eq!(r.stdout.lines().count(), 4, "{}", r.stdout);
     // Locking again changes nothing.
     let r = p.kiln(&["lock", "kiln.toml"]);
-    assert!(r.stderr.contains("up to date"), "{}", r.stderr);
+    assert!(r.stderr.contains("kiln.lock up to date, nothing changed"), "{}", r.stderr);
     assert_eq!(lock_text(&p), lock);
+    // A recipe with nothing to lock says so and writes nothing.
+    let none = Project::new();
+    none.recipe("[image]\nname = \"x\"\n");
+    let r = none.kiln(&["lock", "kiln.toml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("nothing to lock"), "{}", r.stderr);
+    assert!(!none.path("kiln.lock").exists());
 
     let first = p.build(&[]).digest();
     let files = image_files(&p.path("out"));
@@ -775,7 +783,7 @@ fn maintainer_scripts_run_in_the_sandbox_and_security_updates_are_taken() {
     let updated = lock_text(&p);
     scripts_archive(&p, &repo, "1.0+sec2");
     let r = p.kiln(&["lock", "--update", "kiln.toml"]);
-    assert!(r.stderr.contains("is up to date"), "{}", r.stderr);
+    assert!(r.stderr.contains("up to date, nothing changed"), "{}", r.stderr);
     assert_eq!(lock_text(&p), updated);
     // `--check` on a lock that does not answer the recipe: exit 2 (the
     // recipe's mistake, as for a build), not 1 (updates in the archive).

@@ -589,10 +589,12 @@ fn credentials_are_checked_named_in_errors_and_never_printed() {
     );
 
     let wrong = format!(r#"{{"auths": {{"{host}": {{"username": "ci", "password": "not-{password}"}}}}}}"#);
-    let refused = p.kiln_with(&["build", "kiln.toml", "-o", &out], |c| {
+    let refused = p.kiln_with(&["build", "kiln.toml", "-o", &out, "--progress", "json"], |c| {
         c.env("HOME", p.dir.path()).env("KILN_REGISTRY_AUTH", &wrong).env("KILN_LOG", "debug");
     });
     assert_eq!(refused.code, 3, "{}", refused.stderr);
+    // Found before the build, not at the push (issue 18).
+    assert_eq!(refused.count("step_started"), 0, "{}", refused.stderr);
     assert!(
         refused.stderr.contains(&format!(
             "registry {host} refused the credentials of user `ci` from KILN_REGISTRY_AUTH"

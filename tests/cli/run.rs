@@ -834,7 +834,7 @@ fn a_step_past_its_timeout_is_killed_with_every_process_it_started_and_not_cache
             let r = p.build(&["--backend", backend]);
             assert_eq!(r.code, 1, "{backend}: {}", r.stderr);
             assert!(started.elapsed() < std::time::Duration::from_secs(30), "{backend}: not stopped in time");
-            let failed = r.stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default().to_string();
+            let failed = r.failure();
             assert!(
                 failed.contains(&format!("kiln.toml:{}", line))
                     && failed.contains("ran past its time limit of 1500ms"),
@@ -876,7 +876,8 @@ fn a_step_past_its_timeout_is_killed_with_every_process_it_started_and_not_cache
     ));
     let r = p.build(&["--step-timeout", "30s"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    let failed = r.stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    let failed = r.failure();
+    let failed = failed.lines().next().unwrap_or_default();
     assert!(failed.contains("exited with code 124") && !failed.contains("time limit of"), "{}", r.stderr);
 }
 

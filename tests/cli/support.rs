@@ -41,6 +41,13 @@ impl Run {
             .collect()
     }
 
+    /// The `build_failed` event's message and hint (`--progress json`).
+    pub fn failure(&self) -> String {
+        let e = self.events().into_iter().rfind(|e| e["event"] == "build_failed");
+        let e = e.unwrap_or_else(|| panic!("no build_failed event in:\n{}", self.stderr));
+        format!("{}\n  hint: {}", e["message"].as_str().unwrap_or(""), e["hint"].as_str().unwrap_or(""))
+    }
+
     pub fn count(&self, event: &str) -> usize {
         self.events().iter().filter(|e| e["event"] == event).count()
     }

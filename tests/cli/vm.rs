@@ -353,17 +353,25 @@ fn vm_outputs_refuse_bad_input_with_a_hint() {
     // No kernel, and a bootable disk asked for (the default).
     p.recipe(base);
     let r = p.build(&["-o", "vm:disk.raw"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains("holds no kernel") && r.stderr.contains("linux-image-amd64"), "{}", r.stderr);
-    assert!(r.stderr.contains("boot = \"none\""), "{}", r.stderr);
+    assert_eq!(r.code, 2, "{}", r.failure());
+    assert!(
+        r.failure().contains("holds no kernel") && r.failure().contains("linux-image-amd64"),
+        "{}",
+        r.failure()
+    );
+    assert!(r.failure().contains("boot = \"none\""), "{}", r.failure());
     assert!(!p.path("disk.raw").exists());
 
     // Too small: names the size it needs, at the recipe's line.
     p.recipe(&format!("{base}\n[vm]\nboot = \"none\"\nsize = \"2M\"\n"));
     let r = p.build(&["-o", "vm:disk.raw"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains("kiln.toml:13") && r.stderr.contains("needs at least"), "{}", r.stderr);
-    assert!(r.stderr.contains("size = \""), "{}", r.stderr);
+    assert_eq!(r.code, 2, "{}", r.failure());
+    assert!(
+        r.failure().contains("kiln.toml:13") && r.failure().contains("needs at least"),
+        "{}",
+        r.failure()
+    );
+    assert!(r.failure().contains("size = \""), "{}", r.failure());
     assert!(!p.path("disk.raw").exists());
     let left: Vec<_> = fs::read_dir(p.path("."))
         .unwrap()
@@ -377,8 +385,8 @@ fn vm_outputs_refuse_bad_input_with_a_hint() {
     // The file name says the format.
     p.recipe(&format!("{base}\n[vm]\nboot = \"none\"\n"));
     let r = p.build(&["-o", "vm:disk.img"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains(".raw") && r.stderr.contains(".qcow2"), "{}", r.stderr);
+    assert_eq!(r.code, 2, "{}", r.failure());
+    assert!(r.failure().contains(".raw") && r.failure().contains(".qcow2"), "{}", r.failure());
 
     // Bad [vm] values are located.
     for (vm, want) in [
@@ -392,13 +400,13 @@ fn vm_outputs_refuse_bad_input_with_a_hint() {
         p.recipe(&format!("{base}\n[vm]\n{vm}\n"));
         let r = p.build(&["-o", "vm:disk.raw"]);
         assert_eq!(r.code, 2, "{vm}: {}", r.stderr);
-        assert!(r.stderr.contains(want), "{vm}: {}", r.stderr);
+        assert!(r.failure().contains(want), "{vm}: {}", r.stderr);
     }
 
     // A data disk when asked for, even without a kernel.
     p.recipe(&format!("{base}\n[vm]\nboot = \"none\"\n"));
     let r = p.build(&["-o", "vm:disk.qcow2"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.code, 0, "{}", r.failure());
     assert!(p.path("disk.qcow2").is_file());
 }
 

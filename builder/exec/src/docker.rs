@@ -543,6 +543,49 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 /// `name[:tag]` → (repository, tag), `latest` by default.
+/// Refuses a `docker:` reference the engine would refuse when kiln loads
+/// the image (checked before a build starts): `[HOST[:PORT]/]NAME[:TAG]`,
+/// the name's parts lowercase letters and digits joined by `.`, `_`, `__`
+/// or `-`, the tag up to 128 of letters, digits, `_`, `.` and `-`.
+pub fn check_ref(r: &str) -> Result<(), crate::BuildError> {
+    let bad = |why: &str| {
+        crate::BuildError::usage(
+            format!("`docker:{}` is not a reference the engine takes: {why}", r.escape_debug()),
+            Some("write `docker:NAME[:TAG]`, e.g. `docker:kiln-example-app:1.0` (names are lowercase)"),
+        )
+    };
+    let (name, tag) = split_ref(r);
+    let tag_ok = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 128
+            && !t.starts_with(['.', '-'])
+            && t.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    };
+    if !tag_ok(tag) {
+        return Err(bad(
+            "the tag is 1 to 128 letters, digits, `_`, `.` and `-`, not starting with `.` or `-`",
+        ));
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    // A first part with a `.` or a `:`, or `localhost`, is a registry host.
+    if parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost") {
+        parts.remove(0);
+    }
+    let part_ok = |p: &str| {
+        let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+        !p.is_empty()
+            && p.starts_with(alnum)
+            && p.ends_with(alnum)
+            && p.chars().all(|c| alnum(c) || "._-".contains(c))
+            && !p.contains("..")
+            && !p.contains("___")
+    };
+    if name.is_empty() || name.len() > 255 || !parts.iter().all(|p| part_ok(p)) {
+        return Err(bad("the name's parts are lowercase letters and digits, joined by `.`, `_` or `-`"));
+    }
+    Ok(())
+}
+
 pub fn split_ref(r: &str) -> (&str, &str) {
     match r.rsplit_once(':') {
         Some((repo, tag)) if !tag.contains('/') => (repo, tag),
@@ -567,6 +610,18 @@ impl Write for ChannelWriter {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn references_the_engine_takes_pass_and_others_are_refused() {
+        for good in
+            ["kiln-example-x", "localhost:5000/a/b_c:v1.0", "a.b/c__d-e:latest", "busybox-run:latest", "x"]
+        {
+            assert!(check_ref(good).is_ok(), "{good}");
+        }
+        for bad in ["Upper", "app:bad tag", "app:-x", "", "a//b", "-a", "a..b", "a___b", "app:", "a/B:1"] {
+            assert!(check_ref(bad).is_err(), "{bad}");
+        }
+    }
     use super::*;
 
     #[test]

@@ -74,9 +74,25 @@ fn index_json(image: &StoredImage, tag: &str, mut others: Vec<oci_spec::image::D
     canonical_json(&index)
 }
 
-fn write_layout(store: &Store, image: &StoredImage, dir: &Path, tag: &str) -> Result<(), BuildError> {
-    // Keep the other tags of an existing layout, as `skopeo copy` does; and
-    // refuse a folder that is not a layout before writing anything into it.
+/// Refuses, before anything is built, a file output kiln would refuse when
+/// it writes it: an `oci:` folder that is a file or holds files but no
+/// layout, an archive that is a folder.
+pub fn check_output(out: &ImageRef) -> Result<(), BuildError> {
+    match out {
+        ImageRef::Oci { dir, .. } => check_layout_dir(dir),
+        ImageRef::OciArchive(file) | ImageRef::DockerArchive(file) if file.is_dir() => {
+            Err(BuildError::usage(
+                format!("`{out}` is a folder, not a file"),
+                Some("an archive output names a file, e.g. `oci-archive:out/app.tar`"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// An `oci:` output's folder: new, or an OCI layout (its other tags are
+/// kept, as `skopeo copy` does); never a folder of other files.
+fn check_layout_dir(dir: &Path) -> Result<(), BuildError> {
     let index_path = dir.join("index.json");
     match fs::symlink_metadata(dir) {
         Ok(m) if !m.is_dir() => {
@@ -99,6 +115,12 @@ fn write_layout(store: &Store, image: &StoredImage, dir: &Path, tag: &str) -> Re
         }
         _ => {}
     }
+    Ok(())
+}
+
+fn write_layout(store: &Store, image: &StoredImage, dir: &Path, tag: &str) -> Result<(), BuildError> {
+    check_layout_dir(dir)?;
+    let index_path = dir.join("index.json");
     let others = match crate::image::read_document(&index_path) {
         Ok(bytes) => match serde_json::from_slice::<ImageIndex>(&bytes) {
             Ok(i) => i.manifests().clone(),

@@ -169,6 +169,11 @@ pub struct StagedLayer {
 type Compressor = std::thread::JoinHandle<Result<(Digest, u64), BuildError>>;
 
 impl StagedLayer {
+    /// Whether the blob is made (finishing does not wait).
+    pub fn is_finished(&self) -> bool {
+        self.compressor.as_ref().is_none_or(|c| c.is_finished())
+    }
+
     /// Waits for the blob.
     pub fn finish(mut self) -> Result<LayerBlob, BuildError> {
         if let Some(known) = self.known {

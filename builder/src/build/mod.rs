@@ -95,9 +95,24 @@ pub fn build(
     reporter: Arc<dyn Reporter>,
 ) -> Result<BuildOutcome, BuildError> {
     let started = Instant::now();
+    // Outputs kiln would refuse once the image is built are refused now.
+    for out in &opts.outputs {
+        match out {
+            ImageRef::Vm(path) => crate::vm::is_qcow2(path).map(|_| ())?,
+            ImageRef::Docker(r) => exec::docker::check_ref(r)?,
+            ImageRef::Registry(text) => crate::registry::remote(text).map(|_| ())?,
+            other => crate::export::check_output(other)?,
+        }
+    }
     let rt = crate::runtime::runtime()?;
     let (s, _lock) = Session::open(recipe, opts, reporter.clone(), rt.handle().clone())?;
     let s = Arc::new(s);
+    // So are credentials a registry output's registry refuses.
+    for out in &opts.outputs {
+        if let ImageRef::Registry(text) = out {
+            s.cache.registry().check_push(&crate::registry::remote(text)?)?;
+        }
+    }
     let mount_ids = cache::mount_ids(recipe);
     if opts.cache_mounts && !opts.cache_from.is_empty() {
         s.cache.pull_mounts(&opts.cache_from, &mount_ids)?;

@@ -259,7 +259,14 @@ impl TargetBuild<'_> {
     /// Waits for a layer's blob, then records it as a step written then.
     fn finish_compressing(&mut self, c: Option<Compressing>) -> Result<(), BuildError> {
         let Some(c) = c else { return Ok(()) };
-        let blob = c.staged.finish()?;
+        let phase = (!c.staged.is_finished()).then(|| {
+            self.s.reporter.meter(&format!("[{}] compressing its layer", step_label(&c.info)), None)
+        });
+        let blob = c.staged.finish();
+        if let Some(p) = phase {
+            p.finish();
+        }
+        let blob = blob?;
         tracing::debug!(elapsed = ?c.started.elapsed(), size = blob.size, "layer compressed");
         let layer = self.record(&c.info, c.key, blob)?;
         self.layers[c.index] = layer;

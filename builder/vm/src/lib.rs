@@ -55,6 +55,19 @@ const SCHEMA: u32 = 1;
 /// Room for the initramfs (kiln's init and the root's modules, a few MiB).
 const INITRD_BUDGET: usize = 16 << 20;
 
+/// Whether a `vm:` output is a qcow2 disk (`.qcow2`) or raw (`.raw`); any
+/// other name is refused (checked before a build starts, and again here).
+pub fn is_qcow2(out: &Path) -> Result<bool, BuildError> {
+    match out.extension().and_then(|e| e.to_str()) {
+        Some("raw") if !out.is_dir() => Ok(false),
+        Some("qcow2") if !out.is_dir() => Ok(true),
+        _ => Err(BuildError::usage(
+            format!("`vm:{}` names neither a .raw nor a .qcow2 file", out.display()),
+            Some("write the output as `vm:FILE.raw` or `vm:FILE.qcow2`"),
+        )),
+    }
+}
+
 /// Writes the disk for `image` (built from `recipe`) to `out`.
 pub fn write_disk(
     store: &Store,
@@ -64,16 +77,7 @@ pub fn write_disk(
     out: &Path,
     reporter: &dyn Reporter,
 ) -> Result<(), BuildError> {
-    let qcow2 = match out.extension().and_then(|e| e.to_str()) {
-        Some("raw") => false,
-        Some("qcow2") => true,
-        _ => {
-            return Err(BuildError::usage(
-                format!("`vm:{}` names neither a .raw nor a .qcow2 file", out.display()),
-                Some("write the output as `vm:FILE.raw` or `vm:FILE.qcow2`"),
-            ))
-        }
-    };
+    let qcow2 = is_qcow2(out)?;
     let vm = &recipe.vm;
     let layered = crate::fstree::FsTree::of_layers(store, &image.layers)?;
     let tree = TreeMap::of(&layered)?;
@@ -319,13 +323,17 @@ pub fn write_disk(
         tempfile::Builder::new().prefix(".kiln-disk-").tempfile_in(dir).map_err(BuildError::io_write(dir))?;
     let mbr =
         if boot.is_some() && firmware == bootfs::Firmware::Bios { Some(bootfs::mbr_code()?) } else { None };
+    let phase = reporter.meter(&format!("vm:{}: assembling the disk", out.display()), None);
     disk::assemble(raw.path(), &table, &parts, mbr.as_deref())?;
+    phase.finish();
     let result = if qcow2 {
         let q = tempfile::Builder::new()
             .prefix(".kiln-disk-")
             .tempfile_in(dir)
             .map_err(BuildError::io_write(dir))?;
+        let phase = reporter.meter(&format!("vm:{}: converting to qcow2", out.display()), None);
         disk::to_qcow2(raw.path(), q.path())?;
+        phase.finish();
         q
     } else {
         raw
@@ -369,7 +377,9 @@ fn cached_partition(
     let started = std::time::Instant::now();
     let tmp = store.tmp_dir();
     let dir = tempfile::Builder::new().prefix("vm-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
+    let phase = reporter.meter(&format!("{label}: making it"), None);
     let file = make(dir.path())?;
+    phase.finish();
     let (digest, _) = store.adopt_file(&file)?;
     store.write_record(
         kiln_cache::RecordKind::Disk,

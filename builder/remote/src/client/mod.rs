@@ -490,6 +490,25 @@ impl Registry {
     }
 
     /// Whether repository `r` has blob `d`.
+    /// Whether the registry takes kiln's credentials for a push to `r`'s
+    /// repository, asked before a build starts so refused credentials cost
+    /// no build: a push token is fetched (token registries), and a blob
+    /// asked for (registries that check every request). A registry that
+    /// grants reading but not writing is only found out at the push.
+    pub fn check_push(&self, r: &Remote) -> Result<(), RegistryError> {
+        self.retrying(&r.host, || {
+            self.rt.block_on(async {
+                self.authenticate(r, true).await?;
+                let probe = Digest::of(b"{}");
+                self.client
+                    .blob_exists(&r.reference(), &probe.to_string())
+                    .await
+                    .map_err(|e| self.error(r, e))?;
+                Ok(())
+            })
+        })
+    }
+
     pub(crate) fn has_blob(&self, r: &Remote, d: &Digest) -> Result<bool, RegistryError> {
         self.retrying(&r.host, || {
             self.rt.block_on(async {
