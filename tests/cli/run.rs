@@ -935,6 +935,13 @@ secrets = ["tok"]
     assert_eq!(read("group"), "0:1000 440\nreadable\n");
     assert_eq!(read("root-owned").trim(), "0:0 400");
 
+    // Rootless: the same owners, inside the sandbox's user namespace.
+    if let Some(user) = rootless_user() {
+        let args = ["build", "kiln.toml", "-o", "oci:out-rootless", "--secret", "id=tok,src=tok.txt"];
+        let rootless = p.kiln_as(user, "rootless-cache", &args, |_| {});
+        assert_eq!(rootless.digest(), r.digest(), "rootless: {}", rootless.stderr);
+    }
+
     if !require_docker() {
         return;
     }
