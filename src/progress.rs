@@ -31,6 +31,11 @@ fn place(s: &StepInfo) -> String {
     }
 }
 
+/// Milliseconds with at most three decimals (`2.402`, not `2.4023809999999997`).
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1000.0
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
 }
@@ -138,13 +143,15 @@ impl Reporter for JsonReporter {
         self.emit(json!({"event": "output", "stage": s.stage, "step": s.index + 1, "line": line}));
     }
     fn on_step_finish(&self, s: &StepInfo, cached: bool, elapsed: Duration) {
-        self.emit(json!({"event": "step_finished", "stage": s.stage, "step": s.index + 1, "cached": cached, "duration_ms": elapsed.as_secs_f64() * 1000.0}));
+        self.emit(json!({"event": "step_finished", "stage": s.stage, "step": s.index + 1, "cached": cached, "duration_ms": ms(elapsed)}));
     }
     fn on_output_written(&self, output: &str) {
         self.emit(json!({"event": "output_written", "output": output}));
     }
     fn on_build_finish(&self, manifest: &Digest, elapsed: Duration) {
-        self.emit(json!({"event": "build_finished", "manifest": manifest.to_string(), "duration_ms": elapsed.as_secs_f64() * 1000.0}));
+        self.emit(
+            json!({"event": "build_finished", "manifest": manifest.to_string(), "duration_ms": ms(elapsed)}),
+        );
     }
     fn on_blob(&self, verb: &str, digest: &Digest, repository: &str, bytes: u64) {
         self.emit(json!({"event": "blob", "action": verb, "digest": digest.to_string(), "repository": repository, "bytes": bytes}));
@@ -156,7 +163,7 @@ impl Reporter for JsonReporter {
         let step =
             json!({"stage": s.stage, "step": s.index + 1, "description": s.description, "line": s.line});
         self.emit(json!({"event": "step_failed", "stage": s.stage, "step": s.index + 1,
-            "duration_ms": elapsed.as_secs_f64() * 1000.0}));
+            "duration_ms": ms(elapsed)}));
         *self.failed.lock().expect("failed") = Some(step);
     }
 }

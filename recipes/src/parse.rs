@@ -353,13 +353,26 @@ impl Parser {
         let type_error = raw.starts_with("invalid type");
         let message = readable_type_error(raw);
         let span = e.span().unwrap_or(0..0);
-        let mut err = RecipeError::new(&self.file, &self.source, Some(span), message.clone());
+        let mut err = RecipeError::new(&self.file, &self.source, Some(span.clone()), message.clone());
         if let Some(hint) = unknown_field_hint(&message) {
             err = err.with_hint(hint);
         } else if type_error {
-            err = err.with_hint("see the recipe reference in the README for each key's type");
+            let example = self.key_at(span.start).and_then(key_example);
+            err = err.with_hint(match example {
+                Some(e) => format!("e.g. `{e}`; the recipe reference in the README gives each key's type"),
+                None => "see the recipe reference in the README for each key's type".to_string(),
+            });
         }
         err
+    }
+
+    /// The key whose value starts at byte `at`: the text before `=` on its line.
+    fn key_at(&self, at: usize) -> Option<&str> {
+        let head = self.source.get(..at)?;
+        let line = &head[head.rfind('\n').map_or(0, |i| i + 1)..];
+        let (key, _) = line.rsplit_once('=')?;
+        let key = key.trim().rsplit(['{', ',', '.']).next()?.trim();
+        (!key.is_empty()).then_some(key)
     }
 
     fn stage(&self, raw: RawStage, before: &[Stage], dir: &Path) -> Result<Stage, RecipeError> {
@@ -1341,6 +1354,32 @@ fn parse_disk_size(s: &str) -> Option<u64> {
     let bytes = n * mult as f64;
     (bytes.is_finite() && bytes >= 0.0 && bytes < 2f64.powi(50) && bytes.fract() == 0.0)
         .then_some(bytes as u64)
+}
+
+/// How a key's value is written, for the hint of a wrong type.
+fn key_example(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "user" => "user = \"1000:1000\"",
+        "owner" => "owner = \"0:0\"",
+        "mode" => "mode = \"0644\"",
+        "ports" => "ports = [\"80/tcp\"]",
+        "epoch" => "epoch = 0",
+        "network" => "network = true",
+        "env" => "env = { LANG = \"C.UTF-8\" }",
+        "labels" => "labels = { \"org.opencontainers.image.title\" = \"app\" }",
+        "entrypoint" => "entrypoint = [\"/app/server\"]",
+        "cmd" => "cmd = [\"--port\", \"8080\"]",
+        "run" => "run = \"make install\"",
+        "timeout" => "timeout = \"10m\"",
+        "include" => "include = [\"ca-certificates\"]",
+        "secrets" => "secrets = [\"npmrc\"]",
+        "volumes" => "volumes = [\"/data\"]",
+        "workdir" => "workdir = \"/app\"",
+        "name" => "name = \"app\"",
+        "base" => "base = \"scratch\"",
+        "image" => "[image] with name = \"app\"",
+        _ => return None,
+    })
 }
 
 /// serde's words for types in what a recipe author reads: kiln's own type

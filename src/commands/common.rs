@@ -65,7 +65,12 @@ pub(super) fn arg_values(args: &RecipeArgs) -> Result<Vec<ArgValue>, BuildError>
 }
 
 pub(super) fn parse_ref(s: &str, what: &str) -> Result<ImageRef, BuildError> {
-    ImageRef::parse(s).map_err(|e| BuildError::usage(format!("Bad {what} `{s}`: {e}"), None))
+    ImageRef::parse(s).map_err(|e| {
+        BuildError::usage(
+            format!("Bad {what} `{s}`: {e}"),
+            Some("e.g. `oci:out/app`, `oci-archive:app.tar`, `docker:app:1.0`, `registry:HOST/REPO:TAG`"),
+        )
+    })
 }
 
 pub(super) fn open_store(dir: Option<PathBuf>) -> Result<Store, BuildError> {

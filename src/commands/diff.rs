@@ -9,7 +9,8 @@ use super::common::{open_store, parse_ref};
 
 pub(super) fn run(a: &str, b: &str, cache_dir: Option<PathBuf>, json: bool) -> Result<u8, BuildError> {
     let store = open_store(cache_dir)?;
-    let changes = kiln_builder::diff::diff(&store, &parse_ref(a, "A")?, &parse_ref(b, "B")?)?;
+    let changes =
+        kiln_builder::diff::diff(&store, &parse_ref(a, "first image")?, &parse_ref(b, "second image")?)?;
     let mut out = std::io::stdout().lock();
     if json {
         let _ = writeln!(out, "{}", serde_json::to_string_pretty(&changes).expect("json"));

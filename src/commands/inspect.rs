@@ -9,7 +9,7 @@ use super::common::{open_store, parse_ref};
 
 pub(super) fn run(target: &str, cache_dir: Option<PathBuf>, json: bool) -> Result<u8, BuildError> {
     let store = open_store(cache_dir)?;
-    let target = parse_ref(target, "TARGET")?;
+    let target = parse_ref(target, "image")?;
     let i = kiln_builder::inspect::inspect(&store, &target)?;
     let mut out = std::io::stdout().lock();
     if json {

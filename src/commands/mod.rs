@@ -37,8 +37,9 @@ pub fn run(cli: Cli) -> Result<u8, BuildError> {
         Command::Cache { action, cache_dir } => cache::run(action, cache_dir),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());
-            Ok(0)
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "kiln", &mut script);
+            print_all(&script)
         }
         Command::Man { dir } => man(dir),
     }
@@ -49,8 +50,9 @@ fn man(dir: Option<std::path::PathBuf>) -> Result<u8, BuildError> {
     let cmd = <Cli as clap::CommandFactory>::command();
     match dir {
         None => {
-            let mut out = std::io::stdout().lock();
-            clap_mangen::Man::new(cmd).render(&mut out).map_err(BuildError::io_write("<stdout>"))?;
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut page).expect("rendering into memory");
+            return print_all(&page);
         }
         Some(dir) => {
             std::fs::create_dir_all(&dir).map_err(BuildError::io_write(&dir))?;
@@ -58,4 +60,19 @@ fn man(dir: Option<std::path::PathBuf>) -> Result<u8, BuildError> {
         }
     }
     Ok(0)
+}
+
+/// Writes `bytes` to stdout. A reader that stopped early (`| head`) ends
+/// the command quietly, as for any Unix tool; other write errors are
+/// reported.
+fn print_all(bytes: &[u8]) -> Result<u8, BuildError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(BuildError::Environment {
+            message: format!("Cannot write to stdout: {e}"),
+            hint: "redirect the output to a file, e.g. `> kiln.1`".into(),
+        }),
+        _ => Ok(0),
+    }
 }

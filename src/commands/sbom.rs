@@ -9,7 +9,7 @@ use super::common::{open_store, parse_ref};
 
 pub(super) fn run(target: &str, cache_dir: Option<PathBuf>) -> Result<u8, BuildError> {
     let store = open_store(cache_dir)?;
-    let target = parse_ref(target, "TARGET")?;
+    let target = parse_ref(target, "image")?;
     let doc = kiln_builder::sbom::for_image(&store, &target)?;
     let _ = std::io::stdout().lock().write_all(&doc);
     Ok(0)

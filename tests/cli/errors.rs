@@ -41,6 +41,8 @@ fn wrong_type() {
             "expected `true` or `false`",
         ),
         ("[image]\nname = [\"x\"]\n", "this is an array, expected a string"),
+        ("[image]\nname = \"x\"\n[config]\nuser = 0\n", "e.g. `user = \"1000:1000\"`"),
+        ("[image]\nname = \"x\"\n[config]\nports = [80]\n", "e.g. `ports = [\"80/tcp\"]`"),
     ] {
         p.recipe(recipe);
         let r = p.kiln(&["build", "kiln.toml", "--progress", "plain"]);
@@ -113,6 +115,8 @@ fn outputs_kiln_would_refuse_are_refused_before_any_step() {
         ("docker-archive:a-folder.tar", "is a folder, not a file"),
         ("oci:a-file", "exists and is not a folder"),
         ("oci:full", "not an OCI layout"),
+        ("oci:/proc/x", "is not a folder kiln can write in"),
+        ("oci-archive:a-file/x.tar", "is not a folder kiln can write in"),
     ] {
         let r = p.build(&["-o", out]);
         assert_eq!(r.code, 2, "{out}: {}", r.stderr);

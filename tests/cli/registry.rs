@@ -562,6 +562,36 @@ fn a_fresh_runner_gets_every_step_from_the_registry_cache_and_only_the_final_lay
         for l in layout_layers(&b.path("out")) {
             assert!(!store_blobs(&t.cache).contains(&l), "{l} was not kept");
         }
+
+        // The same lie (each layer named with another's diff_id) to a runner
+        // whose store already holds every blob (other builds' layers) but no
+        // step record: nothing is downloaded, and the index's diff_ids are
+        // still checked before a step record takes them (a record `--no-cache`
+        // would trust later).
+        let mut rotated: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let layers = rotated["layers"].as_array_mut().unwrap();
+        assert!(layers.len() >= 2);
+        let ids: Vec<serde_json::Value> =
+            layers.iter().map(|l| l["annotations"]["dev.kiln.cache.diff-id"].clone()).collect();
+        for (i, l) in layers.iter_mut().enumerate() {
+            l["annotations"]["dev.kiln.cache.diff-id"] = ids[(i + 1) % ids.len()].clone();
+        }
+        let put = Command::new("curl")
+            .args(["-sf", "-X", "PUT", "-H", "Content-Type: application/vnd.oci.image.manifest.v1+json"])
+            .arg("--data-binary")
+            .arg(rotated.to_string())
+            .arg(format!("{url}/rotated"))
+            .output()
+            .unwrap();
+        assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+        let w = fleet_project().unwrap();
+        assert_eq!(isolated(&w, &["build", "kiln.toml", "--cache-from", &cache]).code, 0);
+        for e in fs::read_dir(w.cache.join("v1/steps")).unwrap() {
+            fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        let lied = isolated(&w, &["build", "kiln.toml", "--cache-from", &format!("{cache}:rotated")]);
+        assert_eq!(lied.code, 2, "{}", lied.stderr);
+        assert!(lied.stderr.contains("is refused"), "{}", lied.stderr);
     }
 
     // A cache that cannot be reached is a note, not a failure.

@@ -920,6 +920,14 @@ secrets = [{ id = "tok", uid = 0, gid = 1000, mode = "0440" }]
 [[step]]
 run = "stat -c '%u:%g %a' /run/secrets/tok > /out/root-owned"
 secrets = ["tok"]
+
+[[step]]
+run = "echo bob:x:2000:2000::/:/bin/sh >> /etc/passwd && echo bob:x:2000: >> /etc/group"
+
+[[step]]
+run = "stat -c '%u:%g %a' /run/secrets/tok > /out/bob && cat /run/secrets/tok > /dev/null"
+user = "bob"
+secrets = ["tok"]
 "#,
     ) else {
         return;
@@ -934,6 +942,8 @@ secrets = ["tok"]
     assert_eq!(read("given"), "0:1000 400\nunreadable\n");
     assert_eq!(read("group"), "0:1000 440\nreadable\n");
     assert_eq!(read("root-owned").trim(), "0:0 400");
+    // A user the step before added (its layer still being compressed when this step starts).
+    assert_eq!(read("bob").trim(), "2000:2000 400");
 
     // Rootless: the same owners, inside the sandbox's user namespace.
     if let Some(user) = rootless_user() {

@@ -567,18 +567,32 @@ pub fn check_ref(r: &str) -> Result<(), crate::BuildError> {
         ));
     }
     let mut parts: Vec<&str> = name.split('/').collect();
-    // A first part with a `.` or a `:`, or `localhost`, is a registry host.
+    // A first part with a `.` or a `:`, or `localhost`, is a registry host:
+    // DNS labels (letters, digits, `-`) joined by `.`, and a port.
     if parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost") {
-        parts.remove(0);
+        let host = parts.remove(0);
+        let (domain, port) = host.split_once(':').unwrap_or((host, "1"));
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        };
+        if !domain.split('.').all(label_ok) || port.is_empty() || !port.chars().all(|c| c.is_ascii_digit()) {
+            return Err(bad("the registry host is DNS labels joined by `.`, with an optional `:PORT`"));
+        }
     }
+    // Each part: lowercase letters and digits, runs of them joined by one
+    // separator: `.`, `_`, `__` or one or more `-` (the distribution grammar).
     let part_ok = |p: &str| {
         let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-        !p.is_empty()
-            && p.starts_with(alnum)
-            && p.ends_with(alnum)
-            && p.chars().all(|c| alnum(c) || "._-".contains(c))
-            && !p.contains("..")
-            && !p.contains("___")
+        if !p.starts_with(alnum) || !p.ends_with(alnum) {
+            return false;
+        }
+        // Between runs of letters and digits, each separator is one of the allowed ones.
+        p.split(alnum)
+            .filter(|s| !s.is_empty())
+            .all(|s| matches!(s, "." | "_" | "__") || s.chars().all(|c| c == '-'))
     };
     if name.is_empty() || name.len() > 255 || !parts.iter().all(|p| part_ok(p)) {
         return Err(bad("the name's parts are lowercase letters and digits, joined by `.`, `_` or `-`"));
@@ -618,7 +632,24 @@ mod tests {
         {
             assert!(check_ref(good).is_ok(), "{good}");
         }
-        for bad in ["Upper", "app:bad tag", "app:-x", "", "a//b", "-a", "a..b", "a___b", "app:", "a/B:1"] {
+        for bad in [
+            "Upper",
+            "app:bad tag",
+            "app:-x",
+            "",
+            "a//b",
+            "-a",
+            "a..b",
+            "a___b",
+            "app:",
+            "a/B:1",
+            "a._b",
+            "a.-b",
+            "a&b=c:1/x",
+            "a&b.c/x",
+            "h.io:/x",
+            "a-/b",
+        ] {
             assert!(check_ref(bad).is_err(), "{bad}");
         }
     }

@@ -58,11 +58,22 @@ fn secret_base() -> std::path::PathBuf {
 /// (`kiln-secrets-PID-…`), so [`sweep_secret_folders`] can tell a folder
 /// whose kiln was killed from one in use.
 fn secret_dir() -> Result<tempfile::TempDir, crate::BuildError> {
+    use std::os::unix::fs::PermissionsExt;
     let base = secret_base();
-    tempfile::Builder::new()
+    let dir = tempfile::Builder::new()
         .prefix(&format!("kiln-secrets-{}-", std::process::id()))
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(&base)
-        .map_err(crate::BuildError::io_write(base))
+        .map_err(crate::BuildError::io_write(&base))?;
+    // 0700 whatever the umask: a secret file inside may be another user's
+    // or group-readable, for the step; the folder keeps the host's users out.
+    let mode =
+        std::fs::metadata(dir.path()).map_err(crate::BuildError::io_write(dir.path()))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .map_err(crate::BuildError::io_write(dir.path()))?;
+    }
+    Ok(dir)
 }
 
 /// Removes the secret folders that killed kiln processes of this user
@@ -134,11 +145,15 @@ fn write_secret(dir: &std::path::Path, s: &SecretFile) -> Result<std::path::Path
 pub(crate) fn own_secret(f: &std::fs::File, uid: u32, gid: u32, mode: u32) -> std::io::Result<()> {
     let me = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
     if (uid, gid) != me {
-        rustix::fs::fchown(
+        match rustix::fs::fchown(
             f,
             Some(rustix::process::Uid::from_raw(uid)),
             Some(rustix::process::Gid::from_raw(gid)),
-        )?;
+        ) {
+            // kiln is not root (the docker backend): a root step reads kiln's file anyway.
+            Err(rustix::io::Errno::PERM) if (uid, gid) == (0, 0) => {}
+            r => r?,
+        }
     }
     rustix::fs::fchmod(f, rustix::fs::Mode::from_raw_mode(mode & 0o777))?;
     Ok(())
@@ -438,6 +453,20 @@ pub(crate) fn pump_lines(mut r: impl Read, on_line: &mut dyn FnMut(&str)) -> Vec
 
 #[cfg(test)]
 mod tests {
+    /// The docker backend's secret files sit in a folder only kiln's user
+    /// can enter, whatever the umask: a file in it may be group- or
+    /// world-readable for the step (its `mode`), or another user's.
+    #[test]
+    fn the_secret_folder_is_0700_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let old = rustix::process::umask(rustix::fs::Mode::empty());
+        let dir = super::secret_dir();
+        rustix::process::umask(old);
+        let dir = dir.unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700);
+    }
+
     use super::*;
 
     #[test]

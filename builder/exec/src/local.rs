@@ -138,7 +138,7 @@ fn run(
             (stack_names(req.layers), Some(plan))
         }
     };
-    tracing::debug!(elapsed = ?t.elapsed(), layers = lowers.len(), "local: layers unpacked");
+    tracing::debug!(elapsed = ?t.elapsed(), layers = lowers.len(), "layers unpacked");
 
     // Secrets live in memory files the helper inherits and binds into the
     // sandbox: they are never a path on any filesystem, and nothing is left
@@ -242,7 +242,7 @@ fn run(
     }
     let tail = super::pump_lines(reader, on_line);
     let status = child.wait().map_err(BuildError::io_read(&spec_path))?;
-    tracing::debug!(elapsed = ?t.elapsed(), ?status, "local: command finished");
+    tracing::debug!(elapsed = ?t.elapsed(), %status, "command finished");
     let code = status.code().unwrap_or(128);
     // 125 with the helper's own last word is the sandbox failing, not the command.
     let setup = tail.last().filter(|l| code == SETUP_FAILED && l.starts_with("kiln sandbox:"));
@@ -265,7 +265,7 @@ fn run(
         // The helper wrote the changes as a layer tar, with the namespace's ids.
         Some(plan) => changes::from_tar(&plan.diff_out, 0, None)?,
     };
-    tracing::debug!(elapsed = ?t.elapsed(), changes = changes.len(), "local: upper folder read");
+    tracing::debug!(elapsed = ?t.elapsed(), changes = changes.len(), "upper folder read");
     Ok(RunResult::Changed { changes, keep: Box::new(work) })
 }
 

@@ -78,16 +78,49 @@ fn index_json(image: &StoredImage, tag: &str, mut others: Vec<oci_spec::image::D
 /// it writes it: an `oci:` folder that is a file or holds files but no
 /// layout, an archive that is a folder.
 pub fn check_output(out: &ImageRef) -> Result<(), BuildError> {
-    match out {
-        ImageRef::Oci { dir, .. } => check_layout_dir(dir),
-        ImageRef::OciArchive(file) | ImageRef::DockerArchive(file) if file.is_dir() => {
-            Err(BuildError::usage(
-                format!("`{out}` is a folder, not a file"),
-                Some("an archive output names a file, e.g. `oci-archive:out/app.tar`"),
-            ))
+    let path = match out {
+        ImageRef::Oci { dir, .. } => {
+            check_layout_dir(dir)?;
+            dir
         }
-        _ => Ok(()),
+        ImageRef::OciArchive(file) | ImageRef::DockerArchive(file) => {
+            if file.is_dir() {
+                return Err(BuildError::usage(
+                    format!("`{out}` is a folder, not a file"),
+                    Some("an archive output names a file, e.g. `oci-archive:out/app.tar`"),
+                ));
+            }
+            file
+        }
+        _ => return Ok(()),
+    };
+    check_writable_place(out, path)
+}
+
+/// The folder an output is written in (or the nearest one above it that
+/// exists, as kiln makes the rest) must be a folder kiln can write, on a
+/// filesystem that holds files (not procfs or sysfs).
+fn check_writable_place(out: &ImageRef, path: &Path) -> Result<(), BuildError> {
+    let mut at = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    while fs::symlink_metadata(at).is_err() {
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => {
+                at = Path::new(".");
+                break;
+            }
+        }
     }
+    let hint = Some("write outputs into a folder you can write, e.g. `-o oci:out/app`");
+    let special = fs::canonicalize(at).is_ok_and(|c| c.starts_with("/proc") || c.starts_with("/sys"));
+    let folder = fs::metadata(at).is_ok_and(|m| m.is_dir());
+    if !folder || special || rustix::fs::access(at, rustix::fs::Access::WRITE_OK).is_err() {
+        return Err(BuildError::usage(
+            format!("`{out}` cannot be written: `{}` is not a folder kiln can write in", at.display()),
+            hint,
+        ));
+    }
+    Ok(())
 }
 
 /// An `oci:` output's folder: new, or an OCI layout (its other tags are

@@ -108,7 +108,8 @@ pub fn import_archive(
     platform: &Platform,
 ) -> Result<StoredImage, BuildError> {
     let bad = |reason: String| BuildError::BadImage { image: name.to_string(), reason };
-    let members = read_archive(store, file).map_err(bad)?;
+    // read_archive's reasons say what the archive is ("is not a tar archive").
+    let members = read_archive(store, file).map_err(|why| bad(format!("the archive {why}")))?;
     let have = |d: &Digest| -> Result<(), BuildError> {
         if store.has_blob(d) {
             Ok(())

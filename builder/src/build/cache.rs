@@ -117,7 +117,21 @@ impl StepCache {
     /// records the steps that were waiting for them.
     pub(super) fn materialize(&self, layers: &[ImageLayer]) -> Result<(), BuildError> {
         for l in layers {
-            if !self.store.verify_blob(&l.digest)? {
+            let waiting = self.pending.lock().expect("pending").contains_key(&l.digest);
+            if waiting && self.store.verify_blob(&l.digest)? {
+                // The store holds the blob (another build's layer) but a registry's
+                // index says which diff_id it has: that pairing is checked before a
+                // step record, which later builds trust (`--no-cache` keeps a blob
+                // whose tar is the recorded diff_id), takes it.
+                if let Err(e) = Listing::scan(&self.store, l) {
+                    let from = self.sources.lock().expect("sources").get(&l.digest).cloned();
+                    return Err(BuildError::BadImage {
+                        image: from
+                            .map_or_else(|| "a registry cache".to_string(), |f| format!("registry:{f}")),
+                        reason: format!("its cached layer {} is refused: {e}", l.digest),
+                    });
+                }
+            } else if !self.store.verify_blob(&l.digest)? {
                 let from = self.sources.lock().expect("sources").get(&l.digest).cloned();
                 let from = from.ok_or(StoreError::Missing(l.digest))?;
                 let meter = self.reporter.meter(&format!("pulling layer {}", short(&l.digest)), Some(l.size));

@@ -78,9 +78,15 @@ pub(super) fn build_target(s: &Session, t: Target<'_>, done: &Done) -> Result<Bu
                 .entered();
         s.reporter.on_step_start(&info);
         // The layer the step before left compressing is finished once this
-        // step is done, whether it succeeded or not.
-        let before = b.compressing.take();
-        let stepped = b.step(step, &info, &parent);
+        // step is done, whether it succeeded or not; first, when the step
+        // reads files of the layers below (its user's ids in /etc/passwd,
+        // for its secrets' and new cache mounts' owner).
+        let mut before = b.compressing.take();
+        let mut early = Ok(());
+        if reads_accounts(step) {
+            early = b.finish_compressing(before.take());
+        }
+        let stepped = early.and_then(|()| b.step(step, &info, &parent));
         let finished = b.finish_compressing(before);
         let (key, hit) = match (stepped, finished) {
             (Ok(v), Ok(())) => v,
@@ -364,6 +370,18 @@ impl TargetBuild<'_> {
         let misses =
             s.opts.no_cache || !matches!(s.cache.lookup(&k), Ok(Cached::Hit(_) | Cached::Remote(..)));
         misses.then_some(executor)
+    }
+}
+
+/// Whether a `run` step reads the image's /etc/passwd and /etc/group from
+/// the layers below it (see `run::mount_owner`): for a secret whose owner
+/// the recipe leaves to the step's user, or a cache mount.
+fn reads_accounts(step: &Step) -> bool {
+    match &step.kind {
+        StepKind::Run(r) => {
+            !r.cache.is_empty() || r.secrets.iter().any(|s| s.uid.is_none() || s.gid.is_none())
+        }
+        _ => false,
     }
 }
 

@@ -318,17 +318,18 @@ impl Registry {
             OciDistributionError::UnauthorizedError { .. } => {
                 RegistryError::Refused { host, who: who(), detail: String::new() }
             }
-            OciDistributionError::AuthenticationFailure(why) => {
-                let why: String = why.chars().take(200).collect();
-                RegistryError::Refused {
-                    host,
-                    who: who(),
-                    detail: format!(" at its token server ({})", why.trim()),
-                }
-            }
+            OciDistributionError::AuthenticationFailure(why) => RegistryError::Refused {
+                host,
+                who: who(),
+                detail: format!(" at its token server ({})", kiln_oci::error::shown(why.trim())),
+            },
             OciDistributionError::RegistryError { envelope, .. } => {
                 let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
-                let text = envelope.errors.iter().map(|e| e.message.clone()).collect::<Vec<_>>().join("; ");
+                // The registry's own words: at most 200 characters, control characters
+                // escaped (a hostile registry's answer must not drive the terminal or CI).
+                let text = kiln_oci::error::shown(
+                    &envelope.errors.iter().map(|e| e.message.clone()).collect::<Vec<_>>().join("; "),
+                );
                 if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
                     RegistryError::Refused { host, who: who(), detail: format!(" ({text})") }
                 } else if codes.iter().any(|c| {
@@ -355,12 +356,18 @@ impl Registry {
                 _ => {
                     // The URL without its query (upload state tokens are long and say nothing).
                     let url = e.url().map(|u| format!(" ({} {})", u.host_str().unwrap_or(""), u.path()));
-                    let detail = format!("{}{}", source_chain(&e.without_url()), url.unwrap_or_default());
+                    let detail = kiln_oci::error::shown(&format!(
+                        "{}{}",
+                        source_chain(&e.without_url()),
+                        url.unwrap_or_default()
+                    ));
                     RegistryError::Unreachable { host, detail }
                 }
             },
-            OciDistributionError::IoError(e) => RegistryError::Unreachable { host, detail: source_chain(&e) },
-            other => RegistryError::Protocol { host, detail: source_chain(&other) },
+            OciDistributionError::IoError(e) => {
+                RegistryError::Unreachable { host, detail: kiln_oci::error::shown(&source_chain(&e)) }
+            }
+            other => RegistryError::Protocol { host, detail: kiln_oci::error::shown(&source_chain(&other)) },
         }
     }
 
@@ -625,6 +632,34 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a hostile registry says in its error body reaches a message cut
+    /// to 200 characters, its control characters escaped: it cannot clear
+    /// the terminal, add lines, or pose as a CI workflow command.
+    #[test]
+    fn a_registry_s_own_words_are_cut_and_escaped() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let reg = Registry::new(rt.handle().clone(), &[], &RegistryOptions::default());
+        let r = Remote::parse("127.0.0.1:5000/x:1").unwrap();
+        let hostile =
+            format!("\u{1b}[2J\n::error::injected\r\nsha256:{}{}", "0".repeat(64), "A".repeat(5000));
+        let e = reg.error(
+            &r,
+            OciDistributionError::RegistryError {
+                envelope: oci_client::errors::OciEnvelope {
+                    errors: vec![oci_client::errors::OciError {
+                        code: OciErrorCode::BlobUploadInvalid,
+                        message: hostile,
+                        detail: serde_json::Value::Null,
+                    }],
+                },
+                url: "http://127.0.0.1:5000/v2/x/blobs/uploads/".into(),
+            },
+        );
+        let text = e.to_string();
+        assert!(!text.contains(['\u{1b}', '\n', '\r']), "{text:?}");
+        assert!(text.contains("\\u{1b}") && text.chars().count() < 400, "{text}");
+    }
 
     #[test]
     fn registry_errors_keep_their_exit_codes_and_hints_through_build_error() {
