@@ -4,12 +4,19 @@
 CARGO ?= cargo
 KILN  := target/release/kiln
 
-.PHONY: all build demo test lint bench bench-baseline bench-before14 fuzz deps clean man
+.PHONY: all build demo test lint bench bench-baseline bench-before14 fuzz deps clean man image
 
 all: build
 
 build:
 	$(CARGO) build --release --locked
+
+## kiln's own image (recipes/kiln/kiln.toml): the release binary without its
+## debug info, on Debian's libc and busybox, as an OCI layout and a docker-archive.
+image: build
+	mkdir -p target/image out
+	objcopy --strip-debug $(KILN) target/image/kiln
+	$(KILN) build recipes/kiln/kiln.toml --context . -o oci:out/kiln-image -o docker-archive:out/kiln-image.tar
 
 ## Man pages (kiln.1 and one per command) into target/man: `man -l target/man/kiln-build.1`.
 man: build

@@ -892,7 +892,7 @@ def w9_lines(r):
         return f"| {label} | {k * 1000:.0f} ms | | | | |"
 
     lines.append(row("cold, empty cache: .debs downloaded (median of 5)", r["cold"], "cold", 0.5))
-    lines.append(row("cold, .debs cached (`--no-cache`, median of 5)", r["cached"], "cold"))
+    lines.append(row("cold, .debs cached (`--no-cache`, median of 5)", r["cached"], "cold", 0.5))
     lines.append(row("no-op rebuild (median of 5)", r["noop"], "noop", 0.1))
     lines.append(row("`[config]` / `LABEL` changed (median of 3)", r["config"], "config"))
     lines.append("")

@@ -11,6 +11,7 @@ mod crash;
 mod errors;
 mod fuzz;
 mod golden;
+mod image;
 mod interop;
 mod mounts;
 mod packages;
