@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use kiln_builder::LayerBlob;
@@ -248,8 +248,8 @@ impl Reporter for TtyReporter {
     }
 }
 
-/// A bar of the terminal display. A finished download leaves its last
-/// state as a line (bytes, rate); a finished phase goes away.
+/// A bar of the terminal display. A finished download leaves a line with
+/// its bytes, time and rate; a finished phase goes away.
 struct BarMeter {
     bar: ProgressBar,
     bars: MultiProgress,
@@ -264,17 +264,22 @@ impl Meter for BarMeter {
         if self.bar.is_finished() {
             return;
         }
-        if self.bytes && self.bar.position() > 0 {
-            self.bar.set_style(
-                ProgressStyle::with_template(
-                    "  {msg} {bytes}/{total_bytes} in {elapsed} ({binary_bytes_per_sec})",
-                )
-                .expect("template"),
+        let done = self.bar.position();
+        self.bar.finish_and_clear();
+        self.bars.remove(&self.bar);
+        if self.bytes && done > 0 {
+            // A line above the bars, which stay as many as tasks run.
+            let secs = self.bar.elapsed().as_secs_f64().max(0.001);
+            let line = format!(
+                "  {} {}/{} in {secs:.1}s ({}/s)",
+                self.bar.message(),
+                HumanBytes(done),
+                HumanBytes(self.bar.length().unwrap_or(done)),
+                HumanBytes((done as f64 / secs) as u64)
             );
-            self.bar.finish();
-        } else {
-            self.bar.finish_and_clear();
-            self.bars.remove(&self.bar);
+            if self.bars.println(&line).is_err() {
+                eprintln!("{line}");
+            }
         }
     }
 }

@@ -105,14 +105,15 @@ fn outputs_kiln_would_refuse_are_refused_before_any_step() {
     p.file("a-file", "x");
     p.file("full/other", "x");
     fs::create_dir_all(p.path("a-folder.tar")).unwrap();
+    fs::create_dir_all(p.path("a-folder.raw")).unwrap();
     for (out, want) in [
         ("vm:disk.img", "names neither a .raw nor a .qcow2 file"),
-        ("vm:a-folder.tar", "names neither a .raw nor a .qcow2 file"),
+        ("vm:a-folder.raw", "names neither a .raw nor a .qcow2 file"),
         ("docker:Upper-Case:1", "not a reference the engine takes"),
         ("docker:app:bad tag", "not a reference the engine takes"),
         ("docker:app:-x", "not a reference the engine takes"),
-        ("oci-archive:a-folder.tar", "is a folder, not a file"),
-        ("docker-archive:a-folder.tar", "is a folder, not a file"),
+        ("oci-archive:a-folder.tar", "exists and is not a regular file"),
+        ("docker-archive:a-folder.tar", "exists and is not a regular file"),
         ("oci:a-file", "exists and is not a folder"),
         ("oci:full", "not an OCI layout"),
         ("oci:/proc/x", "is not a folder kiln can write in"),

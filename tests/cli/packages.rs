@@ -1268,9 +1268,9 @@ fn lock_unchanged(p: &Project, name: &str) -> bool {
 }
 
 /// Issue 18: on a terminal (here `script`'s), a download shows its bytes
-/// (done / total, and a rate), and a failing step shows a FAILED line.
+/// (done / total, and a rate); `run::a_failing_step_shows_failed_on_a_terminal` shows FAILED.
 #[test]
-fn the_terminal_display_shows_download_bytes_and_a_failed_step() {
+fn the_terminal_display_shows_download_bytes_and_a_rate() {
     if !require("script") {
         return;
     }
@@ -1279,22 +1279,19 @@ fn the_terminal_display_shows_download_bytes_and_a_failed_step() {
     p.recipe(&recipe(&repo, r#""hello-app""#, ""));
     let r = p.kiln(&["lock", "kiln.toml"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let on_a_terminal = |p: &Project| {
-        let cmd = format!(
-            "{} build kiln.toml -o oci:out --cache-dir {} 2>&1",
-            kiln_bin(),
-            p.path("cache-tty").display()
-        );
-        let out = Command::new("script")
-            .args(["-qec", &cmd, "/dev/null"])
-            .current_dir(p.path(""))
-            .env("TERM", "xterm")
-            .output()
-            .unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let (code, shown) = on_a_terminal(&p);
-    assert_eq!(code, 0, "{shown}");
+    let cmd = format!(
+        "{} build kiln.toml -o oci:out --cache-dir {} 2>&1",
+        kiln_bin(),
+        p.path("cache-tty").display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(p.path(""))
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{shown}");
     assert!(byte_counter(&shown), "no byte counter (`N KiB/N KiB`) in the display:\n{shown:?}");
     assert!(shown.contains("/s"), "no rate in the display:\n{shown:?}");
 }

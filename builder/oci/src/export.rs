@@ -84,17 +84,24 @@ pub fn check_output(out: &ImageRef) -> Result<(), BuildError> {
             dir
         }
         ImageRef::OciArchive(file) | ImageRef::DockerArchive(file) => {
-            if file.is_dir() {
-                return Err(BuildError::usage(
-                    format!("`{out}` is a folder, not a file"),
-                    Some("an archive output names a file, e.g. `oci-archive:out/app.tar`"),
-                ));
-            }
+            check_archive_file(file)?;
             file
         }
         _ => return Ok(()),
     };
     check_writable_place(out, path)
+}
+
+/// The temp file is renamed over an archive output: never over a device,
+/// a fifo, a folder or a symlink, which would be replaced, not written.
+fn check_archive_file(file: &Path) -> Result<(), BuildError> {
+    match fs::symlink_metadata(file) {
+        Ok(m) if !m.file_type().is_file() => Err(BuildError::usage(
+            format!("`{}` exists and is not a regular file", file.display()),
+            Some("an archive output is written to a new or regular file; kiln leaves this one untouched"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The folder an output is written in (or the nearest one above it that
@@ -216,16 +223,7 @@ fn write_archive(
     repo_tag: Option<&str>,
 ) -> Result<(), BuildError> {
     let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    // The temp file is renamed over the output: never over a device, a
-    // fifo, a folder or a symlink, which would be replaced, not written.
-    if let Ok(m) = fs::symlink_metadata(file) {
-        if !m.file_type().is_file() {
-            return Err(BuildError::usage(
-                format!("`{}` exists and is not a regular file", file.display()),
-                Some("an archive output is written to a new or regular file; kiln leaves this one untouched"),
-            ));
-        }
-    }
+    check_archive_file(file)?;
     fs::create_dir_all(dir).map_err(BuildError::io_write(dir))?;
     let base = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     sweep_temp_files(dir, &base);
