@@ -8,10 +8,12 @@ use std::process::Command;
 
 use crate::support::*;
 
-#[test]
-fn kilns_own_image_builds_and_runs_kiln_unprivileged() {
+/// kiln's own image, built as `make image` builds it (with the binary under
+/// test) twice, checked to be the same, and loaded under `tag`; `None` when
+/// what it needs is missing outside CI.
+fn own_image(tag: &str) -> Option<Project> {
     if !require_root() || !require_docker() || !debian_mirror() || !require("objcopy") {
-        return;
+        return None;
     }
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let p = Project::new();
@@ -20,55 +22,109 @@ fn kilns_own_image_builds_and_runs_kiln_unprivileged() {
     for f in ["kiln.toml", "kiln.lock"] {
         fs::copy(repo.join("recipes/kiln").join(f), p.path(&format!("recipes/kiln/{f}"))).unwrap();
     }
-    // As `make image` does, with the binary under test.
     let strip = Command::new("objcopy")
         .args(["--strip-debug", kiln_bin()])
         .arg(p.path("target/image/kiln"))
         .status()
         .unwrap();
     assert!(strip.success());
-    let build = |out: &str| {
-        p.kiln(&["build", "recipes/kiln/kiln.toml", "--context", ".", "-o", out, "--progress", "plain"])
-    };
-    let r = build("docker-archive:kiln-image.tar");
+    let args = ["build", "recipes/kiln/kiln.toml", "--context", ".", "--progress", "plain", "-o"];
+    let r = p.kiln(&[&args[..], &["docker-archive:kiln-image.tar"]].concat());
     let digest = r.digest();
     // Reproducible: a second build in a fresh cache gives the same image.
-    let again = p.kiln_with(
-        &["build", "recipes/kiln/kiln.toml", "--context", ".", "-o", "oci:again", "--progress", "plain"],
-        |c| {
-            c.env("KILN_CACHE_DIR", p.path("cache-again"));
-        },
-    );
+    let again = p.kiln_with(&[&args[..], &["oci:again"]].concat(), |c| {
+        c.env("KILN_CACHE_DIR", p.path("cache-again"));
+    });
     assert_eq!(again.digest(), digest);
-
-    let tag = "kiln-test-own-image:1";
     let load =
         Command::new("docker").args(["load", "-q", "-i"]).arg(p.path("kiln-image.tar")).output().unwrap();
     assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
     let loaded = String::from_utf8_lossy(&load.stdout).trim().rsplit(' ').next().unwrap().to_string();
     assert!(Command::new("docker").args(["tag", &loaded, tag]).status().unwrap().success());
+    Some(p)
+}
 
+/// A project with a recipe kiln builds in an unprivileged container.
+fn no_run_steps() -> Project {
+    let work = Project::new();
+    work.file("hello.txt", "hello from a container\n");
+    work.recipe(
+        "[image]\nname = \"inside\"\n[[step]]\ncopy = \"hello.txt\"\nto = \"/hello.txt\"\n[[step]]\nwrite = \"/etc/motd\"\ncontent = \"built by kiln in kiln\\n\"\n[config]\ncmd = [\"/hello.txt\"]\n",
+    );
+    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(work.dir.path()).status();
+    work
+}
+
+#[test]
+fn kilns_own_image_builds_and_runs_kiln_unprivileged() {
+    let tag = "kiln-test-own-image:1";
+    let Some(_image) = own_image(tag) else { return };
     let version = Command::new("docker").args(["run", "--rm", tag, "--version"]).output().unwrap();
     assert!(version.status.success(), "{}", String::from_utf8_lossy(&version.stderr));
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("kiln "));
 
     // A recipe without `run` steps, built inside the container (default
     // profile, no privileges, no socket): the digest the host gives.
-    let work = Project::new();
-    work.file("hello.txt", "hello from a container\n");
-    work.recipe(
-        "[image]\nname = \"inside\"\n[[step]]\ncopy = \"hello.txt\"\nto = \"/hello.txt\"\n[[step]]\nwrite = \"/etc/motd\"\ncontent = \"built by kiln in kiln\\n\"\n[config]\ncmd = [\"/hello.txt\"]\n",
-    );
+    let work = no_run_steps();
     let host = work.build(&[]).digest();
-    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(work.dir.path()).status();
     let inside = Command::new("docker")
         .args(["run", "--rm", "--network", "none", "-v"])
         .arg(format!("{}:/workspace", work.dir.path().display()))
         .args([tag, "build", "kiln.toml", "-o", "oci:/workspace/out-inside", "--progress", "plain"])
         .output()
         .unwrap();
-    let _ = Command::new("docker").args(["rmi", "-f", tag, &loaded]).output();
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
     assert!(inside.status.success(), "{}", String::from_utf8_lossy(&inside.stderr));
     let printed = String::from_utf8_lossy(&inside.stdout);
     assert_eq!(printed.trim().lines().last().unwrap_or(""), host, "{printed}");
+}
+
+/// The pipeline templates in deploy/: the kiln command line each holds,
+/// run as the template runs it (in kiln's image, a shell, the variables
+/// set), against a loopback registry. The first pushes the image and the
+/// step cache; the others, each a fresh container, find every step there.
+#[test]
+fn the_pipeline_templates_build_and_push_from_kilns_image() {
+    let tag = "kiln-test-own-image:2";
+    let Some(_image) = own_image(tag) else { return };
+    let Some(reg) = crate::registry::TestRegistry::start(None) else { return };
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let work = no_run_steps();
+    let host = work.build(&[]).digest();
+    let templates = ["github-actions.yml", "gitlab-ci.yml", "kubernetes-job.yaml", "tekton-task.yaml"];
+    for (n, name) in templates.iter().enumerate() {
+        let text = fs::read_to_string(repo.join("deploy").join(name)).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .map(|l| l.trim().trim_start_matches("- ").trim())
+            .filter(|l| l.starts_with("kiln build"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{name}: one kiln build line expected: {lines:?}");
+        let line = lines[0];
+        for part in [
+            "--cache-from \"registry:$KILN_CACHE\"",
+            "--cache-to \"registry:$KILN_CACHE\"",
+            "-o \"registry:$KILN_TARGET\"",
+        ] {
+            assert!(line.contains(part), "{name}: {line}");
+        }
+        let out = Command::new("docker")
+            .args(["run", "--rm", "--network", "host", "-v"])
+            .arg(format!("{}:/workspace", work.dir.path().display()))
+            .args(["-e", &format!("KILN_CACHE={}/ci/cache", reg.host())])
+            .args(["-e", &format!("KILN_TARGET={}/ci/app:{n}", reg.host())])
+            .args(["-e", "KILN_RECIPE=kiln.toml", "--entrypoint", "/bin/sh", tag, "-c", line])
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{name}: {stderr}");
+        assert_eq!(stdout.trim().lines().last().unwrap_or(""), host, "{name}: {stdout}");
+        let meta = fs::read_to_string(work.path("kiln-build.json")).unwrap();
+        assert!(meta.contains(&host), "{name}: {meta}");
+        if n > 0 {
+            // A fresh container: every step comes from the registry cache.
+            assert_eq!(stderr.matches(" CACHED ").count(), 2, "{name}: {stderr}");
+        }
+    }
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
 }
