@@ -25,6 +25,11 @@ impl Digest {
         hex::encode(self.0)
     }
 
+    /// The first 12 hex digits, for progress lines.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..6])
+    }
+
     pub fn bytes(&self) -> &[u8; 32] {
         &self.0
     }

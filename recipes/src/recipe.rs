@@ -328,6 +328,12 @@ impl SecretUse {
     pub fn is_plain(&self) -> bool {
         self.uid.is_none() && self.gid.is_none() && self.mode.is_none()
     }
+
+    /// Whether its owner comes (in part) from the step's user, whose ids the
+    /// image's /etc/passwd and /etc/group give.
+    pub fn takes_step_owner(&self) -> bool {
+        self.uid.is_none() || self.gid.is_none()
+    }
 }
 
 #[derive(Debug, Clone)]

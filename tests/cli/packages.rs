@@ -1279,19 +1279,8 @@ fn the_terminal_display_shows_download_bytes_and_a_rate() {
     p.recipe(&recipe(&repo, r#""hello-app""#, ""));
     let r = p.kiln(&["lock", "kiln.toml"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let cmd = format!(
-        "{} build kiln.toml -o oci:out --cache-dir {} 2>&1",
-        kiln_bin(),
-        p.path("cache-tty").display()
-    );
-    let out = Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .current_dir(p.path(""))
-        .env("TERM", "xterm")
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{shown}");
+    let (code, shown) = p.build_on_a_terminal(&p.path("cache-tty"));
+    assert_eq!(code, Some(0), "{shown}");
     assert!(byte_counter(&shown), "no byte counter (`N KiB/N KiB`) in the display:\n{shown:?}");
     assert!(shown.contains("/s"), "no rate in the display:\n{shown:?}");
 }

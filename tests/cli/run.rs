@@ -1056,14 +1056,7 @@ fn a_failing_step_shows_failed_on_a_terminal() {
     else {
         return;
     };
-    let cmd = format!("{} build kiln.toml -o oci:out --cache-dir {} 2>&1", kiln_bin(), p.cache.display());
-    let out = Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .current_dir(p.path(""))
-        .env("TERM", "xterm")
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{shown}");
+    let (code, shown) = p.build_on_a_terminal(&p.cache);
+    assert_eq!(code, Some(1), "{shown}");
     assert!(shown.contains("[1/1] FAILED RUN exit 4"), "{shown:?}");
 }

@@ -141,6 +141,19 @@ impl Project {
         c.output().unwrap().into()
     }
 
+    /// `kiln build kiln.toml -o oci:out --cache-dir CACHE` on a terminal
+    /// (`script`'s): its exit code and what the terminal showed.
+    pub fn build_on_a_terminal(&self, cache: &Path) -> (Option<i32>, String) {
+        let cmd = format!("{} build kiln.toml -o oci:out --cache-dir {} 2>&1", kiln_bin(), cache.display());
+        let out = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .current_dir(self.path(""))
+            .env("TERM", "xterm")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// `kiln build kiln.toml -o oci:out --progress json ARGS`.
     pub fn build(&self, extra: &[&str]) -> Run {
         let mut args = vec!["build", "kiln.toml", "--progress", "json"];

@@ -163,8 +163,7 @@ pub fn pull(
         .unwrap_or_default();
     let fetch = |d: &Digest| -> Result<(), BuildError> {
         let size = sizes.get(&d.to_string()).copied();
-        let short: String = d.hex().chars().take(12).collect();
-        let meter = reporter.meter(&format!("pulling {short}"), size);
+        let meter = reporter.meter(&format!("pulling {}", d.short()), size);
         let n = reg.fetch_blob(store, &by_digest, d, size, meter.as_ref())?;
         meter.finish();
         if n > 0 {
@@ -210,8 +209,7 @@ pub fn push_blobs(
     let mut skipped = 0;
     for d in blobs {
         let size = std::fs::metadata(store.blob_path(d)).map(|m| m.len()).ok();
-        let short: String = d.hex().chars().take(12).collect();
-        let meter = reporter.meter(&format!("pushing {short}"), size);
+        let meter = reporter.meter(&format!("pushing {}", d.short()), size);
         let pushed = reg.push_blob(store, r, d, sources.get(d), meter.as_ref());
         meter.finish();
         match pushed? {

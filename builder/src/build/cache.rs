@@ -134,7 +134,7 @@ impl StepCache {
             } else if !self.store.verify_blob(&l.digest)? {
                 let from = self.sources.lock().expect("sources").get(&l.digest).cloned();
                 let from = from.ok_or(StoreError::Missing(l.digest))?;
-                let meter = self.reporter.meter(&format!("pulling layer {}", short(&l.digest)), Some(l.size));
+                let meter = self.reporter.meter(&format!("pulling layer {}", l.digest.short()), Some(l.size));
                 let n = self.registry().fetch_blob(
                     &self.store,
                     &from,
@@ -292,7 +292,7 @@ impl StepCache {
                 let had = self.store.verify_blob(digest)?;
                 if !had {
                     let meter =
-                        self.reporter.meter(&format!("pulling cache mount {}", short(digest)), Some(*size));
+                        self.reporter.meter(&format!("pulling cache mount {}", digest.short()), Some(*size));
                     let fetched =
                         self.registry().fetch_blob(&self.store, r, digest, Some(*size), meter.as_ref());
                     meter.finish();
@@ -364,9 +364,4 @@ fn remotes_of(recipe: &Recipe, opts: &BuildOptions) -> Vec<Remote> {
         _ => None,
     });
     bases.chain(outputs).chain(opts.cache_from.iter().cloned()).chain(opts.cache_to.iter().cloned()).collect()
-}
-
-/// A digest's first 12 hex digits, for a progress line.
-pub(crate) fn short(d: &Digest) -> String {
-    d.hex().chars().take(12).collect()
 }

@@ -378,9 +378,7 @@ impl TargetBuild<'_> {
 /// the recipe leaves to the step's user, or a cache mount.
 fn reads_accounts(step: &Step) -> bool {
     match &step.kind {
-        StepKind::Run(r) => {
-            !r.cache.is_empty() || r.secrets.iter().any(|s| s.uid.is_none() || s.gid.is_none())
-        }
+        StepKind::Run(r) => !r.cache.is_empty() || r.secrets.iter().any(|s| s.takes_step_owner()),
         _ => false,
     }
 }
