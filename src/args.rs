@@ -23,6 +23,7 @@ pub enum Backend {
     Auto,
     Local,
     Docker,
+    Container,
 }
 
 impl Backend {
@@ -31,6 +32,7 @@ impl Backend {
             Backend::Auto => kiln_builder::BackendChoice::Auto,
             Backend::Local => kiln_builder::BackendChoice::Local,
             Backend::Docker => kiln_builder::BackendChoice::Docker,
+            Backend::Container => kiln_builder::BackendChoice::Container,
         }
     }
 
@@ -39,6 +41,7 @@ impl Backend {
             Backend::Auto => "auto",
             Backend::Local => "local",
             Backend::Docker => "docker",
+            Backend::Container => "container",
         }
     }
 }
@@ -242,7 +245,9 @@ pub struct BuildArgs {
     #[command(flatten)]
     pub common: Common,
     /// Where `run` steps execute: `local` (namespaces + overlayfs; root, or rootless with subuids), `docker`
-    /// (the engine at DOCKER_HOST), or `auto` (local where it works, else docker).
+    /// (the engine at DOCKER_HOST), `container` (root inside an unprivileged container: a root folder
+    /// per step and chroot), or `auto` (local where it works; container as root in a container that
+    /// refuses namespaces; else docker).
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,
     /// A secret for `run` steps (repeatable): `id=ID,src=FILE` or `id=ID,env=VAR`

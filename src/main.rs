@@ -22,6 +22,11 @@ fn main() -> ExitCode {
             let spec = args.next().map(std::path::PathBuf::from).unwrap_or_default();
             kiln_builder::exec::sandbox::main(&spec);
         }
+        Some(a) if a == "__chroot" => {
+            let spec = args.next().map(std::path::PathBuf::from).unwrap_or_default();
+            kiln_builder::exec::container::main(&spec);
+        }
+        Some(a) if a == "__probe-namespaces" => kiln_builder::exec::container::probe_main(),
         Some(a) if a == "__userns-rm" => {
             let paths: Vec<std::path::PathBuf> = args.map(std::path::PathBuf::from).collect();
             kiln_builder::exec::sandbox::remove_main(&paths);

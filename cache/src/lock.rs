@@ -48,7 +48,7 @@ impl StoreLock {
 
     /// Blocks until an exclusive lock is held; calls `waiting` first when
     /// the lock is taken (a build is running).
-    pub(crate) fn exclusive(path: &Path, waiting: &dyn Fn()) -> io::Result<StoreLock> {
+    pub fn exclusive(path: &Path, waiting: &dyn Fn()) -> io::Result<StoreLock> {
         let file = Self::open(path)?;
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => return Ok(StoreLock { _file: file }),

@@ -100,6 +100,11 @@ pub(crate) fn mask_paths(root: &Path) -> Result<(), String> {
 /// A switch to a non-root user afterwards clears those too, as for a
 /// non-root `USER` under the engine.
 pub(crate) fn drop_capabilities() -> Result<(), String> {
+    drop_capabilities_to(DEFAULT_CAPS)
+}
+
+/// As [`drop_capabilities`], keeping the capabilities of `keep` only.
+pub(crate) fn drop_capabilities_to(keep_caps: u64) -> Result<(), String> {
     use rustix::thread::{CapabilitySet, CapabilitySets};
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -107,7 +112,7 @@ pub(crate) fn drop_capabilities() -> Result<(), String> {
         .unwrap_or(63)
         .min(63);
     for cap in 0..=last {
-        if DEFAULT_CAPS & (1 << cap) != 0 {
+        if keep_caps & (1 << cap) != 0 {
             continue;
         }
         match rustix::thread::remove_capability_from_bounding_set(CapabilitySet::from_bits_retain(1 << cap)) {
@@ -120,7 +125,7 @@ pub(crate) fn drop_capabilities() -> Result<(), String> {
         Err(e) => return Err(format!("cannot clear the ambient capabilities: {e}")),
     }
     let now = rustix::thread::capabilities(None).map_err(|e| format!("cannot read the capabilities: {e}"))?;
-    let keep = CapabilitySet::from_bits_retain(DEFAULT_CAPS);
+    let keep = CapabilitySet::from_bits_retain(keep_caps);
     let sets = CapabilitySets {
         effective: now.permitted & keep,
         permitted: now.permitted & keep,

@@ -10,11 +10,15 @@
 //!   `confine` and `seccomp`: what it takes away from a step (the
 //!   engine's default capabilities, seccomp profile, masked /proc).
 //! - [`docker`]: a container in the engine at DOCKER_HOST, through bollard.
+//! - [`container`]: for kiln inside an unprivileged container (no
+//!   namespaces, no mounts): a root folder per step, `chroot`, and the
+//!   changes read from inode and ctime stamps.
 //!
 //! The build sees a backend only through [`Executor`], chosen once by
 //! [`choose`]; tests give the build their own.
 
 mod confine;
+pub mod container;
 pub mod docker;
 pub mod local;
 mod rootless;
@@ -23,7 +27,7 @@ mod seccomp;
 
 // The formats this crate reads and writes, under the names its modules use.
 pub(crate) use kiln_oci::{
-    changes, error, export, fstree, image, import, layer, listing, passwd, unpack, BuildError,
+    changes, error, export, fstree, image, import, layer, listing, passwd, rootdir, unpack, BuildError,
 };
 
 use std::collections::VecDeque;
@@ -266,7 +270,19 @@ pub fn choose(
                 hint: "run kiln as root, give the user subordinate ids, or use `--backend docker` with a Docker engine".into(),
             }),
         },
+        BackendChoice::Container => match container::available() {
+            Ok(()) => Ok(std::sync::Arc::new(container::Container)),
+            Err(why) => Err(crate::BuildError::Environment {
+                message: format!("The container backend cannot run here: {why}"),
+                hint: "run kiln as root in the container (`docker run --user 0`, `securityContext.runAsUser: 0`)".into(),
+            }),
+        },
         BackendChoice::Auto => match local::available() {
+            // Root in a container that refuses namespaces (Docker's default
+            // profile, a Kubernetes pod): the container is the sandbox.
+            Ok(local::Mode::Root) if container::in_container() && !container::namespaces_work() => {
+                Ok(std::sync::Arc::new(container::Container))
+            }
             Ok(mode) => Ok(std::sync::Arc::new(local::Local { mode })),
             Err(why) => match docker() {
                 Ok(d) => Ok(d),
@@ -282,10 +298,12 @@ pub fn choose(
 /// Which backend runs `run` steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendChoice {
-    /// Local where it works, else Docker.
+    /// Local where it works; in a container that refuses namespaces, as
+    /// root, the container backend; else Docker.
     Auto,
     Local,
     Docker,
+    Container,
 }
 
 /// One command to run on top of a parent image.

@@ -249,7 +249,7 @@ fn run(
     if let Some(why) = setup {
         return Err(BuildError::Environment {
             message: format!("The local sandbox could not be set up: {}", why.trim_start_matches("kiln sandbox: ")),
-            hint: "the local backend needs root (or subordinate ids) and overlayfs; `--backend docker` runs steps in a Docker engine instead"
+            hint: "the local backend needs root (or subordinate ids) and overlayfs; inside an unprivileged container, `--backend container` (as root); `--backend docker` runs steps in a Docker engine instead"
                 .into(),
         });
     }
@@ -270,7 +270,7 @@ fn run(
 }
 
 /// Each secret in a sealed memory file (`memfd`), 0400, close-on-exec.
-fn secret_memfds(secrets: &[crate::SecretFile]) -> Result<Vec<std::os::fd::OwnedFd>, BuildError> {
+pub(crate) fn secret_memfds(secrets: &[crate::SecretFile]) -> Result<Vec<std::os::fd::OwnedFd>, BuildError> {
     use std::io::Write as _;
     let mut out = Vec::new();
     for crate::SecretFile { id, value, .. } in secrets {
@@ -409,7 +409,7 @@ pub(crate) fn stack_names(layers: &[ImageLayer]) -> Vec<PathBuf> {
     out
 }
 
-fn init_plan(req: &RunRequest<'_>) -> Result<InitPlan, BuildError> {
+pub(crate) fn init_plan(req: &RunRequest<'_>) -> Result<InitPlan, BuildError> {
     let mut plan = InitPlan::default();
     // What Docker's init layer always holds (moby daemon/initlayer): folders
     // 0755 root, empty files 0755.

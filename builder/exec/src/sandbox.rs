@@ -77,7 +77,7 @@ extern "C" fn on_alarm(_: libc::c_int) {}
 
 /// Interrupts the helper's wait (SIGALRM, no restart) once `ms` have
 /// passed, then every 100 ms; `arm_alarm(0)` turns it off.
-fn arm_alarm(ms: u64) {
+pub(crate) fn arm_alarm(ms: u64) {
     // SAFETY: a handler that does nothing, installed in a single-threaded
     // process; setitimer with a valid, zeroed-then-filled struct.
     unsafe {
@@ -640,7 +640,7 @@ fn copy_secret(s: &SandboxSecret, dest: &Path) -> std::io::Result<()> {
 }
 
 /// `argv[0]` found through the image's PATH, as the engine does.
-fn find_program(name: &str, env: &[String]) -> Option<String> {
+pub(crate) fn find_program(name: &str, env: &[String]) -> Option<String> {
     kiln_oci::pathvar::lookup(name, kiln_oci::pathvar::of_env(env), |p| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     })
@@ -648,7 +648,7 @@ fn find_program(name: &str, env: &[String]) -> Option<String> {
 
 /// `user[:group]`, numeric or by name, looked up in the image's own
 /// /etc/passwd and /etc/group (read after pivot_root), as runc does.
-fn resolve_user(spec: &str) -> Result<crate::passwd::User, String> {
+pub(crate) fn resolve_user(spec: &str) -> Result<crate::passwd::User, String> {
     let passwd = read_account_file("/etc/passwd")?;
     let group = read_account_file("/etc/group")?;
     crate::passwd::resolve_user_in(spec, &passwd, &group)

@@ -118,60 +118,74 @@ pub fn from_upper(upper: &Path, opaque_xattr: &str) -> Result<Vec<Change>, Build
         let path = entry.path();
         let md = std::fs::symlink_metadata(path).map_err(BuildError::io_read(path))?;
         let rel = path.strip_prefix(upper).expect("under upper");
-        let rel = rel.to_str().ok_or_else(|| {
-            BuildError::usage(
-                format!("the command made `/{}`, whose name is not UTF-8", rel.display()),
-                Some("kiln layers hold UTF-8 paths only; rename the file in the command"),
-            )
-        })?;
-        let ft = md.file_type();
-        let rdev = md.rdev();
-        let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-        let kind = if ft.is_char_device() && rdev == 0 {
-            ChangeKind::Whiteout
-        } else if ft.is_dir() {
-            let opaque = read_xattr(path, opaque_xattr).as_deref() == Some(b"y".as_slice());
-            ChangeKind::Dir { opaque }
-        } else if ft.is_symlink() {
-            let t = std::fs::read_link(path).map_err(BuildError::io_read(path))?;
-            let t = t.to_str().ok_or_else(|| {
-                BuildError::usage(format!("The symlink `/{rel}` points to a name that is not UTF-8"), None)
-            })?;
-            ChangeKind::Symlink(t.to_string())
-        } else if ft.is_file() {
-            let link = (md.nlink() > 1).then_some(md.ino());
-            ChangeKind::File {
-                size: md.len(),
-                content: Content::Slice { path: path.to_path_buf(), offset: 0, whole: true, sha256: None },
-                link,
-            }
-        } else if ft.is_char_device() {
-            ChangeKind::Char(major, minor)
-        } else if ft.is_block_device() {
-            ChangeKind::Block(major, minor)
-        } else if ft.is_fifo() {
-            ChangeKind::Fifo
-        } else {
-            continue; // a socket
-        };
-        let xattrs = if matches!(kind, ChangeKind::Whiteout) {
-            Vec::new()
-        } else {
-            crate::listing::KEPT_XATTRS
-                .iter()
-                .filter_map(|k| Some((k.to_string(), read_xattr(path, k)?)))
-                .collect()
-        };
-        out.push(Change {
-            path: rel.to_string(),
-            mode: md.mode() & 0o7777,
-            uid: md.uid(),
-            gid: md.gid(),
-            kind,
-            xattrs,
-        });
+        let opaque = |p: &Path| read_xattr(p, opaque_xattr).as_deref() == Some(b"y".as_slice());
+        if let Some(c) = change_of(path, rel, &md, &opaque)? {
+            out.push(c);
+        }
     }
     Ok(out)
+}
+
+/// The change the entry at `path` (`rel` in the image) records: a 0:0
+/// character device is a whiteout, a folder is opaque when `opaque` says
+/// so; `None` for a socket (it cannot be archived; Docker skips them too).
+pub fn change_of(
+    path: &Path,
+    rel: &Path,
+    md: &std::fs::Metadata,
+    opaque: &dyn Fn(&Path) -> bool,
+) -> Result<Option<Change>, BuildError> {
+    let rel = rel.to_str().ok_or_else(|| {
+        BuildError::usage(
+            format!("the command made `/{}`, whose name is not UTF-8", rel.display()),
+            Some("kiln layers hold UTF-8 paths only; rename the file in the command"),
+        )
+    })?;
+    let ft = md.file_type();
+    let rdev = md.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let kind = if ft.is_char_device() && rdev == 0 {
+        ChangeKind::Whiteout
+    } else if ft.is_dir() {
+        ChangeKind::Dir { opaque: opaque(path) }
+    } else if ft.is_symlink() {
+        let t = std::fs::read_link(path).map_err(BuildError::io_read(path))?;
+        let t = t.to_str().ok_or_else(|| {
+            BuildError::usage(format!("The symlink `/{rel}` points to a name that is not UTF-8"), None)
+        })?;
+        ChangeKind::Symlink(t.to_string())
+    } else if ft.is_file() {
+        let link = (md.nlink() > 1).then_some(md.ino());
+        ChangeKind::File {
+            size: md.len(),
+            content: Content::Slice { path: path.to_path_buf(), offset: 0, whole: true, sha256: None },
+            link,
+        }
+    } else if ft.is_char_device() {
+        ChangeKind::Char(major, minor)
+    } else if ft.is_block_device() {
+        ChangeKind::Block(major, minor)
+    } else if ft.is_fifo() {
+        ChangeKind::Fifo
+    } else {
+        return Ok(None); // a socket
+    };
+    let xattrs = if matches!(kind, ChangeKind::Whiteout) {
+        Vec::new()
+    } else {
+        crate::listing::KEPT_XATTRS
+            .iter()
+            .filter_map(|k| Some((k.to_string(), read_xattr(path, k)?)))
+            .collect()
+    };
+    Ok(Some(Change {
+        path: rel.to_string(),
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        kind,
+        xattrs,
+    }))
 }
 
 fn read_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {

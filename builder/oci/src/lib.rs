@@ -14,6 +14,8 @@
 //! - [`import`] / [`export`]: OCI layouts and archives in and out of the
 //!   store, hostile input refused; [`extract`]: files out of an image's layers.
 //! - [`unpack`] and [`rootdir`]: layers as folders, never through a symlink;
+//!   [`flatten`]: an image's layers as one folder (a VM disk's, the
+//!   container backend's root);
 //!   [`changes`]: a command's changes normalized into layer entries;
 //!   [`whiteout`]: the names that say what a layer removes.
 //! - [`reporter`]: the progress trait the engine reports through;
@@ -24,6 +26,7 @@ pub mod changes;
 pub mod error;
 pub mod export;
 pub mod extract;
+pub mod flatten;
 pub mod fstree;
 mod gzip;
 pub mod image;

@@ -28,9 +28,7 @@ mod initramfs;
 mod tools;
 
 // The formats this crate reads, under the names its modules use.
-pub(crate) use kiln_oci::{
-    error, extract, fstree, image, listing, passwd, reporter, rootdir, tarball, unpack,
-};
+pub(crate) use kiln_oci::{error, extract, fstree, image, listing, passwd, reporter};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
