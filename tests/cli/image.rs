@@ -1,7 +1,8 @@
 //! kiln's own image (`recipes/kiln/kiln.toml`, `make image`): built from the
 //! recipe and its kiln.lock, it runs kiln in a container with the default
-//! security profile (no privileges, no socket) for a recipe without `run`
-//! steps, giving the digest kiln gives on the host (issue 17).
+//! security profile (no privileges, no socket), where `auto` picks the
+//! container backend for `run` steps and maintainer scripts, giving the
+//! digests kiln gives on the host (issue 17).
 
 use std::fs;
 use std::process::Command;
@@ -124,6 +125,114 @@ fn the_pipeline_templates_build_and_push_from_kilns_image() {
         if n > 0 {
             // A fresh container: every step comes from the registry cache.
             assert_eq!(stderr.matches(" CACHED ").count(), 2, "{name}: {stderr}");
+        }
+    }
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+}
+
+/// Issue 17's first three: in a default-profile container (no privileges,
+/// no socket), kiln's image builds the busybox example (stages, `run`
+/// steps) and pushes it to a loopback registry; the nginx example
+/// (maintainer scripts) and the python one ([packages]); each the digest
+/// the local backend gives on the host. A secret given to the build is in
+/// no blob of the registry or the output.
+#[test]
+fn kilns_image_runs_run_steps_and_scripts_in_a_default_profile_container() {
+    let tag = "kiln-test-own-image:3";
+    let Some(_image) = own_image(tag) else { return };
+    let Some(reg) = crate::registry::TestRegistry::start(None) else { return };
+    let Some(bb) = busybox() else { return };
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let inside = |work: &Project, args: &[&str], env: &[&str]| {
+        let mut c = Command::new("docker");
+        c.args(["run", "--rm", "--network", "host", "-v", "/etc/apt:/etc/apt:ro", "-v"])
+            .arg(format!("{}:/workspace", work.dir.path().display()));
+        for e in env {
+            c.args(["-e", e]);
+        }
+        let out = c.arg(tag).args(args).output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        (stdout.trim().lines().last().unwrap_or("").to_string(), stderr.into_owned())
+    };
+    let example = |name: &str| {
+        let work = Project::new();
+        for e in fs::read_dir(repo.join("recipes/examples").join(name)).unwrap().flatten() {
+            if e.file_type().unwrap().is_file() {
+                fs::copy(e.path(), work.path(&e.file_name().to_string_lossy())).unwrap();
+            }
+        }
+        let _ = Command::new("cp")
+            .arg("-r")
+            .arg(repo.join("recipes/examples").join(name).join("etc"))
+            .arg(work.path(""))
+            .status();
+        work
+    };
+
+    let busy = example("busybox");
+    fs::copy(&bb, busy.path("busybox")).unwrap();
+    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(busy.dir.path()).status();
+    let host = busy.build(&["--backend", "local"]).digest();
+    let target = format!("{}/examples/busybox:1", reg.host());
+    let (printed, stderr) = inside(
+        &busy,
+        &["build", "kiln.toml", "-o", &format!("registry:{target}"), "--progress", "plain"],
+        &["KILN_LOG=info"],
+    );
+    assert_eq!(printed, host, "busybox: {stderr}");
+    assert!(stderr.contains("backend=container"), "auto picks the container backend: {stderr}");
+
+    for name in ["nginx", "python"] {
+        let work = example(name);
+        let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(work.dir.path()).status();
+        let host = work.build(&["--backend", "local"]).digest();
+        let (printed, stderr) = inside(&work, &["build", "kiln.toml", "-o", "oci:/workspace/inside"], &[]);
+        assert_eq!(printed, host, "{name}: {stderr}");
+    }
+
+    // A secret: used by a `run` step, pushed with the image, in no blob.
+    let secret = Project::new();
+    fs::copy(&bb, secret.path("busybox")).unwrap();
+    secret.recipe(&format!(
+        "{}\n[image]\nname = \"secret\"\nbase = \"stage:base\"\n[[step]]\nrun = \"test -s /run/secrets/tok && wc -c < /run/secrets/tok > /len\"\nsecrets = [\"tok\"]\n",
+        crate::run::BASE
+    ));
+    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(secret.dir.path()).status();
+    let value = "in-container-S3CRET-5150";
+    let target = format!("{}/examples/secret:1", reg.host());
+    let (printed, stderr) = inside(
+        &secret,
+        &[
+            "build",
+            "kiln.toml",
+            "--secret",
+            "id=tok,env=TOK",
+            "-o",
+            &format!("registry:{target}"),
+            "-o",
+            "oci:/workspace/out",
+        ],
+        &[&format!("TOK={value}")],
+    );
+    assert!(printed.starts_with("sha256:"), "{stderr}");
+    for dir in [reg.data_dir(), secret.path("out")] {
+        for e in walkdir::WalkDir::new(&dir).into_iter().flatten().filter(|e| e.file_type().is_file()) {
+            let bytes = fs::read(e.path()).unwrap();
+            let mut plain = Vec::new();
+            if bytes.starts_with(&[0x1f, 0x8b]) {
+                let _ = std::io::Read::read_to_end(
+                    &mut flate2::read::MultiGzDecoder::new(&bytes[..]),
+                    &mut plain,
+                );
+            }
+            for b in [&bytes, &plain] {
+                assert!(
+                    !b.windows(value.len()).any(|w| w == value.as_bytes()),
+                    "the secret is in {:?}",
+                    e.path()
+                );
+            }
         }
     }
     let _ = Command::new("docker").args(["rmi", "-f", tag]).output();

@@ -85,6 +85,11 @@ impl TestRegistry {
         fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
 
+    /// Where the registry stores blobs and manifests.
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     pub(crate) fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }

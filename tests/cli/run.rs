@@ -824,7 +824,7 @@ fn a_step_past_its_timeout_is_killed_with_every_process_it_started_and_not_cache
     let text = fs::read_to_string(p.path("kiln.toml")).unwrap();
     // A step is named by the line of its `[[step]]` header, the one above `run`.
     let line = text.lines().position(|l| l.starts_with("run = \"echo starting")).unwrap();
-    let mut backends = vec!["local"];
+    let mut backends = vec!["local", "container"];
     if require_docker() {
         backends.push("docker");
     }
@@ -951,6 +951,11 @@ secrets = ["tok"]
         let rootless = p.kiln_as(user, "rootless-cache", &args, |_| {});
         assert_eq!(rootless.digest(), r.digest(), "rootless: {}", rootless.stderr);
     }
+    // The container backend (a secret written into the step's root while it runs).
+    let args = ["--backend", "container", "--cache-dir", "cache-container", "-o", "oci:out-container"];
+    let container =
+        p.kiln(&[&["build", "kiln.toml", "--secret", "id=tok,src=tok.txt"][..], &args[..]].concat());
+    assert_eq!(container.digest(), r.digest(), "container: {}", container.stderr);
 
     if !require_docker() {
         return;

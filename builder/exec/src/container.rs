@@ -140,26 +140,52 @@ impl Excluded {
     }
 }
 
-/// A path's identity before the command: a changed inode, ctime or type is a change.
+/// A path's identity before the command: a changed inode, birth time,
+/// ctime or type is a change. The birth time tells a folder removed and
+/// made again apart from the one it replaced when the file system gives
+/// the new one the old inode number (it often does, at once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     ino: u64,
+    born: Option<(i64, u32)>,
     ctime: (i64, i64),
     kind: u32,
 }
 
 impl Stamp {
-    fn of(md: &fs::Metadata) -> Stamp {
-        Stamp { ino: md.ino(), ctime: (md.ctime(), md.ctime_nsec()), kind: md.mode() & libc::S_IFMT }
+    fn of(path: &Path, md: &fs::Metadata) -> Stamp {
+        let born = rustix::fs::statx(
+            rustix::fs::CWD,
+            path,
+            AtFlags::SYMLINK_NOFOLLOW,
+            rustix::fs::StatxFlags::BTIME,
+        )
+        .ok()
+        .filter(|x| x.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0)
+        .map(|x| (x.stx_btime.tv_sec, x.stx_btime.tv_nsec));
+        Stamp { ino: md.ino(), born, ctime: (md.ctime(), md.ctime_nsec()), kind: md.mode() & libc::S_IFMT }
     }
 
     fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
     }
+
+    /// The same inode as `other` (not one made since under its number).
+    fn same_inode(&self, other: &Stamp) -> bool {
+        self.ino == other.ino && self.born == other.born
+    }
+}
+
+/// A path found under the root.
+struct Found {
+    rel: String,
+    path: PathBuf,
+    md: fs::Metadata,
+    stamp: Stamp,
 }
 
 /// Every path under `root` but the excluded ones, with its metadata.
-fn walk(root: &Path, excluded: &Excluded) -> Result<Vec<(String, PathBuf, fs::Metadata)>, BuildError> {
+fn walk(root: &Path, excluded: &Excluded) -> Result<Vec<Found>, BuildError> {
     let mut out = Vec::new();
     let it = walkdir::WalkDir::new(root).follow_links(false).min_depth(1).into_iter().filter_entry(|e| {
         e.path().strip_prefix(root).ok().and_then(Path::to_str).is_none_or(|rel| !excluded.holds(rel))
@@ -178,7 +204,8 @@ fn walk(root: &Path, excluded: &Excluded) -> Result<Vec<(String, PathBuf, fs::Me
                 Some("kiln layers hold UTF-8 paths only; rename the file in the command"),
             )
         })?;
-        out.push((rel, path, md));
+        let stamp = Stamp::of(&path, &md);
+        out.push(Found { rel, path, md, stamp });
     }
     Ok(out)
 }
@@ -191,13 +218,13 @@ fn diff(
     excluded: &Excluded,
 ) -> Result<Vec<Change>, BuildError> {
     let now = walk(root, excluded)?;
-    let stamps: HashMap<&str, Stamp> = now.iter().map(|(rel, _, md)| (rel.as_str(), Stamp::of(md))).collect();
+    let stamps: HashMap<&str, Stamp> = now.iter().map(|f| (f.rel.as_str(), f.stamp)).collect();
     // A folder that is not the one the image had (removed and made again,
     // or made where a file was) hides what was below it: opaque.
     let remade = |rel: &str| {
         before
             .get(rel)
-            .is_some_and(|b| stamps.get(rel).is_some_and(|n| n.is_dir() && (n.ino != b.ino || !b.is_dir())))
+            .is_some_and(|b| stamps.get(rel).is_some_and(|n| n.is_dir() && (!n.same_inode(b) || !b.is_dir())))
     };
     let mut keep: std::collections::HashSet<String> = std::collections::HashSet::new();
     let add_with_parents = |rel: &str, keep: &mut std::collections::HashSet<String>| {
@@ -209,25 +236,22 @@ fn diff(
             }
         }
     };
-    for (rel, _, md) in &now {
-        if before.get(rel.as_str()) != Some(&Stamp::of(md)) {
-            add_with_parents(rel, &mut keep);
+    for f in &now {
+        if before.get(f.rel.as_str()) != Some(&f.stamp) {
+            add_with_parents(&f.rel, &mut keep);
         }
     }
     // A path gone, below a folder that is still the image's: a whiteout
     // (below one gone or remade, the folder's own entry hides it).
     let mut whiteouts = Vec::new();
-    for (rel, b) in before {
-        if stamps.get(rel.as_str()).is_some_and(|n| n.kind == b.kind && n.ino == b.ino) {
-            continue;
-        }
+    for rel in before.keys() {
         if stamps.contains_key(rel.as_str()) {
             continue; // replaced: the new entry is a change above
         }
         let parent_kept = match rel.rsplit_once('/') {
             Some((parent, _)) => before
                 .get(parent)
-                .is_some_and(|pb| stamps.get(parent).is_some_and(|pn| pn.ino == pb.ino && pn.is_dir())),
+                .is_some_and(|pb| stamps.get(parent).is_some_and(|pn| pn.same_inode(pb) && pn.is_dir())),
             None => true,
         };
         if parent_kept {
@@ -238,7 +262,7 @@ fn diff(
         }
     }
     let mut out = Vec::new();
-    for (rel, path, md) in &now {
+    for Found { rel, path, md, .. } in &now {
         if !keep.contains(rel.as_str()) {
             continue;
         }
@@ -434,7 +458,7 @@ impl super::Executor for Container {
         let moved = move_mounts_in(&root, &aside, req.cache_mounts)?;
         let excluded = Excluded::of(req);
         let before: HashMap<String, Stamp> =
-            walk(&root, &excluded)?.into_iter().map(|(rel, _, md)| (rel, Stamp::of(&md))).collect();
+            walk(&root, &excluded)?.into_iter().map(|f| (f.rel, f.stamp)).collect();
         wait_for_the_clock(w, before.values().map(|s| s.ctime).max().unwrap_or((0, 0)))
             .map_err(BuildError::io_write(w))?;
         tracing::debug!(elapsed = ?t.elapsed(), paths = before.len(), "root laid out");

@@ -113,7 +113,24 @@ impl RootDir {
     }
 
     /// Removes everything inside the folder `rel`, keeping the folder.
+    /// When `rel` is not a folder (a file the layer replaces with one, as
+    /// an opaque folder made where a file was), nothing is below it.
     pub fn empty(&mut self, rel: &str) -> io::Result<()> {
+        if !rel.is_empty() {
+            let (parent, name) = match self.parent(rel, None) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            match rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st)
+                    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory =>
+                {
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
         let dir = match self.dir(rel, None) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -261,8 +278,14 @@ mod tests {
             assert!(err.to_string().contains("is not a folder"), "{p}: {err}");
         }
         assert!(r.remove("d/precious").is_err());
-        assert!(r.empty("d").is_err());
+        // An opaque marker on a symlink (or a file): nothing below it to hide, and the target untouched.
+        r.empty("d").unwrap();
+        assert!(outside.join("precious").exists());
+        assert!(r.empty("d/x").is_err(), "never through the symlink");
         assert!(std::fs::symlink_metadata(root.join("d")).unwrap().file_type().is_symlink());
+        std::fs::write(root.join("file"), b"kept").unwrap();
+        r.empty("file").unwrap();
+        assert_eq!(std::fs::read(root.join("file")).unwrap(), b"kept");
         // Removing the symlink itself removes the link, not its target.
         r.remove("d").unwrap();
         assert!(outside.join("precious").exists());

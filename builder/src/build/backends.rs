@@ -43,7 +43,11 @@ impl Backends {
 
     /// The executor for `run` steps: as asked, or for `auto` local where it works, else Docker.
     pub(super) fn executor(&self) -> Result<Arc<dyn Executor>, BuildError> {
-        kept(&self.executor, || exec::choose(self.choice, &|| self.docker()))
+        kept(&self.executor, || {
+            let e = exec::choose(self.choice, &|| self.docker())?;
+            tracing::info!(backend = %e.name(), "run steps go to the {} backend", e.name());
+            Ok(e)
+        })
     }
 }
 
