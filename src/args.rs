@@ -223,11 +223,18 @@ pub enum CacheAction {
         #[arg(long)]
         json: bool,
     },
-    /// Evict least-recently-used entries until the cache fits SIZE (e.g. 500M, 2G).
+    /// Evict least-recently-used entries until the cache fits SIZE (e.g. 500M, 2G); with `--remote`,
+    /// compact a registry cache, dropping the steps no build used within `--older-than`.
     Prune {
         /// The size to fit in, e.g. 500M, 2G or a number of bytes (0 empties the cache).
-        #[arg(long, value_name = "SIZE")]
-        max_size: String,
+        #[arg(long, value_name = "SIZE", required_unless_present = "remote", conflicts_with = "remote")]
+        max_size: Option<String>,
+        /// A remote step cache (`registry:HOST/REPO[:TAG]`, as given to `--cache-to`) to prune.
+        #[arg(long, value_name = "REF", requires = "older_than")]
+        remote: Option<String>,
+        /// With `--remote`: keep the steps a build used within this age (e.g. 30d, 12h).
+        #[arg(long, value_name = "AGE", requires = "remote")]
+        older_than: Option<String>,
     },
     /// Remove blobs nothing refers to and leftovers of interrupted builds.
     Gc,

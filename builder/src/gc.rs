@@ -31,3 +31,29 @@ pub fn gc(
     exec::local::remove_rootless_garbage(store, waiting)?;
     Ok(exec::sweep_secret_folders())
 }
+
+/// `kiln cache prune --remote registry:REF --older-than AGE`: compacts the
+/// remote step cache at REF, keeping the steps a build used within
+/// `older_than` seconds (see [`crate::registry::prune_cache`]).
+pub fn prune_remote(
+    store: &kiln_cache::Store,
+    reference: &str,
+    older_than: u64,
+) -> Result<crate::registry::RemotePruneReport, crate::BuildError> {
+    let text = reference.strip_prefix("registry:").ok_or_else(|| {
+        crate::BuildError::usage(
+            format!("`{reference}` is not a remote cache"),
+            Some("write it as given to `--cache-to`: registry:HOST/REPO[:TAG]"),
+        )
+    })?;
+    let r = crate::registry::cache_ref(text)?;
+    let rt = crate::runtime::runtime()?;
+    let reg = crate::registry::client::Registry::new(
+        rt.handle().clone(),
+        std::slice::from_ref(&r),
+        &Default::default(),
+    );
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    crate::registry::prune_cache(store, &reg, &r, older_than, now)
+}

@@ -75,7 +75,27 @@ pub(super) fn run(action: CacheAction, cache_dir: Option<PathBuf>) -> Result<u8,
                 }
             }
         }
-        CacheAction::Prune { max_size } => {
+        CacheAction::Prune { remote: Some(remote), older_than, .. } => {
+            let age = older_than.unwrap_or_default();
+            let secs = parse_age(&age).ok_or_else(|| {
+                BuildError::usage(
+                    format!("`{age}` is not an age"),
+                    Some("write ages like `30d`, `12h`, `90m` or `3600s`"),
+                )
+            })?;
+            let r = kiln_builder::gc::prune_remote(&store, &remote, secs)?;
+            let _ = writeln!(
+                out,
+                "kept {} step(s), removed {} not used within {age}; compacted {} writer tag(s) into registry:{}@{}",
+                r.kept,
+                r.removed,
+                r.writer_tags_deleted,
+                remote.trim_start_matches("registry:"),
+                r.index
+            );
+        }
+        CacheAction::Prune { max_size, .. } => {
+            let max_size = max_size.unwrap_or_default();
             let max = parse_size(&max_size).ok_or_else(|| {
                 BuildError::usage(
                     format!("`{max_size}` is not a size"),
@@ -92,6 +112,21 @@ pub(super) fn run(action: CacheAction, cache_dir: Option<PathBuf>) -> Result<u8,
         }
     }
     Ok(0)
+}
+
+/// An age as `--older-than` takes it: a whole number and `s`, `m`, `h` or `d`.
+fn parse_age(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let unit = text.chars().last()?;
+    let n: u64 = text[..text.len() - unit.len_utf8()].parse().ok()?;
+    let per = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3_600,
+        'd' => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(per)
 }
 
 /// What prune and gc say while builds hold the store.
@@ -123,5 +158,18 @@ fn human(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ages_read_as_written() {
+        assert_eq!(super::parse_age("30d"), Some(30 * 86_400));
+        assert_eq!(super::parse_age("12h"), Some(43_200));
+        assert_eq!(super::parse_age("0s"), Some(0));
+        for bad in ["", "d", "30", "3x", "-1d", "1.5d", "99999999999999999999d"] {
+            assert_eq!(super::parse_age(bad), None, "{bad}");
+        }
     }
 }

@@ -540,6 +540,9 @@ fn a_fresh_runner_gets_every_step_from_the_registry_cache_and_only_the_final_lay
 
     // A cache index whose layers do not match what it claims is refused, and nothing of it kept.
     if require("curl") {
+        // The builds pushed writer tags; a prune compacts them into `kiln-cache`.
+        let pruned = isolated(&b, &["cache", "prune", "--remote", &cache, "--older-than", "1d"]);
+        assert_eq!(pruned.code, 0, "{}", pruned.stderr);
         let url = format!("http://{}/v2/kiln/cache/manifests", reg.host());
         let o = Command::new("curl")
             .args(["-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
@@ -981,4 +984,213 @@ fn the_metadata_file_tells_ci_the_digests_steps_outputs_and_bytes_moved() {
         assert_eq!(r.count("step_started"), 0, "{}", r.stderr);
         assert!(r.stderr.contains("--metadata-file"), "{}", r.stderr);
     }
+}
+
+/// The `RAN-…` lines the run steps of a build printed (JSON progress).
+fn ran_lines(r: &Run) -> Vec<String> {
+    r.events()
+        .iter()
+        .filter(|e| e["event"] == "output")
+        .filter_map(|e| e["line"].as_str().filter(|l| l.starts_with("RAN-")).map(str::to_string))
+        .collect()
+}
+
+/// Three recipes, two sharing a stage: the fleet's.
+fn fleet_recipes() -> Option<Vec<Project>> {
+    let busybox = busybox()?;
+    let shared = r#"
+[[stage]]
+name = "tools"
+
+[[stage.step]]
+copy = "busybox"
+to = "/bin/busybox"
+mode = "0755"
+
+[[stage.step]]
+run = ["/bin/busybox", "sh", "-c", "echo RAN-shared; /bin/busybox mkdir -p /out; echo made > /out/made"]
+"#;
+    let texts = [
+        format!("{shared}\n[image]\nname = \"one\"\n[[step]]\ncopy = \"/out/made\"\nfrom = \"tools\"\nto = \"/made\"\n[[step]]\ncopy = \"busybox\"\nto = \"/bin/busybox\"\nmode = \"0755\"\n[[step]]\nrun = [\"/bin/busybox\", \"sh\", \"-c\", \"echo RAN-one; echo one > /one\"]\n"),
+        format!("{shared}\n[image]\nname = \"two\"\n[[step]]\ncopy = \"/out/made\"\nfrom = \"tools\"\nto = \"/made-too\"\n[[step]]\ncopy = \"busybox\"\nto = \"/bin/busybox\"\nmode = \"0755\"\n[[step]]\nrun = [\"/bin/busybox\", \"sh\", \"-c\", \"echo RAN-two; echo two > /two\"]\n"),
+        "[image]\nname = \"three\"\n[[step]]\ncopy = \"busybox\"\nto = \"/bin/busybox\"\nmode = \"0755\"\n[[step]]\nrun = [\"/bin/busybox\", \"sh\", \"-c\", \"echo RAN-three; echo three > /three\"]\n".to_string(),
+    ];
+    Some(
+        texts
+            .iter()
+            .map(|t| {
+                let p = Project::new();
+                p.recipe(t);
+                fs::copy(&busybox, p.path("busybox")).unwrap();
+                p
+            })
+            .collect(),
+    )
+}
+
+/// Issue 17: four runners at once (fresh caches) build three recipes, two
+/// sharing a stage, each pushing `--cache-to` one registry cache; no entry
+/// is lost: a fifth runner builds all three with every step a HIT and the
+/// same digests. Then `kiln cache prune --remote` keeps the steps a recent
+/// build used and drops the others (their last use set 40 days back).
+#[test]
+fn a_fleet_shares_one_registry_cache_without_losing_entries_and_prune_keeps_what_was_used() {
+    if !require_root() || !require("curl") {
+        return;
+    }
+    let Some(reg) = TestRegistry::start(None) else { return };
+    let Some(recipes) = fleet_recipes() else { return };
+    let cache = format!("registry:{}/fleet/cache", reg.host());
+    // Runner i builds recipe i % 3; all four at once.
+    let runs: Vec<(usize, Run)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let (p, cache) = (&recipes[i % 3], &cache);
+                s.spawn(move || {
+                    let dir = format!("runner-{i}");
+                    let out = format!("oci:out-{i}");
+                    (
+                        i,
+                        p.kiln(&[
+                            "build",
+                            "kiln.toml",
+                            "--cache-dir",
+                            &dir,
+                            "-o",
+                            &out,
+                            "--progress",
+                            "json",
+                            "--cache-to",
+                            cache,
+                        ]),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut digests = [String::new(), String::new(), String::new()];
+    let mut ran = 0;
+    for (i, r) in &runs {
+        digests[i % 3] = r.digest();
+        ran += ran_lines(r).len();
+    }
+    // Every runner started with nothing: the races allow each to run its own steps.
+    eprintln!("fleet: {ran} run commands executed across 4 runners (at most 2 per runner)");
+    assert!(ran <= 8, "{ran}");
+    // The fifth runner: every step of every recipe from the registry.
+    for (n, p) in recipes.iter().enumerate() {
+        let r = p.kiln(&[
+            "build",
+            "kiln.toml",
+            "--cache-dir",
+            "runner-5",
+            "-o",
+            "oci:out-5",
+            "--progress",
+            "json",
+            "--cache-from",
+            &cache,
+        ]);
+        assert_eq!(r.digest(), digests[n], "recipe {n}: {}", r.stderr);
+        assert!(ran_lines(&r).is_empty(), "recipe {n}: a step ran again: {}", r.stderr);
+        assert!(r.cached().iter().all(|c| *c), "recipe {n}: every step a HIT: {}", r.stderr);
+    }
+
+    // Age every writer tag's uses 40 days (as a month-old fleet would have
+    // left them), then recipe one builds again (its stage shared with two).
+    let base = format!("http://{}/v2/fleet/cache", reg.host());
+    let list = Command::new("curl").args(["-sf", &format!("{base}/tags/list")]).output().unwrap();
+    let tags: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let writers: Vec<String> =
+        tags["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    assert!(writers.len() >= 3 && writers.iter().all(|t| t.starts_with("kiln-cache-w-")), "{writers:?}");
+    let old =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 40 * 86_400;
+    for t in &writers {
+        let get = Command::new("curl")
+            .args([
+                "-sf",
+                "-H",
+                "Accept: application/vnd.oci.image.manifest.v1+json",
+                &format!("{base}/manifests/{t}"),
+            ])
+            .output()
+            .unwrap();
+        let mut m: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+        for (k, v) in m["annotations"].as_object_mut().unwrap() {
+            if k.starts_with("dev.kiln.cache.step.") {
+                let layer = v.as_str().unwrap().split(' ').next().unwrap().to_string();
+                *v = serde_json::json!(format!("{layer} {old}"));
+            }
+        }
+        let put = Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/vnd.oci.image.manifest.v1+json",
+                "--data-binary",
+            ])
+            .arg(m.to_string())
+            .arg(format!("{base}/manifests/{t}"))
+            .output()
+            .unwrap();
+        assert!(put.status.success());
+    }
+    let again = recipes[0].kiln(&[
+        "build",
+        "kiln.toml",
+        "--cache-dir",
+        "runner-6",
+        "-o",
+        "oci:out-6",
+        "--cache-from",
+        &cache,
+        "--cache-to",
+        &cache,
+    ]);
+    assert_eq!(again.digest(), digests[0]);
+    assert!(
+        again.stderr.contains("step(s) of this build in registry:"),
+        "its uses are recorded: {}",
+        again.stderr
+    );
+
+    let pruned = recipes[0].kiln(&["cache", "prune", "--remote", &cache, "--older-than", "30d"]);
+    assert_eq!(pruned.code, 0, "{}", pruned.stderr);
+    // Recipe two's own three steps and three's `run` go; three's copy is the stage's first step.
+    assert!(pruned.stdout.contains("kept 5 step(s), removed 4"), "{}", pruned.stdout);
+    let list = Command::new("curl").args(["-sf", &format!("{base}/tags/list")]).output().unwrap();
+    let tags: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(tags["tags"], serde_json::json!(["kiln-cache"]), "the writer tags are compacted");
+    // Recipe one: every step still a HIT; recipe three: its steps are gone.
+    let one = recipes[0].kiln(&[
+        "build",
+        "kiln.toml",
+        "--cache-dir",
+        "runner-7",
+        "-o",
+        "oci:out-7",
+        "--progress",
+        "json",
+        "--cache-from",
+        &cache,
+    ]);
+    assert!(one.cached().iter().all(|c| *c), "{}", one.stderr);
+    let three = recipes[2].kiln(&[
+        "build",
+        "kiln.toml",
+        "--cache-dir",
+        "runner-7",
+        "-o",
+        "oci:out-7",
+        "--progress",
+        "json",
+        "--cache-from",
+        &cache,
+    ]);
+    assert_eq!(ran_lines(&three), ["RAN-three"], "pruned steps run again: {}", three.stderr);
+    assert_eq!(three.digest(), digests[2]);
 }

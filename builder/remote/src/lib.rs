@@ -7,8 +7,7 @@
 //!   and blobs streamed into and out of the store; `client::auth`:
 //!   credentials from KILN_REGISTRY_AUTH, a Docker config, helpers.
 //!
-//! The remote cache is one OCI artifact manifest per cache reference
-//! (default tag `kiln-cache`):
+//! The remote cache is a set of OCI artifact manifests in one repository:
 //!
 //! ```json
 //! { "schemaVersion": 2,
@@ -17,14 +16,25 @@
 //!   "config": { "mediaType": "application/vnd.oci.empty.v1+json", "digest": "sha256:44136f…", "size": 2 },
 //!   "layers": [ { "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:…",
 //!                 "size": 1234, "annotations": { "dev.kiln.cache.diff-id": "sha256:…" } } ],
-//!   "annotations": { "dev.kiln.cache.step.<KEY HEX>": "sha256:<layer digest>", … } }
+//!   "annotations": { "dev.kiln.cache.step.<KEY HEX>": "sha256:<layer digest> <last use>", … } }
 //! ```
 //!
 //! Each `dev.kiln.cache.step.*` annotation maps a step key to the layer it
-//! made; the layer's descriptor (listed once) gives its size, media type
-//! and diff_id. Listing the layers also makes the registry keep them.
-//! `--cache-to` merges with the index already there (this build's entries
-//! first), keeping at most [`MAX_ENTRIES`] steps.
+//! made and says when a build last used the step (unix seconds; an index
+//! of an older kiln has no time); the layer's descriptor (listed once)
+//! gives its size, media type and diff_id. Listing the layers also makes
+//! the registry keep them.
+//!
+//! Registries have no compare-and-swap on tags, so builds never rewrite a
+//! shared tag: each `--cache-to` pushes its own steps under a tag of its own,
+//! `TAG-w-SECONDS-RANDOM` (a writer tag, never written again), and readers
+//! merge the tag `TAG` (default `kiln-cache`) with every writer tag the
+//! repository lists (`GET /v2/NAME/tags/list`). No entry is lost however
+//! many builds push at once. `kiln cache prune --remote` compacts: it
+//! reads them all, drops the steps whose layer no build used within the
+//! age given, pushes the rest as `TAG`, and deletes the writer tags it read
+//! (tags pushed meanwhile are left for the next prune). Run one prune at a
+//! time for a cache.
 
 pub mod client;
 
@@ -48,6 +58,11 @@ pub(crate) const ARTIFACT_TYPE: &str = "application/vnd.kiln.cache.index.v1";
 const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 const STEP_PREFIX: &str = "dev.kiln.cache.step.";
 const DIFF_ID: &str = "dev.kiln.cache.diff-id";
+/// On the compacted index `kiln cache prune --remote` pushes (so its bytes
+/// never equal a writer's, whose manifests prune deletes by digest).
+const COMPACTED: &str = "dev.kiln.cache.compacted";
+/// Writer tags read at most per cache (the newest); a prune reads them all.
+const MAX_WRITERS_READ: usize = 2000;
 /// Steps kept in one index: about 1.5 MB of JSON, well under registries' manifest limits.
 pub(crate) const MAX_ENTRIES: usize = 4000;
 
@@ -225,6 +240,8 @@ pub fn push_blobs(
 #[derive(Debug, Clone, Default)]
 pub struct CacheIndex {
     pub steps: Vec<(Digest, ImageLayer)>,
+    /// When a build last used each step, by step key (unix seconds).
+    pub used: HashMap<Digest, u64>,
 }
 
 impl CacheIndex {
@@ -236,6 +253,7 @@ impl CacheIndex {
             return Err(format!("its artifactType is not {ARTIFACT_TYPE}"));
         }
         let mut layers: HashMap<Digest, ImageLayer> = HashMap::new();
+        let mut used: HashMap<Digest, u64> = HashMap::new();
         for l in v["layers"].as_array().into_iter().flatten() {
             let (Some(d), Some(diff), Some(size), Some(mt)) = (
                 l["digest"].as_str().and_then(|s| s.parse::<Digest>().ok()),
@@ -257,44 +275,63 @@ impl CacheIndex {
             .collect();
         let mut steps = Vec::new();
         for (k, val) in v["annotations"].as_object().into_iter().flatten() {
+            let mut words = val.as_str().unwrap_or("").split(' ');
             let (Some(key), Some(layer)) = (
                 k.strip_prefix(STEP_PREFIX).and_then(Digest::from_hex),
-                val.as_str().and_then(|s| s.parse::<Digest>().ok()).and_then(|d| layers.get(&d)),
+                words.next().and_then(|s| s.parse::<Digest>().ok()).and_then(|d| layers.get(&d)),
             ) else {
                 continue;
             };
+            if let Some(t) = words.next().and_then(|t| t.parse::<u64>().ok()) {
+                used.insert(key, t);
+            }
             steps.push((key, layer.clone()));
         }
         steps.sort_by_key(|(k, l)| (order.get(&l.digest).copied().unwrap_or(usize::MAX), *k));
-        Ok(CacheIndex { steps })
+        Ok(CacheIndex { steps, used })
     }
 
-    /// `newer` entries first, then this index's others, at most [`MAX_ENTRIES`].
-    pub fn merged(newer: &[(Digest, ImageLayer)], older: &CacheIndex) -> CacheIndex {
+    /// The indexes as one, the first holding a key winning; a layer's
+    /// use is the latest any of them records.
+    pub fn union(parts: impl IntoIterator<Item = CacheIndex>) -> CacheIndex {
         let mut seen = std::collections::HashSet::new();
-        let steps: Vec<(Digest, ImageLayer)> = newer
-            .iter()
-            .chain(older.steps.iter())
-            .filter(|(k, _)| seen.insert(*k))
-            .take(MAX_ENTRIES)
-            .cloned()
-            .collect();
-        CacheIndex { steps }
+        let mut out = CacheIndex::default();
+        for part in parts {
+            for (d, t) in part.used {
+                let e = out.used.entry(d).or_insert(t);
+                *e = (*e).max(t);
+            }
+            out.steps.extend(part.steps.into_iter().filter(|(k, _)| seen.insert(*k)));
+        }
+        out
     }
 
-    /// The manifest bytes (canonical JSON).
-    pub(crate) fn render(&self) -> Vec<u8> {
+    /// Whether `key` maps to `layer` here and a build used it at or after `since`.
+    pub fn has_used_since(&self, key: &Digest, layer: &Digest, since: u64) -> bool {
+        self.steps.iter().any(|(k, l)| k == key && l.digest == *layer)
+            && self.used.get(key).is_some_and(|t| *t >= since)
+    }
+
+    /// The manifest bytes (canonical JSON), with `extra` annotations.
+    pub(crate) fn render_with(&self, extra: &[(&str, String)]) -> Vec<u8> {
         let mut layers = Vec::new();
         let mut listed = std::collections::HashSet::new();
         let mut annotations = BTreeMap::new();
         for (key, l) in &self.steps {
-            annotations.insert(format!("{STEP_PREFIX}{}", key.hex()), l.digest.to_string());
+            let value = match self.used.get(key) {
+                Some(t) => format!("{} {t}", l.digest),
+                None => l.digest.to_string(),
+            };
+            annotations.insert(format!("{STEP_PREFIX}{}", key.hex()), value);
             if listed.insert(l.digest) {
                 layers.push(json!({
                     "mediaType": l.media_type, "digest": l.digest.to_string(), "size": l.size,
                     "annotations": { DIFF_ID: l.diff_id.to_string() },
                 }));
             }
+        }
+        for (k, v) in extra {
+            annotations.insert(k.to_string(), v.clone());
         }
         canonical_json(&json!({
             "schemaVersion": 2,
@@ -305,6 +342,116 @@ impl CacheIndex {
             "annotations": annotations,
         }))
     }
+
+    pub(crate) fn render(&self) -> Vec<u8> {
+        self.render_with(&[])
+    }
+}
+
+/// The prefix of a cache tag's writer tags.
+fn writer_prefix(tag: &str) -> String {
+    // Tags are at most 128 characters: a long one is named by its digest.
+    let base =
+        if tag.len() > 90 { Digest::of(tag.as_bytes()).hex()[..16].to_string() } else { tag.to_string() };
+    format!("{base}-w-")
+}
+
+/// A tag of this build's own under the cache `r`: `TAG-w-SECONDS-RANDOM`.
+pub fn writer_ref(r: &Remote, now: u64) -> Remote {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut random = [0u8; 16];
+    let _ =
+        std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random));
+    let unique = Digest::of(format!("{}-{nanos}-{host}-{random:?}", std::process::id()).as_bytes());
+    let tag =
+        format!("{}{now}-{}", writer_prefix(r.tag.as_deref().unwrap_or(CACHE_TAG)), &unique.hex()[..12]);
+    Remote { tag: Some(tag), digest: None, ..r.clone() }
+}
+
+/// A remote cache as a reader sees it: its tag and writer tags merged, and
+/// the writer tags read (name, manifest digest), newest first.
+#[derive(Debug, Default)]
+pub struct RemoteCache {
+    pub index: CacheIndex,
+    pub writers: Vec<(String, Digest)>,
+}
+
+/// Reads the cache at `r`: the tag itself and its writer tags (at most
+/// `max_writers`, the newest), merged newest first. A writer tag deleted
+/// between the listing and the read (a prune) is skipped.
+pub fn read_cache(reg: &Registry, r: &Remote, max_writers: usize) -> Result<RemoteCache, BuildError> {
+    let main = pull_index(reg, r)?;
+    let prefix = writer_prefix(r.tag.as_deref().unwrap_or(CACHE_TAG));
+    let mut tags: Vec<(u64, String)> = reg
+        .tags(r)?
+        .into_iter()
+        .filter_map(|t| {
+            let secs = t.strip_prefix(&prefix)?.split('-').next()?.parse::<u64>().ok()?;
+            Some((secs, t))
+        })
+        .collect();
+    tags.sort_by(|a, b| b.cmp(a));
+    tags.truncate(max_writers);
+    let mut parts = Vec::new();
+    let mut writers = Vec::new();
+    for (_, tag) in tags {
+        let at = Remote { tag: Some(tag.clone()), digest: None, ..r.clone() };
+        match reg.manifest(&at)? {
+            None => continue,
+            Some(m) => match CacheIndex::parse(&m.bytes) {
+                Ok(idx) => {
+                    parts.push(idx);
+                    writers.push((tag, m.digest));
+                }
+                Err(reason) => tracing::debug!(tag, reason, "not a kiln cache index; skipped"),
+            },
+        }
+    }
+    parts.push(main);
+    Ok(RemoteCache { index: CacheIndex::union(parts), writers })
+}
+
+/// What `kiln cache prune --remote` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RemotePruneReport {
+    pub kept: usize,
+    pub removed: usize,
+    pub writer_tags_deleted: usize,
+    pub index: Digest,
+}
+
+/// Compacts the cache at `r`: the steps whose layer a build used at or after
+/// `now - older_than` (seconds) are pushed as its tag, the others dropped,
+/// and the writer tags read are deleted. The layers themselves stay until
+/// the registry's garbage collection finds no manifest listing them.
+pub fn prune_cache(
+    store: &Store,
+    reg: &Registry,
+    r: &Remote,
+    older_than: u64,
+    now: u64,
+) -> Result<RemotePruneReport, BuildError> {
+    let cache = read_cache(reg, r, usize::MAX)?;
+    let cutoff = now.saturating_sub(older_than);
+    let total = cache.index.steps.len();
+    let mut kept = cache.index.clone();
+    kept.steps.retain(|(k, _)| cache.index.used.get(k).is_some_and(|t| *t >= cutoff));
+    kept.steps.truncate(MAX_ENTRIES);
+    kept.used.retain(|k, _| kept.steps.iter().any(|(s, _)| s == k));
+    let index = push_artifact(store, reg, r, &kept.render_with(&[(COMPACTED, now.to_string())]))?;
+    for (_, digest) in &cache.writers {
+        if *digest != index {
+            reg.delete_manifest(r, digest)?;
+        }
+    }
+    Ok(RemotePruneReport {
+        kept: kept.steps.len(),
+        removed: total - kept.steps.len(),
+        writer_tags_deleted: cache.writers.len(),
+        index,
+    })
 }
 
 /// The cache reference with its default tag when none was given.
@@ -448,9 +595,10 @@ pub fn read_caches(
 ) -> HashMap<Digest, (ImageLayer, Remote)> {
     let mut steps = HashMap::new();
     for r in from {
-        match pull_index(reg, r) {
-            Ok(idx) => {
-                tracing::debug!(cache = %r, steps = idx.steps.len(), "remote cache index");
+        match read_cache(reg, r, MAX_WRITERS_READ) {
+            Ok(cache) => {
+                let idx = cache.index;
+                tracing::debug!(cache = %r, steps = idx.steps.len(), writers = cache.writers.len(), "remote cache index");
                 for (k, l) in idx.steps {
                     steps.entry(k).or_insert_with(|| (l, r.clone()));
                 }
@@ -481,15 +629,25 @@ mod tests {
         let a = (Digest::of(b"a"), layer(1));
         let b = (Digest::of(b"b"), layer(2));
         let c = (Digest::of(b"c"), layer(1)); // another key, same layer
-        let old = CacheIndex { steps: vec![a.clone(), b.clone()] };
+        let old = CacheIndex { steps: vec![a.clone(), b.clone()], used: [(a.0, 100)].into() };
         let parsed = CacheIndex::parse(&old.render()).unwrap();
         assert_eq!(parsed.steps, old.steps);
-        let merged = CacheIndex::merged(&[c.clone(), (a.0, layer(3))], &parsed);
+        assert_eq!(parsed.used, old.used);
+        let newer =
+            CacheIndex { steps: vec![c.clone(), (a.0, layer(3))], used: [(c.0, 200), (a.0, 200)].into() };
+        let merged = CacheIndex::union([newer, parsed]);
         let back = CacheIndex::parse(&merged.render()).unwrap();
         assert_eq!(back.steps.len(), 3);
-        assert!(back.steps.contains(&(a.0, layer(3))), "this build's entry wins");
+        assert!(back.steps.contains(&(a.0, layer(3))), "the first index's entry wins");
         assert!(back.steps.contains(&c) && back.steps.contains(&b));
+        assert_eq!(back.used[&a.0], 200, "the latest use");
+        assert!(
+            back.has_used_since(&c.0, &layer(1).digest, 150)
+                && !back.has_used_since(&b.0, &layer(2).digest, 0)
+        );
+        assert!(!back.has_used_since(&a.0, &layer(1).digest, 0), "a maps to layer 3 now");
         assert_eq!(merged.render(), CacheIndex::parse(&merged.render()).unwrap().render(), "stable bytes");
+        assert_ne!(merged.render(), merged.render_with(&[(COMPACTED, "1".into())]));
     }
 
     #[test]
@@ -525,5 +683,23 @@ mod tests {
     fn cache_refs_get_the_default_tag() {
         assert_eq!(cache_ref("127.0.0.1:5000/c").unwrap().tag.as_deref(), Some(CACHE_TAG));
         assert_eq!(cache_ref("127.0.0.1:5000/c:mine").unwrap().tag.as_deref(), Some("mine"));
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use super::*;
+
+    #[test]
+    fn writer_tags_are_valid_unique_and_found_by_their_prefix() {
+        let r = cache_ref("127.0.0.1:5000/ci/cache").unwrap();
+        let a = writer_ref(&r, 1_764_720_000);
+        let b = writer_ref(&r, 1_764_720_000);
+        let (ta, tb) = (a.tag.clone().unwrap(), b.tag.clone().unwrap());
+        assert_ne!(ta, tb);
+        assert!(ta.starts_with("kiln-cache-w-1764720000-"), "{ta}");
+        assert!(ta.len() <= 128 && ta.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)));
+        let long = cache_ref(&format!("127.0.0.1:5000/ci/cache:{}", "t".repeat(120))).unwrap();
+        assert!(writer_ref(&long, 1).tag.unwrap().len() <= 128);
     }
 }

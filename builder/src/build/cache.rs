@@ -210,19 +210,37 @@ impl StepCache {
                 other => other?,
             };
         }
-        let old = match crate::registry::pull_index(self.registry(), to) {
-            Ok(i) => i,
+        // Never a shared tag rewritten (registries have no compare-and-swap):
+        // this build's steps, each used now, under a writer tag of its own.
+        // A build whose steps the cache holds, recorded as used today, pushes nothing.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let have = match crate::registry::read_cache(self.registry(), to, usize::MAX) {
+            Ok(c) => c.index,
             Err(e) => {
-                self.reporter.on_notice(&format!("the cache at registry:{to} is replaced: {e}"));
+                self.reporter.on_notice(&format!("the cache at registry:{to} cannot be read ({e}); this build's steps go in a tag of their own"));
                 Default::default()
             }
         };
-        let index = crate::registry::CacheIndex::merged(&entries, &old);
-        let digest = crate::registry::push_index(&self.store, self.registry(), to, &index)?;
+        let today = now - now % 86_400;
+        if entries.iter().all(|(k, l)| have.has_used_since(k, &l.digest, today)) {
+            self.reporter.on_notice(&format!(
+                "cache: the {} step(s) of this build are in registry:{to} already ({} in all)",
+                entries.len(),
+                have.steps.len()
+            ));
+            return Ok(());
+        }
+        let used = entries.iter().map(|(k, _)| (*k, now)).collect();
+        let index = crate::registry::CacheIndex { steps: entries, used };
+        let at = crate::registry::writer_ref(to, now);
+        let digest = crate::registry::push_index(&self.store, self.registry(), &at, &index)?;
+        let all = crate::registry::CacheIndex::union([index.clone(), have]).steps.len();
         self.reporter.on_notice(&format!(
-            "cache: {} step(s) of this build in registry:{to}@{digest} ({} in all; {skipped} layer(s) were there already)",
-            entries.len(),
-            index.steps.len()
+            "cache: {} step(s) of this build in registry:{at}@{digest} ({all} in all; {skipped} layer(s) were there already)",
+            index.steps.len(),
         ));
         Ok(())
     }

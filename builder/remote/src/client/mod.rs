@@ -228,6 +228,8 @@ pub struct Registry {
     creds: Mutex<HashMap<String, Found>>,
     /// (host, repo, push?) already authenticated.
     authed: Mutex<HashSet<(String, String, bool)>>,
+    /// Hosts spoken to over plain HTTP (loopback, `--insecure-registry`).
+    http: Vec<String>,
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
@@ -251,7 +253,7 @@ impl Registry {
         let mut http: Vec<String> = opts.insecure.clone();
         http.extend(remotes.iter().filter(|r| r.is_loopback()).map(|r| r.host.clone()));
         let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(http),
+            protocol: ClientProtocol::HttpsExcept(http.clone()),
             use_monolithic_push: opts.monolithic,
             connect_timeout: Some(Duration::from_secs(30)),
             read_timeout: Some(Duration::from_secs(300)),
@@ -263,6 +265,7 @@ impl Registry {
             rt,
             creds: Mutex::new(HashMap::new()),
             authed: Mutex::new(HashSet::new()),
+            http,
         }
     }
 
@@ -601,6 +604,97 @@ impl Registry {
                 tell();
                 pushed.map_err(|e| self.error(r, e))?;
                 Ok(Pushed::Uploaded(size))
+            })
+        })
+    }
+
+    /// Every tag of `r`'s repository (`GET /v2/NAME/tags/list`, page by page).
+    pub fn tags(&self, r: &Remote) -> Result<Vec<String>, RegistryError> {
+        self.retrying(&r.host, || {
+            self.rt.block_on(async {
+                self.authenticate(r, false).await?;
+                let auth = oci_client::secrets::RegistryAuth::Anonymous;
+                let mut out: Vec<String> = Vec::new();
+                loop {
+                    let last = out.last().cloned();
+                    let page =
+                        match self.client.list_tags(&r.reference(), &auth, Some(1000), last.as_deref()).await
+                        {
+                            Ok(p) => p,
+                            Err(e) => {
+                                return match self.error(r, e) {
+                                    RegistryError::NotFound { .. } => Ok(out),
+                                    e => Err(e),
+                                }
+                            }
+                        };
+                    let n = page.tags.len();
+                    let before = out.len();
+                    out.extend(page.tags.into_iter().filter(|t| !out.contains(t)).collect::<Vec<_>>());
+                    // A registry that ignores `last` answers the same page again: stop.
+                    if n < 1000 || out.len() == before || out.len() > 1_000_000 {
+                        return Ok(out);
+                    }
+                }
+            })
+        })
+    }
+
+    /// Deletes the manifest `digest` of `r`'s repository (and so every tag
+    /// on it), `DELETE /v2/NAME/manifests/DIGEST`: oci-client has no
+    /// delete, so the request is made here with the token the client got
+    /// for a push, or the basic credentials.
+    pub fn delete_manifest(&self, r: &Remote, digest: &Digest) -> Result<(), RegistryError> {
+        let scheme = if self.http.contains(&r.host) { "http" } else { "https" };
+        let url = format!("{scheme}://{}/v2/{}/manifests/{digest}", r.host, r.repo);
+        self.retrying(&r.host, || {
+            self.rt.block_on(async {
+                let found = self.credential(&r.host)?;
+                let auth = match &found.credential {
+                    Credential::Anonymous => oci_client::secrets::RegistryAuth::Anonymous,
+                    Credential::Basic { user, password } => {
+                        oci_client::secrets::RegistryAuth::Basic(user.clone(), password.clone())
+                    }
+                    Credential::Bearer(t) => oci_client::secrets::RegistryAuth::Bearer(t.clone()),
+                };
+                let token = self
+                    .client
+                    .auth(&r.reference(), &auth, RegistryOperation::Push)
+                    .await
+                    .map_err(|e| self.error(r, e))?;
+                let client = reqwest::Client::builder()
+                    .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+                    .connect_timeout(Duration::from_secs(30))
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .map_err(|e| RegistryError::Protocol { host: r.host.clone(), detail: e.to_string() })?;
+                let mut req = client.delete(&url);
+                req = match (&token, &auth) {
+                    (Some(t), _) => req.bearer_auth(t),
+                    (None, oci_client::secrets::RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
+                    (None, oci_client::secrets::RegistryAuth::Bearer(t)) => req.bearer_auth(t),
+                    _ => req,
+                };
+                let res = req.send().await.map_err(|e| RegistryError::Unreachable {
+                    host: r.host.clone(),
+                    detail: kiln_oci::error::shown(&source_chain(&e)),
+                })?;
+                match res.status().as_u16() {
+                    200..=299 | 404 => Ok(()),
+                    401 | 403 => Err(RegistryError::Refused {
+                        host: r.host.clone(),
+                        who: format!("a delete in {} with the push credentials", r.repo),
+                        detail: String::new(),
+                    }),
+                    405 => Err(RegistryError::Protocol {
+                        host: r.host.clone(),
+                        detail: "it does not allow deletes (for a distribution registry: `storage: delete: enabled: true`)".into(),
+                    }),
+                    code => Err(RegistryError::Protocol {
+                        host: r.host.clone(),
+                        detail: format!("a delete of {digest} answered HTTP {code}"),
+                    }),
+                }
             })
         })
     }
