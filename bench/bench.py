@@ -35,6 +35,15 @@ headers); kiln imports it and adds one `write` step, cold, then with the
 write changed; `kiln diff` of the two. Peak RSS of this checkout against the
 code before issue 13 (BASELINE), in the same run, and the stored listing's size.
 
+W8 (issue 17): a fleet of four runners (kiln processes with fresh caches,
+started at once) building three recipes (two share a stage; each `run`
+step writes 8 MB of random data) against one loopback registry cache, each
+pushing `--cache-to`: wall time for all four, bytes pushed (kiln's blob
+events) and served (the registry's log), run commands executed; then a
+fifth runner builds all three from the cache. Against each recipe built
+alone on one runner (no registry). Also W2 on the container backend
+(`--backend container`, on this host as root) against the local backend.
+
 W9: the nginx example (`recipes/examples/nginx`: nginx-light with its
 maintainer scripts run, bookworm with its security updates), cold (the
 .debs downloaded, and cached), no-op, and after a `[config]` change; against
@@ -710,6 +719,144 @@ def host_debian_sources():
 COLD_W9 = 5
 
 
+W8_SHARED = """
+[[stage]]
+name = "tools"
+
+[[stage.step]]
+copy = "busybox"
+to = "/bin/busybox"
+mode = "0755"
+
+[[stage.step]]
+run = ["/bin/busybox", "sh", "-c", "echo RAN-shared; /bin/busybox mkdir -p /out; /bin/busybox head -c 8000000 /dev/urandom > /out/tool"]
+"""
+
+
+def w8_recipes():
+    """Three recipe folders: one and two share the stage `tools`; three is alone."""
+    gen = lambda n: f'["/bin/busybox", "sh", "-c", "echo RAN-{n}; /bin/busybox head -c 8000000 /dev/urandom > /{n}"]'
+    texts = {
+        "one": W8_SHARED + '\n[image]\nname = "one"\n[[step]]\ncopy = "/out/tool"\nfrom = "tools"\nto = "/tool"\n'
+               '[[step]]\ncopy = "busybox"\nto = "/bin/busybox"\nmode = "0755"\n[[step]]\nrun = ' + gen("one") + "\n",
+        "two": W8_SHARED + '\n[image]\nname = "two"\n[[step]]\ncopy = "/out/tool"\nfrom = "tools"\nto = "/tool-too"\n'
+               '[[step]]\ncopy = "busybox"\nto = "/bin/busybox"\nmode = "0755"\n[[step]]\nrun = ' + gen("two") + "\n",
+        "three": '[image]\nname = "three"\n[[step]]\ncopy = "busybox"\nto = "/bin/busybox"\nmode = "0755"\n'
+                 '[[step]]\nrun = ' + gen("three") + "\n",
+    }
+    dirs = []
+    for name, text in texts.items():
+        d = os.path.join(WORK, "w8", name)
+        os.makedirs(d)
+        shutil.copy("/bin/busybox", os.path.join(d, "busybox"))
+        with open(os.path.join(d, "kiln.toml"), "w") as f:
+            f.write(text)
+        dirs.append(d)
+    return dirs
+
+
+def w8_build(recipe, cache, extra):
+    return subprocess.Popen([KILN, "build", os.path.join(recipe, "kiln.toml"), "--cache-dir", cache, "-o",
+                             f"oci:{cache}-out", "--progress", "json"] + extra,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def w8_events(p):
+    out, err = p.communicate()
+    if p.returncode != 0:
+        sys.exit(f"W8 build failed:\n{err}")
+    events = [json.loads(l) for l in err.splitlines() if l.startswith("{")]
+    return out.strip().splitlines()[-1], events
+
+
+def w8(w1ctx):
+    """The fleet of four against one registry cache; the container backend's W2."""
+    res = {}
+    ctx = os.path.join(WORK, "w8-w2")
+    os.makedirs(ctx)
+    make_w2(ctx, w1ctx, os.path.join(WORK, "cache-w8-base"), name="w8-w2-base")
+    res["w2"] = {b: measure_kiln(ctx, f"w8-w2-{b}", b, 3, 5, 3, 400 + 10 * i)
+                 for i, b in enumerate(["local", "container"])}
+    if not shutil.which("docker-registry"):
+        return res
+    recipes = w8_recipes()
+    alone = []
+    for i, r in enumerate(recipes):
+        quiesce()
+        t = time.perf_counter()
+        w8_events(w8_build(r, os.path.join(WORK, f"w8-alone-{i}"), []))
+        alone.append(time.perf_counter() - t)
+    regdir = os.path.join(WORK, "w8-registry")
+    os.makedirs(regdir)
+    log_path = os.path.join(regdir, "log")
+    log = open(log_path, "w")
+    reg, port = start_registry(regdir, log)
+    served = lambda since: sum(int(m) for m in re.findall(r'http\.response\.written=(\d+)', open(log_path).read()[since:]))
+    try:
+        ref = f"registry:127.0.0.1:{port}/bench/fleet"
+        quiesce()
+        t = time.perf_counter()
+        procs = [w8_build(recipes[i % 3], os.path.join(WORK, f"w8-runner-{i}"), ["--cache-to", ref]) for i in range(4)]
+        results = [w8_events(p) for p in procs]
+        fleet_wall = time.perf_counter() - t
+        pushed = sum(e["bytes"] for _, ev in results for e in ev if e["event"] == "blob" and e["action"] == "pushed")
+        ran = sum(1 for _, ev in results for e in ev if e["event"] == "output" and e["line"].startswith("RAN-"))
+        fleet_served = served(0)
+        mark = os.path.getsize(log_path)
+        fifth = []
+        for i, r in enumerate(recipes):
+            t = time.perf_counter()
+            digest, ev = w8_events(w8_build(r, os.path.join(WORK, "w8-runner-5"), ["--cache-from", ref]))
+            fifth.append({
+                "wall": time.perf_counter() - t,
+                "same": digest == results[i][0],
+                "all_hit": all(e["cached"] for e in ev if e["event"] == "step_finished"),
+                "pulled": sum(e["bytes"] for e in ev if e["event"] == "blob" and e["action"] == "pulled"),
+            })
+        res["fleet"] = {"alone": alone, "wall": fleet_wall, "pushed": pushed, "served": fleet_served, "ran": ran,
+                        "fifth": fifth, "fifth_served": served(mark)}
+    finally:
+        reg.terminate()
+        reg.wait()
+        log.close()
+    return res
+
+
+def w8_lines(r):
+    fmt = lambda v: f"{v * 1000:.0f} ms"
+    lines = ["## W8: a fleet of four runners sharing one registry cache; the container backend", ""]
+    w2 = r["w2"]
+    lines += ["W2 (busybox base, W1's 198 MB copied in, a `run` step writing 50 MB and deleting 100 files) on the "
+              "container backend (`--backend container`, kiln as root on this host) against the local backend:", "",
+              "| measure | local | container | container/local |", "|---|---|---|---|"]
+    for key, label in [("cold", "cold build (median of 3)"), ("noop", "no-op rebuild (median of 5)"),
+                       ("changed", "one file changed (median of 3)")]:
+        lines.append(f"| {label} | {fmt(w2['local'][key])} | {fmt(w2['container'][key])} | "
+                     f"{w2['container'][key] / w2['local'][key]:.2f} |")
+    lines += ["", "The container backend lays the parent out in a folder of its own for every `run` step (W2's "
+              "parent holds W1's 198 MB: it is copied, not stacked as the overlay stacks it) and walks it twice "
+              "(stamps before, changes after); the local backend mounts the unpacked layers as they are.", ""]
+    f = r.get("fleet")
+    if not f:
+        return lines + ["No `docker-registry` here: the fleet was not run.", ""]
+    lines += ["Fleet: three recipes (one and two share a stage; each `run` step writes 8 MB of random data), four "
+              "runners at once (recipes one, two, three, one), each a fresh cache, each `--cache-to` one loopback "
+              "`docker-registry`; then a fifth runner (fresh cache) builds the three with `--cache-from`.", "",
+              "| measure | value |", "|---|---|",
+              f"| each recipe alone on one runner, no registry (one, two, three) | {', '.join(fmt(a) for a in f['alone'])} (sum {fmt(sum(f['alone']))}) |",
+              f"| the four runners at once, wall time for all | {fmt(f['wall'])} |",
+              f"| bytes pushed by the four (kiln's blob events) | {f['pushed'] / 1e6:.1f} MB |",
+              f"| bytes the registry served during the four (its log) | {f['served'] / 1e6:.1f} MB |",
+              f"| `run` commands executed by the four (7 if every runner ran its own) | {f['ran']} |",
+              f"| fifth runner: wall time per recipe | {', '.join(fmt(x['wall']) for x in f['fifth'])} |",
+              f"| fifth runner: every step a HIT, same digests | {'yes' if all(x['all_hit'] and x['same'] for x in f['fifth']) else 'NO'} |",
+              f"| fifth runner: bytes pulled (kiln) / served (registry log) | {sum(x['pulled'] for x in f['fifth']) / 1e6:.1f} MB / {f['fifth_served'] / 1e6:.1f} MB |",
+              "", "The four start together with empty caches, so every runner runs its own steps (the races allow "
+              "it: nobody has pushed yet); what the shared cache guarantees is that no runner's entries are lost "
+              "(each pushes under a tag of its own) and that a later runner runs nothing.", ""]
+    return lines
+
+
 def w9(have_docker):
     """The nginx example: kiln cold (debs downloaded / cached), no-op, [config] change; BuildKit alike."""
     src = os.path.join(ROOT, "recipes", "examples", "nginx")
@@ -1069,6 +1216,10 @@ def main():
     if only == "w10":
         print("\n".join(w10_lines(w10res)))
         return
+    w8res = w8(ctx) if only in (None, "w8") else None
+    if only == "w8":
+        print("\n".join(w8_lines(w8res)))
+        return
     w9res = w9(have_docker) if only in (None, "w9") else None
     if only == "w9":
         print("\n".join(w9_lines(w9res)))
@@ -1144,6 +1295,7 @@ def main():
     lines += w4_lines(w4res)
     lines += w5_lines(w5res)
     lines += w6_lines(w6res)
+    lines += w8_lines(w8res)
     lines += w9_lines(w9res)
     lines += w10_lines(w10res)
     lines += w14_lines(w14res)

@@ -25,7 +25,7 @@ mkdir -p /a/b/c /d /e /keep/sub /gone/deep
 echo one > /a/b/c/f1; echo two > /a/f2; echo x > /d/x; echo y > /e/y; echo file > /was-file
 echo k > /keep/sub/k; echo g > /gone/deep/g
 ln /a/f2 /a/f2link; ln -s /a/f2 /a/sym
-mkfifo /a/fifo; chmod 4755 /a/f2; chown 1:2 /d/x
+mkfifo /a/fifo; ln /a/fifo /a/fifolink; chmod 4755 /a/f2; chown 1:2 /d/x
 mkdir -m 1777 /w
 """
 
@@ -259,4 +259,93 @@ fn auto_keeps_the_local_backend_on_a_host_and_the_container_backend_needs_root()
         assert_eq!(r.code, 3, "{}", r.stderr);
         assert!(r.stderr.contains("container backend cannot run here"), "{}", r.stderr);
     }
+}
+
+/// A root step cannot signal the helper that watches it (it is another
+/// user, and the step has no CAP_KILL), so what the step starts in the
+/// background dies with it, before a cache mount leaves the root: a
+/// process whose working folder is in the cache never ends up outside.
+#[test]
+fn a_step_cannot_stop_its_helper_or_outlive_it_through_a_cache_mount() {
+    let marker = format!("kiln-test-escaped-{}", std::process::id());
+    let Some(p) = project(&format!(
+        r#"
+[image]
+name = "escape"
+base = "stage:base"
+
+[[step]]
+cache = [{{ target = "/c" }}]
+run = """
+cd /c
+setsid sh -c 'while true; do cd -P ../../../../../../../../..; echo out > {marker} 2>/dev/null; sleep 0.05; done' < /dev/null > /dev/null 2>&1 &
+if kill -STOP $PPID 2>/dev/null; then echo stopped; else echo refused; fi > /probe-stop
+if kill -9 $PPID 2>/dev/null; then echo killed; else echo refused; fi > /probe-kill
+"""
+timeout = "20s"
+"#
+    )) else {
+        return;
+    };
+    let r = p.build(&["--backend", "container"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let escaped = std::path::Path::new("/").join(&marker);
+    let outside = escaped.exists();
+    let _ = fs::remove_file(&escaped);
+    assert!(!outside, "a process of the step got out of its root");
+    r.digest();
+    let root = unpack(&p, "out");
+    assert_eq!(fs::read_to_string(root.join("probe-stop")).unwrap(), "refused\n");
+    assert_eq!(fs::read_to_string(root.join("probe-kill")).unwrap(), "refused\n");
+}
+
+/// A command that prints what the helper prints when it fails, and exits
+/// as it does (125), is a failed step (exit 1), not a broken backend.
+#[test]
+fn a_command_posing_as_the_container_helper_is_a_failed_step() {
+    let Some(p) = project(
+        "[image]\nname = \"x\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"echo 'kiln sandbox: cannot change root'; exit 125\"\n",
+    ) else {
+        return;
+    };
+    let r = p.kiln(&["build", "kiln.toml", "--backend", "container"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("code 125") && !r.stderr.contains("could not run the step"), "{}", r.stderr);
+}
+
+/// The step root a killed kiln left (its secrets with it) is removed by the next step.
+#[test]
+fn a_step_root_left_by_a_killed_kiln_is_swept() {
+    let Some(p) = project("[image]\nname = \"x\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"true\"\n")
+    else {
+        return;
+    };
+    // A pid that is not running (above the kernel's pid_max).
+    let left = p.cache.join("v1/tmp/chroot-2147483600-abc/root/run/secrets");
+    fs::create_dir_all(&left).unwrap();
+    fs::write(left.join("tok"), "left-behind").unwrap();
+    p.build(&["--backend", "container"]).digest();
+    assert!(!p.cache.join("v1/tmp/chroot-2147483600-abc").exists());
+}
+
+/// Only stdin, stdout and stderr reach a command: a descriptor kiln
+/// inherited (here a folder of the host) does not.
+#[test]
+fn descriptors_kiln_inherits_do_not_reach_the_command() {
+    use std::os::fd::AsRawFd;
+    let Some(p) = project(
+        "[image]\nname = \"x\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"ls /proc/self/fd > /fds\"\n",
+    ) else {
+        return;
+    };
+    let dir = fs::File::open(p.path("")).unwrap();
+    let fd = dir.as_raw_fd();
+    // SAFETY: clears close-on-exec on a descriptor this test owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    let r = p.build(&["--backend", "local"]);
+    drop(dir);
+    r.digest();
+    let root = unpack(&p, "out");
+    let fds = fs::read_to_string(root.join("fds")).unwrap();
+    assert_eq!(fds.split_whitespace().collect::<Vec<_>>(), ["0", "1", "2", "3"], "3 is ls's own: {fds}");
 }

@@ -134,6 +134,14 @@ pub(crate) fn drop_capabilities_to(keep_caps: u64) -> Result<(), String> {
     rustix::thread::set_capabilities(None, sets).map_err(|e| format!("cannot set the capabilities: {e}"))
 }
 
+/// Closes every descriptor above stderr, right before exec (those kiln
+/// opened are close-on-exec already; this is for what kiln inherited).
+pub(crate) fn close_inherited_fds() {
+    // SAFETY: close_range on a range of descriptor numbers (Linux 5.9+;
+    // on older kernels it fails and the close-on-exec flags still hold).
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+}
+
 /// Every signal back to its default action and none blocked: kiln (Rust)
 /// ignores SIGPIPE, and an ignored signal stays ignored across exec, so
 /// `yes | head` would never end.

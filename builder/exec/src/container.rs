@@ -120,6 +120,9 @@ struct ChrootSpec {
     secrets: Vec<SandboxSecret>,
     timeout_ms: Option<u64>,
     timed_out: PathBuf,
+    /// Where the helper says why it could not run the step (a file the
+    /// command cannot reach, so its own output cannot pose as kiln's).
+    failed: PathBuf,
 }
 
 /// Paths the engine owns in a container, never a change: /dev, /proc and
@@ -432,10 +435,20 @@ impl super::Executor for Container {
         req: &RunRequest<'_>,
         on_line: &mut dyn FnMut(&str),
     ) -> Result<RunResult, BuildError> {
+        // A step with secrets runs alone: steps of other stages share its
+        // user and the container's PID namespace, and could read its memory.
+        let _turn = if req.secrets.is_empty() {
+            Turn::Shared(STEPS.read().unwrap_or_else(|e| e.into_inner()))
+        } else {
+            Turn::Alone(STEPS.write().unwrap_or_else(|e| e.into_inner()))
+        };
         let t = std::time::Instant::now();
         let tmp = store.tmp_dir();
-        let work =
-            tempfile::Builder::new().prefix("run-").tempdir_in(&tmp).map_err(BuildError::io_write(&tmp))?;
+        sweep_dead_roots(&tmp);
+        let work = tempfile::Builder::new()
+            .prefix(&format!("{ROOT_PREFIX}{}-", std::process::id()))
+            .tempdir_in(&tmp)
+            .map_err(BuildError::io_write(&tmp))?;
         let w = work.path();
         let root = w.join("root");
         let aside = w.join("aside");
@@ -486,19 +499,23 @@ impl super::Executor for Container {
             secrets: secrets.clone(),
             timeout_ms: req.timeout.map(|t| t.as_millis().max(1) as u64),
             timed_out: w.join("timed-out"),
+            failed: w.join("setup-failed"),
         };
         let spec_path = w.join("spec.json");
         fs::write(&spec_path, serde_json::to_vec(&spec).expect("json"))
             .map_err(BuildError::io_write(&spec_path))?;
         let result = run_helper(&spec_path, &secrets, on_line);
-        let result = result.and_then(|(code, tail)| {
-            if let Some(why) = tail.last().filter(|l| code == SETUP_FAILED && l.starts_with("kiln sandbox:")) {
+        // The helper's exit, as it ended: a helper that did not exit on its
+        // own (killed from outside) may have left processes of the step, so
+        // nothing is moved out of the root then.
+        let exited = matches!(result, Ok((_, _, true)));
+        let result = result.and_then(|(code, tail, _)| {
+            // The helper's own file says whether it failed; the command's output cannot.
+            let why = fs::read_to_string(w.join("setup-failed")).unwrap_or_default();
+            if code == SETUP_FAILED && !why.is_empty() {
                 return Err(BuildError::Environment {
-                    message: format!(
-                        "The container backend could not run the step: {}",
-                        why.trim_start_matches("kiln sandbox: ")
-                    ),
-                    hint: "the container backend needs root in the container and Docker's default capabilities (CAP_SYS_CHROOT, CAP_SETUID, CAP_SETGID, CAP_CHOWN, CAP_FOWNER, CAP_MKNOD)".into(),
+                    message: format!("The container backend could not run the step: {why}"),
+                    hint: "the container backend needs root in the container and Docker's default capabilities (CAP_SYS_CHROOT, CAP_SETUID, CAP_SETGID, CAP_CHOWN, CAP_FOWNER, CAP_KILL, CAP_MKNOD, CAP_SETPCAP)".into(),
                 });
             }
             if code == TIMED_OUT && req.timeout.is_some() && w.join("timed-out").exists() {
@@ -511,8 +528,10 @@ impl super::Executor for Container {
             tracing::debug!(elapsed = ?t.elapsed(), changes = changes.len(), "root compared");
             Ok(RunResult::Changed { changes, keep: Box::new(()) })
         });
-        for m in moved {
-            m.put_back(&root);
+        if exited {
+            for m in moved {
+                m.put_back(&root);
+            }
         }
         match result? {
             RunResult::Changed { changes, .. } => Ok(RunResult::Changed { changes, keep: Box::new(work) }),
@@ -537,13 +556,46 @@ fn wait_for_the_clock(dir: &Path, newest: (i64, i64)) -> std::io::Result<()> {
     Err(std::io::Error::other("the file system's clock does not move"))
 }
 
+/// One step's turn at the container backend (see [`STEPS`]).
+enum Turn {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
+}
+
+/// Steps with secrets take this alone; the others share it.
+static STEPS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// The step roots' folder names in the store's tmp folder: `chroot-PID-…`.
+const ROOT_PREFIX: &str = "chroot-";
+
+/// Removes step roots a killed kiln left (its pid gone), secrets included.
+fn sweep_dead_roots(tmp: &Path) {
+    let Ok(rd) = fs::read_dir(tmp) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(ROOT_PREFIX))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid > 0 && Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Starts `kiln __chroot SPEC` with the secrets' memory files, sends its
-/// output to `on_line`; its exit code and last lines.
+/// output to `on_line`; its exit code, last lines, and whether it exited
+/// (rather than being killed by a signal).
 fn run_helper(
     spec_path: &Path,
     secrets: &[SandboxSecret],
     on_line: &mut dyn FnMut(&str),
-) -> Result<(i32, Vec<String>), BuildError> {
+) -> Result<(i32, Vec<String>, bool), BuildError> {
     let exe = std::env::current_exe().map_err(|e| BuildError::Environment {
         message: format!("Cannot find kiln's own executable to start the step: {e}"),
         hint: "run kiln from a path that exists".into(),
@@ -579,10 +631,60 @@ fn run_helper(
     drop(command);
     let tail = super::pump_lines(reader, on_line);
     let status = child.wait().map_err(BuildError::io_read(spec_path))?;
-    Ok((status.code().unwrap_or(128), tail))
+    Ok((status.code().unwrap_or(128), tail, status.code().is_some()))
 }
 
 static TERMINATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The file descriptor of the spec's `failed` file (close-on-exec).
+static FAILED_FD: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+
+/// User ids the helper runs as while the step runs (the first the kernel
+/// takes): ids no image gives a user, outside the 16-bit range where it can.
+const HELPER_UIDS: [u32; 2] = [2_147_483_646, 65_533];
+
+/// Real, effective and saved user id to a helper id, capabilities kept.
+fn become_helper_user() -> std::io::Result<()> {
+    use rustix::thread::{capabilities, set_capabilities, CapabilitySets};
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut last = None;
+    for uid in HELPER_UIDS {
+        let u = nix::unistd::Uid::from_raw(uid);
+        match nix::unistd::setresuid(u, u, u) {
+            Ok(()) => {
+                last = None;
+                break;
+            }
+            Err(e) => last = Some(std::io::Error::from(e)),
+        }
+    }
+    if let Some(e) = last {
+        return Err(e);
+    }
+    // A change away from uid 0 clears the effective set; the permitted one is kept.
+    let now = capabilities(None)?;
+    set_capabilities(
+        None,
+        CapabilitySets { effective: now.permitted, permitted: now.permitted, inheritable: now.inheritable },
+    )?;
+    Ok(())
+}
+
+/// Back to root in the step's process (the permitted set becomes the
+/// effective one again), with the ordinary rule restored: a change to a
+/// non-root user afterwards clears every capability.
+fn back_to_root() -> std::io::Result<()> {
+    let root = nix::unistd::Uid::from_raw(0);
+    nix::unistd::setresuid(root, root, root)?;
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 extern "C" fn on_term(_: libc::c_int) {
     TERMINATED.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -615,6 +717,9 @@ pub fn main(spec_path: &Path) -> ! {
         // SAFETY: fcntl on a descriptor number.
         unsafe { libc::fcntl(s.fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
+    if let Ok(f) = fs::OpenOptions::new().write(true).create(true).truncate(true).open(&spec.failed) {
+        let _ = FAILED_FD.set(std::os::fd::IntoRawFd::into_raw_fd(f));
+    }
     let _ = nix::sys::prctl::set_child_subreaper(true);
     for s in &spec.secrets {
         if let Err(e) = write_secret(&spec.root, s) {
@@ -623,6 +728,13 @@ pub fn main(spec_path: &Path) -> ! {
                 s.id, s.uid, s.gid, s.mode
             ));
         }
+    }
+    // The helper becomes a user no step is, keeping its capabilities: a
+    // root step (which has no CAP_KILL) cannot signal, stop or trace it,
+    // so it always outlives the step, kills what the step left and
+    // empties the secrets.
+    if let Err(e) = become_helper_user() {
+        fail(&format!("cannot take the helper's own user id: {e}"));
     }
     // SAFETY: the helper is single-threaded.
     let child = match unsafe { fork() } {
@@ -688,11 +800,16 @@ fn kill_the_rest() {
                 }
             }
         }
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Err(nix::errno::Errno::ECHILD) => return,
-            Ok(WaitStatus::StillAlive) => std::thread::sleep(std::time::Duration::from_millis(2)),
-            _ => {}
+        // Reap every child that is gone before looking again (one scan per
+        // zombie would take time in the square of a fork bomb's size).
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Err(nix::errno::Errno::ECHILD) => return,
+                Ok(WaitStatus::StillAlive) => break,
+                _ => {}
+            }
         }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
@@ -752,15 +869,19 @@ fn empty_secret(root: &Path, id: &str) {
 }
 
 /// The capabilities a step keeps: the engine's default set without
-/// CAP_SYS_CHROOT (a `chroot` is how root leaves one) and CAP_MKNOD (no
-/// devices cgroup need stand between a node and the host's device).
-const STEP_CAPS: u64 = super::confine::DEFAULT_CAPS & !(1 << 18) & !(1 << 27);
+/// CAP_SYS_CHROOT (a `chroot` is how root leaves one), CAP_MKNOD (no
+/// devices cgroup need stand between a node and the host's device) and
+/// CAP_KILL (so a root step cannot signal the helper, whose user it is not).
+const STEP_CAPS: u64 = super::confine::DEFAULT_CAPS & !(1 << 18) & !(1 << 27) & !(1 << 5);
 
 /// The step: a session of its own, the root, the user, the confinement, exec.
 fn step(spec: &ChrootSpec) -> ! {
     use nix::unistd::{chdir, chroot, execve, setgroups, Gid, Uid};
     use std::os::unix::fs::DirBuilderExt;
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if let Err(e) = back_to_root() {
+        fail(&format!("cannot take root again for the step: {e}"));
+    }
     let _ = nix::unistd::setsid();
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     check(chroot(&spec.root), "change root");
@@ -821,6 +942,9 @@ fn step(spec: &ChrootSpec) -> ! {
     let cstr = |s: &str| std::ffi::CString::new(s).unwrap_or_else(|_| fail("an argument holds a NUL byte"));
     let argv: Vec<std::ffi::CString> = spec.argv.iter().map(|a| cstr(a)).collect();
     let envp: Vec<std::ffi::CString> = env.iter().map(|a| cstr(a)).collect();
+    // Only stdin, stdout and stderr reach the command: a descriptor kiln
+    // inherited (a folder of the host, say) would be a way out of the root.
+    super::confine::close_inherited_fds();
     let err = execve(&cstr(&program), &argv, &envp).unwrap_err();
     eprintln!("kiln sandbox: cannot run `{}`: {err}", spec.argv[0]);
     std::process::exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 })
@@ -828,6 +952,10 @@ fn step(spec: &ChrootSpec) -> ! {
 
 fn fail(message: &str) -> ! {
     eprintln!("kiln sandbox: {message}");
+    if let Some(fd) = FAILED_FD.get() {
+        // SAFETY: write on the helper's own descriptor.
+        unsafe { libc::write(*fd, message.as_ptr().cast(), message.len()) };
+    }
     std::process::exit(SETUP_FAILED)
 }
 

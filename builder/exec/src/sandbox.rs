@@ -602,6 +602,7 @@ fn child(spec: &SandboxSpec) -> ! {
     let cstr = |s: &str| CString::new(s).unwrap_or_else(|_| fail("an argument holds a NUL byte"));
     let argv: Vec<CString> = spec.argv.iter().map(|a| cstr(a)).collect();
     let envp: Vec<CString> = env.iter().map(|a| cstr(a)).collect();
+    super::confine::close_inherited_fds();
     let err = execve(&cstr(&program), &argv, &envp).unwrap_err();
     eprintln!("kiln sandbox: cannot run `{}`: {err}", spec.argv[0]);
     std::process::exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 })

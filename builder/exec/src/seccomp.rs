@@ -718,38 +718,32 @@ pub(crate) fn install() -> std::io::Result<()> {
 }
 
 /// The 32-bit x86 ABI a 64-bit x86 kernel also runs (`int 0x80`).
+#[cfg(test)]
 const AUDIT_ARCH_I386: u32 = 0x4000_0003;
-/// i386's `socketcall` and `socket`.
-const I386_SOCKET_CALLS: [u32; 2] = [102, 359];
-/// Address families that reach a network.
-const NET_FAMILIES: [u32; 3] = [libc::AF_INET as u32, libc::AF_INET6 as u32, libc::AF_PACKET as u32];
+/// Syscall numbers at or above this are x86's x32 ABI.
+const X32_BIT: u32 = 0x4000_0000;
 
 /// The network turned off without a network namespace (the container
-/// backend): `socket` for IPv4, IPv6 or raw packets fails with `EPERM`,
-/// as does `io_uring_setup` (an io_uring can open sockets) and, for 32-bit
-/// x86 programs, `socketcall` and `socket`. Unix and netlink sockets work.
+/// backend): `socket` works for Unix and netlink sockets only (IPv4, IPv6,
+/// packet, XDP and every other family fail with `EPERM`); `io_uring_setup`
+/// fails (an io_uring can open sockets); and so does every call of another
+/// ABI (32-bit x86, x32), as the local backend's profile refuses them.
 pub(crate) fn network_off_program() -> Vec<libc::sock_filter> {
     let deny = insn(RET_K, 0, 0, RET_ERRNO | EPERM);
     let allow = insn(RET_K, 0, 0, RET_ALLOW);
     // Jumps count instructions after the next one; the index of each is on its right.
     vec![
         insn(LD_W_ABS, 0, 0, ARCH),                         // 0
-        insn(JEQ_K, 0, 9, AUDIT_ARCH),                      // 1: else 11
+        insn(JEQ_K, 0, 8, AUDIT_ARCH),                      // 1: else deny
         insn(LD_W_ABS, 0, 0, NR),                           // 2
-        insn(JEQ_K, 6, 0, libc::SYS_io_uring_setup as u32), // 3: deny
-        insn(JEQ_K, 0, 4, libc::SYS_socket as u32),         // 4: else allow
-        insn(LD_W_ABS, 0, 0, arg_low(0)),                   // 5
-        insn(JEQ_K, 3, 0, NET_FAMILIES[0]),                 // 6: deny
-        insn(JEQ_K, 2, 0, NET_FAMILIES[1]),                 // 7: deny
-        insn(JEQ_K, 1, 0, NET_FAMILIES[2]),                 // 8: deny
+        insn(JGE_K, 6, 0, X32_BIT),                         // 3: deny
+        insn(JEQ_K, 5, 0, libc::SYS_io_uring_setup as u32), // 4: deny
+        insn(JEQ_K, 0, 3, libc::SYS_socket as u32),         // 5: else allow
+        insn(LD_W_ABS, 0, 0, arg_low(0)),                   // 6
+        insn(JEQ_K, 1, 0, libc::AF_UNIX as u32),            // 7: allow
+        insn(JEQ_K, 0, 1, libc::AF_NETLINK as u32),         // 8: allow, else deny
         allow,                                              // 9
         deny,                                               // 10
-        insn(JEQ_K, 0, 3, AUDIT_ARCH_I386),                 // 11: else allow
-        insn(LD_W_ABS, 0, 0, NR),                           // 12
-        insn(JEQ_K, 2, 0, I386_SOCKET_CALLS[0]),            // 13: deny
-        insn(JEQ_K, 1, 0, I386_SOCKET_CALLS[1]),            // 14: deny
-        allow,                                              // 15
-        deny,                                               // 16
     ]
 }
 
@@ -865,7 +859,7 @@ mod tests {
         let p = network_off_program();
         let deny = RET_ERRNO | EPERM;
         let socket = libc::SYS_socket as u32;
-        for family in [libc::AF_INET, libc::AF_INET6, libc::AF_PACKET] {
+        for family in [libc::AF_INET, libc::AF_INET6, libc::AF_PACKET, libc::AF_XDP, libc::AF_VSOCK, 255] {
             assert_eq!(eval(&p, AUDIT_ARCH, socket, [family as u64, 1, 0, 0, 0, 0]), deny, "family {family}");
         }
         for family in [libc::AF_UNIX, libc::AF_NETLINK] {
@@ -877,8 +871,9 @@ mod tests {
         }
         assert_eq!(eval(&p, AUDIT_ARCH, libc::SYS_io_uring_setup as u32, [0; 6]), deny);
         assert_eq!(eval(&p, AUDIT_ARCH, libc::SYS_openat as u32, [2; 6]), RET_ALLOW);
+        assert_eq!(eval(&p, AUDIT_ARCH, X32_BIT | 41, [2; 6]), deny, "x32 socket");
         assert_eq!(eval(&p, AUDIT_ARCH_I386, 102, [1; 6]), deny, "i386 socketcall");
-        assert_eq!(eval(&p, AUDIT_ARCH_I386, 359, [2; 6]), deny, "i386 socket");
-        assert_eq!(eval(&p, AUDIT_ARCH_I386, 5, [0; 6]), RET_ALLOW, "i386 open");
+        assert_eq!(eval(&p, AUDIT_ARCH_I386, 425, [0; 6]), deny, "i386 io_uring_setup");
+        assert_eq!(eval(&p, AUDIT_ARCH_I386, 5, [0; 6]), deny, "another ABI altogether");
     }
 }

@@ -113,15 +113,19 @@ pub fn flatten(
                 }
                 TarKind::Symlink(target) => rustix::fs::symlinkat(target.as_str(), &dir, name)?,
                 TarKind::Hardlink(target) => {
-                    // Resolved inside the root like any path: a regular file the image holds.
+                    // Resolved inside the root like any path: a regular file (or a fifo) the image holds.
                     let (tdir, tname) = rd.parent(target, None)?;
                     let st = rustix::fs::statat(&tdir, tname, AtFlags::SYMLINK_NOFOLLOW)?;
-                    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                    let kind = FileType::from_raw_mode(st.st_mode);
+                    if kind != FileType::RegularFile && kind != FileType::Fifo {
                         return Err(io::Error::other(format!(
-                            "the hard link target `{target}` is not a file in the image"
+                            "the hard link target `{}` is not a file in the image",
+                            crate::error::shown(target)
                         )));
                     }
-                    if copy_links {
+                    if copy_links && kind == FileType::Fifo {
+                        rustix::fs::mknodat(&dir, name, FileType::Fifo, Mode::from_raw_mode(0o644), 0)?;
+                    } else if copy_links {
                         let from = rustix::fs::openat(
                             &tdir,
                             tname,
@@ -180,9 +184,15 @@ fn mkdir_at(dir: &impl std::os::fd::AsFd, name: &str) -> io::Result<()> {
 pub fn own_as_root(root: &Path, flat: &Flattened) -> Result<(), BuildError> {
     use crate::listing::Kind;
     let mut rd = RootDir::open(root).map_err(BuildError::io_write(root))?;
+    // The path is the image's: shown escaped, never as the bytes it holds.
     let err = |path: &str| {
-        let at = root.join(path);
-        move |e: io::Error| BuildError::Write { path: at.clone(), source: e }
+        let shown = crate::error::shown(path);
+        move |e: io::Error| {
+            BuildError::Environment {
+            message: format!("Cannot give `/{shown}` its owner, mode and times in the step's root: {e}"),
+            hint: "kiln lays out a parent image as root (owners, setuid bits, file capabilities); check that the cache folder's file system keeps them".into(),
+        }
+        }
     };
     // The placeholders first: making one changes its folder's time.
     for (path, e) in &flat.tree.entries {
