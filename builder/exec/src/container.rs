@@ -203,7 +203,10 @@ fn walk(root: &Path, excluded: &Excluded) -> Result<Vec<Found>, BuildError> {
         let rel = path.strip_prefix(root).expect("under root");
         let rel = rel.to_str().map(str::to_string).ok_or_else(|| {
             BuildError::usage(
-                format!("the command made `/{}`, whose name is not UTF-8", rel.display()),
+                format!(
+                    "the command made `/{}`, whose name is not UTF-8",
+                    crate::error::shown(&rel.to_string_lossy())
+                ),
                 Some("kiln layers hold UTF-8 paths only; rename the file in the command"),
             )
         })?;

@@ -137,7 +137,10 @@ pub fn change_of(
 ) -> Result<Option<Change>, BuildError> {
     let rel = rel.to_str().ok_or_else(|| {
         BuildError::usage(
-            format!("the command made `/{}`, whose name is not UTF-8", rel.display()),
+            format!(
+                "the command made `/{}`, whose name is not UTF-8",
+                crate::error::shown(&rel.to_string_lossy())
+            ),
             Some("kiln layers hold UTF-8 paths only; rename the file in the command"),
         )
     })?;

@@ -62,7 +62,7 @@ const DIFF_ID: &str = "dev.kiln.cache.diff-id";
 /// never equal a writer's, whose manifests prune deletes by digest).
 const COMPACTED: &str = "dev.kiln.cache.compacted";
 /// Writer tags read at most per cache (the newest); a prune reads them all.
-const MAX_WRITERS_READ: usize = 2000;
+pub const MAX_WRITERS_READ: usize = 2000;
 /// Steps kept in one index: about 1.5 MB of JSON, well under registries' manifest limits.
 pub(crate) const MAX_ENTRIES: usize = 4000;
 

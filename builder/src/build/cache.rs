@@ -217,7 +217,7 @@ impl StepCache {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let have = match crate::registry::read_cache(self.registry(), to, usize::MAX) {
+        let have = match crate::registry::read_cache(self.registry(), to, crate::registry::MAX_WRITERS_READ) {
             Ok(c) => c.index,
             Err(e) => {
                 self.reporter.on_notice(&format!("the cache at registry:{to} cannot be read ({e}); this build's steps go in a tag of their own"));
