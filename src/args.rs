@@ -227,14 +227,17 @@ pub enum CacheAction {
     /// compact a registry cache, dropping the steps no build used within `--older-than`.
     Prune {
         /// The size to fit in, e.g. 500M, 2G or a number of bytes (0 empties the cache).
-        #[arg(long, value_name = "SIZE", required_unless_present = "remote", conflicts_with = "remote")]
+        #[arg(long, value_name = "SIZE", conflicts_with = "remote")]
         max_size: Option<String>,
         /// A remote step cache (`registry:HOST/REPO[:TAG]`, as given to `--cache-to`) to prune.
         #[arg(long, value_name = "REF", requires = "older_than")]
         remote: Option<String>,
-        /// With `--remote`: keep the steps a build used within this age (e.g. 30d, 12h).
-        #[arg(long, value_name = "AGE", requires = "remote")]
+        /// With `--remote`: keep the steps a build used within this many days (e.g. 30d).
+        #[arg(long, value_name = "DAYS", requires = "remote")]
         older_than: Option<String>,
+        /// With `--remote`: a registry reached over plain HTTP (HOST[:PORT]; loopback always is).
+        #[arg(long = "insecure-registry", value_name = "HOST", requires = "remote")]
+        insecure: Vec<String>,
     },
     /// Remove blobs nothing refers to and leftovers of interrupted builds.
     Gc,

@@ -39,20 +39,18 @@ pub fn prune_remote(
     store: &kiln_cache::Store,
     reference: &str,
     older_than: u64,
+    insecure: Vec<String>,
 ) -> Result<crate::registry::RemotePruneReport, crate::BuildError> {
     let text = reference.strip_prefix("registry:").ok_or_else(|| {
         crate::BuildError::usage(
-            format!("`{reference}` is not a remote cache"),
+            format!("`{}` is not a remote cache", crate::shown(reference)),
             Some("write it as given to `--cache-to`: registry:HOST/REPO[:TAG]"),
         )
     })?;
     let r = crate::registry::cache_ref(text)?;
     let rt = crate::runtime::runtime()?;
-    let reg = crate::registry::client::Registry::new(
-        rt.handle().clone(),
-        std::slice::from_ref(&r),
-        &Default::default(),
-    );
+    let opts = crate::registry::client::RegistryOptions { insecure, monolithic: false };
+    let reg = crate::registry::client::Registry::new(rt.handle().clone(), std::slice::from_ref(&r), &opts);
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     crate::registry::prune_cache(store, &reg, &r, older_than, now)

@@ -42,6 +42,7 @@ pub(crate) use kiln_vm as vm;
 pub use build::{build, plan, BuildOptions, BuildOutcome, PlannedStep};
 pub use exec::BackendChoice;
 /// `1970-01-01T00:00:00Z` for seconds since the epoch (what `kiln cache ls` shows).
+pub use kiln_oci::error::shown;
 pub use kiln_oci::image::rfc3339;
 pub use kiln_oci::layer::LayerBlob;
 pub(crate) use kiln_oci::reporter;

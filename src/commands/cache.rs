@@ -75,27 +75,28 @@ pub(super) fn run(action: CacheAction, cache_dir: Option<PathBuf>) -> Result<u8,
                 }
             }
         }
-        CacheAction::Prune { remote: Some(remote), older_than, .. } => {
+        CacheAction::Prune { remote: Some(remote), older_than, insecure, .. } => {
             let age = older_than.unwrap_or_default();
-            let secs = parse_age(&age).ok_or_else(|| {
+            let days = parse_days(&age).ok_or_else(|| {
                 BuildError::usage(
-                    format!("`{age}` is not an age"),
-                    Some("write ages like `30d`, `12h`, `90m` or `3600s`"),
+                    format!("`{}` is not a number of days", kiln_builder::shown(&age)),
+                    Some("write it as `30d` (at least `1d`: a step's last use is recorded once a day)"),
                 )
             })?;
-            let r = kiln_builder::gc::prune_remote(&store, &remote, secs)?;
+            let r = kiln_builder::gc::prune_remote(&store, &remote, days * 86_400, insecure)?;
             let _ = writeln!(
                 out,
-                "kept {} step(s), removed {} not used within {age}; compacted {} writer tag(s) into registry:{}@{}",
-                r.kept,
-                r.removed,
-                r.writer_tags_deleted,
-                remote.trim_start_matches("registry:"),
-                r.index
+                "kept {} step(s), removed {} not used within {days} day(s); {} writer tag(s) compacted into {} ({})",
+                r.kept, r.removed, r.writer_tags_deleted, r.reference, r.index
             );
         }
-        CacheAction::Prune { max_size, .. } => {
-            let max_size = max_size.unwrap_or_default();
+        CacheAction::Prune { max_size: None, .. } => {
+            return Err(BuildError::usage(
+                "`kiln cache prune` needs what to prune",
+                Some("`--max-size SIZE` for this machine's cache, or `--remote registry:REF --older-than 30d` for a registry cache"),
+            ));
+        }
+        CacheAction::Prune { max_size: Some(max_size), .. } => {
             let max = parse_size(&max_size).ok_or_else(|| {
                 BuildError::usage(
                     format!("`{max_size}` is not a size"),
@@ -114,19 +115,11 @@ pub(super) fn run(action: CacheAction, cache_dir: Option<PathBuf>) -> Result<u8,
     Ok(0)
 }
 
-/// An age as `--older-than` takes it: a whole number and `s`, `m`, `h` or `d`.
-fn parse_age(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let unit = text.chars().last()?;
-    let n: u64 = text[..text.len() - unit.len_utf8()].parse().ok()?;
-    let per = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3_600,
-        'd' => 86_400,
-        _ => return None,
-    };
-    n.checked_mul(per)
+/// `--older-than` as days: `Nd`, N at least 1 (a step's last use is
+/// recorded at most once a day, so a shorter age would drop steps in use).
+fn parse_days(text: &str) -> Option<u64> {
+    let n: u64 = text.strip_suffix('d')?.parse().ok()?;
+    ((1..=100_000).contains(&n) && text.bytes().next().is_some_and(|b| b.is_ascii_digit())).then_some(n)
 }
 
 /// What prune and gc say while builds hold the store.
@@ -164,12 +157,11 @@ fn human(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn ages_read_as_written() {
-        assert_eq!(super::parse_age("30d"), Some(30 * 86_400));
-        assert_eq!(super::parse_age("12h"), Some(43_200));
-        assert_eq!(super::parse_age("0s"), Some(0));
-        for bad in ["", "d", "30", "3x", "-1d", "1.5d", "99999999999999999999d"] {
-            assert_eq!(super::parse_age(bad), None, "{bad}");
+    fn ages_are_whole_days() {
+        assert_eq!(super::parse_days("30d"), Some(30));
+        assert_eq!(super::parse_days("1d"), Some(1));
+        for bad in ["", "d", "0d", "30", "12h", "3x", "-1d", "+1d", " 30d", "1.5d", "99999999999999999999d"] {
+            assert_eq!(super::parse_days(bad), None, "{bad}");
         }
     }
 }

@@ -183,6 +183,39 @@ fn kilns_image_runs_run_steps_and_scripts_in_a_default_profile_container() {
     assert_eq!(printed, host, "busybox: {stderr}");
     assert!(stderr.contains("backend=container"), "auto picks the container backend: {stderr}");
 
+    // Fewer capabilities than the engine's default (a cluster that drops
+    // some): refused before any step, naming them, rather than a build
+    // whose files differ under the same keys.
+    let dropped = Command::new("docker")
+        .args(["run", "--rm", "--network", "none", "--cap-drop", "CHOWN", "-v"])
+        .arg(format!("{}:/workspace", busy.dir.path().display()))
+        .args([tag, "build", "kiln.toml", "-o", "oci:/workspace/out-dropped"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&dropped.stderr);
+    assert_eq!(dropped.status.code(), Some(3), "{err}");
+    assert!(err.contains("CAP_CHOWN") && err.contains("default capabilities"), "{err}");
+    // Not root: the hint says to run as root in the container.
+    let user = Command::new("docker")
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--user",
+            "1000",
+            "-e",
+            "KILN_CACHE_DIR=/workspace/cache-1000",
+            "-v",
+        ])
+        .arg(format!("{}:/workspace", busy.dir.path().display()))
+        .args([tag, "build", "kiln.toml", "-o", "oci:/workspace/out-1000"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&user.stderr);
+    assert_eq!(user.status.code(), Some(3), "{err}");
+    assert!(err.contains("as root in the container"), "{err}");
+
     for name in ["nginx", "python"] {
         let work = example(name);
         let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(work.dir.path()).status();

@@ -1158,6 +1158,23 @@ fn a_fleet_shares_one_registry_cache_without_losing_entries_and_prune_keeps_what
         again.stderr
     );
 
+    // Mistakes: an age that is not whole days, no age, a repository with no cache (nothing pushed there).
+    for bad in [&["--older-than", "12h"][..], &["--older-than", "0d"][..]] {
+        let r = recipes[0].kiln(&[&["cache", "prune", "--remote", &cache][..], bad].concat());
+        assert_eq!(r.code, 2, "{bad:?}: {}", r.stderr);
+        assert!(r.stderr.contains("number of days"), "{}", r.stderr);
+    }
+    assert_eq!(recipes[0].kiln(&["cache", "prune"]).code, 2);
+    let nothing = format!("registry:{}/fleet/typo", reg.host());
+    let r = recipes[0].kiln(&["cache", "prune", "--remote", &nothing, "--older-than", "30d"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no kiln cache"), "{}", r.stderr);
+    let typo = Command::new("curl")
+        .args(["-s", &format!("http://{}/v2/fleet/typo/tags/list", reg.host())])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&typo.stdout).contains("kiln-cache"), "nothing was pushed there");
+
     let pruned = recipes[0].kiln(&["cache", "prune", "--remote", &cache, "--older-than", "30d"]);
     assert_eq!(pruned.code, 0, "{}", pruned.stderr);
     // Recipe two's own three steps and three's `run` go; three's copy is the stage's first step.

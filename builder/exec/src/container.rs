@@ -51,12 +51,49 @@ pub(crate) struct Container;
 /// Whether this process can run the container backend: it needs root (in
 /// the container) for owners, `chroot` and the user switch.
 pub(crate) fn available() -> Result<(), String> {
-    if rustix::process::geteuid().is_root() {
-        Ok(())
-    } else {
-        Err("kiln is not root in this container (the container backend sets owners and changes root)".into())
+    if !rustix::process::geteuid().is_root() {
+        return Err(
+            "kiln is not root in this container (the container backend sets owners and changes root)".into(),
+        );
     }
+    // A step with fewer capabilities than the engine gives would make
+    // other files than on the other backends under the same key, and
+    // spread them through a shared cache: refuse rather than build.
+    let have =
+        rustix::thread::capabilities(None).map_err(|e| format!("cannot read kiln's capabilities: {e}"))?;
+    let missing: Vec<&str> = NEEDED_CAPS
+        .iter()
+        .filter(|(bit, _)| {
+            !have.permitted.contains(rustix::thread::CapabilitySet::from_bits_retain(1 << bit))
+        })
+        .map(|(_, name)| *name)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "this container lacks {} of Docker's default capabilities, which the container backend needs (steps would make other files than elsewhere)",
+            missing.join(", ")
+        ));
+    }
+    Ok(())
 }
+
+/// The capabilities the container backend needs: the engine's default set
+/// that steps keep (so a step does what it does on the other backends),
+/// and CAP_SYS_CHROOT, CAP_KILL, CAP_SETPCAP and CAP_MKNOD for the helper.
+/// NET_RAW, NET_BIND_SERVICE and AUDIT_WRITE are not needed to make files.
+const NEEDED_CAPS: &[(u32, &str)] = &[
+    (0, "CAP_CHOWN"),
+    (1, "CAP_DAC_OVERRIDE"),
+    (3, "CAP_FOWNER"),
+    (4, "CAP_FSETID"),
+    (5, "CAP_KILL"),
+    (6, "CAP_SETGID"),
+    (7, "CAP_SETUID"),
+    (8, "CAP_SETPCAP"),
+    (18, "CAP_SYS_CHROOT"),
+    (27, "CAP_MKNOD"),
+    (31, "CAP_SETFCAP"),
+];
 
 /// Whether kiln runs in a container: the files and variables engines and
 /// Kubernetes leave (`/.dockerenv`, `/run/.containerenv`,

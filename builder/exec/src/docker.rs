@@ -61,7 +61,7 @@ pub struct DockerEngine {
 fn engine_error(e: impl std::fmt::Display) -> BuildError {
     BuildError::Environment {
         message: format!("The Docker engine failed: {e}"),
-        hint: "check that dockerd is running and healthy (`docker info`), or use `--backend local`".into(),
+        hint: "check that dockerd is running and healthy (`docker info`), or use `--backend local` (on a host, as root) or `--backend container` (as root in a container)".into(),
     }
 }
 
@@ -72,7 +72,7 @@ impl DockerEngine {
         let unreachable = |e: &dyn std::fmt::Display| {
             BuildError::Environment {
             message: format!("Cannot reach a Docker engine at `{host}`: {e}"),
-            hint: "start dockerd (e.g. `dockerd &`) or set DOCKER_HOST; the local backend (`--backend local`, as root) needs no engine".into(),
+            hint: "start dockerd (e.g. `dockerd &`) or set DOCKER_HOST; without an engine, `--backend local` (on a host, as root) or `--backend container` (as root in a container) runs the steps".into(),
         }
         };
         let client = bollard::Docker::connect_with_defaults().map_err(|e| unreachable(&e))?;

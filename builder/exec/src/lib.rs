@@ -274,21 +274,31 @@ pub fn choose(
             Ok(()) => Ok(std::sync::Arc::new(container::Container)),
             Err(why) => Err(crate::BuildError::Environment {
                 message: format!("The container backend cannot run here: {why}"),
-                hint: "run kiln as root in the container (`docker run --user 0`, `securityContext.runAsUser: 0`)".into(),
+                hint: "run kiln as root in the container (`docker run --user 0`, `securityContext.runAsUser: 0`) with Docker's default capabilities (no `--cap-drop`; Kubernetes' \"baseline\" Pod Security level, not \"restricted\")".into(),
             }),
         },
         BackendChoice::Auto => match local::available() {
             // Root in a container that refuses namespaces (Docker's default
             // profile, a Kubernetes pod): the container is the sandbox.
             Ok(local::Mode::Root) if container::in_container() && !container::namespaces_work() => {
-                Ok(std::sync::Arc::new(container::Container))
+                match container::available() {
+                    Ok(()) => Ok(std::sync::Arc::new(container::Container)),
+                    Err(why) => Err(crate::BuildError::Environment {
+                        message: format!("The container backend cannot run here: {why}"),
+                        hint: "give the container Docker's default capabilities (no `--cap-drop`; Kubernetes' \"baseline\" Pod Security level, not \"restricted\")".into(),
+                    }),
+                }
             }
             Ok(mode) => Ok(std::sync::Arc::new(local::Local { mode })),
             Err(why) => match docker() {
                 Ok(d) => Ok(d),
                 Err(e) => Err(crate::BuildError::Environment {
-                    message: format!("No backend can run `run` steps here: {why}; and {e}"),
-                    hint: "run kiln as root for the local backend, or start a Docker engine".into(),
+                    message: format!("No backend can run `run` steps here: {why}; and no Docker engine answers ({e})"),
+                    hint: if container::in_container() {
+                        "run kiln as root in the container (`docker run --user 0`, `runAsUser: 0`): the container backend then runs the steps".into()
+                    } else {
+                        "run kiln as root for the local backend, give this user subordinate ids (rootless), or start a Docker engine".into()
+                    },
                 }),
             },
         },

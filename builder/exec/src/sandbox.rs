@@ -177,9 +177,7 @@ pub fn main(spec_path: &Path) -> ! {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     if let Err(e) = unshare(flags) {
-        fail(&format!(
-            "cannot create namespaces ({e}); the local backend needs root or a user namespace; use `--backend docker`"
-        ));
+        fail(&format!("cannot create namespaces ({e})"));
     }
     check(
         mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>),

@@ -416,6 +416,8 @@ pub fn read_cache(reg: &Registry, r: &Remote, max_writers: usize) -> Result<Remo
 /// What `kiln cache prune --remote` did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RemotePruneReport {
+    /// `registry:HOST/REPO:TAG`, where the compacted index now is.
+    pub reference: String,
     pub kept: usize,
     pub removed: usize,
     pub writer_tags_deleted: usize,
@@ -434,6 +436,15 @@ pub fn prune_cache(
     now: u64,
 ) -> Result<RemotePruneReport, BuildError> {
     let cache = read_cache(reg, r, usize::MAX)?;
+    if cache.writers.is_empty() && reg.manifest(r)?.is_none() {
+        return Err(client::RegistryError::NotFound {
+            reference: format!(
+                "{r} (no kiln cache: no such tag and no writer tags `{}*`)",
+                writer_prefix(r.tag.as_deref().unwrap_or(CACHE_TAG))
+            ),
+        }
+        .into());
+    }
     let cutoff = now.saturating_sub(older_than);
     let total = cache.index.steps.len();
     let mut kept = cache.index.clone();
@@ -441,12 +452,18 @@ pub fn prune_cache(
     kept.steps.truncate(MAX_ENTRIES);
     kept.used.retain(|k, _| kept.steps.iter().any(|(s, _)| s == k));
     let index = push_artifact(store, reg, r, &kept.render_with(&[(COMPACTED, now.to_string())]))?;
-    for (_, digest) in &cache.writers {
+    for (tag, digest) in &cache.writers {
         if *digest != index {
-            reg.delete_manifest(r, digest)?;
+            reg.delete_manifest(r, digest).map_err(|e| BuildError::Environment {
+                message: format!(
+                    "The cache's steps are compacted at registry:{r}, but its writer tag `{tag}` cannot be deleted: {e}"
+                ),
+                hint: "the registry must allow deletes (a distribution registry: `storage: delete: enabled: true`) and the credentials must be allowed to delete; until then the writer tags stay, and readers keep merging them".into(),
+            })?;
         }
     }
     Ok(RemotePruneReport {
+        reference: format!("registry:{r}"),
         kept: kept.steps.len(),
         removed: total - kept.steps.len(),
         writer_tags_deleted: cache.writers.len(),

@@ -227,7 +227,7 @@ impl StepCache {
         let today = now - now % 86_400;
         if entries.iter().all(|(k, l)| have.has_used_since(k, &l.digest, today)) {
             self.reporter.on_notice(&format!(
-                "cache: the {} step(s) of this build are in registry:{to} already ({} in all)",
+                "cache: the {} step(s) of this build are in the cache at registry:{to} already, used today (it holds {})",
                 entries.len(),
                 have.steps.len()
             ));
@@ -239,7 +239,7 @@ impl StepCache {
         let digest = crate::registry::push_index(&self.store, self.registry(), &at, &index)?;
         let all = crate::registry::CacheIndex::union([index.clone(), have]).steps.len();
         self.reporter.on_notice(&format!(
-            "cache: {} step(s) of this build in registry:{at}@{digest} ({all} in all; {skipped} layer(s) were there already)",
+            "cache: {} step(s) of this build in registry:{at}@{digest} (the cache holds {all}; {skipped} layer(s) were there already)",
             index.steps.len(),
         ));
         Ok(())
