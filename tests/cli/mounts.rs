@@ -92,6 +92,19 @@ cache = [{ id = "app-cache", target = "/home/app/.cache" }]
         );
         assert_eq!(r.digest(), local, "rootless and root builds differ:\n{}", r.stderr);
     }
+    // The container backend: the store's folder moved into the step's root, given to the user.
+    let args = [
+        "build",
+        "kiln.toml",
+        "--backend",
+        "container",
+        "--cache-dir",
+        "cache-container",
+        "-o",
+        "oci:container",
+    ];
+    let c = p.kiln(&args);
+    assert_eq!(c.digest(), local, "the container backend differs:\n{}", c.stderr);
     if !require_docker() {
         return;
     }

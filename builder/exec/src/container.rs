@@ -420,9 +420,13 @@ fn move_mounts_in(
     root: &Path,
     aside: &Path,
     mounts: &[crate::CacheMountRequest],
-) -> Result<Vec<MovedMount>, BuildError> {
-    let mut moved = Vec::new();
-    for (i, m) in mounts.iter().enumerate() {
+) -> Result<MovedMounts, BuildError> {
+    let mut moved = MovedMounts { root: root.to_path_buf(), moved: Vec::new(), safe: true };
+    // Locked in one order (the store's paths), so two steps taking the
+    // same mounts never wait for each other.
+    let mut order: Vec<(usize, &crate::CacheMountRequest)> = mounts.iter().enumerate().collect();
+    order.sort_by(|a, b| a.1.host.cmp(&b.1.host));
+    for (i, m) in order {
         let lock_path = m.host.with_file_name("moved.lock");
         let lock =
             kiln_cache::StoreLock::exclusive(&lock_path, &|| {}).map_err(BuildError::io_write(&lock_path))?;
@@ -444,9 +448,28 @@ fn move_mounts_in(
             message: format!("Cannot move the cache `/{}` into the step's root: {e}", m.target),
             hint: "the container backend moves a cache mount into place; keep the cache folder on one filesystem".into(),
         })?;
-        moved.push(MovedMount { host: m.host.clone(), target: m.target.clone(), _lock: lock });
+        moved.moved.push(MovedMount { host: m.host.clone(), target: m.target.clone(), _lock: lock });
     }
     Ok(moved)
+}
+
+/// The cache mounts moved into a root: put back when dropped, whatever
+/// ended the step, unless `safe` was cleared (a helper that did not exit
+/// on its own may have left a process inside one).
+struct MovedMounts {
+    root: PathBuf,
+    moved: Vec<MovedMount>,
+    safe: bool,
+}
+
+impl Drop for MovedMounts {
+    fn drop(&mut self) {
+        if self.safe {
+            for m in self.moved.drain(..) {
+                m.put_back(&self.root);
+            }
+        }
+    }
 }
 
 impl MovedMount {
@@ -508,7 +531,7 @@ impl super::Executor for Container {
             ("resolv.conf", resolv),
         ];
         apply_init(&root, &plan, &etc_files).map_err(BuildError::io_write(&root))?;
-        let moved = move_mounts_in(&root, &aside, req.cache_mounts)?;
+        let mut moved = move_mounts_in(&root, &aside, req.cache_mounts)?;
         let excluded = Excluded::of(req);
         let before: HashMap<String, Stamp> =
             walk(&root, &excluded)?.into_iter().map(|f| (f.rel, f.stamp)).collect();
@@ -568,11 +591,8 @@ impl super::Executor for Container {
             tracing::debug!(elapsed = ?t.elapsed(), changes = changes.len(), "root compared");
             Ok(RunResult::Changed { changes, keep: Box::new(()) })
         });
-        if exited {
-            for m in moved {
-                m.put_back(&root);
-            }
-        }
+        moved.safe = exited;
+        drop(moved);
         match result? {
             RunResult::Changed { changes, .. } => Ok(RunResult::Changed { changes, keep: Box::new(work) }),
             other => Ok(other),
