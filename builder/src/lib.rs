@@ -41,8 +41,9 @@ pub(crate) use kiln_vm as vm;
 
 pub use build::{build, plan, BuildOptions, BuildOutcome, PlannedStep};
 pub use exec::BackendChoice;
-/// `1970-01-01T00:00:00Z` for seconds since the epoch (what `kiln cache ls` shows).
+/// Text read from outside (an image's path, a user's argument) as a message shows it: escaped, cut.
 pub use kiln_oci::error::shown;
+/// `1970-01-01T00:00:00Z` for seconds since the epoch (what `kiln cache ls` shows).
 pub use kiln_oci::image::rfc3339;
 pub use kiln_oci::layer::LayerBlob;
 pub(crate) use kiln_oci::reporter;

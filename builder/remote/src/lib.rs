@@ -63,6 +63,8 @@ const DIFF_ID: &str = "dev.kiln.cache.diff-id";
 const COMPACTED: &str = "dev.kiln.cache.compacted";
 /// Writer tags read at most per cache (the newest); a prune reads them all.
 pub const MAX_WRITERS_READ: usize = 2000;
+/// Steps read from one cache's tag and writer tags, at most (about).
+const MAX_STEPS_READ: usize = 5 * MAX_ENTRIES;
 /// Steps kept in one index: about 1.5 MB of JSON, well under registries' manifest limits.
 pub(crate) const MAX_ENTRIES: usize = 4000;
 
@@ -396,12 +398,20 @@ pub fn read_cache(reg: &Registry, r: &Remote, max_writers: usize) -> Result<Remo
     tags.truncate(max_writers);
     let mut parts = Vec::new();
     let mut writers = Vec::new();
+    let mut steps = main.steps.len();
     for (_, tag) in tags {
+        // A registry's answers are not trusted to be small: past this many
+        // steps the older writer tags wait (for the next read, or prune).
+        if steps > MAX_STEPS_READ {
+            tracing::debug!(cache = %r, "the cache's writer tags hold more steps than kiln reads; the older ones are left");
+            break;
+        }
         let at = Remote { tag: Some(tag.clone()), digest: None, ..r.clone() };
         match reg.manifest(&at)? {
             None => continue,
             Some(m) => match CacheIndex::parse(&m.bytes) {
                 Ok(idx) => {
+                    steps += idx.steps.len();
                     parts.push(idx);
                     writers.push((tag, m.digest));
                 }
@@ -424,7 +434,7 @@ pub struct RemotePruneReport {
     pub index: Digest,
 }
 
-/// Compacts the cache at `r`: the steps whose layer a build used at or after
+/// Compacts the cache at `r`: the steps a build used at or after
 /// `now - older_than` (seconds) are pushed as its tag, the others dropped,
 /// and the writer tags read are deleted. The layers themselves stay until
 /// the registry's garbage collection finds no manifest listing them.

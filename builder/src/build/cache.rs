@@ -220,7 +220,7 @@ impl StepCache {
         let have = match crate::registry::read_cache(self.registry(), to, crate::registry::MAX_WRITERS_READ) {
             Ok(c) => c.index,
             Err(e) => {
-                self.reporter.on_notice(&format!("the cache at registry:{to} cannot be read ({e}); this build's steps go in a tag of their own"));
+                self.reporter.on_notice(&format!("the cache at registry:{to} cannot be read ({e}); this build's steps are pushed all the same"));
                 Default::default()
             }
         };

@@ -615,6 +615,7 @@ impl Registry {
                 self.authenticate(r, false).await?;
                 let auth = oci_client::secrets::RegistryAuth::Anonymous;
                 let mut out: Vec<String> = Vec::new();
+                let mut seen: HashSet<String> = HashSet::new();
                 loop {
                     let last = out.last().cloned();
                     let page =
@@ -630,9 +631,9 @@ impl Registry {
                         };
                     let n = page.tags.len();
                     let before = out.len();
-                    out.extend(page.tags.into_iter().filter(|t| !out.contains(t)).collect::<Vec<_>>());
+                    out.extend(page.tags.into_iter().filter(|t| seen.insert(t.clone())));
                     // A registry that ignores `last` answers the same page again: stop.
-                    if n < 1000 || out.len() == before || out.len() > 1_000_000 {
+                    if n < 1000 || out.len() == before || out.len() > 100_000 {
                         return Ok(out);
                     }
                 }
