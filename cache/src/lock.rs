@@ -37,7 +37,7 @@ impl StoreLock {
     }
 
     /// An exclusive lock if no one holds the lock now.
-    pub(crate) fn try_exclusive(path: &Path) -> io::Result<Option<StoreLock>> {
+    pub fn try_exclusive(path: &Path) -> io::Result<Option<StoreLock>> {
         let file = Self::open(path)?;
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Some(StoreLock { _file: file })),

@@ -313,19 +313,28 @@ fn a_command_posing_as_the_container_helper_is_a_failed_step() {
     assert!(r.stderr.contains("code 125") && !r.stderr.contains("could not run the step"), "{}", r.stderr);
 }
 
-/// The step root a killed kiln left (its secrets with it) is removed by the next step.
+/// The step root a killed kiln left (its secrets with it) is removed by the
+/// next step; one another kiln is using (its lock held) is not.
 #[test]
 fn a_step_root_left_by_a_killed_kiln_is_swept() {
     let Some(p) = project("[image]\nname = \"x\"\nbase = \"stage:base\"\n\n[[step]]\nrun = \"true\"\n")
     else {
         return;
     };
-    // A pid that is not running (above the kernel's pid_max).
-    let left = p.cache.join("v1/tmp/chroot-2147483600-abc/root/run/secrets");
+    // A root whose lock nobody holds (its kiln died), and one whose lock is held (alive).
+    let left = p.cache.join("v1/tmp/chroot-7-abc/root/run/secrets");
     fs::create_dir_all(&left).unwrap();
     fs::write(left.join("tok"), "left-behind").unwrap();
+    fs::write(p.cache.join("v1/tmp/chroot-7-abc/alive"), "").unwrap();
+    let live = p.cache.join("v1/tmp/chroot-8-def");
+    fs::create_dir_all(&live).unwrap();
+    let held = fs::File::create(live.join("alive")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) }, 0);
     p.build(&["--backend", "container"]).digest();
-    assert!(!p.cache.join("v1/tmp/chroot-2147483600-abc").exists());
+    assert!(!p.cache.join("v1/tmp/chroot-7-abc").exists(), "the dead root is swept");
+    assert!(live.exists(), "a root whose lock is held is another kiln's, in use");
+    drop(held);
 }
 
 /// Only stdin, stdout and stderr reach a command: a descriptor kiln
@@ -348,4 +357,38 @@ fn descriptors_kiln_inherits_do_not_reach_the_command() {
     let root = unpack(&p, "out");
     let fds = fs::read_to_string(root.join("fds")).unwrap();
     assert_eq!(fds.split_whitespace().collect::<Vec<_>>(), ["0", "1", "2", "3"], "3 is ls's own: {fds}");
+}
+
+/// A step cannot become the helper's user (by `user`, by setuid, or by a
+/// setuid file), which would let it signal the helper.
+#[test]
+fn a_step_cannot_become_the_helpers_user() {
+    let Some(p) = project(
+        r#"
+[image]
+name = "helper-uid"
+base = "stage:base"
+
+[[step]]
+run = """
+mkdir /h && cp /bin/busybox /h/id && chown 2147483646 /h/id && chmod 4755 /h/id
+/h/id -u > /probe-setuid-file
+"""
+"#,
+    ) else {
+        return;
+    };
+    p.build(&["--backend", "container"]).digest();
+    let root = unpack(&p, "out");
+    assert_eq!(
+        fs::read_to_string(root.join("probe-setuid-file")).unwrap(),
+        "0\n",
+        "no_new_privs: the setuid bit does nothing"
+    );
+    // By `user`: refused with the reason.
+    let text = fs::read_to_string(p.path("kiln.toml")).unwrap();
+    p.recipe(&format!("{text}\n[[step]]\nrun = \"true\"\nuser = \"2147483646\"\n"));
+    let r = p.kiln(&["build", "kiln.toml", "--backend", "container"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("the container backend's helper runs as"), "{}", r.stderr);
 }

@@ -512,6 +512,8 @@ impl super::Executor for Container {
             .prefix(&format!("{ROOT_PREFIX}{}-", std::process::id()))
             .tempdir_in(&tmp)
             .map_err(BuildError::io_write(&tmp))?;
+        let alive = work.path().join("alive");
+        let alive = kiln_cache::StoreLock::exclusive(&alive, &|| {}).map_err(BuildError::io_write(&alive))?;
         let w = work.path();
         let root = w.join("root");
         let aside = w.join("aside");
@@ -594,7 +596,10 @@ impl super::Executor for Container {
         moved.safe = exited;
         drop(moved);
         match result? {
-            RunResult::Changed { changes, .. } => Ok(RunResult::Changed { changes, keep: Box::new(work) }),
+            // The folder goes first, then its lock (fields drop in order).
+            RunResult::Changed { changes, .. } => {
+                Ok(RunResult::Changed { changes, keep: Box::new((work, alive)) })
+            }
             other => Ok(other),
         }
     }
@@ -628,21 +633,31 @@ static STEPS: std::sync::RwLock<()> = std::sync::RwLock::new(());
 /// The step roots' folder names in the store's tmp folder: `chroot-PID-…`.
 const ROOT_PREFIX: &str = "chroot-";
 
-/// Removes step roots a killed kiln left (its pid gone), secrets included.
+/// Removes step roots a killed kiln left, secrets included. A live step
+/// holds a lock on its root's `alive` file (a lock, not a pid: kilns in
+/// other containers may share the cache folder, each with its own pids).
 fn sweep_dead_roots(tmp: &Path) {
     let Ok(rd) = fs::read_dir(tmp) else { return };
     for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(ROOT_PREFIX))
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
+        if !e.file_name().to_str().is_some_and(|n| n.starts_with(ROOT_PREFIX)) {
             continue;
-        };
-        let alive = pid > 0 && Path::new("/proc").join(pid.to_string()).exists();
-        if !alive && e.file_type().is_ok_and(|t| t.is_dir()) {
+        }
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let alive = e.path().join("alive");
+        if fs::symlink_metadata(&alive).is_err() {
+            // Made a moment ago, its lock not yet taken; or a root far older.
+            let young = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().map(|d| d < std::time::Duration::from_secs(60)).unwrap_or(true));
+            if !young {
+                let _ = fs::remove_dir_all(e.path());
+            }
+            continue;
+        }
+        if let Ok(Some(_dead)) = kiln_cache::StoreLock::try_exclusive(&alive) {
             let _ = fs::remove_dir_all(e.path());
         }
     }
@@ -952,6 +967,12 @@ fn step(spec: &ChrootSpec) -> ! {
         }
     }
     let user = super::sandbox::resolve_user(&spec.user).unwrap_or_else(|e| fail(&e));
+    if HELPER_UIDS.contains(&user.uid) {
+        fail(&format!(
+            "the step's user id {} is the one the container backend's helper runs as; give the step another user",
+            user.uid
+        ));
+    }
     let mut env = spec.env.clone();
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={}", user.home));
@@ -962,21 +983,20 @@ fn step(spec: &ChrootSpec) -> ! {
     // already on kiln and everything it starts.
     let admin = rustix::thread::capabilities(None)
         .is_ok_and(|c| c.effective.contains(rustix::thread::CapabilitySet::SYS_ADMIN));
+    // no_new_privs always: a filter without CAP_SYS_ADMIN needs it, and it
+    // keeps a setuid file (one the step made, owned by the helper's user)
+    // from making the step the helper's user. Setuid programs in the image
+    // therefore do not raise a step's privileges on this backend.
+    if let Err(e) = rustix::thread::set_no_new_privs(true) {
+        fail(&format!("cannot set no_new_privs: {e}"));
+    }
     if admin {
         if let Err(e) = super::seccomp::install() {
             fail(&format!("cannot install the seccomp filter: {e}"));
         }
     }
-    if !spec.network {
-        if !admin {
-            // A filter without CAP_SYS_ADMIN needs no_new_privs.
-            if let Err(e) = rustix::thread::set_no_new_privs(true) {
-                fail(&format!("cannot set no_new_privs: {e}"));
-            }
-        }
-        if let Err(e) = super::seccomp::install_network_off() {
-            fail(&format!("cannot install the network filter: {e}"));
-        }
+    if let Err(e) = super::seccomp::install_step_filter(spec.network, &HELPER_UIDS) {
+        fail(&format!("cannot install the step's filter: {e}"));
     }
     if let Err(e) = super::confine::drop_capabilities_to(STEP_CAPS) {
         fail(&e);

@@ -722,35 +722,76 @@ pub(crate) fn install() -> std::io::Result<()> {
 const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 /// Syscall numbers at or above this are x86's x32 ABI.
 const X32_BIT: u32 = 0x4000_0000;
+const JA_K: u16 = JA;
 
-/// The network turned off without a network namespace (the container
-/// backend): `socket` works for Unix and netlink sockets only (IPv4, IPv6,
-/// packet, XDP and every other family fail with `EPERM`); `io_uring_setup`
-/// fails (an io_uring can open sockets); and so does every call of another
-/// ABI (32-bit x86, x32), as the local backend's profile refuses them.
-pub(crate) fn network_off_program() -> Vec<libc::sock_filter> {
-    let deny = insn(RET_K, 0, 0, RET_ERRNO | EPERM);
-    let allow = insn(RET_K, 0, 0, RET_ALLOW);
-    // Jumps count instructions after the next one; the index of each is on its right.
-    vec![
-        insn(LD_W_ABS, 0, 0, ARCH),                         // 0
-        insn(JEQ_K, 0, 8, AUDIT_ARCH),                      // 1: else deny
-        insn(LD_W_ABS, 0, 0, NR),                           // 2
-        insn(JGE_K, 6, 0, X32_BIT),                         // 3: deny
-        insn(JEQ_K, 5, 0, libc::SYS_io_uring_setup as u32), // 4: deny
-        insn(JEQ_K, 0, 3, libc::SYS_socket as u32),         // 5: else allow
-        insn(LD_W_ABS, 0, 0, arg_low(0)),                   // 6
-        insn(JEQ_K, 1, 0, libc::AF_UNIX as u32),            // 7: allow
-        insn(JEQ_K, 0, 1, libc::AF_NETLINK as u32),         // 8: allow, else deny
-        allow,                                              // 9
-        deny,                                               // 10
-    ]
+/// Refuses syscall `nr` when any of `args` holds one of `values`.
+fn refuse_when(nr: u32, args: &[u32], values: &[u32]) -> Vec<libc::sock_filter> {
+    let mut body = Vec::new();
+    let checks = args.len() * (1 + values.len());
+    let mut at = 0;
+    for a in args {
+        body.push(insn(LD_W_ABS, 0, 0, arg_low(*a)));
+        at += 1;
+        for v in values {
+            // To the deny after the jump that ends the checks.
+            body.push(insn(JEQ_K, (checks - at) as u8, 0, *v));
+            at += 1;
+        }
+    }
+    body.push(insn(JA_K, 0, 0, 1));
+    body.push(insn(RET_K, 0, 0, RET_ERRNO | EPERM));
+    let mut out = vec![insn(LD_W_ABS, 0, 0, NR), insn(JEQ_K, 0, body.len() as u8, nr)];
+    out.extend(body);
+    out
 }
 
-/// Installs [`network_off_program`] on the calling thread (with
-/// `no_new_privs` unless the caller holds CAP_SYS_ADMIN; see the caller).
-pub(crate) fn install_network_off() -> std::io::Result<()> {
-    let mut p = network_off_program();
+/// Refuses `socket` for every family but `allowed`.
+fn sockets_only(allowed: &[u32]) -> Vec<libc::sock_filter> {
+    let n = allowed.len();
+    let mut body = vec![insn(LD_W_ABS, 0, 0, arg_low(0))];
+    for (i, f) in allowed.iter().enumerate() {
+        // Past the deny at the end of the block.
+        body.push(insn(JEQ_K, (n - i) as u8, 0, *f));
+    }
+    body.push(insn(RET_K, 0, 0, RET_ERRNO | EPERM));
+    let mut out = vec![insn(LD_W_ABS, 0, 0, NR), insn(JEQ_K, 0, body.len() as u8, libc::SYS_socket as u32)];
+    out.extend(body);
+    out
+}
+
+/// The container backend's filter for a step, on top of the container's
+/// own: every call of another ABI (32-bit x86, x32) refused, as the local
+/// backend's profile refuses them; a change to one of `forbidden_uids` (the
+/// helper's, which would let the step signal it) refused; and with the
+/// network off, `socket` for Unix and netlink sockets only (IPv4, IPv6,
+/// packet, XDP and every other family fail with `EPERM`) and no
+/// `io_uring_setup` (an io_uring can open sockets).
+pub(crate) fn step_program(network: bool, forbidden_uids: &[u32]) -> Vec<libc::sock_filter> {
+    let deny = insn(RET_K, 0, 0, RET_ERRNO | EPERM);
+    let mut p = vec![
+        insn(LD_W_ABS, 0, 0, ARCH),
+        insn(JEQ_K, 1, 0, AUDIT_ARCH),
+        deny,
+        insn(LD_W_ABS, 0, 0, NR),
+        insn(JGE_K, 0, 1, X32_BIT),
+        deny,
+    ];
+    p.extend(refuse_when(libc::SYS_setuid as u32, &[0], forbidden_uids));
+    p.extend(refuse_when(libc::SYS_setfsuid as u32, &[0], forbidden_uids));
+    p.extend(refuse_when(libc::SYS_setreuid as u32, &[0, 1], forbidden_uids));
+    p.extend(refuse_when(libc::SYS_setresuid as u32, &[0, 1, 2], forbidden_uids));
+    if !network {
+        p.extend([insn(LD_W_ABS, 0, 0, NR), insn(JEQ_K, 0, 1, libc::SYS_io_uring_setup as u32), deny]);
+        p.extend(sockets_only(&[libc::AF_UNIX as u32, libc::AF_NETLINK as u32]));
+    }
+    p.push(insn(RET_K, 0, 0, RET_ALLOW));
+    p
+}
+
+/// Installs [`step_program`] on the calling thread (with `no_new_privs`
+/// unless the caller holds CAP_SYS_ADMIN; see the caller).
+pub(crate) fn install_step_filter(network: bool, forbidden_uids: &[u32]) -> std::io::Result<()> {
+    let mut p = step_program(network, forbidden_uids);
     let prog = libc::sock_fprog { len: p.len() as u16, filter: p.as_mut_ptr() };
     // SAFETY: as in `install`.
     let r = unsafe {
@@ -856,7 +897,7 @@ mod tests {
 
     #[test]
     fn the_network_off_filter_refuses_ip_sockets_only() {
-        let p = network_off_program();
+        let p = step_program(false, &[7777, 65533]);
         let deny = RET_ERRNO | EPERM;
         let socket = libc::SYS_socket as u32;
         for family in [libc::AF_INET, libc::AF_INET6, libc::AF_PACKET, libc::AF_XDP, libc::AF_VSOCK, 255] {
@@ -873,7 +914,39 @@ mod tests {
         assert_eq!(eval(&p, AUDIT_ARCH, libc::SYS_openat as u32, [2; 6]), RET_ALLOW);
         assert_eq!(eval(&p, AUDIT_ARCH, X32_BIT | 41, [2; 6]), deny, "x32 socket");
         assert_eq!(eval(&p, AUDIT_ARCH_I386, 102, [1; 6]), deny, "i386 socketcall");
-        assert_eq!(eval(&p, AUDIT_ARCH_I386, 425, [0; 6]), deny, "i386 io_uring_setup");
         assert_eq!(eval(&p, AUDIT_ARCH_I386, 5, [0; 6]), deny, "another ABI altogether");
+        // With the network on, sockets and io_uring are the container's business.
+        let on = step_program(true, &[7777, 65533]);
+        assert_eq!(eval(&on, AUDIT_ARCH, socket, [libc::AF_INET as u64, 1, 0, 0, 0, 0]), RET_ALLOW);
+        assert_eq!(eval(&on, AUDIT_ARCH, libc::SYS_io_uring_setup as u32, [0; 6]), RET_ALLOW);
+        assert_eq!(eval(&on, AUDIT_ARCH_I386, 5, [0; 6]), deny, "other ABIs stay refused");
+    }
+
+    #[test]
+    fn a_step_cannot_take_the_helpers_user_id() {
+        for network in [false, true] {
+            let p = step_program(network, &[7777, 65533]);
+            let deny = RET_ERRNO | EPERM;
+            let nr = |n: libc::c_long| n as u32;
+            assert_eq!(eval(&p, AUDIT_ARCH, nr(libc::SYS_setuid), [7777, 0, 0, 0, 0, 0]), deny);
+            assert_eq!(eval(&p, AUDIT_ARCH, nr(libc::SYS_setfsuid), [65533, 0, 0, 0, 0, 0]), deny);
+            assert_eq!(eval(&p, AUDIT_ARCH, nr(libc::SYS_setreuid), [1000, 7777, 0, 0, 0, 0]), deny);
+            assert_eq!(eval(&p, AUDIT_ARCH, nr(libc::SYS_setresuid), [0, 0, 65533, 0, 0, 0]), deny);
+            assert_eq!(
+                eval(&p, AUDIT_ARCH, nr(libc::SYS_setresuid), [1000, 1000, 1000, 7777, 0, 0]),
+                RET_ALLOW,
+                "arg 3 is not a uid"
+            );
+            assert_eq!(
+                eval(&p, AUDIT_ARCH, nr(libc::SYS_setuid), [1000, 7777, 0, 0, 0, 0]),
+                RET_ALLOW,
+                "setuid has one argument"
+            );
+            assert_eq!(
+                eval(&p, AUDIT_ARCH, nr(libc::SYS_setreuid), [u32::MAX as u64, 0, 0, 0, 0, 0]),
+                RET_ALLOW
+            );
+            assert_eq!(eval(&p, AUDIT_ARCH, nr(libc::SYS_setgid), [7777, 0, 0, 0, 0, 0]), RET_ALLOW);
+        }
     }
 }
