@@ -171,6 +171,13 @@ network = true
     assert_eq!(read("proc"), "no\n", "no /proc of the container");
     assert!(read("net").contains("not permitted"), "IP sockets are refused: {}", read("net"));
     assert!(!read("net-on").contains("not permitted"), "network = true: {}", read("net-on"));
+
+    // A command that needs /proc fails, and the hint says why.
+    let text = fs::read_to_string(p.path("kiln.toml")).unwrap();
+    p.recipe(&format!("{text}\n[[step]]\nrun = \"cat /proc/cpuinfo\"\n"));
+    let r = p.kiln(&["build", "kiln.toml", "--backend", "container"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("no /proc and no /sys"), "{}", r.stderr);
 }
 
 /// Processes a step leaves running are killed when it ends; a secret is

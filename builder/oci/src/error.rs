@@ -62,11 +62,26 @@ pub enum BuildError {
 
     /// A `run` step's command exited non-zero.
     #[error("{location}: step {step} failed: `{command}` exited with code {code}{}", tail_text(tail))]
-    CommandFailed { location: String, step: String, command: String, code: i32, tail: Vec<String> },
+    CommandFailed {
+        location: String,
+        step: String,
+        command: String,
+        code: i32,
+        tail: Vec<String>,
+        /// What the backend knows that may explain it (shown in the hint).
+        note: Option<FailNote>,
+    },
 
     /// A `run` step's command ran past its time limit and was killed.
     #[error("{location}: step {step} failed: `{command}` ran past its time limit of {limit} and was stopped, with every process it started{}", tail_text(tail))]
     TimedOut { location: String, step: String, command: String, limit: String, tail: Vec<String> },
+}
+
+/// What a backend knows about a failed command that may explain it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailNote {
+    /// It looked for /proc or /sys, which the container backend cannot mount.
+    NoProcInContainer,
 }
 
 fn tail_text(tail: &[String]) -> String {
@@ -147,9 +162,13 @@ impl BuildError {
             BuildError::Registry(e) => e.hint(),
             BuildError::Environment { hint, .. } => Some(hint.clone()),
             BuildError::Integrity { hint, .. } if !hint.is_empty() => Some(hint.clone()),
-            BuildError::CommandFailed { .. } => Some(
-                "fix the command; the steps before it stay cached, so the next build starts here".into(),
-            ),
+            BuildError::CommandFailed { note, .. } => Some(format!(
+                "{}fix the command; the steps before it stay cached, so the next build starts here",
+                match note {
+                    Some(FailNote::NoProcInContainer) => "the container backend has no /proc and no /sys in a step (an unprivileged container allows no mount); build such a step where the local or docker backend runs, or ",
+                    None => "",
+                }
+            )),
             BuildError::TimedOut { .. } => Some(
                 "raise the step's `timeout` (or `--step-timeout`), or find what it waits for; nothing of it was cached, and the steps before it stay cached".into(),
             ),

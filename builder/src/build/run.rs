@@ -70,7 +70,8 @@ pub(super) fn run_step(
     let values: Vec<&[u8]> = secrets.iter().map(|s| s.value.as_slice()).filter(|v| !v.is_empty()).collect();
     let mut on_line = |line: &str| env.reporter.on_step_output(info, &exec::cut_line(redact(line, &values)));
     let limit = req.timeout;
-    let result = (env.executor)()?.run(env.store, &req, &mut on_line)?;
+    let executor = (env.executor)()?;
+    let result = executor.run(env.store, &req, &mut on_line)?;
     let (location, step, command) =
         (format!("{}:{}", env.recipe.file.display(), info.line), step_label(info), run.command.text());
     let shown = |tail: Vec<String>| tail.iter().map(|l| exec::cut_line(redact(l, &values))).collect();
@@ -84,7 +85,12 @@ pub(super) fn run_step(
             tail: shown(tail),
         }),
         RunResult::Failed { code, tail } => {
-            Err(BuildError::CommandFailed { location, step, command, code, tail: shown(tail) })
+            // The container backend can mount nothing: a command that looked
+            // for /proc or /sys did not find them.
+            let note = (executor.name() == "container"
+                && tail.iter().any(|l| l.contains("/proc") || l.contains("/sys")))
+            .then_some(kiln_oci::error::FailNote::NoProcInContainer);
+            Err(BuildError::CommandFailed { location, step, command, code, tail: shown(tail), note })
         }
     }
 }
@@ -227,13 +233,14 @@ pub(super) fn configure_step(
     };
     let rp = RunPlan { argv: driver.argv, env: plan.env, user: "0".into(), workdir: "/".into() };
     run_step(env, step, info, &run, rp, parent).map_err(|e| match e {
-        BuildError::CommandFailed { location, step, code, tail, .. } => BuildError::CommandFailed {
+        BuildError::CommandFailed { location, step, code, tail, note, .. } => BuildError::CommandFailed {
             location,
             step,
             command: crate::packages::configure::failed(&tail, &driver.order)
                 .unwrap_or_else(|| "the packages' maintainer scripts".into()),
             code,
             tail,
+            note,
         },
         e => e,
     })
