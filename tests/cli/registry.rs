@@ -219,6 +219,14 @@ entrypoint = ["/bin/busybox", "cat", "/msg"]
     Some(p)
 }
 
+/// `PUT` of a manifest (`body`, of `media_type`) to a registry URL, with curl.
+fn put_manifest(url: &str, media_type: &str, body: &str) -> std::process::Output {
+    Command::new("curl")
+        .args(["-sf", "-X", "PUT", "-H", &format!("Content-Type: {media_type}"), "--data-binary", body, url])
+        .output()
+        .unwrap()
+}
+
 fn layout_layers(dir: &std::path::Path) -> Vec<String> {
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
@@ -352,19 +360,11 @@ fn a_pushed_image_is_read_by_skopeo_and_docker_and_builds_on_as_a_base() {
         };
         let index = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
             "manifests": [entry(&digest, other_arch), entry(&moved, host_arch)]});
-        let put = Command::new("curl")
-            .args([
-                "-sf",
-                "-X",
-                "PUT",
-                "-H",
-                "Content-Type: application/vnd.oci.image.index.v1+json",
-                "--data-binary",
-            ])
-            .arg(index.to_string())
-            .arg(format!("http://{host}/v2/kiln/app/manifests/multi"))
-            .output()
-            .unwrap();
+        let put = put_manifest(
+            &format!("http://{host}/v2/kiln/app/manifests/multi"),
+            "application/vnd.oci.image.index.v1+json",
+            &index.to_string(),
+        );
         assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
         let m = Project::new();
         m.recipe(&format!("[image]\nname = \"app\"\nbase = \"registry:{host}/kiln/app:multi\"\n"));
@@ -555,13 +555,11 @@ fn a_fresh_runner_gets_every_step_from_the_registry_cache_and_only_the_final_lay
         for l in index["layers"].as_array_mut().unwrap() {
             l["annotations"]["dev.kiln.cache.diff-id"] = serde_json::json!(wrong);
         }
-        let put = Command::new("curl")
-            .args(["-sf", "-X", "PUT", "-H", "Content-Type: application/vnd.oci.image.manifest.v1+json"])
-            .arg("--data-binary")
-            .arg(index.to_string())
-            .arg(format!("{url}/tampered"))
-            .output()
-            .unwrap();
+        let put = put_manifest(
+            &format!("{url}/tampered"),
+            "application/vnd.oci.image.manifest.v1+json",
+            &index.to_string(),
+        );
         assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
         let t = fleet_project().unwrap();
         let rt = isolated(&t, &["build", "kiln.toml", "--cache-from", &format!("{cache}:tampered")]);
@@ -584,13 +582,11 @@ fn a_fresh_runner_gets_every_step_from_the_registry_cache_and_only_the_final_lay
         for (i, l) in layers.iter_mut().enumerate() {
             l["annotations"]["dev.kiln.cache.diff-id"] = ids[(i + 1) % ids.len()].clone();
         }
-        let put = Command::new("curl")
-            .args(["-sf", "-X", "PUT", "-H", "Content-Type: application/vnd.oci.image.manifest.v1+json"])
-            .arg("--data-binary")
-            .arg(rotated.to_string())
-            .arg(format!("{url}/rotated"))
-            .output()
-            .unwrap();
+        let put = put_manifest(
+            &format!("{url}/rotated"),
+            "application/vnd.oci.image.manifest.v1+json",
+            &rotated.to_string(),
+        );
         assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
         let w = fleet_project().unwrap();
         assert_eq!(isolated(&w, &["build", "kiln.toml", "--cache-from", &cache]).code, 0);
@@ -1124,19 +1120,11 @@ fn a_fleet_shares_one_registry_cache_without_losing_entries_and_prune_keeps_what
                 *v = serde_json::json!(format!("{layer} {old}"));
             }
         }
-        let put = Command::new("curl")
-            .args([
-                "-sf",
-                "-X",
-                "PUT",
-                "-H",
-                "Content-Type: application/vnd.oci.image.manifest.v1+json",
-                "--data-binary",
-            ])
-            .arg(m.to_string())
-            .arg(format!("{base}/manifests/{t}"))
-            .output()
-            .unwrap();
+        let put = put_manifest(
+            &format!("{base}/manifests/{t}"),
+            "application/vnd.oci.image.manifest.v1+json",
+            &m.to_string(),
+        );
         assert!(put.status.success());
     }
     let again = recipes[0].kiln(&[
@@ -1210,4 +1198,41 @@ fn a_fleet_shares_one_registry_cache_without_losing_entries_and_prune_keeps_what
     ]);
     assert_eq!(ran_lines(&three), ["RAN-three"], "pruned steps run again: {}", three.stderr);
     assert_eq!(three.digest(), digests[2]);
+}
+
+/// A hostile or broken writer tag (not a kiln index, or an index naming a
+/// layer the registry lacks the diff_id of) among a cache's tags is
+/// skipped: the builds reading the cache go on with the others, and a
+/// prune leaves it in place.
+#[test]
+fn a_writer_tag_that_is_not_a_kiln_index_is_skipped() {
+    if !require_root() || !require("curl") {
+        return;
+    }
+    let Some(reg) = TestRegistry::start(None) else { return };
+    let Some(a) = fleet_project() else { return };
+    let Some(b) = fleet_project() else { return };
+    let cache = format!("registry:{}/kiln/junk", reg.host());
+    let da = isolated(&a, &["build", "kiln.toml", "--cache-to", &cache]).digest();
+    let junk = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.example.not-kiln", "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+        "digest": format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"{}"))), "size": 2},
+        "layers": [], "annotations": {"dev.kiln.cache.step.zz": "\u{1b}[2J not a digest"}});
+    let url = format!("http://{}/v2/kiln/junk/manifests/kiln-cache-w-99999999999-junk", reg.host());
+    let put = put_manifest(&url, "application/vnd.oci.image.manifest.v1+json", &junk.to_string());
+    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    let rb = isolated(&b, &["build", "kiln.toml", "--progress", "json", "--cache-from", &cache]);
+    assert_eq!(rb.digest(), da);
+    assert!(rb.cached().iter().all(|c| *c), "every step from the good writer tag: {}", rb.stderr);
+    assert!(!rb.stderr.contains('\u{1b}'), "nothing of the junk is echoed: {}", rb.stderr);
+    let pruned = isolated(&b, &["cache", "prune", "--remote", &cache, "--older-than", "1d"]);
+    assert_eq!(pruned.code, 0, "{}", pruned.stderr);
+    let tags = Command::new("curl")
+        .args(["-sf", &format!("http://{}/v2/kiln/junk/tags/list", reg.host())])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&tags.stdout).contains("kiln-cache-w-99999999999-junk"),
+        "the junk is not kiln's to delete"
+    );
 }

@@ -541,19 +541,7 @@ impl super::Executor for Container {
             .map_err(BuildError::io_write(w))?;
         tracing::debug!(elapsed = ?t.elapsed(), paths = before.len(), "root laid out");
 
-        let memfds = super::local::secret_memfds(req.secrets)?;
-        let secrets: Vec<SandboxSecret> = req
-            .secrets
-            .iter()
-            .zip(&memfds)
-            .map(|(s, fd)| SandboxSecret {
-                id: s.id.clone(),
-                fd: std::os::fd::AsRawFd::as_raw_fd(fd),
-                uid: s.uid,
-                gid: s.gid,
-                mode: s.mode,
-            })
-            .collect();
+        let (_memfds, secrets) = super::local::sandbox_secrets(req.secrets)?;
         let spec = ChrootSpec {
             root: root.clone(),
             argv: req.argv.clone(),
@@ -671,38 +659,19 @@ fn run_helper(
     secrets: &[SandboxSecret],
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(i32, Vec<String>, bool), BuildError> {
-    let exe = std::env::current_exe().map_err(|e| BuildError::Environment {
-        message: format!("Cannot find kiln's own executable to start the step: {e}"),
-        hint: "run kiln from a path that exists".into(),
-    })?;
     let (reader, writer) = std::io::pipe().map_err(BuildError::io_write(spec_path))?;
-    let mut command = Command::new(exe);
-    if !secrets.is_empty() {
-        let fds: Vec<i32> = secrets.iter().map(|s| s.fd).collect();
-        // SAFETY: only fcntl between fork and exec (async-signal-safe), as in the local backend.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                for fd in &fds {
-                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-    }
+    let mut command = super::local::helper_command("__chroot", spec_path, secrets)?;
     let mut child = command
-        .arg("__chroot")
-        .arg(spec_path)
         .stdin(Stdio::null())
         .stdout(writer.try_clone().map_err(BuildError::io_write(spec_path))?)
         .stderr(writer)
-        .env_clear()
         .spawn()
         .map_err(|e| BuildError::Environment {
             message: format!("Cannot start the step's helper: {e}"),
             hint: "check that kiln's executable can be run".into(),
         })?;
+    // The command holds kiln's copies of the pipe's write end: drop them, or
+    // the output would never end.
     drop(command);
     let tail = super::pump_lines(reader, on_line);
     let status = child.wait().map_err(BuildError::io_read(spec_path))?;
@@ -771,7 +740,6 @@ extern "C" fn on_term(_: libc::c_int) {
 /// it is told (SIGTERM), kills the step and empties the secrets' files.
 pub fn main(spec_path: &Path) -> ! {
     use nix::sys::signal::Signal;
-    use nix::sys::wait::{waitpid, WaitStatus};
     use nix::unistd::{fork, ForkResult};
     let spec: ChrootSpec = match fs::read(spec_path)
         .map_err(|e| e.to_string())
@@ -817,33 +785,9 @@ pub fn main(spec_path: &Path) -> ! {
         Ok(ForkResult::Child) => step(&spec),
         Ok(ForkResult::Parent { child }) => child,
     };
-    let deadline = spec.timeout_ms.map(|ms| {
-        super::sandbox::arm_alarm(ms);
-        std::time::Instant::now() + std::time::Duration::from_millis(ms)
+    let (code, timed_out) = super::sandbox::wait_for(child, spec.timeout_ms, &|| {
+        TERMINATED.load(std::sync::atomic::Ordering::SeqCst)
     });
-    if deadline.is_none() {
-        super::sandbox::arm_alarm(0);
-    }
-    let mut timed_out = false;
-    let code = loop {
-        if TERMINATED.load(std::sync::atomic::Ordering::SeqCst) {
-            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-        }
-        match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, code)) => break code,
-            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => {
-                if !timed_out && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-                    timed_out = true;
-                }
-                continue;
-            }
-            Err(e) => fail(&format!("cannot wait for the command: {e}")),
-        }
-    };
-    super::sandbox::arm_alarm(0);
     kill_the_rest();
     for s in &spec.secrets {
         empty_secret(&spec.root, &s.id);
@@ -892,8 +836,6 @@ fn kill_the_rest() {
 /// (opened without following a symlink; nothing has run in the root yet),
 /// then its owner and mode.
 fn write_secret(root: &Path, s: &SandboxSecret) -> std::io::Result<()> {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::fs::FileExt;
     let mut rd = RootDir::open(root)?;
     let rel = format!("run/secrets/{}", s.id);
     let (dir, name) = rd.parent(&rel, None)?;
@@ -904,20 +846,7 @@ fn write_secret(root: &Path, s: &SandboxSecret) -> std::io::Result<()> {
         Mode::empty(),
     )?;
     // The file exists: no create, so its folder keeps its ctime.
-    let mut out = fs::File::from(fd);
-    // SAFETY: the descriptor was inherited for this and nothing else owns it here.
-    let src = std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(s.fd) });
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut at = 0u64;
-    loop {
-        let n = src.read_at(&mut buf, at)?;
-        if n == 0 {
-            break;
-        }
-        std::io::Write::write_all(&mut out, &buf[..n])?;
-        at += n as u64;
-    }
-    crate::own_secret(&out, s.uid, s.gid, s.mode)
+    s.write_into(&mut fs::File::from(fd))
 }
 
 /// Empties a secret's file once the step is over (its folder is removed

@@ -143,19 +143,7 @@ fn run(
     // Secrets live in memory files the helper inherits and binds into the
     // sandbox: they are never a path on any filesystem, and nothing is left
     // behind whatever happens to kiln.
-    let memfds = secret_memfds(req.secrets)?;
-    let secrets: Vec<SandboxSecret> = req
-        .secrets
-        .iter()
-        .zip(&memfds)
-        .map(|(s, fd)| SandboxSecret {
-            id: s.id.clone(),
-            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
-            uid: s.uid,
-            gid: s.gid,
-            mode: s.mode,
-        })
-        .collect();
+    let (_memfds, secrets) = sandbox_secrets(req.secrets)?;
     // /etc/hosts, /etc/hostname and /etc/resolv.conf as the engine makes them:
     // loopback names, the hostname, and the host's resolvers when the network is on.
     let mut etc_files = Vec::new();
@@ -199,35 +187,12 @@ fn run(
     fs::write(&spec_path, serde_json::to_vec(&spec).expect("json"))
         .map_err(BuildError::io_write(&spec_path))?;
 
-    let exe = std::env::current_exe().map_err(|e| BuildError::Environment {
-        message: format!("Cannot find kiln's own executable to start the sandbox: {e}"),
-        hint: "run kiln from a path that exists".into(),
-    })?;
     let (reader, writer) = std::io::pipe().map_err(BuildError::io_write(&tmp))?;
-    let mut command = Command::new(exe);
-    if !secrets.is_empty() {
-        let fds: Vec<i32> = secrets.iter().map(|s| s.fd).collect();
-        // SAFETY: only fcntl between fork and exec (async-signal-safe); the
-        // descriptors stay close-on-exec in kiln, so no other child (a
-        // step of another stage) ever inherits them.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                for fd in &fds {
-                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-    }
+    let mut command = helper_command("__sandbox", &spec_path, &secrets)?;
     let mut child = command
-        .arg("__sandbox")
-        .arg(&spec_path)
         .stdin(if rootless.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(writer.try_clone().map_err(BuildError::io_write(&tmp))?)
         .stderr(writer)
-        .env_clear()
         .spawn()
         .map_err(|e| BuildError::Environment {
             message: format!("Cannot start the sandbox helper: {e}"),
@@ -269,8 +234,61 @@ fn run(
     Ok(RunResult::Changed { changes, keep: Box::new(work) })
 }
 
+/// The secrets as a helper gets them: each in a memory file (kept open
+/// by the returned descriptors while the helper runs) it inherits.
+pub(crate) fn sandbox_secrets(
+    secrets: &[crate::SecretFile],
+) -> Result<(Vec<std::os::fd::OwnedFd>, Vec<SandboxSecret>), BuildError> {
+    let memfds = secret_memfds(secrets)?;
+    let handed = secrets
+        .iter()
+        .zip(&memfds)
+        .map(|(s, fd)| SandboxSecret {
+            id: s.id.clone(),
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            uid: s.uid,
+            gid: s.gid,
+            mode: s.mode,
+        })
+        .collect();
+    Ok((memfds, handed))
+}
+
+/// Starts building `kiln SUBCOMMAND SPEC` (the sandbox or chroot helper):
+/// kiln's own executable, an empty environment, and the secrets' memory
+/// files made inheritable in the child only.
+pub(crate) fn helper_command(
+    subcommand: &str,
+    spec: &std::path::Path,
+    secrets: &[SandboxSecret],
+) -> Result<Command, BuildError> {
+    let exe = std::env::current_exe().map_err(|e| BuildError::Environment {
+        message: format!("Cannot find kiln's own executable to start the step's helper: {e}"),
+        hint: "run kiln from a path that exists".into(),
+    })?;
+    let mut command = Command::new(exe);
+    if !secrets.is_empty() {
+        let fds: Vec<i32> = secrets.iter().map(|s| s.fd).collect();
+        // SAFETY: only fcntl between fork and exec (async-signal-safe); the
+        // descriptors stay close-on-exec in kiln, so no other child (a
+        // step of another stage) ever inherits them.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                for fd in &fds {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    command.arg(subcommand).arg(spec).env_clear();
+    Ok(command)
+}
+
 /// Each secret in a sealed memory file (`memfd`), 0400, close-on-exec.
-pub(crate) fn secret_memfds(secrets: &[crate::SecretFile]) -> Result<Vec<std::os::fd::OwnedFd>, BuildError> {
+fn secret_memfds(secrets: &[crate::SecretFile]) -> Result<Vec<std::os::fd::OwnedFd>, BuildError> {
     use std::io::Write as _;
     let mut out = Vec::new();
     for crate::SecretFile { id, value, .. } in secrets {

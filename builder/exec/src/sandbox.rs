@@ -194,31 +194,8 @@ pub fn main(spec_path: &Path) -> ! {
         Err(e) => fail(&format!("cannot fork: {e}")),
         Ok(ForkResult::Child) => child(&spec),
         Ok(ForkResult::Parent { child }) => {
-            let deadline = spec.timeout_ms.map(|ms| {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
-                arm_alarm(ms);
-                deadline
-            });
-            let mut timed_out = false;
-            let code = loop {
-                match waitpid(child, None) {
-                    Ok(WaitStatus::Exited(_, code)) => break code,
-                    Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
-                    Ok(_) => continue,
-                    Err(nix::errno::Errno::EINTR) => {
-                        if !timed_out && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                            // PID 1 of the namespace: the kernel kills the rest.
-                            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-                            timed_out = true;
-                        }
-                        continue;
-                    }
-                    Err(e) => fail(&format!("cannot wait for the command: {e}")),
-                }
-            };
-            if deadline.is_some() {
-                arm_alarm(0);
-            }
+            // PID 1 of the namespace: killing it, the kernel kills the rest.
+            let (code, timed_out) = wait_for(child, spec.timeout_ms, &|| false);
             if timed_out {
                 if let Some(plan) = &spec.rootless {
                     finish_rootless(&spec, plan, false);
@@ -620,22 +597,69 @@ pub(crate) struct SandboxSecret {
 /// then gives it its owner and mode (ids as the sandbox's user namespace
 /// sees them, when kiln is not root).
 fn copy_secret(s: &SandboxSecret, dest: &Path) -> std::io::Result<()> {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    // SAFETY: the descriptor was inherited for this and nothing else owns it here.
-    let src = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(s.fd) });
+    use std::os::unix::fs::OpenOptionsExt;
     let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(dest)?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut at = 0u64;
-    loop {
-        // At an offset: kiln shares the descriptor's position.
-        let n = src.read_at(&mut buf, at)?;
-        if n == 0 {
-            return crate::own_secret(&out, s.uid, s.gid, s.mode);
+    s.write_into(&mut out)
+}
+
+impl SandboxSecret {
+    /// Writes the secret's bytes (from the memory file kiln handed over)
+    /// into `out`, then gives it the secret's owner and mode.
+    pub(crate) fn write_into(&self, out: &mut std::fs::File) -> std::io::Result<()> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::fs::FileExt;
+        // SAFETY: the descriptor was inherited for this and nothing else owns it here.
+        let src = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(self.fd) });
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut at = 0u64;
+        loop {
+            // At an offset: kiln shares the descriptor's position.
+            let n = src.read_at(&mut buf, at)?;
+            if n == 0 {
+                return crate::own_secret(out, self.uid, self.gid, self.mode);
+            }
+            std::io::Write::write_all(out, &buf[..n])?;
+            at += n as u64;
         }
-        std::io::Write::write_all(&mut out, &buf[..n])?;
-        at += n as u64;
     }
+}
+
+/// Waits for the helper's `child` (the command), killing it once
+/// `timeout_ms` have passed or when `stop` says so; its exit code (128 +
+/// signal when killed by one) and whether the time limit killed it.
+pub(crate) fn wait_for(
+    child: nix::unistd::Pid,
+    timeout_ms: Option<u64>,
+    stop: &dyn Fn() -> bool,
+) -> (i32, bool) {
+    let deadline = timeout_ms.map(|ms| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+        arm_alarm(ms);
+        deadline
+    });
+    let mut timed_out = false;
+    let code = loop {
+        if stop() {
+            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+        }
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => {
+                if !timed_out && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                    timed_out = true;
+                }
+                continue;
+            }
+            Err(e) => fail(&format!("cannot wait for the command: {e}")),
+        }
+    };
+    if deadline.is_some() {
+        arm_alarm(0);
+    }
+    (code, timed_out)
 }
 
 /// `argv[0]` found through the image's PATH, as the engine does.
