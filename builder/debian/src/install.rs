@@ -129,11 +129,33 @@ fn decoder<'a>(name: &str, r: impl Read + 'a, package: &str) -> Result<Box<dyn R
 
 /// Reads one `.deb` (already checked against its sha256): its control
 /// files, and its data walked into `scratch`.
+/// Where a .deb's files go as they are decoded, besides the scratch file:
+/// the store's file pool, under the metadata the layer gives them (the
+/// recipe's epoch as their time), when the layer is about to be made as a
+/// folder (see [`kiln_oci::unpack::put_in_pool`]).
+pub(crate) struct PrePool<'a> {
+    pub(crate) dir: &'a Path,
+    pub(crate) mtime: u64,
+}
+
+/// Files larger than this are not pooled as they are decoded (their bytes
+/// would be held in memory): the layer writer pools them as before.
+const PRE_POOL_MAX: u64 = 8 << 20;
+
+/// A decoded file on its way to the pool: its bytes (the buffer is reused
+/// file after file) and its mode, uid and gid.
+#[derive(Default)]
+struct Held {
+    bytes: Vec<u8>,
+    meta: Option<(u32, u32, u32)>,
+}
+
 pub(crate) fn unpack_deb(
     deb: &Path,
     package: &str,
     sha256: &Digest,
     scratch: &Path,
+    pool: Option<&PrePool<'_>>,
 ) -> Result<Unpacked, BuildError> {
     let mut f = File::open(deb).map_err(BuildError::io_read(deb))?;
     let members = ar_members(&mut f, package)?;
@@ -213,11 +235,19 @@ pub(crate) fn unpack_deb(
     let mut written = 0u64;
     let mut entries = Vec::new();
     let mut shas = Vec::new();
+    // A file's bytes and metadata, held from its visit to its listing
+    // (which brings the digest the walker took of them) to be pooled.
+    let held = std::cell::RefCell::new(Held::default());
     let mut listed = |l: crate::listing::ListEntry| {
-        shas.push(match l.kind {
+        let sha = match l.kind {
             crate::listing::Kind::File { sha256, .. } => Some(sha256),
             _ => None,
-        });
+        };
+        let mut h = held.borrow_mut();
+        if let (Some(sha), Some((mode, uid, gid)), Some(pool)) = (sha, h.meta.take(), pool) {
+            kiln_oci::unpack::put_in_pool(pool.dir, &sha, &h.bytes, mode, uid, gid, pool.mtime);
+        }
+        shas.push(sha);
         Ok(())
     };
     walk_layer_listed(
@@ -225,8 +255,18 @@ pub(crate) fn unpack_deb(
         sha256,
         &mut |e, r| {
             let offset = written;
-            if let TarKind::File { .. } = e.kind {
-                written += std::io::copy(r, &mut out)?;
+            match *e.kind {
+                // Files with xattrs keep their own inodes (not pooled).
+                TarKind::File { size } if pool.is_some() && size <= PRE_POOL_MAX && e.xattrs.is_empty() => {
+                    let mut h = held.borrow_mut();
+                    h.bytes.clear();
+                    r.read_to_end(&mut h.bytes)?;
+                    out.write_all(&h.bytes)?;
+                    written += h.bytes.len() as u64;
+                    h.meta = Some((e.mode, e.uid, e.gid));
+                }
+                TarKind::File { .. } => written += std::io::copy(r, &mut out)?,
+                _ => {}
             }
             if e.path.split('/').any(|c| c.starts_with(kiln_oci::whiteout::WHITEOUT)) {
                 return Err(std::io::Error::other(format!("`{}` is a whiteout name", e.path)));

@@ -26,6 +26,7 @@ pub mod sbom;
 // The formats this crate writes, under the names its modules use.
 pub(crate) use kiln_oci::{error, image, layer, listing, tarball};
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -614,6 +615,9 @@ fn tampered(p: &LockedPackage, what: &str) -> BuildError {
 /// downloaded first: each `.deb` is unpacked (on every core: xz decoding
 /// is most of the time) as soon as it is in the store, while the rest
 /// download. The file data sits in `scratch` until the layer is written.
+/// With `pool` (the layer is about to be made as a folder too), the files
+/// also go into the store's file pool as they are decoded, so that making
+/// the folder, after the last download, is mostly links.
 #[allow(clippy::too_many_arguments)]
 pub fn fetch_and_unpack(
     store: &Store,
@@ -622,10 +626,16 @@ pub fn fetch_and_unpack(
     lock: &PackageLock,
     epoch: u64,
     scratch: &Path,
+    pool: Option<&Path>,
     below: &install::Below<'_>,
     reporter: &dyn Reporter,
 ) -> Result<Vec<LayerEntry>, BuildError> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // Best effort, as each file put there: without the folder, the layer
+    // writer makes every file itself.
+    let pool = pool
+        .filter(|dir| std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).is_ok())
+        .map(|dir| install::PrePool { dir, mtime: epoch });
     let slots: Vec<std::sync::Mutex<Option<Result<install::Unpacked, BuildError>>>> =
         lock.packages.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let (ready, queue) = std::sync::mpsc::channel::<usize>();
@@ -638,7 +648,13 @@ pub fn fetch_and_unpack(
                 let p = &lock.packages[i];
                 let d = deb_digest(p);
                 let r = store.open_blob(&d).map_err(BuildError::from).and_then(|_| {
-                    install::unpack_deb(&store.blob_path(&d), &p.name, &d, &scratch.join(format!("{i}.data")))
+                    install::unpack_deb(
+                        &store.blob_path(&d),
+                        &p.name,
+                        &d,
+                        &scratch.join(format!("{i}.data")),
+                        pool.as_ref(),
+                    )
                 });
                 *slots[i].lock().expect("slot") = Some(r);
             });

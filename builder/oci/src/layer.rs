@@ -707,6 +707,48 @@ mod tests {
         assert_eq!(Digest::of(&tar), blob.diff_id);
     }
 
+    /// A .deb's files are put in the pool as they are decoded: the layer's
+    /// folder links them (the names agree) and the tar is unchanged; a
+    /// pool file of other metadata is not taken for the entry.
+    #[test]
+    fn files_put_in_the_pool_beforehand_are_linked_with_their_metadata() {
+        if !as_root() {
+            return;
+        }
+        let (dir, store, scratch) = setup();
+        let (blob, _) = write_layer(&store, entries(&scratch, false), 7).unwrap();
+        let pool = crate::unpack::pool_dir(&store);
+        std::fs::create_dir_all(&pool).unwrap();
+        let sha = Digest::of(b"hello\n");
+        assert!(crate::unpack::put_in_pool(&pool, &sha, b"hello\n", 0o100755, 0, 0, 7));
+        // The same content under another mode and another time: other files.
+        assert!(crate::unpack::put_in_pool(&pool, &sha, b"hello\n", 0o100644, 0, 0, 7));
+        assert!(crate::unpack::put_in_pool(&pool, &sha, b"hello\n", 0o100755, 0, 0, 8));
+        let ino = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let pooled: Vec<PathBuf> = std::fs::read_dir(&pool).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(pooled.len(), 3, "{pooled:?}");
+        let theirs =
+            pooled.iter().find(|p| p.to_string_lossy().ends_with(&format!("{}-755-0-0-7", sha.hex())));
+        let theirs = theirs.expect("named as the layer writer names it");
+        let md = std::fs::metadata(theirs).unwrap();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777, 0o755);
+        assert_eq!(std::os::unix::fs::MetadataExt::mtime(&md), 7);
+        // Put again: the file the pool has is kept, not replaced.
+        assert!(crate::unpack::put_in_pool(&pool, &sha, b"other\n", 0o100755, 0, 0, 7));
+        assert_eq!(std::fs::read(theirs).unwrap(), b"hello\n");
+        let before = ino(theirs);
+        let folder = dir.path().join("root");
+        let (staged, _) = write_layer_staged(&store, entries(&scratch, true), 7, &folder, None).unwrap();
+        assert_eq!(staged.finish().unwrap(), blob, "the same blob");
+        assert_eq!(ino(&folder.join("usr/bin/small")), before, "linked from the pool, not written");
+        // Nothing half-made is left in the pool.
+        assert!(std::fs::read_dir(&pool).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".tmp-")));
+    }
+
     #[test]
     fn a_known_blob_of_the_same_tar_is_taken_without_compressing_and_another_tar_is_not() {
         if !as_root() {

@@ -65,6 +65,47 @@ struct Pending {
     mtime: u64,
 }
 
+/// The pool file of a content (its sha256) with this metadata.
+fn pool_name(pool: &Path, sha: &Digest, mode: u32, uid: u32, gid: u32, mtime: u64) -> PathBuf {
+    pool.join(format!("{}-{:o}-{uid}-{gid}-{mtime}", sha.hex(), mode & 0o7777))
+}
+
+/// Puts `bytes`, whose sha256 the caller took as it read them, into the
+/// pool with this metadata, unless the pool has that file: the layer
+/// writer then links it instead of writing it (a .deb's files are pooled
+/// as they are decoded, while the rest download). Returns whether the pool
+/// has it now. Best effort: a file that cannot be made is made when the
+/// layer is written, as without this.
+pub fn put_in_pool(
+    pool: &Path,
+    sha: &Digest,
+    bytes: &[u8],
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: u64,
+) -> bool {
+    let name = pool_name(pool, sha, mode, uid, gid, mtime);
+    if name.exists() {
+        return true;
+    }
+    let tmp = pool.join(format!(".tmp-{}-{}", std::process::id(), unique()));
+    let made = (|| -> io::Result<()> {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        // Owner first: chown clears setuid and setgid, the mode then sets them.
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
+        drop(f);
+        set_time(&tmp, mtime)?;
+        fs::rename(&tmp, &name)
+    })();
+    if made.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    made.is_ok()
+}
+
 /// The store's pool of unpacked files.
 pub fn pool_dir(store: &Store) -> PathBuf {
     store.file_pool_dir(None)
@@ -124,7 +165,7 @@ impl Materializer {
             }
             TarKind::File { .. } => {
                 if let (Some(pool), Some(sha)) = (&self.pool, sha256) {
-                    let pooled = pool.join(format!("{}-{:o}-{uid}-{gid}-{mtime}", sha.hex(), mode & 0o7777));
+                    let pooled = pool_name(pool, &sha, mode, uid, gid, mtime);
                     if pooled.exists() && link_or_copy(&pooled, &dir, name).is_ok() {
                         self.made.push((path.to_string(), None));
                         return Ok(None);

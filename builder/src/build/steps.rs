@@ -210,7 +210,9 @@ pub(super) fn copy_from_entries(
 
 /// The packages' layer: the locked `.deb`s (downloaded if the store lacks
 /// them), unpacked into a scratch folder that must outlive the layer's
-/// writing, over the parent's dpkg status.
+/// writing, over the parent's dpkg status. With `unpacked_next`, the
+/// layer will be made as a folder for the next step.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn package_entries(
     store: &Store,
     rt: &tokio::runtime::Handle,
@@ -219,6 +221,7 @@ pub(super) fn package_entries(
     p: &kiln_recipes::Packages,
     lock: &PackageLock,
     parent: (&[ImageLayer], &FsTree),
+    unpacked_next: bool,
 ) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
     let (layers, tree) = parent;
     let scratch = tempfile::Builder::new()
@@ -231,7 +234,19 @@ pub(super) fn package_entries(
         exists: &|path| Ok(tree.get(path)?.is_some()),
         is_dir: &|path| Ok(matches!(tree.kind(path)?, Some(Kind::Dir))),
     };
-    let entries =
-        crate::packages::fetch_and_unpack(store, rt, p, lock, epoch, scratch.path(), &below, reporter)?;
+    // A layer the next step needs as a folder is made through the file
+    // pool: the files go there as they are decoded.
+    let pool = unpacked_next.then(|| kiln_oci::unpack::pool_dir(store));
+    let entries = crate::packages::fetch_and_unpack(
+        store,
+        rt,
+        p,
+        lock,
+        epoch,
+        scratch.path(),
+        pool.as_deref(),
+        &below,
+        reporter,
+    )?;
     Ok((entries, scratch))
 }

@@ -222,8 +222,18 @@ impl TargetBuild<'_> {
             (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
             (StepKind::Packages(p), Prepared::Packages(lock)) => {
                 let parent = (self.layers.as_slice(), tree);
-                let (entries, scratch) =
-                    package_entries(&s.store, &s.rt, s.reporter.as_ref(), s.epoch, p, &lock, parent)?;
+                let unpacked_next =
+                    t_steps(self.t, step).first().is_some_and(|n| self.unpacks_for(n, &key).is_some());
+                let (entries, scratch) = package_entries(
+                    &s.store,
+                    &s.rt,
+                    s.reporter.as_ref(),
+                    s.epoch,
+                    p,
+                    &lock,
+                    parent,
+                    unpacked_next,
+                )?;
                 keep = Some(Box::new(scratch));
                 self.packages_status =
                     entries.iter().find(|e| e.path == "var/lib/dpkg/status").and_then(|e| match &e.content {
