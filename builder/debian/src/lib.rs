@@ -541,6 +541,7 @@ fn fetch_each(
     let meter = reporter.meter(&format!("downloading {} .deb file(s)", missing.len()), Some(bytes));
     let meter = meter.as_ref();
     let store = Arc::new(store.clone());
+    let started = std::time::Instant::now();
     rt.block_on(async {
         let mut first: Option<BuildError> = None;
         let mut done = futures_util::stream::iter(missing.into_iter().map(|(i, p)| (i, p.clone())))
@@ -557,6 +558,7 @@ fn fetch_each(
             }
         }
         meter.finish();
+        tracing::debug!(elapsed = ?started.elapsed(), "the .deb files downloaded");
         first.map_or(Ok(()), Err)
     })
 }
@@ -630,6 +632,7 @@ pub fn fetch_and_unpack(
     below: &install::Below<'_>,
     reporter: &dyn Reporter,
 ) -> Result<Vec<LayerEntry>, BuildError> {
+    let started = std::time::Instant::now();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     // Best effort, as each file put there: without the folder, the layer
     // writer makes every file itself.
@@ -666,6 +669,7 @@ pub fn fetch_and_unpack(
         fetched
     });
     fetched?;
+    tracing::debug!(elapsed = ?started.elapsed(), "the .deb files unpacked");
     let unpacked: Vec<install::Unpacked> = slots
         .into_iter()
         .map(|s| s.into_inner().expect("slot").expect("every package was fetched, so unpacked"))

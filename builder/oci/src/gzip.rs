@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 use flate2::{Compress, Compression, FlushCompress};
@@ -31,9 +31,55 @@ type Done = (u64, io::Result<Vec<u8>>);
 
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 
+/// How many of a compression's threads may take chunks now: a layer
+/// compressed while the build goes on (the next step runs on its folder)
+/// leaves a core to the build, and gets every core once the build waits
+/// for it (two compressor threads beside a step's one serial chain of
+/// maintainer scripts slowed both down on 2 cores).
+#[derive(Debug)]
+pub(crate) struct Gate {
+    open: Mutex<usize>,
+    moved: Condvar,
+}
+
+impl Gate {
+    pub(crate) fn new(open: usize) -> Arc<Gate> {
+        Arc::new(Gate { open: Mutex::new(open.max(1)), moved: Condvar::new() })
+    }
+
+    /// Lets `open` threads (at least one) take chunks.
+    pub(crate) fn set(&self, open: usize) {
+        *self.open.lock().expect("gate lock") = open.max(1);
+        self.moved.notify_all();
+    }
+
+    /// Waits until thread `k` (from 0) may take a chunk.
+    fn wait_turn(&self, k: usize) {
+        let mut open = self.open.lock().expect("gate lock");
+        while k >= *open {
+            open = self.moved.wait(open).expect("gate lock");
+        }
+    }
+}
+
 /// Compresses what `produce` writes into gzip on `out`, using `threads`
 /// compressor threads. Returns `out` and what `produce` returned.
-pub(crate) fn compress<W, R, F>(mut out: W, threads: usize, produce: F) -> io::Result<(W, R)>
+pub(crate) fn compress<W, R, F>(out: W, threads: usize, produce: F) -> io::Result<(W, R)>
+where
+    W: Write + Send,
+    F: FnOnce(&mut dyn Write) -> io::Result<R>,
+{
+    compress_gated(out, threads, None, produce)
+}
+
+/// [`compress`], with at most as many threads at work as `gate` lets
+/// (all of them once `produce` is done). The bytes are the same.
+pub(crate) fn compress_gated<W, R, F>(
+    mut out: W,
+    threads: usize,
+    gate: Option<&Arc<Gate>>,
+    produce: F,
+) -> io::Result<(W, R)>
 where
     W: Write + Send,
     F: FnOnce(&mut dyn Write) -> io::Result<R>,
@@ -45,10 +91,11 @@ where
     let job_rx = Arc::new(Mutex::new(job_rx));
 
     thread::scope(|s| {
-        for _ in 0..threads {
+        for k in 0..threads {
             let rx = Arc::clone(&job_rx);
             let tx = done_tx.clone();
-            s.spawn(move || worker(rx, tx));
+            let gate = gate.cloned();
+            s.spawn(move || worker(rx, tx, gate.map(|g| (g, k))));
         }
         drop(done_tx);
         let sink = s.spawn(move || -> io::Result<W> {
@@ -77,6 +124,9 @@ where
             }
         });
 
+        // Dropped after the chunker (which closes the queue), even when
+        // `produce` panics: no thread is left held at the gate.
+        let open_at_end = OpenAtEnd(gate, threads);
         let mut chunker = Chunker {
             tx: Some(job_tx),
             buf: Vec::with_capacity(CHUNK),
@@ -88,6 +138,7 @@ where
         let flushed = chunker.flush_chunk();
         let (crc, len) = (chunker.crc.clone().finalize(), chunker.len);
         chunker.tx = None; // closes the job queue: workers finish, then the sink
+        drop(open_at_end); // the last chunks on every thread; a held thread sees the queue closed
         let out = sink.join().expect("gzip sink thread panicked");
         // A failed write is the root cause when the producer only saw the queue close.
         let mut out = out?;
@@ -98,6 +149,17 @@ where
         out.write_all(&(len as u32).to_le_bytes())?;
         Ok((out, r))
     })
+}
+
+/// Opens the gate to every thread when dropped.
+struct OpenAtEnd<'a>(Option<&'a Arc<Gate>>, usize);
+
+impl Drop for OpenAtEnd<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.0 {
+            g.set(self.1);
+        }
+    }
 }
 
 struct Chunker {
@@ -143,8 +205,11 @@ impl Write for Chunker {
     }
 }
 
-fn worker(rx: Arc<Mutex<Receiver<Job>>>, tx: SyncSender<Done>) {
+fn worker(rx: Arc<Mutex<Receiver<Job>>>, tx: SyncSender<Done>, gate: Option<(Arc<Gate>, usize)>) {
     loop {
+        if let Some((g, k)) = &gate {
+            g.wait_turn(*k);
+        }
         let job = rx.lock().expect("job queue lock").recv();
         let Ok((seq, chunk)) = job else { return };
         if tx.send((seq, deflate_chunk(&chunk))).is_err() {
@@ -259,6 +324,43 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// A gate holding all but one thread back gives the same bytes; the
+    /// held threads take chunks once it opens; none is left held when the
+    /// producer fails or panics.
+    #[test]
+    fn a_gate_changes_only_how_many_threads_work() {
+        let data = sample(CHUNK * 6 + 5);
+        let (plain, _) = compress(Vec::new(), 3, |w| w.write_all(&data)).unwrap();
+        let gate = Gate::new(1);
+        let (gated, _) = compress_gated(Vec::new(), 3, Some(&gate), |w| {
+            for (i, piece) in data.chunks(CHUNK / 2).enumerate() {
+                if i == 5 {
+                    gate.set(3); // someone waits for the blob now
+                }
+                w.write_all(piece)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(gated, plain);
+        // Held the whole time, the producer failing: the call returns.
+        let held = Gate::new(1);
+        let err = compress_gated(Vec::new(), 3, Some(&held), |w| {
+            w.write_all(&data)?;
+            Err::<(), _>(io::Error::other("producer failed"))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "producer failed");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let held = Gate::new(1);
+            let _ = compress_gated(Vec::new(), 3, Some(&held), |w| -> io::Result<()> {
+                w.write_all(&data)?;
+                panic!("producer panicked")
+            });
+        }));
+        assert!(panicked.is_err());
     }
 
     #[test]

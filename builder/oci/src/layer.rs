@@ -166,12 +166,18 @@ pub struct StagedLayer {
     known: Option<LayerBlob>,
 }
 
-type Compressor = std::thread::JoinHandle<Result<(Digest, u64), BuildError>>;
+/// The thread compressing a staged layer, and the gate that holds one of
+/// its threads back while the build goes on (see [`gzip::Gate`]).
+#[derive(Debug)]
+struct Compressor {
+    thread: std::thread::JoinHandle<Result<(Digest, u64), BuildError>>,
+    gate: Arc<gzip::Gate>,
+}
 
 impl StagedLayer {
     /// Whether the blob is made (finishing does not wait).
     pub fn is_finished(&self) -> bool {
-        self.compressor.as_ref().is_none_or(|c| c.is_finished())
+        self.compressor.as_ref().is_none_or(|c| c.thread.is_finished())
     }
 
     /// Waits for the blob.
@@ -192,8 +198,10 @@ impl Drop for StagedLayer {
     }
 }
 
+/// Waits for the compression, on every core: the caller waits for it.
 fn join(c: Compressor) -> Result<(Digest, u64), BuildError> {
-    c.join().unwrap_or_else(|_| {
+    c.gate.set(threads());
+    c.thread.join().unwrap_or_else(|_| {
         Err(BuildError::Environment {
             message: "The thread compressing a layer stopped without finishing it".into(),
             hint: "this is a bug in kiln; build again, and report it if it repeats".into(),
@@ -283,22 +291,27 @@ fn spawn_compressor(
     progress: &Arc<Progress>,
 ) -> Result<Compressor, BuildError> {
     let (store, progress) = (store.clone(), Arc::clone(progress));
-    std::thread::Builder::new()
+    // All cores but one, until someone waits for the blob.
+    let gate = gzip::Gate::new(threads() - 1);
+    let held = Arc::clone(&gate);
+    let thread = std::thread::Builder::new()
         .name("layer-gzip".into())
         .spawn(move || {
             // Lower this thread (and the compressor threads it starts,
             // which inherit it): the step that needs the folder comes first.
             let _ = rustix::process::setpriority_process(None, 10);
-            let (blob, ()) =
-                gzip::compress(BlobWriter::new(&store)?, threads(), |w| follow(reader, &progress, w))
-                    .map_err(BuildError::io_write(&*tar_path))?;
+            let (blob, ()) = gzip::compress_gated(BlobWriter::new(&store)?, threads(), Some(&held), |w| {
+                follow(reader, &progress, w)
+            })
+            .map_err(BuildError::io_write(&*tar_path))?;
             drop(tar_path);
             Ok(blob.commit()?)
         })
         .map_err(|e| BuildError::Environment {
             message: format!("Cannot start a thread to compress a layer: {e}"),
             hint: "the machine is out of threads or memory".into(),
-        })
+        })?;
+    Ok(Compressor { thread, gate })
 }
 
 /// How much of a tar file is written, and whether its writer is done
