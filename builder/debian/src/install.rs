@@ -62,6 +62,8 @@ pub(crate) struct Unpacked {
     pub(crate) entries: Vec<DebEntry>,
     /// The scratch file that holds the file data.
     pub(crate) data: PathBuf,
+    /// The files this package put into the file pool.
+    pub(crate) pooled: kiln_oci::unpack::PoolFiles,
 }
 
 pub(crate) struct DebEntry {
@@ -127,8 +129,6 @@ fn decoder<'a>(name: &str, r: impl Read + 'a, package: &str) -> Result<Box<dyn R
     })
 }
 
-/// Reads one `.deb` (already checked against its sha256): its control
-/// files, and its data walked into `scratch`.
 /// Where a .deb's files go as they are decoded, besides the scratch file:
 /// the store's file pool, under the metadata the layer gives them (the
 /// recipe's epoch as their time), when the layer is about to be made as a
@@ -150,6 +150,9 @@ struct Held {
     meta: Option<(u32, u32, u32)>,
 }
 
+/// Reads one `.deb` (already checked against its sha256): its control
+/// files, and its data walked into `scratch` (and, with `pool`, its files
+/// into the file pool).
 pub(crate) fn unpack_deb(
     deb: &Path,
     package: &str,
@@ -238,6 +241,9 @@ pub(crate) fn unpack_deb(
     // A file's bytes and metadata, held from its visit to its listing
     // (which brings the digest the walker took of them) to be pooled.
     let held = std::cell::RefCell::new(Held::default());
+    // Removed again unless the folder links them, when this package or
+    // the build fails first.
+    let pooled = std::cell::RefCell::new(kiln_oci::unpack::PoolFiles::default());
     let mut listed = |l: crate::listing::ListEntry| {
         let sha = match l.kind {
             crate::listing::Kind::File { sha256, .. } => Some(sha256),
@@ -245,7 +251,11 @@ pub(crate) fn unpack_deb(
         };
         let mut h = held.borrow_mut();
         if let (Some(sha), Some((mode, uid, gid)), Some(pool)) = (sha, h.meta.take(), pool) {
-            kiln_oci::unpack::put_in_pool(pool.dir, &sha, &h.bytes, mode, uid, gid, pool.mtime);
+            if let Some(made) =
+                kiln_oci::unpack::put_in_pool(pool.dir, &sha, &h.bytes, mode, uid, gid, pool.mtime)
+            {
+                pooled.borrow_mut().push(made);
+            }
         }
         shas.push(sha);
         Ok(())
@@ -260,6 +270,7 @@ pub(crate) fn unpack_deb(
                 TarKind::File { size } if pool.is_some() && size <= PRE_POOL_MAX && e.xattrs.is_empty() => {
                     let mut h = held.borrow_mut();
                     h.bytes.clear();
+                    h.bytes.reserve_exact(size as usize); // the buffer stays at the biggest file's size
                     r.read_to_end(&mut h.bytes)?;
                     out.write_all(&h.bytes)?;
                     written += h.bytes.len() as u64;
@@ -310,6 +321,7 @@ pub(crate) fn unpack_deb(
         members,
         entries,
         data: scratch.to_path_buf(),
+        pooled: pooled.into_inner(),
     })
 }
 
@@ -663,4 +675,109 @@ fn fixups(tree: &mut BTreeMap<String, LayerEntry>, below: &Below<'_>) -> Result<
         put_file(tree, "etc/ld.so.cache", cache, 0o644);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A plain data.tar or control.tar: (path, bytes, mode), folders for
+    /// paths ending in `/`.
+    fn tar_of(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, bytes, mode) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(if path.ends_with('/') {
+                tar::EntryType::Directory
+            } else {
+                tar::EntryType::Regular
+            });
+            h.set_size(bytes.len() as u64);
+            h.set_mode(*mode);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1);
+            b.append_data(&mut h, path, *bytes).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// An `ar` archive of the members, as a .deb is.
+    fn ar_of(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut out = b"!<arch>\n".to_vec();
+        for (name, data) in members {
+            let header = format!("{name:<16}{:<12}{:<6}{:<6}{:<8}{:<10}`\n", 0, 0, 0, "100644", data.len());
+            out.extend_from_slice(header.as_bytes());
+            out.extend_from_slice(data);
+            if data.len() % 2 == 1 {
+                out.push(b'\n');
+            }
+        }
+        out
+    }
+
+    /// A .deb's files go into the pool as they are decoded, each under its
+    /// own digest and the layer's metadata (a file after one that is not
+    /// pooled is not paired with stale bytes); files over the limit are
+    /// not; the pool files nothing links are removed with the package.
+    #[test]
+    fn a_deb_s_files_are_pooled_as_decoded_and_removed_unless_linked() {
+        let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+        if !root {
+            eprintln!("SKIPPED: pool files are owned by root");
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![7u8; PRE_POOL_MAX as usize + 1];
+        let control = b"Package: demo\nVersion: 1\nArchitecture: amd64\n";
+        let data = tar_of(&[
+            ("./", b"", 0o755),
+            ("./usr/", b"", 0o755),
+            ("./usr/bin/", b"", 0o755),
+            ("./usr/bin/small", b"hello\n", 0o755),
+            ("./usr/bin/big", &big, 0o644),
+            ("./usr/bin/after", b"after\n", 0o644),
+        ]);
+        let deb = dir.path().join("demo.deb");
+        std::fs::write(
+            &deb,
+            ar_of(&[
+                ("debian-binary", b"2.0\n".to_vec()),
+                ("control.tar", tar_of(&[("./control", control, 0o644)])),
+                ("data.tar", data),
+            ]),
+        )
+        .unwrap();
+        let pool = dir.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let pre = PrePool { dir: &pool, mtime: 7 };
+        let sha = Digest::of(b"deb");
+        let u = unpack_deb(&deb, "demo", &sha, &dir.path().join("scratch"), Some(&pre)).unwrap();
+        let names = |p: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let small = format!("{}-755-0-0-7", Digest::of(b"hello\n").hex());
+        let after = format!("{}-644-0-0-7", Digest::of(b"after\n").hex());
+        let mut want = vec![small.clone(), after.clone()];
+        want.sort();
+        assert_eq!(names(&pool), want, "the big file is not pooled; nothing half-made is left");
+        assert_eq!(std::fs::read(pool.join(&after)).unwrap(), b"after\n");
+        let md = std::fs::metadata(pool.join(&small)).unwrap();
+        assert_eq!((md.mode() & 0o7777, md.mtime(), md.uid()), (0o755, 7, 0));
+        assert_eq!(u.pooled.len(), 2);
+        // Without the pool, nothing goes there.
+        let none = unpack_deb(&deb, "demo", &sha, &dir.path().join("scratch2"), None).unwrap();
+        assert!(none.pooled.is_empty());
+        // A folder links one of them; the package dropped, the other goes.
+        std::fs::hard_link(pool.join(&small), dir.path().join("linked")).unwrap();
+        drop(u);
+        assert_eq!(names(&pool), vec![small]);
+    }
 }

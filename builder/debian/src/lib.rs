@@ -619,7 +619,8 @@ fn tampered(p: &LockedPackage, what: &str) -> BuildError {
 /// download. The file data sits in `scratch` until the layer is written.
 /// With `pool` (the layer is about to be made as a folder too), the files
 /// also go into the store's file pool as they are decoded, so that making
-/// the folder, after the last download, is mostly links.
+/// the folder, after the last download, is mostly links; the pool files
+/// made are returned, to be held until the folder is made.
 #[allow(clippy::too_many_arguments)]
 pub fn fetch_and_unpack(
     store: &Store,
@@ -631,7 +632,7 @@ pub fn fetch_and_unpack(
     pool: Option<&Path>,
     below: &install::Below<'_>,
     reporter: &dyn Reporter,
-) -> Result<Vec<LayerEntry>, BuildError> {
+) -> Result<(Vec<LayerEntry>, kiln_oci::unpack::PoolFiles), BuildError> {
     let started = std::time::Instant::now();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     // Best effort, as each file put there: without the folder, the layer
@@ -670,10 +671,14 @@ pub fn fetch_and_unpack(
     });
     fetched?;
     tracing::debug!(elapsed = ?started.elapsed(), "the .deb files unpacked");
-    let unpacked: Vec<install::Unpacked> = slots
+    let mut unpacked: Vec<install::Unpacked> = slots
         .into_iter()
         .map(|s| s.into_inner().expect("slot").expect("every package was fetched, so unpacked"))
         .collect::<Result<_, _>>()?;
+    let mut pooled = kiln_oci::unpack::PoolFiles::default();
+    for u in &mut unpacked {
+        pooled.append(&mut u.pooled);
+    }
     for (u, p) in unpacked.iter().zip(&lock.packages) {
         // The architecture names dpkg's info files (`NAME:ARCH`): it must be
         // the locked one, and Multi-Arch one of dpkg's words.
@@ -703,5 +708,6 @@ pub fn fetch_and_unpack(
     }
     let controls: Vec<&deb822::Paragraph> = unpacked.iter().map(|u| &u.control).collect();
     let doc = sbom::document(lock, &controls, epoch);
-    install::layer_entries(&unpacked, &doc, below, lock.request.scripts)
+    let entries = install::layer_entries(&unpacked, &doc, below, lock.request.scripts)?;
+    Ok((entries, pooled))
 }

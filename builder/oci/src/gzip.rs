@@ -40,11 +40,19 @@ const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 pub(crate) struct Gate {
     open: Mutex<usize>,
     moved: Condvar,
+    /// How many threads deflate now, and the most seen at once (tests).
+    #[cfg(test)]
+    busy: (std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize),
 }
 
 impl Gate {
     pub(crate) fn new(open: usize) -> Arc<Gate> {
-        Arc::new(Gate { open: Mutex::new(open.max(1)), moved: Condvar::new() })
+        Arc::new(Gate {
+            open: Mutex::new(open.max(1)),
+            moved: Condvar::new(),
+            #[cfg(test)]
+            busy: Default::default(),
+        })
     }
 
     /// Lets `open` threads (at least one) take chunks.
@@ -212,7 +220,18 @@ fn worker(rx: Arc<Mutex<Receiver<Job>>>, tx: SyncSender<Done>, gate: Option<(Arc
         }
         let job = rx.lock().expect("job queue lock").recv();
         let Ok((seq, chunk)) = job else { return };
-        if tx.send((seq, deflate_chunk(&chunk))).is_err() {
+        #[cfg(test)]
+        if let Some((g, _)) = &gate {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = g.busy.0.fetch_add(1, SeqCst) + 1;
+            g.busy.1.fetch_max(now, SeqCst);
+        }
+        let done = deflate_chunk(&chunk);
+        #[cfg(test)]
+        if let Some((g, _)) = &gate {
+            g.busy.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        if tx.send((seq, done)).is_err() {
             return;
         }
     }
@@ -334,9 +353,14 @@ mod tests {
         let data = sample(CHUNK * 6 + 5);
         let (plain, _) = compress(Vec::new(), 3, |w| w.write_all(&data)).unwrap();
         let gate = Gate::new(1);
+        let peak = || gate.busy.1.load(std::sync::atomic::Ordering::SeqCst);
+        let mut held_peak = 0;
         let (gated, _) = compress_gated(Vec::new(), 3, Some(&gate), |w| {
             for (i, piece) in data.chunks(CHUNK / 2).enumerate() {
-                if i == 5 {
+                if i == 10 {
+                    // Five chunks queued: time for every thread the gate lets to take one.
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    held_peak = peak();
                     gate.set(3); // someone waits for the blob now
                 }
                 w.write_all(piece)?;
@@ -345,6 +369,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(gated, plain);
+        assert_eq!(held_peak, 1, "one thread at work while the gate let one");
         // Held the whole time, the producer failing: the call returns.
         let held = Gate::new(1);
         let err = compress_gated(Vec::new(), 3, Some(&held), |w| {

@@ -720,9 +720,9 @@ mod tests {
         assert_eq!(Digest::of(&tar), blob.diff_id);
     }
 
-    /// A .deb's files are put in the pool as they are decoded: the layer's
-    /// folder links them (the names agree) and the tar is unchanged; a
-    /// pool file of other metadata is not taken for the entry.
+    /// Files put in the pool beforehand (as a .deb's are while it is
+    /// decoded): the layer's folder links them (the names agree) and the
+    /// tar is unchanged; a pool file of other metadata is not taken.
     #[test]
     fn files_put_in_the_pool_beforehand_are_linked_with_their_metadata() {
         if !as_root() {
@@ -733,10 +733,10 @@ mod tests {
         let pool = crate::unpack::pool_dir(&store);
         std::fs::create_dir_all(&pool).unwrap();
         let sha = Digest::of(b"hello\n");
-        assert!(crate::unpack::put_in_pool(&pool, &sha, b"hello\n", 0o100755, 0, 0, 7));
+        assert!(crate::unpack::put_in_pool(&pool, &sha, b"hello\n", 0o100755, 0, 0, 7).is_some());
         // The same content under another mode and another time: other files.
-        assert!(crate::unpack::put_in_pool(&pool, &sha, b"hello\n", 0o100644, 0, 0, 7));
-        assert!(crate::unpack::put_in_pool(&pool, &sha, b"hello\n", 0o100755, 0, 0, 8));
+        assert!(crate::unpack::put_in_pool(&pool, &sha, b"hello\n", 0o100644, 0, 0, 7).is_some());
+        assert!(crate::unpack::put_in_pool(&pool, &sha, b"hello\n", 0o100755, 0, 0, 8).is_some());
         let ino = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
         let pooled: Vec<PathBuf> = std::fs::read_dir(&pool).unwrap().map(|e| e.unwrap().path()).collect();
         assert_eq!(pooled.len(), 3, "{pooled:?}");
@@ -747,7 +747,7 @@ mod tests {
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777, 0o755);
         assert_eq!(std::os::unix::fs::MetadataExt::mtime(&md), 7);
         // Put again: the file the pool has is kept, not replaced.
-        assert!(crate::unpack::put_in_pool(&pool, &sha, b"other\n", 0o100755, 0, 0, 7));
+        assert!(crate::unpack::put_in_pool(&pool, &sha, b"other\n", 0o100755, 0, 0, 7).is_none());
         assert_eq!(std::fs::read(theirs).unwrap(), b"hello\n");
         let before = ino(theirs);
         let folder = dir.path().join("root");

@@ -18,7 +18,7 @@
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode};
@@ -73,9 +73,10 @@ fn pool_name(pool: &Path, sha: &Digest, mode: u32, uid: u32, gid: u32, mtime: u6
 /// Puts `bytes`, whose sha256 the caller took as it read them, into the
 /// pool with this metadata, unless the pool has that file: the layer
 /// writer then links it instead of writing it (a .deb's files are pooled
-/// as they are decoded, while the rest download). Returns whether the pool
-/// has it now. Best effort: a file that cannot be made is made when the
-/// layer is written, as without this.
+/// as they are decoded, while the rest download). Returns the file's name
+/// when this call made it (hold it in a [`PoolFiles`], which removes it
+/// unless something links it). Best effort: a file that cannot be made is
+/// made when the layer is written, as without this.
 pub fn put_in_pool(
     pool: &Path,
     sha: &Digest,
@@ -84,26 +85,64 @@ pub fn put_in_pool(
     uid: u32,
     gid: u32,
     mtime: u64,
-) -> bool {
+) -> Option<PathBuf> {
     let name = pool_name(pool, sha, mode, uid, gid, mtime);
     if name.exists() {
-        return true;
+        return None;
     }
-    let tmp = pool.join(format!(".tmp-{}-{}", std::process::id(), unique()));
+    debug_assert_eq!(Digest::of(bytes), *sha, "a file enters the pool only under its own digest");
+    // A random name made with O_EXCL (kilns in several containers may
+    // share the pool and the same pid), removed on any failure.
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(pool).ok()?;
     let made = (|| -> io::Result<()> {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        f.write_all(bytes)?;
+        tmp.write_all(bytes)?;
+        let f = tmp.as_file();
         // Owner first: chown clears setuid and setgid, the mode then sets them.
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        std::os::unix::fs::fchown(f, Some(uid), Some(gid))?;
         f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
-        drop(f);
-        set_time(&tmp, mtime)?;
-        fs::rename(&tmp, &name)
+        let at = rustix::fs::Timespec { tv_sec: mtime as i64, tv_nsec: 0 };
+        rustix::fs::futimens(f, &rustix::fs::Timestamps { last_access: at, last_modification: at })?;
+        Ok(())
     })();
-    if made.is_err() {
-        let _ = fs::remove_file(&tmp);
+    made.ok()?;
+    tmp.persist(&name).ok()?;
+    Some(name)
+}
+
+/// Pool files made ahead of the folder that is to link them. When this is
+/// dropped, those that nothing links (one link left) are removed: a build
+/// that failed before its folder was made, or a file the layer did not
+/// take (a path shipped twice), leaves nothing behind in the pool.
+#[derive(Debug, Default)]
+pub struct PoolFiles(Vec<PathBuf>);
+
+impl PoolFiles {
+    pub fn push(&mut self, name: PathBuf) {
+        self.0.push(name);
     }
-    made.is_ok()
+
+    /// Takes `other`'s files over.
+    pub fn append(&mut self, other: &mut PoolFiles) {
+        self.0.append(&mut other.0);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Drop for PoolFiles {
+    fn drop(&mut self) {
+        for name in self.0.drain(..) {
+            if fs::symlink_metadata(&name).is_ok_and(|m| m.nlink() == 1) {
+                let _ = fs::remove_file(&name);
+            }
+        }
+    }
 }
 
 /// The store's pool of unpacked files.
@@ -170,8 +209,13 @@ impl Materializer {
                         self.made.push((path.to_string(), None));
                         return Ok(None);
                     }
-                    let tmp = pool.join(format!(".tmp-{}-{}", std::process::id(), unique()));
-                    let f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+                    // A random name made with O_EXCL (kilns in several
+                    // containers may share the pool and the same pid).
+                    let (f, tmp) = tempfile::Builder::new()
+                        .prefix(".tmp-")
+                        .tempfile_in(pool)?
+                        .keep()
+                        .map_err(|e| e.error)?;
                     self.made.push((path.to_string(), None));
                     self.pending = Some(Pending {
                         tmp,
@@ -299,12 +343,6 @@ fn link_or_copy(pool_file: &Path, dir: &OwnedFd, name: &str) -> io::Result<()> {
         }
         Err(e) => Err(e.into()),
     }
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Unpacks one layer blob into `dir/DIFF_ID` unless it is there, atomically:

@@ -212,6 +212,14 @@ pub(super) fn copy_from_entries(
 /// them), unpacked into a scratch folder that must outlive the layer's
 /// writing, over the parent's dpkg status. With `unpacked_next`, the
 /// layer will be made as a folder for the next step.
+/// What the packages' layer entries need until the layer is written: the
+/// scratch folder their data is in, and the pool files made for its folder
+/// (removed then unless the folder links them). Dropped in that order.
+pub(super) struct PackageScratch {
+    _pooled: kiln_oci::unpack::PoolFiles,
+    _dir: tempfile::TempDir,
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn package_entries(
     store: &Store,
@@ -222,7 +230,7 @@ pub(super) fn package_entries(
     lock: &PackageLock,
     parent: (&[ImageLayer], &FsTree),
     unpacked_next: bool,
-) -> Result<(Vec<LayerEntry>, tempfile::TempDir), BuildError> {
+) -> Result<(Vec<LayerEntry>, PackageScratch), BuildError> {
     let (layers, tree) = parent;
     let scratch = tempfile::Builder::new()
         .prefix("packages-")
@@ -237,7 +245,7 @@ pub(super) fn package_entries(
     // A layer the next step needs as a folder is made through the file
     // pool: the files go there as they are decoded.
     let pool = unpacked_next.then(|| kiln_oci::unpack::pool_dir(store));
-    let entries = crate::packages::fetch_and_unpack(
+    let (entries, pooled) = crate::packages::fetch_and_unpack(
         store,
         rt,
         p,
@@ -248,5 +256,5 @@ pub(super) fn package_entries(
         &below,
         reporter,
     )?;
-    Ok((entries, scratch))
+    Ok((entries, PackageScratch { _pooled: pooled, _dir: scratch }))
 }

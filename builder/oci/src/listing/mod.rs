@@ -261,7 +261,10 @@ fn scan(
             None => h.gid().map_err(|_| bad(format!("entry `{path}` has a malformed gid field")))?,
         };
         let (uid, gid) = match (u32::try_from(uid), u32::try_from(gid)) {
-            (Ok(u), Ok(g)) => (u, g),
+            // 4294967295 is -1 to chown: "leave the owner", so a file that
+            // names it would keep root's (and its setuid bit) on disk.
+            (Ok(u), Ok(g)) if u != u32::MAX && g != u32::MAX => (u, g),
+            (Ok(_), Ok(_)) => return Err(bad(format!("entry `{path}` has the owner id 4294967295 (-1)"))),
             _ => return Err(bad(format!("entry `{path}` has an owner beyond 32 bits"))),
         };
         let link = || -> Result<String, BuildError> {
@@ -659,6 +662,23 @@ mod tests {
         let e = &l.entries[0];
         assert_eq!((e.path.as_str(), e.mode, e.uid, e.gid), (long.as_str(), 0o640, 9_000_000, 7));
         assert_eq!(e.kind, Kind::File { size: 3, sha256: Digest::of(b"abc") });
+    }
+
+    #[test]
+    fn the_owner_id_minus_one_is_refused() {
+        for (uid, gid) in [(u32::MAX as u64, 0), (0, u32::MAX as u64)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_path("usr/bin/su").unwrap();
+            h.set_size(0);
+            h.set_mode(0o4755);
+            h.set_uid(uid);
+            h.set_gid(gid);
+            h.set_cksum();
+            let mut out = h.as_bytes().to_vec();
+            out.extend_from_slice(&[0u8; 1024]);
+            let err = scan(&out).unwrap_err();
+            assert!(err.contains("owner id 4294967295"), "{err}");
+        }
     }
 
     #[test]
