@@ -2,7 +2,9 @@
 //!
 //! Each package's data archive (xz, zstd, gzip or plain tar) is walked with
 //! the same checks as any layer kiln reads; the file data goes to one
-//! scratch file per package and the layer is written from there. On top of
+//! scratch file per package and the layer is written from there (when the
+//! next step needs the layer as a folder, each file also goes into the
+//! store's file pool as it is decoded, for the folder to link). On top of
 //! the packages' own files, kiln writes what dpkg and the maintainer scripts
 //! would have left that images need (see [`fixups`]):
 //! - `/var/lib/dpkg/status` and `info/PKG.{list,md5sums,conffiles}`, so

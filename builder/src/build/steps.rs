@@ -208,10 +208,6 @@ pub(super) fn copy_from_entries(
     Ok((out, tmp))
 }
 
-/// The packages' layer: the locked `.deb`s (downloaded if the store lacks
-/// them), unpacked into a scratch folder that must outlive the layer's
-/// writing, over the parent's dpkg status. With `unpacked_next`, the
-/// layer will be made as a folder for the next step.
 /// What the packages' layer entries need until the layer is written: the
 /// scratch folder their data is in, and the pool files made for its folder
 /// (removed then unless the folder links them). Dropped in that order.
@@ -220,6 +216,10 @@ pub(super) struct PackageScratch {
     _dir: tempfile::TempDir,
 }
 
+/// The packages' layer: the locked `.deb`s (downloaded if the store lacks
+/// them), unpacked into a scratch folder that must outlive the layer's
+/// writing, over the parent's dpkg status. With `unpacked_next`, the
+/// layer will be made as a folder for the next step.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn package_entries(
     store: &Store,
