@@ -245,7 +245,7 @@ pub(crate) fn unpack_deb(
     let held = std::cell::RefCell::new(Held::default());
     // Removed again unless the folder links them, when this package or
     // the build fails first.
-    let pooled = std::cell::RefCell::new(kiln_oci::unpack::PoolFiles::default());
+    let mut pooled = kiln_oci::unpack::PoolFiles::default();
     let mut listed = |l: crate::listing::ListEntry| {
         let sha = match l.kind {
             crate::listing::Kind::File { sha256, .. } => Some(sha256),
@@ -256,7 +256,7 @@ pub(crate) fn unpack_deb(
             if let Some(made) =
                 kiln_oci::unpack::put_in_pool(pool.dir, &sha, &h.bytes, mode, uid, gid, pool.mtime)
             {
-                pooled.borrow_mut().push(made);
+                pooled.push(made);
             }
         }
         shas.push(sha);
@@ -323,7 +323,7 @@ pub(crate) fn unpack_deb(
         members,
         entries,
         data: scratch.to_path_buf(),
-        pooled: pooled.into_inner(),
+        pooled,
     })
 }
 

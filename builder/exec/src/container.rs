@@ -492,6 +492,14 @@ impl super::Executor for Container {
         "container"
     }
 
+    /// This backend can mount nothing: a command that looked for /proc or
+    /// /sys did not find them.
+    fn failure_note(&self, tail: &[String]) -> Option<kiln_oci::error::FailNote> {
+        tail.iter()
+            .any(|l| l.contains("/proc") || l.contains("/sys"))
+            .then_some(kiln_oci::error::FailNote::NoProcInContainer)
+    }
+
     fn run(
         &self,
         store: &Store,

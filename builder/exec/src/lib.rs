@@ -213,6 +213,12 @@ pub trait Executor: Send + Sync + std::fmt::Debug {
     /// A short name for messages (`local`, `docker`).
     fn name(&self) -> &'static str;
 
+    /// What this backend knows that may explain a failed command, from
+    /// its output's last lines (never shown: the note is kiln's own words).
+    fn failure_note(&self, _tail: &[String]) -> Option<kiln_oci::error::FailNote> {
+        None
+    }
+
     /// Where this executor wants a step's parent layer unpacked, by
     /// diff_id, while the layer is written (so a `run` step right after a
     /// `copy` never reads the layer back); `None` when it lays out parents

@@ -85,11 +85,7 @@ pub(super) fn run_step(
             tail: shown(tail),
         }),
         RunResult::Failed { code, tail } => {
-            // The container backend can mount nothing: a command that looked
-            // for /proc or /sys did not find them.
-            let note = (executor.name() == "container"
-                && tail.iter().any(|l| l.contains("/proc") || l.contains("/sys")))
-            .then_some(kiln_oci::error::FailNote::NoProcInContainer);
+            let note = executor.failure_note(&tail);
             Err(BuildError::CommandFailed { location, step, command, code, tail: shown(tail), note })
         }
     }

@@ -211,6 +211,7 @@ impl TargetBuild<'_> {
         let s = self.s;
         let (recipe, tree) = (&s.recipe, self.lower.as_ref().expect("made on the first miss"));
         let mut keep: Option<Box<dyn std::any::Any + Send>> = None;
+        let mut executor: Option<Option<Arc<dyn Executor>>> = None;
         let entries = match (&step.kind, prepared) {
             (StepKind::Copy(c), Prepared::Copy(src)) => copy_entries(recipe, step, c, &src, tree)?,
             (StepKind::Copy(c), Prepared::CopyFrom(built)) => {
@@ -222,8 +223,9 @@ impl TargetBuild<'_> {
             (StepKind::Write(w), Prepared::Write) => write_entries(recipe, step, w, tree)?,
             (StepKind::Packages(p), Prepared::Packages(lock)) => {
                 let parent = (self.layers.as_slice(), tree);
-                let unpacked_next =
-                    t_steps(self.t, step).first().is_some_and(|n| self.unpacks_for(n, &key).is_some());
+                let ex = t_steps(self.t, step).first().and_then(|n| self.unpacks_for(n, &key));
+                let unpacked_next = ex.is_some();
+                executor = Some(ex);
                 let (entries, scratch) = package_entries(
                     &s.store,
                     &s.rt,
@@ -267,7 +269,11 @@ impl TargetBuild<'_> {
             }
             _ => unreachable!("prepared matches the step kind"),
         };
-        let layer = self.write(entries, info, key, t_steps(self.t, step).first())?;
+        // The executor the layer goes to unpacked, asked once (a packages
+        // step asked before its files were decoded).
+        let executor =
+            executor.unwrap_or_else(|| t_steps(self.t, step).first().and_then(|n| self.unpacks_for(n, &key)));
+        let layer = self.write(entries, info, key, executor)?;
         drop(keep);
         Ok(layer)
     }
@@ -302,9 +308,10 @@ impl TargetBuild<'_> {
         Ok(layer)
     }
 
-    /// Writes the layer. When `next` is a `run` that will miss on an
-    /// executor that runs on unpacked folders, the layer is made as that
-    /// folder while its tar is written, and its gzip blob is made on
+    /// Writes the layer. With `executor` (the next step is a `run` that
+    /// will miss on an executor that runs on unpacked folders: see
+    /// [`Self::unpacks_for`]), the layer is made as that folder while its
+    /// tar is written, and its gzip blob is made on
     /// another thread while the `run` step runs (the step needs only the
     /// folder; no key depends on the blob's digest).
     fn write(
@@ -312,7 +319,7 @@ impl TargetBuild<'_> {
         entries: Vec<layer::LayerEntry>,
         info: &StepInfo,
         key: Digest,
-        next: Option<&Step>,
+        executor: Option<Arc<dyn Executor>>,
     ) -> Result<(ImageLayer, ListingFile), BuildError> {
         let s = self.s;
         let timer = Instant::now();
@@ -324,7 +331,6 @@ impl TargetBuild<'_> {
             }
             _ => None,
         };
-        let executor = next.and_then(|n| self.unpacks_for(n, &key));
         let mut entries = entries;
         // When no folder is needed, or the executor still holds the known
         // layer unpacked, the tar is only hashed: nothing is written.
